@@ -1,0 +1,246 @@
+// gear_native: the few Linux system calls Node.js does not expose.
+//
+// Every function is synchronous and fails by throwing an Error shaped like
+// Node's own fs errors ({code: "ENOENT", errno, syscall, path}), so callers can
+// test err.code exactly as they would for fs.* errors.
+#include <napi.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+const char* ErrnoName(int e) {
+  switch (e) {
+    case EPERM: return "EPERM";
+    case ENOENT: return "ENOENT";
+    case EIO: return "EIO";
+    case EBADF: return "EBADF";
+    case EACCES: return "EACCES";
+    case EBUSY: return "EBUSY";
+    case EEXIST: return "EEXIST";
+    case EXDEV: return "EXDEV";
+    case ENODEV: return "ENODEV";
+    case ENOTDIR: return "ENOTDIR";
+    case EISDIR: return "EISDIR";
+    case EINVAL: return "EINVAL";
+    case ENOSPC: return "ENOSPC";
+    case EROFS: return "EROFS";
+    case ERANGE: return "ERANGE";
+    case ENAMETOOLONG: return "ENAMETOOLONG";
+    case ENOTEMPTY: return "ENOTEMPTY";
+    case ELOOP: return "ELOOP";
+    case ENODATA: return "ENODATA";
+    case ENOTSUP: return "ENOTSUP";
+    case E2BIG: return "E2BIG";
+    case EDQUOT: return "EDQUOT";
+    case ENOTCONN: return "ENOTCONN";
+    case ENOMEM: return "ENOMEM";
+    default: return "EUNKNOWN";
+  }
+}
+
+Napi::Value ThrowErrno(Napi::Env env, int e, const char* syscall, const std::string& path) {
+  std::string msg = std::string(ErrnoName(e)) + ": " + strerror(e) + ", " + syscall + " '" + path + "'";
+  Napi::Error err = Napi::Error::New(env, msg);
+  err.Set("code", Napi::String::New(env, ErrnoName(e)));
+  err.Set("errno", Napi::Number::New(env, -e));
+  err.Set("syscall", Napi::String::New(env, syscall));
+  err.Set("path", Napi::String::New(env, path));
+  err.ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+bool ArgString(const Napi::CallbackInfo& info, size_t i, std::string* out) {
+  if (info.Length() <= i || !info[i].IsString()) {
+    Napi::TypeError::New(info.Env(), "argument " + std::to_string(i) + " must be a string")
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  *out = info[i].As<Napi::String>().Utf8Value();
+  if (out->find('\0') != std::string::npos) {
+    Napi::TypeError::New(info.Env(), "argument " + std::to_string(i) + " contains a NUL byte")
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  return true;
+}
+
+bool ArgNumber(const Napi::CallbackInfo& info, size_t i, double* out) {
+  if (info.Length() <= i || !info[i].IsNumber()) {
+    Napi::TypeError::New(info.Env(), "argument " + std::to_string(i) + " must be a number")
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  *out = info[i].As<Napi::Number>().DoubleValue();
+  return true;
+}
+
+// lsetxattr(path, name, value: Buffer, flags = 0)
+Napi::Value LSetXattr(const Napi::CallbackInfo& info) {
+  std::string path, name;
+  if (!ArgString(info, 0, &path) || !ArgString(info, 1, &name)) return info.Env().Undefined();
+  if (info.Length() < 3 || !info[2].IsBuffer()) {
+    Napi::TypeError::New(info.Env(), "value must be a Buffer").ThrowAsJavaScriptException();
+    return info.Env().Undefined();
+  }
+  auto buf = info[2].As<Napi::Buffer<uint8_t>>();
+  int flags = 0;
+  if (info.Length() > 3 && info[3].IsNumber()) flags = info[3].As<Napi::Number>().Int32Value();
+  if (lsetxattr(path.c_str(), name.c_str(), buf.Data(), buf.Length(), flags) != 0)
+    return ThrowErrno(info.Env(), errno, "lsetxattr", path);
+  return info.Env().Undefined();
+}
+
+// lgetxattr(path, name): Buffer, or null when the attribute is absent (ENODATA).
+Napi::Value LGetXattr(const Napi::CallbackInfo& info) {
+  std::string path, name;
+  if (!ArgString(info, 0, &path) || !ArgString(info, 1, &name)) return info.Env().Undefined();
+  for (int attempt = 0; attempt < 4; attempt++) {
+    ssize_t n = lgetxattr(path.c_str(), name.c_str(), nullptr, 0);
+    if (n < 0) {
+      if (errno == ENODATA) return info.Env().Null();
+      return ThrowErrno(info.Env(), errno, "lgetxattr", path);
+    }
+    std::vector<uint8_t> data(n > 0 ? n : 1);
+    ssize_t m = lgetxattr(path.c_str(), name.c_str(), data.data(), n);
+    if (m < 0) {
+      if (errno == ERANGE) continue;  // grew between the two calls
+      if (errno == ENODATA) return info.Env().Null();
+      return ThrowErrno(info.Env(), errno, "lgetxattr", path);
+    }
+    return Napi::Buffer<uint8_t>::Copy(info.Env(), data.data(), m);
+  }
+  return ThrowErrno(info.Env(), ERANGE, "lgetxattr", path);
+}
+
+// llistxattr(path): string[]
+Napi::Value LListXattr(const Napi::CallbackInfo& info) {
+  std::string path;
+  if (!ArgString(info, 0, &path)) return info.Env().Undefined();
+  for (int attempt = 0; attempt < 4; attempt++) {
+    ssize_t n = llistxattr(path.c_str(), nullptr, 0);
+    if (n < 0) return ThrowErrno(info.Env(), errno, "llistxattr", path);
+    std::vector<char> data(n > 0 ? n : 1);
+    ssize_t m = n > 0 ? llistxattr(path.c_str(), data.data(), n) : 0;
+    if (m < 0) {
+      if (errno == ERANGE) continue;
+      return ThrowErrno(info.Env(), errno, "llistxattr", path);
+    }
+    Napi::Array out = Napi::Array::New(info.Env());
+    uint32_t idx = 0;
+    size_t start = 0;
+    for (ssize_t i = 0; i < m; i++) {
+      if (data[i] == '\0') {
+        if ((size_t)i > start) out.Set(idx++, Napi::String::New(info.Env(), data.data() + start, i - start));
+        start = i + 1;
+      }
+    }
+    return out;
+  }
+  return ThrowErrno(info.Env(), ERANGE, "llistxattr", path);
+}
+
+// lremovexattr(path, name): true if removed, false if it was absent.
+Napi::Value LRemoveXattr(const Napi::CallbackInfo& info) {
+  std::string path, name;
+  if (!ArgString(info, 0, &path) || !ArgString(info, 1, &name)) return info.Env().Undefined();
+  if (lremovexattr(path.c_str(), name.c_str()) != 0) {
+    if (errno == ENODATA) return Napi::Boolean::New(info.Env(), false);
+    return ThrowErrno(info.Env(), errno, "lremovexattr", path);
+  }
+  return Napi::Boolean::New(info.Env(), true);
+}
+
+// mknod(path, mode, major, minor): mode includes the file type (S_IFCHR, S_IFBLK, S_IFIFO).
+Napi::Value Mknod(const Napi::CallbackInfo& info) {
+  std::string path;
+  double mode, major, minor;
+  if (!ArgString(info, 0, &path) || !ArgNumber(info, 1, &mode) || !ArgNumber(info, 2, &major) ||
+      !ArgNumber(info, 3, &minor))
+    return info.Env().Undefined();
+  if (major < 0 || minor < 0 || major > 0xfff || minor > 0xfffff) return ThrowErrno(info.Env(), EINVAL, "mknod", path);
+  if (mknod(path.c_str(), (mode_t)mode, makedev((unsigned)major, (unsigned)minor)) != 0)
+    return ThrowErrno(info.Env(), errno, "mknod", path);
+  return info.Env().Undefined();
+}
+
+// mount(source, target, fstype, flags, data, cwd?): when cwd is given, the
+// process changes into it for the call so that relative paths in data (overlay
+// lowerdir=l/ABC:l/DEF) resolve there, then changes back. Synchronous, on the
+// JS thread: the project passes only absolute paths to fs calls, so a
+// momentary cwd change cannot affect other work.
+Napi::Value Mount(const Napi::CallbackInfo& info) {
+  std::string source, target, fstype, data, cwd;
+  double flags;
+  if (!ArgString(info, 0, &source) || !ArgString(info, 1, &target) || !ArgString(info, 2, &fstype) ||
+      !ArgNumber(info, 3, &flags) || !ArgString(info, 4, &data))
+    return info.Env().Undefined();
+  bool haveCwd = info.Length() > 5 && info[5].IsString();
+  if (haveCwd && !ArgString(info, 5, &cwd)) return info.Env().Undefined();
+  int saved = -1;
+  if (haveCwd) {
+    saved = open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (saved < 0) return ThrowErrno(info.Env(), errno, "open", ".");
+    if (chdir(cwd.c_str()) != 0) {
+      int e = errno;
+      close(saved);
+      return ThrowErrno(info.Env(), e, "chdir", cwd);
+    }
+  }
+  int rc = mount(source.c_str(), target.c_str(), fstype.c_str(), (unsigned long)flags,
+                 data.empty() ? nullptr : data.c_str());
+  int e = errno;
+  if (haveCwd) {
+    if (fchdir(saved) != 0) { /* nothing sensible to do; the cwd is not used */ }
+    close(saved);
+  }
+  if (rc != 0) return ThrowErrno(info.Env(), e, "mount", target);
+  return info.Env().Undefined();
+}
+
+// umount2(target, flags)
+Napi::Value Umount2(const Napi::CallbackInfo& info) {
+  std::string target;
+  double flags;
+  if (!ArgString(info, 0, &target) || !ArgNumber(info, 1, &flags)) return info.Env().Undefined();
+  if (umount2(target.c_str(), (int)flags) != 0) return ThrowErrno(info.Env(), errno, "umount2", target);
+  return info.Env().Undefined();
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("lsetxattr", Napi::Function::New(env, LSetXattr));
+  exports.Set("lgetxattr", Napi::Function::New(env, LGetXattr));
+  exports.Set("llistxattr", Napi::Function::New(env, LListXattr));
+  exports.Set("lremovexattr", Napi::Function::New(env, LRemoveXattr));
+  exports.Set("mknod", Napi::Function::New(env, Mknod));
+  exports.Set("mount", Napi::Function::New(env, Mount));
+  exports.Set("umount2", Napi::Function::New(env, Umount2));
+  Napi::Object c = Napi::Object::New(env);
+  c.Set("MS_RDONLY", Napi::Number::New(env, MS_RDONLY));
+  c.Set("MS_NOSUID", Napi::Number::New(env, MS_NOSUID));
+  c.Set("MS_NODEV", Napi::Number::New(env, MS_NODEV));
+  c.Set("MS_BIND", Napi::Number::New(env, MS_BIND));
+  c.Set("MS_REC", Napi::Number::New(env, MS_REC));
+  c.Set("MS_PRIVATE", Napi::Number::New(env, MS_PRIVATE));
+  c.Set("MNT_DETACH", Napi::Number::New(env, MNT_DETACH));
+  c.Set("MNT_FORCE", Napi::Number::New(env, MNT_FORCE));
+  c.Set("XATTR_CREATE", Napi::Number::New(env, XATTR_CREATE));
+  c.Set("XATTR_REPLACE", Napi::Number::New(env, XATTR_REPLACE));
+  exports.Set("constants", c);
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(gear_native, Init)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what Gear's build, tests, demo and benchmarks need on a fresh
+# Debian 12 machine (Node 20, npm, python3, g++ and make are assumed). Safe to
+# run again: it installs only what is missing.
+set -euo pipefail
+
+packages=(
+  docker.io            # dockerd 20.10: graph-driver plugin support
+  docker-registry      # CNCF distribution 2.8: the local registry
+  containerd           # containerd 1.6 and ctr
+  fuse3                # fusermount3, /etc/fuse.conf
+  busybox-static       # test images without any public registry
+  debootstrap          # realistic test images (minbase rootfs)
+  skopeo umoci         # image plumbing in tests
+  golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite
+  iproute2 attr zstd pigz util-linux
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The overlay and fuse modules (built in on some kernels; modprobe may be absent).
+modprobe overlay 2>/dev/null || true
+modprobe fuse 2>/dev/null || true

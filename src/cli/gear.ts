@@ -1,0 +1,21 @@
+#!/usr/bin/env node
+/**
+ * The gear command. Each subcommand lives in its own module and registers
+ * itself on the program.
+ */
+import { Command } from 'commander';
+import { registerDaemon } from './daemon.js';
+
+const program = new Command();
+program
+  .name('gear')
+  .description('Lazy, file-deduplicated container images on a stock Linux kernel')
+  .version('0.1.0')
+  .showHelpAfterError();
+
+registerDaemon(program);
+
+program.parseAsync(process.argv).catch((err: unknown) => {
+  process.stderr.write(`gear: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exit(1);
+});

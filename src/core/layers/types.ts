@@ -1,0 +1,66 @@
+/**
+ * Vocabulary of the layer store (levels 2 and 3 of DESIGN.md).
+ *
+ * - A *layer* is identified by an opaque id chosen by the caller (Docker's
+ *   64-hex cache-id, or a snapshot key). It has at most one *parent*.
+ * - A *read-only* layer holds an image layer's content (filled once by
+ *   applyDiff); a *read-write* layer is a container's writable layer (or
+ *   Docker's "-init" layer).
+ * - get() returns a directory showing the layer merged with all its parents,
+ *   mounting an overlay when needed; put() releases it. Mounts are
+ *   reference-counted; the last put() unmounts.
+ */
+import type { Readable } from 'node:stream';
+import type { Change } from '../archive/changes.js';
+
+export type LayerKind = 'ro' | 'rw';
+
+/** The persistent record of one layer (layers/<id>/layer.json). */
+export interface LayerRecord {
+  id: string;
+  /** Parent layer id, or '' for a base layer. */
+  parent: string;
+  kind: LayerKind;
+  /** Short name of this layer's diff dir under ROOT/l/ (keeps mount options short). */
+  link: string;
+  /** Ancestor links, nearest parent first: the overlay lowerdir stack below this layer. */
+  lowers: string[];
+  /** Creation time, ms since the epoch. */
+  created: number;
+  /** Size recorded by applyDiff, in bytes. */
+  size?: number;
+}
+
+export interface CreateOptions {
+  /** Docker --storage-opt values; the store rejects keys it does not support. */
+  storageOpt?: Record<string, string>;
+}
+
+export interface LayerStore {
+  /** Absolute root directory of the store. */
+  readonly root: string;
+
+  create(id: string, parent: string, kind: LayerKind, opts?: CreateOptions): Promise<void>;
+  /** Removes a layer; removing an unknown id succeeds (Docker retries removals). */
+  remove(id: string): Promise<void>;
+  exists(id: string): Promise<boolean>;
+  /** Mounts (if needed) and returns the merged directory of the layer and its parents. */
+  get(id: string): Promise<string>;
+  /** Releases one get(); unmounts on the last one. */
+  put(id: string): Promise<void>;
+  /** Paths of the layer, as docker inspect shows them (LowerDir, UpperDir, WorkDir, MergedDir). */
+  metadata(id: string): Promise<Record<string, string>>;
+  /** Key/value pairs for docker info. */
+  status(): Promise<Array<[string, string]>>;
+  /** Unmounts everything the store mounted (daemon shutdown). */
+  cleanup(): Promise<void>;
+
+  /** Extracts a layer tar (plain, gzip or zstd) into a freshly created layer. Returns its size. */
+  applyDiff(id: string, parent: string, tar: Readable): Promise<number>;
+  /** A tar stream of what the layer changes relative to parent (OCI whiteouts). */
+  diff(id: string, parent: string): Promise<Readable>;
+  /** What the layer changes relative to parent (docker diff). */
+  changes(id: string, parent: string): Promise<Change[]>;
+  /** Bytes the layer adds relative to parent. */
+  diffSize(id: string, parent: string): Promise<number>;
+}

@@ -1,0 +1,57 @@
+/**
+ * Typed access to native/gear_native.cc: the Linux calls Node.js lacks
+ * (extended attributes, mknod, mount(2), umount2(2)). All are synchronous and
+ * throw Node-style errors carrying `code` ("ENOENT", "ENODATA"…).
+ */
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+interface NativeModule {
+  lsetxattr(path: string, name: string, value: Buffer, flags?: number): void;
+  /** null when the attribute does not exist */
+  lgetxattr(path: string, name: string): Buffer | null;
+  llistxattr(path: string): string[];
+  /** false when the attribute did not exist */
+  lremovexattr(path: string, name: string): boolean;
+  mknod(path: string, mode: number, major: number, minor: number): void;
+  mount(source: string, target: string, fstype: string, flags: number, data: string, cwd?: string): void;
+  umount2(target: string, flags: number): void;
+  constants: {
+    MS_RDONLY: number;
+    MS_NOSUID: number;
+    MS_NODEV: number;
+    MS_BIND: number;
+    MS_REC: number;
+    MS_PRIVATE: number;
+    MNT_DETACH: number;
+    MNT_FORCE: number;
+    XATTR_CREATE: number;
+    XATTR_REPLACE: number;
+  };
+}
+
+function load(): NativeModule {
+  const require = createRequire(import.meta.url);
+  // src/core/sys or dist/core/sys → repository root is three levels up.
+  const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+  const candidates = [
+    process.env.GEAR_NATIVE_MODULE,
+    path.join(root, 'build', 'Release', 'gear_native.node'),
+  ].filter((p): p is string => Boolean(p));
+  let lastErr: unknown;
+  for (const candidate of candidates) {
+    try {
+      return require(candidate) as NativeModule;
+    } catch (err) {
+      lastErr = err;
+    }
+  }
+  throw new Error(
+    `cannot load the gear native module (tried ${candidates.join(', ')}); build it with 'npm ci' or 'npx node-gyp rebuild'`,
+    { cause: lastErr },
+  );
+}
+
+export const native: NativeModule = load();
+export const { constants } = native;
