@@ -1,0 +1,519 @@
+/**
+ * The layer store: levels 2 and 3 of DESIGN.md, laid out like Docker's
+ * overlay2 so that ordinary layers behave exactly as they do there.
+ *
+ *   ROOT/layers/<id>/layer.json   the record (LayerRecord), written atomically
+ *   ROOT/layers/<id>/diff/        the layer's own content (overlay upper or lower dir)
+ *   ROOT/layers/<id>/work/        overlay workdir (read-write layers)
+ *   ROOT/layers/<id>/merged/      mount point of the merged view
+ *   ROOT/layers/<id>/applying     present while applyDiff runs
+ *   ROOT/l/<LINK> -> ../layers/<id>/diff   short names keep mount options short
+ *
+ * Crash safety: a layer is built in layers/.tmp-* and renamed into place; a
+ * removal renames it to layers/.trash-* first. open() repairs whatever a
+ * kill -9 left: temporary and trash dirs, layers whose applyDiff never
+ * finished, missing or dangling links, and mounts of layers that are gone.
+ */
+import { randomBytes } from 'node:crypto';
+import { statfsSync } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { PassThrough, type Readable } from 'node:stream';
+import type { Logger } from 'pino';
+import { applyLayer } from '../archive/apply.js';
+import type { Change } from '../archive/changes.js';
+import { overlayChanges, treeChanges } from '../archive/changes.js';
+import { changesSize, exportChanges, overlayDiff, overlayDiffSize } from '../archive/export.js';
+import { alreadyExists, errnoCode, failedPrecondition, GearError, invalidArgument, notFound } from '../errors.js';
+import { emptyDir, pathExists, syncDir, writeFileAtomic } from '../sys/fsutil.js';
+import { KeyedMutex } from '../sys/keyed-mutex.js';
+import { constants } from '../sys/native.js';
+import { isMountPoint, mountOverlay, mountsUnder, unmount, type OverlayOptions } from '../sys/mounts.js';
+import type { CreateOptions, LayerKind, LayerRecord, LayerStore } from './types.js';
+
+/** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
+export const MAX_LAYER_DEPTH = 128;
+const LINK_LENGTH = 26;
+const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+
+export interface LayerStoreOptions {
+  root: string;
+  logger?: Logger;
+}
+
+/** How a layer is presented: its own dir as is, or an overlay mount. */
+export type MountSpec =
+  | { type: 'dir'; path: string }
+  | { type: 'overlay'; target: string; options: OverlayOptions; readOnly: boolean };
+
+export function validateLayerId(id: string, what = 'layer id'): void {
+  if (typeof id !== 'string' || !ID_PATTERN.test(id) || id.includes('..')) {
+    throw invalidArgument(`invalid ${what} ${JSON.stringify(id)}: expected 1-128 characters [A-Za-z0-9_.-]`);
+  }
+}
+
+function newLink(): string {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789';
+  const bytes = randomBytes(LINK_LENGTH);
+  let s = '';
+  for (const b of bytes) s += alphabet[b % alphabet.length];
+  return s;
+}
+
+function parseRecord(text: string, id: string): LayerRecord {
+  const r = JSON.parse(text) as Partial<LayerRecord>;
+  if (
+    r.id !== id ||
+    typeof r.parent !== 'string' ||
+    (r.kind !== 'ro' && r.kind !== 'rw') ||
+    typeof r.link !== 'string' ||
+    !/^[A-Z0-9]+$/.test(r.link) ||
+    !Array.isArray(r.lowers) ||
+    !r.lowers.every((l) => typeof l === 'string' && /^[A-Z0-9]+$/.test(l))
+  ) {
+    throw new Error('malformed layer record');
+  }
+  return { id, parent: r.parent, kind: r.kind, link: r.link, lowers: r.lowers, created: Number(r.created) || 0, size: r.size };
+}
+
+class OverlayLayerStore implements LayerStore {
+  readonly root: string;
+  private readonly log: Logger | undefined;
+  private readonly layersDir: string;
+  private readonly linksDir: string;
+  private readonly records = new Map<string, LayerRecord>();
+  /** get() references per mounted layer. */
+  private readonly refs = new Map<string, number>();
+  private readonly locks = new KeyedMutex();
+
+  constructor(opts: LayerStoreOptions) {
+    this.root = path.resolve(opts.root);
+    this.log = opts.logger;
+    this.layersDir = path.join(this.root, 'layers');
+    this.linksDir = path.join(this.root, 'l');
+  }
+
+  // ---- paths ---------------------------------------------------------------
+
+  private layerDir(id: string): string {
+    return path.join(this.layersDir, id);
+  }
+  private diffDir(id: string): string {
+    return path.join(this.layersDir, id, 'diff');
+  }
+  private mergedDir(id: string): string {
+    return path.join(this.layersDir, id, 'merged');
+  }
+  private linkDiffDir(link: string): string {
+    return path.join(this.linksDir, link);
+  }
+
+  private record(id: string): LayerRecord {
+    validateLayerId(id);
+    const r = this.records.get(id);
+    if (!r) throw notFound(`layer ${id}: no such layer`);
+    return r;
+  }
+
+  // ---- startup and repair ------------------------------------------------------
+
+  async open(): Promise<void> {
+    await fs.mkdir(this.layersDir, { recursive: true, mode: 0o700 });
+    await fs.mkdir(this.linksDir, { recursive: true, mode: 0o700 });
+
+    // Leftovers of interrupted creates and removes.
+    for (const name of await fs.readdir(this.layersDir)) {
+      if (name.startsWith('.tmp-') || name.startsWith('.trash-')) {
+        await this.discardDir(path.join(this.layersDir, name), `leftover ${name}`);
+      }
+    }
+
+    for (const id of await fs.readdir(this.layersDir)) {
+      if (id.startsWith('.')) continue;
+      const dir = this.layerDir(id);
+      let rec: LayerRecord;
+      try {
+        if (!ID_PATTERN.test(id)) throw new Error('invalid layer id');
+        rec = parseRecord(await fs.readFile(path.join(dir, 'layer.json'), 'utf8'), id);
+      } catch (err) {
+        await this.discardDir(dir, `layer ${id} has no valid record (${(err as Error).message})`);
+        continue;
+      }
+      if (await pathExists(path.join(dir, 'applying'))) {
+        await this.discardDir(dir, `layer ${id}: its applyDiff never completed`);
+        continue;
+      }
+      this.records.set(id, rec);
+    }
+
+    // Links: recreate missing ones, drop those pointing nowhere.
+    const wanted = new Map<string, string>();
+    for (const r of this.records.values()) wanted.set(r.link, r.id);
+    for (const name of await fs.readdir(this.linksDir)) {
+      const owner = wanted.get(name);
+      const target = await fs.readlink(path.join(this.linksDir, name)).catch(() => '');
+      if (!owner || target !== `../layers/${owner}/diff`) {
+        await fs.rm(path.join(this.linksDir, name), { force: true });
+        this.log?.info({ link: name }, 'removed stale layer link');
+      }
+    }
+    for (const r of this.records.values()) {
+      const link = path.join(this.linksDir, r.link);
+      if (!(await pathExists(link))) {
+        await fs.symlink(`../layers/${r.id}/diff`, link);
+        this.log?.info({ layer: r.id, link: r.link }, 'recreated missing layer link');
+      }
+    }
+    for (const r of this.records.values()) {
+      if (r.parent && !this.records.has(r.parent)) {
+        this.log?.warn({ layer: r.id, parent: r.parent }, 'layer parent is missing; mounting it will fail');
+      }
+    }
+
+    // Mounts left by a previous run: keep those of known layers (running
+    // containers may use them; the first get/put adopts them), drop the rest.
+    for (const m of mountsUnder(this.root)) {
+      const rel = path.relative(this.layersDir, m.mountPoint).split(path.sep);
+      const known = rel.length === 2 && rel[1] === 'merged' && this.records.has(rel[0]!);
+      if (!known) {
+        unmount(m.mountPoint, { lazy: true });
+        this.log?.info({ mountPoint: m.mountPoint }, 'unmounted stale mount');
+      }
+    }
+    this.log?.info({ root: this.root, layers: this.records.size }, 'layer store open');
+  }
+
+  private async discardDir(dir: string, why: string): Promise<void> {
+    for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
+    await fs.rm(dir, { recursive: true, force: true });
+    this.log?.warn({ dir }, `removed ${why}`);
+  }
+
+  // ---- lifecycle -----------------------------------------------------------------
+
+  async create(id: string, parent: string, kind: LayerKind, opts: CreateOptions = {}): Promise<void> {
+    validateLayerId(id);
+    if (parent) validateLayerId(parent, 'parent id');
+    for (const key of Object.keys(opts.storageOpt ?? {})) {
+      throw invalidArgument(`storage option ${JSON.stringify(key)} is not supported by gear`);
+    }
+    await this.locks.run(id, async () => {
+      if (this.records.has(id)) throw alreadyExists(`layer ${id} already exists`);
+      let lowers: string[] = [];
+      if (parent) {
+        const p = this.records.get(parent);
+        if (!p) throw notFound(`parent layer ${parent} of ${id}: no such layer`);
+        lowers = [p.link, ...p.lowers];
+        if (lowers.length + 1 > MAX_LAYER_DEPTH) {
+          throw failedPrecondition(`layer ${id}: more than ${MAX_LAYER_DEPTH} layers in one image (max depth exceeded)`);
+        }
+      }
+      const rec: LayerRecord = { id, parent, kind, link: newLink(), lowers, created: Date.now() };
+      const tmp = path.join(this.layersDir, `.tmp-${id}-${randomBytes(4).toString('hex')}`);
+      try {
+        await fs.mkdir(tmp, { mode: 0o700 });
+        await fs.mkdir(path.join(tmp, 'diff'), { mode: 0o755 });
+        await fs.mkdir(path.join(tmp, 'work'), { mode: 0o700 });
+        await fs.mkdir(path.join(tmp, 'merged'), { mode: 0o700 });
+        await writeFileAtomic(path.join(tmp, 'layer.json'), JSON.stringify(rec));
+        await fs.symlink(`../layers/${id}/diff`, path.join(this.linksDir, rec.link));
+        await fs.rename(tmp, this.layerDir(id));
+        await syncDir(this.layersDir);
+      } catch (err) {
+        await fs.rm(tmp, { recursive: true, force: true });
+        await fs.rm(path.join(this.linksDir, rec.link), { force: true });
+        throw err;
+      }
+      this.records.set(id, rec);
+      this.log?.debug({ layer: id, parent, kind }, 'created layer');
+    });
+  }
+
+  async remove(id: string): Promise<void> {
+    validateLayerId(id);
+    await this.locks.run(id, async () => {
+      const rec = this.records.get(id);
+      if (!rec) return;
+      const merged = this.mergedDir(id);
+      for (const m of mountsUnder(merged)) unmount(m.mountPoint, { lazy: true });
+      this.refs.delete(id);
+      const trash = path.join(this.layersDir, `.trash-${id}-${randomBytes(4).toString('hex')}`);
+      await fs.rename(this.layerDir(id), trash);
+      this.records.delete(id);
+      await fs.rm(path.join(this.linksDir, rec.link), { force: true });
+      await syncDir(this.layersDir);
+      await fs.rm(trash, { recursive: true, force: true });
+      this.log?.debug({ layer: id }, 'removed layer');
+    });
+  }
+
+  async exists(id: string): Promise<boolean> {
+    try {
+      validateLayerId(id);
+    } catch {
+      return false;
+    }
+    return this.records.has(id);
+  }
+
+  // ---- mounts ----------------------------------------------------------------------
+
+  /** How the merged view of a layer is made (without making it). */
+  mountSpec(id: string): MountSpec {
+    const rec = this.record(id);
+    if (rec.lowers.length === 0) return { type: 'dir', path: this.diffDir(id) };
+    const base = { extra: ['index=off'] };
+    if (rec.kind === 'ro') {
+      return {
+        type: 'overlay',
+        target: this.mergedDir(id),
+        readOnly: true,
+        options: { ...base, lowers: [rec.link, ...rec.lowers].map((l) => `l/${l}`) },
+      };
+    }
+    return {
+      type: 'overlay',
+      target: this.mergedDir(id),
+      readOnly: false,
+      options: {
+        ...base,
+        lowers: rec.lowers.map((l) => `l/${l}`),
+        upper: `layers/${id}/diff`,
+        work: `layers/${id}/work`,
+      },
+    };
+  }
+
+  async get(id: string): Promise<string> {
+    return this.locks.run(id, async () => this.acquire(id));
+  }
+
+  private acquire(id: string): string {
+    const spec = this.mountSpec(id);
+    if (spec.type === 'dir') return spec.path;
+    const mounted = isMountPoint(spec.target);
+    // A mount made before a restart is adopted as one reference (as overlay2 does).
+    let count = this.refs.get(id) ?? (mounted ? 1 : 0);
+    if (!mounted) {
+      for (const p of this.missingLowers(id)) {
+        throw failedPrecondition(`layer ${id}: lower layer ${p} is missing; the store is damaged`);
+      }
+      try {
+        mountOverlay(spec.target, spec.options, this.root, spec.readOnly ? constants.MS_RDONLY : 0);
+      } catch (err) {
+        throw new GearError('Internal', `layer ${id}: cannot mount overlay at ${spec.target}: ${(err as Error).message}`, {
+          cause: err,
+        });
+      }
+      count = 0;
+    }
+    this.refs.set(id, count + 1);
+    return spec.target;
+  }
+
+  private missingLowers(id: string): string[] {
+    const rec = this.record(id);
+    const missing: string[] = [];
+    let cur = rec.parent;
+    for (let depth = 0; cur && depth <= MAX_LAYER_DEPTH; depth++) {
+      const p = this.records.get(cur);
+      if (!p) {
+        missing.push(cur);
+        break;
+      }
+      cur = p.parent;
+    }
+    return missing;
+  }
+
+  async put(id: string): Promise<void> {
+    await this.locks.run(id, async () => this.release(id));
+  }
+
+  private release(id: string): void {
+    const spec = this.mountSpec(id);
+    if (spec.type === 'dir') return;
+    const mounted = isMountPoint(spec.target);
+    const count = (this.refs.get(id) ?? (mounted ? 1 : 0)) - 1;
+    if (count > 0) {
+      this.refs.set(id, count);
+      return;
+    }
+    this.refs.delete(id);
+    if (mounted) unmount(spec.target);
+  }
+
+  async metadata(id: string): Promise<Record<string, string>> {
+    const rec = this.record(id);
+    const meta: Record<string, string> = {
+      UpperDir: this.diffDir(id),
+      WorkDir: path.join(this.layerDir(id), 'work'),
+      MergedDir: this.mergedDir(id),
+    };
+    if (rec.lowers.length) meta.LowerDir = rec.lowers.map((l) => this.resolveLink(l)).join(':');
+    return meta;
+  }
+
+  private resolveLink(link: string): string {
+    for (const r of this.records.values()) if (r.link === link) return this.diffDir(r.id);
+    return this.linkDiffDir(link);
+  }
+
+  async status(): Promise<Array<[string, string]>> {
+    let backing = 'unknown';
+    try {
+      const magic = statfsSync(this.root).type;
+      backing = ({ 0xef53: 'extfs', 0x58465342: 'xfs', 0x9123683e: 'btrfs', 0x01021994: 'tmpfs' } as Record<number, string>)[magic] ?? `0x${magic.toString(16)}`;
+    } catch {
+      /* leave unknown */
+    }
+    return [
+      ['Backing Filesystem', backing],
+      ['Supports d_type', 'true'],
+      ['Native Overlay Diff', 'true'],
+      ['Root', this.root],
+      ['Layers', String(this.records.size)],
+      ['Mounted', String(this.refs.size)],
+    ];
+  }
+
+  async cleanup(): Promise<void> {
+    for (const m of mountsUnder(this.layersDir)) unmount(m.mountPoint, { lazy: true });
+    this.refs.clear();
+    this.log?.info('unmounted all layers');
+  }
+
+  // ---- content ----------------------------------------------------------------------
+
+  async applyDiff(id: string, parent: string, tar: Readable): Promise<number> {
+    const rec = this.record(id);
+    if (parent !== rec.parent) {
+      tar.resume();
+      throw invalidArgument(`layer ${id}: applyDiff with parent ${JSON.stringify(parent)}, but its parent is ${JSON.stringify(rec.parent)}`);
+    }
+    return this.locks.run(id, async () => {
+      if (this.refs.has(id) || isMountPoint(this.mergedDir(id))) {
+        tar.resume();
+        throw failedPrecondition(`layer ${id} is mounted; cannot apply a diff to it`);
+      }
+      const marker = path.join(this.layerDir(id), 'applying');
+      await writeFileAtomic(marker, '');
+      const diff = this.diffDir(id);
+      let size: number;
+      try {
+        ({ size } = await applyLayer(tar, diff));
+      } catch (err) {
+        await emptyDir(diff).catch(() => undefined);
+        await fs.rm(marker, { force: true });
+        throw err instanceof GearError ? err : new GearError('Internal', `layer ${id}: ${(err as Error).message}`, { cause: err });
+      }
+      const updated = { ...rec, size };
+      await writeFileAtomic(path.join(this.layerDir(id), 'layer.json'), JSON.stringify(updated));
+      await fs.rm(marker, { force: true });
+      await syncDir(this.layerDir(id));
+      this.records.set(id, updated);
+      this.log?.debug({ layer: id, size }, 'applied layer');
+      return size;
+    });
+  }
+
+  /**
+   * Runs fn with the merged views of the layer (and, for a diff against some
+   * layer other than the real parent, of that layer too) held mounted.
+   */
+  private async withViews<T>(
+    id: string,
+    parent: string,
+    fn: (v: { upper: string; lowers: string[]; merged: string; parentMerged?: string }) => Promise<T>,
+  ): Promise<T> {
+    const rec = this.record(id);
+    if (parent) this.record(parent);
+    const merged = await this.get(id);
+    try {
+      if (parent === rec.parent) {
+        const lowers = rec.lowers.map((l) => this.resolveLink(l));
+        return await fn({ upper: this.diffDir(id), lowers, merged });
+      }
+      if (!parent) return await fn({ upper: this.diffDir(id), lowers: [], merged, parentMerged: '' });
+      const parentMerged = await this.get(parent);
+      try {
+        return await fn({ upper: this.diffDir(id), lowers: [], merged, parentMerged });
+      } finally {
+        await this.put(parent);
+      }
+    } finally {
+      await this.put(id);
+    }
+  }
+
+  async changes(id: string, parent: string): Promise<Change[]> {
+    return this.withViews(id, parent, async (v) => {
+      if (v.parentMerged === undefined) return overlayChanges(v);
+      return treeChanges(v.merged, v.parentMerged || (await this.emptyDirPath()));
+    });
+  }
+
+  async diffSize(id: string, parent: string): Promise<number> {
+    return this.withViews(id, parent, async (v) => {
+      if (v.parentMerged === undefined) return overlayDiffSize(v);
+      return changesSize(v.merged, await treeChanges(v.merged, v.parentMerged || (await this.emptyDirPath())));
+    });
+  }
+
+  async diff(id: string, parent: string): Promise<Readable> {
+    // The views stay mounted until the tar stream has been read or dropped.
+    const out = new PassThrough();
+    let ready!: (s: Readable) => void;
+    let failed!: (e: unknown) => void;
+    const started = new Promise<Readable>((resolve, reject) => {
+      ready = resolve;
+      failed = reject;
+    });
+    const done = this.withViews(id, parent, async (v) => {
+      const tar =
+        v.parentMerged === undefined
+          ? overlayDiff(v)
+          : exportChanges(v.merged, await treeChanges(v.merged, v.parentMerged || (await this.emptyDirPath())));
+      ready(out);
+      await new Promise<void>((resolve) => {
+        const finish = () => resolve();
+        tar.once('error', (err) => {
+          out.destroy(err);
+          finish();
+        });
+        out.once('close', () => {
+          tar.destroy();
+          finish();
+        });
+        tar.pipe(out);
+      });
+    });
+    done.catch((err) => {
+      failed(err);
+      out.destroy(err as Error);
+    });
+    return started;
+  }
+
+  private async emptyDirPath(): Promise<string> {
+    const dir = path.join(this.root, 'empty');
+    await fs.mkdir(dir, { recursive: true, mode: 0o755 });
+    return dir;
+  }
+}
+
+/** Opens (creating if needed) the layer store at opts.root and repairs what a crash left. */
+export async function openLayerStore(opts: LayerStoreOptions): Promise<LayerStore & { mountSpec(id: string): MountSpec }> {
+  const store = new OverlayLayerStore(opts);
+  try {
+    await store.open();
+  } catch (err) {
+    if (errnoCode(err) === 'EACCES' || errnoCode(err) === 'EPERM') {
+      throw new GearError('PermissionDenied', `cannot open the layer store at ${opts.root}: ${(err as Error).message} (gear must run as root)`, {
+        cause: err,
+      });
+    }
+    throw err;
+  }
+  return store;
+}
