@@ -5,6 +5,7 @@
  */
 import { Command } from 'commander';
 import { registerDaemon } from './daemon.js';
+import { registerCache } from './cache.js';
 
 const program = new Command();
 program
@@ -14,6 +15,7 @@ program
   .showHelpAfterError();
 
 registerDaemon(program);
+registerCache(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`gear: ${err instanceof Error ? err.message : String(err)}\n`);
