@@ -6,6 +6,7 @@
 import { Command } from 'commander';
 import { registerDaemon } from './daemon.js';
 import { registerCache } from './cache.js';
+import { registerConvert } from './convert.js';
 
 const program = new Command();
 program
@@ -16,6 +17,7 @@ program
 
 registerDaemon(program);
 registerCache(program);
+registerConvert(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`gear: ${err instanceof Error ? err.message : String(err)}\n`);
