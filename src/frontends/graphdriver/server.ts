@@ -1,0 +1,368 @@
+/**
+ * The graph-driver plugin's HTTP edge: an express app on a unix socket.
+ *
+ * Transport only — routing, reading bodies (dockerd sends no Content-Type, so
+ * no body-parser middleware applies: we read raw bytes), one log line per
+ * request, and turning thrown errors into `{"Err": …}` through
+ * `toWireError` (protocol.ts). The verbs themselves live in driver.ts.
+ */
+import { once } from 'node:events';
+import { lstat, mkdir, unlink } from 'node:fs/promises';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import { PassThrough } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import express, { type Request, type Response } from 'express';
+import type { Logger } from 'pino';
+import {
+  errnoCode,
+  errorClass,
+  failedPrecondition,
+  GearError,
+  invalidArgument,
+  unavailable,
+} from '../../core/errors.js';
+import { GraphDriver, type StoreOpener } from './driver.js';
+import {
+  ACTIVATE_REPLY,
+  decodeDriverRequest,
+  decodeInitRequest,
+  type DriverRequest,
+  type DriverResponse,
+  parseApplyDiffQuery,
+  parseBody,
+  PLUGIN_MIMETYPE,
+  toWireError,
+} from './protocol.js';
+import { openCoreLayerStore } from './store-opener.js';
+
+/** JSON request bodies are tiny; anything bigger than this is not from dockerd. */
+const MAX_JSON_BODY = 1 << 20;
+
+/** What the request logger records about a call (set by handlers, read on finish). */
+interface CallInfo {
+  method: string;
+  id?: string;
+  err?: unknown;
+}
+
+/** A JSON verb: decoded body in, response object out. */
+type JsonVerb = (driver: GraphDriver, body: Record<string, unknown>) => Promise<DriverResponse> | DriverResponse;
+
+const layerReq = (body: Record<string, unknown>): DriverRequest => decodeDriverRequest(body);
+const diffReq = (body: Record<string, unknown>): DriverRequest => decodeDriverRequest(body, { parent: true });
+
+/** Every JSON endpoint, by method name after "/GraphDriver.". Diff and ApplyDiff stream and are routed apart. */
+const JSON_VERBS: Record<string, JsonVerb> = {
+  Init: (d, b) => d.init(decodeInitRequest(b)),
+  Create: (d, b) => d.create(diffReq(b), 'ro'),
+  CreateReadWrite: (d, b) => d.create(diffReq(b), 'rw'),
+  Remove: (d, b) => d.remove(layerReq(b)),
+  Get: (d, b) => d.get(layerReq(b)),
+  Put: (d, b) => d.put(layerReq(b)),
+  Exists: (d, b) => d.exists(layerReq(b)),
+  Status: (d) => d.status(),
+  GetMetadata: (d, b) => d.getMetadata(layerReq(b)),
+  Cleanup: (d) => d.cleanup(),
+  Changes: (d, b) => d.changes(diffReq(b)),
+  DiffSize: (d, b) => d.diffSize(diffReq(b)),
+  Capabilities: (d) => d.capabilities(),
+};
+
+/** Reads a whole (small) request body, refusing more than `limit` bytes. */
+async function readBody(req: Request, limit: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > limit) throw invalidArgument(`request body larger than ${limit} bytes`);
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks);
+}
+
+/** Lets the rest of a request body flow away (after an early reply), so the connection stays usable. */
+function drain(req: Request): Promise<void> {
+  if (req.readableEnded || req.destroyed) return Promise.resolve();
+  req.resume();
+  return new Promise((resolve) => {
+    req.once('end', resolve);
+    req.once('close', resolve);
+    req.once('error', resolve);
+  });
+}
+
+/**
+ * The request body as a stream the store may consume, or destroy, freely.
+ * Destroying the IncomingMessage itself would destroy the socket, and dockerd
+ * would see a transport error instead of our `Err` reply. Backpressure is kept
+ * (pipe), and a client that goes away mid-body fails the store's read.
+ */
+function detachBody(req: Request): { body: PassThrough; detach(): void } {
+  const body = new PassThrough();
+  const onGone = (): void => {
+    if (!req.readableEnded) body.destroy(unavailable('client went away before the end of the layer tar'));
+  };
+  req.once('close', onGone);
+  req.once('error', onGone);
+  req.pipe(body);
+  return {
+    body,
+    detach: () => {
+      req.unpipe(body);
+      req.off('close', onGone);
+      req.off('error', onGone);
+    },
+  };
+}
+
+function sendJson(res: Response, body: object, status = 200): void {
+  const text = JSON.stringify(body);
+  res.status(status);
+  res.setHeader('Content-Type', PLUGIN_MIMETYPE);
+  res.setHeader('Content-Length', Buffer.byteLength(text));
+  res.end(text);
+}
+
+/**
+ * Replies `{"Err": …}` for a failed call. HTTP 200 is the protocol's error
+ * convention, except where the success body is not JSON (Diff): there dockerd
+ * only looks for `Err` on a non-200 reply.
+ */
+function sendError(res: Response, info: CallInfo, err: unknown, status = 200): void {
+  info.err = err;
+  if (res.headersSent) {
+    // Mid-stream failure: cut the connection so dockerd sees a truncated body, never a clean end.
+    res.destroy(err instanceof Error ? err : undefined);
+    return;
+  }
+  sendJson(res, { Err: toWireError(err) }, status);
+}
+
+/** Builds the express app serving /Plugin.Activate and /GraphDriver.* for one driver. */
+export function createGraphDriverApp(driver: GraphDriver, logger: Logger): express.Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.disable('etag');
+  app.set('query parser', false); // ApplyDiff's query is unescaped; protocol.ts parses it.
+
+  // One log line per request: debug on success, warn/error on failure.
+  app.use((req, res, next) => {
+    const start = process.hrtime.bigint();
+    const info: CallInfo = { method: req.path.replace(/^\//, '') };
+    res.locals.call = info;
+    res.once('close', () => {
+      const durationMs = Number(process.hrtime.bigint() - start) / 1e6;
+      const fields: Record<string, unknown> = { method: info.method, durationMs: Math.round(durationMs * 10) / 10 };
+      if (info.id) fields.id = info.id;
+      if (!res.writableFinished && info.err === undefined) fields.aborted = true;
+      if (info.err === undefined) {
+        logger.debug(fields, 'request');
+        return;
+      }
+      const cls = errorClass(info.err);
+      fields.err = toWireError(info.err);
+      if (cls === 'Internal' && !(info.err instanceof GearError)) fields.stack = (info.err as Error)?.stack;
+      const clientSide = ['NotFound', 'AlreadyExists', 'InvalidArgument', 'FailedPrecondition'].includes(cls);
+      if (clientSide) logger.warn(fields, 'request failed');
+      else logger.error(fields, 'request failed');
+    });
+    next();
+  });
+
+  app.post('/Plugin.Activate', async (req, res) => {
+    await drain(req); // the body is JSON `null`; nothing to read
+    sendJson(res, ACTIVATE_REPLY);
+  });
+
+  for (const [name, verb] of Object.entries(JSON_VERBS)) {
+    app.post(`/GraphDriver.${name}`, async (req, res) => {
+      const info = res.locals.call as CallInfo;
+      try {
+        const body = parseBody(await readBody(req, MAX_JSON_BODY));
+        if (typeof body.ID === 'string') info.id = body.ID;
+        sendJson(res, await verb(driver, body));
+      } catch (err) {
+        sendError(res, info, err);
+        void drain(req);
+      }
+    });
+  }
+
+  // Diff: JSON request, raw tar reply, streamed (layers can be gigabytes).
+  app.post('/GraphDriver.Diff', async (req, res) => {
+    const info = res.locals.call as CallInfo;
+    try {
+      const body = parseBody(await readBody(req, MAX_JSON_BODY));
+      if (typeof body.ID === 'string') info.id = body.ID;
+      const tar = await driver.diff(diffReq(body));
+      res.status(200);
+      res.setHeader('Content-Type', 'application/x-tar');
+      await pipeline(tar, res);
+    } catch (err) {
+      sendError(res, info, err, 500);
+    }
+  });
+
+  // ApplyDiff: raw tar request body, handed to the store as a stream.
+  app.post('/GraphDriver.ApplyDiff', async (req, res) => {
+    const info = res.locals.call as CallInfo;
+    try {
+      const { id, parent } = parseApplyDiffQuery(req.originalUrl);
+      info.id = id;
+      const { body, detach } = detachBody(req);
+      let reply: DriverResponse;
+      try {
+        reply = await driver.applyDiff(id, parent, body);
+      } finally {
+        detach();
+      }
+      // dockerd digests the stream it sends; let trailing bytes (tar padding) arrive before replying.
+      await drain(req);
+      sendJson(res, reply);
+    } catch (err) {
+      sendError(res, info, err);
+      void drain(req);
+    }
+  });
+
+  app.use((req, res) => {
+    const info = res.locals.call as CallInfo;
+    sendError(res, info, new GearError('Unimplemented', `${req.method} ${req.path}: no such plugin method`), 404);
+    void drain(req);
+  });
+
+  // Last resort (express calls this for errors thrown outside our try blocks).
+  app.use((err: unknown, _req: Request, res: Response, _next: express.NextFunction) => {
+    sendError(res, (res.locals.call as CallInfo | undefined) ?? { method: 'unknown' }, err);
+  });
+
+  return app;
+}
+
+export interface GraphDriverServerOptions {
+  /** Unix socket path to listen on. Its directory is created; a stale socket file is replaced. */
+  socket: string;
+  /** Store root (--root); default: the Home that Init sends. */
+  root?: string;
+  logger: Logger;
+  /** How the store is opened; default: the core's openLayerStore. Tests pass a fake. */
+  openStore?: StoreOpener;
+  /** How long close() waits for in-flight requests before cutting connections; default 10 s. */
+  shutdownTimeoutMs?: number;
+}
+
+export interface GraphDriverServer {
+  readonly socket: string;
+  /**
+   * Stops accepting, waits (bounded) for in-flight requests, removes the socket.
+   * Does not unmount layers: running containers use them (dockerd calls Cleanup itself).
+   * Idempotent.
+   */
+  close(): Promise<void>;
+}
+
+/** Starts the plugin server. Rejects (FailedPrecondition) if another process serves the socket. */
+export async function startGraphDriverServer(opts: GraphDriverServerOptions): Promise<GraphDriverServer> {
+  const logger = opts.logger;
+  const socket = path.resolve(opts.socket);
+  const driver = new GraphDriver({
+    ...(opts.root !== undefined ? { root: opts.root } : {}),
+    logger,
+    openStore: opts.openStore ?? openCoreLayerStore,
+  });
+  const app = createGraphDriverApp(driver, logger);
+  const server = http.createServer(app);
+  // Node's defaults would abort a multi-minute ApplyDiff upload (requestTimeout 300 s).
+  server.requestTimeout = 0;
+  server.headersTimeout = 60_000;
+
+  let inFlight = 0;
+  let idle: (() => void) | undefined;
+  server.on('request', (_req: http.IncomingMessage, res: http.ServerResponse) => {
+    inFlight++;
+    res.once('close', () => {
+      inFlight--;
+      if (inFlight === 0) idle?.();
+    });
+  });
+  server.on('clientError', (err, sock) => {
+    logger.warn({ err: String(err) }, 'malformed HTTP request');
+    sock.destroy();
+  });
+
+  await prepareSocket(socket);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(socket, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  server.on('error', (err) => logger.error({ err: String(err) }, 'server error'));
+  logger.info({ socket, root: opts.root ?? '(from Init)' }, 'listening');
+
+  let closing: Promise<void> | undefined;
+  const close = (): Promise<void> => {
+    closing ??= (async () => {
+      const closed = once(server, 'close');
+      server.close();
+      server.closeIdleConnections();
+      if (inFlight > 0) {
+        logger.info({ inFlight }, 'waiting for in-flight requests');
+        const timeoutMs = opts.shutdownTimeoutMs ?? 10_000;
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([
+          new Promise<void>((resolve) => (idle = resolve)),
+          new Promise<void>((resolve) => (timer = setTimeout(resolve, timeoutMs))),
+        ]);
+        clearTimeout(timer);
+        if (inFlight > 0) logger.warn({ inFlight }, 'shutdown timeout; closing connections');
+      }
+      server.closeAllConnections();
+      await closed;
+      await unlink(socket).catch((err: unknown) => {
+        if (errnoCode(err) !== 'ENOENT') logger.warn({ socket, err: String(err) }, 'could not remove socket');
+      });
+      logger.info({ socket }, 'stopped');
+    })();
+    return closing;
+  };
+
+  return { socket, close };
+}
+
+/**
+ * Makes the socket path usable: creates its directory and removes a stale
+ * socket file left by a crashed daemon — but only when nothing answers on it.
+ */
+async function prepareSocket(socket: string): Promise<void> {
+  await mkdir(path.dirname(socket), { recursive: true });
+  let st;
+  try {
+    st = await lstat(socket);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return;
+    throw err;
+  }
+  if (!st.isSocket()) throw failedPrecondition(`socket ${socket}: the path exists and is not a socket; not removing it`);
+  if (await answers(socket)) {
+    throw failedPrecondition(`socket ${socket}: another process is listening on it (is a gear daemon already running?)`);
+  }
+  await unlink(socket);
+}
+
+/** True if something accepts connections on the unix socket. */
+function answers(socket: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const conn = net.connect(socket);
+    const done = (alive: boolean) => {
+      conn.destroy();
+      resolve(alive);
+    };
+    conn.setTimeout(2000, () => done(true)); // a hung listener is still a listener
+    conn.once('connect', () => done(true));
+    conn.once('error', () => done(false));
+  });
+}
