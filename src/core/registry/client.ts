@@ -32,8 +32,17 @@
  * verified against the digest they were fetched by.
  */
 import { createReadStream } from 'node:fs';
-import type { Readable } from 'node:stream';
-import { GearError } from '../errors.js';
+import { open, unlink, type FileHandle } from 'node:fs/promises';
+import { Readable, Transform, type TransformCallback } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { GearError, invalidArgument, notFound, unavailable } from '../errors.js';
+import { repositoryScope } from './auth.js';
+import { checkDigest, DigestMismatchError, DigestVerifier, sha256Digest } from './digest.js';
+import { MANIFEST_ACCEPT, isImageManifestMediaType, isIndexMediaType, parseManifest, type ImageIndex, type ImageManifest } from './media-types.js';
+import { formatPlatform, hostPlatform, selectPlatformManifest } from './platform.js';
+import { formatReference, toImageReference, toRepositoryRef, type ImageReference, type RepositoryRef } from './reference.js';
+import { isRetryableNetworkError, nextRetryDelay, sleep } from './retry.js';
+import { header, readCapped, RegistryTransport, type RequestBody, type SendRequest, type SendResponse } from './transport.js';
 import type {
   BlobInfo,
   BlobSource,
@@ -54,79 +63,599 @@ import type {
 
 export type * from './types.js';
 
+const DEFAULT_MAX_MANIFEST = 4 << 20;
+const MAX_ERROR_BODY = 64 << 10;
+const MAX_TAG_PAGES = 100;
+
 /** A BlobSource reading [start, end) of a file; re-openable for retries and chunks. */
 export function fileBlobSource(path: string, size: number): BlobSource {
   return {
     size,
     open: (start: number, end: number): Readable =>
-      end > start ? createReadStream(path, { start, end: end - 1 }) : createReadStream(path, { start: 0, end: -1 }),
+      end > start ? createReadStream(path, { start, end: end - 1 }) : Readable.from([]),
   };
 }
 
-const todo = () => new GearError('Unimplemented', 'registry client: not implemented yet');
+function sourceSize(src: BlobSource): number {
+  return src instanceof Uint8Array ? src.length : src.size;
+}
+
+async function openSource(src: BlobSource, start: number, end: number): Promise<RequestBody> {
+  if (src instanceof Uint8Array) return Buffer.from(src.buffer, src.byteOffset + start, end - start);
+  const s = await src.open(start, end);
+  return s instanceof Readable ? s : Readable.from(s);
+}
+
+/** The registry's error text from a JSON error body (`{"errors":[{code,message}]}`), capped. */
+async function errorDetail(res: SendResponse): Promise<string> {
+  try {
+    const text = (await readCapped(res.body, MAX_ERROR_BODY, 'error body')).toString('utf8');
+    const doc = JSON.parse(text) as { errors?: Array<{ code?: unknown; message?: unknown }> };
+    if (Array.isArray(doc.errors)) {
+      return doc.errors
+        .slice(0, 5)
+        .map((e) => [e.code, e.message].filter((x) => typeof x === 'string').join(': '))
+        .join('; ')
+        .slice(0, 500);
+    }
+  } catch {
+    // not JSON, or unreadable: the status alone will do
+  }
+  return '';
+}
+
+async function statusError(res: SendResponse, what: string): Promise<GearError> {
+  const detail = await errorDetail(res);
+  const msg = `${what}: registry answered ${res.status}${detail ? ` (${detail})` : ''}`;
+  if (res.status === 404) return notFound(msg);
+  if (res.status === 400 || res.status === 405 || res.status === 413 || res.status === 416) return invalidArgument(msg);
+  return unavailable(msg);
+}
+
+/** Trims a body to [skip, skip+length) and fails if it ends short (truncation) or runs long. */
+class ExactLength extends Transform {
+  private seen = 0;
+  constructor(
+    private readonly skip: number,
+    private readonly length: number,
+    private readonly what: string,
+  ) {
+    super();
+  }
+  override _transform(chunk: Buffer, _e: BufferEncoding, cb: TransformCallback): void {
+    const from = this.seen;
+    this.seen += chunk.length;
+    const lo = Math.max(0, this.skip - from);
+    const hi = this.length < 0 ? chunk.length : Math.min(chunk.length, this.skip + this.length - from);
+    if (this.length >= 0 && this.skip === 0 && this.seen > this.length) {
+      cb(unavailable(`${this.what}: body longer than the declared ${this.length} bytes`));
+      return;
+    }
+    if (hi > lo) this.push(chunk.subarray(lo, hi));
+    cb();
+  }
+  override _flush(cb: TransformCallback): void {
+    if (this.length >= 0 && this.seen < this.skip + this.length) {
+      cb(unavailable(`${this.what}: body ended after ${Math.max(0, this.seen - this.skip)} of ${this.length} bytes`));
+      return;
+    }
+    cb();
+  }
+}
+
+function contentLength(res: SendResponse): number | undefined {
+  const v = header(res.headers, 'content-length');
+  if (v === undefined || !/^[0-9]{1,15}$/.test(v)) return undefined;
+  return Number(v);
+}
 
 export class RegistryClient {
-  constructor(readonly options: RegistryClientOptions = {}) {}
+  private readonly transport: RegistryTransport;
 
-  /** GET a manifest (any supported type). Verified against the digest when fetched by digest. */
-  async getManifest(_ref: RefLike, _opts: RequestOptions = {}): Promise<ManifestResult> {
-    throw todo();
+  constructor(readonly options: RegistryClientOptions = {}) {
+    this.transport = new RegistryTransport(options);
   }
 
-  /** HEAD a manifest: digest, size, media type; undefined when absent. */
-  async headManifest(_ref: RefLike, _opts: RequestOptions = {}): Promise<BlobInfo | undefined> {
-    throw todo();
+  private get maxManifest(): number {
+    return this.options.maxManifestBytes ?? DEFAULT_MAX_MANIFEST;
   }
 
-  /** Fetch a manifest and, when it is an index, select and fetch the platform's manifest. */
-  async resolveImage(_ref: RefLike, _opts: ResolveOptions = {}): Promise<ResolvedImage> {
-    throw todo();
-  }
-
-  /** PUT a manifest by tag or by digest; returns its digest. */
-  async putManifest(_ref: RefLike, _manifest: Uint8Array | object, _opts: PutManifestOptions = {}): Promise<{ digest: string }> {
-    throw todo();
-  }
-
-  /** Tags of a repository (follows `Link` pagination, bounded). */
-  async listTags(_repo: RepoLike, _opts: RequestOptions = {}): Promise<string[]> {
-    throw todo();
-  }
-
-  /** HEAD a blob: its size, or undefined when the registry does not have it. */
-  async statBlob(_repo: RepoLike, _digest: string, _opts: RequestOptions = {}): Promise<BlobInfo | undefined> {
-    throw todo();
-  }
-
-  /** GET a blob or a range of it as a stream (unverified: the caller verifies or uses fetchBlobVerified). */
-  async openBlob(_repo: RepoLike, _digest: string, _opts: OpenBlobOptions = {}): Promise<BlobStream> {
-    throw todo();
-  }
-
-  /** GET a whole small blob into memory, verified (configs, Gear index manifests). Default cap 64 MiB. */
-  async fetchBlob(_repo: RepoLike, _digest: string, _opts: FetchVerifiedOptions & { maxBytes?: number } = {}): Promise<Buffer> {
-    throw todo();
+  private send(req: SendRequest): Promise<SendResponse> {
+    return this.transport.send(req);
   }
 
   /**
-   * Stream a blob into `destPath` while hashing; on mismatch (or any failure)
-   * the file is deleted and the promise rejects. The file is written in place:
-   * give a staging path and rename it into the cache after this resolves.
+   * Run a whole operation (request + reading its body) again on retryable
+   * network errors that happen while reading the body, within the retry policy.
    */
-  async fetchBlobVerified(_repo: RepoLike, _digest: string, _destPath: string, _opts: FetchVerifiedOptions = {}): Promise<{ size: number }> {
-    throw todo();
+  private async retryBody<T>(what: string, signal: AbortSignal | undefined, op: () => Promise<T>): Promise<T> {
+    const started = Date.now();
+    for (let n = 1; ; n++) {
+      try {
+        return await op();
+      } catch (err) {
+        if (signal?.aborted || err instanceof GearError || !isRetryableNetworkError(err)) {
+          if (err instanceof GearError || signal?.aborted) throw err;
+          throw unavailable(`${what}: ${(err as Error)?.message ?? String(err)}`, err);
+        }
+        const delay = nextRetryDelay(n, Date.now() - started, this.transport.retry);
+        if (delay === undefined) throw unavailable(`${what}: ${(err as Error).message} (gave up after ${n} attempts)`, err);
+        await sleep(delay, signal);
+      }
+    }
   }
 
-  /** Upload a blob unless present: HEAD, then cross-repo mount, then monolithic or chunked upload. */
-  async pushBlob(_repo: RepoLike, _digest: string, _source: BlobSource, _opts: PushBlobOptions = {}): Promise<PushBlobResult> {
-    throw todo();
+  private manifestPath(ref: ImageReference): string {
+    return `/v2/${ref.repository}/manifests/${ref.digest ?? ref.tag}`;
   }
 
-  /** Cross-repository mount; true when mounted (201), false when the registry wants an upload (202). */
-  async mountBlob(_repo: RepoLike, _digest: string, _from: RepoLike, _opts: RequestOptions = {}): Promise<boolean> {
-    throw todo();
+  async getManifest(refLike: RefLike, opts: RequestOptions = {}): Promise<ManifestResult> {
+    const ref = toImageReference(refLike);
+    const what = `GET manifest ${formatReference(ref)}`;
+    return this.retryBody(what, opts.signal, async () => {
+      const res = await this.send({
+        registry: ref.registry,
+        scopes: [repositoryScope(ref.repository, false)],
+        method: 'GET',
+        url: this.manifestPath(ref),
+        headers: { accept: MANIFEST_ACCEPT.join(', ') },
+        signal: opts.signal,
+        followRedirects: true,
+        what,
+      });
+      if (res.status !== 200) throw await statusError(res, what);
+      const len = contentLength(res);
+      if (len !== undefined && len > this.maxManifest) {
+        res.body.destroy();
+        throw unavailable(`${what}: manifest of ${len} bytes exceeds the ${this.maxManifest} byte limit`);
+      }
+      const bytes = await readCapped(res.body, this.maxManifest, what);
+      if (len !== undefined && bytes.length !== len) throw unavailable(`${what}: got ${bytes.length} of ${len} bytes`);
+      const digest = sha256Digest(bytes);
+      if (ref.digest && digest !== ref.digest) {
+        throw new DigestMismatchError(`${what}: content has digest ${digest}`, ref.digest, digest);
+      }
+      const claimed = header(res.headers, 'docker-content-digest');
+      if (claimed && claimed.startsWith('sha256:') && claimed !== digest) {
+        throw new DigestMismatchError(`${what}: registry claims ${claimed.slice(0, 80)} but content has ${digest}`, claimed, digest);
+      }
+      const parsed = parseManifest(bytes, header(res.headers, 'content-type'));
+      return { digest, mediaType: parsed.mediaType, size: bytes.length, bytes, manifest: parsed.manifest };
+    });
   }
 
-  /** Close every connection pool. Idempotent. */
-  async close(): Promise<void> {}
+  async headManifest(refLike: RefLike, opts: RequestOptions = {}): Promise<BlobInfo | undefined> {
+    const ref = toImageReference(refLike);
+    const what = `HEAD manifest ${formatReference(ref)}`;
+    const res = await this.send({
+      registry: ref.registry,
+      scopes: [repositoryScope(ref.repository, false)],
+      method: 'HEAD',
+      url: this.manifestPath(ref),
+      headers: { accept: MANIFEST_ACCEPT.join(', ') },
+      signal: opts.signal,
+      followRedirects: true,
+      what,
+    });
+    await res.body.dump().catch(() => undefined);
+    if (res.status === 404) return undefined;
+    if (res.status !== 200) throw await statusError(res, what);
+    const digest = header(res.headers, 'docker-content-digest');
+    const size = contentLength(res);
+    if (!digest || size === undefined || !digest.startsWith('sha256:')) {
+      const m = await this.getManifest(ref, opts);
+      return { digest: m.digest, size: m.size, mediaType: m.mediaType };
+    }
+    checkDigest(digest, 'Docker-Content-Digest from registry');
+    if (ref.digest && digest !== ref.digest) throw new DigestMismatchError(`${what}: registry claims ${digest}`, ref.digest, digest);
+    const mediaType = header(res.headers, 'content-type')?.split(';')[0]?.trim();
+    return mediaType ? { digest, size, mediaType } : { digest, size };
+  }
+
+  async resolveImage(refLike: RefLike, opts: ResolveOptions = {}): Promise<ResolvedImage> {
+    const ref = toImageReference(refLike);
+    const want = opts.platform ?? this.options.platform ?? hostPlatform();
+    let m = await this.getManifest(ref, opts);
+    let index: ManifestResult | undefined;
+    for (let depth = 0; isIndexMediaType(m.mediaType); depth++) {
+      if (depth >= 2) throw invalidArgument(`${formatReference(ref)}: indexes nested too deeply`);
+      index ??= m;
+      const desc = selectPlatformManifest(m.manifest as ImageIndex, want);
+      if (!desc) {
+        const have = (m.manifest as ImageIndex).manifests.map((d) => formatPlatform(d.platform)).join(', ');
+        throw notFound(`${formatReference(ref)}: no manifest for platform ${formatPlatform(want)} (index has: ${have || 'none'})`);
+      }
+      if (desc.size > this.maxManifest) throw unavailable(`${formatReference(ref)}: platform manifest too large (${desc.size})`);
+      const next = await this.getManifest({ registry: ref.registry, repository: ref.repository, digest: desc.digest }, opts);
+      if (next.size !== desc.size) {
+        throw new DigestMismatchError(`manifest ${desc.digest}: size ${next.size} differs from the index's ${desc.size}`, desc.digest, next.digest);
+      }
+      m = next;
+    }
+    if (!isImageManifestMediaType(m.mediaType)) throw invalidArgument(`${formatReference(ref)}: not an image manifest (${m.mediaType})`);
+    const out: ResolvedImage = { digest: m.digest, mediaType: m.mediaType, size: m.size, bytes: m.bytes, manifest: m.manifest as ImageManifest };
+    if (index) out.index = index;
+    return out;
+  }
+
+  async putManifest(refLike: RefLike, manifest: Uint8Array | object, opts: PutManifestOptions = {}): Promise<{ digest: string }> {
+    const ref = toImageReference(refLike);
+    const bytes = manifest instanceof Uint8Array ? Buffer.from(manifest) : Buffer.from(JSON.stringify(manifest), 'utf8');
+    const what = `PUT manifest ${formatReference(ref)}`;
+    if (bytes.length > this.maxManifest) throw invalidArgument(`${what}: ${bytes.length} bytes exceeds the ${this.maxManifest} byte limit`);
+    const parsed = parseManifest(bytes, opts.mediaType);
+    const mediaType = opts.mediaType ?? parsed.mediaType;
+    const digest = sha256Digest(bytes);
+    if (ref.digest && ref.digest !== digest) throw invalidArgument(`${what}: content digest is ${digest}`);
+    const res = await this.send({
+      registry: ref.registry,
+      scopes: [repositoryScope(ref.repository, true)],
+      method: 'PUT',
+      url: this.manifestPath(ref),
+      headers: { 'content-type': mediaType, 'content-length': String(bytes.length) },
+      body: () => bytes,
+      signal: opts.signal,
+      what,
+    });
+    if (res.status !== 201 && res.status !== 200 && res.status !== 202) throw await statusError(res, what);
+    await res.body.dump().catch(() => undefined);
+    const claimed = header(res.headers, 'docker-content-digest');
+    if (claimed && claimed.startsWith('sha256:') && claimed !== digest) {
+      throw new DigestMismatchError(`${what}: registry stored ${claimed.slice(0, 80)}, expected ${digest}`, digest, claimed);
+    }
+    return { digest };
+  }
+
+  async listTags(repoLike: RepoLike, opts: RequestOptions = {}): Promise<string[]> {
+    const repo = toRepositoryRef(repoLike);
+    const what = `list tags of ${formatReference(repo)}`;
+    const tags: string[] = [];
+    let url: string | URL = `/v2/${repo.repository}/tags/list?n=1000`;
+    for (let page = 0; page < MAX_TAG_PAGES; page++) {
+      const res = await this.send({
+        registry: repo.registry,
+        scopes: [repositoryScope(repo.repository, false)],
+        method: 'GET',
+        url,
+        signal: opts.signal,
+        what,
+      });
+      if (res.status !== 200) throw await statusError(res, what);
+      const doc = JSON.parse((await readCapped(res.body, 4 << 20, what)).toString('utf8')) as { tags?: unknown };
+      if (Array.isArray(doc.tags)) for (const t of doc.tags) if (typeof t === 'string') tags.push(t);
+      const link = header(res.headers, 'link');
+      const m = link ? /<([^>]+)>\s*;\s*rel="?next"?/.exec(link) : null;
+      if (!m) return tags;
+      const next: URL = new URL(m[1]!, res.url);
+      if (next.origin !== res.url.origin) throw unavailable(`${what}: pagination link to another origin`);
+      url = next;
+    }
+    return tags;
+  }
+
+  private blobPath(repo: RepositoryRef, digest: string): string {
+    return `/v2/${repo.repository}/blobs/${checkDigest(digest)}`;
+  }
+
+  async statBlob(repoLike: RepoLike, digest: string, opts: RequestOptions = {}): Promise<BlobInfo | undefined> {
+    const repo = toRepositoryRef(repoLike);
+    const what = `HEAD blob ${digest} in ${formatReference(repo)}`;
+    const res = await this.send({
+      registry: repo.registry,
+      scopes: [repositoryScope(repo.repository, false)],
+      method: 'HEAD',
+      url: this.blobPath(repo, digest),
+      signal: opts.signal,
+      followRedirects: true,
+      what,
+    });
+    await res.body.dump().catch(() => undefined);
+    if (res.status === 404) return undefined;
+    if (res.status !== 200) throw await statusError(res, what);
+    const size = contentLength(res);
+    if (size === undefined) throw unavailable(`${what}: no valid Content-Length`);
+    const claimed = header(res.headers, 'docker-content-digest');
+    if (claimed && claimed.startsWith('sha256:') && claimed !== digest) {
+      throw new DigestMismatchError(`${what}: registry claims ${claimed.slice(0, 80)}`, digest, claimed);
+    }
+    return { digest, size };
+  }
+
+  async openBlob(repoLike: RepoLike, digest: string, opts: OpenBlobOptions = {}): Promise<BlobStream> {
+    const repo = toRepositoryRef(repoLike);
+    const what = `GET blob ${digest} from ${formatReference(repo)}`;
+    const range = opts.range;
+    if (range) {
+      if (!Number.isSafeInteger(range.start) || range.start < 0 || (range.end !== undefined && (!Number.isSafeInteger(range.end) || range.end < range.start))) {
+        throw invalidArgument(`${what}: invalid range ${JSON.stringify(range)}`);
+      }
+    }
+    const headers: Record<string, string> = {};
+    if (range) headers.range = `bytes=${range.start}-${range.end ?? ''}`;
+    const res = await this.send({
+      registry: repo.registry,
+      scopes: [repositoryScope(repo.repository, false)],
+      method: 'GET',
+      url: this.blobPath(repo, digest),
+      headers,
+      signal: opts.signal,
+      followRedirects: true,
+      what,
+    });
+    const len = contentLength(res);
+    const fail = async (err: GearError): Promise<never> => {
+      res.body.destroy();
+      throw err;
+    };
+    if (res.status === 206 && range) {
+      const cr = /^bytes ([0-9]+)-([0-9]+)\/([0-9]+|\*)$/.exec(header(res.headers, 'content-range') ?? '');
+      if (!cr) return fail(unavailable(`${what}: 206 without a valid Content-Range`));
+      const start = Number(cr[1]);
+      const end = Number(cr[2]);
+      const total = cr[3] === '*' ? -1 : Number(cr[3]);
+      const wantEnd = range.end === undefined ? (total >= 0 ? total - 1 : end) : total >= 0 ? Math.min(range.end, total - 1) : range.end;
+      if (start !== range.start || end !== wantEnd || end < start || (total >= 0 && end >= total)) {
+        return fail(unavailable(`${what}: asked for bytes ${range.start}-${range.end ?? ''}, got ${start}-${end}/${cr[3]}`));
+      }
+      if (opts.expectedSize !== undefined && total >= 0 && total !== opts.expectedSize) {
+        return fail(unavailable(`${what}: blob size ${total} differs from the expected ${opts.expectedSize}`));
+      }
+      const length = end - start + 1;
+      if (len !== undefined && len !== length) return fail(unavailable(`${what}: Content-Length ${len} does not match the range`));
+      const stream = res.body.pipe(new ExactLength(0, length, what));
+      res.body.on('error', (e) => stream.destroy(e));
+      return { stream, size: total, length, range: { start, end } };
+    }
+    if (res.status === 200) {
+      const size = len ?? opts.expectedSize ?? -1;
+      if (opts.expectedSize !== undefined && len !== undefined && len !== opts.expectedSize) {
+        return fail(unavailable(`${what}: blob size ${len} differs from the expected ${opts.expectedSize}`));
+      }
+      let skip = 0;
+      let length = size;
+      if (range) {
+        // The server ignored Range: serve the range from the full body.
+        if (size < 0) return fail(unavailable(`${what}: server ignored Range and sent no length`));
+        if (range.start >= size) return fail(invalidArgument(`${what}: range start ${range.start} beyond blob size ${size}`));
+        skip = range.start;
+        length = Math.min(range.end ?? size - 1, size - 1) - range.start + 1;
+      }
+      const stream = res.body.pipe(new ExactLength(skip, length, what));
+      res.body.on('error', (e) => stream.destroy(e));
+      const out: BlobStream = { stream, size, length };
+      if (range) out.range = { start: skip, end: skip + length - 1 };
+      return out;
+    }
+    if (res.status === 416) {
+      await res.body.dump().catch(() => undefined);
+      throw invalidArgument(`${what}: range ${headers.range} not satisfiable`);
+    }
+    throw await statusError(res, what);
+  }
+
+  async fetchBlob(repoLike: RepoLike, digest: string, opts: FetchVerifiedOptions & { maxBytes?: number } = {}): Promise<Buffer> {
+    checkDigest(digest);
+    const max = opts.maxBytes ?? 64 << 20;
+    const what = `GET blob ${digest}`;
+    return this.retryBody(what, opts.signal, async () => {
+      const o: OpenBlobOptions = { signal: opts.signal };
+      if (opts.expectedSize !== undefined) o.expectedSize = opts.expectedSize;
+      const { stream, size } = await this.openBlob(repoLike, digest, o);
+      if (size > max) {
+        stream.destroy();
+        throw unavailable(`${what}: ${size} bytes exceeds the ${max} byte limit`);
+      }
+      const verifier = new DigestVerifier(digest, opts.expectedSize ?? (size >= 0 ? size : undefined));
+      stream.on('error', (e) => verifier.destroy(e));
+      return readCapped(stream.pipe(verifier), max, what);
+    });
+  }
+
+  async fetchBlobVerified(repoLike: RepoLike, digest: string, destPath: string, opts: FetchVerifiedOptions = {}): Promise<{ size: number }> {
+    checkDigest(digest);
+    return this.retryBody(`GET blob ${digest} into ${destPath}`, opts.signal, async () => {
+      let fh: FileHandle | undefined;
+      try {
+        const o: OpenBlobOptions = { signal: opts.signal };
+        if (opts.expectedSize !== undefined) o.expectedSize = opts.expectedSize;
+        const { stream, size } = await this.openBlob(repoLike, digest, o);
+        const verifier = new DigestVerifier(digest, opts.expectedSize ?? (size >= 0 ? size : undefined));
+        try {
+          fh = await open(destPath, 'w', 0o644);
+        } catch (err) {
+          stream.destroy();
+          throw err;
+        }
+        await pipeline(stream, verifier, fh.createWriteStream({ autoClose: false }), opts.signal ? { signal: opts.signal } : {});
+        await fh.sync();
+        await fh.close();
+        fh = undefined;
+        return { size: verifier.bytes };
+      } catch (err) {
+        await fh?.close().catch(() => undefined);
+        await unlink(destPath).catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
+  /**
+   * Start an upload session (optionally trying a mount). Returns mounted=true
+   * on 201, else the session's Location.
+   */
+  private async startUpload(repo: RepositoryRef, digest: string, from: RepositoryRef | undefined, signal?: AbortSignal): Promise<{ mounted: true } | { mounted: false; location: URL }> {
+    const what = from ? `mount blob ${digest} from ${from.repository} into ${formatReference(repo)}` : `start upload to ${formatReference(repo)}`;
+    const scopes = [repositoryScope(repo.repository, true)];
+    let url = `/v2/${repo.repository}/blobs/uploads/`;
+    if (from) {
+      url += `?mount=${encodeURIComponent(digest)}&from=${encodeURIComponent(from.repository)}`;
+      if (from.repository !== repo.repository) scopes.push(repositoryScope(from.repository, false));
+    }
+    const res = await this.send({ registry: repo.registry, scopes, method: 'POST', url, headers: { 'content-length': '0' }, signal, what });
+    if (res.status === 201 && from) {
+      await res.body.dump().catch(() => undefined);
+      return { mounted: true };
+    }
+    if (res.status !== 202) throw await statusError(res, what);
+    await res.body.dump().catch(() => undefined);
+    return { mounted: false, location: this.uploadLocation(res, what) };
+  }
+
+  private uploadLocation(res: SendResponse, what: string): URL {
+    const loc = header(res.headers, 'location');
+    if (!loc) throw unavailable(`${what}: registry sent no upload Location`);
+    let url: URL;
+    try {
+      url = new URL(loc, res.url);
+    } catch (err) {
+      throw unavailable(`${what}: invalid upload Location`, err);
+    }
+    this.transport.checkFollow(res.url, url, what);
+    return url;
+  }
+
+  async mountBlob(repoLike: RepoLike, digest: string, fromLike: RepoLike, opts: RequestOptions = {}): Promise<boolean> {
+    const repo = toRepositoryRef(repoLike);
+    const from = toRepositoryRef(fromLike);
+    checkDigest(digest);
+    if (from.registry !== repo.registry) throw invalidArgument(`mount ${digest}: ${from.registry} and ${repo.registry} are different registries`);
+    const r = await this.startUpload(repo, digest, from, opts.signal);
+    if (r.mounted) return true;
+    await this.cancelUpload(repo, r.location);
+    return false;
+  }
+
+  private async cancelUpload(repo: RepositoryRef, location: URL): Promise<void> {
+    try {
+      const res = await this.send({
+        registry: repo.registry,
+        scopes: [repositoryScope(repo.repository, true)],
+        method: 'DELETE',
+        url: location,
+        what: 'cancel upload',
+        noRetry: true,
+      });
+      await res.body.dump();
+    } catch {
+      // best effort: the registry expires abandoned uploads itself
+    }
+  }
+
+  async pushBlob(repoLike: RepoLike, digest: string, source: BlobSource, opts: PushBlobOptions = {}): Promise<PushBlobResult> {
+    const repo = toRepositoryRef(repoLike);
+    checkDigest(digest);
+    const size = sourceSize(source);
+    const what = `upload blob ${digest} to ${formatReference(repo)}`;
+    if (!opts.skipExistsCheck) {
+      const st = await this.statBlob(repo, digest, opts);
+      if (st) return { digest, size: st.size, status: 'exists' };
+    }
+    let session: URL | undefined;
+    for (const f of opts.mountFrom ?? []) {
+      const from = toRepositoryRef(f);
+      if (from.registry !== repo.registry || from.repository === repo.repository) continue;
+      const r = await this.startUpload(repo, digest, from, opts.signal);
+      if (r.mounted) return { digest, size, status: 'mounted' };
+      if (session) await this.cancelUpload(repo, session);
+      session = r.location;
+    }
+    const started = Date.now();
+    for (let n = 1; ; n++) {
+      try {
+        const location = session ?? (await this.startUpload(repo, digest, undefined, opts.signal) as { location: URL }).location;
+        session = undefined;
+        await this.upload(repo, digest, source, size, location, opts, what);
+        return { digest, size, status: 'uploaded' };
+      } catch (err) {
+        session = undefined;
+        const retryable = !opts.signal?.aborted && ((err instanceof GearError && err.class === 'Unavailable' && !(err instanceof DigestMismatchError)) || (!(err instanceof GearError) && isRetryableNetworkError(err)));
+        const delay = retryable ? nextRetryDelay(n, Date.now() - started, this.transport.retry) : undefined;
+        if (delay === undefined) {
+          if (err instanceof GearError || opts.signal?.aborted) throw err;
+          throw unavailable(`${what}: ${(err as Error)?.message ?? String(err)}`, err);
+        }
+        await sleep(delay, opts.signal);
+        // A lost response may hide a completed upload.
+        if (await this.statBlob(repo, digest, opts).catch(() => undefined)) return { digest, size, status: 'uploaded' };
+      }
+    }
+  }
+
+  /** One upload session: monolithic PUT, or PATCH chunks then PUT. Not retried here (the caller restarts the session). */
+  private async upload(repo: RepositoryRef, digest: string, source: BlobSource, size: number, location: URL, opts: PushBlobOptions, what: string): Promise<void> {
+    const scopes = [repositoryScope(repo.repository, true)];
+    const withDigest = (u: URL) => {
+      const x = new URL(u);
+      x.searchParams.set('digest', digest);
+      return x;
+    };
+    let loc = location;
+    const chunk = opts.chunkSize;
+    if (chunk !== undefined && (!Number.isSafeInteger(chunk) || chunk <= 0)) throw invalidArgument(`${what}: invalid chunkSize ${chunk}`);
+    if (chunk !== undefined && size > chunk) {
+      for (let start = 0; start < size; start += chunk) {
+        const end = Math.min(size, start + chunk);
+        const res = await this.send({
+          registry: repo.registry,
+          scopes,
+          method: 'PATCH',
+          url: loc,
+          headers: {
+            'content-type': 'application/octet-stream',
+            'content-length': String(end - start),
+            'content-range': `${start}-${end - 1}`,
+          },
+          body: () => openSource(source, start, end),
+          signal: opts.signal,
+          what: `${what} (bytes ${start}-${end - 1})`,
+          noRetry: true,
+        });
+        if (res.status !== 202) throw await statusError(res, `${what} (bytes ${start}-${end - 1})`);
+        await res.body.dump().catch(() => undefined);
+        loc = this.uploadLocation(res, what);
+      }
+      const res = await this.send({
+        registry: repo.registry,
+        scopes,
+        method: 'PUT',
+        url: withDigest(loc),
+        headers: { 'content-length': '0' },
+        signal: opts.signal,
+        what,
+        noRetry: true,
+      });
+      return this.checkUploaded(res, digest, what);
+    }
+    const res = await this.send({
+      registry: repo.registry,
+      scopes,
+      method: 'PUT',
+      url: withDigest(loc),
+      headers: { 'content-type': 'application/octet-stream', 'content-length': String(size) },
+      body: () => openSource(source, 0, size),
+      signal: opts.signal,
+      what,
+      noRetry: true,
+    });
+    return this.checkUploaded(res, digest, what);
+  }
+
+  private async checkUploaded(res: SendResponse, digest: string, what: string): Promise<void> {
+    if (res.status !== 201 && res.status !== 204) {
+      const err = await statusError(res, what);
+      if (/DIGEST_INVALID|SIZE_INVALID/.test(err.message)) {
+        throw invalidArgument(`${what}: the uploaded content does not match its digest/size (${err.message})`);
+      }
+      throw err;
+    }
+    await res.body.dump().catch(() => undefined);
+    const claimed = header(res.headers, 'docker-content-digest');
+    if (claimed && claimed.startsWith('sha256:') && claimed !== digest) {
+      throw new DigestMismatchError(`${what}: registry stored ${claimed.slice(0, 80)}`, digest, claimed);
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.transport.close();
+  }
 }
