@@ -1,0 +1,172 @@
+/**
+ * The Gear index layer: an uncompressed tar whose first entry is the index
+ * manifest (`.gear/index.json`) followed by the flattened tree of the image,
+ * every regular file with an empty body. See docs/format.md.
+ *
+ * Writing is deterministic: the same manifest and entries give the same bytes.
+ * Reading validates the manifest against the tar (hostile input).
+ */
+import { invalidArgument } from '../errors.js';
+import {
+  comparePaths,
+  encodeIndexManifest,
+  INDEX_MANIFEST_PATH,
+  MAX_MANIFEST_BYTES,
+  parseIndexManifest,
+  pathProblem,
+  RESERVED_DIR,
+  type IndexManifest,
+} from './manifest.js';
+import { encodeTarHeader, readTar, tarPadding, tarTrailer, type TarHeader, type TarLimits, DEFAULT_TAR_LIMITS } from './tar.js';
+
+/** The tar header of the manifest entry: fixed metadata, so it never varies between runs. */
+export function manifestHeader(size: number): TarHeader {
+  return {
+    path: INDEX_MANIFEST_PATH,
+    type: 'file',
+    size,
+    mode: 0o444,
+    uid: 0,
+    gid: 0,
+    uname: '',
+    gname: '',
+    mtime: 0,
+    mtimeNsec: 0,
+    linkname: '',
+    devmajor: 0,
+    devminor: 0,
+    xattrs: new Map(),
+  };
+}
+
+/** The path an entry has in an index layer: no trailing slash, no "./" prefix. */
+function entryPath(h: TarHeader): string {
+  return h.path.replace(/\/+$/, '');
+}
+
+/**
+ * Checks that `entries` and `manifest` form a valid index layer: entry paths
+ * clean, unique, in `comparePaths` order, outside `.gear/`, regular files
+ * with size 0, and every manifest path naming a regular-file entry (not a
+ * hard link). Throws InvalidArgument.
+ */
+export function checkIndexEntries(manifest: IndexManifest, entries: Iterable<TarHeader>): void {
+  const listed = new Map(manifest.files.map((f) => [f.path, false]));
+  const files = new Set<string>();
+  let prev: string | undefined;
+  for (const h of entries) {
+    checkEntry(h, listed, files, prev);
+    prev = entryPath(h);
+  }
+  finishCheck(listed);
+}
+
+function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<string>, prev: string | undefined): void {
+  const p = entryPath(h);
+  const problem = pathProblem(p);
+  if (problem) throw invalidArgument(`gear index layer: entry ${JSON.stringify(h.path.slice(0, 200))}: ${problem}`);
+  if (p === RESERVED_DIR || p.startsWith(`${RESERVED_DIR}/`)) {
+    throw invalidArgument(`gear index layer: entry ${JSON.stringify(p)} is under the reserved ${RESERVED_DIR}/`);
+  }
+  if (prev !== undefined && comparePaths(prev, p) >= 0) {
+    throw invalidArgument(`gear index layer: entry ${JSON.stringify(p)} is out of order or repeated`);
+  }
+  if (h.type === 'file') {
+    if (h.size !== 0) throw invalidArgument(`gear index layer: regular file ${JSON.stringify(p)} has a body`);
+    files.add(p);
+    if (listed.has(p)) listed.set(p, true);
+  } else if (listed.has(p)) {
+    throw invalidArgument(`gear index layer: ${JSON.stringify(p)} is listed in the manifest but is a ${h.type}`);
+  }
+  if (h.type === 'link') {
+    const target = h.linkname.replace(/\/+$/, '');
+    if (!files.has(target)) {
+      throw invalidArgument(`gear index layer: hard link ${JSON.stringify(p)} does not point to an earlier regular file`);
+    }
+  }
+}
+
+function finishCheck(listed: Map<string, boolean>): void {
+  for (const [p, seen] of listed) {
+    if (!seen) throw invalidArgument(`gear index layer: manifest lists ${JSON.stringify(p)} but the tar has no such file`);
+  }
+}
+
+/**
+ * Encodes an index layer (uncompressed tar) chunk by chunk. `entries` must
+ * already be in `comparePaths` order; they are checked against the manifest
+ * as they go (see checkIndexEntries), so a bad input throws before the end.
+ */
+export async function* writeIndexLayer(manifest: IndexManifest, entries: Iterable<TarHeader>): AsyncGenerator<Buffer> {
+  const json = encodeIndexManifest(manifest);
+  if (json.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: manifest of ${json.length} bytes is too large`);
+  yield Buffer.concat([encodeTarHeader(manifestHeader(json.length)), json, tarPadding(json.length)]);
+  const listed = new Map(manifest.files.map((f) => [f.path, false]));
+  const files = new Set<string>();
+  let prev: string | undefined;
+  let batch: Buffer[] = [];
+  let batchBytes = 0;
+  for (const h of entries) {
+    checkEntry(h, listed, files, prev);
+    prev = entryPath(h);
+    const b = encodeTarHeader(h);
+    batch.push(b);
+    batchBytes += b.length;
+    if (batchBytes >= 256 * 1024) {
+      yield Buffer.concat(batch);
+      batch = [];
+      batchBytes = 0;
+    }
+  }
+  finishCheck(listed);
+  batch.push(tarTrailer());
+  yield Buffer.concat(batch);
+}
+
+/** A parsed, validated index layer. */
+export interface IndexLayer {
+  manifest: IndexManifest;
+  /** Every entry after the manifest, in tar order. */
+  entries: TarHeader[];
+}
+
+/**
+ * Reads and validates an index layer from an uncompressed tar stream: the
+ * first entry must be `.gear/index.json`; the manifest and the entries must
+ * agree (checkIndexEntries). Throws InvalidArgument (or FailedPrecondition
+ * for an unsupported format version).
+ */
+export async function readIndexLayer(source: AsyncIterable<Uint8Array>, limits: TarLimits = DEFAULT_TAR_LIMITS): Promise<IndexLayer> {
+  let manifest: IndexManifest | undefined;
+  const entries: TarHeader[] = [];
+  const listed = new Map<string, boolean>();
+  const files = new Set<string>();
+  let prev: string | undefined;
+  for await (const e of readTar(source, limits)) {
+    if (manifest === undefined) {
+      if (e.header.path !== INDEX_MANIFEST_PATH || e.header.type !== 'file') {
+        throw invalidArgument(`not a gear index layer: first entry is ${JSON.stringify(e.header.path.slice(0, 200))}, not ${INDEX_MANIFEST_PATH}`);
+      }
+      if (e.header.size > MAX_MANIFEST_BYTES) throw invalidArgument('gear index: manifest entry too large');
+      const chunks: Buffer[] = [];
+      for await (const c of e.body()) chunks.push(c);
+      manifest = parseIndexManifest(Buffer.concat(chunks));
+      for (const f of manifest.files) listed.set(f.path, false);
+      continue;
+    }
+    checkEntry(e.header, listed, files, prev);
+    prev = entryPath(e.header);
+    entries.push(e.header);
+  }
+  if (manifest === undefined) throw invalidArgument('not a gear index layer: empty tar');
+  finishCheck(listed);
+  return { manifest, entries };
+}
+
+/** True when the first bytes of an uncompressed tar are the header of `.gear/index.json`. */
+export function looksLikeIndexLayer(firstBlock: Uint8Array): boolean {
+  if (firstBlock.length < 512) return false;
+  const name = Buffer.from(firstBlock.subarray(0, 100));
+  const nul = name.indexOf(0);
+  return (nul < 0 ? name : name.subarray(0, nul)).toString('utf8') === INDEX_MANIFEST_PATH;
+}

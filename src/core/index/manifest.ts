@@ -1,0 +1,208 @@
+/**
+ * The Gear index manifest (`.gear/index.json`, the first entry of an index
+ * layer) and the constants of the Gear image format, version 1.
+ * docs/format.md is the specification; this file implements it.
+ *
+ * A parsed manifest is untrusted input (it arrives in a layer from a
+ * registry): `parseIndexManifest` validates every field before any digest or
+ * path is used to build a URL or a file name.
+ */
+import { failedPrecondition, invalidArgument } from '../errors.js';
+
+/** The format version this code reads and writes. */
+export const GEAR_FORMAT_VERSION = 1;
+
+/** Reserved path of the index manifest inside the index layer; always the first entry. */
+export const INDEX_MANIFEST_PATH = '.gear/index.json';
+/** Reserved top-level directory; no other entry of an index layer may live under it. */
+export const RESERVED_DIR = '.gear';
+
+/**
+ * Image config labels, set by `gear convert`.
+ * - GEAR_VERSION_LABEL: the format version ("1"). A driver treats an image as
+ *   a Gear image only when its single layer starts with INDEX_MANIFEST_PATH;
+ *   the label is for people and tools that see only the config.
+ * - SOURCE_DIGEST_LABEL: digest of the source image's manifest when the source
+ *   had one (registry, oci:), otherwise of its config (docker-archive, docker-daemon).
+ */
+export const GEAR_VERSION_LABEL = 'io.gear.format.version';
+export const SOURCE_DIGEST_LABEL = 'io.gear.source.digest';
+
+/** Media types of the Gear format. */
+export const GearMediaType = {
+  /** A Gear file stored raw: the blob is the file content, blob digest = content digest. */
+  File: 'application/vnd.gear.file.v1',
+  /** A Gear file stored as one gzip member of the content; the pool key is still the content digest. */
+  FileGzip: 'application/vnd.gear.file.v1+gzip',
+  /** artifactType of a keep-alive manifest that references Gear files. */
+  FilesManifest: 'application/vnd.gear.files.v1',
+} as const;
+
+/** Where the Gear files of an image live: one repository of one registry. */
+export interface BlobLocation {
+  /** Registry host[:port] as in an image reference, e.g. "registry.example.com:5000". */
+  registry: string;
+  /** Repository path, e.g. "library/debian". */
+  repository: string;
+}
+
+/**
+ * The stored form of a Gear file when it is not the raw content: an OCI
+ * descriptor of the compressed blob. Absent: the blob is the raw content
+ * (blob digest = content digest, blob size = size).
+ */
+export interface StoredBlob {
+  mediaType: typeof GearMediaType.FileGzip;
+  digest: string;
+  size: number;
+}
+
+/** One non-empty regular file of the image. */
+export interface IndexFile {
+  /** Path relative to the image root: no leading "/", no ".", ".." or empty components. */
+  path: string;
+  /** sha256 of the content: the pool key, and the blob digest when stored raw. */
+  digest: string;
+  /** Content size in bytes, > 0. */
+  size: number;
+  /** How the content is stored in the registry, when not raw. */
+  blob?: StoredBlob;
+}
+
+export interface IndexManifest {
+  version: number;
+  /** Absent when the image was written to an OCI layout without a known registry. */
+  location?: BlobLocation;
+  /** Sorted by `comparePaths`, unique. */
+  files: IndexFile[];
+}
+
+/** Upper bound on the encoded manifest, against memory exhaustion (256 MiB: ~1.5 M files). */
+export const MAX_MANIFEST_BYTES = 256 * 1024 * 1024;
+/** Longest accepted path in bytes (Linux PATH_MAX). */
+export const MAX_PATH_BYTES = 4096;
+
+const DIGEST_RE = /^sha256:[a-f0-9]{64}$/;
+// docker/distribution reference grammar, anchored.
+const REGISTRY_RE = /^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[a-fA-F0-9:]+\])(?::[0-9]{1,5})?$/;
+const REPOSITORY_RE = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:\/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$/;
+
+/**
+ * Total order on paths used by the index layer and the manifest: component by
+ * component, each compared as UTF-8 bytes. ("a" < "a/b" < "a-c"; a directory
+ * comes right before its contents.)
+ */
+export function comparePaths(a: string, b: string): number {
+  return Buffer.compare(Buffer.from(a.replaceAll('/', '\0')), Buffer.from(b.replaceAll('/', '\0')));
+}
+
+/**
+ * Why `p` is not a clean image path, or undefined when it is one: relative,
+ * no empty, "." or ".." components, no NUL, at most MAX_PATH_BYTES.
+ */
+export function pathProblem(p: string): string | undefined {
+  if (p === '') return 'empty path';
+  if (p.includes('\0')) return 'contains a NUL byte';
+  if (Buffer.byteLength(p) > MAX_PATH_BYTES) return `longer than ${MAX_PATH_BYTES} bytes`;
+  if (p.startsWith('/')) return 'absolute path';
+  for (const c of p.split('/')) {
+    if (c === '') return 'empty path component';
+    if (c === '.' || c === '..') return `"${c}" component`;
+  }
+  return undefined;
+}
+
+/**
+ * Validates a decoded manifest document and returns it as an IndexManifest
+ * (a fresh object holding only the known members). Throws InvalidArgument on
+ * any malformed field and FailedPrecondition on an unsupported version.
+ */
+export function validateIndexManifest(doc: unknown): IndexManifest {
+  if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument('gear index: not a JSON object');
+  const o = doc as Record<string, unknown>;
+  if (o.version !== GEAR_FORMAT_VERSION) {
+    if (typeof o.version === 'number' && Number.isInteger(o.version)) {
+      throw failedPrecondition(`gear index: unsupported format version ${o.version} (this gear reads ${GEAR_FORMAT_VERSION})`);
+    }
+    throw invalidArgument('gear index: missing or invalid "version"');
+  }
+  const out: IndexManifest = { version: GEAR_FORMAT_VERSION, files: [] };
+  if (o.location !== undefined) {
+    const l = o.location as Record<string, unknown>;
+    if (!l || typeof l !== 'object' || Array.isArray(l)) throw invalidArgument('gear index: "location" is not an object');
+    if (typeof l.registry !== 'string' || l.registry.length > 255 || !REGISTRY_RE.test(l.registry)) {
+      throw invalidArgument('gear index: invalid location.registry');
+    }
+    if (typeof l.repository !== 'string' || l.repository.length > 255 || !REPOSITORY_RE.test(l.repository)) {
+      throw invalidArgument('gear index: invalid location.repository');
+    }
+    out.location = { registry: l.registry, repository: l.repository };
+  }
+  if (!Array.isArray(o.files)) throw invalidArgument('gear index: "files" is not an array');
+  let prev: string | undefined;
+  for (let i = 0; i < o.files.length; i++) {
+    const f = o.files[i] as Record<string, unknown>;
+    const where = `gear index: files[${i}]`;
+    if (!f || typeof f !== 'object' || Array.isArray(f)) throw invalidArgument(`${where}: not an object`);
+    if (typeof f.path !== 'string') throw invalidArgument(`${where}: "path" is not a string`);
+    const problem = pathProblem(f.path);
+    if (problem) throw invalidArgument(`${where}: path ${JSON.stringify(f.path.slice(0, 200))}: ${problem}`);
+    if (f.path === RESERVED_DIR || f.path.startsWith(`${RESERVED_DIR}/`)) {
+      throw invalidArgument(`${where}: path ${JSON.stringify(f.path)} is under the reserved ${RESERVED_DIR}/`);
+    }
+    if (prev !== undefined && comparePaths(prev, f.path) >= 0) {
+      throw invalidArgument(`${where}: path ${JSON.stringify(f.path)} is out of order or repeated`);
+    }
+    if (typeof f.digest !== 'string' || !DIGEST_RE.test(f.digest)) {
+      throw invalidArgument(`${where}: digest is not sha256:<64 lowercase hex>`);
+    }
+    if (typeof f.size !== 'number' || !Number.isSafeInteger(f.size) || f.size <= 0) {
+      throw invalidArgument(`${where}: size must be a positive integer`);
+    }
+    const file: IndexFile = { path: f.path, digest: f.digest, size: f.size };
+    if (f.blob !== undefined) {
+      const b = f.blob as Record<string, unknown>;
+      if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" is not an object`);
+      if (b.mediaType !== GearMediaType.FileGzip) throw invalidArgument(`${where}: unsupported blob mediaType`);
+      if (typeof b.digest !== 'string' || !DIGEST_RE.test(b.digest)) {
+        throw invalidArgument(`${where}: blob digest is not sha256:<64 lowercase hex>`);
+      }
+      if (typeof b.size !== 'number' || !Number.isSafeInteger(b.size) || b.size <= 0) {
+        throw invalidArgument(`${where}: blob size must be a positive integer`);
+      }
+      file.blob = { mediaType: GearMediaType.FileGzip, digest: b.digest, size: b.size };
+    }
+    out.files.push(file);
+    prev = f.path;
+  }
+  return out;
+}
+
+/** Decodes and validates manifest bytes (see validateIndexManifest). */
+export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
+  if (bytes.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: larger than ${MAX_MANIFEST_BYTES} bytes`);
+  let doc: unknown;
+  try {
+    doc = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+  } catch (err) {
+    throw invalidArgument('gear index: not valid UTF-8 JSON', err);
+  }
+  return validateIndexManifest(doc);
+}
+
+/**
+ * The canonical encoding: compact JSON, members in the order version,
+ * location (registry, repository), files (path, digest, size, blob
+ * (mediaType, digest, size) when present), no trailing
+ * newline. Equal manifests always encode to equal bytes.
+ */
+export function encodeIndexManifest(m: IndexManifest): Buffer {
+  const doc: Record<string, unknown> = { version: m.version };
+  if (m.location) doc.location = { registry: m.location.registry, repository: m.location.repository };
+  doc.files = m.files.map((f) =>
+    f.blob
+      ? { path: f.path, digest: f.digest, size: f.size, blob: { mediaType: f.blob.mediaType, digest: f.blob.digest, size: f.blob.size } }
+      : { path: f.path, digest: f.digest, size: f.size },
+  );
+  return Buffer.from(JSON.stringify(doc), 'utf8');
+}

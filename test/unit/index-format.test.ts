@@ -1,0 +1,327 @@
+/**
+ * The Gear index format: tar codec, manifest validation, index layer round
+ * trip and determinism, and hostile input (docs/format.md).
+ */
+import { createHash } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import { isClass } from '../../src/core/errors.js';
+import { readIndexLayer, writeIndexLayer } from '../../src/core/index/index-layer.js';
+import {
+  comparePaths,
+  encodeIndexManifest,
+  GearMediaType,
+  parseIndexManifest,
+  validateIndexManifest,
+  type IndexManifest,
+} from '../../src/core/index/manifest.js';
+import { encodeTarHeader, readTar, tarPadding, tarTrailer, type TarHeader } from '../../src/core/index/tar.js';
+
+const D = (c: string) => `sha256:${c.repeat(64).slice(0, 64)}`;
+const sha = (b: Buffer | string) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+
+function hdr(path: string, over: Partial<TarHeader> = {}): TarHeader {
+  return {
+    path,
+    type: 'file',
+    size: 0,
+    mode: 0o644,
+    uid: 0,
+    gid: 0,
+    uname: '',
+    gname: '',
+    mtime: 1_700_000_000,
+    mtimeNsec: 0,
+    linkname: '',
+    devmajor: 0,
+    devminor: 0,
+    xattrs: new Map(),
+    ...over,
+  };
+}
+
+async function* chunks(buf: Buffer, size = 333): AsyncGenerator<Buffer> {
+  for (let i = 0; i < buf.length; i += size) yield buf.subarray(i, i + size);
+}
+
+async function collect(gen: AsyncIterable<Buffer>): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const c of gen) parts.push(c);
+  return Buffer.concat(parts);
+}
+
+function tarOf(entries: { h: TarHeader; body?: Buffer }[], trailer = true): Buffer {
+  const parts: Buffer[] = [];
+  for (const { h, body } of entries) {
+    parts.push(encodeTarHeader(h));
+    if (body) parts.push(body, tarPadding(body.length));
+  }
+  if (trailer) parts.push(tarTrailer());
+  return Buffer.concat(parts);
+}
+
+async function readAll(buf: Buffer): Promise<{ h: TarHeader; body: Buffer }[]> {
+  const out: { h: TarHeader; body: Buffer }[] = [];
+  for await (const e of readTar(chunks(buf))) out.push({ h: e.header, body: await collect(e.body() as AsyncIterable<Buffer>) });
+  return out;
+}
+
+async function expectInvalid(p: Promise<unknown>, re: RegExp): Promise<void> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err, 'expected a rejection').toBeInstanceOf(Error);
+  expect(isClass(err, 'InvalidArgument'), String(err)).toBe(true);
+  expect(String((err as Error).message)).toMatch(re);
+}
+
+describe('tar codec', () => {
+  it('round-trips every entry type and the metadata PAX carries', async () => {
+    const cap = Buffer.from([0x01, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0xff, 0x80, 0x00]); // binary, not UTF-8
+    const long = `${'d'.repeat(120)}/${'é'.repeat(80)}`;
+    const entries = [
+      { h: hdr('a/', { type: 'dir', mode: 0o1777 }) },
+      { h: hdr('a/file', { size: 5, uid: 3_000_000, gid: 7, uname: 'someone-with-a-very-long-user-name-x', gname: 'g' }), body: Buffer.from('hello') },
+      { h: hdr('a/cap', { size: 1, mode: 0o4755, xattrs: new Map([['security.capability', cap], ['user.x', Buffer.from('y')]]) }), body: Buffer.from('x') },
+      { h: hdr('a/link', { type: 'link', linkname: 'a/file' }) },
+      { h: hdr('a/sym', { type: 'symlink', linkname: `../${long}` }) },
+      { h: hdr('dev/null', { type: 'char', mode: 0o666, devmajor: 1, devminor: 3 }) },
+      { h: hdr('dev/sda', { type: 'block', devmajor: 8, devminor: 0 }) },
+      { h: hdr('fifo', { type: 'fifo', mtime: -2, mtimeNsec: 500_000_000 }) },
+      { h: hdr(long, { mtimeNsec: 123_456_789, size: 0 }) },
+    ];
+    const got = await readAll(tarOf(entries));
+    expect(got.map((g) => g.h)).toEqual(entries.map((e) => ({ ...e.h, size: e.body?.length ?? 0 })));
+    expect(got[1]!.body.toString()).toBe('hello');
+    expect(got[2]!.h.xattrs.get('security.capability')).toEqual(cap);
+  });
+
+  it('encodes the same header to the same bytes', () => {
+    const h = hdr('x/y', { xattrs: new Map([['b', Buffer.from('2')], ['a', Buffer.from('1')]]), mtimeNsec: 5 });
+    const h2 = hdr('x/y', { xattrs: new Map([['a', Buffer.from('1')], ['b', Buffer.from('2')]]), mtimeNsec: 5 });
+    expect(encodeTarHeader(h).equals(encodeTarHeader(h2))).toBe(true);
+  });
+
+  it('rejects a truncated body', async () => {
+    const t = tarOf([{ h: hdr('f', { size: 1000 }), body: Buffer.alloc(1000, 1) }]);
+    await expectInvalid(readAll(t.subarray(0, 900)), /truncated/);
+  });
+
+  it('rejects a truncated header', async () => {
+    const t = tarOf([{ h: hdr('f', { size: 3 }), body: Buffer.from('abc') }]);
+    await expectInvalid(readAll(t.subarray(0, 1024 + 100)), /truncated/);
+  });
+
+  it('rejects a header with a bad checksum', async () => {
+    const t = tarOf([{ h: hdr('f') }]);
+    t[0] = 'g'.charCodeAt(0);
+    await expectInvalid(readAll(t), /checksum/);
+  });
+
+  it('rejects unknown entry types instead of guessing their body size', async () => {
+    const t = tarOf([{ h: hdr('f') }]);
+    t[156] = 'S'.charCodeAt(0); // GNU sparse
+    let sum = 0;
+    t.fill(0x20, 148, 156);
+    for (let i = 0; i < 512; i++) sum += t[i]!;
+    t.write(sum.toString(8).padStart(6, '0') + '\0 ', 148, 8, 'latin1');
+    await expectInvalid(readAll(t), /unsupported type/);
+  });
+
+  it('lets a PAX size override the header size, as Go does (no parser desync)', async () => {
+    // A PAX header says 600 bytes, the ustar header says 0: the reader must
+    // take 600 bytes of body and not parse them as headers (TARmageddon).
+    const inner = tarOf([{ h: hdr('smuggled', { size: 1 }), body: Buffer.from('!') }], false).subarray(0, 600);
+    const body = Buffer.concat([inner, Buffer.alloc(600 - inner.length)]);
+    const pax = Buffer.from('12 size=600\n');
+    const paxHeader = encodeTarHeader(hdr('././@PaxHeader', { size: pax.length }));
+    paxHeader[156] = 'x'.charCodeAt(0);
+    paxHeader.fill(0x20, 148, 156);
+    let sum = 0;
+    for (let i = 0; i < 512; i++) sum += paxHeader[i]!;
+    paxHeader.write(sum.toString(8).padStart(6, '0') + '\0 ', 148, 8, 'latin1');
+    const t = Buffer.concat([paxHeader, pax, tarPadding(pax.length), encodeTarHeader(hdr('outer')), body, tarPadding(600), tarTrailer()]);
+    const got = await readAll(t);
+    expect(got.map((g) => g.h.path)).toEqual(['outer']);
+    expect(got[0]!.body.length).toBe(600);
+  });
+
+  it('reads GNU long names', async () => {
+    const name = 'n'.repeat(300);
+    const body = Buffer.from(`${name}\0`);
+    const l = encodeTarHeader(hdr('././@LongLink', { size: body.length }));
+    l[156] = 'L'.charCodeAt(0);
+    l.fill(0x20, 148, 156);
+    let sum = 0;
+    for (let i = 0; i < 512; i++) sum += l[i]!;
+    l.write(sum.toString(8).padStart(6, '0') + '\0 ', 148, 8, 'latin1');
+    const t = Buffer.concat([l, body, tarPadding(body.length), encodeTarHeader(hdr('short')), tarTrailer()]);
+    expect((await readAll(t)).map((g) => g.h.path)).toEqual([name]);
+  });
+});
+
+describe('index manifest', () => {
+  const good: IndexManifest = {
+    version: 1,
+    location: { registry: '127.0.0.1:5000', repository: 'gear/app' },
+    files: [
+      { path: 'a', digest: D('a'), size: 1 },
+      { path: 'a/b', digest: D('b'), size: 2, blob: { mediaType: GearMediaType.FileGzip, digest: D('c'), size: 9 } },
+      { path: 'a-c', digest: D('a'), size: 1 },
+    ],
+  };
+
+  it('orders paths component by component', () => {
+    const paths = ['a-c', 'a/b', 'a', 'a/b/c', 'B', 'a.b', 'é'];
+    expect([...paths].sort(comparePaths)).toEqual(['B', 'a', 'a/b', 'a/b/c', 'a-c', 'a.b', 'é']);
+  });
+
+  it('round-trips through its canonical encoding', () => {
+    const bytes = encodeIndexManifest(good);
+    expect(parseIndexManifest(bytes)).toEqual(good);
+    expect(encodeIndexManifest(parseIndexManifest(bytes)).equals(bytes)).toBe(true);
+  });
+
+  it('ignores unknown members (v1 may grow optional ones)', () => {
+    const doc = JSON.parse(encodeIndexManifest(good).toString());
+    doc.extra = { x: 1 };
+    doc.files[0].note = 'x';
+    expect(validateIndexManifest(doc)).toEqual(good);
+  });
+
+  const hostile: [string, (d: any) => void, RegExp][] = [
+    ['not an object', (d) => Object.assign(d, { files: 'x' }), /files/],
+    ['uppercase digest', (d) => (d.files[0].digest = D('A')), /digest/],
+    ['short digest', (d) => (d.files[0].digest = 'sha256:abc'), /digest/],
+    ['sha512 digest', (d) => (d.files[0].digest = `sha512:${'a'.repeat(128)}`), /digest/],
+    ['digest with a path in it', (d) => (d.files[0].digest = 'sha256:../../../../etc/passwd'), /digest/],
+    ['parent traversal', (d) => (d.files[0].path = '../etc/passwd'), /"\.\." component/],
+    ['inner traversal', (d) => (d.files[2].path = 'a-c/../../x'), /"\.\." component/],
+    ['absolute path', (d) => (d.files[0].path = '/etc/passwd'), /absolute/],
+    ['dot component', (d) => (d.files[0].path = './a'), /"\." component/],
+    ['empty component', (d) => (d.files[2].path = 'a-c//x'), /empty path component/],
+    ['empty path', (d) => (d.files[0].path = ''), /empty path/],
+    ['NUL in path', (d) => (d.files[0].path = 'a\0b'), /NUL/],
+    ['very long path', (d) => (d.files[2].path = `z/${'x'.repeat(5000)}`), /longer than/],
+    ['reserved dir', (d) => (d.files[2].path = '.gear/index.json'), /reserved/],
+    ['unsorted', (d) => d.files.reverse(), /out of order/],
+    ['duplicate', (d) => (d.files[1] = { ...d.files[0] }), /out of order or repeated/],
+    ['size 0', (d) => (d.files[0].size = 0), /size/],
+    ['negative size', (d) => (d.files[0].size = -1), /size/],
+    ['fractional size', (d) => (d.files[0].size = 1.5), /size/],
+    ['size as a string', (d) => (d.files[0].size = '1'), /size/],
+    ['huge size', (d) => (d.files[0].size = 2 ** 60), /size/],
+    ['blob with unknown mediaType', (d) => (d.files[1].blob.mediaType = 'application/octet-stream'), /mediaType/],
+    ['blob with a bad digest', (d) => (d.files[1].blob.digest = 'sha256:xyz'), /blob digest/],
+    ['bad registry', (d) => (d.location.registry = 'evil.com/x?y'), /registry/],
+    ['bad repository', (d) => (d.location.repository = '../x'), /repository/],
+    ['missing version', (d) => delete d.version, /version/],
+  ];
+  for (const [name, mutate, re] of hostile) {
+    it(`rejects a manifest with ${name}`, () => {
+      const doc = JSON.parse(encodeIndexManifest(good).toString());
+      mutate(doc);
+      let err: unknown;
+      try {
+        validateIndexManifest(doc);
+      } catch (e) {
+        err = e;
+      }
+      expect(isClass(err, 'InvalidArgument'), String(err)).toBe(true);
+      expect((err as Error).message).toMatch(re);
+    });
+  }
+
+  it('rejects a newer format version as FailedPrecondition', () => {
+    let err: unknown;
+    try {
+      parseIndexManifest(Buffer.from('{"version":2,"files":[]}'));
+    } catch (e) {
+      err = e;
+    }
+    expect(isClass(err, 'FailedPrecondition')).toBe(true);
+  });
+
+  it('rejects bytes that are not UTF-8 JSON', () => {
+    expect(() => parseIndexManifest(Buffer.from([0x7b, 0xff, 0x7d]))).toThrow(/UTF-8 JSON/);
+    expect(() => parseIndexManifest(Buffer.from('[1,2]'))).toThrow(/not a JSON object/);
+  });
+});
+
+describe('index layer', () => {
+  const manifest: IndexManifest = {
+    version: 1,
+    files: [
+      { path: 'bin/busybox', digest: sha('busybox'), size: 7 },
+      { path: 'etc/cap', digest: sha('cap'), size: 3 },
+    ],
+  };
+  const entries = (): TarHeader[] => [
+    hdr('bin', { type: 'dir', mode: 0o755 }),
+    hdr('bin/busybox', { mode: 0o755 }),
+    hdr('bin/ls', { type: 'symlink', linkname: 'busybox' }),
+    hdr('bin/sh', { type: 'link', linkname: 'bin/busybox' }),
+    hdr('etc', { type: 'dir' }),
+    hdr('etc/cap', { xattrs: new Map([['security.capability', Buffer.from([1, 0, 0, 2, 0xff])]]) }),
+    hdr('etc/empty'),
+    hdr('etc/fifo', { type: 'fifo' }),
+  ];
+
+  it('round-trips: manifest first, entries unchanged, directories with a trailing slash', async () => {
+    const bytes = await collect(writeIndexLayer(manifest, entries()));
+    const raw = await readAll(bytes);
+    expect(raw[0]!.h.path).toBe('.gear/index.json');
+    expect(raw[1]!.h.path).toBe('bin/');
+    const layer = await readIndexLayer(chunks(bytes, 100));
+    expect(layer.manifest).toEqual(manifest);
+    expect(layer.entries.map((e) => ({ ...e, path: e.path.replace(/\/$/, '') }))).toEqual(entries());
+  });
+
+  it('is deterministic: equal input gives equal bytes', async () => {
+    const a = await collect(writeIndexLayer(manifest, entries()));
+    const b = await collect(writeIndexLayer(structuredClone(manifest), entries()));
+    expect(sha(a)).toBe(sha(b));
+  });
+
+  const bad: [string, () => [IndexManifest, TarHeader[]], RegExp][] = [
+    ['a listed file missing from the tar', () => [manifest, entries().filter((e) => e.path !== 'etc/cap')], /no such file/],
+    ['a listed path that is a hard link', () => [{ version: 1, files: [{ path: 'bin/sh', digest: D('a'), size: 1 }] }, entries()], /is a link/],
+    ['a listed path that is a symlink', () => [{ version: 1, files: [{ path: 'bin/ls', digest: D('a'), size: 1 }] }, entries()], /is a symlink/],
+    ['entries out of order', () => [manifest, entries().reverse()], /out of order/],
+    ['an entry with ".."', () => [manifest, [...entries(), hdr('z/../../x')]], /"\.\." component/],
+    ['an entry under .gear/', () => [manifest, [hdr('.gear/evil'), ...entries()]], /reserved/],
+    ['a hard link to a later or missing file', () => [manifest, [...entries(), hdr('z', { type: 'link', linkname: 'nope' })]], /hard link/],
+  ];
+  for (const [name, make, re] of bad) {
+    it(`refuses to write or read a layer with ${name}`, async () => {
+      const [m, e] = make();
+      await expectInvalid(collect(writeIndexLayer(m, e)), re);
+      // Build the same layer by hand and check the reader refuses it too.
+      const json = encodeIndexManifest(m);
+      const t = tarOf([{ h: hdr('.gear/index.json', { size: json.length, mode: 0o444, mtime: 0 }), body: json }, ...e.map((h) => ({ h }))]);
+      await expectInvalid(readIndexLayer(chunks(t)), re);
+    });
+  }
+
+  it('refuses a layer whose first entry is not the manifest', async () => {
+    const t = tarOf([{ h: hdr('bin', { type: 'dir' }) }]);
+    await expectInvalid(readIndexLayer(chunks(t)), /first entry/);
+  });
+
+  it('refuses a regular file with a body', async () => {
+    const json = encodeIndexManifest({ version: 1, files: [] });
+    const t = tarOf([{ h: hdr('.gear/index.json', { size: json.length }), body: json }, { h: hdr('x', { size: 2 }), body: Buffer.from('hi') }]);
+    await expectInvalid(readIndexLayer(chunks(t)), /has a body/);
+  });
+
+  it('refuses a hostile manifest inside a layer', async () => {
+    const json = Buffer.from(JSON.stringify({ version: 1, files: [{ path: '../../etc/shadow', digest: D('a'), size: 1 }] }));
+    const t = tarOf([{ h: hdr('.gear/index.json', { size: json.length }), body: json }]);
+    await expectInvalid(readIndexLayer(chunks(t)), /"\.\." component/);
+  });
+
+  it('refuses a truncated index layer', async () => {
+    const bytes = await collect(writeIndexLayer(manifest, entries()));
+    await expectInvalid(readIndexLayer(chunks(bytes.subarray(0, 700))), /truncated/);
+  });
+});
