@@ -142,11 +142,17 @@ export async function mobyLowerStat(lowers: string[], rel: string): Promise<BigI
 }
 
 /**
- * Whether `rel` is visible in the merged view of the lower layers alone
- * (overlay lookup: topmost first, a whiteout or a non-directory ancestor
+ * Whether overlay's lookup of `rel` in the lower layers alone finds anything,
+ * a whiteout included (topmost first; a whiteout or non-directory ancestor
  * ends the search, an opaque ancestor stops descent to deeper layers).
+ *
+ * That is exactly when overlay2 (no redirect_dir) makes a directory created
+ * at `rel` opaque: it is created "over a whiteout". With redirect_dir=on the
+ * kernel also marks every new directory in a merged parent opaque, as an
+ * optimisation, so opaque=y in our upper dirs only means what it means to
+ * overlay2 when this returns true.
  */
-export async function existsInLowerStack(lowers: string[], rel: string): Promise<boolean> {
+export async function lowerStackHasName(lowers: string[], rel: string): Promise<boolean> {
   const parts = rel.split('/').filter(Boolean);
   for (const lower of lowers) {
     let prefix = lower;
@@ -155,9 +161,8 @@ export async function existsInLowerStack(lowers: string[], rel: string): Promise
       prefix = path.join(prefix, parts[i]!);
       const st = await lstatOrNull(prefix);
       if (!st) break;
-      if (isWhiteoutStat(st)) return false;
       if (i === parts.length - 1) return true;
-      if (!isDirStat(st)) return false;
+      if (isWhiteoutStat(st) || !isDirStat(st)) return false;
       if (isOpaqueDir(prefix)) stopBelow = true;
     }
     if (stopBelow) return false;
@@ -191,7 +196,11 @@ function requireMerged(p: OverlayLayerPaths, rel: string, why: string): string {
   return join(p.merged, rel);
 }
 
-async function* walkUpper(p: OverlayLayerPaths, rel: string): AsyncGenerator<LayerEntry> {
+/**
+ * `cut`: an ancestor in the upper dir is opaque, so overlay looks nothing up
+ * below it in the lower layers.
+ */
+async function* walkUpper(p: OverlayLayerPaths, rel: string, cut: boolean): AsyncGenerator<LayerEntry> {
   for (const name of await sortedNames(join(p.upper, rel))) {
     const r = child(rel, name);
     const abs = join(p.upper, r);
@@ -225,14 +234,15 @@ async function* walkUpper(p: OverlayLayerPaths, rel: string): AsyncGenerator<Lay
           metaPath: m,
           dataPath: m,
           expanded: true,
-          opaque: await existsInLowerStack(p.lowers, r),
+          opaque: !cut && (await lowerStackHasName(p.lowers, r)),
           inodeKey: `m:${mst.dev}:${mst.ino}`,
         };
         yield* walkMerged(p, r);
         continue;
       }
-      yield { ...base, opaque: isOpaqueDir(abs) };
-      yield* walkUpper(p, r);
+      const rawOpaque = isOpaqueDir(abs);
+      yield { ...base, opaque: rawOpaque && !cut && (await lowerStackHasName(p.lowers, r)) };
+      yield* walkUpper(p, r, cut || rawOpaque);
       continue;
     }
     if (st.isFile() && (hasXattr(abs, XATTR_METACOPY) || hasXattr(abs, XATTR_REDIRECT))) {
@@ -245,5 +255,5 @@ async function* walkUpper(p: OverlayLayerPaths, rel: string): AsyncGenerator<Lay
 
 /** Walks the layer as overlay2's upper dir would be (see the module comment). */
 export function walkOverlayLayer(p: OverlayLayerPaths): AsyncGenerator<LayerEntry> {
-  return walkUpper(p, '/');
+  return walkUpper(p, '/', false);
 }
