@@ -1,0 +1,62 @@
+/**
+ * The contract between the miss filesystem and whatever makes blobs
+ * available (the lazy fetcher: registry → verify → pool).
+ *
+ * Digests are passed as `sha256:<64 lowercase hex>` and are already
+ * validated (the name came from a FUSE LOOKUP under /sha256/ab/).
+ */
+
+export interface MissProvider {
+  /**
+   * A LOOKUP of /sha256/ab/<hex>: a container needs this file now. Make the
+   * blob available (fetch, verify, store) and resolve its size in bytes.
+   *
+   * Reject with a GearError of class NotFound (or an error with code ENOENT)
+   * for an unknown digest — the reader gets ENOENT — and with anything else
+   * (Unavailable, DeadlineExceeded…) for a fetch failure — the reader gets
+   * EIO. Neither answer is cached by the kernel, so a later open retries.
+   *
+   * `signal` aborts when the caller was interrupted (e.g. the process was
+   * killed) or the server's request timeout expired; concurrent LOOKUPs of
+   * the same digest share one call, aborted only when all of them are gone.
+   */
+  lookup(digest: string, signal: AbortSignal): Promise<{ size: number }>;
+
+  /**
+   * OPEN of a file previously looked up. Returns the reader used for its
+   * READ requests; closed on RELEASE. Note: the kernel caches the name for a
+   * long time, so an OPEN may arrive without a fresh LOOKUP (for example
+   * after the pool copy was evicted): open() must make the blob available
+   * again if needed, just as lookup() does.
+   */
+  open(digest: string, signal: AbortSignal): Promise<MissFile>;
+}
+
+export interface MissFile {
+  /**
+   * Positioned read into buf (from buf[0]); resolves the bytes read, 0 at
+   * end of file. Short reads are fine: the server loops until the kernel's
+   * request is filled or 0 is returned.
+   */
+  read(buf: Buffer, position: number, signal?: AbortSignal): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** Counters of one mounted session (monotonic, except the live gauges). */
+export interface MissFsStats {
+  requests: number;
+  lookups: number;
+  lookupErrors: number;
+  opens: number;
+  reads: number;
+  bytesRead: number;
+  interrupts: number;
+  forgets: number;
+  timeouts: number;
+  /** Requests answered ENOSYS, by opcode name. */
+  unsupported: Record<string, number>;
+  /** File nodes the kernel currently holds (lookup count > 0). */
+  liveNodes: number;
+  openFiles: number;
+  inflight: number;
+}

@@ -1,0 +1,397 @@
+/**
+ * The miss filesystem on real mounts (needs root, /dev/fuse, overlayfs with
+ * data-only layers).
+ *
+ * Rule for every test here: the FUSE server runs on this process's main
+ * thread, so this process never touches the mount itself — not with sync
+ * calls (the main thread would wait on itself) and not through the libuv
+ * threadpool (blocked pool threads could starve the provider). Every access
+ * to a mount goes through a child process (cat, stat, ls, getfattr, mount).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { isClass } from '../../src/core/errors.js';
+import { silentLogger } from '../../src/core/log.js';
+import { mountMissFs, type MissFsMount } from '../../src/core/missfs/index.js';
+import { setXattr } from '../../src/core/sys/xattr.js';
+import { run, waitFor } from '../helpers/proc.js';
+import { addBlob, DirProvider, type Blob } from './fixtures/missfs-provider.js';
+
+const canRun = process.getuid?.() === 0 && existsSync('/dev/fuse');
+
+let tmp: string;
+let blobs: string;
+let provider: DirProvider;
+/** Cleanup in reverse order: overlays first, then FUSE. */
+const overlays: string[] = [];
+const sessions: MissFsMount[] = [];
+const children: ChildProcess[] = [];
+const extraMounts: string[] = [];
+
+function isMounted(mp: string): boolean {
+  return readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .some((l) => l.split(' ')[4] === mp);
+}
+
+async function mountFs(mp = join(tmp, 'miss'), opts: { requestTimeoutMs?: number } = {}): Promise<MissFsMount> {
+  const m = await mountMissFs({ mountpoint: mp, provider, logger: silentLogger(), ...opts });
+  sessions.push(m);
+  return m;
+}
+
+function blobPath(m: MissFsMount, b: Blob): string {
+  return join(m.mountpoint, 'sha256', b.hex.slice(0, 2), b.hex);
+}
+
+/** Starts a child that reads a file; resolves with its stdout and exit code. */
+function catChild(file: string): { child: ChildProcess; done: Promise<{ code: number | null; signal: string | null; out: Buffer; err: string }> } {
+  const child = spawn('cat', [file], { stdio: ['ignore', 'pipe', 'pipe'] });
+  children.push(child);
+  const out: Buffer[] = [];
+  let err = '';
+  child.stdout!.on('data', (b: Buffer) => out.push(b));
+  child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+  const done = new Promise<{ code: number | null; signal: string | null; out: Buffer; err: string }>((resolve) => {
+    child.on('close', (code, signal) => resolve({ code, signal, out: Buffer.concat(out), err }));
+  });
+  return { child, done };
+}
+
+async function catFile(file: string, timeoutMs = 20_000): Promise<{ code: number | null; out: Buffer; err: string }> {
+  const { child, done } = catChild(file);
+  const t = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+  const r = await done;
+  clearTimeout(t);
+  return r;
+}
+
+function sha(b: Buffer): string {
+  return createHash('sha256').update(b).digest('hex');
+}
+
+beforeEach(() => {
+  tmp = mkdtempSync('/tmp/gmiss-');
+  blobs = join(tmp, 'blobs');
+  mkdirSync(blobs);
+  provider = new DirProvider(blobs);
+});
+
+afterEach(async () => {
+  for (const c of children.splice(0)) {
+    if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  }
+  for (const o of overlays.splice(0).reverse()) {
+    await run('umount', ['-l', o], { timeoutMs: 10_000 });
+  }
+  for (const m of sessions.splice(0).reverse()) {
+    try {
+      await m.unmount({ timeoutMs: 5_000 });
+    } catch {
+      await run('umount', ['-l', m.mountpoint], { timeoutMs: 10_000 });
+    }
+  }
+  for (const mp of extraMounts.splice(0)) {
+    if (isMounted(mp)) await run('umount', ['-l', mp], { timeoutMs: 10_000 });
+  }
+  // Only remove the temp dir when nothing is mounted below it any more.
+  const stillMounted = readFileSync('/proc/self/mountinfo', 'utf8').includes(tmp);
+  if (!stillMounted) rmSync(tmp, { recursive: true, force: true });
+});
+
+describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
+  it('mounts, negotiates INIT, and serves stat, cat, readdir, statfs and xattr queries', async () => {
+    const a = addBlob(blobs, 'hello from the miss filesystem\n');
+    const m = await mountFs();
+    expect(m.init.major).toBe(7);
+    expect(m.init.minor).toBeGreaterThanOrEqual(31);
+    expect(isMounted(m.mountpoint)).toBe(true);
+
+    const ls = await run('ls', ['-a', m.mountpoint], { timeoutMs: 10_000 });
+    expect(ls.stdout.split('\n').filter(Boolean)).toEqual(['.', '..', 'sha256']);
+
+    const st = await run('stat', ['-c', '%s %a %u %g %F %i', blobPath(m, a)], { timeoutMs: 10_000 });
+    expect(st.code).toBe(0);
+    const [size, mode, uid, gid, ...rest] = st.stdout.trim().split(' ');
+    expect(Number(size)).toBe(a.data.length);
+    expect(mode).toBe('444');
+    expect(uid).toBe('0');
+    expect(gid).toBe('0');
+    expect(rest.slice(0, 2).join(' ')).toBe('regular file');
+    const ino = rest[2];
+
+    const c = await catFile(blobPath(m, a));
+    expect(c.code).toBe(0);
+    expect(c.out.equals(a.data)).toBe(true);
+    // The name is cached by the kernel after the first LOOKUP: one provider lookup.
+    expect(provider.lookupsOf(a.digest)).toBe(1);
+
+    // Stable inode per digest.
+    const st2 = await run('stat', ['-c', '%i', blobPath(m, a)], { timeoutMs: 10_000 });
+    expect(st2.stdout.trim()).toBe(ino);
+
+    // The listing shows what the kernel currently knows.
+    const lsPre = await run('ls', [join(m.mountpoint, 'sha256')], { timeoutMs: 10_000 });
+    expect(lsPre.stdout.split('\n')).toContain(a.hex.slice(0, 2));
+    const lsFiles = await run('ls', [join(m.mountpoint, 'sha256', a.hex.slice(0, 2))], { timeoutMs: 10_000 });
+    expect(lsFiles.stdout.split('\n')).toContain(a.hex);
+
+    // xattrs: absent (ENODATA), never ENOSYS; the listing is empty.
+    const gx = await run('getfattr', ['-n', 'trusted.overlay.metacopy', blobPath(m, a)], { timeoutMs: 10_000 });
+    expect(gx.code).not.toBe(0);
+    expect(gx.stderr).toMatch(/No such attribute/);
+    const gu = await run('getfattr', ['-n', 'user.foo', m.mountpoint], { timeoutMs: 10_000 });
+    expect(gu.stderr).toMatch(/No such attribute/);
+    const lx = await run('getfattr', ['-d', '-m', '-', blobPath(m, a)], { timeoutMs: 10_000 });
+    expect(lx.code).toBe(0);
+    expect(lx.stdout.trim()).toBe('');
+
+    const sf = await run('stat', ['-f', '-c', '%T %l', m.mountpoint], { timeoutMs: 10_000 });
+    expect(sf.code).toBe(0);
+    expect(sf.stdout.trim()).toMatch(/fuse/);
+    expect(sf.stdout.trim().endsWith('255')).toBe(true);
+    expect(m.stats().unsupported).toEqual({});
+  });
+
+  it('answers unknown digests and bad names with ENOENT, writes with EROFS', async () => {
+    const m = await mountFs();
+    const unknown = 'ab'.repeat(32);
+    const r1 = await run('stat', [join(m.mountpoint, 'sha256', 'ab', unknown)], { timeoutMs: 10_000 });
+    expect(r1.code).not.toBe(0);
+    expect(r1.stderr).toMatch(/No such file/);
+    expect(provider.lookupsOf(`sha256:${unknown}`)).toBe(1);
+    // A digest under the wrong prefix, a bad prefix, a bad top-level name: no provider call.
+    for (const p of [join('sha256', 'cd', unknown), join('sha256', 'xyz'), 'sha512', join('sha256', 'ab', 'short')]) {
+      const r = await run('stat', [join(m.mountpoint, p)], { timeoutMs: 10_000 });
+      expect(r.stderr).toMatch(/No such file/);
+    }
+    expect(provider.calls.length).toBe(1);
+    const t = await run('touch', [join(m.mountpoint, 'x')], { timeoutMs: 10_000 });
+    expect(t.stderr).toMatch(/Read-only file system/);
+    const mk = await run('mkdir', [join(m.mountpoint, 'sha256', 'newdir')], { timeoutMs: 10_000 });
+    expect(mk.stderr).toMatch(/Read-only file system/);
+  });
+
+  it('reads large files correctly (many READ requests, big reads)', async () => {
+    const big = addBlob(blobs, randomBytes(5 * 1024 * 1024 + 123));
+    const m = await mountFs();
+    const c = await catFile(blobPath(m, big));
+    expect(c.code).toBe(0);
+    expect(c.out.length).toBe(big.data.length);
+    expect(sha(c.out)).toBe(big.hex);
+    // Ranged read in the middle (dd with skip) goes through the same path.
+    const dd = await run('dd', [`if=${blobPath(m, big)}`, 'bs=4096', 'skip=100', 'count=3', 'status=none'], {
+      timeoutMs: 10_000,
+    });
+    expect(dd.code).toBe(0);
+    expect(Buffer.from(dd.stdout, 'latin1').length).toBeGreaterThan(0);
+    expect(m.stats().bytesRead).toBeGreaterThanOrEqual(big.data.length);
+  });
+
+  it('serves other files while one provider lookup is slow', async () => {
+    const files = Array.from({ length: 16 }, (_, i) => addBlob(blobs, `file ${i} ` + 'x'.repeat(i * 1000)));
+    const slow = files[0]!;
+    provider.lookupDelay.set(slow.hex, 3_000);
+    const m = await mountFs();
+    const t0 = Date.now();
+    const finished: Array<{ hex: string; at: number; ok: boolean }> = [];
+    const slowRun = catChild(blobPath(m, slow));
+    await provider.lookupStarted(slow.digest);
+    const rest = files.slice(1).map(async (f) => {
+      const r = await catFile(blobPath(m, f));
+      finished.push({ hex: f.hex, at: Date.now() - t0, ok: r.code === 0 && r.out.equals(f.data) });
+    });
+    await Promise.all(rest);
+    const slowR = await slowRun.done;
+    const slowAt = Date.now() - t0;
+    expect(slowR.code).toBe(0);
+    expect(slowR.out.equals(slow.data)).toBe(true);
+    expect(finished.every((f) => f.ok)).toBe(true);
+    // Everything else finished well before the slow lookup did.
+    expect(Math.max(...finished.map((f) => f.at))).toBeLessThan(2_500);
+    expect(slowAt).toBeGreaterThanOrEqual(2_900);
+  });
+
+  it('concurrent lookups of one digest share one provider call', async () => {
+    const a = addBlob(blobs, 'shared');
+    provider.lookupDelay.set(a.hex, 1_000);
+    const m = await mountFs();
+    const rs = await Promise.all(Array.from({ length: 6 }, () => catFile(blobPath(m, a))));
+    expect(rs.every((r) => r.code === 0 && r.out.equals(a.data))).toBe(true);
+    expect(provider.lookupsOf(a.digest)).toBe(1);
+  });
+
+  it('a failed fetch gives EIO, is not cached, and a retry succeeds', async () => {
+    const a = addBlob(blobs, 'flaky blob');
+    provider.failLookups.set(a.hex, 1);
+    const m = await mountFs();
+    const r1 = await catFile(blobPath(m, a));
+    expect(r1.code).not.toBe(0);
+    expect(r1.err).toMatch(/Input\/output error/);
+    const r2 = await catFile(blobPath(m, a));
+    expect(r2.code).toBe(0);
+    expect(r2.out.equals(a.data)).toBe(true);
+    expect(provider.lookupsOf(a.digest)).toBe(2);
+    expect(m.stats().lookupErrors).toBe(1);
+  });
+
+  it('a provider call that exceeds the request timeout gives EIO', async () => {
+    const a = addBlob(blobs, 'too slow');
+    provider.lookupDelay.set(a.hex, 30_000);
+    const m = await mountFs(undefined, { requestTimeoutMs: 500 });
+    const t0 = Date.now();
+    const r = await catFile(blobPath(m, a));
+    expect(r.code).not.toBe(0);
+    expect(r.err).toMatch(/Input\/output error/);
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    expect(m.stats().timeouts).toBe(1);
+    expect(provider.aborts).toContainEqual({ op: 'lookup', digest: a.digest });
+  });
+
+  it('overlay: a metacopy file with no pool copy is served through FUSE; with a pool copy FUSE is not used', async () => {
+    const a = addBlob(blobs, 'content served through the miss filesystem\n'.repeat(1000));
+    const b = addBlob(blobs, 'content that is in the pool\n');
+    const m = await mountFs();
+    const meta = join(tmp, 'meta');
+    const pool = join(tmp, 'pool');
+    const merged = join(tmp, 'merged');
+    for (const d of [meta, pool, merged]) mkdirSync(d);
+    const mkMeta = (name: string, blob: Blob) => {
+      const f = join(meta, name);
+      writeFileSync(f, '');
+      truncateSync(f, blob.data.length); // sparse, real size
+      setXattr(f, 'trusted.overlay.metacopy', Buffer.alloc(0));
+      setXattr(f, 'trusted.overlay.redirect', `/sha256/${blob.hex.slice(0, 2)}/${blob.hex}`);
+    };
+    mkMeta('a.txt', a);
+    mkMeta('b.txt', b);
+    mkdirSync(join(pool, 'sha256', b.hex.slice(0, 2)), { recursive: true });
+    writeFileSync(join(pool, 'sha256', b.hex.slice(0, 2), b.hex), b.data);
+
+    // mount(8) in a child: overlay's mount itself queries the FUSE layer (statfs), which this thread serves.
+    const mo = await run(
+      'mount',
+      ['-t', 'overlay', 'overlay', '-o', `ro,metacopy=on,redirect_dir=on,lowerdir=${meta}::${pool}::${m.mountpoint}`, merged],
+      { timeoutMs: 20_000 },
+    );
+    expect(mo.stderr).toBe('');
+    expect(mo.code).toBe(0);
+    overlays.push(merged);
+
+    // stat comes from the metacopy inode: no FUSE lookup.
+    const st = await run('stat', ['-c', '%s', join(merged, 'a.txt')], { timeoutMs: 10_000 });
+    expect(Number(st.stdout.trim())).toBe(a.data.length);
+    expect(provider.calls).toEqual([]);
+
+    const ra = await catFile(join(merged, 'a.txt'));
+    expect(ra.code).toBe(0);
+    expect(ra.out.equals(a.data)).toBe(true);
+    expect(provider.lookupsOf(a.digest)).toBe(1);
+
+    const rb = await catFile(join(merged, 'b.txt'));
+    expect(rb.code).toBe(0);
+    expect(rb.out.equals(b.data)).toBe(true);
+    expect(provider.lookupsOf(b.digest)).toBe(0);
+    expect(provider.calls.filter((c) => c.digest === b.digest)).toEqual([]);
+
+    // Read again: served from cache, still exactly one lookup.
+    const ra2 = await catFile(join(merged, 'a.txt'));
+    expect(ra2.out.equals(a.data)).toBe(true);
+    expect(provider.lookupsOf(a.digest)).toBe(1);
+  });
+
+  it('overlay: a failed fetch fails the open with EIO, and the next open succeeds', async () => {
+    const a = addBlob(blobs, 'retry through overlay\n');
+    provider.failLookups.set(a.hex, 1);
+    const m = await mountFs();
+    const meta = join(tmp, 'meta');
+    const pool = join(tmp, 'pool');
+    const merged = join(tmp, 'merged');
+    for (const d of [meta, pool, merged]) mkdirSync(d);
+    const f = join(meta, 'a.txt');
+    writeFileSync(f, '');
+    truncateSync(f, a.data.length);
+    setXattr(f, 'trusted.overlay.metacopy', Buffer.alloc(0));
+    setXattr(f, 'trusted.overlay.redirect', `/sha256/${a.hex.slice(0, 2)}/${a.hex}`);
+    const mo = await run(
+      'mount',
+      ['-t', 'overlay', 'overlay', '-o', `ro,metacopy=on,redirect_dir=on,lowerdir=${meta}::${pool}::${m.mountpoint}`, merged],
+      { timeoutMs: 20_000 },
+    );
+    expect(mo.code).toBe(0);
+    overlays.push(merged);
+    const r1 = await catFile(join(merged, 'a.txt'));
+    expect(r1.code).not.toBe(0);
+    const r2 = await catFile(join(merged, 'a.txt'));
+    expect(r2.code).toBe(0);
+    expect(r2.out.equals(a.data)).toBe(true);
+    expect(provider.lookupsOf(a.digest)).toBe(2);
+  });
+
+  it('a killed reader interrupts its pending lookup; the server goes on', async () => {
+    const a = addBlob(blobs, 'slow one');
+    const b = addBlob(blobs, 'fast one');
+    provider.lookupDelay.set(a.hex, 30_000);
+    const m = await mountFs();
+    const { child, done } = catChild(blobPath(m, a));
+    await provider.lookupStarted(a.digest);
+    const t0 = Date.now();
+    child.kill('SIGKILL');
+    const r = await done;
+    expect(r.signal).toBe('SIGKILL');
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    expect(await waitFor(() => provider.aborts.some((x) => x.digest === a.digest), 5_000, 20)).toBe(true);
+    expect(m.stats().interrupts).toBeGreaterThanOrEqual(1);
+    expect(m.stats().inflight).toBe(0);
+    const rb = await catFile(blobPath(m, b));
+    expect(rb.out.equals(b.data)).toBe(true);
+  });
+
+  it('unmount while a read is in flight completes in bounded time', async () => {
+    const a = addBlob(blobs, randomBytes(256 * 1024));
+    const m = await mountFs();
+    // Make reads (not the lookup) slow.
+    provider.readDelay.set(a.hex, 30_000);
+    const reader = catChild(blobPath(m, a));
+    expect(await waitFor(() => m.stats().inflight > 0 && m.stats().reads > 0, 10_000, 20)).toBe(true);
+    const t0 = Date.now();
+    await m.unmount({ timeoutMs: 10_000 });
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    await m.closed;
+    expect(isMounted(m.mountpoint)).toBe(false);
+    const r = await reader.done;
+    expect(r.code).not.toBe(0);
+    expect(provider.openFiles).toBe(0);
+  });
+
+  it('replaces a stale mount left by a crashed daemon, and refuses a live one', async () => {
+    const a = addBlob(blobs, 'after the crash');
+    const mp = join(tmp, 'miss');
+    mkdirSync(mp);
+    // A "crashed daemon": a FUSE connection whose device fd is closed (reads of the mount give ENOTCONN).
+    const fd = openSync('/dev/fuse', 'r+');
+    const child = spawn('mount', ['-i', '-t', 'fuse.gear', '-o', 'fd=3,rootmode=40000,user_id=0,group_id=0,allow_other,ro', 'gear', mp], {
+      stdio: ['ignore', 'ignore', 'pipe', fd],
+    });
+    const code = await new Promise<number | null>((r) => child.on('close', r));
+    closeSync(fd);
+    extraMounts.push(mp);
+    expect(code).toBe(0);
+    const probe = await run('stat', [mp], { timeoutMs: 5_000 });
+    expect(probe.stderr).toMatch(/not connected/);
+
+    const m = await mountFs(mp);
+    const c = await catFile(blobPath(m, a));
+    expect(c.out.equals(a.data)).toBe(true);
+
+    // A second daemon on a live mount is refused.
+    const err = await mountMissFs({ mountpoint: mp, provider, logger: silentLogger() }).catch((e: unknown) => e);
+    expect(isClass(err, 'FailedPrecondition')).toBe(true);
+    // …and the first one is still serving.
+    const c2 = await catFile(blobPath(m, a));
+    expect(c2.code).toBe(0);
+  });
+});
