@@ -1,0 +1,1053 @@
+/**
+ * The pool: level 1 of DESIGN.md. One content-addressed, verified, size-capped
+ * file cache shared by every image on the node.
+ *
+ * On-disk layout (the `sha256/` part is an API: overlayfs reads these files
+ * directly as the data-only lower layer `lowerdir=…::ROOT/pool` through the
+ * metacopy redirect `/sha256/ab/<hex>`):
+ *
+ *   ROOT/pool/
+ *     sha256/ab/<64 hex>      one regular file per content digest, mode 0444, owned by
+ *                             the daemon's user (root); present only once verified
+ *     .staging/<hex>.<rand>   writes in progress; deleted at startup (never renamed later)
+ *     .meta/state.json        snapshot: size, mtime, last use, verified flag per file,
+ *                             the configured cap and the cumulative counters
+ *     .meta/refs/<h>.json     one file per owner (index layer): {owner, digests}
+ *     .lock                   the single-writer lock (see lock.ts)
+ *
+ * Writes are two-phase (stargz `cache.Add` → `Commit`/`Abort`): bytes go to a
+ * staging file while their sha256 is computed; commit checks digest and size,
+ * chmods 0444, fsyncs, renames into `sha256/ab/` and fsyncs that directory.
+ * A crash at any moment leaves at most a staging file, deleted on next open.
+ *
+ * Eviction: when usage passes `highWatermark × cap` (default 95 %), files are
+ * unlinked until usage is at most `lowWatermark × cap` (default 85 %).
+ * Unreferenced files go first, then referenced ones, each group least recently
+ * used first. Pinned files and files being written are never chosen. Unlink
+ * is safe (DESIGN.md, "Eviction is always safe"): open files stay readable and
+ * later opens fall through to the miss filesystem.
+ *
+ * Recency is honest about what the daemon can see. Reads that overlayfs
+ * serves from a pool file never reach the daemon, so a file's last use is the
+ * latest of: its commit, `touch()`/`open()`/`pin()` calls (the lazy path makes
+ * these when the miss filesystem serves a file), and its atime as sampled at
+ * startup and every `atimeSampleMs` (default 15 min) when that atime is later
+ * than the file's mtime (a read after the write). On a `relatime` mount the
+ * kernel updates atime at most once a day after the last write or read, so
+ * direct reads count with a granularity of about a day; on `noatime` they do
+ * not count at all. The pool's own reads (verification) use O_NOATIME.
+ *
+ * Persistence: the snapshot is rewritten atomically (temp, fsync, rename) a
+ * short while after a change and on close; references are written at once.
+ * Startup never trusts the snapshot over the disk: the directory is scanned,
+ * files unknown to the snapshot are adopted as unverified (verified on their
+ * next `open()` or by `verify()`), entries whose file is gone are dropped,
+ * sizes come from stat, and a file whose size or mtime differs from the
+ * snapshot is marked unverified.
+ *
+ * Concurrency: all methods may be called concurrently. Several writers of
+ * one digest may run at once (each has its own staging file; every commit
+ * renames verified, identical content into place). One process at a time
+ * may open the pool for writing (`.lock`); `readOnly` opens take no lock.
+ */
+import { createHash, randomBytes, type Hash } from 'node:crypto';
+import { constants as fsc } from 'node:fs';
+import fs, { type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import { GearError, errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
+import { silentLogger, type Logger } from '../log.js';
+import { checkDigest } from '../registry/digest.js';
+import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
+import { KeyedMutex } from '../sys/keyed-mutex.js';
+import { PoolLock } from './lock.js';
+import { formatSize, parseSize } from './size.js';
+
+/** The cap used when neither the caller nor a previous run set one. */
+export const DEFAULT_CACHE_SIZE = '20GiB';
+/** Default fractions of the cap: evict when usage exceeds 95 %, down to 85 %. */
+export const DEFAULT_HIGH_WATERMARK = 0.95;
+export const DEFAULT_LOW_WATERMARK = 0.85;
+
+const HEX_RE = /^[a-f0-9]{64}$/;
+const SNAPSHOT_VERSION = 1;
+/** Extra room asked for beyond a write's size when the disk is nearly full. */
+const DISK_MARGIN = 1024 * 1024;
+
+export interface PoolOptions {
+  /** Gear root; the pool lives in ROOT/pool. */
+  root: string;
+  /**
+   * Size cap, bytes or a human size ("20GiB", see parseSize). Default: the cap
+   * recorded by the previous run, else DEFAULT_CACHE_SIZE.
+   */
+  capBytes?: number | string;
+  /** Fraction of the cap above which eviction starts (default 0.95). */
+  highWatermark?: number;
+  /** Fraction of the cap eviction brings usage down to (default 0.85). */
+  lowWatermark?: number;
+  logger?: Logger;
+  /** Inspect only: no lock, no cleanup, no writes (for `gear cache status`). Default false. */
+  readOnly?: boolean;
+  /** Delay before a changed snapshot is written (default 2000 ms). */
+  snapshotDelayMs?: number;
+  /** Interval of atime sampling (default 15 min; 0 disables the timer). */
+  atimeSampleMs?: number;
+  /** Evict at open if the pool is over its high watermark (default true). */
+  enforceCapOnOpen?: boolean;
+  /** Clock for recency, ms since the epoch (default Date.now; tests inject one). */
+  clock?: () => number;
+}
+
+/** Cumulative counters; they survive restarts through the snapshot. */
+export interface PoolCounters {
+  /** `open()` calls that found the file. */
+  hits: number;
+  /** `open()` calls that did not. */
+  misses: number;
+  /** Bytes committed by writers (new content that entered the pool). */
+  bytesFetched: number;
+  /** Files removed by eviction or prune. */
+  evictions: number;
+  evictedBytes: number;
+}
+
+export interface PoolStat {
+  root: string;
+  capBytes: number;
+  highWatermarkBytes: number;
+  lowWatermarkBytes: number;
+  files: number;
+  bytes: number;
+  referencedFiles: number;
+  referencedBytes: number;
+  unreferencedFiles: number;
+  unreferencedBytes: number;
+  unverifiedFiles: number;
+  owners: number;
+  pinned: number;
+  writing: number;
+  counters: PoolCounters;
+  /** hits / (hits + misses), or null before any open() */
+  hitRate: number | null;
+}
+
+export interface EvictResult {
+  files: number;
+  bytes: number;
+}
+
+interface Entry {
+  size: number;
+  /** ms since the epoch */
+  lastUse: number;
+  mtimeMs: number;
+  verified: boolean;
+}
+
+type SnapshotEntry = [size: number, lastUse: number, mtimeMs: number, verified: 0 | 1];
+interface Snapshot {
+  version: number;
+  savedAt: string;
+  capBytes: number;
+  counters: PoolCounters;
+  entries: Record<string, SnapshotEntry>;
+}
+
+interface RefsRecord {
+  owner: string;
+  digests: string[];
+}
+
+/**
+ * Not enough disk space for a write. The staging file is gone; `freed` says
+ * what eviction released, so a caller that can replay its data may retry.
+ */
+export class PoolNoSpaceError extends GearError {
+  constructor(
+    message: string,
+    readonly freed: EvictResult,
+    cause: unknown,
+  ) {
+    super('Unavailable', message, { cause });
+    this.name = 'PoolNoSpaceError';
+  }
+}
+
+function hexOf(digest: string): string {
+  return checkDigest(digest).slice(7);
+}
+
+function fraction(v: number | undefined, dflt: number, what: string): number {
+  const f = v ?? dflt;
+  if (!(f > 0 && f <= 1)) throw invalidArgument(`pool ${what} ${v}: want a fraction in (0, 1]`);
+  return f;
+}
+
+async function readJson<T>(file: string): Promise<T | undefined> {
+  try {
+    return JSON.parse(await fs.readFile(file, 'utf8')) as T;
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+/** Opens (creating if needed) the pool under opts.root. See the file comment. */
+export function openPool(opts: PoolOptions): Promise<Pool> {
+  return Pool.open(opts);
+}
+
+export class Pool {
+  readonly root: string;
+  readonly dir: string;
+  readonly readOnly: boolean;
+  private capBytes = 0;
+  private readonly high: number;
+  private readonly low: number;
+  private readonly log: Logger;
+  private readonly snapshotDelayMs: number;
+  private readonly now: () => number;
+
+  private readonly entries = new Map<string, Entry>();
+  private used = 0;
+  private readonly refs = new Map<string, Set<string>>();
+  private readonly refCount = new Map<string, number>();
+  private readonly pins = new Map<string, number>();
+  private readonly writing = new Map<string, number>();
+  /** bytes announced by writers in progress (expectedSize), for room checks */
+  private reserved = 0;
+  private readonly evicting = new Map<string, Promise<void>>();
+  private counters: PoolCounters = { hits: 0, misses: 0, bytesFetched: 0, evictions: 0, evictedBytes: 0 };
+
+  private readonly refsMutex = new KeyedMutex();
+  private readonly tasks = new Set<Promise<unknown>>();
+  private snapshotTimer: NodeJS.Timeout | undefined;
+  private sampleTimer: NodeJS.Timeout | undefined;
+  private saving: Promise<void> | undefined;
+  private lock: PoolLock | undefined;
+  private closed = false;
+
+  private constructor(opts: PoolOptions) {
+    this.root = path.resolve(opts.root);
+    this.dir = path.join(this.root, 'pool');
+    this.readOnly = opts.readOnly ?? false;
+    this.high = fraction(opts.highWatermark, DEFAULT_HIGH_WATERMARK, 'highWatermark');
+    this.low = fraction(opts.lowWatermark, DEFAULT_LOW_WATERMARK, 'lowWatermark');
+    if (this.low > this.high) throw invalidArgument(`pool lowWatermark ${this.low} is above highWatermark ${this.high}`);
+    this.log = opts.logger ?? silentLogger();
+    this.snapshotDelayMs = opts.snapshotDelayMs ?? 2000;
+    this.now = opts.clock ?? Date.now;
+  }
+
+  static async open(opts: PoolOptions): Promise<Pool> {
+    const pool = new Pool(opts);
+    try {
+      await pool.init(opts);
+    } catch (err) {
+      await pool.lock?.release();
+      throw err;
+    }
+    return pool;
+  }
+
+  // ---------------------------------------------------------------- paths
+
+  private get shaDir(): string {
+    return path.join(this.dir, 'sha256');
+  }
+  private get stagingDir(): string {
+    return path.join(this.dir, '.staging');
+  }
+  private get metaDir(): string {
+    return path.join(this.dir, '.meta');
+  }
+  private get refsDir(): string {
+    return path.join(this.metaDir, 'refs');
+  }
+  private fileOf(hex: string): string {
+    return path.join(this.shaDir, hex.slice(0, 2), hex);
+  }
+  private refsFileOf(owner: string): string {
+    return path.join(this.refsDir, createHash('sha256').update(owner).digest('hex').slice(0, 40) + '.json');
+  }
+
+  /** `ROOT/pool/sha256/ab/<hex>` for a digest (validated; InvalidArgument otherwise). Does not check presence. */
+  path(digest: string): string {
+    return this.fileOf(hexOf(digest));
+  }
+
+  /** The overlay redirect for a digest: `/sha256/ab/<hex>`. */
+  static redirectOf(digest: string): string {
+    const hex = hexOf(digest);
+    return `/sha256/${hex.slice(0, 2)}/${hex}`;
+  }
+
+  // ---------------------------------------------------------------- startup
+
+  private async init(opts: PoolOptions): Promise<void> {
+    if (!this.readOnly) {
+      await fs.mkdir(this.dir, { recursive: true, mode: 0o755 });
+      this.lock = await PoolLock.acquire(path.join(this.dir, '.lock'), `open the pool ${this.dir} for writing`);
+      await fs.mkdir(this.stagingDir, { recursive: true, mode: 0o700 });
+      await fs.mkdir(this.refsDir, { recursive: true, mode: 0o700 });
+      // All 256 shard dirs up front: commits never race on mkdir.
+      const shards = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
+      await Promise.all(shards.map((s) => fs.mkdir(path.join(this.shaDir, s), { recursive: true, mode: 0o755 })));
+      const leftovers = await fs.readdir(this.stagingDir);
+      await Promise.all(leftovers.map((n) => fs.rm(path.join(this.stagingDir, n), { recursive: true, force: true })));
+      if (leftovers.length) this.log.info({ count: leftovers.length }, 'pool: removed leftover staging files');
+    }
+
+    let snap: Snapshot | undefined;
+    try {
+      snap = await readJson<Snapshot>(path.join(this.metaDir, 'state.json'));
+      if (snap && (snap.version !== SNAPSHOT_VERSION || typeof snap.entries !== 'object')) snap = undefined;
+    } catch (err) {
+      this.log.warn({ err: String(err) }, 'pool: unreadable snapshot; rebuilding from the directory');
+    }
+    const cap = opts.capBytes ?? snap?.capBytes ?? DEFAULT_CACHE_SIZE;
+    this.capBytes = parseSize(cap);
+    if (this.capBytes <= 0) throw invalidArgument(`pool cap ${JSON.stringify(cap)}: must be more than 0 bytes`);
+    if (snap?.counters) this.counters = { ...this.counters, ...snap.counters };
+
+    await this.loadRefs();
+    await this.scan(snap);
+
+    if (!this.readOnly) {
+      await this.saveSnapshot();
+      if (opts.enforceCapOnOpen ?? true) await this.enforceCap();
+      const every = opts.atimeSampleMs ?? 15 * 60_000;
+      if (every > 0) {
+        this.sampleTimer = setInterval(() => this.track(this.sampleAtimes()), every);
+        this.sampleTimer.unref();
+      }
+    }
+  }
+
+  private async loadRefs(): Promise<void> {
+    let names: string[];
+    try {
+      names = await fs.readdir(this.refsDir);
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') return;
+      throw err;
+    }
+    for (const name of names) {
+      const file = path.join(this.refsDir, name);
+      if (!name.endsWith('.json')) {
+        if (!this.readOnly) await fs.rm(file, { force: true }); // temp of an interrupted write
+        continue;
+      }
+      try {
+        const rec = await readJson<RefsRecord>(file);
+        if (!rec || typeof rec.owner !== 'string' || !Array.isArray(rec.digests)) throw new Error('bad shape');
+        this.applyRefs(rec.owner, rec.digests.map(hexOf));
+      } catch (err) {
+        this.log.warn({ file, err: String(err) }, 'pool: ignoring unreadable reference record');
+      }
+    }
+  }
+
+  private async scan(snap: Snapshot | undefined): Promise<void> {
+    let shards: string[];
+    try {
+      shards = await fs.readdir(this.shaDir);
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') return;
+      throw err;
+    }
+    let adopted = 0;
+    for (const shard of shards) {
+      const names = await fs.readdir(path.join(this.shaDir, shard)).catch(() => [] as string[]);
+      await Promise.all(
+        names.map(async (hex) => {
+          if (!HEX_RE.test(hex) || !hex.startsWith(shard)) {
+            this.log.warn({ file: path.join(shard, hex) }, 'pool: ignoring a file that is not named by its digest');
+            return;
+          }
+          const file = this.fileOf(hex);
+          let st;
+          try {
+            st = await fs.lstat(file);
+          } catch {
+            return;
+          }
+          if (!st.isFile()) return;
+          const known = snap?.entries[hex];
+          let verified = !!known && known[3] === 1 && known[0] === st.size && known[2] === st.mtimeMs;
+          if ((st.mode & 0o7777) !== 0o444 && !this.readOnly) {
+            await fs.chmod(file, 0o444);
+            verified = false;
+          }
+          if (!known) adopted++;
+          // atime counts as a use only when later than mtime, i.e. a read after the write.
+          const readAt = st.atimeMs > st.mtimeMs ? st.atimeMs : 0;
+          const lastUse = Math.max(known ? known[1] : st.mtimeMs, readAt);
+          this.entries.set(hex, { size: st.size, lastUse, mtimeMs: st.mtimeMs, verified });
+          this.used += st.size;
+        }),
+      );
+    }
+    const dropped = snap ? Object.keys(snap.entries).filter((h) => !this.entries.has(h)).length : 0;
+    if (adopted || dropped) this.log.info({ adopted, dropped }, 'pool: reconciled the snapshot with the directory');
+  }
+
+  // ---------------------------------------------------------------- queries
+
+  /** True when the digest's file is in the pool (as far as this process knows). */
+  has(digest: string): boolean {
+    return this.entries.has(hexOf(digest));
+  }
+
+  /** Size of a present file, or undefined. */
+  sizeOf(digest: string): number | undefined {
+    return this.entries.get(hexOf(digest))?.size;
+  }
+
+  /** Records a use of the digest (recency for LRU). Returns false when absent. */
+  touch(digest: string): boolean {
+    const e = this.entries.get(hexOf(digest));
+    if (!e) return false;
+    e.lastUse = Math.max(e.lastUse, this.now());
+    this.markDirty();
+    return true;
+  }
+
+  /**
+   * Opens a present file for reading (the miss filesystem's path), touching
+   * it and counting a hit, or returns null and counts a miss (`count: false`
+   * skips the counters, e.g. right after the caller wrote the file). A file
+   * adopted at startup is verified first; a corrupt one is deleted and
+   * reported as absent. A file deleted behind the pool's back is forgotten.
+   */
+  async open(digest: string, opts: { count?: boolean } = {}): Promise<FileHandle | null> {
+    const hex = hexOf(digest);
+    const count = opts.count ?? true;
+    const e = this.entries.get(hex);
+    if (e && !e.verified && !(await this.verify(digest))) {
+      if (count) this.counters.misses++;
+      return null;
+    }
+    if (!e) {
+      if (count) this.counters.misses++;
+      this.markDirty();
+      return null;
+    }
+    try {
+      const fh = await fs.open(this.fileOf(hex), 'r');
+      e.lastUse = Math.max(e.lastUse, this.now());
+      if (count) this.counters.hits++;
+      this.markDirty();
+      return fh;
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOENT') throw err;
+      this.forget(hex);
+      if (count) this.counters.misses++;
+      return null;
+    }
+  }
+
+  /**
+   * Re-hashes a present file. Returns true when it matches; on a mismatch the
+   * file is deleted (logged as an error) and false is returned; false too
+   * when the file is absent.
+   */
+  async verify(digest: string): Promise<boolean> {
+    const hex = hexOf(digest);
+    const file = this.fileOf(hex);
+    const h = createHash('sha256');
+    let size = 0;
+    let fh: FileHandle;
+    try {
+      fh = await fs.open(file, fsc.O_RDONLY | fsc.O_NOATIME);
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOENT') throw err;
+      this.forget(hex);
+      return false;
+    }
+    try {
+      const buf = Buffer.allocUnsafe(1024 * 1024);
+      for (;;) {
+        const { bytesRead } = await fh.read(buf, 0, buf.length, null);
+        if (bytesRead === 0) break;
+        h.update(buf.subarray(0, bytesRead));
+        size += bytesRead;
+      }
+    } finally {
+      await fh.close();
+    }
+    const actual = h.digest('hex');
+    const e = this.entries.get(hex);
+    if (actual === hex) {
+      if (e) {
+        e.verified = true;
+        this.markDirty();
+      }
+      return true;
+    }
+    this.log.error({ digest, actual: `sha256:${actual}`, size }, 'pool: corrupt file removed');
+    if (!this.readOnly) {
+      this.forget(hex);
+      await fs.rm(file, { force: true });
+    }
+    return false;
+  }
+
+  /** Usage, cap and counters. */
+  stat(): PoolStat {
+    let refFiles = 0;
+    let refBytes = 0;
+    let unverified = 0;
+    for (const [hex, e] of this.entries) {
+      if (this.refCount.get(hex)) {
+        refFiles++;
+        refBytes += e.size;
+      }
+      if (!e.verified) unverified++;
+    }
+    const { hits, misses } = this.counters;
+    return {
+      root: this.root,
+      capBytes: this.capBytes,
+      highWatermarkBytes: Math.floor(this.capBytes * this.high),
+      lowWatermarkBytes: Math.floor(this.capBytes * this.low),
+      files: this.entries.size,
+      bytes: this.used,
+      referencedFiles: refFiles,
+      referencedBytes: refBytes,
+      unreferencedFiles: this.entries.size - refFiles,
+      unreferencedBytes: this.used - refBytes,
+      unverifiedFiles: unverified,
+      owners: this.refs.size,
+      pinned: [...this.pins.values()].filter((n) => n > 0).length,
+      writing: [...this.writing.values()].filter((n) => n > 0).length,
+      counters: { ...this.counters },
+      hitRate: hits + misses > 0 ? hits / (hits + misses) : null,
+    };
+  }
+
+  /** Digests present, least recently used first (for tests and tools). */
+  list(): { digest: string; size: number; lastUse: number; referenced: boolean; verified: boolean }[] {
+    return [...this.entries]
+      .sort((a, b) => a[1].lastUse - b[1].lastUse || (a[0] < b[0] ? -1 : 1))
+      .map(([hex, e]) => ({
+        digest: `sha256:${hex}`,
+        size: e.size,
+        lastUse: e.lastUse,
+        referenced: (this.refCount.get(hex) ?? 0) > 0,
+        verified: e.verified,
+      }));
+  }
+
+  // ---------------------------------------------------------------- pins and references
+
+  /**
+   * Protects a digest from eviction (present or not yet) until the returned
+   * function is called; the release is idempotent. Pins count: a digest stays
+   * protected while any pin is held. Also records a use.
+   */
+  pin(digest: string): () => void {
+    const hex = hexOf(digest);
+    this.pins.set(hex, (this.pins.get(hex) ?? 0) + 1);
+    this.touch(digest);
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      const n = (this.pins.get(hex) ?? 1) - 1;
+      if (n > 0) this.pins.set(hex, n);
+      else this.pins.delete(hex);
+    };
+  }
+
+  /**
+   * Declares the full set of digests `owner` (an index layer id) references,
+   * replacing any previous set; durable when the promise resolves. Referenced
+   * files are evicted only after every unreferenced one. Digests are validated
+   * first (InvalidArgument, nothing changed). Calls for one owner apply in order.
+   */
+  async setReferenced(owner: string, digests: Iterable<string>): Promise<void> {
+    this.checkWritable('set references');
+    if (typeof owner !== 'string' || owner === '') throw invalidArgument('pool reference owner must be a non-empty string');
+    const hexes = [...new Set([...digests].map(hexOf))];
+    this.applyRefs(owner, hexes);
+    await this.runTask(
+      this.refsMutex.run(owner, async () => {
+        const rec: RefsRecord = { owner, digests: hexes.map((h) => `sha256:${h}`) };
+        await writeFileAtomic(this.refsFileOf(owner), JSON.stringify(rec) + '\n', 0o600);
+      }),
+    );
+  }
+
+  /** Forgets every reference of `owner` (layer removed); durable when it resolves. Idempotent. */
+  async dropReferences(owner: string): Promise<void> {
+    this.checkWritable('drop references');
+    this.applyRefs(owner, []);
+    await this.runTask(
+      this.refsMutex.run(owner, async () => {
+        await fs.rm(this.refsFileOf(owner), { force: true });
+        await syncDir(this.refsDir);
+      }),
+    );
+  }
+
+  private applyRefs(owner: string, hexes: string[]): void {
+    const old = this.refs.get(owner);
+    if (old) {
+      for (const h of old) {
+        const n = (this.refCount.get(h) ?? 1) - 1;
+        if (n > 0) this.refCount.set(h, n);
+        else this.refCount.delete(h);
+      }
+    }
+    if (hexes.length === 0) {
+      this.refs.delete(owner);
+      return;
+    }
+    this.refs.set(owner, new Set(hexes));
+    for (const h of hexes) this.refCount.set(h, (this.refCount.get(h) ?? 0) + 1);
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  /**
+   * Starts a two-phase write of `digest`. Write the content, then `commit()`
+   * (verifies sha256 and size, makes the file visible) or `abort()`. With
+   * `expectedSize`, room is made first (eviction, free disk space) and a
+   * longer write fails at once. Throws InvalidArgument for a bad digest.
+   */
+  async beginWrite(digest: string, expectedSize?: number): Promise<PoolWriter> {
+    this.checkWritable('write');
+    const hex = hexOf(digest);
+    if (expectedSize !== undefined && !(Number.isSafeInteger(expectedSize) && expectedSize >= 0)) {
+      throw invalidArgument(`pool write ${digest}: bad expected size ${expectedSize}`);
+    }
+    this.writing.set(hex, (this.writing.get(hex) ?? 0) + 1);
+    const reserve = expectedSize ?? 0;
+    this.reserved += reserve;
+    try {
+      if (reserve > 0) await this.makeRoom(reserve);
+      const staging = path.join(this.stagingDir, `${hex}.${randomBytes(6).toString('hex')}`);
+      const fh = await fs.open(staging, 'wx', 0o600);
+      return new PoolWriter(this, hex, staging, fh, expectedSize);
+    } catch (err) {
+      this.endWrite(hex, reserve);
+      throw err;
+    }
+  }
+
+  /** Copies a local file into the pool, verifying it; retries once after a disk-full eviction. */
+  async addFromFile(file: string, digest: string): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      const src = await fs.open(file, 'r');
+      try {
+        const { size } = await src.stat();
+        const w = await this.beginWrite(digest, size);
+        try {
+          const buf = Buffer.allocUnsafe(1024 * 1024);
+          for (;;) {
+            const { bytesRead } = await src.read(buf, 0, buf.length, null);
+            if (bytesRead === 0) break;
+            await w.write(buf.subarray(0, bytesRead));
+          }
+          await w.commit();
+          return;
+        } catch (err) {
+          await w.abort();
+          if (err instanceof PoolNoSpaceError && err.freed.bytes > 0 && attempt === 0) continue;
+          throw err;
+        }
+      } finally {
+        await src.close();
+      }
+    }
+  }
+
+  /** Stores a stream's content under `digest`, verifying it. Nothing is left behind on failure. */
+  async addFromStream(readable: AsyncIterable<Uint8Array | string>, digest: string, expectedSize?: number): Promise<void> {
+    const w = await this.beginWrite(digest, expectedSize);
+    try {
+      for await (const chunk of readable) await w.write(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
+      await w.commit();
+    } catch (err) {
+      await w.abort();
+      throw err;
+    }
+  }
+
+  /** @internal called by PoolWriter */
+  endWrite(hex: string, reserved: number): void {
+    this.reserved -= reserved;
+    const n = (this.writing.get(hex) ?? 1) - 1;
+    if (n > 0) this.writing.set(hex, n);
+    else this.writing.delete(hex);
+  }
+
+  /** @internal called by PoolWriter after verification: makes the staging file visible. */
+  async install(hex: string, staging: string, size: number): Promise<void> {
+    await this.evicting.get(hex); // never let an in-flight unlink remove the new file
+    const file = this.fileOf(hex);
+    await fs.rename(staging, file);
+    await syncDir(path.dirname(file));
+    const st = await fs.stat(file);
+    const old = this.entries.get(hex);
+    if (old) this.used -= old.size;
+    this.entries.set(hex, { size, lastUse: this.now(), mtimeMs: st.mtimeMs, verified: true });
+    this.used += size;
+    this.counters.bytesFetched += size;
+    this.markDirty();
+  }
+
+  /** @internal a writer hit ENOSPC: evict and build the error to throw. */
+  async noSpace(hex: string, wanted: number, cause: unknown): Promise<PoolNoSpaceError> {
+    const freed = await this.evictBytes(wanted + DISK_MARGIN, true);
+    const what = `no space left on device while writing sha256:${hex} to the pool ${this.dir}`;
+    const how =
+      freed.files > 0
+        ? `evicted ${freed.files} file(s), ${formatSize(freed.bytes)}; the write can be retried`
+        : `nothing could be evicted (${this.entries.size} file(s) present, ${this.stat().pinned} pinned, ${this.stat().writing} being written)`;
+    this.log.warn({ digest: `sha256:${hex}`, freed }, 'pool: disk full during a write');
+    return new PoolNoSpaceError(`${what}: ${how}`, freed, cause);
+  }
+
+  // ---------------------------------------------------------------- eviction
+
+  /** Evicts (unreferenced first, then LRU) if usage is above the high watermark, down to the low one. */
+  async enforceCap(): Promise<EvictResult> {
+    if (this.used <= this.capBytes * this.high) return { files: 0, bytes: 0 };
+    return this.evictDownTo(Math.floor(this.capBytes * this.low), true);
+  }
+
+  /**
+   * Removes files on request (`gear cache prune`): by default every
+   * unreferenced file; `all`: every file; `toBytes`: in eviction order until
+   * usage is at most that. Pinned files and files being written stay.
+   */
+  async prune(opts: { all?: boolean; toBytes?: number } = {}): Promise<EvictResult> {
+    this.checkWritable('prune');
+    if (opts.toBytes !== undefined) return this.evictDownTo(opts.toBytes, true);
+    return this.evictDownTo(0, opts.all ?? false);
+  }
+
+  private candidates(includeReferenced: boolean): [string, Entry][] {
+    const free = [...this.entries].filter(
+      ([h]) => !this.pins.get(h) && !this.writing.get(h) && !this.evicting.has(h),
+    );
+    const byUse = (a: [string, Entry], b: [string, Entry]) => a[1].lastUse - b[1].lastUse || (a[0] < b[0] ? -1 : 1);
+    const unref = free.filter(([h]) => !this.refCount.get(h)).sort(byUse);
+    const ref = includeReferenced ? free.filter(([h]) => this.refCount.get(h)).sort(byUse) : [];
+    return [...unref, ...ref];
+  }
+
+  private evictDownTo(target: number, includeReferenced: boolean): Promise<EvictResult> {
+    const victims: string[] = [];
+    let after = this.used;
+    for (const [hex, e] of this.candidates(includeReferenced)) {
+      if (after <= target) break;
+      victims.push(hex);
+      after -= e.size;
+    }
+    return this.evict(victims);
+  }
+
+  private evictBytes(bytes: number, includeReferenced: boolean): Promise<EvictResult> {
+    const victims: string[] = [];
+    let freed = 0;
+    for (const [hex, e] of this.candidates(includeReferenced)) {
+      if (freed >= bytes) break;
+      victims.push(hex);
+      freed += e.size;
+    }
+    return this.evict(victims);
+  }
+
+  private async evict(victims: string[]): Promise<EvictResult> {
+    const result: EvictResult = { files: 0, bytes: 0 };
+    if (victims.length === 0) return result;
+    await this.runTask(
+      Promise.all(
+        victims.map(async (hex) => {
+          const e = this.entries.get(hex);
+          if (!e) return;
+          // Accounting first (synchronously), so concurrent evictions never pick it twice.
+          this.entries.delete(hex);
+          this.used -= e.size;
+          const unlink = fs.rm(this.fileOf(hex), { force: true });
+          this.evicting.set(hex, unlink.then(() => undefined, () => undefined));
+          try {
+            await unlink;
+            result.files++;
+            result.bytes += e.size;
+          } catch (err) {
+            this.log.warn({ digest: `sha256:${hex}`, err: String(err) }, 'pool: eviction failed');
+            if (!this.entries.has(hex)) {
+              this.entries.set(hex, e);
+              this.used += e.size;
+            }
+          } finally {
+            this.evicting.delete(hex);
+          }
+        }),
+      ),
+    );
+    await Promise.all([...new Set(victims.map((h) => path.join(this.shaDir, h.slice(0, 2))))].map((d) => syncDir(d).catch(() => undefined)));
+    this.counters.evictions += result.files;
+    this.counters.evictedBytes += result.bytes;
+    this.markDirty();
+    if (result.files) this.log.info(result, 'pool: evicted');
+    return result;
+  }
+
+  /** Makes room for `bytes` more: cap (with writes in progress counted) and free disk space. */
+  private async makeRoom(bytes: number): Promise<void> {
+    const high = this.capBytes * this.high;
+    if (this.used + this.reserved > high) {
+      await this.evictDownTo(Math.max(0, Math.floor(this.capBytes * this.low) - this.reserved), true);
+    }
+    try {
+      const sf = await fs.statfs(this.stagingDir);
+      const free = sf.bavail * sf.bsize;
+      if (free < bytes + DISK_MARGIN) await this.evictBytes(bytes + DISK_MARGIN - free, true);
+    } catch (err) {
+      this.log.debug({ err: String(err) }, 'pool: statfs failed');
+    }
+  }
+
+  private forget(hex: string): void {
+    const e = this.entries.get(hex);
+    if (!e) return;
+    this.entries.delete(hex);
+    this.used -= e.size;
+    this.markDirty();
+  }
+
+  // ---------------------------------------------------------------- recency sampling and persistence
+
+  /**
+   * Takes each file's atime as a use when it is later than the recorded one,
+   * and drops entries whose file disappeared. Runs every `atimeSampleMs`.
+   */
+  async sampleAtimes(): Promise<void> {
+    const hexes = [...this.entries.keys()];
+    for (let i = 0; i < hexes.length; i += 256) {
+      await Promise.all(
+        hexes.slice(i, i + 256).map(async (hex) => {
+          try {
+            const st = await fs.stat(this.fileOf(hex));
+            const e = this.entries.get(hex);
+            if (e && st.atimeMs > st.mtimeMs && st.atimeMs > e.lastUse) {
+              e.lastUse = st.atimeMs;
+              this.markDirty();
+            }
+          } catch (err) {
+            if (errnoCode(err) === 'ENOENT' && !this.writing.get(hex)) this.forget(hex);
+          }
+        }),
+      );
+    }
+  }
+
+  private markDirty(): void {
+    if (this.readOnly || this.closed) return;
+    if (this.snapshotTimer) return;
+    this.snapshotTimer = setTimeout(() => {
+      this.snapshotTimer = undefined;
+      this.track(this.saveSnapshot());
+    }, this.snapshotDelayMs);
+    this.snapshotTimer.unref();
+  }
+
+  /** Writes the snapshot now (crash-safe). Also done on close. */
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    if (this.snapshotTimer) {
+      clearTimeout(this.snapshotTimer);
+      this.snapshotTimer = undefined;
+    }
+    await this.saveSnapshot();
+  }
+
+  private async saveSnapshot(): Promise<void> {
+    // One writer at a time; a change made during a save is picked up by the next one.
+    while (this.saving) await this.saving;
+    const entries: Record<string, SnapshotEntry> = {};
+    for (const [hex, e] of this.entries) entries[hex] = [e.size, Math.round(e.lastUse), e.mtimeMs, e.verified ? 1 : 0];
+    const snap: Snapshot = {
+      version: SNAPSHOT_VERSION,
+      savedAt: new Date().toISOString(),
+      capBytes: this.capBytes,
+      counters: this.counters,
+      entries,
+    };
+    this.saving = writeFileAtomic(path.join(this.metaDir, 'state.json'), JSON.stringify(snap), 0o600).catch((err: unknown) => {
+      // e.g. ENOSPC: the next change schedules another save
+      this.log.warn({ err: String(err) }, 'pool: could not save the snapshot');
+    });
+    try {
+      await this.saving;
+    } finally {
+      this.saving = undefined;
+    }
+  }
+
+  private track(p: Promise<unknown>): void {
+    const t = p.catch((err: unknown) => this.log.error({ err: String(err) }, 'pool: background task failed'));
+    this.tasks.add(t);
+    void t.finally(() => this.tasks.delete(t));
+  }
+
+  private async runTask<T>(p: Promise<T>): Promise<T> {
+    const t = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.tasks.add(t);
+    try {
+      return await p;
+    } finally {
+      this.tasks.delete(t);
+    }
+  }
+
+  private checkWritable(what: string): void {
+    if (this.readOnly) throw failedPrecondition(`pool ${this.dir} is open read-only: cannot ${what}`);
+    if (this.closed) throw failedPrecondition(`pool ${this.dir} is closed: cannot ${what}`);
+  }
+
+  /**
+   * Stops timers, waits for background work, writes the snapshot and releases
+   * the lock. Idempotent. Writers still open are left to their owners (their
+   * staging files are removed at the next open).
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.sampleTimer) clearInterval(this.sampleTimer);
+    while (this.tasks.size) await Promise.all([...this.tasks]);
+    if (!this.readOnly) await this.flush();
+    this.closed = true;
+    if (this.snapshotTimer) clearTimeout(this.snapshotTimer);
+    if (this.writing.size) this.log.warn({ writers: this.writing.size }, 'pool: closed with writes in progress');
+    await this.lock?.release();
+  }
+}
+
+/**
+ * One two-phase write (see Pool.beginWrite). Not safe for concurrent calls on
+ * the same writer: await each write before the next. `commit()` and `abort()`
+ * end the write; `abort()` is idempotent and a no-op after commit.
+ */
+export class PoolWriter {
+  private readonly hash: Hash = createHash('sha256');
+  private written = 0;
+  private state: 'open' | 'committing' | 'done' = 'open';
+  private stream_: Writable | undefined;
+
+  /** @internal use Pool.beginWrite */
+  constructor(
+    private readonly pool: Pool,
+    private readonly hex: string,
+    /** the staging file; never visible in sha256/ */
+    readonly stagingPath: string,
+    private readonly fh: FileHandle,
+    readonly expectedSize: number | undefined,
+  ) {}
+
+  get digest(): string {
+    return `sha256:${this.hex}`;
+  }
+
+  /** Bytes written so far. */
+  get size(): number {
+    return this.written;
+  }
+
+  /** Appends a chunk. Fails (and aborts) on a size overrun or a full disk (PoolNoSpaceError). */
+  async write(chunk: Uint8Array): Promise<void> {
+    if (this.state !== 'open') throw failedPrecondition(`pool write ${this.digest}: writer is already ${this.state === 'done' ? 'finished' : 'committing'}`);
+    if (this.expectedSize !== undefined && this.written + chunk.length > this.expectedSize) {
+      await this.abort();
+      throw invalidArgument(`pool write ${this.digest}: more than the expected ${this.expectedSize} bytes`);
+    }
+    this.hash.update(chunk);
+    try {
+      let off = 0;
+      while (off < chunk.length) {
+        const { bytesWritten } = await this.fh.write(chunk, off, chunk.length - off, null);
+        off += bytesWritten;
+      }
+    } catch (err) {
+      throw await this.fail(err);
+    }
+    this.written += chunk.length;
+  }
+
+  /** A Writable over this writer, for `pipeline(source, w.stream)`; commit after it finishes. */
+  get stream(): Writable {
+    this.stream_ ??= new Writable({
+      write: (chunk: Buffer, _enc, cb) => {
+        this.write(chunk).then(() => cb(), cb);
+      },
+    });
+    return this.stream_;
+  }
+
+  /**
+   * Verifies sha256 and size (InvalidArgument naming both digests on a
+   * mismatch, staging file deleted), then makes the file visible. Resolves
+   * when the file is durable in the pool.
+   */
+  async commit(): Promise<void> {
+    if (this.state !== 'open') throw failedPrecondition(`pool write ${this.digest}: commit after ${this.state === 'done' ? 'finish' : 'commit'}`);
+    this.state = 'committing';
+    const actual = this.hash.digest('hex');
+    if (actual !== this.hex || (this.expectedSize !== undefined && this.written !== this.expectedSize)) {
+      await this.cleanup();
+      const sizeNote = this.expectedSize !== undefined && this.written !== this.expectedSize ? `, ${this.written} bytes instead of ${this.expectedSize}` : '';
+      throw invalidArgument(`pool write ${this.digest}: content does not match, got sha256:${actual}${sizeNote}`);
+    }
+    try {
+      await this.fh.chmod(0o444);
+      await this.fh.sync();
+      await this.fh.close();
+    } catch (err) {
+      throw await this.fail(err);
+    }
+    try {
+      await this.pool.install(this.hex, this.stagingPath, this.written);
+    } catch (err) {
+      await this.cleanup();
+      if (errnoCode(err) === 'ENOSPC') throw await this.pool.noSpace(this.hex, this.written, err);
+      throw internal(`pool write ${this.digest}: could not install the file`, err);
+    }
+    this.finish();
+    await this.pool.enforceCap();
+  }
+
+  /** Discards the write and its staging file. Idempotent; a no-op after commit. */
+  async abort(): Promise<void> {
+    if (this.state === 'done') return;
+    await this.cleanup();
+  }
+
+  private async fail(err: unknown): Promise<Error> {
+    await this.cleanup();
+    if (errnoCode(err) === 'ENOSPC' || errnoCode(err) === 'EDQUOT') {
+      return this.pool.noSpace(this.hex, Math.max(this.expectedSize ?? 0, this.written), err);
+    }
+    return internal(`pool write ${this.digest}: ${String(err)}`, err);
+  }
+
+  private async cleanup(): Promise<void> {
+    if (this.state === 'done') return;
+    this.finish();
+    await this.fh.close().catch(() => undefined);
+    await fs.rm(this.stagingPath, { force: true });
+  }
+
+  private finish(): void {
+    if (this.state === 'done') return;
+    this.state = 'done';
+    this.pool.endWrite(this.hex, this.expectedSize ?? 0);
+  }
+}
