@@ -49,7 +49,11 @@ export interface LayerEntry {
   metaPath: string;
   /** Where to read regular-file data from (the merged view for metacopy files). */
   dataPath: string;
-  /** Directory that hides the lower layers' content at this path (opaque=y, or a redirected dir over an existing name). */
+  /**
+   * Directory overlay2 would have marked opaque: created where the lower
+   * stack has a name (see lowerStackHasName). Not simply opaque=y, which
+   * redirect_dir=on also puts on every new dir in a merged parent.
+   */
   opaque: boolean;
   /** Comes from the merged view of a redirected directory rather than the upper dir. */
   expanded: boolean;
