@@ -14,7 +14,7 @@ import { createHash } from 'node:crypto';
 import { createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync, chmodSync, copyFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import tar from 'tar-stream';
+import tar, { type Header as TarHeader } from 'tar-stream';
 import type { Dockerd } from './dockerd.js';
 import { run, runOk } from './proc.js';
 
@@ -235,15 +235,23 @@ export function expectedLayeredOutput(): string {
 
 // ---------------------------------------------------------------- docker-archive with many layers
 
-interface Entry {
+export interface TarEntry {
   name: string;
-  type?: 'file' | 'directory' | 'symlink' | 'link';
+  type?: 'file' | 'directory' | 'symlink' | 'link' | 'fifo' | 'character-device' | 'block-device';
   mode?: number;
+  uid?: number;
+  gid?: number;
   content?: Buffer | string;
   linkname?: string;
+  devmajor?: number;
+  devminor?: number;
+  /** PAX records, e.g. {'SCHILY.xattr.user.k': 'v'}. */
+  pax?: Record<string, string>;
+  mtime?: Date;
 }
 
-async function tarBuffer(entries: Entry[]): Promise<Buffer> {
+/** An uncompressed tar of the entries, in order (for layer tars with exact headers). */
+export async function tarBuffer(entries: TarEntry[]): Promise<Buffer> {
   const pack = tar.pack();
   const chunks: Buffer[] = [];
   const done = new Promise<void>((resolve, reject) => {
@@ -254,15 +262,18 @@ async function tarBuffer(entries: Entry[]): Promise<Buffer> {
   const mtime = new Date('2020-01-01T00:00:00Z');
   for (const e of entries) {
     const type = e.type ?? 'file';
-    const header = {
+    const header: Partial<TarHeader> & { name: string } = {
       name: e.name,
       type,
       mode: e.mode ?? (type === 'directory' ? 0o755 : 0o644),
-      uid: 0,
-      gid: 0,
-      mtime,
-      linkname: e.linkname,
+      uid: e.uid ?? 0,
+      gid: e.gid ?? 0,
+      mtime: e.mtime ?? mtime,
     };
+    if (e.linkname !== undefined) header.linkname = e.linkname;
+    if (e.devmajor !== undefined) header.devmajor = e.devmajor;
+    if (e.devminor !== undefined) header.devminor = e.devminor;
+    if (e.pax) header.pax = e.pax;
     if (type === 'file') pack.entry(header, typeof e.content === 'string' ? Buffer.from(e.content) : e.content ?? Buffer.alloc(0));
     else pack.entry(header);
   }
@@ -297,17 +308,9 @@ export function expectedLayeredArchiveOutput(n: number): string {
  */
 export async function writeLayeredArchive(outFile: string, tag: string, n = 125): Promise<string> {
   if (n < 2) throw new Error('need at least 2 layers');
-  const tmp = mkdtempSync('/tmp/gla-');
-  const layers: Buffer[] = [];
-  try {
-    const bbTar = join(tmp, 'bb.tar');
-    await busyboxTar(bbTar);
-    layers.push(readFileSync(bbTar));
-  } finally {
-    rmSync(tmp, { recursive: true, force: true });
-  }
+  const layers: Buffer[] = [await busyboxLayer()];
   for (let i = 2; i <= n; i++) {
-    const entries: Entry[] = [{ name: 'layers/', type: 'directory' }];
+    const entries: TarEntry[] = [{ name: 'layers/', type: 'directory' }];
     if (i > 2) entries.push({ name: `layers/.wh.del-${i - 1}`, content: '' });
     entries.push({ name: `layers/del-${i}`, content: `del ${i}\n` });
     entries.push({ name: `layers/f-${i}`, content: `layer ${i}\n`.repeat(i) });
@@ -317,13 +320,39 @@ export async function writeLayeredArchive(outFile: string, tag: string, n = 125)
     entries.push({ name: `layers/opq/o-${i}`, content: `o ${i}\n` });
     layers.push(await tarBuffer(entries));
   }
+  return writeDockerArchive(outFile, tag, layers);
+}
+
+/** The busybox rootfs as a layer tar (Buffer). */
+export async function busyboxLayer(): Promise<Buffer> {
+  const tmp = mkdtempSync('/tmp/gla-');
+  try {
+    const bbTar = join(tmp, 'bb.tar');
+    await busyboxTar(bbTar);
+    return readFileSync(bbTar);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Writes a docker-archive (`docker save` format, loadable by `docker load`) of an
+ * image made of the given uncompressed layer tars. Deterministic: the same layers
+ * give the same image id on every daemon. Returns the image id (config digest).
+ */
+export async function writeDockerArchive(
+  outFile: string,
+  tag: string,
+  layers: Buffer[],
+  cmd: string[] = ['/bin/sh'],
+): Promise<string> {
   const diffIds = layers.map((l) => `sha256:${sha256(l)}`);
   const created = '2020-01-01T00:00:00Z';
   const config = {
     architecture: 'amd64',
     os: 'linux',
     created,
-    config: { Env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'], Cmd: ['/bin/sh'] },
+    config: { Env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'], Cmd: cmd },
     rootfs: { type: 'layers', diff_ids: diffIds },
     history: layers.map((_, i) => ({ created, created_by: `gear-test layer ${i + 1}` })),
   };
@@ -350,6 +379,19 @@ export async function writeLayeredArchive(outFile: string, tag: string, n = 125)
   pack.finalize();
   await piped;
   return `sha256:${configHex}`;
+}
+
+/** Writes and loads a docker-archive of the given layers as tag; returns the image id. */
+export async function loadLayers(d: Dockerd, tag: string, layers: Buffer[], cmd?: string[]): Promise<string> {
+  const tmp = mkdtempSync('/tmp/gla-');
+  try {
+    const file = join(tmp, 'image.tar');
+    const id = await writeDockerArchive(file, tag, layers, cmd);
+    await d.dockerOk(['load', '-i', file], { timeoutMs: 900_000 });
+    return id;
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
 }
 
 /** Generates and loads an n-layer image as tag; returns the image id. */
