@@ -34,7 +34,6 @@
 import { createReadStream } from 'node:fs';
 import { open, unlink, type FileHandle } from 'node:fs/promises';
 import { Readable, Transform, type TransformCallback } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { GearError, invalidArgument, notFound, unavailable } from '../errors.js';
 import { repositoryScope } from './auth.js';
 import { checkDigest, DigestMismatchError, DigestVerifier, sha256Digest } from './digest.js';
@@ -466,7 +465,11 @@ export class RegistryClient {
           stream.destroy();
           throw err;
         }
-        await pipeline(stream, verifier, fh.createWriteStream({ autoClose: false }), opts.signal ? { signal: opts.signal } : {});
+        stream.on('error', (e) => verifier.destroy(e));
+        for await (const chunk of stream.pipe(verifier)) {
+          if (opts.signal?.aborted) throw opts.signal.reason;
+          await fh.write(chunk as Buffer);
+        }
         await fh.sync();
         await fh.close();
         fh = undefined;
