@@ -127,10 +127,16 @@ async function startOnce(root: string, opts: StartRegistryOptions): Promise<Test
   });
   if (!spawned || child.pid === undefined) throw new Error(`cannot start ${REGISTRY_BINARY}: ${out}`);
   const url = `http://127.0.0.1:${port}`;
+  // If the test process exits without calling stop() (crash, worker teardown), do not leave the registry behind.
+  const killOnExit = () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  };
+  process.once('exit', killOnExit);
   let stopped = false;
   const stop = async () => {
     if (stopped) return;
     stopped = true;
+    process.removeListener('exit', killOnExit);
     if (child.exitCode === null && child.signalCode === null) {
       process.kill(child.pid!, 'SIGTERM');
       if (!(await waitExit(child, 5000))) {
