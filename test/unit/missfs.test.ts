@@ -194,7 +194,7 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
   it('serves other files while one provider lookup is slow', async () => {
     const files = Array.from({ length: 16 }, (_, i) => addBlob(blobs, `file ${i} ` + 'x'.repeat(i * 1000)));
     const slow = files[0]!;
-    provider.lookupDelay.set(slow.hex, 3_000);
+    provider.lookupDelay.set(slow.hex, 5_000);
     const m = await mountFs();
     const t0 = Date.now();
     const finished: Array<{ hex: string; at: number; ok: boolean }> = [];
@@ -211,8 +211,8 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
     expect(slowR.out.equals(slow.data)).toBe(true);
     expect(finished.every((f) => f.ok)).toBe(true);
     // Everything else finished well before the slow lookup did.
-    expect(Math.max(...finished.map((f) => f.at))).toBeLessThan(2_500);
-    expect(slowAt).toBeGreaterThanOrEqual(2_900);
+    expect(Math.max(...finished.map((f) => f.at))).toBeLessThan(4_000);
+    expect(slowAt).toBeGreaterThanOrEqual(4_900);
   });
 
   it('concurrent lookups of one digest share one provider call', async () => {
@@ -365,6 +365,77 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
     const r = await reader.done;
     expect(r.code).not.toBe(0);
     expect(provider.openFiles).toBe(0);
+  });
+
+  it('honours FORGET: nodes go away when the kernel drops them, inode numbers stay stable per digest', async () => {
+    const files = Array.from({ length: 5 }, (_, i) => addBlob(blobs, `forget me ${i}`));
+    const m = await mountFs();
+    const inos: string[] = [];
+    for (const f of files) {
+      const r = await run('stat', ['-c', '%i', blobPath(m, f)], { timeoutMs: 10_000 });
+      inos.push(r.stdout.trim());
+    }
+    expect(m.stats().liveNodes).toBe(5);
+    // Reclaim dentries and inodes: the kernel sends FORGET / BATCH_FORGET for our nodes.
+    writeFileSync('/proc/sys/vm/drop_caches', '2');
+    expect(await waitFor(() => m.stats().liveNodes === 0, 10_000, 50)).toBe(true);
+    expect(m.stats().forgets).toBeGreaterThanOrEqual(5);
+    for (const [i, f] of files.entries()) {
+      const r = await run('stat', ['-c', '%i', blobPath(m, f)], { timeoutMs: 10_000 });
+      expect(r.stdout.trim()).toBe(inos[i]);
+    }
+    expect(provider.lookupsOf(files[0]!.digest)).toBe(2);
+    expect(m.stats().liveNodes).toBe(5);
+  });
+
+  it('a reader killed during a slow READ dies at once; the file is released when the read ends', async () => {
+    const a = addBlob(blobs, randomBytes(64 * 1024));
+    const m = await mountFs();
+    provider.readDelay.set(a.hex, 3_000);
+    const { child, done } = catChild(blobPath(m, a));
+    expect(await waitFor(() => m.stats().reads > 0 && m.stats().inflight > 0, 10_000, 20)).toBe(true);
+    const t0 = Date.now();
+    child.kill('SIGKILL');
+    const r = await done;
+    expect(r.signal).toBe('SIGKILL');
+    // The reader waits killably (page lock, or INTERRUPT → EINTR), not for the provider.
+    expect(Date.now() - t0).toBeLessThan(2_000);
+    // Readahead READs are background requests the kernel does not interrupt: they finish,
+    // then the kernel sends RELEASE and the provider file is closed.
+    expect(await waitFor(() => provider.openFiles === 0, 15_000, 50)).toBe(true);
+    provider.readDelay.delete(a.hex);
+    const again = await catFile(blobPath(m, a));
+    expect(again.code).toBe(0);
+    expect(again.out.equals(a.data)).toBe(true);
+  });
+
+  it('unmount while an overlay still uses the mount aborts the connection after a bounded wait', async () => {
+    const a = addBlob(blobs, 'held by overlay');
+    const m = await mountFs();
+    const meta = join(tmp, 'meta');
+    const pool = join(tmp, 'pool');
+    const merged = join(tmp, 'merged');
+    for (const d of [meta, pool, merged]) mkdirSync(d);
+    const f = join(meta, 'a.txt');
+    writeFileSync(f, '');
+    truncateSync(f, a.data.length);
+    setXattr(f, 'trusted.overlay.metacopy', Buffer.alloc(0));
+    setXattr(f, 'trusted.overlay.redirect', `/sha256/${a.hex.slice(0, 2)}/${a.hex}`);
+    const mo = await run(
+      'mount',
+      ['-t', 'overlay', 'overlay', '-o', `ro,metacopy=on,redirect_dir=on,lowerdir=${meta}::${pool}::${m.mountpoint}`, merged],
+      { timeoutMs: 20_000 },
+    );
+    expect(mo.code).toBe(0);
+    overlays.push(merged);
+    const t0 = Date.now();
+    await m.unmount({ timeoutMs: 1_000 });
+    expect(Date.now() - t0).toBeLessThan(8_000);
+    await m.closed;
+    expect(isMounted(m.mountpoint)).toBe(false);
+    // The overlay is left with a dead data layer: opens fail, nothing hangs.
+    const r = await catFile(join(merged, 'a.txt'), 10_000);
+    expect(r.code).not.toBe(0);
   });
 
   it('replaces a stale mount left by a crashed daemon, and refuses a live one', async () => {
