@@ -6,6 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { text } from 'node:stream/consumers';
@@ -230,6 +231,36 @@ describe('registry client with htpasswd auth', () => {
       expect(err.message).toContain(reg.host);
     } finally {
       await badClient.close();
+    }
+  });
+  it('follows a blob redirect to another origin without sending the Authorization header', async () => {
+    const cfg = join(tmp, 'redirect-config.json');
+    const b = blob(4096);
+    const seenAuth: Array<string | undefined> = [];
+    const cdn = createServer((req, res) => {
+      seenAuth.push(req.headers.authorization);
+      res.writeHead(200, { 'content-length': String(b.bytes.length) });
+      res.end(b.bytes);
+    });
+    await new Promise<void>((r) => cdn.listen(0, '127.0.0.1', () => r()));
+    const cdnPort = (cdn.address() as { port: number }).port;
+    const proxy = await startFaultProxy(reg.url, (req) =>
+      req.method === 'GET' && req.url?.includes('/blobs/sha256:')
+        ? { kind: 'status', status: 307, headers: { location: `http://127.0.0.1:${cdnPort}/cdn/blob` }, body: '' }
+        : undefined,
+    );
+    // Credentials belong to the host the client talks to (the proxy), never to the redirect target.
+    await writeFile(cfg, JSON.stringify({ auths: { [proxy.host]: { username: reg.credentials!.username, password: reg.credentials!.password } } }));
+    const client = new RegistryClient({ dockerConfigPath: cfg, retry: FAST_RETRY });
+    try {
+      await client.pushBlob(`${proxy.host}/gear/redirected`, b.digest, b.bytes);
+      const got = await client.fetchBlob(`${proxy.host}/gear/redirected`, b.digest);
+      expect(got.equals(b.bytes)).toBe(true);
+      expect(seenAuth).toEqual([undefined]);
+    } finally {
+      await client.close();
+      await proxy.stop();
+      await new Promise<void>((r) => cdn.close(() => r()));
     }
   });
 });
