@@ -257,7 +257,8 @@ class Extraction {
       throw refuse(name, 'unsupported entry type (GNU sparse, multi-volume or vendor extension)');
     }
     const size = h.size ?? 0;
-    if (!Number.isSafeInteger(size) || size < 0) throw refuse(name, `invalid size ${size}`);
+    // -0: tar-stream's base-256 decoder turns -1 (all 0xff) into -0, which Go refuses.
+    if (!Number.isSafeInteger(size) || size < 0 || Object.is(size, -0)) throw refuse(name, `invalid size ${size}`);
     const isFile = type === 'file' || type === 'contiguous-file';
     // Go treats links, devices, fifos and dirs as header-only; tar-stream would
     // read their "data" as content. Refuse the ambiguity.
