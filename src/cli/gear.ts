@@ -7,6 +7,7 @@ import { Command } from 'commander';
 import { registerDaemon } from './daemon.js';
 import { registerCache } from './cache.js';
 import { registerConvert } from './convert.js';
+import { registerSnapshotter } from './snapshotter.js';
 
 const program = new Command();
 program
@@ -18,6 +19,7 @@ program
 registerDaemon(program);
 registerCache(program);
 registerConvert(program);
+registerSnapshotter(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`gear: ${err instanceof Error ? err.message : String(err)}\n`);
