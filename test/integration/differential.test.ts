@@ -233,7 +233,15 @@ async function hostXattrs(s: Side, container: string): Promise<string> {
   const pid = (await s.d.dockerOk(['inspect', '-f', '{{.State.Pid}}', container])).stdout.trim();
   const root = `/proc/${pid}/root`;
   const r = await run('getfattr', ['-R', '-P', '-h', '-d', '-m', '^(user|security)\\.', '-e', 'hex', '--absolute-names', `${root}/fx`]);
-  return r.stdout.split(root).join('') + (r.code === 0 ? '' : `\n[getfattr code ${r.code}: ${r.stderr}]`);
+  // One block per file; sorted, since readdir order may legitimately differ between drivers.
+  const blocks = r.stdout
+    .split(root)
+    .join('')
+    .split(/\n\s*\n/)
+    .map((b) => b.trim())
+    .filter(Boolean)
+    .sort();
+  return blocks.join('\n\n') + (r.code === 0 ? '' : `\n[getfattr code ${r.code}: ${r.stderr}]`);
 }
 
 async function runSide(s: Side): Promise<Result> {

@@ -24,6 +24,7 @@ import {
   expectedLayeredOutput,
   importBusybox,
   importMinbase,
+  ensureMinbaseTar,
   loadLayeredImage,
   MINBASE_TAG,
   buildImage,
@@ -138,6 +139,8 @@ describe(`docker on ${DRIVER}: the foundation`, () => {
 
   beforeAll(async () => {
     work = mkdtempSync('/tmp/gft-');
+    // The debootstrap cache (first run on a machine only: a few minutes, progress on stderr).
+    await ensureMinbaseTar();
     const startRegistry = await loadStartRegistry();
     reg = await startRegistry();
     reg2 = await startRegistry();

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# make demo: Gear as Docker's storage driver, end to end, on this machine only.
+#
+#   1. start a local registry (127.0.0.1, temp storage)
+#   2. start the Gear daemon (graph-driver plugin on a unique unmanaged socket)
+#   3. start a private dockerd using it (-s gear-<hex>; own data root and socket)
+#   4. build a busybox image from the host's busybox-static (no public registry)
+#   5. push it to the registry, delete it locally, pull it back
+#   6. run a container on Gear, write a file, show docker diff
+#   7. show what `docker info` says about the storage driver
+#
+# Everything lives under one temp dir and is stopped, unmounted and removed on
+# exit (also on failure or Ctrl-C). Never touches /var/lib/docker or the
+# default Docker socket. Needs root. Expects `make build` to have run (make demo does).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$PWD
+DOCKER=/usr/bin/docker # the 20.10 client (/usr/local/bin/docker may be a newer one without plugin support)
+DOCKERD=/usr/sbin/dockerd
+REGISTRY=/usr/bin/docker-registry
+
+step=0
+say() { step=$((step + 1)); printf '\n\033[1m==> %d. %s\033[0m\n' "$step" "$*"; }
+info() { printf '    %s\n' "$*"; }
+die() { printf '\ndemo: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (dockerd and overlay mounts need it)"
+for bin in "$DOCKER" "$DOCKERD" "$REGISTRY" /bin/busybox node; do
+  command -v "$bin" >/dev/null || die "missing $bin (run: make deps)"
+done
+[ -f "$REPO/dist/cli/gear.js" ] || die "dist/cli/gear.js missing (run: make build)"
+
+DIR=$(mktemp -d /tmp/gdemo-XXXXXX)
+NAME="gear-demo-$(head -c4 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+PLUGIN_SOCK="/run/docker/plugins/$NAME.sock"
+SOCK="$DIR/docker.sock"
+REG_PID='' GEAR_PID='' DOCKERD_PID=''
+
+# Stops one process we started: SIGTERM, bounded wait, SIGKILL.
+stop_pid() {
+  local pid=$1 what=$2 i
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || { info "stopped $what"; return 0; }; sleep 0.2; done
+  kill -KILL "$pid" 2>/dev/null || true
+  info "killed $what (did not stop within 30 s)"
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  printf '\n\033[1m==> cleanup\033[0m\n'
+  stop_pid "$DOCKERD_PID" dockerd
+  # dockerd's own containerd and shims run from our exec root; reap any left behind.
+  for p in $(grep -l -- "$DIR" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
+    [ "$p" = "$GEAR_PID" ] || [ "$p" = "$REG_PID" ] || [ "$p" = "$$" ] || stop_pid "$p" "leftover pid $p"
+  done
+  stop_pid "$GEAR_PID" "gear daemon"
+  stop_pid "$REG_PID" registry
+  # Unmount anything still mounted under our dir, deepest first.
+  awk -v d="$DIR" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo |
+    awk '{ print length($0) " " $0 }' | sort -rn | cut -d' ' -f2- |
+    while read -r m; do umount -l "$m" 2>/dev/null && info "unmounted $m"; done
+  rm -f "$PLUGIN_SOCK"
+  if [ $rc -ne 0 ]; then
+    printf '\ndemo FAILED (exit %d). Last log lines:\n' "$rc"
+    for f in "$DIR"/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 25 "$f"; }; done
+  fi
+  rm -rf "$DIR"
+  info "removed $DIR"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits (bounded) until a command succeeds.
+wait_for() {
+  local what=$1 tries=$2; shift 2
+  for _ in $(seq 1 "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
+  die "$what did not come up"
+}
+dk() { "$DOCKER" -H "unix://$SOCK" "$@"; }
+export DOCKER_CONFIG="$DIR/client" DOCKER_BUILDKIT=0
+
+say "Start a local registry on 127.0.0.1"
+PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+mkdir -p "$DIR/registry"
+cat >"$DIR/registry/config.yml" <<YAML
+version: 0.1
+log: { level: warn, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $DIR/registry/data }, delete: { enabled: true } }
+http: { addr: 127.0.0.1:$PORT }
+YAML
+"$REGISTRY" serve "$DIR/registry/config.yml" >"$DIR/registry.log" 2>&1 &
+REG_PID=$!
+wait_for registry 40 node -e "fetch('http://127.0.0.1:$PORT/v2/').then(r=>process.exit(r.status===200?0:1),()=>process.exit(1))"
+info "registry: http://127.0.0.1:$PORT (pid $REG_PID)"
+
+say "Start the Gear daemon (graph-driver plugin '$NAME')"
+mkdir -p /run/docker/plugins "$DIR/gear"
+node "$REPO/dist/cli/gear.js" daemon --socket "$PLUGIN_SOCK" --root "$DIR/gear" >"$DIR/gear.log" 2>&1 &
+GEAR_PID=$!
+wait_for "gear daemon" 60 test -S "$PLUGIN_SOCK"
+info "plugin socket: $PLUGIN_SOCK (pid $GEAR_PID), store: $DIR/gear"
+
+say "Start a private dockerd with --storage-driver $NAME"
+mkdir -p "$DIR/data" "$DIR/exec"
+"$DOCKERD" --experimental -s "$NAME" --data-root "$DIR/data" --exec-root "$DIR/exec" \
+  -H "unix://$SOCK" --pidfile "$DIR/dockerd.pid" --bridge=none --iptables=false --ip6tables=false \
+  --ip-masq=false >"$DIR/dockerd.log" 2>&1 &
+DOCKERD_PID=$!
+wait_for dockerd 120 dk version
+info "dockerd: unix://$SOCK (pid $DOCKERD_PID)"
+
+say "Build a busybox image from the host's busybox-static (no public registry needed)"
+ROOTFS="$DIR/rootfs"
+mkdir -p "$ROOTFS"/{bin,sbin,usr/bin,usr/sbin,etc,root,tmp,var,proc,sys,dev}
+chmod 1777 "$ROOTFS/tmp"
+cp /bin/busybox "$ROOTFS/bin/busybox"
+for applet in $(/bin/busybox --list-full); do
+  [ -e "$ROOTFS/$applet" ] || ln -s /bin/busybox "$ROOTFS/$applet"
+done
+echo 'root:x:0:0:root:/root:/bin/sh' >"$ROOTFS/etc/passwd"
+echo 'root:x:0:' >"$ROOTFS/etc/group"
+tar --numeric-owner -C "$ROOTFS" -cf "$DIR/busybox.tar" .
+IMAGE="127.0.0.1:$PORT/demo/busybox:latest"
+dk import --change 'CMD ["/bin/sh"]' "$DIR/busybox.tar" "$IMAGE" >/dev/null
+info "$(dk image ls --format '{{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' | head -1)"
+
+say "Push it to the local registry, delete it locally, pull it back (layers go through Gear's ApplyDiff)"
+dk push "$IMAGE" | sed 's/^/    /'
+dk rmi "$IMAGE" >/dev/null
+dk pull "$IMAGE" | sed 's/^/    /'
+
+say "Run a container on Gear"
+dk run --name demo "$IMAGE" sh -c 'echo "hello from a container on $(uname -r)"; echo written-in-container > /root/proof; ls -l /root/proof'
+info "docker diff demo:"
+dk diff demo | sed 's/^/      /'
+info "docker inspect (GraphDriver):"
+dk inspect -f '{{.GraphDriver.Name}} {{json .GraphDriver.Data}}' demo | sed 's/^/      /'
+dk rm demo >/dev/null
+
+say "What docker info says about the storage driver"
+dk info 2>/dev/null | sed -n '/Storage Driver:/,/Logging Driver:/p' | grep -v 'Logging Driver' | sed 's/^/    /'
+
+printf '\n\033[1mDemo finished: dockerd ran its containers on the Gear storage driver.\033[0m\n'
