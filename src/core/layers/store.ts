@@ -401,7 +401,9 @@ class OverlayLayerStore implements LayerStore {
       const diff = this.diffDir(id);
       let size: number;
       try {
-        ({ size } = await applyLayer(tar, diff));
+        // Drained, not destroyed, on error: the tar usually is an HTTP request body
+        // whose reply (carrying the error) can only go out once it is read.
+        ({ size } = await applyLayer(tar, diff, { drainInputOnError: true }));
       } catch (err) {
         await emptyDir(diff).catch(() => undefined);
         await fs.rm(marker, { force: true });
