@@ -236,6 +236,28 @@ describe('pool eviction', () => {
     expect(pool.stat()).toMatchObject({ files: 2, bytes: 800, writing: 0 });
   });
 
+  it('takes recency from touch, pin and open, and from atimes later than the write', async () => {
+    let now = Date.now() + 3_600_000; // later than any real atime of these fresh files
+    const pool = await open({ capBytes: 1000, clock: () => now });
+    const f = [blob('r0', 300), blob('r1', 300), blob('r2', 300)];
+    for (const b of f) {
+      now += 1;
+      await put(pool, b);
+    }
+    // r0 was read directly (as overlayfs would) after it was written: its atime is later than mtime.
+    const st = await fs.stat(pool.path(f[0]!.digest));
+    const readAt = new Date(now + 50);
+    await fs.utimes(pool.path(f[0]!.digest), readAt, st.mtime);
+    await pool.sampleAtimes();
+    now += 100;
+    pool.pin(f[1]!.digest)(); // a pin is a use too
+    expect(pool.list().map((e) => e.digest)).toEqual([f[2]!.digest, f[0]!.digest, f[1]!.digest]);
+    expect(pool.list()[1]!.lastUse).toBe(readAt.getTime());
+    now += 1;
+    await put(pool, blob('r3', 300)); // 1200 > 950, down to 850: the two least recent (r2, r0) go
+    expect(f.map((b) => pool.has(b.digest))).toEqual([false, true, false]);
+  });
+
   it('an opened file stays readable after eviction', async () => {
     const pool = await open();
     const b = blob('open me', 200_000);
@@ -295,8 +317,10 @@ describe('pool restart', () => {
     await fs.rm(pool.path(gone.digest));
     await fs.writeFile(path.join(root, 'pool', '.staging', 'deadbeef.123'), 'partial');
     const stranger = blob('stranger', 4096);
+    await fs.mkdir(path.dirname(pool.path(stranger.digest)), { recursive: true });
     await fs.writeFile(pool.path(stranger.digest), stranger.body, { mode: 0o644 });
     const liar = blob('liar', 10);
+    await fs.mkdir(path.dirname(pool.path(liar.digest)), { recursive: true });
     await fs.writeFile(pool.path(liar.digest), 'not the content');
     // a file whose size changed behind our back is no longer trusted
     await fs.chmod(pool.path(kept.digest), 0o644);

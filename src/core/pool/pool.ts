@@ -291,9 +291,7 @@ export class Pool {
       this.lock = await PoolLock.acquire(path.join(this.dir, '.lock'), `open the pool ${this.dir} for writing`);
       await fs.mkdir(this.stagingDir, { recursive: true, mode: 0o700 });
       await fs.mkdir(this.refsDir, { recursive: true, mode: 0o700 });
-      // All 256 shard dirs up front: commits never race on mkdir.
-      const shards = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
-      await Promise.all(shards.map((s) => fs.mkdir(path.join(this.shaDir, s), { recursive: true, mode: 0o755 })));
+      await fs.mkdir(this.shaDir, { recursive: true, mode: 0o755 }); // shard dirs are made on first use
       const leftovers = await fs.readdir(this.stagingDir);
       await Promise.all(leftovers.map((n) => fs.rm(path.join(this.stagingDir, n), { recursive: true, force: true })));
       if (leftovers.length) this.log.info({ count: leftovers.length }, 'pool: removed leftover staging files');
@@ -383,7 +381,7 @@ export class Pool {
           if (!known) adopted++;
           // atime counts as a use only when later than mtime, i.e. a read after the write.
           const readAt = st.atimeMs > st.mtimeMs ? st.atimeMs : 0;
-          const lastUse = Math.max(known ? known[1] : st.mtimeMs, readAt);
+          const lastUse = Math.round(Math.max(known ? known[1] : st.mtimeMs, readAt));
           this.entries.set(hex, { size: st.size, lastUse, mtimeMs: st.mtimeMs, verified });
           this.used += st.size;
         }),
@@ -633,6 +631,7 @@ export class Pool {
       return new PoolWriter(this, hex, staging, fh, expectedSize);
     } catch (err) {
       this.endWrite(hex, reserve);
+      if (errnoCode(err) === 'ENOSPC' || errnoCode(err) === 'EDQUOT') throw await this.noSpace(hex, reserve, err);
       throw err;
     }
   }
@@ -688,6 +687,8 @@ export class Pool {
   async install(hex: string, staging: string, size: number): Promise<void> {
     await this.evicting.get(hex); // never let an in-flight unlink remove the new file
     const file = this.fileOf(hex);
+    // Concurrent mkdirs of one shard are fine (recursive ignores EEXIST).
+    if (await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o755 })) await syncDir(this.shaDir);
     await fs.rename(staging, file);
     await syncDir(path.dirname(file));
     const st = await fs.stat(file);
@@ -837,7 +838,7 @@ export class Pool {
             const st = await fs.stat(this.fileOf(hex));
             const e = this.entries.get(hex);
             if (e && st.atimeMs > st.mtimeMs && st.atimeMs > e.lastUse) {
-              e.lastUse = st.atimeMs;
+              e.lastUse = Math.round(st.atimeMs);
               this.markDirty();
             }
           } catch (err) {

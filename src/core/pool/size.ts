@@ -13,7 +13,7 @@ import { invalidArgument } from '../errors.js';
 
 const SIZE_RE = /^\s*(\d+(?:\.\d+)?|\.\d+)\s*(?:([kmgtp])(i?)(b?)|(b?))\s*$/i;
 const POWER: Record<string, number> = { k: 1, m: 2, g: 3, t: 4, p: 5 };
-const UNITS_HELP = 'B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (K, M, G, T mean KiB, MiB, GiB, TiB)';
+const UNITS_HELP = 'B; KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB or K, M, G, T = powers of 1024';
 
 /**
  * Parses a human size into bytes. Throws GearError InvalidArgument naming the
