@@ -1,6 +1,169 @@
-/** `gear convert SRC DST`: turn an image into a Gear image (docs/format.md). */
+/**
+ * `gear convert SRC DST`: turn an image into a Gear image (docs/format.md).
+ *
+ * SRC: registry reference | docker-archive:FILE | oci:DIR[:TAG] | docker-daemon:IMAGE
+ * DST: registry reference | oci:DIR[:TAG]
+ *
+ * Output: progress bars on a TTY (stderr), plain lines otherwise; `--json`
+ * prints the summary as one JSON object on stdout.
+ */
 import type { Command } from 'commander';
+import cliProgress from 'cli-progress';
+import { describeError, invalidArgument } from '../core/errors.js';
+import type { BlobLocation } from '../core/index/manifest.js';
+import { convertImage, type ConvertSummary, type ProgressEvent } from '../convert/convert.js';
+import { ociLayoutDestination, registryDestination, type Destination } from '../convert/destination.js';
+import { newRegistryClient, openRegistry } from '../convert/registry-adapter.js';
+import { openDockerArchive, openDockerDaemon, openOciLayout, openRegistryImage, parseSourceSpec, type SourceImage } from '../convert/source.js';
+import { parseRepository } from '../core/registry/reference.js';
+
+interface ConvertFlags {
+  json?: boolean;
+  dockerHost?: string;
+  concurrency: string;
+  filesPerManifest: string;
+  tmpDir?: string;
+  location?: string;
+  insecureRegistry: string[];
+  progress?: boolean;
+}
+
+const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
+
+function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent) => void; stop: () => void } {
+  if (quiet) return { on: () => undefined, stop: () => undefined };
+  if (!tty) {
+    let lastUploadLine = 0;
+    let uploaded = 0;
+    let total = 0;
+    return {
+      on: (e) => {
+        if (e.kind === 'layer') process.stderr.write(`reading ${e.name}\n`);
+        else if (e.kind === 'upload-plan') {
+          total = e.blobs;
+          process.stderr.write(`checking/uploading ${e.blobs} Gear files (${mb(e.bytes)})\n`);
+        } else if (e.kind === 'blob' && ++uploaded <= total) {
+          const now = Date.now();
+          if (uploaded === total || now - lastUploadLine > 2000) {
+            lastUploadLine = now;
+            process.stderr.write(`gear files: ${uploaded}/${total}\n`);
+          }
+        } else if (e.kind === 'phase') process.stderr.write(`writing ${e.phase}\n`);
+      },
+      stop: () => undefined,
+    };
+  }
+  const multi = new cliProgress.MultiBar(
+    { clearOnComplete: false, hideCursor: true, format: '{label} |{bar}| {value}/{total} {unit}', stream: process.stderr },
+    cliProgress.Presets.shades_classic,
+  );
+  const layers = multi.create(1, 0, { label: 'layers ', unit: '' });
+  const bytes = multi.create(0, 0, { label: 'read MB', unit: 'MB' });
+  let upload: cliProgress.SingleBar | undefined;
+  let readBytes = 0;
+  return {
+    on: (e) => {
+      if (e.kind === 'layer') {
+        layers.setTotal(e.count);
+        layers.update(e.index);
+      } else if (e.kind === 'layer-bytes') {
+        readBytes += e.bytes;
+        const v = Math.round(readBytes / 1e6);
+        bytes.setTotal(Math.max(v, bytes.getTotal()));
+        bytes.update(v);
+      } else if (e.kind === 'upload-plan') {
+        layers.update(layers.getTotal());
+        upload = multi.create(e.blobs, 0, { label: 'files  ', unit: 'blobs' });
+      } else if (e.kind === 'blob') upload?.increment();
+    },
+    stop: () => multi.stop(),
+  };
+}
+
+async function openSource(src: string, flags: ConvertFlags, client: ReturnType<typeof newRegistryClient>): Promise<SourceImage> {
+  const spec = parseSourceSpec(src);
+  switch (spec.kind) {
+    case 'docker-archive':
+      return openDockerArchive(spec.file);
+    case 'docker-daemon':
+      return openDockerDaemon(spec.image, flags.dockerHost, flags.tmpDir);
+    case 'oci':
+      return openOciLayout(spec.arg);
+    case 'registry':
+      return openRegistryImage(openRegistry(spec.ref, client), spec.ref);
+  }
+}
+
+async function openDestination(dst: string, flags: ConvertFlags, client: ReturnType<typeof newRegistryClient>): Promise<Destination> {
+  if (dst.startsWith('oci:')) {
+    let location: BlobLocation | undefined;
+    if (flags.location) {
+      const r = parseRepository(flags.location);
+      location = { registry: r.registry, repository: r.repository };
+    }
+    return ociLayoutDestination(dst.slice('oci:'.length), location);
+  }
+  if (/^[a-z-]+:/.test(dst) && !dst.startsWith('docker://') && !/^[^/]+:[0-9]+\//.test(dst)) {
+    throw invalidArgument(`destination ${JSON.stringify(dst)}: use a registry reference or oci:DIR[:TAG]`);
+  }
+  return registryDestination(openRegistry(dst.replace(/^docker:\/\//, ''), client));
+}
+
+/** Runs a conversion the way the CLI does; exported for tests and the benchmark. */
+export async function runConvert(src: string, dst: string, flags: ConvertFlags): Promise<ConvertSummary> {
+  const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry });
+  const reporter = progressReporter(Boolean(process.stderr.isTTY) && flags.progress !== false, Boolean(flags.json) && !process.stderr.isTTY);
+  try {
+    const source = await openSource(src, flags, client);
+    try {
+      const dest = await openDestination(dst, flags, client);
+      return await convertImage(source, dest, {
+        concurrency: Number(flags.concurrency),
+        filesPerManifest: Number(flags.filesPerManifest),
+        tmpDir: flags.tmpDir,
+        progress: reporter.on,
+      });
+    } finally {
+      await source.close();
+    }
+  } finally {
+    reporter.stop();
+    await client.close();
+  }
+}
 
 export function registerConvert(program: Command): void {
-  program.command('convert').description('convert an image into a Gear image').argument('<src>').argument('<dst>');
+  program
+    .command('convert')
+    .description('convert an image into a Gear image (index layer + deduplicated Gear files)')
+    .argument('<src>', 'registry reference, docker-archive:FILE, oci:DIR[:TAG] or docker-daemon:IMAGE')
+    .argument('<dst>', 'registry reference or oci:DIR[:TAG]')
+    .option('--json', 'print a JSON summary on stdout')
+    .option('--docker-host <url>', 'Docker Engine socket for docker-daemon: (default $DOCKER_HOST or unix:///var/run/docker.sock)')
+    .option('--concurrency <n>', 'uploads in flight', '4')
+    .option('--files-per-manifest <n>', 'Gear files per keep-alive manifest', '10000')
+    .option('--tmp-dir <dir>', 'where file contents are staged during the conversion')
+    .option('--location <registry/repository>', 'for oci: destinations: where the Gear files will be pushed')
+    .option('--insecure-registry <host>', 'registry reachable over plain http (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--no-progress', 'no progress bars')
+    .action(async (src: string, dst: string, flags: ConvertFlags) => {
+      for (const [name, v] of [['--concurrency', flags.concurrency], ['--files-per-manifest', flags.filesPerManifest]] as const) {
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1) throw invalidArgument(`${name} must be a positive integer`);
+      }
+      try {
+        const s = await runConvert(src, dst, flags);
+        if (flags.json) process.stdout.write(`${JSON.stringify(s)}\n`);
+        else {
+          process.stdout.write(
+            `${s.destination}@${s.manifestDigest}\n` +
+              `  files ${s.files}, unique contents ${s.uniqueContents}, logical ${mb(s.logicalBytes)}\n` +
+              `  uploaded ${mb(s.bytesUploaded)} (${s.blobsUploaded} blobs), already present ${mb(s.bytesSkipped)} (${s.blobsSkipped} blobs)\n` +
+              `  index ${mb(s.indexSize)}, ${s.keepAliveManifests} keep-alive manifest(s), ${s.seconds.toFixed(1)} s\n`,
+          );
+        }
+      } catch (err) {
+        throw new Error(`convert ${src} → ${dst}: ${describeError(err)}`, { cause: err });
+      }
+    });
 }

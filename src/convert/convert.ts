@@ -1,0 +1,326 @@
+/**
+ * convertImage: source image → Gear image (docs/format.md).
+ *
+ * Order of work, chosen so that an interrupted run leaves the destination
+ * consistent and a rerun only sends what is missing:
+ *   1. flatten every layer (verified while read), staging each distinct file
+ *      content on disk by digest;
+ *   2. push Gear files (HEAD first, bounded concurrency);
+ *   3. push the index layer, the config and the empty keep-alive config;
+ *   4. push keep-alive manifests, each under its own tag (`sha256-<hex>.gear.<n>`),
+ *      then the OCI referrers fallback index (`sha256-<hex>`) listing them;
+ *   5. push the image manifest under its tag, last.
+ */
+import { createHash } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { once } from 'node:events';
+import { createGzip, constants as zc } from 'node:zlib';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { invalidArgument } from '../core/errors.js';
+import { writeIndexLayer } from '../core/index/index-layer.js';
+import { GEAR_FORMAT_VERSION, GEAR_VERSION_LABEL, GearMediaType, SOURCE_DIGEST_LABEL, type IndexManifest, type StoredBlob } from '../core/index/manifest.js';
+import type { TarHeader } from '../core/index/tar.js';
+import type { Destination } from './destination.js';
+import { Flattener } from './flatten.js';
+import { layerTar, type SourceImage } from './source.js';
+import { ContentStage } from './stage.js';
+
+export const MediaTypes = {
+  OciManifest: 'application/vnd.oci.image.manifest.v1+json',
+  OciIndex: 'application/vnd.oci.image.index.v1+json',
+  OciConfig: 'application/vnd.oci.image.config.v1+json',
+  OciLayerGzip: 'application/vnd.oci.image.layer.v1.tar+gzip',
+  OciEmpty: 'application/vnd.oci.empty.v1+json',
+} as const;
+
+/** The OCI empty descriptor's content `{}`. */
+export const EMPTY_JSON = Buffer.from('{}');
+export const EMPTY_JSON_DIGEST = 'sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a';
+
+/** A Gear file is stored gzipped when that makes it at most this fraction of its size. */
+export const GZIP_WORTH_IT = 0.9;
+
+/** Registries commonly refuse manifests over 4 MiB; keep-alive manifests stay under this. */
+export const MAX_REGISTRY_MANIFEST_BYTES = 4 * 1024 * 1024;
+
+export type ProgressEvent =
+  | { kind: 'layer'; index: number; count: number; name: string }
+  | { kind: 'file-bytes'; bytes: number }
+  | { kind: 'layer-bytes'; bytes: number }
+  | { kind: 'upload-plan'; blobs: number; bytes: number }
+  | { kind: 'blob'; digest: string; size: number; status: 'exists' | 'uploaded' }
+  | { kind: 'phase'; phase: string };
+
+export interface ConvertOptions {
+  /** Blob uploads in flight (default 4). */
+  concurrency?: number;
+  /** Gear files per keep-alive manifest (default 10,000; always kept under 4 MiB). */
+  filesPerManifest?: number;
+  /**
+   * How Gear files are stored: 'auto' (default) gzips a file when that saves
+   * at least 10% (docs/format.md, "Storing Gear files"); 'raw' never compresses.
+   */
+  storage?: 'auto' | 'raw';
+  /** gzip level for 'auto' (default 6). */
+  gzipLevel?: number;
+  /** Parent of the temp staging dir (default: OS temp dir). */
+  tmpDir?: string;
+  progress?: (e: ProgressEvent) => void;
+}
+
+export interface ConvertSummary {
+  source: string;
+  destination: string;
+  /** Digest of the Gear image manifest. */
+  manifestDigest: string;
+  /** Digest of the index layer (compressed blob) and its uncompressed diff_id. */
+  indexDigest: string;
+  indexDiffId: string;
+  /** Non-empty regular files (hard links counted once). */
+  files: number;
+  uniqueContents: number;
+  /** Sum of the sizes of those files. */
+  logicalBytes: number;
+  /** Uncompressed bytes of all source layers. */
+  layerBytes: number;
+  bytesUploaded: number;
+  bytesSkipped: number;
+  blobsUploaded: number;
+  blobsSkipped: number;
+  /** Size of the compressed index layer. */
+  indexSize: number;
+  keepAliveManifests: number;
+  seconds: number;
+}
+
+/** Runs fn over items with at most `limit` in flight; the first failure rejects (others are awaited). */
+export async function mapLimit<T>(items: readonly T[], limit: number, fn: (t: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failed: unknown;
+  const worker = async () => {
+    while (failed === undefined && next < items.length) {
+      const t = items[next++]!;
+      try {
+        await fn(t);
+      } catch (err) {
+        failed ??= err;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(limit, items.length)) }, worker));
+  if (failed !== undefined) throw failed;
+}
+
+function sha256(b: Buffer): string {
+  return `sha256:${createHash('sha256').update(b).digest('hex')}`;
+}
+
+/** The Gear image config: the source config with rootfs, history and labels replaced. */
+export function gearConfig(source: Buffer, indexDiffId: string, sourceDigest: string): Buffer {
+  const cfg = JSON.parse(source.toString('utf8')) as Record<string, unknown>;
+  const inner = (cfg.config && typeof cfg.config === 'object' ? cfg.config : {}) as Record<string, unknown>;
+  const labels = (inner.Labels && typeof inner.Labels === 'object' ? inner.Labels : {}) as Record<string, string>;
+  inner.Labels = { ...labels, [GEAR_VERSION_LABEL]: String(GEAR_FORMAT_VERSION), [SOURCE_DIGEST_LABEL]: sourceDigest };
+  cfg.config = inner;
+  cfg.rootfs = { type: 'layers', diff_ids: [indexDiffId] };
+  const h: Record<string, unknown> = {};
+  if (typeof cfg.created === 'string') h.created = cfg.created;
+  h.created_by = 'gear convert';
+  h.comment = `Gear index of ${sourceDigest}`;
+  cfg.history = [h];
+  return Buffer.from(JSON.stringify(cfg));
+}
+
+/** Keep-alive manifests: each references up to `perManifest` Gear files, never more than 4 MiB. */
+export function keepAliveManifests(digests: { digest: string; size: number; mediaType: string }[], perManifest: number, subject?: { digest: string; size: number }): Buffer[] {
+  const out: Buffer[] = [];
+  const per = Math.max(1, Math.min(perManifest, 25_000)); // 25,000 × ≤160 bytes stays under 4 MiB
+  for (let i = 0; i < digests.length; i += per) {
+    const doc: Record<string, unknown> = {
+      schemaVersion: 2,
+      mediaType: MediaTypes.OciManifest,
+      artifactType: GearMediaType.FilesManifest,
+      config: { mediaType: MediaTypes.OciEmpty, digest: EMPTY_JSON_DIGEST, size: 2 },
+      layers: digests.slice(i, i + per).map((d) => ({ mediaType: d.mediaType, digest: d.digest, size: d.size })),
+    };
+    if (subject) doc.subject = { mediaType: MediaTypes.OciManifest, digest: subject.digest, size: subject.size };
+    doc.annotations = { 'io.gear.files.part': `${i / per + 1}/${Math.ceil(digests.length / per)}` };
+    const b = Buffer.from(JSON.stringify(doc));
+    if (b.length > MAX_REGISTRY_MANIFEST_BYTES) throw new Error(`keep-alive manifest of ${b.length} bytes exceeds 4 MiB`);
+    out.push(b);
+  }
+  return out;
+}
+
+/** Tag of the i-th keep-alive manifest of an image: `sha256-<hex>.gear.<i+1>` (≤ 128 chars). */
+export function keepAliveTag(imageDigest: string, i: number): string {
+  return `sha256-${imageDigest.slice('sha256:'.length)}.gear.${i + 1}`;
+}
+
+/** Writes the index layer as tar+gzip to `file`; returns diff_id, digest, size. */
+async function writeIndexBlob(manifest: IndexManifest, entries: TarHeader[], file: string) {
+  const diff = createHash('sha256');
+  const comp = createHash('sha256');
+  let size = 0;
+  // Fixed level and strategy: the same input always gives the same bytes (header mtime 0, OS 3).
+  const gz = createGzip({ level: 9, strategy: zc.Z_DEFAULT_STRATEGY });
+  const out = createWriteStream(file);
+  gz.on('data', (c: Buffer) => {
+    comp.update(c);
+    size += c.length;
+  });
+  const done = pipeline(gz, out);
+  for await (const chunk of writeIndexLayer(manifest, entries)) {
+    diff.update(chunk);
+    if (!gz.write(chunk)) await once(gz, 'drain');
+  }
+  gz.end();
+  await done;
+  return { diffId: `sha256:${diff.digest('hex')}`, digest: `sha256:${comp.digest('hex')}`, size };
+}
+
+export async function convertImage(src: SourceImage, dst: Destination, opts: ConvertOptions = {}): Promise<ConvertSummary> {
+  const t0 = process.hrtime.bigint();
+  const progress = opts.progress ?? (() => undefined);
+  const stage = await ContentStage.create(opts.tmpDir);
+  try {
+    // 1. flatten
+    const flat = new Flattener(stage);
+    for (let i = 0; i < src.layers.length; i++) {
+      const layer = src.layers[i]!;
+      progress({ kind: 'layer', index: i, count: src.layers.length, name: layer.name });
+      const tar = (async function* () {
+        for await (const c of layerTar(layer)) {
+          flat.stats.layerBytes += c.length;
+          progress({ kind: 'layer-bytes', bytes: c.length });
+          yield c;
+        }
+      })();
+      await flat.applyLayer(layer.name, tar, (n) => progress({ kind: 'file-bytes', bytes: n }));
+    }
+    const { entries, manifest } = flat.result(dst.location);
+
+    // 2. Gear files: encode (gzip when worth it), then HEAD + upload
+    const unique = new Map<string, number>();
+    let logicalBytes = 0;
+    for (const f of manifest.files) {
+      unique.set(f.digest, f.size);
+      logicalBytes += f.size;
+    }
+    const contents = [...unique].map(([digest, size]) => ({ digest, size })).sort((a, b) => (a.digest < b.digest ? -1 : 1));
+    progress({ kind: 'upload-plan', blobs: contents.length, bytes: contents.reduce((s, b) => s + b.size, 0) });
+    let bytesUploaded = 0;
+    let bytesSkipped = 0;
+    let blobsUploaded = 0;
+    let blobsSkipped = 0;
+    const account = (digest: string, size: number, status: 'exists' | 'uploaded') => {
+      if (status === 'uploaded') {
+        bytesUploaded += size;
+        blobsUploaded++;
+      } else {
+        bytesSkipped += size;
+        blobsSkipped++;
+      }
+      progress({ kind: 'blob', digest, size, status });
+    };
+    const stored = new Map<string, StoredBlob>();
+    const keepAlive: { digest: string; size: number; mediaType: string }[] = [];
+    await mapLimit(contents, opts.concurrency ?? 4, async (c) => {
+      let blob = { digest: c.digest, size: c.size, path: stage.path(c.digest), mediaType: GearMediaType.File as string };
+      if ((opts.storage ?? 'auto') === 'auto') {
+        const gz = await stage.gzip(c.digest, opts.gzipLevel ?? 6);
+        if (gz.size <= c.size * GZIP_WORTH_IT) {
+          blob = { ...gz, mediaType: GearMediaType.FileGzip };
+          stored.set(c.digest, { mediaType: GearMediaType.FileGzip, digest: gz.digest, size: gz.size });
+        }
+      }
+      keepAlive.push({ digest: blob.digest, size: blob.size, mediaType: blob.mediaType });
+      account(blob.digest, blob.size, await dst.pushFile(blob.digest, blob.size, blob.path));
+    });
+    for (const f of manifest.files) {
+      const b = stored.get(f.digest);
+      if (b) f.blob = b;
+    }
+    keepAlive.sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
+
+    // 3. index layer, config
+    progress({ kind: 'phase', phase: 'index' });
+    const indexFile = join(stage.dir, 'index-layer.tar.gz');
+    const index = await writeIndexBlob(manifest, entries, indexFile);
+    if ((await stat(indexFile)).size !== index.size) throw new Error('index layer size changed while written');
+    account(index.digest, index.size, await dst.pushFile(index.digest, index.size, indexFile));
+    const config = gearConfig(src.config, index.diffId, src.sourceDigest);
+    const configDigest = sha256(config);
+    account(configDigest, config.length, await dst.pushBytes(configDigest, config));
+
+    const imageManifest = Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: MediaTypes.OciManifest,
+        config: { mediaType: MediaTypes.OciConfig, digest: configDigest, size: config.length },
+        layers: [{ mediaType: MediaTypes.OciLayerGzip, digest: index.digest, size: index.size }],
+      }),
+    );
+    const imageDigest = sha256(imageManifest);
+
+    // 4. keep-alive manifests and the referrers tag that holds them
+    progress({ kind: 'phase', phase: 'manifests' });
+    const keep = keepAliveManifests(keepAlive, opts.filesPerManifest ?? 10_000, { digest: imageDigest, size: imageManifest.length });
+    if (keep.length > 0) {
+      account(EMPTY_JSON_DIGEST, EMPTY_JSON.length, await dst.pushBytes(EMPTY_JSON_DIGEST, EMPTY_JSON));
+      const descs: Record<string, unknown>[] = [];
+      for (let i = 0; i < keep.length; i++) {
+        // Each keep-alive manifest has its own tag: distribution's `garbage-collect
+        // --delete-untagged` deletes untagged manifests even when a tagged index
+        // references them, and with them the only reference to their Gear files.
+        const m = keep[i]!;
+        const d = await dst.putManifest(keepAliveTag(imageDigest, i), m, MediaTypes.OciManifest);
+        descs.push({ mediaType: MediaTypes.OciManifest, digest: d, size: m.length, artifactType: GearMediaType.FilesManifest });
+      }
+      const referrersTag = `sha256-${imageDigest.slice('sha256:'.length)}`;
+      // Keep referrers other tools stored under the same fallback tag.
+      const existing = await dst.getManifest(referrersTag).catch(() => undefined);
+      let others: unknown[] = [];
+      if (existing) {
+        try {
+          const doc = JSON.parse(existing.bytes.toString('utf8')) as { manifests?: { artifactType?: string }[] };
+          others = (doc.manifests ?? []).filter((m) => m && m.artifactType !== GearMediaType.FilesManifest);
+        } catch {
+          others = [];
+        }
+      }
+      const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: [...others, ...descs] }));
+      await dst.putManifest(referrersTag, referrers, MediaTypes.OciIndex);
+    }
+
+    // 5. the image itself, last
+    const pushed = await dst.putManifest(dst.tag, imageManifest, MediaTypes.OciManifest);
+    if (pushed !== imageDigest) throw invalidArgument(`destination stored the manifest as ${pushed}, expected ${imageDigest}`);
+
+    return {
+      source: src.description,
+      destination: dst.description,
+      manifestDigest: imageDigest,
+      indexDigest: index.digest,
+      indexDiffId: index.diffId,
+      files: manifest.files.length,
+      uniqueContents: contents.length,
+      logicalBytes,
+      layerBytes: flat.stats.layerBytes,
+      bytesUploaded,
+      bytesSkipped,
+      blobsUploaded,
+      blobsSkipped,
+      indexSize: index.size,
+      keepAliveManifests: keep.length,
+      seconds: Number(process.hrtime.bigint() - t0) / 1e9,
+    };
+  } finally {
+    await stage.close();
+  }
+}
+
+export { Readable };

@@ -1,0 +1,80 @@
+/**
+ * The small surface of the registry client (src/core/registry) that convert
+ * uses, bound to one repository. Keeping it narrow lets the converter be
+ * tested against an OCI layout and keeps every HTTP detail in the client.
+ */
+import { arch } from 'node:process';
+import { RegistryClient, fileBlobSource } from '../core/registry/client.js';
+import type { RegistryClientOptions } from '../core/registry/client.js';
+import { parseReference, formatReference, type ImageReference } from '../core/registry/reference.js';
+
+export interface RemoteDescriptor {
+  mediaType: string;
+  digest: string;
+  size: number;
+}
+
+export interface RegistryAccess {
+  readonly ref: ImageReference;
+  resolveImage(ref: string): Promise<{ digest: string; mediaType: string; config: RemoteDescriptor; layers: RemoteDescriptor[] }>;
+  fetchBlob(digest: string, size: number): Promise<Buffer>;
+  openBlob(digest: string, size: number): Promise<AsyncIterable<Uint8Array>>;
+  /** HEAD first; uploads from the file only when absent. */
+  pushFile(digest: string, size: number, path: string): Promise<'exists' | 'uploaded'>;
+  pushBytes(digest: string, bytes: Buffer): Promise<'exists' | 'uploaded'>;
+  putManifest(reference: string, bytes: Buffer, mediaType: string): Promise<string>;
+  /** A manifest by tag, or undefined when the tag does not exist. */
+  getManifest(tag: string): Promise<{ bytes: Buffer; mediaType: string } | undefined>;
+  close(): Promise<void>;
+}
+
+const GO_ARCH: Record<string, string> = { x64: 'amd64', arm64: 'arm64', arm: 'arm', ia32: '386', ppc64: 'ppc64le', s390x: 's390x' };
+
+/** True when an index entry's platform fits this host (linux/<arch>), or has none. */
+export function platformMatches(p?: { os?: string; architecture?: string }): boolean {
+  if (!p) return true;
+  return (p.os === undefined || p.os === 'linux') && (p.architecture === undefined || p.architecture === (GO_ARCH[arch] ?? arch));
+}
+
+/** Opens a repository through the shared registry client. */
+export function openRegistry(refText: string, client: RegistryClient): RegistryAccess {
+  const ref = parseReference(refText);
+  const repo = { registry: ref.registry, repository: ref.repository };
+  return {
+    ref,
+    async resolveImage(r) {
+      const img = await client.resolveImage(r);
+      return { digest: img.digest, mediaType: img.mediaType, config: img.manifest.config, layers: img.manifest.layers };
+    },
+    fetchBlob: (digest, size) => client.fetchBlob(repo, digest, { expectedSize: size }),
+    async openBlob(digest, size) {
+      const s = await client.openBlob(repo, digest, { expectedSize: size });
+      return s.stream;
+    },
+    async pushFile(digest, size, path) {
+      const r = await client.pushBlob(repo, digest, fileBlobSource(path, size));
+      return r.status === 'uploaded' ? 'uploaded' : 'exists';
+    },
+    async pushBytes(digest, bytes) {
+      const r = await client.pushBlob(repo, digest, bytes);
+      return r.status === 'uploaded' ? 'uploaded' : 'exists';
+    },
+    async putManifest(reference, bytes, mediaType) {
+      const target = reference.startsWith('sha256:') ? { ...repo, digest: reference } : { ...repo, tag: reference };
+      return (await client.putManifest(target, bytes, { mediaType })).digest;
+    },
+    async getManifest(tag) {
+      const head = await client.headManifest({ ...repo, tag });
+      if (!head) return undefined;
+      const m = await client.getManifest({ ...repo, tag });
+      return { bytes: m.bytes, mediaType: m.mediaType };
+    },
+    close: () => client.close(),
+  };
+}
+
+export function newRegistryClient(opts: RegistryClientOptions = {}): RegistryClient {
+  return new RegistryClient(opts);
+}
+
+export { formatReference };

@@ -1,0 +1,99 @@
+/**
+ * ContentStage: a temporary content-addressed directory holding each distinct
+ * file content of the image being converted, so file contents never sit in
+ * memory and each is uploaded from disk (re-openable for retries).
+ *
+ * Layout: DIR/<64 hex>  (complete, verified by construction)
+ *         DIR/tmp-<n>    (being written)
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream, createWriteStream } from 'node:fs';
+import { mkdtemp, rename, rm, stat, unlink } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { once } from 'node:events';
+import { pipeline } from 'node:stream/promises';
+import { createGzip } from 'node:zlib';
+
+export class ContentStage {
+  private seq = 0;
+  private readonly known = new Map<string, number>();
+
+  private constructor(readonly dir: string) {}
+
+  /** Creates a fresh stage under `parent` (default: the OS temp dir). */
+  static async create(parent: string = tmpdir()): Promise<ContentStage> {
+    return new ContentStage(await mkdtemp(join(parent, 'gear-convert-')));
+  }
+
+  /** Streams `body` to disk while hashing; returns the content digest. Same content is kept once. */
+  async add(body: AsyncIterable<Buffer>): Promise<{ digest: string; size: number }> {
+    const tmp = join(this.dir, `tmp-${this.seq++}`);
+    const h = createHash('sha256');
+    const out = createWriteStream(tmp);
+    let size = 0;
+    try {
+      for await (const c of body) {
+        h.update(c);
+        size += c.length;
+        if (!out.write(c)) await once(out, 'drain');
+      }
+      out.end();
+      await once(out, 'finish');
+    } catch (err) {
+      out.destroy();
+      await unlink(tmp).catch(() => undefined);
+      throw err;
+    }
+    const hex = h.digest('hex');
+    const digest = `sha256:${hex}`;
+    if (this.known.has(digest)) await unlink(tmp);
+    else {
+      await rename(tmp, join(this.dir, hex));
+      this.known.set(digest, size);
+    }
+    return { digest, size };
+  }
+
+  /** Path of a staged content. */
+  path(digest: string): string {
+    return join(this.dir, digest.slice('sha256:'.length));
+  }
+
+  /**
+   * Gzips a staged content into `<hex>.gz` (one member, fixed level: same
+   * bytes for the same input with the same zlib). Returns the blob's digest,
+   * size and path.
+   */
+  async gzip(digest: string, level: number): Promise<{ digest: string; size: number; path: string }> {
+    const path = `${this.path(digest)}.gz`;
+    const h = createHash('sha256');
+    let size = 0;
+    await pipeline(
+      createReadStream(this.path(digest)),
+      createGzip({ level }),
+      async function* (src: AsyncIterable<Buffer>) {
+        for await (const c of src) {
+          h.update(c);
+          size += c.length;
+          yield c;
+        }
+      },
+      createWriteStream(path),
+    );
+    return { digest: `sha256:${h.digest('hex')}`, size, path };
+  }
+
+  has(digest: string): boolean {
+    return this.known.has(digest);
+  }
+
+  async size(digest: string): Promise<number> {
+    return (await stat(this.path(digest))).size;
+  }
+
+  /** Removes the stage. Idempotent. */
+  async close(): Promise<void> {
+    await rm(this.dir, { recursive: true, force: true });
+  }
+}
