@@ -12,6 +12,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import path from 'node:path';
+import { GearError, isClass } from '../core/errors.js';
 import { inspectLock, describeHolder } from '../core/pool/lock.js';
 import { openPool, type EvictResult, type PoolStat } from '../core/pool/pool.js';
 import { formatSize, parseSize } from '../core/pool/size.js';
@@ -46,7 +47,17 @@ export interface CachePruneOptions {
  * process (a running daemon) holds the pool.
  */
 export async function cachePrune(opts: CachePruneOptions): Promise<EvictResult & { before: number; after: number }> {
-  const pool = await openPool({ root: opts.root, enforceCapOnOpen: false, atimeSampleMs: 0 });
+  let pool;
+  try {
+    pool = await openPool({ root: opts.root, enforceCapOnOpen: false, atimeSampleMs: 0 });
+  } catch (err) {
+    if (!isClass(err, 'FailedPrecondition')) throw err;
+    throw new GearError(
+      'FailedPrecondition',
+      `prune refused: ${(err as Error).message}. Stop the daemon first, or lower GEAR_CACHE_SIZE and let it evict`,
+      { cause: err },
+    );
+  }
   try {
     const before = pool.stat().bytes;
     const res = await pool.prune({

@@ -300,6 +300,7 @@ describe('pool restart', () => {
     expect(again.list()).toEqual(before.list);
     expect(again.stat()).toEqual(before.stat);
     expect(again.stat()).toMatchObject({ capBytes: 1024 * 1024, referencedFiles: 2, owners: 2, counters: { hits: 1, misses: 1 } });
+    expect(again.referenceOwners().sort()).toEqual(['default/12/sha256:odd owner', 'layer-a']);
     await again.dropReferences('layer-a');
     await again.close();
     const third = await open({ clock });
@@ -394,6 +395,7 @@ describe('pool locking and the CLI', () => {
     const err = await cachePrune({ root }).catch((e: unknown) => e);
     expect(isClass(err, 'FailedPrecondition')).toBe(true);
     expect((err as Error).message).toMatch(/in use by another gear process \(pid \d+/);
+    expect((err as Error).message).toMatch(/^prune refused: .*Stop the daemon first/);
     const s = await cacheStatus(root);
     expect(s).toMatchObject({ files: 1, bytes: 1000, unreferencedFiles: 1, capBytes: 1024 ** 3 });
     expect(s.lockedBy).toMatch(/^pid /);

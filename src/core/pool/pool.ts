@@ -578,6 +578,15 @@ export class Pool {
     );
   }
 
+  /**
+   * Owners with recorded references (persisted across restarts). A layer store
+   * calls dropReferences for owners it no longer has, e.g. layers removed while
+   * the daemon was down.
+   */
+  referenceOwners(): string[] {
+    return [...this.refs.keys()];
+  }
+
   /** Forgets every reference of `owner` (layer removed); durable when it resolves. Idempotent. */
   async dropReferences(owner: string): Promise<void> {
     this.checkWritable('drop references');
