@@ -388,6 +388,32 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
     expect(m.stats().liveNodes).toBe(5);
   });
 
+  it('a handled, non-fatal signal does not fail the open or abort the fetch', async () => {
+    const a = addBlob(blobs, 'worth waiting for');
+    provider.lookupDelay.set(a.hex, 1_500);
+    const m = await mountFs();
+    const script = [
+      'import signal, sys',
+      'hits = []',
+      'signal.signal(signal.SIGUSR1, lambda *a: hits.append(1))',
+      'data = open(sys.argv[1], "rb").read()',
+      'sys.stdout.write("%d %d" % (len(data), len(hits)))',
+    ].join('\n');
+    const child = spawn(existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3', ['-c', script, blobPath(m, a)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    children.push(child);
+    let out = '';
+    child.stdout!.on('data', (b: Buffer) => (out += b.toString()));
+    const done = new Promise<number | null>((r) => child.on('close', r));
+    await provider.lookupStarted(a.digest);
+    await new Promise((r) => setTimeout(r, 200));
+    child.kill('SIGUSR1');
+    expect(await done).toBe(0);
+    expect(out).toBe(`${a.data.length} 1`);
+    expect(m.stats().interrupts).toBeGreaterThanOrEqual(1);
+    expect(provider.aborts).toEqual([]);
+    expect(provider.lookupsOf(a.digest)).toBe(1);
+  });
+
   it('a reader killed during a slow READ dies at once; the file is released when the read ends', async () => {
     const a = addBlob(blobs, randomBytes(64 * 1024));
     const m = await mountFs();

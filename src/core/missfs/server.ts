@@ -145,9 +145,13 @@ interface OpenFile {
 interface Pending {
   unique: bigint;
   opcode: number;
+  /** The caller's tgid (0 when not visible from our pid namespace). */
+  pid: number;
   replied: boolean;
   controller: AbortController;
   timer?: NodeJS.Timeout;
+  /** Polls a caller that was sent a non-fatal signal, in case it dies later. */
+  watch?: NodeJS.Timeout;
 }
 
 interface SharedLookup {
@@ -427,6 +431,7 @@ class MissFsSession implements MissFsMount {
     for (const p of this.inflight.values()) {
       p.replied = true;
       if (p.timer) clearTimeout(p.timer);
+      if (p.watch) clearInterval(p.watch);
       p.controller.abort(new GearError('Unavailable', 'miss filesystem session ended'));
     }
     this.inflight.clear();
@@ -535,7 +540,13 @@ class MissFsSession implements MissFsMount {
   }
 
   private begin(h: InHeader): Pending {
-    const p: Pending = { unique: h.unique, opcode: h.opcode, replied: false, controller: new AbortController() };
+    const p: Pending = {
+      unique: h.unique,
+      opcode: h.opcode,
+      pid: h.pid,
+      replied: false,
+      controller: new AbortController(),
+    };
     return p;
   }
 
@@ -556,6 +567,7 @@ class MissFsSession implements MissFsMount {
     if (p.replied) return false;
     p.replied = true;
     if (p.timer) clearTimeout(p.timer);
+    if (p.watch) clearInterval(p.watch);
     this.inflight.delete(p.unique);
     return true;
   }
@@ -1035,14 +1047,58 @@ class MissFsSession implements MissFsMount {
   // -------------------------------------------------------------------------
   // Interrupts
 
+  /**
+   * The kernel sends INTERRUPT when the caller got a signal while waiting.
+   * Only a dying caller (fatal signal, or gone) gets its request aborted and
+   * answered EINTR: a handled, non-fatal signal (SIGURG of the Go runtime,
+   * SIGCHLD, timers…) must not make open(2) fail with EINTR or throw away a
+   * fetch in progress — the kernel keeps waiting for the real answer then.
+   * Such a caller is watched until its request ends, in case it is killed
+   * later (the kernel sends only one INTERRUPT per request).
+   */
   private onInterrupt(unique: bigint): void {
     this.counters.interrupts++;
     const target = this.inflight.get(unique);
     if (!target || target.replied) return; // already answered: nothing to do
-    this.log.info({ op: opName(target.opcode), unique: String(unique) }, 'missfs: request interrupted');
+    if (target.pid === 0 || callerDying(target.pid)) {
+      this.abortInterrupted(target);
+      return;
+    }
+    if (this.debug) {
+      this.log.debug({ op: opName(target.opcode), pid: target.pid }, 'missfs: interrupt for a live caller; request goes on');
+    }
+    target.watch ??= setInterval(() => {
+      if (target.replied) return;
+      if (callerDying(target.pid)) this.abortInterrupted(target);
+    }, 250);
+    target.watch.unref();
+  }
+
+  private abortInterrupted(target: Pending): void {
+    this.log.info({ op: opName(target.opcode), pid: target.pid }, 'missfs: request interrupted (caller killed)');
     target.controller.abort(new InterruptedError());
     this.fail(target, Errno.EINTR);
   }
+}
+
+const SIGKILL_BIT = 1n << 8n;
+
+/** True when process pid is gone, exiting, or has SIGKILL pending (so its FUSE request should be abandoned). */
+function callerDying(pid: number): boolean {
+  let status: string;
+  try {
+    status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return true;
+  }
+  const field = (name: string) => new RegExp(`^${name}:\\s*(\\S+)`, 'm').exec(status)?.[1];
+  const state = field('State');
+  if (state === 'Z' || state === 'X') return true;
+  for (const name of ['SigPnd', 'ShdPnd']) {
+    const v = field(name);
+    if (v && /^[0-9a-f]+$/i.test(v) && (BigInt('0x' + v) & SIGKILL_BIT) !== 0n) return true;
+  }
+  return false;
 }
 
 /**
