@@ -15,6 +15,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
+import pino from 'pino';
 import { Client } from 'undici';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ChangeKind, type Change } from '../../src/core/archive/changes.js';
@@ -532,6 +533,40 @@ describe('Diff', () => {
     await client!.close();
     client = new Client('http://localhost', { socketPath: socket });
     expect((await call('Exists', { ID })).json).toEqual({ Exists: true });
+  });
+});
+
+describe('logging', () => {
+  it('logs one line per request: debug on success, warn with the Err on a client error', async () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const logger = pino({ level: 'debug' }, { write: (s: string) => void lines.push(JSON.parse(s)) });
+    server = await startGraphDriverServer({ socket, logger, openStore: opener });
+    client = new Client('http://localhost', { socketPath: socket });
+    await init();
+    await call('Create', { ID, Parent: '' });
+    await call('Get', { ID: ID2 });
+    const requests = lines.filter((l) => l.msg === 'request' || l.msg === 'request failed');
+    expect(requests.map((l) => [l.level, l.method, l.id])).toEqual([
+      [20, 'GraphDriver.Init', undefined],
+      [20, 'GraphDriver.Create', ID],
+      [40, 'GraphDriver.Get', ID2],
+    ]);
+    expect(requests[2]!.err).toBe(`NotFound: layer ${ID2}: no such layer`);
+    expect(requests.every((l) => typeof l.durationMs === 'number')).toBe(true);
+  });
+
+  it('logs an unexpected exception at error with its stack', async () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const logger = pino({ level: 'debug' }, { write: (s: string) => void lines.push(JSON.parse(s)) });
+    server = await startGraphDriverServer({ socket, logger, openStore: opener });
+    client = new Client('http://localhost', { socketPath: socket });
+    await init();
+    await call('Create', { ID: 'explodes', Parent: '' });
+    await call('Get', { ID: 'explodes' });
+    const failed = lines.find((l) => l.msg === 'request failed')!;
+    expect(failed.level).toBe(50);
+    expect(failed.err).toBe('Internal: boom: something unexpected');
+    expect(String(failed.stack)).toContain('FakeStore.get');
   });
 });
 

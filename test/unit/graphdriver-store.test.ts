@@ -9,6 +9,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import tarStream from 'tar-stream';
 import { Client } from 'undici';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -45,9 +46,7 @@ async function readTar(body: AsyncIterable<Buffer>): Promise<Record<string, stri
       if (entry.header.type === 'file') out[entry.header.name] = Buffer.concat(chunks).toString();
     }
   })();
-  for await (const c of body) extract.write(c);
-  extract.end();
-  await done;
+  await Promise.all([pipeline(Readable.from(body), extract), done]);
   return out;
 }
 
