@@ -94,13 +94,15 @@ export async function ensureMinbaseTar(log: (m: string) => void = (m) => process
   const started = Date.now();
   try {
     log(`[images] building ${MINBASE_TAR} with debootstrap --variant=minbase bookworm (first time only, a few minutes)`);
-    let lines = 0;
+    let lastLog = 0;
     const r = await run('debootstrap', ['--variant=minbase', 'bookworm', rootfs, DEBIAN_MIRROR], {
       timeoutMs: 30 * 60_000,
       onStdout: (c) => {
-        lines += c.split('\n').length - 1;
-        if (/^I: (Retrieving|Extracting|Installing|Configuring|Base system)/m.test(c) && lines % 40 === 0) {
-          log(`[images] debootstrap: ${c.trim().split('\n').pop()} (${Math.round((Date.now() - started) / 1000)} s)`);
+        // At most one progress line every 10 s.
+        const line = c.trim().split('\n').filter((l) => l.startsWith('I: ')).pop();
+        if (line && Date.now() - lastLog > 10_000) {
+          lastLog = Date.now();
+          log(`[images] debootstrap (${Math.round((Date.now() - started) / 1000)} s): ${line}`);
         }
       },
     });
