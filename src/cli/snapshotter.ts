@@ -1,14 +1,80 @@
 /**
- * `gear snapshotter`: serves the containerd snapshotter (proxy plugin) on a
- * unix socket. (Stub: the server lands next.)
+ * `gear snapshotter`: serves the containerd snapshotter (a proxy plugin,
+ * containerd.services.snapshots.v1) on a unix socket.
+ *
+ * On SIGTERM/SIGINT it stops accepting, lets in-flight calls finish
+ * (bounded), removes the socket and exits 0. It unmounts nothing: containerd
+ * performs and owns every mount of a snapshot.
  */
-import type { Command } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { describeError } from '../core/errors.js';
+import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
+import { startSnapshotterServer } from '../frontends/snapshotter/server.js';
+
+export const DEFAULT_SNAPSHOTTER_SOCKET = '/run/gear/snapshotter.sock';
+export const DEFAULT_ROOT = '/var/lib/gear';
+
+interface SnapshotterOptions {
+  socket: string;
+  root: string;
+  logLevel: LogLevel;
+}
+
+function parseLevel(value: string): LogLevel {
+  if (!isLogLevel(value)) throw new InvalidArgumentError(`expected one of ${LOG_LEVELS.join(', ')}`);
+  return value;
+}
 
 export function registerSnapshotter(program: Command): void {
   program
     .command('snapshotter')
     .description('serve the containerd snapshotter (proxy plugin, snapshots.v1) on a unix socket')
-    .action(() => {
-      throw new Error('gear snapshotter is not implemented yet');
+    .addOption(
+      new Option('--socket <path>', 'unix socket to listen on (containerd: proxy_plugins.<name>.address)')
+        .env('GEAR_SNAPSHOTTER_SOCKET')
+        .default(DEFAULT_SNAPSHOTTER_SOCKET),
+    )
+    .addOption(new Option('--root <dir>', 'store root').env('GEAR_ROOT').default(DEFAULT_ROOT))
+    .addOption(
+      new Option('--log-level <level>', `log level (${LOG_LEVELS.join(', ')})`)
+        .env('GEAR_LOG_LEVEL')
+        .default('info')
+        .argParser(parseLevel),
+    )
+    .action(async (opts: SnapshotterOptions) => {
+      await runSnapshotter(opts);
     });
+}
+
+async function runSnapshotter(opts: SnapshotterOptions): Promise<void> {
+  const level = parseLevel(opts.logLevel); // the default is not passed through argParser
+  const logger = createLogger({ level, name: 'gear-snapshotter' });
+
+  // A stray rejection must not take containerd's storage down.
+  process.on('unhandledRejection', (err) => logger.error({ err: describeError(err) }, 'unhandled rejection'));
+  process.on('uncaughtException', (err) => {
+    logger.fatal({ err: describeError(err), stack: err.stack }, 'uncaught exception; exiting');
+    process.exit(1);
+  });
+
+  const server = await startSnapshotterServer({ socket: opts.socket, root: opts.root, logger });
+
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals): void => {
+    if (stopping) {
+      logger.warn({ signal }, 'second signal; exiting now');
+      process.exit(1);
+    }
+    stopping = true;
+    logger.info({ signal }, 'shutting down');
+    server.close().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        logger.error({ err: describeError(err) }, 'shutdown failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
 }

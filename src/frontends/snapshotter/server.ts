@@ -1,0 +1,245 @@
+/**
+ * The containerd snapshotter's gRPC edge: containerd.services.snapshots.v1
+ * on a unix socket, for containerd's `[proxy_plugins.<name>]`.
+ *
+ * Transport only: decode the request, call the Snapshotter (snapshotter.ts),
+ * encode the answer, and turn a thrown error into a status code once
+ * (errors.ts). One log line per call, with containerd's namespace.
+ */
+import { lstat, mkdir, unlink } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import type { Logger } from 'pino';
+import { describeError, errnoCode, unavailable } from '../../core/errors.js';
+import { openLayerStore } from '../../core/layers/store.js';
+import { toServiceError } from './errors.js';
+import { Snapshotter, type MountSpec, type SnapshotInfo } from './snapshotter.js';
+import type { SnapshotKind } from './metastore.js';
+
+/** proto/ at the repository root, from src/… and from dist/… alike. */
+export const PROTO_DIR = fileURLToPath(new URL('../../../proto/', import.meta.url));
+const SERVICE_PROTO = 'containerd/services/snapshots/v1/snapshots.proto';
+/** How many Infos go into one List message. */
+const LIST_BATCH = 100;
+/** How long shutdown waits for in-flight calls before cutting them off. */
+const SHUTDOWN_GRACE_MS = 10_000;
+
+// ---- wire shapes (proto-loader with keepCase, longs and enums as strings) ----
+
+type WireKind = 'UNKNOWN' | 'VIEW' | 'ACTIVE' | 'COMMITTED';
+interface WireTimestamp {
+  seconds: string | number;
+  nanos: number;
+}
+interface WireInfo {
+  name: string;
+  parent: string;
+  kind: WireKind;
+  created_at?: WireTimestamp | null;
+  updated_at?: WireTimestamp | null;
+  labels: Record<string, string>;
+}
+interface WireMount {
+  type: string;
+  source: string;
+  target: string;
+  options: string[];
+}
+
+const KIND_TO_WIRE: Record<SnapshotKind, WireKind> = { view: 'VIEW', active: 'ACTIVE', committed: 'COMMITTED' };
+
+function timestampToWire(ns: string): WireTimestamp {
+  const n = BigInt(ns);
+  return { seconds: (n / 1_000_000_000n).toString(), nanos: Number(n % 1_000_000_000n) };
+}
+
+function infoToWire(i: SnapshotInfo): WireInfo {
+  return {
+    name: i.name,
+    parent: i.parent,
+    kind: KIND_TO_WIRE[i.kind],
+    created_at: timestampToWire(i.created),
+    updated_at: timestampToWire(i.updated),
+    labels: i.labels,
+  };
+}
+
+function infoFromWire(w: WireInfo | null | undefined): SnapshotInfo {
+  // Only name and labels matter to Update; the rest is immutable and ignored.
+  return { name: w?.name ?? '', parent: w?.parent ?? '', kind: 'active', labels: w?.labels ?? {}, created: '0', updated: '0' };
+}
+
+const mountsToWire = (ms: MountSpec[]): WireMount[] => ms.map((m) => ({ type: m.type, source: m.source, target: '', options: m.options }));
+
+// ---- server ------------------------------------------------------------------
+
+export interface SnapshotterServerOptions {
+  /** Unix socket path to listen on. */
+  socket: string;
+  /** Store root: layers at ROOT/layers, snapshot metadata at ROOT/snapshotter. */
+  root: string;
+  logger: Logger;
+}
+
+export interface SnapshotterServer {
+  readonly socket: string;
+  /** Stops accepting, lets in-flight calls finish (bounded), removes the socket. Mounts are left alone. */
+  close(): Promise<void>;
+}
+
+type Handler<Req, Res> = (req: Req) => Promise<Res>;
+
+/** Removes a stale socket file; refuses if a live server answers on it. */
+async function claimSocket(socket: string): Promise<void> {
+  await mkdir(path.dirname(socket), { recursive: true, mode: 0o755 });
+  try {
+    if (!(await lstat(socket)).isSocket()) throw unavailable(`${socket} exists and is not a socket`);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return;
+    throw err;
+  }
+  const live = await new Promise<boolean>((resolve) => {
+    const c = net.connect(socket);
+    const done = (v: boolean) => {
+      c.destroy();
+      resolve(v);
+    };
+    c.once('connect', () => done(true));
+    c.once('error', () => done(false));
+    setTimeout(() => done(false), 2000).unref();
+  });
+  if (live) throw unavailable(`another process is serving ${socket}`);
+  await unlink(socket);
+}
+
+export async function startSnapshotterServer(opts: SnapshotterServerOptions): Promise<SnapshotterServer> {
+  const log = opts.logger;
+  const root = path.resolve(opts.root);
+  const layers = await openLayerStore({ root, logger: log.child({ component: 'layers' }) });
+  const sn = await Snapshotter.open({ layers, metaRoot: path.join(root, 'snapshotter'), logger: log.child({ component: 'snapshots' }) });
+
+  const def = protoLoader.loadSync(SERVICE_PROTO, {
+    includeDirs: [PROTO_DIR],
+    keepCase: true,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  const pkg = grpc.loadPackageDefinition(def) as unknown as {
+    containerd: { services: { snapshots: { v1: { Snapshots: grpc.ServiceClientConstructor } } } };
+  };
+  const service = pkg.containerd.services.snapshots.v1.Snapshots.service;
+
+  const namespaceOf = (call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>) =>
+    String(call.metadata.get('containerd-namespace')[0] ?? '');
+
+  function unary<Req, Res>(rpc: string, fn: Handler<Req, Res>): grpc.handleUnaryCall<Req, Res> {
+    return (call, callback) => {
+      const started = performance.now();
+      const req = call.request as Req & { key?: string; name?: string };
+      const fields = { rpc, ns: namespaceOf(call), key: req.key ?? req.name };
+      fn(call.request).then(
+        (res) => {
+          log.debug({ ...fields, ms: Math.round(performance.now() - started) }, 'call');
+          callback(null, res);
+        },
+        (err: unknown) => {
+          const e = toServiceError(err);
+          log[e.code === grpc.status.UNKNOWN ? 'error' : 'debug']({ ...fields, code: e.code, err: e.details }, 'call failed');
+          callback(e);
+        },
+      );
+    };
+  }
+
+  const empty = {};
+  const impl: grpc.UntypedServiceImplementation = {
+    Prepare: unary(
+      'Prepare',
+      async (r: { key: string; parent: string; labels: Record<string, string> }) => ({
+        mounts: mountsToWire(await sn.prepare(r.key, r.parent, r.labels)),
+      }),
+    ),
+    View: unary(
+      'View',
+      async (r: { key: string; parent: string; labels: Record<string, string> }) => ({
+        mounts: mountsToWire(await sn.view(r.key, r.parent, r.labels)),
+      }),
+    ),
+    Mounts: unary('Mounts', async (r: { key: string }) => ({ mounts: mountsToWire(await sn.mounts(r.key)) })),
+    Commit: unary('Commit', async (r: { name: string; key: string; labels: Record<string, string> }) => {
+      await sn.commit(r.name, r.key, r.labels);
+      return empty;
+    }),
+    Remove: unary('Remove', async (r: { key: string }) => {
+      await sn.remove(r.key);
+      return empty;
+    }),
+    Stat: unary('Stat', async (r: { key: string }) => ({ info: infoToWire(await sn.stat(r.key)) })),
+    Update: unary('Update', async (r: { info?: WireInfo | null; update_mask?: { paths?: string[] } | null }) => ({
+      info: infoToWire(await sn.update(infoFromWire(r.info), r.update_mask?.paths ?? [])),
+    })),
+    Usage: unary('Usage', async (r: { key: string }) => {
+      const u = await sn.usage(r.key);
+      return { size: String(u.size), inodes: String(u.inodes) };
+    }),
+    Cleanup: unary('Cleanup', async () => {
+      await sn.cleanup();
+      return empty;
+    }),
+    List: (call: grpc.ServerWritableStream<{ filters: string[] }, { info: WireInfo[] }>) => {
+      const ns = namespaceOf(call);
+      sn.list(call.request.filters ?? []).then(
+        (infos) => {
+          for (let i = 0; i < infos.length; i += LIST_BATCH) call.write({ info: infos.slice(i, i + LIST_BATCH).map(infoToWire) });
+          log.debug({ rpc: 'List', ns, count: infos.length }, 'call');
+          call.end();
+        },
+        (err: unknown) => {
+          const e = toServiceError(err);
+          log.debug({ rpc: 'List', ns, code: e.code, err: e.details }, 'call failed');
+          call.emit('error', e);
+        },
+      );
+    },
+  };
+
+  const server = new grpc.Server({
+    'grpc.max_receive_message_length': 16 << 20,
+    'grpc.max_send_message_length': 16 << 20,
+  });
+  server.addService(service, impl);
+  await claimSocket(opts.socket);
+  await new Promise<void>((resolve, reject) =>
+    server.bindAsync(`unix://${path.resolve(opts.socket)}`, grpc.ServerCredentials.createInsecure(), (err) =>
+      err ? reject(err) : resolve(),
+    ),
+  );
+  log.info({ socket: opts.socket, root }, 'containerd snapshotter listening');
+
+  let closing: Promise<void> | undefined;
+  const close = () =>
+    (closing ??= (async () => {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          log.warn('in-flight calls did not finish in time; cutting them off');
+          server.forceShutdown();
+          resolve();
+        }, SHUTDOWN_GRACE_MS);
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+      await sn.drain();
+      await unlink(opts.socket).catch((err: unknown) => {
+        if (errnoCode(err) !== 'ENOENT') log.warn({ err: describeError(err) }, 'cannot remove the socket');
+      });
+      log.info('containerd snapshotter stopped (mounts left to containerd)');
+    })());
+  return { socket: opts.socket, close };
+}
