@@ -383,7 +383,7 @@ describe('layer calls', () => {
     ['null', 'null', /^InvalidArgument: missing ID$/],
     ['an empty body', '', /^InvalidArgument: missing ID$/],
     ['no ID', '{"Parent":""}', /^InvalidArgument: missing ID$/],
-    ['a numeric ID', '{"ID":42}', /^InvalidArgument: missing ID$/],
+    ['a numeric ID', '{"ID":42}', /^InvalidArgument: ID must be a string$/],
     ['an ID with a slash', '{"ID":"a/b"}', /^InvalidArgument: ID "a\/b": not a valid layer id$/],
     ['an ID with ..', '{"ID":"a..b"}', /^InvalidArgument: ID "a\.\.b": not a valid layer id$/],
     ['the ID ..', '{"ID":".."}', /^InvalidArgument: ID "\.\.": not a valid layer id$/],
@@ -445,6 +445,21 @@ describe('ApplyDiff', () => {
   it('answers NotFound for an unknown layer', async () => {
     const r = await post(`/GraphDriver.ApplyDiff?id=${ID2}&parent=`, Readable.from([Buffer.alloc(100_000)]));
     expect(r.json).toEqual({ Err: `NotFound: layer ${ID2}: no such layer` });
+  });
+
+  it('a store failing mid-body (destroying its stream) still gets its Err back to dockerd', async () => {
+    const store = stores[0]!;
+    store.applyDiff = async (id: string, _parent: string, tar: Readable): Promise<number> => {
+      for await (const _chunk of tar) {
+        tar.destroy(); // what stream.pipeline does to its source on a failure
+        throw invalidArgument(`layer ${id}: hostile tar entry "../x"`);
+      }
+      return 0;
+    };
+    const big = Buffer.alloc(1 << 20, 9);
+    const r = await post(`/GraphDriver.ApplyDiff?id=${ID}&parent=`, Readable.from([big, big, big, big]));
+    expect(r.json).toEqual({ Err: `InvalidArgument: layer ${ID}: hostile tar entry "../x"` });
+    expect((await call('Exists', { ID })).json).toEqual({ Exists: true });
   });
 
   it('streams the request body to the store as it arrives (never buffers it)', async () => {

@@ -138,7 +138,7 @@ export class GraphDriver {
     if (this.#current?.root === root) return this.#current.store;
     if (this.#current) this.#logger.warn({ from: this.#current.root, to: root }, 'store root changed; reopening');
     this.#logger.info({ root }, 'opening layer store');
-    const store = this.#openStore({ root, logger: this.#logger });
+    const store = this.#openStore({ root, logger: this.#logger.child({ component: 'layers' }) });
     const current = { root, store };
     this.#current = current;
     // A failed open is not cached: the next Init (or call, with --root) tries again.

@@ -64,7 +64,8 @@ const ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 
 /** Throws InvalidArgument unless id is a usable layer id. `what` names the field. */
 export function validateId(id: unknown, what = 'ID'): string {
-  if (typeof id !== 'string' || id === '') throw invalidArgument(`missing ${what}`);
+  if (id === undefined || id === null || id === '') throw invalidArgument(`missing ${what}`);
+  if (typeof id !== 'string') throw invalidArgument(`${what} must be a string`);
   if (!ID_RE.test(id) || id.includes('..')) {
     throw invalidArgument(`${what} ${JSON.stringify(truncate(id, 80))}: not a valid layer id`);
   }

@@ -277,6 +277,9 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
   // Node's defaults would abort a multi-minute ApplyDiff upload (requestTimeout 300 s).
   server.requestTimeout = 0;
   server.headersTimeout = 60_000;
+  // dockerd keeps idle connections without a timeout of its own; a POST sent just as we close an
+  // idle one fails on its side, so close idle connections rarely (Node's default is 5 s).
+  server.keepAliveTimeout = 120_000;
 
   let inFlight = 0;
   let idle: (() => void) | undefined;
