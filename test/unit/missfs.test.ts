@@ -16,6 +16,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isClass } from '../../src/core/errors.js';
 import { silentLogger } from '../../src/core/log.js';
 import { mountMissFs, type MissFsMount } from '../../src/core/missfs/index.js';
+import { mountOverlay } from '../../src/core/sys/mounts.js';
 import { setXattr } from '../../src/core/sys/xattr.js';
 import { run, waitFor } from '../helpers/proc.js';
 import { addBlob, DirProvider, type Blob } from './fixtures/missfs-provider.js';
@@ -462,6 +463,37 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
     // The overlay is left with a dead data layer: opens fail, nothing hangs.
     const r = await catFile(join(merged, 'a.txt'), 10_000);
     expect(r.code).not.toBe(0);
+  });
+
+  it('a synchronous overlay mount(2) on this thread does not deadlock (the reader answers STATFS itself)', async () => {
+    const a = addBlob(blobs, 'mounted synchronously');
+    const m = await mountFs();
+    const meta = join(tmp, 'meta');
+    const pool = join(tmp, 'pool');
+    const merged = join(tmp, 'merged');
+    for (const d of [meta, pool, merged]) mkdirSync(d);
+    const f = join(meta, 'a.txt');
+    writeFileSync(f, '');
+    truncateSync(f, a.data.length);
+    setXattr(f, 'trusted.overlay.metacopy', Buffer.alloc(0));
+    setXattr(f, 'trusted.overlay.redirect', `/sha256/${a.hex.slice(0, 2)}/${a.hex}`);
+    // Safety net: should the main thread ever hang in mount(2), abort the connection so the test ends.
+    expect(m.connection).toBeTypeOf('number');
+    const watchdog = spawn('sh', ['-c', `sleep 15; echo 1 > /sys/fs/fuse/connections/${m.connection}/abort`], {
+      stdio: 'ignore',
+    });
+    children.push(watchdog);
+    const before = m.stats().staticReplies;
+    try {
+      mountOverlay(merged, { lowers: [meta], dataLowers: [pool, m.mountpoint], extra: ['ro', 'metacopy=on', 'redirect_dir=on'] });
+      overlays.push(merged);
+    } finally {
+      watchdog.kill('SIGKILL');
+    }
+    expect(m.stats().staticReplies).toBeGreaterThan(before);
+    const r = await catFile(join(merged, 'a.txt'));
+    expect(r.code).toBe(0);
+    expect(r.out.equals(a.data)).toBe(true);
   });
 
   it('replaces a stale mount left by a crashed daemon, and refuses a live one', async () => {

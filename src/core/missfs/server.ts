@@ -68,7 +68,7 @@ import {
   type InitOut,
   type InitPolicy,
 } from './protocol.js';
-import { startReaderWorker, type ReaderMessage } from './reader-worker.js';
+import { startReaderWorker, type ReaderMessage, type StaticReplies } from './reader-worker.js';
 import type { MissFile, MissFsStats, MissProvider } from './types.js';
 
 export const MISSFS_FSTYPE = 'fuse.gear';
@@ -334,6 +334,9 @@ class MissFsSession implements MissFsMount {
 
   private fd: number;
   private worker: Worker | undefined;
+  /** [1] counts the requests the reader answered itself. */
+  private readerControl: Int32Array | undefined;
+  private staticAnswered = 0;
   private workerRestarts = 0;
   private state: 'starting' | 'serving' | 'unmounting' | 'closed' = 'starting';
   private readonly closedD = deferred<void>();
@@ -389,8 +392,9 @@ class MissFsSession implements MissFsMount {
   // Lifecycle
 
   startReader(): void {
-    const { worker } = startReaderWorker(this.fd, this.bufSize);
+    const { worker, control } = startReaderWorker(this.fd, this.bufSize, this.staticReplies());
     this.worker = worker;
+    this.readerControl = control;
     let fatal: string | undefined;
     worker.on('message', (m: ReaderMessage) => {
       if (m.t === 'req') this.onRequest(Buffer.from(m.data));
@@ -401,6 +405,8 @@ class MissFsSession implements MissFsMount {
     });
     worker.on('exit', () => {
       if (this.worker === worker) this.worker = undefined;
+      this.staticAnswered += this.readerControl ? Atomics.load(this.readerControl, 1) : 0;
+      this.readerControl = undefined;
       if (fatal === undefined) {
         this.finish('device reported ENODEV');
         return;
@@ -511,6 +517,7 @@ class MissFsSession implements MissFsMount {
     for (const n of this.nodes.values()) if (n.nlookup > 0n) live++;
     return {
       ...this.counters,
+      staticReplies: this.staticAnswered + (this.readerControl ? Atomics.load(this.readerControl, 1) : 0),
       unsupported: { ...this.unsupported },
       liveNodes: live,
       openFiles: this.files.size,
@@ -520,6 +527,35 @@ class MissFsSession implements MissFsMount {
 
   // -------------------------------------------------------------------------
   // Replies
+
+  /**
+   * Replies the reader thread gives without asking this thread: they must
+   * equal what dispatch() would answer (the same encoders build both).
+   */
+  private staticReplies(): StaticReplies {
+    const attr: Record<string, Uint8Array> = {};
+    const entries: Record<string, Uint8Array> = {};
+    const entry = (nodeid: bigint) =>
+      encodeEntryOut({
+        nodeid,
+        generation: 0n,
+        entryValidMs: this.entryTimeoutMs,
+        attrValidMs: this.entryTimeoutMs,
+        attr: this.dirAttr(nodeid),
+      });
+    for (const id of [FUSE_ROOT_ID, SHA256_NODE]) attr[String(id)] = encodeAttrOut(this.entryTimeoutMs, this.dirAttr(id));
+    entries[`${FUSE_ROOT_ID}/sha256`] = entry(SHA256_NODE);
+    for (let v = 0; v < 256; v++) {
+      const id = PREFIX_NODE_BASE + BigInt(v);
+      attr[String(id)] = encodeAttrOut(this.entryTimeoutMs, this.dirAttr(id));
+      entries[`${SHA256_NODE}/${v.toString(16).padStart(2, '0')}`] = entry(id);
+    }
+    return { statfs: this.statfsOut(), attr, entries, staticParents: [String(FUSE_ROOT_ID), String(SHA256_NODE)] };
+  }
+
+  private statfsOut(): Buffer {
+    return encodeStatfsOut({ blocks: 0, bfree: 0, bavail: 0, files: 0, ffree: 0, bsize: 4096, namelen: 255, frsize: 4096 });
+  }
 
   /** One reply = one write. False when the kernel no longer wants it (interrupted, or session gone). */
   private write(buf: Buffer): boolean {
@@ -660,19 +696,7 @@ class MissFsSession implements MissFsMount {
       case Op.FSYNCDIR:
         return void this.ok(p);
       case Op.STATFS:
-        return void this.ok(
-          p,
-          encodeStatfsOut({
-            blocks: 0,
-            bfree: 0,
-            bavail: 0,
-            files: this.nodes.size,
-            ffree: 0,
-            bsize: 4096,
-            namelen: 255,
-            frsize: 4096,
-          }),
-        );
+        return void this.ok(p, this.statfsOut());
       case Op.GETXATTR:
         parseGetxattrIn(body, true);
         // Never ENOSYS: overlayfs reads xattrs of its layers, and ENOSYS would be sticky.

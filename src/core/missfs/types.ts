@@ -44,7 +44,10 @@ export interface MissFile {
 
 /** Counters of one mounted session (monotonic, except the live gauges). */
 export interface MissFsStats {
+  /** Requests served by the main thread. */
   requests: number;
+  /** Static requests (STATFS, GETATTR/LOOKUP of fixed directories, xattrs) answered by the reader thread. */
+  staticReplies: number;
   lookups: number;
   lookupErrors: number;
   opens: number;
