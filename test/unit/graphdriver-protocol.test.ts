@@ -402,6 +402,13 @@ describe('layer calls', () => {
     expect((await call('Capabilities', {})).status).toBe(200);
   });
 
+  it('answers Err for an oversized JSON body and keeps the connection usable', async () => {
+    const r = await post('/GraphDriver.Create', JSON.stringify({ ID, Pad: 'x'.repeat(2 << 20) }));
+    expect(r.json).toEqual({ Err: expect.stringMatching(/^InvalidArgument: request body of \d+ bytes is larger than 1048576 bytes$/) });
+    expect(stores[0]!.calls).toEqual([]);
+    expect((await call('Exists', { ID })).json).toEqual({ Exists: false });
+  });
+
   it('accepts "-init" ids and ids with dots and underscores', async () => {
     for (const id of [`${CID}-init`, 'my_layer.v1', 'A'.repeat(128)]) {
       expect((await call('CreateReadWrite', { ID: id, Parent: '' })).json).toEqual({});

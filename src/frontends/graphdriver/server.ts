@@ -70,16 +70,28 @@ const JSON_VERBS: Record<string, JsonVerb> = {
   Capabilities: (d) => d.capabilities(),
 };
 
-/** Reads a whole (small) request body, refusing more than `limit` bytes. */
-async function readBody(req: Request, limit: number): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > limit) throw invalidArgument(`request body larger than ${limit} bytes`);
-    chunks.push(chunk);
-  }
-  return Buffer.concat(chunks);
+/**
+ * Reads a whole (small) request body. Past `limit` bytes it keeps reading but
+ * discards, then fails: breaking off (or destroying the request) would cut
+ * the connection, and dockerd would never see the `Err`.
+ */
+function readBody(req: Request, limit: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size <= limit) chunks.push(chunk);
+    });
+    req.once('end', () => {
+      if (size > limit) reject(invalidArgument(`request body of ${size} bytes is larger than ${limit} bytes`));
+      else resolve(Buffer.concat(chunks));
+    });
+    req.once('error', (err) => reject(unavailable('reading the request body', err)));
+    req.once('close', () => {
+      if (!req.readableEnded) reject(unavailable('client went away before the end of the request body'));
+    });
+  });
 }
 
 /** Lets the rest of a request body flow away (after an early reply), so the connection stays usable. */
