@@ -7,7 +7,16 @@
  *   ROOT/layers/<id>/work/        overlay workdir (read-write layers)
  *   ROOT/layers/<id>/merged/      mount point of the merged view
  *   ROOT/layers/<id>/applying     present while applyDiff runs
+ *   ROOT/layers/<id>/index/       a Gear index layer only: the metacopy tree (index-dir.ts)
  *   ROOT/l/<LINK> -> ../layers/<id>/diff   short names keep mount options short
+ *                    (-> ../layers/<id>/index for an index layer: what layers above it see)
+ *   ROOT/pool/, ROOT/miss/         the lazy path's data-only layers (pool, miss filesystem)
+ *
+ * Mounts whose lower chain contains an index layer add the data-only layers
+ * (`lowerdir=…::pool::miss`) and `metacopy=on,redirect_dir=on,index=off`; they
+ * are made by mount(8) in a child process, because overlay queries the FUSE
+ * layer (statfs, lookups) while mounting and this process serves it. Every
+ * other mount keeps exactly overlay2's options.
  *
  * Crash safety: a layer is built in layers/.tmp-* and renamed into place; a
  * removal renames it to layers/.trash-* first. open() repairs whatever a
@@ -28,8 +37,11 @@ import { alreadyExists, errnoCode, failedPrecondition, GearError, invalidArgumen
 import { emptyDir, pathExists, syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { constants } from '../sys/native.js';
-import { isMountPoint, mountOverlay, mountsUnder, unmount, type OverlayOptions } from '../sys/mounts.js';
-import type { CreateOptions, LayerKind, LayerRecord, LayerStore } from './types.js';
+import { isMountPoint, mountOverlay, mountsUnder, overlayData, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
+import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
+import { spawn } from 'node:child_process';
+import { buildIndexDir, HeadSniffer, readIndexManifest } from './index-dir.js';
+import type { CreateOptions, GearLayerInfo, LayerKind, LayerRecord, LayerStore } from './types.js';
 
 /** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
 export const MAX_LAYER_DEPTH = 128;
@@ -39,6 +51,12 @@ const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 export interface LayerStoreOptions {
   root: string;
   logger?: Logger;
+  /**
+   * Lazy Gear layers: open the pool, the fetcher and the miss filesystem at
+   * ROOT/miss (close() releases them). Off by default (index layers are still
+   * recognised and mounted; their files then come only from ROOT/pool).
+   */
+  lazy?: boolean | LazyOptions;
 }
 
 /** How a layer is presented: its own dir as is, or an overlay mount. */
@@ -73,7 +91,34 @@ function parseRecord(text: string, id: string): LayerRecord {
   ) {
     throw new Error('malformed layer record');
   }
-  return { id, parent: r.parent, kind: r.kind, link: r.link, lowers: r.lowers, created: Number(r.created) || 0, size: r.size };
+  const rec: LayerRecord = { id, parent: r.parent, kind: r.kind, link: r.link, lowers: r.lowers, created: Number(r.created) || 0, size: r.size };
+  if (r.gear !== undefined) {
+    const g = r.gear as Partial<GearLayerInfo>;
+    if (!g || !Array.isArray(g.blobs) || typeof g.files !== 'number') throw new Error('malformed gear info');
+    rec.gear = g as GearLayerInfo;
+  }
+  return rec;
+}
+
+/** Runs a command with a time bound; resolves its exit code and stderr. */
+function runBounded(cmd: string, args: string[], cwd: string, timeoutMs: number): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { cwd, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (d: string) => {
+      if (stderr.length < 4096) stderr += d;
+    });
+    child.on('error', (err) => {
+      clearTimeout(timer);
+      resolve({ code: null, stderr: String(err) });
+    });
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stderr: stderr.trim() });
+    });
+  });
 }
 
 class OverlayLayerStore implements LayerStore {
@@ -85,10 +130,13 @@ class OverlayLayerStore implements LayerStore {
   /** get() references per mounted layer. */
   private readonly refs = new Map<string, number>();
   private readonly locks = new KeyedMutex();
+  private readonly lazyOpts: LazyOptions | undefined;
+  private lazy: LazyRuntime | undefined;
 
   constructor(opts: LayerStoreOptions) {
     this.root = path.resolve(opts.root);
     this.log = opts.logger;
+    this.lazyOpts = opts.lazy === true ? {} : opts.lazy || undefined;
     this.layersDir = path.join(this.root, 'layers');
     this.linksDir = path.join(this.root, 'l');
   }
@@ -107,6 +155,13 @@ class OverlayLayerStore implements LayerStore {
   private linkDiffDir(link: string): string {
     return path.join(this.linksDir, link);
   }
+  private indexDir(id: string): string {
+    return path.join(this.layersDir, id, 'index');
+  }
+  /** What a layer's l/ link points to: index/ for an index layer, else diff/. */
+  private linkTarget(r: LayerRecord): string {
+    return `../layers/${r.id}/${r.gear ? 'index' : 'diff'}`;
+  }
 
   private record(id: string): LayerRecord {
     validateLayerId(id);
@@ -120,6 +175,9 @@ class OverlayLayerStore implements LayerStore {
   async open(): Promise<void> {
     await fs.mkdir(this.layersDir, { recursive: true, mode: 0o700 });
     await fs.mkdir(this.linksDir, { recursive: true, mode: 0o700 });
+    // The data-only layers of lazy mounts must exist even when lazy pull is off.
+    await fs.mkdir(path.join(this.root, 'pool'), { recursive: true, mode: 0o755 });
+    await fs.mkdir(path.join(this.root, 'miss'), { recursive: true, mode: 0o755 });
 
     // Leftovers of interrupted creates and removes.
     for (const name of await fs.readdir(this.layersDir)) {
@@ -152,7 +210,7 @@ class OverlayLayerStore implements LayerStore {
     for (const name of await fs.readdir(this.linksDir)) {
       const owner = wanted.get(name);
       const target = await fs.readlink(path.join(this.linksDir, name)).catch(() => '');
-      if (!owner || target !== `../layers/${owner}/diff`) {
+      if (!owner || target !== this.linkTarget(this.records.get(owner)!)) {
         await fs.rm(path.join(this.linksDir, name), { force: true });
         this.log?.info({ link: name }, 'removed stale layer link');
       }
@@ -160,7 +218,7 @@ class OverlayLayerStore implements LayerStore {
     for (const r of this.records.values()) {
       const link = path.join(this.linksDir, r.link);
       if (!(await pathExists(link))) {
-        await fs.symlink(`../layers/${r.id}/diff`, link);
+        await fs.symlink(this.linkTarget(r), link);
         this.log?.info({ layer: r.id, link: r.link }, 'recreated missing layer link');
       }
     }
@@ -172,7 +230,9 @@ class OverlayLayerStore implements LayerStore {
 
     // Mounts left by a previous run: keep those of known layers (running
     // containers may use them; the first get/put adopts them), drop the rest.
+    const missDir = path.join(this.root, 'miss');
     for (const m of mountsUnder(this.root)) {
+      if (m.mountPoint === missDir || m.mountPoint.startsWith(missDir + '/')) continue; // the miss filesystem's own business
       const rel = path.relative(this.layersDir, m.mountPoint).split(path.sep);
       const known = rel.length === 2 && rel[1] === 'merged' && this.records.has(rel[0]!);
       if (!known) {
@@ -180,7 +240,29 @@ class OverlayLayerStore implements LayerStore {
         this.log?.info({ mountPoint: m.mountPoint }, 'unmounted stale mount');
       }
     }
-    this.log?.info({ root: this.root, layers: this.records.size }, 'layer store open');
+    if (this.lazyOpts) {
+      this.lazy = await openLazyRuntime(this.root, this.lazyOpts, this.log);
+      const owners = new Set<string>();
+      for (const r of this.records.values()) {
+        if (!r.gear) continue;
+        this.lazy.catalog.add(r.id, r.gear.location, r.gear.blobs);
+        owners.add(r.id);
+      }
+      // References of index layers removed while the daemon was down.
+      for (const o of this.lazy.pool.referenceOwners()) if (!owners.has(o)) await this.lazy.pool.dropReferences(o);
+    }
+    this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
+  }
+
+  async close(): Promise<void> {
+    const lazy = this.lazy;
+    this.lazy = undefined;
+    await lazy?.close();
+  }
+
+  /** The lazy machinery, when the store was opened with `lazy` (tests, status). */
+  get lazyRuntime(): LazyRuntime | undefined {
+    return this.lazy;
   }
 
   private async discardDir(dir: string, why: string): Promise<void> {
@@ -243,6 +325,10 @@ class OverlayLayerStore implements LayerStore {
       await fs.rm(path.join(this.linksDir, rec.link), { force: true });
       await syncDir(this.layersDir);
       await fs.rm(trash, { recursive: true, force: true });
+      if (rec.gear && this.lazy) {
+        this.lazy.catalog.remove(id);
+        await this.lazy.pool.dropReferences(id);
+      }
       this.log?.debug({ layer: id }, 'removed layer');
     });
   }
@@ -262,13 +348,18 @@ class OverlayLayerStore implements LayerStore {
   mountSpec(id: string): MountSpec {
     const rec = this.record(id);
     if (rec.lowers.length === 0) return { type: 'dir', path: this.diffDir(id) };
-    const base = { extra: ['index=off'] };
+    // Below an index layer: its metacopy files take their data from the pool, else the miss filesystem.
+    const base: Pick<OverlayOptions, 'extra' | 'dataLowers'> = this.onIndexLayer(rec, rec.kind === 'ro')
+      ? { extra: ['metacopy=on', 'redirect_dir=on', 'index=off'], dataLowers: ['pool', 'miss'] }
+      : { extra: ['index=off'] };
     if (rec.kind === 'ro') {
+      // An index layer itself shows its index form (diff/), not index/ (tar-split, A.9).
+      const top = rec.gear ? `layers/${id}/diff` : `l/${rec.link}`;
       return {
         type: 'overlay',
         target: this.mergedDir(id),
         readOnly: true,
-        options: { ...base, lowers: [rec.link, ...rec.lowers].map((l) => `l/${l}`) },
+        options: { ...base, lowers: [top, ...rec.lowers.map((l) => `l/${l}`)] },
       };
     }
     return {
@@ -284,11 +375,24 @@ class OverlayLayerStore implements LayerStore {
     };
   }
 
+  /** True when a layer below rec (or rec itself, unless `parentsOnly`) is a Gear index layer. */
+  private onIndexLayer(rec: LayerRecord, parentsOnly: boolean): boolean {
+    if (!parentsOnly && rec.gear) return true;
+    let cur = rec.parent;
+    for (let depth = 0; cur && depth <= MAX_LAYER_DEPTH; depth++) {
+      const p = this.records.get(cur);
+      if (!p) return false;
+      if (p.gear) return true;
+      cur = p.parent;
+    }
+    return false;
+  }
+
   async get(id: string): Promise<string> {
     return this.locks.run(id, async () => this.acquire(id));
   }
 
-  private acquire(id: string): string {
+  private async acquire(id: string): Promise<string> {
     const spec = this.mountSpec(id);
     if (spec.type === 'dir') return spec.path;
     const mounted = isMountPoint(spec.target);
@@ -299,7 +403,8 @@ class OverlayLayerStore implements LayerStore {
         throw failedPrecondition(`layer ${id}: lower layer ${p} is missing; the store is damaged`);
       }
       try {
-        mountOverlay(spec.target, spec.options, this.root, spec.readOnly ? constants.MS_RDONLY : 0);
+        if (spec.options.dataLowers?.length) await this.mountInChild(spec.target, spec.options, spec.readOnly);
+        else mountOverlay(spec.target, spec.options, this.root, spec.readOnly ? constants.MS_RDONLY : 0);
       } catch (err) {
         throw new GearError('Internal', `layer ${id}: cannot mount overlay at ${spec.target}: ${(err as Error).message}`, {
           cause: err,
@@ -309,6 +414,28 @@ class OverlayLayerStore implements LayerStore {
     }
     this.refs.set(id, count + 1);
     return spec.target;
+  }
+
+  /**
+   * mount(8) in a child with cwd ROOT: overlay queries the miss filesystem
+   * (statfs, lookups) while mounting, and this process's event loop serves it.
+   */
+  private async mountInChild(target: string, o: OverlayOptions, readOnly: boolean): Promise<void> {
+    const data = overlayData(o);
+    if (Buffer.byteLength(data) > MAX_MOUNT_DATA) {
+      throw new Error(`overlay mount options for ${target} are ${Buffer.byteLength(data)} bytes, over the ${MAX_MOUNT_DATA}-byte limit`);
+    }
+    const args = ['-t', 'overlay', 'overlay', '-o', readOnly ? `ro,${data}` : data, target];
+    const r = await runBounded('mount', args, this.root, 60_000);
+    if (r.code !== 0) throw new Error(r.stderr || `mount exited with ${r.code}`);
+  }
+
+  private async unmountInChild(target: string): Promise<void> {
+    const r = await runBounded('umount', [target], this.root, 30_000);
+    if (r.code !== 0 && isMountPoint(target)) {
+      this.log?.warn({ target, stderr: r.stderr }, 'umount failed; detaching lazily');
+      unmount(target, { lazy: true });
+    }
   }
 
   private missingLowers(id: string): string[] {
@@ -330,7 +457,7 @@ class OverlayLayerStore implements LayerStore {
     await this.locks.run(id, async () => this.release(id));
   }
 
-  private release(id: string): void {
+  private async release(id: string): Promise<void> {
     const spec = this.mountSpec(id);
     if (spec.type === 'dir') return;
     const mounted = isMountPoint(spec.target);
@@ -340,7 +467,9 @@ class OverlayLayerStore implements LayerStore {
       return;
     }
     this.refs.delete(id);
-    if (mounted) unmount(spec.target);
+    if (!mounted) return;
+    if (spec.options.dataLowers?.length) await this.unmountInChild(spec.target);
+    else unmount(spec.target);
   }
 
   async metadata(id: string): Promise<Record<string, string>> {
@@ -355,7 +484,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   private resolveLink(link: string): string {
-    for (const r of this.records.values()) if (r.link === link) return this.diffDir(r.id);
+    for (const r of this.records.values()) if (r.link === link) return r.gear ? this.indexDir(r.id) : this.diffDir(r.id);
     return this.linkDiffDir(link);
   }
 
@@ -374,6 +503,8 @@ class OverlayLayerStore implements LayerStore {
       ['Root', this.root],
       ['Layers', String(this.records.size)],
       ['Mounted', String(this.refs.size)],
+      ['Index Layers', String([...this.records.values()].filter((r) => r.gear).length)],
+      ...(this.lazy ? this.lazy.status() : [['Lazy Pull', 'off'] as [string, string]]),
     ];
   }
 
@@ -399,24 +530,55 @@ class OverlayLayerStore implements LayerStore {
       const marker = path.join(this.layerDir(id), 'applying');
       await writeFileAtomic(marker, '');
       const diff = this.diffDir(id);
+      const index = this.indexDir(id);
       let size: number;
+      let gear: GearLayerInfo | undefined;
       try {
         // Drained, not destroyed, on error: the tar usually is an HTTP request body
         // whose reply (carrying the error) can only go out once it is read.
-        ({ size } = await applyLayer(tar, diff, { drainInputOnError: true }));
+        const sniffer = new HeadSniffer();
+        tar.on('error', (e) => sniffer.destroy(e));
+        ({ size } = await applyLayer(tar.pipe(sniffer), diff, { drainInputOnError: true }));
+        if (sniffer.firstEntryIsIndex()) gear = await this.buildIndex(id, diff, index);
       } catch (err) {
         await emptyDir(diff).catch(() => undefined);
+        await fs.rm(index, { recursive: true, force: true }).catch(() => undefined);
         await fs.rm(marker, { force: true });
         throw err instanceof GearError ? err : new GearError('Internal', `layer ${id}: ${(err as Error).message}`, { cause: err });
       }
-      const updated = { ...rec, size };
+      const updated: LayerRecord = { ...rec, size };
+      if (gear) {
+        updated.gear = gear;
+        // Layers above see index/: repoint the short link (atomically).
+        const tmpLink = path.join(this.linksDir, `.${rec.link}.tmp`);
+        await fs.rm(tmpLink, { force: true });
+        await fs.symlink(this.linkTarget(updated), tmpLink);
+        await fs.rename(tmpLink, path.join(this.linksDir, rec.link));
+        if (this.lazy) {
+          this.lazy.catalog.add(id, gear.location, gear.blobs);
+          await this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0]));
+        }
+      }
       await writeFileAtomic(path.join(this.layerDir(id), 'layer.json'), JSON.stringify(updated));
       await fs.rm(marker, { force: true });
       await syncDir(this.layerDir(id));
+      await syncDir(this.linksDir);
       this.records.set(id, updated);
-      this.log?.debug({ layer: id, size }, 'applied layer');
+      this.log?.debug({ layer: id, size, gearFiles: gear?.files }, gear ? 'applied gear index layer' : 'applied layer');
       return size;
     });
+  }
+
+  /** diff/ holds an index layer's index form: validate its manifest and build index/. */
+  private async buildIndex(id: string, diff: string, index: string): Promise<GearLayerInfo> {
+    const manifest = await readIndexManifest(diff);
+    await fs.rm(index, { recursive: true, force: true });
+    const r = await buildIndexDir(diff, index, manifest);
+    const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs };
+    if (manifest.location) info.location = manifest.location;
+    else this.log?.warn({ layer: id }, 'gear index layer names no registry: its files can only come from the pool');
+    this.log?.info({ layer: id, files: r.files, distinct: r.blobs.length, bytes: r.bytes, location: manifest.location }, 'gear index layer');
+    return info;
   }
 
   /**

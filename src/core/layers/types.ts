@@ -12,6 +12,8 @@
  */
 import type { Readable } from 'node:stream';
 import type { Change } from '../archive/changes.js';
+import type { BlobLocation } from '../index/manifest.js';
+import type { GearBlobTuple } from '../lazy/catalog.js';
 
 export type LayerKind = 'ro' | 'rw';
 
@@ -29,6 +31,23 @@ export interface LayerRecord {
   created: number;
   /** Size recorded by applyDiff, in bytes. */
   size?: number;
+  /** Present for a Gear index layer: what its files are and where they live. */
+  gear?: GearLayerInfo;
+}
+
+/**
+ * A Gear index layer's record: diff/ holds the index form (what Get() shows),
+ * index/ the metacopy tree that layers above it use as their lower.
+ */
+export interface GearLayerInfo {
+  /** Regular files listed by the manifest. */
+  files: number;
+  /** Their total real size. */
+  bytes: number;
+  /** Where the Gear files live (absent: the index names no registry). */
+  location?: BlobLocation;
+  /** Distinct Gear files: [content digest, size, stored blob digest?, stored blob size?]. */
+  blobs: GearBlobTuple[];
 }
 
 export interface CreateOptions {
@@ -54,6 +73,11 @@ export interface LayerStore {
   status(): Promise<Array<[string, string]>>;
   /** Unmounts everything the store mounted (daemon shutdown). */
   cleanup(): Promise<void>;
+  /**
+   * Releases what open() took (the lazy machinery: miss filesystem, pool,
+   * registry connections). Layer mounts stay (running containers use them).
+   */
+  close?(): Promise<void>;
 
   /** Extracts a layer tar (plain, gzip or zstd) into a freshly created layer. Returns its size. */
   applyDiff(id: string, parent: string, tar: Readable): Promise<number>;

@@ -1,0 +1,93 @@
+/**
+ * The MissProvider of the miss filesystem, backed by the pool and the
+ * fetcher: a LOOKUP of /sha256/ab/<hex> fetches the file (foreground
+ * priority) into the pool and answers its size; an OPEN returns the pool
+ * file's descriptor, read with positioned reads.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import { describeError, isClass, notFound, unavailable } from '../errors.js';
+import type { Fetcher } from '../fetcher/fetcher.js';
+import { silentLogger, type Logger } from '../log.js';
+import type { MissFile, MissProvider } from '../missfs/types.js';
+import type { Pool } from '../pool/pool.js';
+import type { BlobCatalog } from './catalog.js';
+
+export interface LazyProviderOptions {
+  pool: Pool;
+  fetcher: Fetcher;
+  catalog: BlobCatalog;
+  logger?: Logger;
+}
+
+export class LazyMissProvider implements MissProvider {
+  private readonly pool: Pool;
+  private readonly fetcher: Fetcher;
+  private readonly catalog: BlobCatalog;
+  private readonly log: Logger;
+
+  constructor(opts: LazyProviderOptions) {
+    this.pool = opts.pool;
+    this.fetcher = opts.fetcher;
+    this.catalog = opts.catalog;
+    this.log = (opts.logger ?? silentLogger()).child({ component: 'lazy' });
+  }
+
+  /** Fetches digest into the pool (trying each known location in turn). */
+  private async ensure(digest: string, signal: AbortSignal): Promise<void> {
+    const reqs = this.catalog.requests(digest);
+    if (reqs.length === 0) {
+      if (this.catalog.has(digest)) throw unavailable(`${digest}: no registry location is known for this file`);
+      throw notFound(`${digest}: not a file of any index layer on this node`);
+    }
+    let last: unknown;
+    for (const req of reqs) {
+      try {
+        await this.fetcher.fetch(req, { priority: 'foreground', signal });
+        return;
+      } catch (err) {
+        last = err;
+        if (signal.aborted || isClass(err, 'DeadlineExceeded')) break;
+        this.log.info({ digest, registry: req.location.registry, repository: req.location.repository, err: describeError(err) }, 'fetch from this location failed');
+      }
+    }
+    // Whatever went wrong, the reader gets EIO: ENOENT would be cached as "no such file" by nobody, but is misleading.
+    if (isClass(last, 'NotFound')) throw unavailable(`${digest}: the registry does not have it`, last);
+    throw last;
+  }
+
+  async lookup(digest: string, signal: AbortSignal): Promise<{ size: number }> {
+    const size = this.catalog.sizeOf(digest);
+    if (size === undefined) throw notFound(`${digest}: not a file of any index layer on this node`);
+    if (this.pool.has(digest)) {
+      this.pool.touch(digest);
+      return { size: this.pool.sizeOf(digest) ?? size };
+    }
+    await this.ensure(digest, signal);
+    return { size };
+  }
+
+  async open(digest: string, signal: AbortSignal): Promise<MissFile> {
+    if (!this.catalog.has(digest) && !this.pool.has(digest)) throw notFound(`${digest}: unknown file`);
+    const release = this.pool.pin(digest); // no eviction between fetch and open
+    try {
+      for (let attempt = 0; attempt < 3; attempt++) {
+        const fh = await this.pool.open(digest, { count: attempt === 0 });
+        if (fh) return poolFile(fh);
+        await this.ensure(digest, signal);
+      }
+      throw unavailable(`${digest}: fetched but gone from the pool again`);
+    } finally {
+      release();
+    }
+  }
+}
+
+function poolFile(fh: FileHandle): MissFile {
+  return {
+    async read(buf: Buffer, position: number): Promise<number> {
+      const { bytesRead } = await fh.read(buf, 0, buf.length, position);
+      return bytesRead;
+    },
+    close: () => fh.close(),
+  };
+}

@@ -1,0 +1,114 @@
+/**
+ * The lazy machinery of one store root, opened and closed as a unit:
+ * pool (ROOT/pool) → fetcher (registry client) → miss provider → miss
+ * filesystem mounted at ROOT/miss.
+ */
+import path from 'node:path';
+import { describeError } from '../errors.js';
+import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, parseDuration, type FetcherStats } from '../fetcher/fetcher.js';
+import { silentLogger, type Logger } from '../log.js';
+import { mountMissFs, type MissFsMount } from '../missfs/index.js';
+import { openPool, type Pool, type PoolStat } from '../pool/pool.js';
+import { formatSize } from '../pool/size.js';
+import { RegistryClient } from '../registry/client.js';
+import { BlobCatalog } from './catalog.js';
+import { LazyMissProvider } from './provider.js';
+
+export interface LazyOptions {
+  /** Pool cap, bytes or "20GiB". Default: GEAR_CACHE_SIZE, else the previous run's, else 20GiB. */
+  cacheSize?: string | number;
+  /** Fetch deadline in ms. Default: GEAR_FETCH_TIMEOUT, else 60 s. */
+  fetchTimeoutMs?: number;
+  /** Downloads in flight. Default 8. */
+  maxFetches?: number;
+  /** Registries reachable over plain http (besides loopback). Default: GEAR_INSECURE_REGISTRIES (comma separated). */
+  insecureRegistries?: string[];
+  /** Docker config.json with registry credentials. Default: the registry client's ($DOCKER_CONFIG, ~/.docker). */
+  dockerConfigPath?: string;
+  /** Mount the miss filesystem at ROOT/miss. Default true. */
+  mountMissFs?: boolean;
+}
+
+export interface LazyRuntime {
+  readonly pool: Pool;
+  readonly fetcher: Fetcher;
+  readonly catalog: BlobCatalog;
+  readonly miss: MissFsMount | undefined;
+  status(): Array<[string, string]>;
+  stats(): { pool: PoolStat; fetch: FetcherStats; miss: ReturnType<MissFsMount['stats']> | undefined };
+  close(): Promise<void>;
+}
+
+export async function openLazyRuntime(root: string, opts: LazyOptions, logger: Logger = silentLogger()): Promise<LazyRuntime> {
+  const env = process.env;
+  const capBytes = opts.cacheSize ?? (env.GEAR_CACHE_SIZE || undefined);
+  const timeoutMs = opts.fetchTimeoutMs ?? (env.GEAR_FETCH_TIMEOUT ? parseDuration(env.GEAR_FETCH_TIMEOUT, 'GEAR_FETCH_TIMEOUT') : undefined);
+  const insecure =
+    opts.insecureRegistries ??
+    (env.GEAR_INSECURE_REGISTRIES ?? '')
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean);
+  const pool = await openPool({ root, logger, ...(capBytes !== undefined ? { capBytes } : {}) });
+  const fetcherTimeout = timeoutMs ?? DEFAULT_FETCH_TIMEOUT_MS;
+  const client = new RegistryClient({
+    insecureRegistries: insecure,
+    ...(opts.dockerConfigPath ? { dockerConfigPath: opts.dockerConfigPath } : {}),
+    // Request retries must fit in the fetch deadline.
+    retry: { maxTotalMs: Math.max(1000, Math.floor(fetcherTimeout * 0.8)) },
+  });
+  const fetcher = new Fetcher({ pool, client, logger, timeoutMs: fetcherTimeout, ...(opts.maxFetches ? { maxParallel: opts.maxFetches } : {}) });
+  const catalog = new BlobCatalog();
+  const provider = new LazyMissProvider({ pool, fetcher, catalog, logger });
+  let miss: MissFsMount | undefined;
+  if (opts.mountMissFs ?? true) {
+    try {
+      miss = await mountMissFs({
+        mountpoint: path.join(root, 'miss'),
+        provider,
+        logger,
+        // A little above the fetch deadline: the fetcher answers first, with a precise error.
+        requestTimeoutMs: fetcherTimeout + 5_000,
+      });
+    } catch (err) {
+      await fetcher.close();
+      await client.close();
+      await pool.close();
+      throw err;
+    }
+  }
+  let closing: Promise<void> | undefined;
+  return {
+    pool,
+    fetcher,
+    catalog,
+    miss,
+    stats: () => ({ pool: pool.stat(), fetch: fetcher.stats(), miss: miss?.stats() }),
+    status(): Array<[string, string]> {
+      const p = pool.stat();
+      const f = fetcher.stats();
+      return [
+        ['Lazy Pull', miss ? 'on (miss filesystem mounted)' : 'off'],
+        ['Gear Files Known', String(catalog.files)],
+        ['Pool', `${p.files} files, ${formatSize(p.bytes)} of ${formatSize(p.capBytes)}`],
+        ['Pool Evictions', `${p.counters.evictions} files, ${formatSize(p.counters.evictedBytes)}`],
+        ['Fetched Files', String(f.files)],
+        ['Fetched Bytes', String(f.bytes)],
+        ['Fetch Failures', `${f.failures} (${f.verifyFailures} rejected by verification, ${f.timeouts} deadlines)`],
+        ['Fetches In Flight', `${f.running} running, ${f.queued} queued, max ${fetcher.maxParallel}`],
+        ['Fetch Timeout', `${fetcher.timeoutMs} ms`],
+      ];
+    },
+    close(): Promise<void> {
+      closing ??= (async () => {
+        await fetcher.close();
+        if (miss) {
+          await miss.unmount({ timeoutMs: 2_000 }).catch((err: unknown) => logger.warn({ err: describeError(err) }, 'miss filesystem unmount'));
+        }
+        await client.close().catch(() => undefined);
+        await pool.close();
+      })();
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,202 @@
+/**
+ * Gear index layers in the layer store, with the real lazy path: registry →
+ * fetcher → pool / miss filesystem (FUSE) → overlay metacopy mounts.
+ * Needs root, /dev/fuse, overlayfs with data-only layers (Linux 6.5+).
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { Readable } from 'node:stream';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { writeIndexLayer } from '../../src/core/index/index-layer.js';
+import type { IndexManifest } from '../../src/core/index/manifest.js';
+import type { TarHeader } from '../../src/core/index/tar.js';
+import { openLayerStore } from '../../src/core/layers/store.js';
+import { RegistryClient } from '../../src/core/registry/client.js';
+import { getXattr } from '../../src/core/sys/xattr.js';
+import { isMountPoint, mountsUnder } from '../../src/core/sys/mounts.js';
+import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
+import { startRegistry, type TestRegistry } from '../helpers/registry.js';
+import { run } from '../helpers/proc.js';
+
+const REPO = 'gear-test/lazy';
+const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+
+function hdr(p: string, type: TarHeader['type'], extra: Partial<TarHeader> = {}): TarHeader {
+  return {
+    path: p,
+    type,
+    size: 0,
+    mode: type === 'dir' ? 0o755 : 0o644,
+    uid: 0,
+    gid: 0,
+    uname: '',
+    gname: '',
+    mtime: 1_700_000_000,
+    mtimeNsec: 0,
+    linkname: '',
+    devmajor: 0,
+    devminor: 0,
+    xattrs: new Map(),
+    ...extra,
+  };
+}
+
+let reg: TestRegistry;
+let proxy: FaultProxy;
+const files: Record<string, Buffer> = {
+  'bin/tool': randomBytes(200_000),
+  'etc/os-release': Buffer.from('NAME=gear-test\n'),
+  'etc/shared': Buffer.from('same content\n'),
+  'usr/share/doc': Buffer.from('documentation '.repeat(1000)),
+};
+let indexTar: Buffer;
+
+beforeAll(async () => {
+  reg = await startRegistry();
+  proxy = await startFaultProxy(reg.url);
+  const pusher = new RegistryClient();
+  try {
+    for (const c of Object.values(files)) await pusher.pushBlob(`${reg.host}/${REPO}`, sha(c), c);
+  } finally {
+    await pusher.close();
+  }
+  const manifest: IndexManifest = {
+    version: 1,
+    location: { registry: proxy.host, repository: REPO },
+    files: [
+      { path: 'bin/tool', digest: sha(files['bin/tool']!), size: files['bin/tool']!.length },
+      { path: 'etc/os-release', digest: sha(files['etc/os-release']!), size: files['etc/os-release']!.length },
+      { path: 'etc/shared', digest: sha(files['etc/shared']!), size: files['etc/shared']!.length },
+      { path: 'usr/share/doc', digest: sha(files['usr/share/doc']!), size: files['usr/share/doc']!.length },
+    ],
+  };
+  const entries = [
+    hdr('bin', 'dir'),
+    hdr('bin/tool', 'file', { mode: 0o4755, uid: 12, gid: 34 }),
+    hdr('etc', 'dir'),
+    hdr('etc/empty', 'file'),
+    hdr('etc/link', 'symlink', { linkname: 'os-release' }),
+    hdr('etc/os-release', 'file'),
+    hdr('etc/shared', 'file'),
+    hdr('etc/shared2', 'link', { linkname: 'etc/shared' }),
+    hdr('usr', 'dir'),
+    hdr('usr/share', 'dir'),
+    hdr('usr/share/doc', 'file', { mode: 0o600 }),
+  ];
+  const chunks: Buffer[] = [];
+  for await (const c of writeIndexLayer(manifest, entries)) chunks.push(c);
+  indexTar = Buffer.concat(chunks);
+}, 60_000);
+
+afterAll(async () => {
+  await proxy?.stop();
+  await reg?.stop();
+});
+
+let root: string;
+const blobGets = () => proxy.seen.filter((l) => l.startsWith('GET ') && l.includes('/blobs/sha256:'));
+
+beforeEach(async () => {
+  root = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-lazy-'));
+  proxy.setDecider(() => undefined);
+});
+
+afterEach(async () => {
+  // overlays first, then the miss filesystem (the store's close)
+  for (const m of mountsUnder(path.join(root, 'layers'))) await run('umount', ['-l', m.mountPoint]);
+  for (const m of mountsUnder(root)) await run('umount', ['-l', m.mountPoint]);
+  await fs.rm(root, { recursive: true, force: true });
+});
+
+describe('gear index layers in the store', () => {
+  it('keeps the index form in diff/, builds index/ with metacopy files, and reads lazily through FUSE', async () => {
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } });
+    try {
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([indexTar]));
+      // Get() of the index layer: the index form (tar-split reproduces the layer from it).
+      const view = await store.get('idx');
+      expect(view).toBe(path.join(root, 'layers/idx/diff'));
+      expect(existsSync(path.join(view, '.gear/index.json'))).toBe(true);
+      expect((await fs.stat(path.join(view, 'bin/tool'))).size).toBe(0);
+      await store.put('idx');
+
+      const idx = path.join(root, 'layers/idx/index');
+      expect(existsSync(path.join(idx, '.gear'))).toBe(false);
+      const st = await fs.lstat(path.join(idx, 'bin/tool'));
+      expect(st.size).toBe(files['bin/tool']!.length);
+      expect(st.blocks).toBeLessThanOrEqual(8); // no data blocks (an ext4 xattr block may count)
+      expect(st.mode & 0o7777).toBe(0o4755);
+      expect([st.uid, st.gid]).toEqual([12, 34]);
+      expect(getXattr(path.join(idx, 'bin/tool'), 'trusted.overlay.metacopy')).toEqual(Buffer.alloc(0));
+      expect(getXattr(path.join(idx, 'bin/tool'), 'trusted.overlay.redirect')?.toString()).toMatch(/^\/sha256\/[0-9a-f]{2}\/[0-9a-f]{64}$/);
+      expect((await fs.lstat(path.join(idx, 'etc/shared2'))).ino).toBe((await fs.lstat(path.join(idx, 'etc/shared'))).ino);
+      expect(await fs.readlink(path.join(root, 'l', (JSON.parse(await fs.readFile(path.join(root, 'layers/idx/layer.json'), 'utf8')) as { link: string }).link))).toBe('../layers/idx/index');
+
+      await store.create('ctr', 'idx', 'rw');
+      const merged = await store.get('ctr');
+      expect(isMountPoint(merged)).toBe(true);
+      const before = blobGets().length;
+      // stat and ls never fetch
+      expect((await fs.stat(path.join(merged, 'usr/share/doc'))).size).toBe(files['usr/share/doc']!.length);
+      expect(blobGets().length).toBe(before);
+      expect(await fs.readFile(path.join(merged, 'etc/os-release'))).toEqual(files['etc/os-release']);
+      expect(await fs.readFile(path.join(merged, 'etc/link'))).toEqual(files['etc/os-release']);
+      expect(await fs.readFile(path.join(merged, 'bin/tool'))).toEqual(files['bin/tool']);
+      expect(await fs.readFile(path.join(merged, 'etc/shared2'))).toEqual(files['etc/shared']);
+      expect(blobGets().length - before).toBe(3); // os-release, tool, shared; not doc
+      // A second open comes from the pool.
+      expect(await fs.readFile(path.join(merged, 'bin/tool'))).toEqual(files['bin/tool']);
+      expect(blobGets().length - before).toBe(3);
+      // Writes copy up.
+      await fs.appendFile(path.join(merged, 'etc/os-release'), 'X=1\n');
+      expect(await fs.readFile(path.join(root, 'layers/ctr/diff/etc/os-release'), 'utf8')).toBe('NAME=gear-test\nX=1\n');
+      const status = Object.fromEntries(await store.status());
+      expect(status['Fetched Files']).toBe('3');
+      expect(status['Index Layers']).toBe('1');
+      await store.put('ctr');
+      expect(isMountPoint(merged)).toBe(false);
+
+      await store.remove('ctr');
+      await store.remove('idx');
+      expect((await fs.readdir(path.join(root, 'pool/.meta/refs'))).filter((n) => n.endsWith('.json'))).toEqual([]);
+    } finally {
+      await store.close?.();
+    }
+    expect(isMountPoint(path.join(root, 'miss'))).toBe(false);
+  });
+
+  it('fails an uncached read with EIO within the deadline when the registry hangs; cached files still read', async () => {
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 1_500 } });
+    try {
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([indexTar]));
+      await store.create('ctr', 'idx', 'rw');
+      const merged = await store.get('ctr');
+      expect(await fs.readFile(path.join(merged, 'etc/os-release'))).toEqual(files['etc/os-release']);
+      proxy.setDecider((req) => (req.method === 'GET' && req.url?.includes('/blobs/') ? { kind: 'hang' } : undefined));
+      const t0 = Date.now();
+      // In a child process: a reader blocked in the kernel must not block this event loop (it serves FUSE).
+      const r = await run('cat', [path.join(merged, 'usr/share/doc')], { timeoutMs: 20_000 });
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toMatch(/Input\/output error/);
+      expect(Date.now() - t0).toBeLessThan(8_000);
+      expect(await fs.readFile(path.join(merged, 'etc/os-release'))).toEqual(files['etc/os-release']);
+      // Flipped bytes: rejected, never in the pool, EIO.
+      proxy.setDecider((req) => (req.method === 'GET' && req.url?.includes('/blobs/') ? { kind: 'flip' } : undefined));
+      const r2 = await run('cat', [path.join(merged, 'bin/tool')], { timeoutMs: 20_000 });
+      expect(r2.stderr).toMatch(/Input\/output error/);
+      expect(existsSync(path.join(root, 'pool/sha256', sha(files['bin/tool']!).slice(7, 9), sha(files['bin/tool']!).slice(7)))).toBe(false);
+      // Registry healthy again: the next open succeeds.
+      proxy.setDecider(() => undefined);
+      const r3 = await run('sha256sum', [path.join(merged, 'bin/tool')], { timeoutMs: 20_000 });
+      expect(r3.stdout.split(' ')[0]).toBe(sha(files['bin/tool']!).slice(7));
+      await store.put('ctr');
+    } finally {
+      await store.close?.();
+    }
+  });
+});
