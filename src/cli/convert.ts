@@ -26,6 +26,7 @@ interface ConvertFlags {
   location?: string;
   insecureRegistry: string[];
   progress?: boolean;
+  storage?: string;
 }
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
@@ -120,6 +121,7 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
       return await convertImage(source, dest, {
         concurrency: Number(flags.concurrency),
         filesPerManifest: Number(flags.filesPerManifest),
+        storage: flags.storage === 'raw' ? 'raw' : 'auto',
         tmpDir: flags.tmpDir,
         progress: reporter.on,
       });
@@ -145,8 +147,12 @@ export function registerConvert(program: Command): void {
     .option('--tmp-dir <dir>', 'where file contents are staged during the conversion')
     .option('--location <registry/repository>', 'for oci: destinations: where the Gear files will be pushed')
     .option('--insecure-registry <host>', 'registry reachable over plain http (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--storage <mode>', 'how Gear files are stored: auto (gzip when it saves ≥10%) or raw', 'auto')
     .option('--no-progress', 'no progress bars')
     .action(async (src: string, dst: string, flags: ConvertFlags) => {
+      if (flags.storage !== undefined && flags.storage !== 'auto' && flags.storage !== 'raw') {
+        throw invalidArgument('--storage must be auto or raw');
+      }
       for (const [name, v] of [['--concurrency', flags.concurrency], ['--files-per-manifest', flags.filesPerManifest]] as const) {
         const n = Number(v);
         if (!Number.isInteger(n) || n < 1) throw invalidArgument(`${name} must be a positive integer`);

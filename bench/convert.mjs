@@ -1,0 +1,149 @@
+// Benchmark driver for bench/convert.sh (plain ESM over dist/, so it runs on Node 20 without a TS loader).
+import { execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const MINBASE = join(process.env.GEAR_TEST_CACHE ?? '/var/cache/gear-test', 'minbase-bookworm.tar');
+const REPO = new URL('..', import.meta.url).pathname;
+const GEAR = join(REPO, 'dist/cli/gear.js');
+if (!existsSync(MINBASE)) {
+  console.error(`bench: ${MINBASE} missing (built by the integration harness); nothing to measure`);
+  process.exit(2);
+}
+const work = mkdtempSync(join(tmpdir(), 'gear-bench-'));
+const children = [];
+const sha = (b) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+const mb = (n) => (n / 1e6).toFixed(1);
+
+function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const p = s.address().port;
+      s.close(() => resolve(p));
+    });
+  });
+}
+
+async function startRegistry(name) {
+  const root = join(work, name);
+  mkdirSync(root);
+  const port = await freePort();
+  writeFileSync(
+    join(root, 'config.yml'),
+    `version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: ${root}/data\nhttp:\n  addr: 127.0.0.1:${port}\n`,
+  );
+  const child = spawn('/usr/bin/docker-registry', ['serve', join(root, 'config.yml')], { stdio: 'ignore' });
+  children.push(child);
+  for (let i = 0; i < 100; i++) {
+    try {
+      if ((await fetch(`http://127.0.0.1:${port}/v2/`)).status === 200) return { host: `127.0.0.1:${port}`, root };
+    } catch {}
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`registry ${name} did not start`);
+}
+
+function du(dir) {
+  let n = 0;
+  const walk = (d) => {
+    for (const e of readdirSync(d, { withFileTypes: true })) {
+      const p = join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (e.isFile()) n += statSync(p).size;
+    }
+  };
+  if (existsSync(dir)) walk(dir);
+  return n;
+}
+
+/** An OCI layout holding one image of gzip layers (gzip -6 -n, as docker push would). */
+function ociImage(dir, tag, tars) {
+  const blobs = join(dir, 'blobs/sha256');
+  mkdirSync(blobs, { recursive: true });
+  const put = (b) => {
+    const d = sha(b);
+    writeFileSync(join(blobs, d.slice(7)), b);
+    return { digest: d, size: b.length };
+  };
+  const layers = [];
+  const diffIds = [];
+  for (const t of tars) {
+    const raw = readFileSync(t);
+    diffIds.push(sha(raw));
+    const gz = execFileSync('gzip', ['-6', '-n', '-c', t], { maxBuffer: 1 << 30 });
+    layers.push({ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', ...put(gz) });
+  }
+  const cfg = put(Buffer.from(JSON.stringify({ architecture: 'amd64', os: 'linux', config: { Cmd: ['/bin/bash'] }, rootfs: { type: 'layers', diff_ids: diffIds } })));
+  const m = put(Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: { mediaType: 'application/vnd.oci.image.config.v1+json', ...cfg }, layers })));
+  writeFileSync(join(dir, 'oci-layout'), '{"imageLayoutVersion":"1.0.0"}');
+  const idx = existsSync(join(dir, 'index.json')) ? JSON.parse(readFileSync(join(dir, 'index.json'), 'utf8')) : { schemaVersion: 2, manifests: [] };
+  idx.manifests.push({ mediaType: 'application/vnd.oci.image.manifest.v1+json', ...m, annotations: { 'org.opencontainers.image.ref.name': tag } });
+  writeFileSync(join(dir, 'index.json'), JSON.stringify(idx));
+}
+
+try {
+  // Layers: python3 from the host, and an update layer.
+  const pyDirs = readdirSync('/usr/lib').filter((d) => /^python3(\.\d+)?$/.test(d)).map((d) => `usr/lib/${d}`);
+  const pyBins = readdirSync('/usr/bin').filter((d) => /^python3(\.\d+)?$/.test(d)).map((d) => `usr/bin/${d}`);
+  const l2 = join(work, 'python3.tar');
+  execFileSync('tar', ['--numeric-owner', '--sort=name', '-C', '/', '-cf', l2, ...pyDirs, ...pyBins]);
+  const upd = join(work, 'update');
+  const changed = execFileSync('bash', ['-c', `cd / && find ${pyDirs.join(' ')} -name '*.py' -type f | sort | awk 'NR % 20 == 0'`], { maxBuffer: 1 << 26 })
+    .toString()
+    .split('\n')
+    .filter(Boolean);
+  for (const f of changed) {
+    mkdirSync(join(upd, f, '..'), { recursive: true });
+    writeFileSync(join(upd, f), Buffer.concat([readFileSync(join('/', f)), Buffer.from('\n# patched by the update layer\n')]));
+  }
+  const perl = ['usr/share/perl', 'usr/lib/x86_64-linux-gnu/perl'].filter((d) => existsSync(join('/', d)));
+  const l3 = join(work, 'update.tar');
+  execFileSync('tar', ['--numeric-owner', '--sort=name', '-cf', l3, '-C', upd, '.', ...perl.flatMap((d) => ['-C', '/', d])]);
+
+  const oci = join(work, 'oci');
+  const images = [
+    ['a', [MINBASE]],
+    ['b', [MINBASE, l2]],
+    ['c', [MINBASE, l2, l3]],
+  ];
+  for (const [tag, tars] of images) ociImage(oci, tag, tars);
+  const docker = await startRegistry('docker');
+  const gear = await startRegistry('gear');
+
+  const rows = [];
+  for (const [tag, tars] of images) {
+    const uncompressed = tars.reduce((s, t) => s + statSync(t).size, 0);
+    execFileSync('skopeo', ['copy', '-q', '--dest-tls-verify=false', `oci:${oci}:${tag}`, `docker://${docker.host}/bench/img:${tag}`]);
+    const t0 = Date.now();
+    const out = execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', '--concurrency', '8', `oci:${oci}:${tag}`, `${gear.host}/bench/img:${tag}`], { maxBuffer: 1 << 26 });
+    const s = JSON.parse(out.toString());
+    rows.push({ tag, uncompressed, ...s, wall: (Date.now() - t0) / 1000 });
+  }
+  // Flatten + gzip cost without the registry (OCI layout destination), to separate converter CPU from registry overhead.
+  const t1 = Date.now();
+  const local = JSON.parse(execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', `oci:${oci}:c`, `oci:${join(work, 'local')}:c`], { maxBuffer: 1 << 26 }).toString());
+  const localWall = (Date.now() - t1) / 1000;
+  const t2 = Date.now();
+  const localRaw = JSON.parse(execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', '--storage', 'raw', `oci:${oci}:c`, `oci:${join(work, 'local-raw')}:c`], { maxBuffer: 1 << 26 }).toString());
+  const localRawWall = (Date.now() - t2) / 1000;
+
+  const dockerBytes = du(join(docker.root, 'data/docker/registry/v2/blobs'));
+  const gearBytes = du(join(gear.root, 'data/docker/registry/v2/blobs'));
+  console.log('image  layers(MB,uncompressed)  files  unique  logical(MB)  uploaded(MB)  skipped(MB)  index(KB)  convert(s)  MB/s');
+  for (const r of rows) {
+    console.log(
+      `${r.tag.padEnd(6)} ${mb(r.uncompressed).padStart(10)} ${String(r.files).padStart(19)} ${String(r.uniqueContents).padStart(7)} ${mb(r.logicalBytes).padStart(12)} ${mb(r.bytesUploaded).padStart(13)} ${mb(r.bytesSkipped).padStart(12)} ${(r.indexSize / 1e3).toFixed(0).padStart(10)} ${r.seconds.toFixed(1).padStart(11)} ${(r.layerBytes / 1e6 / r.seconds).toFixed(1).padStart(5)}`,
+    );
+  }
+  console.log(`to an OCI layout (no registry), image c, gzip-when-worth-it: ${localWall.toFixed(1)} s, ${(local.layerBytes / 1e6 / local.seconds).toFixed(1)} MB/s; raw: ${localRawWall.toFixed(1)} s, ${(localRaw.layerBytes / 1e6 / localRaw.seconds).toFixed(1)} MB/s; stored ${mb(local.bytesUploaded)} vs ${mb(localRaw.bytesUploaded)} MB`);
+  console.log(`registry storage for images a+b+c: Docker (gzip layers) ${mb(dockerBytes)} MB, Gear ${mb(gearBytes)} MB, ratio Gear/Docker ${(gearBytes / dockerBytes).toFixed(3)} (${((1 - gearBytes / dockerBytes) * 100).toFixed(1)}% less)`);
+  console.log(`machine load at the end: ${readFileSync('/proc/loadavg', 'utf8').trim()}`);
+} finally {
+  for (const c of children) c.kill('SIGTERM');
+  await new Promise((r) => setTimeout(r, 500));
+  rmSync(work, { recursive: true, force: true });
+}
