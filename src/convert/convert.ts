@@ -17,7 +17,6 @@ import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { createGzip, constants as zc } from 'node:zlib';
-import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { invalidArgument } from '../core/errors.js';
 import { writeIndexLayer } from '../core/index/index-layer.js';
@@ -323,4 +322,3 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
   }
 }
 
-export { Readable };

@@ -16,9 +16,9 @@ import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, posix } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { GearError, invalidArgument, notFound, unavailable } from '../core/errors.js';
+import { invalidArgument, notFound, unavailable } from '../core/errors.js';
 import { readTar } from '../core/index/tar.js';
-import { decompressed, verified, SourceDigestError } from './layer-stream.js';
+import { decompressed, verified } from './layer-stream.js';
 import { platformMatches, type RegistryAccess } from './registry-adapter.js';
 
 const DIGEST_RE = /^sha256:[a-f0-9]{64}$/;
@@ -357,4 +357,3 @@ export function parseSourceSpec(src: string): SourceSpec {
   return { kind: 'registry', ref: src };
 }
 
-export { SourceDigestError, GearError };

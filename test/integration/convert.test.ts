@@ -387,6 +387,21 @@ describe('gear convert', () => {
     }
   });
 
+  it('reads its source from a registry (pushed there with skopeo) and verifies it', async () => {
+    const src = join(work, 'regsrc-oci');
+    const layers = multiLayerImage();
+    await writeOciImage(src, layers, { tag: 'v1' });
+    await exec('skopeo', ['copy', '-q', '--dest-tls-verify=false', `oci:${src}:v1`, `docker://${reg.host}/src/multi:v1`]);
+    const s = await runConvert(`${reg.host}/src/multi:v1`, `${reg.host}/gear/fromreg:v1`, flags);
+    const { index, config } = await pullGear('gear/fromreg', 'v1');
+    await expectServesFiles('gear/fromreg', index.manifest, expectedFiles(layers));
+    const srcManifest = await getJson(`${reg.url}/v2/src/multi/manifests/v1`, ACCEPT + ',application/vnd.docker.distribution.manifest.v2+json');
+    expect(config.config.Labels[SOURCE_DIGEST_LABEL]).toBe(sha256(srcManifest.bytes));
+    expect(s.files).toBe(index.manifest.files.length);
+    const missing = await thrown(runConvert(`${reg.host}/src/nope:v1`, `${reg.host}/gear/fromreg:v2`, flags));
+    expect(isClass(missing, 'NotFound'), String(missing)).toBe(true);
+  });
+
   it('writes an OCI layout destination with the same index as the registry would hold', async () => {
     const src = join(work, 'ocidst-src');
     await writeOciImage(src, multiLayerImage());

@@ -260,6 +260,7 @@ describe('index layer', () => {
     hdr('bin', { type: 'dir', mode: 0o755 }),
     hdr('bin/busybox', { mode: 0o755 }),
     hdr('bin/ls', { type: 'symlink', linkname: 'busybox' }),
+    hdr('bin/ls2', { type: 'link', linkname: 'bin/ls' }), // a hard link to a symlink
     hdr('bin/sh', { type: 'link', linkname: 'bin/busybox' }),
     hdr('etc', { type: 'dir' }),
     hdr('etc/cap', { xattrs: new Map([['security.capability', Buffer.from([1, 0, 0, 2, 0xff])]]) }),

@@ -73,7 +73,6 @@ function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<strin
   }
   if (h.type === 'file') {
     if (h.size !== 0) throw invalidArgument(`gear index layer: regular file ${JSON.stringify(p)} has a body`);
-    files.add(p);
     if (listed.has(p)) listed.set(p, true);
   } else if (listed.has(p)) {
     throw invalidArgument(`gear index layer: ${JSON.stringify(p)} is listed in the manifest but is a ${h.type}`);
@@ -81,8 +80,10 @@ function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<strin
   if (h.type === 'link') {
     const target = h.linkname.replace(/\/+$/, '');
     if (!files.has(target)) {
-      throw invalidArgument(`gear index layer: hard link ${JSON.stringify(p)} does not point to an earlier regular file`);
+      throw invalidArgument(`gear index layer: hard link ${JSON.stringify(p)} does not point to an earlier non-directory entry`);
     }
+  } else if (h.type !== 'dir') {
+    files.add(p); // hard links may point at files, symlinks, devices and fifos
   }
 }
 
