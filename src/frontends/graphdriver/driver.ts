@@ -16,20 +16,26 @@ import { failedPrecondition, invalidArgument } from '../../core/errors.js';
 import type { LayerStore } from '../../core/layers/types.js';
 import type { DriverRequest, DriverResponse, InitRequest } from './protocol.js';
 
-/** Opens the layer store at root (the signature of the core's openLayerStore). */
-export type StoreOpener = (opts: { root: string; logger: Logger }) => Promise<LayerStore>;
+/**
+ * Opens the layer store at root (the signature of the core's openLayerStore).
+ * `options` are passed through unchanged (e.g. the core's `lazy` settings).
+ */
+export type StoreOpener = (opts: { root: string; logger: Logger; options?: Record<string, unknown> }) => Promise<LayerStore>;
 
 export interface GraphDriverOptions {
   /** Fixed store root (--root); when absent, Init's Home is used. */
   root?: string;
   logger: Logger;
   openStore: StoreOpener;
+  /** Passed through to openStore. */
+  storeOptions?: Record<string, unknown>;
 }
 
 export class GraphDriver {
   readonly #fixedRoot: string | undefined;
   readonly #logger: Logger;
   readonly #openStore: StoreOpener;
+  readonly #storeOptions: Record<string, unknown> | undefined;
   /** The store being opened or open, and its root; replaced as a unit. */
   #current: { root: string; store: Promise<LayerStore> } | undefined;
 
@@ -37,6 +43,15 @@ export class GraphDriver {
     this.#fixedRoot = opts.root === undefined ? undefined : path.resolve(opts.root);
     this.#logger = opts.logger;
     this.#openStore = opts.openStore;
+    this.#storeOptions = opts.storeOptions;
+  }
+
+  /** Releases the open store's resources (layer mounts stay). */
+  async close(): Promise<void> {
+    const cur = this.#current;
+    if (!cur) return;
+    const store = await cur.store.catch(() => undefined);
+    await store?.close?.();
   }
 
   /** The root of the store in use, if one was opened. */
@@ -138,7 +153,11 @@ export class GraphDriver {
     if (this.#current?.root === root) return this.#current.store;
     if (this.#current) this.#logger.warn({ from: this.#current.root, to: root }, 'store root changed; reopening');
     this.#logger.info({ root }, 'opening layer store');
-    const store = this.#openStore({ root, logger: this.#logger.child({ component: 'layers' }) });
+    const store = this.#openStore({
+      root,
+      logger: this.#logger.child({ component: 'layers' }),
+      ...(this.#storeOptions ? { options: this.#storeOptions } : {}),
+    });
     const current = { root, store };
     this.#current = current;
     // A failed open is not cached: the next Init (or call, with --root) tries again.

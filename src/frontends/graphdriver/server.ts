@@ -261,6 +261,8 @@ export interface GraphDriverServerOptions {
   logger: Logger;
   /** How the store is opened; default: the core's openLayerStore. Tests pass a fake. */
   openStore?: StoreOpener;
+  /** Passed through to openStore (e.g. `{ lazy: {...} }` for the core store). */
+  storeOptions?: Record<string, unknown>;
   /** How long close() waits for in-flight requests before cutting connections; default 10 s. */
   shutdownTimeoutMs?: number;
 }
@@ -283,6 +285,7 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
     ...(opts.root !== undefined ? { root: opts.root } : {}),
     logger,
     openStore: opts.openStore ?? openCoreLayerStore,
+    ...(opts.storeOptions ? { storeOptions: opts.storeOptions } : {}),
   });
   const app = createGraphDriverApp(driver, logger);
   const server = http.createServer(app);
@@ -337,6 +340,8 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
       }
       server.closeAllConnections();
       await closed;
+      // The store's lazy machinery (miss filesystem, pool); layer mounts stay.
+      await driver.close().catch((err: unknown) => logger.warn({ err: String(err) }, 'closing the store'));
       await unlink(socket).catch((err: unknown) => {
         if (errnoCode(err) !== 'ENOENT') logger.warn({ socket, err: String(err) }, 'could not remove socket');
       });

@@ -7,5 +7,5 @@ import type { StoreOpener } from './driver.js';
 
 export const openCoreLayerStore: StoreOpener = async (opts) => {
   const { openLayerStore } = await import('../../core/layers/store.js');
-  return openLayerStore(opts);
+  return openLayerStore({ ...opts.options, root: opts.root, logger: opts.logger });
 };
