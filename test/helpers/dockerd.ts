@@ -177,12 +177,14 @@ export async function startDockerd(opts: DockerdOptions): Promise<Dockerd> {
     say(`starting gear: node ${args.join(' ')}`);
     gear = spawnLogged(process.execPath, args, logs.gear);
     const g = gear;
-    const up = await waitFor(
-      async () => g.exitCode === null && g.signalCode === null && existsSync(pluginSocket!) && (await pluginActivate(pluginSocket!)),
+    // Ends early when the daemon exits.
+    let ready = false;
+    await waitFor(
+      async () => g.exitCode !== null || g.signalCode !== null || (ready = existsSync(pluginSocket!) && (await pluginActivate(pluginSocket!))),
       startTimeoutMs,
       200,
     );
-    if (!up) {
+    if (!ready) {
       const why = g.exitCode !== null ? `exited with code ${g.exitCode}` : `no answer on ${pluginSocket} within ${startTimeoutMs} ms`;
       throw new Error(`gear daemon failed to start (${why})\n${logTail()}`);
     }
@@ -208,12 +210,13 @@ export async function startDockerd(opts: DockerdOptions): Promise<Dockerd> {
     dockerd = spawnLogged(DOCKERD_BIN, args, logs.dockerd);
     const d = dockerd;
     // dockerd retries a missing plugin for up to 30 s, so allow at least that.
-    const up = await waitFor(
-      async () => d.exitCode === null && d.signalCode === null && (await dockerdPing(sock)),
+    let ready = false;
+    await waitFor(
+      async () => d.exitCode !== null || d.signalCode !== null || (ready = await dockerdPing(sock)),
       Math.max(startTimeoutMs, 45_000),
       250,
     );
-    if (!up) {
+    if (!ready) {
       const why = d.exitCode !== null ? `exited with code ${d.exitCode}` : `no answer on ${sock}`;
       throw new Error(`dockerd -s ${storageDriver} failed to start (${why})\n${logTail()}`);
     }
