@@ -74,8 +74,8 @@ function reply(unique, error, payload) {
   out.writeInt32LE(error, 4);
   out.writeBigUInt64LE(unique, 8);
   out.set(payload, 16);
+  Atomics.add(ctl, 1, 1); // before the write: whoever the reply wakes already sees the count
   try { fs.writeSync(fd, out); } catch (err) { /* ENOENT: interrupted; ENODEV: the next read ends the loop */ }
-  Atomics.add(ctl, 1, 1);
 }
 
 // True when the request was answered here. Every field read is bounded by n and len.
