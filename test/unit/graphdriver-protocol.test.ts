@@ -59,6 +59,7 @@ class FakeStore implements LayerStore {
   /** When set, get() waits for it (in-flight request at shutdown). */
   getGate?: Promise<void>;
   cleanups = 0;
+  closed = false;
 
   constructor(readonly root: string) {}
 
@@ -109,6 +110,9 @@ class FakeStore implements LayerStore {
   }
   async cleanup(): Promise<void> {
     this.cleanups++;
+  }
+  async close(): Promise<void> {
+    this.closed = true;
   }
   async applyDiff(id: string, parent: string, tar: Readable): Promise<number> {
     this.calls.push(`applyDiff ${id} ${parent}`);
@@ -274,6 +278,8 @@ describe('Init', () => {
     const other = path.join(dir, 'docker2', 'gear');
     await init(other);
     expect(opened).toEqual([home, other]);
+    expect(stores.map((st) => st.closed)).toEqual([true, false]);
+    expect(stores[0]!.cleanups).toBe(0); // closing releases resources, never unmounts
     expect((await call('Exists', { ID })).json).toEqual({ Exists: false });
   });
 
@@ -620,6 +626,7 @@ describe('server lifecycle', () => {
     server = undefined;
     expect(existsSync(socket)).toBe(false);
     expect(stores[0]!.cleanups).toBe(0); // a shutdown never unmounts
+    expect(stores[0]!.closed).toBe(true);
   });
 
   it('cuts a stuck request after the shutdown timeout', async () => {

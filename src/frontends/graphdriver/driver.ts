@@ -54,6 +54,11 @@ export class GraphDriver {
     await store?.close?.();
   }
 
+  async #closeStore(opening: Promise<LayerStore>): Promise<void> {
+    const store = await opening.catch(() => undefined);
+    await store?.close?.().catch((err: unknown) => this.#logger.warn({ err: String(err) }, 'closing the previous store'));
+  }
+
   /** The root of the store in use, if one was opened. */
   get root(): string | undefined {
     return this.#current?.root;
@@ -151,13 +156,18 @@ export class GraphDriver {
 
   #open(root: string): Promise<LayerStore> {
     if (this.#current?.root === root) return this.#current.store;
-    if (this.#current) this.#logger.warn({ from: this.#current.root, to: root }, 'store root changed; reopening');
-    this.#logger.info({ root }, 'opening layer store');
-    const store = this.#openStore({
-      root,
-      logger: this.#logger.child({ component: 'layers' }),
-      ...(this.#storeOptions ? { options: this.#storeOptions } : {}),
-    });
+    const previous = this.#current;
+    if (previous) this.#logger.warn({ from: previous.root, to: root }, 'store root changed; reopening');
+    const store = (async () => {
+      // Release the old store's resources (lazy machinery) first; its layer mounts stay.
+      if (previous) await this.#closeStore(previous.store);
+      this.#logger.info({ root }, 'opening layer store');
+      return this.#openStore({
+        root,
+        logger: this.#logger.child({ component: 'layers' }),
+        ...(this.#storeOptions ? { options: this.#storeOptions } : {}),
+      });
+    })();
     const current = { root, store };
     this.#current = current;
     // A failed open is not cached: the next Init (or call, with --root) tries again.
