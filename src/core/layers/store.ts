@@ -31,7 +31,8 @@ import { PassThrough, type Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import { applyLayer } from '../archive/apply.js';
 import type { Change } from '../archive/changes.js';
-import { overlayChanges, treeChanges } from '../archive/changes.js';
+import { treeChanges } from '../archive/changes.js';
+import type { OverlayLayerPaths } from '../archive/overlaywalk.js';
 import { changesSize, exportChanges, overlayDiff, overlayDiffSize } from '../archive/export.js';
 import { alreadyExists, errnoCode, failedPrecondition, GearError, invalidArgument, notFound } from '../errors.js';
 import { emptyDir, pathExists, syncDir, writeFileAtomic } from '../sys/fsutil.js';
@@ -582,26 +583,18 @@ class OverlayLayerStore implements LayerStore {
   }
 
   /**
-   * Runs fn with the merged views of the layer (and, for a diff against some
-   * layer other than the real parent, of that layer too) held mounted.
+   * Runs fn with the merged view of the layer and of `parent` (an empty dir
+   * for none) held mounted: the whole-tree comparison of moby's naive diff.
    */
-  private async withViews<T>(
-    id: string,
-    parent: string,
-    fn: (v: { upper: string; lowers: string[]; merged: string; parentMerged?: string }) => Promise<T>,
-  ): Promise<T> {
-    const rec = this.record(id);
+  private async withTreeViews<T>(id: string, parent: string, fn: (merged: string, parentMerged: string) => Promise<T>): Promise<T> {
+    this.record(id);
     if (parent) this.record(parent);
     const merged = await this.get(id);
     try {
-      if (parent === rec.parent) {
-        const lowers = rec.lowers.map((l) => this.resolveLink(l));
-        return await fn({ upper: this.diffDir(id), lowers, merged });
-      }
-      if (!parent) return await fn({ upper: this.diffDir(id), lowers: [], merged, parentMerged: '' });
+      if (!parent) return await fn(merged, await this.emptyDirPath());
       const parentMerged = await this.get(parent);
       try {
-        return await fn({ upper: this.diffDir(id), lowers: [], merged, parentMerged });
+        return await fn(merged, parentMerged);
       } finally {
         await this.put(parent);
       }
@@ -610,21 +603,42 @@ class OverlayLayerStore implements LayerStore {
     }
   }
 
-  async changes(id: string, parent: string): Promise<Change[]> {
-    return this.withViews(id, parent, async (v) => {
-      if (v.parentMerged === undefined) return overlayChanges(v);
-      return treeChanges(v.merged, v.parentMerged || (await this.emptyDirPath()));
-    });
+  /**
+   * Runs fn with the layer's own dir, its lowers and its merged view held
+   * mounted (the merged view supplies data of metacopy files and the subtrees
+   * of redirected directories).
+   */
+  private async withUpperView<T>(id: string, fn: (v: OverlayLayerPaths) => Promise<T>): Promise<T> {
+    const rec = this.record(id);
+    const merged = await this.get(id);
+    try {
+      return await fn({ upper: this.diffDir(id), lowers: rec.lowers.map((l) => this.resolveLink(l)), merged });
+    } finally {
+      await this.put(id);
+    }
   }
 
+  /**
+   * docker diff. overlay2 always answers Changes with moby's naive diff (a
+   * comparison of the two merged trees: directory mtimes and non-capability
+   * xattrs ignored, a replaced lower symlink "modified", a recreated lower
+   * directory "modified" with its lost children deleted), so this does too.
+   */
+  async changes(id: string, parent: string): Promise<Change[]> {
+    return this.withTreeViews(id, parent, (merged, parentMerged) => treeChanges(merged, parentMerged));
+  }
+
+  /**
+   * overlay2 answers Diff and DiffSize from the upper dir when `parent` is the
+   * layer's real parent (moby's isParent), and with the naive diff otherwise.
+   */
   async diffSize(id: string, parent: string): Promise<number> {
-    return this.withViews(id, parent, async (v) => {
-      if (v.parentMerged === undefined) return overlayDiffSize(v);
-      return changesSize(v.merged, await treeChanges(v.merged, v.parentMerged || (await this.emptyDirPath())));
-    });
+    if (parent === this.record(id).parent) return this.withUpperView(id, (v) => overlayDiffSize(v));
+    return this.withTreeViews(id, parent, async (merged, parentMerged) => changesSize(merged, await treeChanges(merged, parentMerged)));
   }
 
   async diff(id: string, parent: string): Promise<Readable> {
+    const native = parent === this.record(id).parent;
     // The views stay mounted until the tar stream has been read or dropped.
     const out = new PassThrough();
     let ready!: (s: Readable) => void;
@@ -633,26 +647,24 @@ class OverlayLayerStore implements LayerStore {
       ready = resolve;
       failed = reject;
     });
-    const done = this.withViews(id, parent, async (v) => {
-      const tar =
-        v.parentMerged === undefined
-          ? overlayDiff(v)
-          : exportChanges(v.merged, await treeChanges(v.merged, v.parentMerged || (await this.emptyDirPath())));
+    const pump = (tar: Readable) => {
       ready(out);
-      await new Promise<void>((resolve) => {
-        const finish = () => resolve();
+      return new Promise<void>((resolve) => {
         tar.once('error', (err) => {
           out.destroy(err);
-          finish();
+          resolve();
         });
         out.once('close', () => {
           tar.destroy();
-          finish();
+          resolve();
         });
         tar.pipe(out);
       });
-    });
-    done.catch((err) => {
+    };
+    const done = native
+      ? this.withUpperView(id, (v) => pump(overlayDiff(v)))
+      : this.withTreeViews(id, parent, async (merged, parentMerged) => pump(exportChanges(merged, await treeChanges(merged, parentMerged))));
+    done.catch((err: unknown) => {
       failed(err);
       out.destroy(err as Error);
     });
