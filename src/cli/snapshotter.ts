@@ -9,7 +9,6 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { describeError } from '../core/errors.js';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
-import { startSnapshotterServer } from '../frontends/snapshotter/server.js';
 
 export const DEFAULT_SNAPSHOTTER_SOCKET = '/run/gear/snapshotter.sock';
 export const DEFAULT_ROOT = '/var/lib/gear';
@@ -57,6 +56,9 @@ async function runSnapshotter(opts: SnapshotterOptions): Promise<void> {
     process.exit(1);
   });
 
+  // Loaded here, not at the top: other subcommands must not pay for (or break
+  // on) the gRPC stack and the layer store.
+  const { startSnapshotterServer } = await import('../frontends/snapshotter/server.js');
   const server = await startSnapshotterServer({ socket: opts.socket, root: opts.root, logger });
 
   let stopping = false;

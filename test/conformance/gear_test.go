@@ -42,14 +42,22 @@ func gearCLI(t *testing.T) string {
 	return p
 }
 
+// process is one started `gear snapshotter`; done is closed when it exits,
+// after err is set, so any number of waiters can observe the exit.
+type process struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
 // waitForSocket polls until something accepts connections on socket, the
 // process exits, or the bounded wait ends.
-func waitForSocket(socket string, exited <-chan error) error {
+func waitForSocket(socket string, p *process) error {
 	deadline := time.Now().Add(socketWait)
 	for time.Now().Before(deadline) {
 		select {
-		case err := <-exited:
-			return fmt.Errorf("gear snapshotter exited before listening: %v", err)
+		case <-p.done:
+			return fmt.Errorf("gear snapshotter exited before listening: %v", p.err)
 		default:
 		}
 		if c, err := net.DialTimeout("unix", socket, time.Second); err == nil {
@@ -78,27 +86,41 @@ func newGearSnapshotter(t *testing.T) testsuite.SnapshotterFunc {
 			logFile.Close()
 			return nil, nil, err
 		}
-		exited := make(chan error, 1)
-		go func() { exited <- cmd.Wait() }()
+		p := &process{cmd: cmd, done: make(chan struct{})}
+		go func() {
+			p.err = cmd.Wait()
+			close(p.done)
+		}()
 
 		stop := func() error {
 			defer logFile.Close()
+			select {
+			case <-p.done:
+				return fmt.Errorf("gear snapshotter (pid %d) had already exited: %v", cmd.Process.Pid, p.err)
+			default:
+			}
 			_ = cmd.Process.Signal(syscall.SIGTERM)
 			select {
-			case err := <-exited:
-				if err != nil {
-					return fmt.Errorf("gear snapshotter (pid %d) exited uncleanly on SIGTERM: %v", cmd.Process.Pid, err)
+			case <-p.done:
+				if p.err != nil {
+					return fmt.Errorf("gear snapshotter (pid %d) exited uncleanly on SIGTERM: %v", cmd.Process.Pid, p.err)
 				}
 				return nil
 			case <-time.After(20 * time.Second):
 				_ = cmd.Process.Kill()
-				<-exited
+				select {
+				case <-p.done:
+				case <-time.After(10 * time.Second):
+				}
 				return fmt.Errorf("gear snapshotter (pid %d) ignored SIGTERM for 20s; killed", cmd.Process.Pid)
 			}
 		}
 
-		if err := waitForSocket(socket, exited); err != nil {
+		if err := waitForSocket(socket, p); err != nil {
 			_ = stop()
+			if b, rerr := os.ReadFile(logFile.Name()); rerr == nil {
+				err = fmt.Errorf("%w\n--- gear log:\n%s", err, b)
+			}
 			return nil, nil, err
 		}
 		dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
