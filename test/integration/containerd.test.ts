@@ -1,0 +1,143 @@
+/**
+ * Plain (non-Gear) layers through a real containerd 1.6 (Debian) with gear as
+ * a proxy snapshotter: import an image with `--snapshotter gear`, run a
+ * container on it, remove the image and check that containerd's garbage
+ * collector removed every snapshot from our metadata and every layer dir.
+ *
+ * containerd gets its own root, state, sockets and config.toml (version 2)
+ * under a temp dir; the machine's default containerd is never touched.
+ * Everything started here is stopped by PID and everything mounted under the
+ * temp dir is unmounted afterwards.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { GEAR_CLI } from '../helpers/dockerd.js';
+import { busyboxLayer, tarBuffer, writeDockerArchive } from '../helpers/images.js';
+import { pidsReferencing, run, stopChild, stopPid, tailFile, unmountUnder, waitFor } from '../helpers/proc.js';
+
+const CONTAINERD = '/usr/bin/containerd';
+const CTR = '/usr/bin/ctr';
+const NAMESPACE = 'gear-test';
+const IMAGE = 'docker.io/gear-test/busybox-two-layers:latest';
+
+let base = '';
+let gearSocket = '';
+let gearRoot = '';
+let ctrdSocket = '';
+let gear: ChildProcess | undefined;
+let containerd: ChildProcess | undefined;
+
+function startLogged(cmd: string, args: string[], log: string): ChildProcess {
+  const fd = openSync(log, 'a');
+  return spawn(cmd, args, { stdio: ['ignore', fd, fd] });
+}
+
+/** ctr against our private containerd, in our namespace. */
+function ctr(args: string[], timeoutMs = 120_000) {
+  return run(CTR, ['--address', ctrdSocket, '--namespace', NAMESPACE, ...args], { timeoutMs });
+}
+
+async function ctrOk(args: string[], timeoutMs?: number): Promise<string> {
+  const r = await ctr(args, timeoutMs);
+  if (r.code !== 0) {
+    throw new Error(
+      `ctr ${args.join(' ')} exited ${r.code}: ${r.stderr}\n--- containerd log:\n${tailFile(join(base, 'containerd.log'))}\n--- gear log:\n${tailFile(join(base, 'gear.log'))}`,
+    );
+  }
+  return r.stdout;
+}
+
+const dirEntries = (dir: string) => (existsSync(dir) ? readdirSync(dir).filter((n) => !n.startsWith('.')) : []);
+
+beforeAll(async () => {
+  base = mkdtempSync('/tmp/gear-ctrd-');
+  gearRoot = join(base, 'gear');
+  gearSocket = join(base, 'gear.sock');
+  ctrdSocket = join(base, 'containerd.sock');
+  mkdirSync(join(base, 'root'));
+  mkdirSync(join(base, 'state'));
+
+  gear = startLogged('node', [GEAR_CLI, 'snapshotter', '--root', gearRoot, '--socket', gearSocket, '--log-level', 'debug'], join(base, 'gear.log'));
+  if (!(await waitFor(() => existsSync(gearSocket), 30_000, 100))) {
+    throw new Error(`gear snapshotter did not listen:\n${tailFile(join(base, 'gear.log'))}`);
+  }
+
+  const config = `version = 2
+root = "${base}/root"
+state = "${base}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "${ctrdSocket}"
+
+[ttrpc]
+  address = "${ctrdSocket}.ttrpc"
+
+[debug]
+  level = "info"
+
+[proxy_plugins]
+  [proxy_plugins.gear]
+    type = "snapshot"
+    address = "${gearSocket}"
+`;
+  writeFileSync(join(base, 'config.toml'), config);
+  containerd = startLogged(CONTAINERD, ['--config', join(base, 'config.toml')], join(base, 'containerd.log'));
+  const up = await waitFor(async () => existsSync(ctrdSocket) && (await ctr(['version'], 10_000)).code === 0, 60_000, 250);
+  if (!up) throw new Error(`containerd did not start:\n${tailFile(join(base, 'containerd.log'))}`);
+}, 120_000);
+
+afterAll(async () => {
+  if (!base) return;
+  // A failed run may leave a task behind: kill it through containerd first.
+  if (containerd?.exitCode === null) {
+    await ctr(['task', 'kill', '-s', 'KILL', 't1'], 20_000);
+    await ctr(['task', 'rm', '-f', 't1'], 20_000);
+    await ctr(['container', 'rm', 't1'], 20_000);
+  }
+  if (containerd) await stopChild(containerd);
+  // Shims and anything else we started that still runs under our dir.
+  for (const pid of pidsReferencing(base)) await stopPid(pid, 10_000);
+  if (gear) await stopChild(gear);
+  await unmountUnder(base);
+  rmSync(base, { recursive: true, force: true });
+}, 180_000);
+
+describe('containerd 1.6 with gear as a proxy snapshotter', () => {
+  it('imports, runs and garbage-collects a two-layer image', async () => {
+    const second = await tarBuffer([
+      { name: 'etc/', type: 'directory', mode: 0o755 },
+      { name: 'etc/gear-release', content: 'gear layer two\n', mode: 0o644 },
+    ]);
+    const archive = join(base, 'image.tar');
+    await writeDockerArchive(archive, IMAGE, [await busyboxLayer(), second]);
+
+    await ctrOk(['image', 'import', '--snapshotter', 'gear', archive], 300_000);
+    expect(await ctrOk(['image', 'ls', '-q'])).toContain(IMAGE);
+
+    // Both layers were unpacked through us: two committed snapshots.
+    const before = await ctrOk(['snapshots', '--snapshotter', 'gear', 'ls']);
+    expect(before.split('\n').filter((l) => /\bCommitted\b/.test(l))).toHaveLength(2);
+    expect(dirEntries(join(gearRoot, 'snapshotter/snapshots'))).toHaveLength(2);
+
+    const out = await ctrOk(
+      ['run', '--snapshotter', 'gear', '--rm', IMAGE, 't1', '/bin/busybox', 'sh', '-c', 'echo hi > /tmp/x && cat /tmp/x && cat /etc/gear-release'],
+      180_000,
+    );
+    expect(out).toBe('hi\ngear layer two\n');
+
+    // The container's active snapshot went with --rm: containerd's metadata
+    // forgets it at once, its GC removes it from the backend a little later.
+    const activeGone = await waitFor(() => dirEntries(join(gearRoot, 'snapshotter/snapshots')).length === 2, 60_000, 250);
+    expect(activeGone, 'the container snapshot was not removed from gear within 60 s').toBe(true);
+
+    await ctrOk(['image', 'rm', '--sync', IMAGE], 120_000);
+    // --sync waits for containerd's GC, which removes backend snapshots it no longer tracks.
+    const gone = await waitFor(async () => (await ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).trim().split('\n').length <= 1, 60_000, 500);
+    expect(gone, await ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).toBe(true);
+    expect(dirEntries(join(gearRoot, 'snapshotter/snapshots'))).toEqual([]);
+    expect(dirEntries(join(gearRoot, 'layers'))).toEqual([]);
+  });
+});
