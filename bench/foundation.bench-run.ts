@@ -1,0 +1,80 @@
+/**
+ * `make bench`: overlay2 vs Gear on the same images, in one run, interleaved.
+ *
+ *   lifecycle    create+start+wait+rm of busybox `true` (containers/s)      target >= 0.9x
+ *   read         checksum / cat / stat of the minbase rootfs, warm cache    target >= 0.97x
+ *   cold-deploy  pull + first task of Gear vs Docker images through a shaped
+ *                link (registry in a network namespace, veth, tc tbf)       informational
+ *
+ * Both dockerds (overlay2 and gear, test/helpers/dockerd.ts) run for the
+ * whole run; repetitions alternate the drivers (A/B, B/A, …). The table is
+ * printed at the end and the raw samples, summaries, commit and date go to
+ * bench/results/<date>-<shortsha>.json.
+ *
+ * Adding a benchmark: write a section (ctx: SectionContext) that calls
+ * ctx.report.add() per metric with both drivers' raw samples, and list it in
+ * SECTIONS below.
+ *
+ * Environment: GEAR_BENCH_REPS (5), GEAR_BENCH_CONTAINERS (20),
+ * GEAR_BENCH_COLD (auto|on|off), GEAR_BENCH_COLD_REPS (5),
+ * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy).
+ */
+import { afterAll, it } from 'vitest';
+import { gearDaemonAvailable, REPO_ROOT, startDockerd, type Dockerd } from '../test/helpers/dockerd.js';
+import { configFromEnv, log, type SectionContext } from './lib/common.js';
+import { coldDeploySection } from './lib/cold-deploy.js';
+import { lifecycleSection } from './lib/lifecycle.js';
+import { readSection } from './lib/read.js';
+import { Report } from './lib/report.js';
+
+const SECTIONS: Record<string, (ctx: SectionContext) => Promise<void>> = {
+  lifecycle: lifecycleSection,
+  read: readSection,
+  'cold-deploy': coldDeploySection,
+};
+
+const started: Dockerd[] = [];
+
+afterAll(async () => {
+  for (const d of started) await d.stop();
+});
+
+it('benchmark: overlay2 vs gear', async () => {
+  const cfg = configFromEnv();
+  if (!(await gearDaemonAvailable())) throw new Error('dist/cli/gear.js has no `gear daemon`: run make build');
+  const report = new Report({ ...cfg });
+  log(`config ${JSON.stringify(cfg)}`);
+  const overlay2 = await startDockerd({ driver: 'overlay2' });
+  started.push(overlay2);
+  const gear = await startDockerd({ driver: 'gear' });
+  started.push(gear);
+  log(`dockerds up: overlay2 ${overlay2.dir}, gear ${gear.dir} (-s ${gear.storageDriver})`);
+  const ctx: SectionContext = { cfg, report, pair: { overlay2, gear }, repoRoot: REPO_ROOT };
+  let failure: unknown;
+  for (const name of cfg.sections) {
+    const section = SECTIONS[name];
+    if (!section) throw new Error(`unknown section ${name} (have ${Object.keys(SECTIONS).join(', ')})`);
+    log(`section ${name}`);
+    const t0 = Date.now();
+    try {
+      await section(ctx);
+    } catch (e) {
+      // Keep what the other sections measured; fail the run at the end.
+      failure ??= e;
+      report.note(`section ${name} failed: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}`);
+      process.stdout.write(`${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    }
+    log(`section ${name} took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+  }
+  try {
+    const st = await gear.docker(['info', '--format', '{{json .DriverStatus}}']);
+    report.extra.gearDriverStatus = st.code === 0 ? JSON.parse(st.stdout) : st.stderr;
+  } catch {
+    /* informational */
+  }
+  const file = report.write(REPO_ROOT);
+  process.stdout.write(`\n${report.table()}\n\n`);
+  for (const n of report.notes) process.stdout.write(`note: ${n}\n`);
+  process.stdout.write(`results: ${file}\n`);
+  if (failure) throw failure;
+});

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# make bench: overlay2 vs Gear benchmark (not a test). Needs root, the build
+# (make build ran scripts/install-deps.sh and tsc) and the cached minbase
+# image (/var/cache/gear-test; built on first use, ~3 min). Installs nothing.
+#
+#   bash bench/run.sh                      full run (~10-15 min)
+#   GEAR_BENCH_REPS=3 GEAR_BENCH_SECTIONS=lifecycle bash bench/run.sh
+#
+# Output: the table on stdout, raw samples in bench/results/<date>-<sha>.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "bench: needs root (dockerd, mounts, network namespaces)" >&2
+  exit 1
+fi
+[ -f dist/cli/gear.js ] || { echo "bench: dist/ missing: run make build" >&2; exit 1; }
+exec npx vitest run --config bench/vitest.config.ts --reporter=default "$@"
