@@ -61,6 +61,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   const catalog = new BlobCatalog();
   const provider = new LazyMissProvider({ pool, fetcher, catalog, logger });
   let miss: MissFsMount | undefined;
+  let missError: string | undefined;
   if (opts.mountMissFs ?? true) {
     try {
       miss = await mountMissFs({
@@ -71,10 +72,10 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         requestTimeoutMs: fetcherTimeout + 5_000,
       });
     } catch (err) {
-      await fetcher.close();
-      await client.close();
-      await pool.close();
-      throw err;
+      // Degrade, do not fail: ordinary layers and cached Gear files keep working;
+      // uncached Gear files then fail with EIO (status says why).
+      missError = describeError(err);
+      logger.error({ err: missError }, 'cannot mount the miss filesystem: lazy pull is off (uncached Gear files will fail with EIO)');
     }
   }
   let closing: Promise<void> | undefined;
@@ -88,7 +89,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       const p = pool.stat();
       const f = fetcher.stats();
       return [
-        ['Lazy Pull', miss ? 'on (miss filesystem mounted)' : 'off'],
+        ['Lazy Pull', miss ? 'on (miss filesystem mounted)' : missError ? `off (miss filesystem: ${missError.slice(0, 200)})` : 'off'],
         ['Gear Files Known', String(catalog.files)],
         ['Pool', `${p.files} files, ${formatSize(p.bytes)} of ${formatSize(p.capBytes)}`],
         ['Pool Evictions', `${p.counters.evictions} files, ${formatSize(p.counters.evictedBytes)}`],
