@@ -7,7 +7,9 @@
 #   4. build a busybox image from the host's busybox-static (no public registry)
 #   5. push it to the registry, delete it locally, pull it back
 #   6. run a container on Gear, write a file, show docker diff
-#   7. show what `docker info` says about the storage driver
+#   7. convert an app image into a Gear image, pull only its index, run it and
+#      print how many of its files and bytes were fetched
+#   8. show what `docker info` says about the storage driver
 #
 # Everything lives under one temp dir and is stopped, unmounted and removed on
 # exit (also on failure or Ctrl-C). Never touches /var/lib/docker or the
@@ -141,7 +143,45 @@ info "docker inspect (GraphDriver):"
 dk inspect -f '{{.GraphDriver.Name}} {{json .GraphDriver.Data}}' demo | sed 's/^/      /'
 dk rm demo >/dev/null
 
+say "Make an app image with real data: busybox plus a copy of the host's ${DATA_SRC:=$(ls -d /usr/lib/python3.* 2>/dev/null | head -1)}"
+[ -d "$DATA_SRC" ] || DATA_SRC=/usr/share/doc
+mkdir -p "$ROOTFS/opt/app"
+cp -a "$DATA_SRC/." "$ROOTFS/opt/app/"
+tar --numeric-owner -C "$ROOTFS" -cf "$DIR/app.tar" .
+APP="127.0.0.1:$PORT/demo/app:latest"
+GEAR_APP="127.0.0.1:$PORT/demo/app:gear"
+dk import --change 'CMD ["/bin/sh"]' "$DIR/app.tar" "$APP" >/dev/null
+info "$(dk image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' "$APP")  ($(find "$ROOTFS" -type f | wc -l) files)"
+
+say "Convert it into a Gear image: a small index layer + each distinct file once, in the registry"
+node "$REPO/dist/cli/gear.js" convert --docker-host "unix://$SOCK" --no-progress --json \
+  "docker-daemon:$APP" "$GEAR_APP" >"$DIR/convert.json" 2>"$DIR/convert.log" || { cat "$DIR/convert.log"; die "gear convert failed"; }
+node -e '
+  const s = require(process.argv[1]);
+  const mb = (n) => (n / 1e6).toFixed(1) + " MB";
+  console.log(`    ${s.files} files (${s.uniqueContents} distinct contents, ${mb(s.logicalBytes)}), uploaded ${mb(s.bytesUploaded)}, index layer ${(s.indexSize / 1024).toFixed(0)} KiB, ${s.seconds.toFixed(1)} s`);
+' "$DIR/convert.json"
+
+say "Remove every local copy, then pull the Gear image: only the index comes down"
+dk rmi "$APP" >/dev/null
+dk pull "$GEAR_APP" | sed 's/^/    /'
+
+fetched() { dk info 2>/dev/null | awk -F': ' -v k="$1" '$1 ~ "^ *"k"$" { print $2 }'; }
+files0=$(fetched 'Fetched Files'); bytes0=$(fetched 'Fetched Bytes')
+say "Run it: the container starts at once; files are fetched the first time something opens them"
+dk run --rm "$GEAR_APP" sh -c 'ls /opt/app | wc -l | sed "s/^/files at top level: /"; head -c 200 /opt/app/$(ls /opt/app | grep "\.py$" | head -1) | head -3'
+files1=$(fetched 'Fetched Files'); bytes1=$(fetched 'Fetched Bytes')
+node -e '
+  const s = require(process.argv[1]);
+  const [f, b] = [Number(process.argv[2]), Number(process.argv[3])];
+  const pct = (a, t) => (100 * a / t).toFixed(2) + "%";
+  console.log(`    fetched ${f} of ${s.files} files (${pct(f, s.files)}), ${(b / 1e3).toFixed(1)} kB of ${(s.logicalBytes / 1e6).toFixed(1)} MB (${pct(b, s.logicalBytes)})`);
+' "$DIR/convert.json" "$((files1 - files0))" "$((bytes1 - bytes0))"
+info "run it again: the file now comes from the node's shared cache (no fetch)"
+dk run --rm "$GEAR_APP" sh -c 'head -c 200 /opt/app/$(ls /opt/app | grep "\.py$" | head -1) >/dev/null'
+info "fetched since: $(( $(fetched 'Fetched Files') - files1 )) files"
+
 say "What docker info says about the storage driver"
 dk info 2>/dev/null | sed -n '/Storage Driver:/,/Logging Driver:/p' | grep -v 'Logging Driver' | sed 's/^/    /'
 
-printf '\n\033[1mDemo finished: dockerd ran its containers on the Gear storage driver.\033[0m\n'
+printf '\n\033[1mDemo finished: dockerd ran containers on the Gear storage driver, and a Gear image lazily.\033[0m\n'
