@@ -31,3 +31,18 @@ bench: build
 
 clean:
 	rm -rf dist build
+
+# Managed Docker plugin (docs/plugin.md): builds plugin/.bundle from this host's node,
+# util-linux mount and busybox, then `docker plugin create` on DOCKER_HOST.
+DOCKER ?= docker
+DOCKER_HOST ?= unix:///var/run/docker.sock
+PLUGIN_NAME ?= gear:$(shell node -p "require('./package.json').version")
+.PHONY: plugin plugin-push
+plugin: build
+	DOCKER="$(DOCKER)" DOCKER_HOST="$(DOCKER_HOST)" bash plugin/build.sh --name "$(PLUGIN_NAME)"
+
+# make plugin-push REF=registry.example.com/gear:0.1.0
+plugin-push: build
+	@test -n "$(REF)" || { echo "usage: make plugin-push REF=<registry>/<repository>:<tag>" >&2; exit 2; }
+	DOCKER="$(DOCKER)" DOCKER_HOST="$(DOCKER_HOST)" bash plugin/build.sh --name "$(REF)"
+	"$(DOCKER)" -H "$(DOCKER_HOST)" plugin push "$(REF)"

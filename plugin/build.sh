@@ -131,6 +131,9 @@ if [ -f /etc/ssl/certs/ca-certificates.crt ]; then put /etc/ssl/certs/ca-certifi
 : >"$rootfs/etc/resolv.conf"  # idem
 
 cp "$repo/config.json" "$OUT/config.json"
+# The name it is created under: keeps two creates of one build (e.g. gear and REG/gear:tag)
+# from colliding in dockerd's content store ("content ... already exists").
+printf '%s\n' "$PLUGIN_NAME" >"$rootfs/etc/gear-plugin-ref"
 
 # ---- smoke test in the rootfs (chroot, no mounts needed) ---------------------------------
 if [ "$(id -u)" = 0 ]; then
