@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -110,6 +110,27 @@ describe('layer store', () => {
     expect(await fs.readFile(path.join(merged, 'f0'), 'utf8')).toBe('0');
     await store.put(parent);
     await expect(store.create('one-too-many', parent, 'rw')).rejects.toSatisfy((e) => isClass(e, 'FailedPrecondition'));
+  });
+
+  it('never unmounts a mount point at its own root (a dedicated disk, the plugin\'s PropagatedMount)', async () => {
+    // Regression: open() once took the mount at ROOT for a stale one and detached it.
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64m', 'gear-root-test', root]);
+    try {
+      const store = await openLayerStore({ root });
+      expect(isMountPoint(root)).toBe(true);
+      await store.create('base', '', 'ro');
+      await store.applyDiff('base', '', tarOf([{ name: 'a', body: 'a' }]));
+      await store.create('ctr', 'base', 'rw');
+      const merged = await store.get('ctr');
+      await store.cleanup();
+      expect(isMountPoint(merged)).toBe(false);
+      expect(isMountPoint(root)).toBe(true);
+      await openLayerStore({ root }); // a restart must keep it too
+      expect(isMountPoint(root)).toBe(true);
+      expect(await fs.readFile(path.join(root, 'layers/base/diff/a'), 'utf8')).toBe('a');
+    } finally {
+      unmountAllUnder(root);
+    }
   });
 
   it('adopts a mount that survived a restart and repairs debris on open', async () => {

@@ -231,9 +231,11 @@ class OverlayLayerStore implements LayerStore {
 
     // Mounts left by a previous run: keep those of known layers (running
     // containers may use them; the first get/put adopts them), drop the rest.
-    const missDir = path.join(this.root, 'miss');
-    for (const m of mountsUnder(this.root)) {
-      if (m.mountPoint === missDir || m.mountPoint.startsWith(missDir + '/')) continue; // the miss filesystem's own business
+    // Only mounts strictly below layers/ are ours: the root itself, pool/ or
+    // miss/ may be mount points the admin (or the managed plugin's
+    // PropagatedMount, or the miss filesystem) put there.
+    for (const m of mountsUnder(this.layersDir)) {
+      if (m.mountPoint === this.layersDir) continue;
       const rel = path.relative(this.layersDir, m.mountPoint).split(path.sep);
       const known = rel.length === 2 && rel[1] === 'merged' && this.records.has(rel[0]!);
       if (!known) {
@@ -510,7 +512,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   async cleanup(): Promise<void> {
-    for (const m of mountsUnder(this.layersDir)) unmount(m.mountPoint, { lazy: true });
+    for (const m of mountsUnder(this.layersDir)) if (m.mountPoint !== this.layersDir) unmount(m.mountPoint, { lazy: true });
     this.refs.clear();
     this.log?.info('unmounted all layers');
   }
