@@ -1084,7 +1084,11 @@ class MissFsSession implements MissFsMount {
     this.counters.interrupts++;
     const target = this.inflight.get(unique);
     if (!target || target.replied) return; // already answered: nothing to do
-    if (target.pid === 0 || callerDying(target.pid)) {
+    // pid 0: the caller lives in a pid namespace this process cannot see
+    // (the managed plugin runs in its own). Its state is unknowable, so the
+    // request goes on; the request timeout and the fetch deadline bound it.
+    if (target.pid === 0) return;
+    if (callerDying(target.pid)) {
       this.abortInterrupted(target);
       return;
     }
