@@ -18,6 +18,7 @@ build: deps $(NPM_STAMP)
 
 # Every test: unit, then integration (real dockerd, registry, containerd, overlay, FUSE).
 test: build
+	npx tsc -p tsconfig.test.json
 	npx vitest run
 
 unit: build

@@ -10,7 +10,9 @@ import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
-import { pack as tarPack, type Headers } from 'tar-stream';
+import { pack as tarPack } from 'tar-stream';
+
+type TarHeaders = Parameters<ReturnType<typeof tarPack>['entry']>[0];
 import { runOk } from './proc.js';
 
 export interface LayerEntry {
@@ -32,7 +34,7 @@ export const sha256 = (b: Buffer | string) => `sha256:${createHash('sha256').upd
 export async function layerTar(entries: LayerEntry[]): Promise<Buffer> {
   const p = tarPack();
   const parts: Buffer[] = [];
-  p.on('data', (c: Buffer) => parts.push(c));
+  p.on('data', (c: unknown) => parts.push(c as Buffer));
   const done = new Promise<void>((resolve, reject) => {
     p.on('end', resolve);
     p.on('error', reject);
@@ -40,7 +42,7 @@ export async function layerTar(entries: LayerEntry[]): Promise<Buffer> {
   for (const e of entries) {
     const type = e.type ?? 'file';
     const content = e.content === undefined ? undefined : Buffer.from(e.content);
-    const h: Headers = {
+    const h: TarHeaders = {
       name: e.path,
       type: type === 'dir' ? 'directory' : type === 'char' ? 'character-device' : type,
       mode: e.mode ?? (type === 'dir' ? 0o755 : 0o644),
@@ -52,7 +54,8 @@ export async function layerTar(entries: LayerEntry[]): Promise<Buffer> {
       size: type === 'file' ? (content?.length ?? 0) : 0,
     };
     await new Promise<void>((resolve, reject) => {
-      p.entry(h, type === 'file' ? (content ?? Buffer.alloc(0)) : undefined, (err) => (err ? reject(err) : resolve()));
+      if (type === 'file') p.entry(h, content ?? Buffer.alloc(0), (err) => (err ? reject(err) : resolve()));
+      else p.entry(h, (err) => (err ? reject(err) : resolve()));
     });
   }
   p.finalize();

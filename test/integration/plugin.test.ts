@@ -76,7 +76,7 @@ const special: (LayerEntry[] | Buffer)[] = [
 async function deviceLayer(): Promise<Buffer> {
   const p = tarPack();
   const parts: Buffer[] = [];
-  p.on('data', (c: Buffer) => parts.push(c));
+  p.on('data', (c: unknown) => parts.push(c as Buffer));
   const done = new Promise<void>((resolve, reject) => {
     p.on('end', resolve);
     p.on('error', reject);
