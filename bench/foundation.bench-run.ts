@@ -17,13 +17,16 @@
  *
  * Environment: GEAR_BENCH_REPS (5), GEAR_BENCH_CONTAINERS (20),
  * GEAR_BENCH_COLD (auto|on|off), GEAR_BENCH_COLD_REPS (5),
- * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy).
+ * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy), GEAR_BENCH_PROFILE=1 (gear
+ * daemon at debug level; per plugin method latency of each section in extra;
+ * the debug logging costs a little, so profile runs are not the reported ones).
  */
 import { afterAll, it } from 'vitest';
 import { gearDaemonAvailable, REPO_ROOT, startDockerd, type Dockerd } from '../test/helpers/dockerd.js';
 import { configFromEnv, log, type SectionContext } from './lib/common.js';
 import { coldDeploySection } from './lib/cold-deploy.js';
 import { lifecycleSection } from './lib/lifecycle.js';
+import { formatProfile, gearLogSize, gearRequestProfile } from './lib/profile.js';
 import { readSection } from './lib/read.js';
 import { Report } from './lib/report.js';
 
@@ -46,7 +49,7 @@ it('benchmark: overlay2 vs gear', async () => {
   log(`config ${JSON.stringify(cfg)}`);
   const overlay2 = await startDockerd({ driver: 'overlay2' });
   started.push(overlay2);
-  const gear = await startDockerd({ driver: 'gear' });
+  const gear = await startDockerd({ driver: 'gear', ...(cfg.profile ? { gearArgs: ['--log-level', 'debug'] } : {}) });
   started.push(gear);
   log(`dockerds up: overlay2 ${overlay2.dir}, gear ${gear.dir} (-s ${gear.storageDriver})`);
   const ctx: SectionContext = { cfg, report, pair: { overlay2, gear }, repoRoot: REPO_ROOT };
@@ -56,8 +59,14 @@ it('benchmark: overlay2 vs gear', async () => {
     if (!section) throw new Error(`unknown section ${name} (have ${Object.keys(SECTIONS).join(', ')})`);
     log(`section ${name}`);
     const t0 = Date.now();
+    const logMark = cfg.profile ? gearLogSize(gear) : 0;
     try {
       await section(ctx);
+      if (cfg.profile) {
+        const prof = gearRequestProfile(gear, logMark);
+        report.extra[`${name}-gear-requests`] = prof;
+        log(`gear plugin requests during ${name} (ms):\n${formatProfile(prof)}`);
+      }
     } catch (e) {
       // Keep what the other sections measured; fail the run at the end.
       failure ??= e;

@@ -11,6 +11,8 @@ export interface BenchConfig {
   cold: 'auto' | 'on' | 'off';
   /** Repetitions of each cold deploy (a fresh pair of dockerds each). */
   coldReps: number;
+  /** Gear daemon at debug level, per-method plugin request latencies per section. */
+  profile: boolean;
   /** Sections to run (default all). */
   sections: string[];
 }
@@ -30,7 +32,8 @@ export function configFromEnv(): BenchConfig {
     reps: int('GEAR_BENCH_REPS', 5, 1),
     containers: int('GEAR_BENCH_CONTAINERS', 20, 1),
     cold,
-    coldReps: int('GEAR_BENCH_COLD_REPS', 5, 1),
+    coldReps: int('GEAR_BENCH_COLD_REPS', 3, 1),
+    profile: process.env.GEAR_BENCH_PROFILE === '1',
     sections: (process.env.GEAR_BENCH_SECTIONS ?? 'lifecycle,read,cold-deploy').split(',').map((s) => s.trim()).filter(Boolean),
   };
 }
