@@ -15,8 +15,8 @@
  * ctx.report.add() per metric with both drivers' raw samples, and list it in
  * SECTIONS below.
  *
- * Environment: GEAR_BENCH_REPS (5), GEAR_BENCH_CONTAINERS (20),
- * GEAR_BENCH_COLD (auto|on|off), GEAR_BENCH_COLD_REPS (5),
+ * Environment: GEAR_BENCH_REPS (5), GEAR_BENCH_READ_REPS (9), GEAR_BENCH_CONTAINERS (20),
+ * GEAR_BENCH_COLD (auto|on|off), GEAR_BENCH_COLD_REPS (3),
  * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy), GEAR_BENCH_PROFILE=1 (gear
  * daemon at debug level; per plugin method latency of each section in extra;
  * the debug logging costs a little, so profile runs are not the reported ones).

@@ -13,7 +13,8 @@
  *   pool), `docker pull` + `docker run --rm` of the image's task; seconds, and
  *   bytes received over the veth (IP headers included). For minbase also the
  *   first full read of every file (8 parallel readers; gear: fetches what the
- *   task did not), then warm full reads in the same and in a new container.
+ *   task did not), then warm full reads in the same and in a new container
+ *   (shaped link only).
  * - Drivers alternate (ABBA) per repetition and link.
  *
  * GEAR_BENCH_COLD=auto skips the section (with a note) when the lazy path
@@ -28,6 +29,7 @@ import { BUSYBOX_TAG, MINBASE_TAG, importBusybox, importMinbase } from '../../te
 import { runOk, stopChild } from '../../test/helpers/proc.js';
 import { log, nowS, orderOf, type SectionContext } from './common.js';
 import { ShapedLink, type Shape } from './netns.js';
+import { formatProfile, gearRequestProfile } from './profile.js';
 import { READ_TASKS, timedExec, startIdle } from './read.js';
 import type { Driver } from './report.js';
 
@@ -45,9 +47,11 @@ const IMAGES: ColdImage[] = [
   { key: 'minbase', source: MINBASE_TAG, task: ['bash', '-c', 'dpkg -l >/dev/null && echo ready'], reads: true },
 ];
 
-const LINKS: { key: string; shape: Shape }[] = [
-  { key: 'unshaped', shape: {} },
-  { key: '100mbit', shape: { down: '100mbit', up: '20mbit' } },
+// The full reads after a deploy are bound by per-file fetch latency, not by the
+// link (measured the same on both), so they run on the shaped link only.
+const LINKS: { key: string; shape: Shape; readsToo: boolean }[] = [
+  { key: 'unshaped', shape: {}, readsToo: false },
+  { key: '100mbit', shape: { down: '100mbit', up: '20mbit' }, readsToo: true },
 ];
 
 const FULL_READ = READ_TASKS.find((t) => t.key === 'sha256-all')!;
@@ -150,7 +154,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       const n = await startDockerd({
         driver: d,
         dockerdArgs: ['--insecure-registry', reg],
-        ...(d === 'gear' ? { gearArgs: ['--insecure-registry', reg] } : {}),
+        ...(d === 'gear' ? { gearArgs: ['--insecure-registry', reg, ...(cfg.profile ? ['--log-level', 'debug'] : [])] } : {}),
       });
       nodes.push(n);
       return n;
@@ -198,7 +202,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
                 put(`${base} run`, `  ${base}: first run`, 's', d, t2 - t1, 'first docker run --rm of the task (gear: lazy fetches)');
                 put(`${base} rx`, `  ${base}: bytes received`, 'bytes', d, rx, 'bytes the node received over the veth during pull+run (IP headers included)');
                 line.push(`${img.key} ${(t2 - t0).toFixed(2)} s ${(rx / 1e6).toFixed(1)} MB`);
-                if (img.reads) {
+                if (img.reads && l.readsToo) {
                   // 1. first full read, 8 parallel readers (gear: fetches every file the task did not);
                   // 2. the sequential checksum of every file again in the same container (page cache warm);
                   // 3. the same in a new container (gear: a new overlay mount, files found in the pool).
@@ -236,7 +240,10 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
                 throw e;
               }
             }
-            if (d === 'gear') gearStatuses.push({ link: l.key, rep, status: await gearStatus(n) });
+            if (d === 'gear') {
+              gearStatuses.push({ link: l.key, rep, status: await gearStatus(n), ...(cfg.profile ? { requests: gearRequestProfile(n, 0) } : {}) });
+              if (cfg.profile) log(`gear plugin requests of this node (ms):\n${formatProfile(gearRequestProfile(n, 0))}`);
+            }
             log(`cold-deploy ${l.key} rep ${rep + 1}/${cfg.coldReps} ${d}: ${line.join('; ')}`);
           } finally {
             await release(n);

@@ -5,6 +5,8 @@ import type { Driver, Report } from './report.js';
 export interface BenchConfig {
   /** Repetitions per metric and driver (>= 5 for a reported run). */
   reps: number;
+  /** Repetitions of the read tasks (short and noisy: more than reps). */
+  readReps: number;
   /** Containers per lifecycle repetition. */
   containers: number;
   /** Cold-deploy benchmark: 'auto' (when the lazy path works), 'on', 'off'. */
@@ -30,6 +32,7 @@ export function configFromEnv(): BenchConfig {
   if (!['auto', 'on', 'off'].includes(cold)) throw new Error(`GEAR_BENCH_COLD=${cold}: want auto, on or off`);
   return {
     reps: int('GEAR_BENCH_REPS', 5, 1),
+    readReps: int('GEAR_BENCH_READ_REPS', 9, 1),
     containers: int('GEAR_BENCH_CONTAINERS', 20, 1),
     cold,
     coldReps: int('GEAR_BENCH_COLD_REPS', 3, 1),

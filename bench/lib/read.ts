@@ -73,13 +73,13 @@ export async function readSection(ctx: SectionContext, image = MINBASE_TAG): Pro
     for (const d of ['overlay2', 'gear'] as Driver[]) for (const t of READ_TASKS) await timedExec(pair[d], ids[d], t.script);
     const samples: Record<string, Record<Driver, number[]>> = {};
     for (const t of READ_TASKS) samples[t.key] = { overlay2: [], gear: [] };
-    for (let rep = 0; rep < cfg.reps; rep++) {
+    for (let rep = 0; rep < cfg.readReps; rep++) {
       const line: string[] = [];
       for (const t of READ_TASKS) {
         for (const d of orderOf(rep)) samples[t.key]![d].push(await timedExec(pair[d], ids[d], t.script));
         line.push(`${t.key} o2 ${samples[t.key]!.overlay2.at(-1)!.toFixed(3)} s / gear ${samples[t.key]!.gear.at(-1)!.toFixed(3)} s`);
       }
-      log(`read rep ${rep + 1}/${cfg.reps}: ${line.join('; ')}`);
+      log(`read rep ${rep + 1}/${cfg.readReps}: ${line.join('; ')}`);
     }
     for (const t of READ_TASKS) {
       report.add({
