@@ -7,10 +7,10 @@
  * /GraphDriver.Cleanup itself when it shuts down.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { describeError } from '../core/errors.js';
 import { parseDuration } from '../core/fetcher/fetcher.js';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
-import { startGraphDriverServer, type GraphDriverServer } from '../frontends/graphdriver/server.js';
+import { runAsService } from './service.js';
+import { startGraphDriverServer } from '../frontends/graphdriver/server.js';
 
 export const DEFAULT_SOCKET = '/run/docker/plugins/gear.sock';
 
@@ -89,37 +89,7 @@ async function runDaemon(opts: DaemonOptions): Promise<void> {
   const level = parseLevel(opts.logLevel); // the default is not passed through argParser
   const logger = createLogger({ level, name: 'gear-daemon' });
 
-  // A stray rejection must not take the daemon (and dockerd's storage) down.
-  process.on('unhandledRejection', (err) => logger.error({ err: describeError(err) }, 'unhandled rejection'));
-  process.on('uncaughtException', (err) => {
-    logger.fatal({ err: describeError(err), stack: err.stack }, 'uncaught exception; exiting');
-    process.exit(1);
-  });
-
-  // Handlers go in before the (possibly slow) start, so an early signal is a clean stop too.
-  let started: Promise<GraphDriverServer> | undefined;
-  let stopping = false;
-  const stop = (signal: NodeJS.Signals): void => {
-    if (stopping) {
-      logger.warn({ signal }, 'second signal; exiting now');
-      process.exit(1);
-    }
-    stopping = true;
-    logger.info({ signal }, 'shutting down (layers stay mounted)');
-    (started ?? Promise.reject(new Error('server not started')))
-      .then((server) => server.close())
-      .then(
-        () => process.exit(0),
-        (err: unknown) => {
-          logger.error({ err: describeError(err) }, 'shutdown failed');
-          process.exit(1);
-        },
-      );
-  };
-  process.on('SIGTERM', stop);
-  process.on('SIGINT', stop);
-
-  started = startGraphDriverServer({
+  const started = startGraphDriverServer({
     socket: opts.socket,
     ...(opts.root ? { root: opts.root } : {}),
     logger,
@@ -134,5 +104,7 @@ async function runDaemon(opts: DaemonOptions): Promise<void> {
         : false,
     },
   });
+  // Installed while the (possibly slow) start runs, so an early signal is a clean stop too.
+  runAsService(logger, started, 'layers stay mounted');
   await started;
 }

@@ -7,8 +7,8 @@
  * performs and owns every mount of a snapshot.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { describeError } from '../core/errors.js';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
+import { runAsService } from './service.js';
 
 export const DEFAULT_SNAPSHOTTER_SOCKET = '/run/gear/snapshotter.sock';
 export const DEFAULT_ROOT = '/var/lib/gear';
@@ -49,34 +49,10 @@ async function runSnapshotter(opts: SnapshotterOptions): Promise<void> {
   const level = parseLevel(opts.logLevel); // the default is not passed through argParser
   const logger = createLogger({ level, name: 'gear-snapshotter' });
 
-  // A stray rejection must not take containerd's storage down.
-  process.on('unhandledRejection', (err) => logger.error({ err: describeError(err) }, 'unhandled rejection'));
-  process.on('uncaughtException', (err) => {
-    logger.fatal({ err: describeError(err), stack: err.stack }, 'uncaught exception; exiting');
-    process.exit(1);
-  });
-
   // Loaded here, not at the top: other subcommands must not pay for (or break
   // on) the gRPC stack and the layer store.
   const { startSnapshotterServer } = await import('../frontends/snapshotter/server.js');
-  const server = await startSnapshotterServer({ socket: opts.socket, root: opts.root, logger });
-
-  let stopping = false;
-  const stop = (signal: NodeJS.Signals): void => {
-    if (stopping) {
-      logger.warn({ signal }, 'second signal; exiting now');
-      process.exit(1);
-    }
-    stopping = true;
-    logger.info({ signal }, 'shutting down');
-    server.close().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        logger.error({ err: describeError(err) }, 'shutdown failed');
-        process.exit(1);
-      },
-    );
-  };
-  process.on('SIGTERM', stop);
-  process.on('SIGINT', stop);
+  const server = startSnapshotterServer({ socket: opts.socket, root: opts.root, logger });
+  runAsService(logger, server, 'mounts belong to containerd');
+  await server;
 }
