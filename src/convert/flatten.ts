@@ -19,6 +19,7 @@
  */
 import { invalidArgument } from '../core/errors.js';
 import { GEAR_FORMAT_VERSION, RESERVED_DIR, type BlobLocation, type IndexFile, type IndexManifest } from '../core/index/manifest.js';
+import { manifestHeader } from '../core/index/index-layer.js';
 import { readTar, type TarHeader } from '../core/index/tar.js';
 import type { ContentStage } from './stage.js';
 
@@ -59,23 +60,9 @@ export function splitPath(layer: string, raw: string): string[] {
   return out;
 }
 
+/** The header of a directory the layers imply but never list (the root, or a parent of a listed path). */
 function implicitDir(): TarHeader {
-  return {
-    path: '',
-    type: 'dir',
-    size: 0,
-    mode: 0o755,
-    uid: 0,
-    gid: 0,
-    uname: '',
-    gname: '',
-    mtime: 0,
-    mtimeNsec: 0,
-    linkname: '',
-    devmajor: 0,
-    devminor: 0,
-    xattrs: new Map(),
-  };
+  return { ...manifestHeader(0), path: '', type: 'dir', mode: 0o755 };
 }
 
 function cleanXattrs(h: TarHeader): TarHeader {

@@ -29,7 +29,7 @@ import {
   MINBASE_TAG,
   buildImage,
 } from '../helpers/images.js';
-import { loadStartRegistry, type Registry } from '../helpers/registry-lite.js';
+import { startRegistry, type TestRegistry as Registry } from '../helpers/registry.js';
 import { mountPointsUnder } from '../helpers/proc.js';
 
 const DRIVER = (process.env.GEAR_TEST_DRIVER ?? 'gear') as Driver;
@@ -141,7 +141,6 @@ describe(`docker on ${DRIVER}: the foundation`, () => {
     work = mkdtempSync('/tmp/gft-');
     // The debootstrap cache (first run on a machine only: a few minutes, progress on stderr).
     await ensureMinbaseTar();
-    const startRegistry = await loadStartRegistry();
     reg = await startRegistry();
     reg2 = await startRegistry();
     d = await startDockerd({ driver: DRIVER, verbose: !!process.env.GEAR_TEST_VERBOSE });
