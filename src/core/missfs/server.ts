@@ -844,7 +844,11 @@ class MissFsSession implements MissFsMount {
     this.counters.lookups++;
     let size: number;
     try {
-      ({ size } = await this.sharedLookup(hex, p.controller.signal));
+      // The kernel still holds this node (it may look a name up again while it keeps the inode,
+      // e.g. after reclaiming only the dentry): its size is known, and open() fetches again if
+      // the blob was evicted meanwhile, so the provider need not be asked twice.
+      const known = this.nodes.get(this.inoFor(hex));
+      ({ size } = known && known.nlookup > 0n ? known : await this.sharedLookup(hex, p.controller.signal));
       if (!Number.isSafeInteger(size) || size < 0) throw internal(`provider returned an invalid size ${String(size)}`);
     } catch (err) {
       if (p.replied) return; // interrupted or timed out: already answered
