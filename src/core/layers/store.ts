@@ -178,7 +178,7 @@ class OverlayLayerStore implements LayerStore {
     await fs.mkdir(this.linksDir, { recursive: true, mode: 0o700 });
     // The data-only layers of lazy mounts must exist even when lazy pull is off.
     await fs.mkdir(path.join(this.root, 'pool'), { recursive: true, mode: 0o755 });
-    await fs.mkdir(path.join(this.root, 'miss'), { recursive: true, mode: 0o755 });
+    await this.ensureMissDir();
 
     // Leftovers of interrupted creates and removes.
     for (const name of await fs.readdir(this.layersDir)) {
@@ -255,6 +255,27 @@ class OverlayLayerStore implements LayerStore {
       for (const o of this.lazy.pool.referenceOwners()) if (!owners.has(o)) await this.lazy.pool.dropReferences(o);
     }
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
+  }
+
+  /**
+   * ROOT/miss must exist. After a crash it is the previous daemon's FUSE
+   * mount with an aborted connection (any access: ENOTCONN); detach it
+   * (lazily: container overlays still reference it) so that this run can
+   * mount a fresh miss filesystem, or, lazy pull off, a plain dir.
+   */
+  private async ensureMissDir(): Promise<void> {
+    const miss = path.join(this.root, 'miss');
+    // Several crashes in a row can leave dead mounts stacked there.
+    for (let i = 0; ; i++) {
+      try {
+        await fs.mkdir(miss, { recursive: true, mode: 0o755 });
+        return;
+      } catch (err) {
+        if (errnoCode(err) !== 'ENOTCONN' || i >= 8) throw err;
+        unmount(miss, { lazy: true });
+        this.log?.info({ mountPoint: miss }, 'detached the miss filesystem of a previous daemon (its connection is gone)');
+      }
+    }
   }
 
   async close(): Promise<void> {
