@@ -59,6 +59,20 @@ export class GraphDriver {
     await store?.close?.().catch((err: unknown) => this.#logger.warn({ err: String(err) }, 'closing the previous store'));
   }
 
+  /**
+   * With a fixed --root: opens the store now instead of on dockerd's first
+   * call, so that its start-up work (repair, the miss filesystem, the crash
+   * resume of mounted containers' Gear files) runs right after a restart of
+   * the daemon, which dockerd may not call for a long time. Never rejects (a
+   * failed open is logged and retried on the next call).
+   */
+  async openEagerly(): Promise<void> {
+    if (this.#fixedRoot === undefined) return;
+    await this.#store().catch((err: unknown) =>
+      this.#logger.error({ err: String(err) }, 'cannot open the layer store at start; the next dockerd call tries again'),
+    );
+  }
+
   /** The root of the store in use, if one was opened. */
   get root(): string | undefined {
     return this.#current?.root;

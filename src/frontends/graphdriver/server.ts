@@ -320,6 +320,7 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
   });
   server.on('error', (err) => logger.error({ err: String(err) }, 'server error'));
   logger.info({ socket, root: opts.root ?? '(from Init)' }, 'listening');
+  void driver.openEagerly();
 
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> => {
