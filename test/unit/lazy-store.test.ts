@@ -14,6 +14,7 @@ import { writeIndexLayer } from '../../src/core/index/index-layer.js';
 import type { IndexManifest } from '../../src/core/index/manifest.js';
 import type { TarHeader } from '../../src/core/index/tar.js';
 import { openLayerStore } from '../../src/core/layers/store.js';
+import type { ResumeQueue } from '../../src/core/lazy/resume.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { getXattr } from '../../src/core/sys/xattr.js';
 import { isMountPoint, mountsUnder } from '../../src/core/sys/mounts.js';
@@ -197,6 +198,52 @@ describe('gear index layers in the store', () => {
       await store.put('ctr');
     } finally {
       await store.close?.();
+    }
+  });
+
+  it('after the store is closed and opened again, a container mounted before reads files it never opened (crash resume)', async () => {
+    const lazy = { fetchTimeoutMs: 10_000, cacheSize: '64MiB' };
+    const store = await openLayerStore({ root, lazy });
+    let merged: string;
+    try {
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([indexTar]));
+      await store.create('ctr', 'idx', 'rw');
+      merged = await store.get('ctr'); // a running container: stays mounted across the restart
+      await store.create('other', '', 'rw'); // a mounted layer without an index below: nothing to resume
+      await store.get('other');
+      expect(Object.fromEntries(await store.status())['Resume']).toMatch(/^none/);
+    } finally {
+      await store.close?.();
+    }
+    expect(isMountPoint(merged)).toBe(true);
+    const doc = path.join(merged, 'usr/share/doc');
+    // The miss filesystem that overlay knows is gone: an uncached file cannot be opened (in a child: may block).
+    const dead = await run('cat', [doc], { timeoutMs: 20_000 });
+    expect(dead.code).not.toBe(0);
+    expect(dead.stderr).toMatch(/Transport endpoint is not connected|Input\/output error|Software caused connection abort/);
+
+    const before = blobGets().length;
+    const again = await openLayerStore({ root, lazy });
+    try {
+      const resume = (again as unknown as { resumeQueue?: ResumeQueue }).resumeQueue;
+      expect(resume).toBeDefined();
+      await resume!.done;
+      // 4 distinct files (etc/empty is empty, etc/shared2 a hard link), all fetched once, in the background
+      expect(resume!.current).toMatchObject({ state: 'done', fetched: 4, failed: 0 });
+      expect(blobGets().length - before).toBe(4);
+      expect(Object.fromEntries(await again.status())['Resume']).toMatch(/^4 of 4 files in the pool \(1 index layers in use at start\), done in/);
+      // Opened for the first time, through the old overlay: found in the pool.
+      const r = await run('cat', [doc], { timeoutMs: 20_000 });
+      expect(r.code).toBe(0);
+      expect(await fs.readFile(doc)).toEqual(files['usr/share/doc']);
+      expect(await fs.readFile(path.join(merged, 'bin/tool'))).toEqual(files['bin/tool']);
+      // The adopted mount is released as one reference.
+      await again.put('ctr');
+      expect(isMountPoint(merged)).toBe(false);
+      await again.put('other');
+    } finally {
+      await again.close?.();
     }
   });
 });

@@ -40,6 +40,7 @@ import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { constants } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
 import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
+import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
 import { spawn } from 'node:child_process';
 import { buildIndexDir, HeadSniffer, readIndexManifest } from './index-dir.js';
 import type { CreateOptions, GearLayerInfo, LayerKind, LayerRecord, LayerStore } from './types.js';
@@ -133,6 +134,8 @@ class OverlayLayerStore implements LayerStore {
   private readonly locks = new KeyedMutex();
   private readonly lazyOpts: LazyOptions | undefined;
   private lazy: LazyRuntime | undefined;
+  /** Background completion of the Gear files that containers mounted before this run may open. */
+  private resume: ResumeQueue | undefined;
 
   constructor(opts: LayerStoreOptions) {
     this.root = path.resolve(opts.root);
@@ -234,11 +237,13 @@ class OverlayLayerStore implements LayerStore {
     // Only mounts strictly below layers/ are ours: the root itself, pool/ or
     // miss/ may be mount points the admin (or the managed plugin's
     // PropagatedMount, or the miss filesystem) put there.
+    const adopted: string[] = [];
     for (const m of mountsUnder(this.layersDir)) {
       if (m.mountPoint === this.layersDir) continue;
       const rel = path.relative(this.layersDir, m.mountPoint).split(path.sep);
       const known = rel.length === 2 && rel[1] === 'merged' && this.records.has(rel[0]!);
-      if (!known) {
+      if (known) adopted.push(rel[0]!);
+      else {
         unmount(m.mountPoint, { lazy: true });
         this.log?.info({ mountPoint: m.mountPoint }, 'unmounted stale mount');
       }
@@ -253,6 +258,7 @@ class OverlayLayerStore implements LayerStore {
       }
       // References of index layers removed while the daemon was down.
       for (const o of this.lazy.pool.referenceOwners()) if (!owners.has(o)) await this.lazy.pool.dropReferences(o);
+      this.startResume(this.lazy, adopted);
     }
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
   }
@@ -281,7 +287,37 @@ class OverlayLayerStore implements LayerStore {
   async close(): Promise<void> {
     const lazy = this.lazy;
     this.lazy = undefined;
+    await this.resume?.close();
     await lazy?.close();
+  }
+
+  /**
+   * Mounts adopted from a previous run still use that run's miss filesystem
+   * (dead after a crash, detached after a clean stop): complete the files of
+   * their index layers into the pool, where overlay finds them (resume.ts).
+   */
+  private startResume(lazy: LazyRuntime, mounted: string[]): void {
+    const indexLayers = new Set<string>();
+    for (const id of mounted) {
+      // Parents only: an index layer's own mount shows its index form (no data layers).
+      let cur = this.records.get(id)?.parent;
+      for (let depth = 0; cur && depth <= MAX_LAYER_DEPTH; depth++) {
+        const p = this.records.get(cur);
+        if (!p) break;
+        if (p.gear) indexLayers.add(p.id);
+        cur = p.parent;
+      }
+    }
+    if (indexLayers.size === 0) return;
+    const files: ResumeFile[] = [];
+    for (const id of indexLayers) for (const [digest, size] of this.records.get(id)!.gear!.blobs) files.push({ digest, size });
+    this.resume = new ResumeQueue({ pool: lazy.pool, fetcher: lazy.fetcher, catalog: lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
+    void this.resume.start(files, indexLayers.size);
+  }
+
+  /** The crash resume of this run, if mounted containers used index layers at open (tests, status). */
+  get resumeQueue(): ResumeQueue | undefined {
+    return this.resume;
   }
 
   /** The lazy machinery, when the store was opened with `lazy` (tests, status). */
@@ -529,6 +565,7 @@ class OverlayLayerStore implements LayerStore {
       ['Mounted', String(this.refs.size)],
       ['Index Layers', String([...this.records.values()].filter((r) => r.gear).length)],
       ...(this.lazy ? this.lazy.status() : [['Lazy Pull', 'off'] as [string, string]]),
+      ...(this.lazy ? [['Resume', this.resume ? this.resume.status() : 'none (no mounted container used a Gear index layer at start)'] as [string, string]] : []),
     ];
   }
 
