@@ -76,6 +76,12 @@ export interface Dockerd {
   clientEnv(): NodeJS.ProcessEnv;
   /** Stops dockerd (and the Gear daemon when restartGear), then starts them again on the same state. */
   restart(opts?: { restartGear?: boolean }): Promise<void>;
+  /** (startDockerd only) kill -9 of the Gear daemon this helper started (dockerd and containers keep running); waits for its exit. */
+  killGear?(): Promise<void>;
+  /** Starts the Gear daemon again on the same root and plugin socket (after killGear). */
+  startGear?(): Promise<void>;
+  /** PID of the running Gear daemon, if any. */
+  gearPid?(): number | undefined;
   /** Stops everything it started, unmounts what is left under dir, removes dir. Idempotent. */
   stop(): Promise<void>;
   /** Last lines of the daemon logs, for failure messages. */
@@ -279,6 +285,16 @@ export async function startDockerd(opts: DockerdOptions): Promise<Dockerd> {
     },
     clientEnv,
     logTail,
+    async killGear() {
+      const g = gear;
+      if (!g || g.pid === undefined || g.exitCode !== null || g.signalCode !== null) throw new Error('killGear: the gear daemon is not running');
+      const exited = new Promise<void>((r) => g.once('exit', () => r()));
+      g.kill('SIGKILL');
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
+      gear = undefined;
+    },
+    startGear,
+    gearPid: () => (gear && gear.exitCode === null && gear.signalCode === null ? gear.pid : undefined),
     async restart(ro = {}) {
       await stopDockerdProc();
       if (ro.restartGear) {
