@@ -6,7 +6,7 @@
  * requests only when the test says so.
  */
 import { describe, expect, it } from 'vitest';
-import { unavailable } from '../../src/core/errors.js';
+import { deadlineExceeded, unavailable } from '../../src/core/errors.js';
 import type { FetchOptions, FetchRequest } from '../../src/core/fetcher/fetcher.js';
 import { planResume, ResumeQueue, type ResumeFile } from '../../src/core/lazy/resume.js';
 
@@ -23,6 +23,8 @@ function fakes(opts: { maxParallel: number; lowWatermark: number; pooled?: Map<s
   const pooled = opts.pooled ?? new Map<string, number>();
   const pending: Pending[] = [];
   const touched: string[] = [];
+  /** Digests the fake fetcher says are still downloading (a deadline hit only the waiter). */
+  const inFlight = new Set<string>();
   let maxRunning = 0;
   let waiters: (() => void)[] = [];
   const changed = () => {
@@ -39,6 +41,7 @@ function fakes(opts: { maxParallel: number; lowWatermark: number; pooled?: Map<s
     },
     fetcher: {
       maxParallel: opts.maxParallel,
+      inFlight: (d: string) => inFlight.has(d),
       fetch(req: FetchRequest, o?: FetchOptions): Promise<void> {
         return new Promise<void>((resolve, reject) => {
           const p: Pending = {
@@ -74,7 +77,7 @@ function fakes(opts: { maxParallel: number; lowWatermark: number; pooled?: Map<s
   const pendingAtLeast = async (n: number) => {
     while (pending.length < n) await new Promise<void>((r) => waiters.push(r));
   };
-  return { deps, pending, pooled, touched, pendingAtLeast, maxRunning: () => maxRunning };
+  return { deps, pending, pooled, touched, inFlight, pendingAtLeast, maxRunning: () => maxRunning };
 }
 
 describe('planResume', () => {
@@ -156,6 +159,31 @@ describe('ResumeQueue', () => {
     await done;
     expect(q.current).toMatchObject({ state: 'done', fetched: 1, failed: 1 });
     expect(q.status()).toMatch(/^1 of 3 files in the pool .*, done in .*, 1 failed, 1 files \(100 B\) over the pool cap not fetched$/);
+  });
+
+  it('waits again when only its wait hit the deadline and the download goes on', async () => {
+    const f = fakes({ maxParallel: 2, lowWatermark: 100 });
+    const q = new ResumeQueue(f.deps);
+    const done = q.start([{ digest: dg(1), size: 1 }], 1);
+    await f.pendingAtLeast(1);
+    f.inFlight.add(dg(1));
+    f.pending[0]!.reject(deadlineExceeded('fetch: not done within 60000 ms'));
+    await f.pendingAtLeast(1); // asked again: joins the running download
+    expect(f.pending[0]!.req.digest).toBe(dg(1));
+    f.inFlight.delete(dg(1));
+    f.pending[0]!.resolve();
+    await done;
+    expect(q.current).toMatchObject({ state: 'done', fetched: 1, failed: 0 });
+  });
+
+  it('a deadline with nothing in flight is a failure', async () => {
+    const f = fakes({ maxParallel: 2, lowWatermark: 100 });
+    const q = new ResumeQueue(f.deps);
+    const done = q.start([{ digest: dg(1), size: 1 }], 1);
+    await f.pendingAtLeast(1);
+    f.pending[0]!.reject(deadlineExceeded('fetch: download not done within 60000 ms'));
+    await done;
+    expect(q.current).toMatchObject({ state: 'done', fetched: 0, failed: 1 });
   });
 
   it('close stops it: waits are aborted and nothing new is asked for', async () => {

@@ -51,7 +51,7 @@ export interface ResumeDeps {
     touch(digest: string): boolean;
     stat(): { lowWatermarkBytes: number };
   };
-  fetcher: { readonly maxParallel: number; fetch(req: FetchRequest, opts?: FetchOptions): Promise<void> };
+  fetcher: { readonly maxParallel: number; fetch(req: FetchRequest, opts?: FetchOptions): Promise<void>; inFlight(digest: string): boolean };
   catalog: { requests(digest: string): FetchRequest[] };
   logger?: Logger;
 }
@@ -201,14 +201,18 @@ export class ResumeQueue {
     const signal = this.controller.signal;
     let last: unknown;
     for (const req of catalog.requests(f.digest)) {
-      try {
-        await fetcher.fetch(req, { priority: 'background', signal });
-        return true;
-      } catch (err) {
-        last = err;
-        if (signal.aborted) return false;
-        // A background job outlives its waiter's deadline: it may still land.
-        if (isClass(err, 'DeadlineExceeded') || pool.has(f.digest)) break;
+      for (;;) {
+        try {
+          await fetcher.fetch(req, { priority: 'background', signal });
+          return true;
+        } catch (err) {
+          last = err;
+          if (signal.aborted || pool.has(f.digest)) return pool.has(f.digest);
+          // Our wait hit the fetch deadline while the job (kept: background) is still
+          // queued behind containers' fetches or running: wait for it again.
+          if (isClass(err, 'DeadlineExceeded') && fetcher.inFlight(f.digest)) continue;
+          break;
+        }
       }
     }
     if (pool.has(f.digest)) return true;
