@@ -200,9 +200,24 @@ describe('gear index layers in the containerd snapshotter', () => {
       expect(await sha256sum(path.join(viewDir, 'usr/doc'))).toBe(sha(files['usr/doc']!));
       expect(blobGets().length - before).toBe(3);
 
+      // A metadata-only copy-up (chmod of a lower file), committed, and a container on top of that:
+      // the committed layer's metacopy file keeps taking its data through the index layer.
+      expect((await run('chmod', ['0700', path.join(merged, 'usr/doc')])).code).toBe(0);
+      expect((await run('umount', [merged])).code).toBe(0);
+      await sn.commit('sha256:y', 'ctr');
+      const [m2] = await sn.prepare('ctr2', 'sha256:y');
+      expect(m2!.options.find((o) => o.startsWith('lowerdir='))).toMatch(/^lowerdir=[^:]+\/l\/[A-Z0-9]+:[^:]+\/l\/[A-Z0-9]+::/);
+      const merged2 = path.join(root, 'mnt-ctr2');
+      await mountSpec(m2!, merged2);
+      expect((await fs.stat(path.join(merged2, 'usr/doc'))).mode & 0o777).toBe(0o700);
+      expect(await sha256sum(path.join(merged2, 'usr/doc'))).toBe(sha(files['usr/doc']!));
+      expect(await cat(path.join(merged2, 'etc/os-release'))).toBe('NAME=gear-snap\nX=1\n');
+      expect((await run('umount', [merged2])).code).toBe(0);
+      await sn.remove('ctr2');
+
       // Removal, as containerd's GC does it: children first; the references go with the Gear layer.
-      for (const d of [merged, viewDir]) expect((await run('umount', [d])).code).toBe(0);
-      await sn.remove('ctr');
+      expect((await run('umount', [viewDir])).code).toBe(0);
+      await sn.remove('sha256:y');
       await sn.remove('view');
       expect(await refFiles()).toHaveLength(1);
       await sn.remove('sha256:x');
@@ -261,6 +276,47 @@ describe('gear index layers in the containerd snapshotter', () => {
       }
       expect(await refFiles()).toEqual([]);
       expect(store.lazyRuntime?.catalog.files).toBe(0);
+    } finally {
+      await store.close?.();
+    }
+  });
+
+  it('refuses, with the remedy, a chain on a Gear index too long for containerd to mount', async () => {
+    // containerd cannot shorten a lowerdir containing "::", so the limit is the page itself.
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 5_000 } });
+    try {
+      const sn = await Snapshotter.open({ layers: store, metaRoot: path.join(root, 'snapshotter') });
+      await extractInto(await sn.prepare('extract', ''), indexTarFile);
+      await sn.commit('l0', 'extract');
+      let n = 0;
+      let ok: MountSpec | undefined;
+      for (; n < 128; n++) {
+        const r = await sn.prepare(`top-${n}`, `l${n}`).then(
+          (ms) => ms[0],
+          (e: unknown) => e as Error,
+        );
+        if (r instanceof Error) {
+          expect(isClass(r, 'FailedPrecondition'), String(r)).toBe(true);
+          expect(r.message).toMatch(/fewer layers|shorter gear root/);
+          break;
+        }
+        ok = r;
+        await sn.remove(`top-${n}`);
+        await sn.commit(`l${n + 1}`, (await sn.prepare(`a${n}`, `l${n}`), `a${n}`));
+      }
+      expect(n).toBeGreaterThan(40);
+      expect(n).toBeLessThan(128);
+      // The longest chain accepted really mounts.
+      const [last] = await sn.prepare('last', `l${n - 1}`);
+      // Near containerd's limit (a page minus 512 bytes), and within it.
+      expect(ok).toBeDefined();
+      const bytes = last!.options.reduce((t, o) => t + Buffer.byteLength(o) + 1, 0);
+      expect(bytes).toBeGreaterThan(4096 - 512 - 100);
+      expect(bytes).toBeLessThan(4096 - 512);
+      const target = path.join(root, 'mnt-last');
+      await mountSpec(last!, target);
+      expect(await cat(path.join(target, 'etc/os-release'))).toBe(files['etc/os-release']!.toString());
+      expect((await run('umount', [target])).code).toBe(0);
     } finally {
       await store.close?.();
     }
