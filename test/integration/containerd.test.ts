@@ -11,117 +11,44 @@
  *   removal and GC leave no Gear layer, pool reference or catalog entry.
  *
  * containerd gets its own root, state, sockets and config.toml (version 2)
- * under a temp dir; the machine's default containerd is never touched.
- * Everything started here is stopped by PID and everything mounted under the
- * temp dir is unmounted afterwards.
+ * under a temp dir (test/helpers/containerd.ts); the machine's default
+ * containerd is never touched. Everything started here is stopped by PID and
+ * everything mounted under the temp dir is unmounted afterwards.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startGearContainerd, type GearContainerd } from '../helpers/containerd.js';
 import { GEAR_CLI } from '../helpers/dockerd.js';
 import { busyboxLayer, tarBuffer, writeDockerArchive } from '../helpers/images.js';
 import { busyboxLayer as busyboxEntries, writeDockerArchive as writeEntriesArchive, type LayerEntry } from '../helpers/oci-images.js';
-import { pidsReferencing, run, runOk, stopChild, stopPid, tailFile, unmountUnder, waitFor } from '../helpers/proc.js';
+import { runOk, waitFor } from '../helpers/proc.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
-const CONTAINERD = '/usr/bin/containerd';
-const CTR = '/usr/bin/ctr';
-const NAMESPACE = 'gear-test';
 const IMAGE = 'docker.io/gear-test/busybox-two-layers:latest';
 
+let c: GearContainerd | undefined;
 let base = '';
-let gearSocket = '';
 let gearRoot = '';
-let ctrdSocket = '';
-let gear: ChildProcess | undefined;
-let containerd: ChildProcess | undefined;
 let reg: TestRegistry | undefined;
 let proxy: FaultProxy | undefined;
 
-function startLogged(cmd: string, args: string[], log: string): ChildProcess {
-  const fd = openSync(log, 'a');
-  return spawn(cmd, args, { stdio: ['ignore', fd, fd] });
-}
-
-/** ctr against our private containerd, in our namespace. */
-function ctr(args: string[], timeoutMs = 120_000) {
-  return run(CTR, ['--address', ctrdSocket, '--namespace', NAMESPACE, ...args], { timeoutMs });
-}
-
-async function ctrOk(args: string[], timeoutMs?: number): Promise<string> {
-  const r = await ctr(args, timeoutMs);
-  if (r.code !== 0) {
-    throw new Error(
-      `ctr ${args.join(' ')} exited ${r.code}: ${r.stderr}\n--- containerd log:\n${tailFile(join(base, 'containerd.log'))}\n--- gear log:\n${tailFile(join(base, 'gear.log'))}`,
-    );
-  }
-  return r.stdout;
-}
+const ctrOk = (args: string[], timeoutMs?: number) => c!.ctrOk(args, timeoutMs);
 
 const dirEntries = (dir: string) => (existsSync(dir) ? readdirSync(dir).filter((n) => !n.startsWith('.')) : []);
 
 beforeAll(async () => {
-  base = mkdtempSync('/tmp/gear-ctrd-');
-  gearRoot = join(base, 'gear');
-  gearSocket = join(base, 'gear.sock');
-  ctrdSocket = join(base, 'containerd.sock');
-  mkdirSync(join(base, 'root'));
-  mkdirSync(join(base, 'state'));
-
-  gear = startLogged('node', [GEAR_CLI, 'snapshotter', '--root', gearRoot, '--socket', gearSocket, '--log-level', 'debug'], join(base, 'gear.log'));
-  if (!(await waitFor(() => existsSync(gearSocket), 30_000, 100))) {
-    throw new Error(`gear snapshotter did not listen:\n${tailFile(join(base, 'gear.log'))}`);
-  }
-
-  const config = `version = 2
-root = "${base}/root"
-state = "${base}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "${ctrdSocket}"
-
-[ttrpc]
-  address = "${ctrdSocket}.ttrpc"
-
-[debug]
-  level = "info"
-
-[proxy_plugins]
-  [proxy_plugins.gear]
-    type = "snapshot"
-    address = "${gearSocket}"
-`;
-  writeFileSync(join(base, 'config.toml'), config);
-  containerd = startLogged(CONTAINERD, ['--config', join(base, 'config.toml')], join(base, 'containerd.log'));
-  const up = await waitFor(async () => existsSync(ctrdSocket) && (await ctr(['version'], 10_000)).code === 0, 60_000, 250);
-  if (!up) throw new Error(`containerd did not start:\n${tailFile(join(base, 'containerd.log'))}`);
+  c = await startGearContainerd({ tasks: ['t1', 'lazy1'] });
+  base = c.base;
+  gearRoot = c.gearRoot;
 }, 120_000);
 
 afterAll(async () => {
-  if (!base) return;
-  // A failed run may leave a task behind: kill it through containerd first.
-  if (containerd?.exitCode === null) {
-    for (const t of ['t1', 'lazy1']) {
-      await ctr(['task', 'kill', '-s', 'KILL', t], 20_000);
-      await ctr(['task', 'rm', '-f', t], 20_000);
-      await ctr(['container', 'rm', t], 20_000);
-    }
-  }
-  if (containerd) await stopChild(containerd);
-  // Shims and anything else we started that still runs under our dir.
-  for (const pid of pidsReferencing(base)) await stopPid(pid, 10_000);
-  // Container overlays (their lowers include the miss filesystem) before gear stops serving it.
-  await unmountUnder(join(base, 'root'));
-  await unmountUnder(join(base, 'state'));
-  if (gear) await stopChild(gear);
-  await unmountUnder(base);
+  await c?.stop();
   await proxy?.stop();
   await reg?.stop();
-  rmSync(base, { recursive: true, force: true });
 }, 180_000);
 
 describe('containerd 1.6 with gear as a proxy snapshotter', () => {
