@@ -240,6 +240,12 @@ describe('gear index layers in the containerd snapshotter', () => {
       await sn.commit('plain', 'plain-extract');
       const [pv] = await sn.view('plain-view', 'plain');
       expect(pv).toEqual({ type: 'bind', source: p!.source, options: ['ro', 'rbind'] });
+      // A plain image that merely has a /.gear/index.json (not as an index layer writes it) stays plain.
+      const [q] = await sn.prepare('dotgear-extract', '');
+      await fs.mkdir(path.join(q!.source, '.gear'));
+      await fs.writeFile(path.join(q!.source, '.gear/index.json'), '{"some":"tool config"}');
+      await sn.commit('dotgear', 'dotgear-extract');
+      expect(store.lowerOf(path.basename(path.dirname(q!.source))).gear).toBe(false);
 
       const extracted = (dir: string) => extractInto([{ type: 'bind', source: dir, options: [] }], indexTarFile);
       const cases: Array<[string, (dir: string) => Promise<void>, RegExp]> = [
@@ -252,7 +258,8 @@ describe('gear index layers in the containerd snapshotter', () => {
           'garbage',
           async (dir) => {
             await fs.mkdir(path.join(dir, '.gear'));
-            await fs.writeFile(path.join(dir, '.gear/index.json'), '{not json');
+            await fs.writeFile(path.join(dir, '.gear/index.json'), '{not json', { mode: 0o444 });
+            await fs.utimes(path.join(dir, '.gear/index.json'), 0, 0);
           },
           /not valid UTF-8 JSON/,
         ],

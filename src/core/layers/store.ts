@@ -126,6 +126,25 @@ function runBounded(cmd: string, args: string[], cwd: string, timeoutMs: number)
   });
 }
 
+/**
+ * True when an extracted tree carries what only a Gear index layer tar makes
+ * (docs/format.md 3.1): `.gear/` holding nothing but `index.json`, a regular
+ * file of mode 0444 and mtime 0. The tar's entry order, which marks an index
+ * layer for certain, is lost once someone else extracted it; a plain image
+ * that merely has a file at /.gear/index.json stays a plain layer.
+ */
+async function hasIndexFormSignature(diff: string): Promise<boolean> {
+  try {
+    const names = await fs.readdir(path.join(diff, '.gear'));
+    if (names.length !== 1 || names[0] !== 'index.json') return false;
+    const st = await fs.lstat(path.join(diff, '.gear', 'index.json'));
+    return st.isFile() && (st.mode & 0o7777) === 0o444 && st.mtimeMs === 0;
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return false;
+    throw err;
+  }
+}
+
 class OverlayLayerStore implements LayerStore {
   readonly root: string;
   private readonly log: Logger | undefined;
@@ -694,13 +713,7 @@ class OverlayLayerStore implements LayerStore {
       const rec = this.record(id);
       if (rec.gear) return rec.gear;
       const diff = this.diffDir(id);
-      const manifestPath = path.join(diff, '.gear', 'index.json');
-      try {
-        await fs.lstat(manifestPath);
-      } catch (err) {
-        if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return undefined;
-        throw err;
-      }
+      if (!(await hasIndexFormSignature(diff))) return undefined;
       if (rec.parent) {
         throw invalidArgument(
           `layer ${id}: holds a Gear index (.gear/index.json) but has a parent layer; a Gear index must be an image's only layer (convert the whole image with gear convert)`,

@@ -107,8 +107,10 @@ export interface LowerDir {
 export interface IndexLayerAdoption {
   /**
    * Turns a parentless layer whose diff/ holds a Gear index form
-   * (.gear/index.json) into a Gear index layer, exactly as applyDiff does.
-   * Returns undefined (changing nothing) when diff/ holds no index form.
+   * (.gear/index.json, mode 0444, mtime 0, alone in .gear/) into a Gear index
+   * layer, exactly as applyDiff does. Returns undefined (changing nothing)
+   * when diff/ holds no index form; throws InvalidArgument when it holds one
+   * whose manifest and tree disagree.
    */
   adoptIndexForm(id: string): Promise<GearLayerInfo | undefined>;
   lowerOf(id: string): LowerDir;
