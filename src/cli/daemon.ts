@@ -7,40 +7,17 @@
  * /GraphDriver.Cleanup itself when it shuts down.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { parseDuration } from '../core/fetcher/fetcher.js';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
+import { addLazyOptions, lazyStoreOption, type LazyFlags } from './lazy-options.js';
 import { runAsService } from './service.js';
 import { startGraphDriverServer } from '../frontends/graphdriver/server.js';
 
 export const DEFAULT_SOCKET = '/run/docker/plugins/gear.sock';
 
-interface DaemonOptions {
+interface DaemonOptions extends LazyFlags {
   socket: string;
   root?: string;
   logLevel: LogLevel;
-  lazy: boolean;
-  cacheSize?: string;
-  fetchTimeout?: number;
-  maxFetches?: number;
-  insecureRegistry: string[];
-}
-
-function parseFetchTimeout(value: string): number {
-  try {
-    return parseDuration(value, 'fetch timeout');
-  } catch (err) {
-    throw new InvalidArgumentError((err as Error).message);
-  }
-}
-
-function parsePositiveInt(value: string): number {
-  const n = Number(value);
-  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('expected a positive integer');
-  return n;
-}
-
-function collectRegistries(value: string, previous: string[]): string[] {
-  return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
 }
 
 function parseLevel(value: string): LogLevel {
@@ -49,7 +26,7 @@ function parseLevel(value: string): LogLevel {
 }
 
 export function registerDaemon(program: Command): void {
-  program
+  const cmd = program
     .command('daemon')
     .description('serve the Docker graph-driver plugin on a unix socket')
     .addOption(
@@ -65,24 +42,10 @@ export function registerDaemon(program: Command): void {
         .env('GEAR_LOG_LEVEL')
         .default('info')
         .argParser(parseLevel),
-    )
-    .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
-    .addOption(new Option('--cache-size <size>', 'cap of the Gear file pool, e.g. 20GiB (default: previous run\'s, else 20GiB)').env('GEAR_CACHE_SIZE'))
-    .addOption(
-      new Option('--fetch-timeout <duration>', 'deadline of a lazy fetch; a reader then gets EIO (e.g. 60s, 500ms)')
-        .env('GEAR_FETCH_TIMEOUT')
-        .argParser(parseFetchTimeout),
-    )
-    .addOption(new Option('--max-fetches <n>', 'lazy downloads in flight at most (default 8)').env('GEAR_MAX_FETCHES').argParser(parsePositiveInt))
-    .addOption(
-      new Option('--insecure-registry <host[:port]>', 'registry reachable over plain http (repeatable; loopback always is)')
-        .env('GEAR_INSECURE_REGISTRIES')
-        .argParser(collectRegistries)
-        .default([]),
-    )
-    .action(async (opts: DaemonOptions) => {
-      await runDaemon(opts);
-    });
+    );
+  addLazyOptions(cmd).action(async (opts: DaemonOptions) => {
+    await runDaemon(opts);
+  });
 }
 
 async function runDaemon(opts: DaemonOptions): Promise<void> {
@@ -93,16 +56,7 @@ async function runDaemon(opts: DaemonOptions): Promise<void> {
     socket: opts.socket,
     ...(opts.root ? { root: opts.root } : {}),
     logger,
-    storeOptions: {
-      lazy: opts.lazy
-        ? {
-            ...(opts.cacheSize ? { cacheSize: opts.cacheSize } : {}),
-            ...(opts.fetchTimeout ? { fetchTimeoutMs: opts.fetchTimeout } : {}),
-            ...(opts.maxFetches ? { maxFetches: opts.maxFetches } : {}),
-            insecureRegistries: opts.insecureRegistry,
-          }
-        : false,
-    },
+    storeOptions: { lazy: lazyStoreOption(opts) },
   });
   // Installed while the (possibly slow) start runs, so an early signal is a clean stop too.
   runAsService(logger, started, 'layers stay mounted');

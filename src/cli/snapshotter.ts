@@ -2,18 +2,25 @@
  * `gear snapshotter`: serves the containerd snapshotter (a proxy plugin,
  * containerd.services.snapshots.v1) on a unix socket.
  *
+ * Gear images are lazy here as with `gear daemon` (same flags and
+ * environment): the miss filesystem is mounted at ROOT/miss and a Gear file
+ * is fetched from its registry the first time a container opens it.
+ * Registry credentials: $DOCKER_CONFIG, else ~/.docker/config.json.
+ *
  * On SIGTERM/SIGINT it stops accepting, lets in-flight calls finish
- * (bounded), removes the socket and exits 0. It unmounts nothing: containerd
- * performs and owns every mount of a snapshot.
+ * (bounded), removes the socket, unmounts the miss filesystem and exits 0.
+ * It unmounts nothing else: containerd performs and owns every mount of a
+ * snapshot.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
+import { addLazyOptions, lazyStoreOption, type LazyFlags } from './lazy-options.js';
 import { runAsService } from './service.js';
 
 export const DEFAULT_SNAPSHOTTER_SOCKET = '/run/gear/snapshotter.sock';
 export const DEFAULT_ROOT = '/var/lib/gear';
 
-interface SnapshotterOptions {
+interface SnapshotterOptions extends LazyFlags {
   socket: string;
   root: string;
   logLevel: LogLevel;
@@ -25,7 +32,7 @@ function parseLevel(value: string): LogLevel {
 }
 
 export function registerSnapshotter(program: Command): void {
-  program
+  const cmd = program
     .command('snapshotter')
     .description('serve the containerd snapshotter (proxy plugin, snapshots.v1) on a unix socket')
     .addOption(
@@ -39,10 +46,10 @@ export function registerSnapshotter(program: Command): void {
         .env('GEAR_LOG_LEVEL')
         .default('info')
         .argParser(parseLevel),
-    )
-    .action(async (opts: SnapshotterOptions) => {
-      await runSnapshotter(opts);
-    });
+    );
+  addLazyOptions(cmd).action(async (opts: SnapshotterOptions) => {
+    await runSnapshotter(opts);
+  });
 }
 
 async function runSnapshotter(opts: SnapshotterOptions): Promise<void> {
@@ -52,7 +59,7 @@ async function runSnapshotter(opts: SnapshotterOptions): Promise<void> {
   // Loaded here, not at the top: other subcommands must not pay for (or break
   // on) the gRPC stack and the layer store.
   const { startSnapshotterServer } = await import('../frontends/snapshotter/server.js');
-  const server = startSnapshotterServer({ socket: opts.socket, root: opts.root, logger });
+  const server = startSnapshotterServer({ socket: opts.socket, root: opts.root, logger, storeOptions: { lazy: lazyStoreOption(opts) } });
   runAsService(logger, server, 'mounts belong to containerd');
   await server;
 }

@@ -1,108 +1,54 @@
 /**
- * Plain (non-Gear) layers through a real containerd 1.6 (Debian) with gear as
- * a proxy snapshotter: import an image with `--snapshotter gear`, run a
- * container on it, remove the image and check that containerd's garbage
- * collector removed every snapshot from our metadata and every layer dir.
+ * A real containerd 1.6 (Debian) with gear as a proxy snapshotter (lazy pull
+ * on, as `gear snapshotter` runs by default):
+ * - plain (non-Gear) layers: import an image with `--snapshotter gear`, run a
+ *   container on it, remove the image and check that containerd's garbage
+ *   collector removed every snapshot from our metadata and every layer dir;
+ * - a Gear image: `gear convert` → a real registry (behind a counting proxy,
+ *   which the Gear index names as the files' registry) → `ctr image pull`
+ *   (containerd's own unpacker extracts the index layer; gear adopts it at
+ *   Commit) → `ctr run`, fetching only the files the task opens → image
+ *   removal and GC leave no Gear layer, pool reference or catalog entry.
  *
  * containerd gets its own root, state, sockets and config.toml (version 2)
- * under a temp dir; the machine's default containerd is never touched.
- * Everything started here is stopped by PID and everything mounted under the
- * temp dir is unmounted afterwards.
+ * under a temp dir (test/helpers/containerd.ts); the machine's default
+ * containerd is never touched. Everything started here is stopped by PID and
+ * everything mounted under the temp dir is unmounted afterwards.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startGearContainerd, type GearContainerd } from '../helpers/containerd.js';
 import { GEAR_CLI } from '../helpers/dockerd.js';
 import { busyboxLayer, tarBuffer, writeDockerArchive } from '../helpers/images.js';
-import { pidsReferencing, run, stopChild, stopPid, tailFile, unmountUnder, waitFor } from '../helpers/proc.js';
+import { busyboxLayer as busyboxEntries, writeDockerArchive as writeEntriesArchive, type LayerEntry } from '../helpers/oci-images.js';
+import { runOk, waitFor } from '../helpers/proc.js';
+import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
+import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
-const CONTAINERD = '/usr/bin/containerd';
-const CTR = '/usr/bin/ctr';
-const NAMESPACE = 'gear-test';
 const IMAGE = 'docker.io/gear-test/busybox-two-layers:latest';
 
+let c: GearContainerd | undefined;
 let base = '';
-let gearSocket = '';
 let gearRoot = '';
-let ctrdSocket = '';
-let gear: ChildProcess | undefined;
-let containerd: ChildProcess | undefined;
+let reg: TestRegistry | undefined;
+let proxy: FaultProxy | undefined;
 
-function startLogged(cmd: string, args: string[], log: string): ChildProcess {
-  const fd = openSync(log, 'a');
-  return spawn(cmd, args, { stdio: ['ignore', fd, fd] });
-}
-
-/** ctr against our private containerd, in our namespace. */
-function ctr(args: string[], timeoutMs = 120_000) {
-  return run(CTR, ['--address', ctrdSocket, '--namespace', NAMESPACE, ...args], { timeoutMs });
-}
-
-async function ctrOk(args: string[], timeoutMs?: number): Promise<string> {
-  const r = await ctr(args, timeoutMs);
-  if (r.code !== 0) {
-    throw new Error(
-      `ctr ${args.join(' ')} exited ${r.code}: ${r.stderr}\n--- containerd log:\n${tailFile(join(base, 'containerd.log'))}\n--- gear log:\n${tailFile(join(base, 'gear.log'))}`,
-    );
-  }
-  return r.stdout;
-}
+const ctrOk = (args: string[], timeoutMs?: number) => c!.ctrOk(args, timeoutMs);
 
 const dirEntries = (dir: string) => (existsSync(dir) ? readdirSync(dir).filter((n) => !n.startsWith('.')) : []);
 
 beforeAll(async () => {
-  base = mkdtempSync('/tmp/gear-ctrd-');
-  gearRoot = join(base, 'gear');
-  gearSocket = join(base, 'gear.sock');
-  ctrdSocket = join(base, 'containerd.sock');
-  mkdirSync(join(base, 'root'));
-  mkdirSync(join(base, 'state'));
-
-  gear = startLogged('node', [GEAR_CLI, 'snapshotter', '--root', gearRoot, '--socket', gearSocket, '--log-level', 'debug'], join(base, 'gear.log'));
-  if (!(await waitFor(() => existsSync(gearSocket), 30_000, 100))) {
-    throw new Error(`gear snapshotter did not listen:\n${tailFile(join(base, 'gear.log'))}`);
-  }
-
-  const config = `version = 2
-root = "${base}/root"
-state = "${base}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "${ctrdSocket}"
-
-[ttrpc]
-  address = "${ctrdSocket}.ttrpc"
-
-[debug]
-  level = "info"
-
-[proxy_plugins]
-  [proxy_plugins.gear]
-    type = "snapshot"
-    address = "${gearSocket}"
-`;
-  writeFileSync(join(base, 'config.toml'), config);
-  containerd = startLogged(CONTAINERD, ['--config', join(base, 'config.toml')], join(base, 'containerd.log'));
-  const up = await waitFor(async () => existsSync(ctrdSocket) && (await ctr(['version'], 10_000)).code === 0, 60_000, 250);
-  if (!up) throw new Error(`containerd did not start:\n${tailFile(join(base, 'containerd.log'))}`);
+  c = await startGearContainerd({ tasks: ['t1', 'lazy1'] });
+  base = c.base;
+  gearRoot = c.gearRoot;
 }, 120_000);
 
 afterAll(async () => {
-  if (!base) return;
-  // A failed run may leave a task behind: kill it through containerd first.
-  if (containerd?.exitCode === null) {
-    await ctr(['task', 'kill', '-s', 'KILL', 't1'], 20_000);
-    await ctr(['task', 'rm', '-f', 't1'], 20_000);
-    await ctr(['container', 'rm', 't1'], 20_000);
-  }
-  if (containerd) await stopChild(containerd);
-  // Shims and anything else we started that still runs under our dir.
-  for (const pid of pidsReferencing(base)) await stopPid(pid, 10_000);
-  if (gear) await stopChild(gear);
-  await unmountUnder(base);
-  rmSync(base, { recursive: true, force: true });
+  await c?.stop();
+  await proxy?.stop();
+  await reg?.stop();
 }, 180_000);
 
 describe('containerd 1.6 with gear as a proxy snapshotter', () => {
@@ -139,5 +85,65 @@ describe('containerd 1.6 with gear as a proxy snapshotter', () => {
     expect(gone, await ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).toBe(true);
     expect(dirEntries(join(gearRoot, 'snapshotter/snapshots'))).toEqual([]);
     expect(dirEntries(join(gearRoot, 'layers'))).toEqual([]);
+  });
+});
+
+describe('a Gear image through containerd 1.6 and gear as a proxy snapshotter', () => {
+  const hex = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+  const files = { a: randomBytes(300_000), b: randomBytes(200_000), unused: randomBytes(300_000) };
+  /** GETs of one Gear file's blob seen by the proxy (convert stores files raw: blob digest = content digest). */
+  const gets = (content: Buffer) => proxy!.seen.filter((l) => l.startsWith('GET ') && l.includes(`/blobs/sha256:${hex(content)}`)).length;
+  const inPool = (content: Buffer) => existsSync(join(gearRoot, 'pool/sha256', hex(content).slice(0, 2), hex(content)));
+
+  it('pulls with containerd\'s unpacker, runs a task fetching only the files it opens, and garbage-collects', async () => {
+    reg = await startRegistry();
+    proxy = await startFaultProxy(reg.url);
+    const bb: LayerEntry[] = await busyboxEntries();
+    const busybox = bb.find((e) => e.path === 'bin/busybox')!.content as Buffer;
+    const src = join(base, 'lazy-src.tar');
+    await writeEntriesArchive(src, [
+      [...bb, { path: 'data/', type: 'dir' }, ...Object.entries(files).map(([n, c]) => ({ path: `data/${n}`, content: c, mode: 0o644 }))],
+    ], 'src/lazy:v1');
+    const ref = `${proxy.host}/gear/lazy:v1`;
+    await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 300_000 });
+    const afterConvert = proxy.seen.length;
+
+    await ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 300_000);
+    // containerd fetched the index layer and config, no Gear file.
+    expect(proxy.seen.slice(afterConvert).filter((l) => l.startsWith('GET ') && l.includes('/blobs/')).length).toBe(2);
+    const snaps = await ctrOk(['snapshots', '--snapshotter', 'gear', 'ls']);
+    expect(snaps.split('\n').filter((l) => /\bCommitted\b/.test(l)), snaps).toHaveLength(1);
+    // Adopted as a Gear index layer: its metacopy index dir exists.
+    const gearLayers = dirEntries(join(gearRoot, 'layers')).filter((id) => existsSync(join(gearRoot, 'layers', id, 'index')));
+    expect(gearLayers).toHaveLength(1);
+
+    const out = await ctrOk(
+      ['run', '--snapshotter', 'gear', '--rm', ref, 'lazy1', '/bin/busybox', 'sh', '-c', 'sha256sum /data/a /data/b | cut -c1-64; ls /data; stat -c %s /data/unused'],
+      180_000,
+    );
+    expect(out).toBe(`${hex(files.a)}\n${hex(files.b)}\na\nb\nunused\n${files.unused.length}\n`);
+    expect(gets(files.a)).toBe(1);
+    expect(gets(files.b)).toBe(1);
+    expect(gets(busybox)).toBe(1);
+    expect(gets(files.unused)).toBe(0); // listed and stat'ed, never opened
+    expect(inPool(files.a) && inPool(files.b) && inPool(busybox)).toBe(true);
+    expect(inPool(files.unused)).toBe(false);
+
+    // A second task reads from the pool: no new fetch.
+    const again = await ctrOk(['run', '--snapshotter', 'gear', '--rm', ref, 'lazy1', '/bin/busybox', 'sha256sum', '/data/a'], 180_000);
+    expect(again.slice(0, 64)).toBe(hex(files.a));
+    expect(gets(files.a)).toBe(1);
+    expect(gets(busybox)).toBe(1);
+
+    // Image removal: containerd's GC removes the snapshots, gear the layer, its references and catalog entries.
+    const snapshotsGone = await waitFor(() => dirEntries(join(gearRoot, 'snapshotter/snapshots')).length === 1, 60_000, 250);
+    expect(snapshotsGone, 'the containers\' snapshots were not removed within 60 s').toBe(true);
+    await ctrOk(['image', 'rm', '--sync', ref], 120_000);
+    const gone = await waitFor(async () => (await ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).trim().split('\n').length <= 1, 60_000, 500);
+    expect(gone, await ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).toBe(true);
+    expect(dirEntries(join(gearRoot, 'snapshotter/snapshots'))).toEqual([]);
+    expect(dirEntries(join(gearRoot, 'layers'))).toEqual([]);
+    expect(dirEntries(join(gearRoot, 'pool/.meta/refs')).filter((n) => n.endsWith('.json'))).toEqual([]);
+    expect((await ctrOk(['content', 'ls', '-q'])).trim()).toBe('');
   });
 });

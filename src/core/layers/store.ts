@@ -43,12 +43,16 @@ import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/run
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
 import { spawn } from 'node:child_process';
 import { buildIndexDir, HeadSniffer, readIndexManifest } from './index-dir.js';
-import type { CreateOptions, GearLayerInfo, LayerKind, LayerRecord, LayerStore } from './types.js';
+import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
 
 /** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
 export const MAX_LAYER_DEPTH = 128;
 const LINK_LENGTH = 26;
 const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+/** Overlay options of every mount whose lower chain contains a Gear index layer. */
+export const GEAR_OVERLAY_OPTIONS: readonly string[] = ['metacopy=on', 'redirect_dir=on', 'index=off'];
+/** Its data-only lowers, relative to the store root, in lookup order. */
+export const GEAR_DATA_LOWERS: readonly string[] = ['pool', 'miss'];
 
 export interface LayerStoreOptions {
   root: string;
@@ -121,6 +125,25 @@ function runBounded(cmd: string, args: string[], cwd: string, timeoutMs: number)
       resolve({ code, stderr: stderr.trim() });
     });
   });
+}
+
+/**
+ * True when an extracted tree carries what only a Gear index layer tar makes
+ * (docs/format.md 3.1): `.gear/` holding nothing but `index.json`, a regular
+ * file of mode 0444 and mtime 0. The tar's entry order, which marks an index
+ * layer for certain, is lost once someone else extracted it; a plain image
+ * that merely has a file at /.gear/index.json stays a plain layer.
+ */
+async function hasIndexFormSignature(diff: string): Promise<boolean> {
+  try {
+    const names = await fs.readdir(path.join(diff, '.gear'));
+    if (names.length !== 1 || names[0] !== 'index.json') return false;
+    const st = await fs.lstat(path.join(diff, '.gear', 'index.json'));
+    return st.isFile() && (st.mode & 0o7777) === 0o444 && st.mtimeMs === 0;
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return false;
+    throw err;
+  }
 }
 
 class OverlayLayerStore implements LayerStore {
@@ -410,7 +433,7 @@ class OverlayLayerStore implements LayerStore {
     if (rec.lowers.length === 0) return { type: 'dir', path: this.diffDir(id) };
     // Below an index layer: its metacopy files take their data from the pool, else the miss filesystem.
     const base: Pick<OverlayOptions, 'extra' | 'dataLowers'> = this.onIndexLayer(rec, rec.kind === 'ro')
-      ? { extra: ['metacopy=on', 'redirect_dir=on', 'index=off'], dataLowers: ['pool', 'miss'] }
+      ? { extra: [...GEAR_OVERLAY_OPTIONS], dataLowers: [...GEAR_DATA_LOWERS] }
       : { extra: ['index=off'] };
     if (rec.kind === 'ro') {
       // An index layer itself shows its index form (diff/), not index/ (tar-split, A.9).
@@ -731,6 +754,82 @@ class OverlayLayerStore implements LayerStore {
     return started;
   }
 
+  // ---- index forms extracted by another unpacker (containerd snapshotter) ----------
+
+  /**
+   * See IndexLayerAdoption.adoptIndexForm. Idempotent (an adopted layer
+   * returns its info). Crash safety: index/ is built under a temp name and
+   * renamed into place, and the record (with `gear`) is written last; a crash
+   * leaves either the plain layer, possibly with an unrecorded index/ or temp
+   * dir inside its own dir (ignored, replaced by the next adopt, removed with
+   * the layer), or the complete index layer (open() repairs its short link).
+   */
+  async adoptIndexForm(id: string): Promise<GearLayerInfo | undefined> {
+    const rec0 = this.record(id);
+    if (rec0.gear) return rec0.gear;
+    return this.locks.run(id, async () => {
+      const rec = this.record(id);
+      if (rec.gear) return rec.gear;
+      const diff = this.diffDir(id);
+      if (!(await hasIndexFormSignature(diff))) return undefined;
+      if (rec.parent) {
+        throw invalidArgument(
+          `layer ${id}: holds a Gear index (.gear/index.json) but has a parent layer; a Gear index must be an image's only layer (convert the whole image with gear convert)`,
+        );
+      }
+      if (this.refs.has(id) || isMountPoint(this.mergedDir(id))) throw failedPrecondition(`layer ${id} is mounted; unmount it before committing`);
+      const dir = this.layerDir(id);
+      for (const name of await fs.readdir(dir)) {
+        if (name === 'index' || name.startsWith('.index-')) await fs.rm(path.join(dir, name), { recursive: true, force: true });
+      }
+      const tmp = path.join(dir, `.index-${randomBytes(4).toString('hex')}`);
+      let gear: GearLayerInfo;
+      try {
+        gear = await this.buildIndex(id, diff, tmp);
+        await fs.rename(tmp, this.indexDir(id));
+      } catch (err) {
+        await fs.rm(tmp, { recursive: true, force: true }).catch(() => undefined);
+        if (err instanceof GearError) {
+          throw new GearError(err.class, `layer ${id}: not a valid Gear index layer: ${err.message} (re-convert the image with gear convert)`, { cause: err });
+        }
+        throw new GearError('Internal', `layer ${id}: cannot build the Gear index dir: ${(err as Error).message}`, { cause: err });
+      }
+      const updated: LayerRecord = { ...rec, gear };
+      try {
+        if (this.lazy) {
+          this.lazy.catalog.add(id, gear.location, gear.blobs);
+          await this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0]));
+        }
+        await writeFileAtomic(path.join(dir, 'layer.json'), JSON.stringify(updated));
+        await syncDir(dir);
+      } catch (err) {
+        if (this.lazy) {
+          this.lazy.catalog.remove(id);
+          await this.lazy.pool.dropReferences(id).catch(() => undefined);
+        }
+        await fs.rm(this.indexDir(id), { recursive: true, force: true }).catch(() => undefined);
+        throw new GearError('Internal', `layer ${id}: cannot record the Gear index layer: ${(err as Error).message}`, { cause: err });
+      }
+      this.records.set(id, updated);
+      // Layers above see index/: repoint the short link (atomically; open() repairs it after a crash).
+      const tmpLink = path.join(this.linksDir, `.${rec.link}.tmp`);
+      await fs.rm(tmpLink, { force: true });
+      await fs.symlink(this.linkTarget(updated), tmpLink);
+      await fs.rename(tmpLink, path.join(this.linksDir, rec.link));
+      await syncDir(this.linksDir);
+      return gear;
+    });
+  }
+
+  lowerOf(id: string): LowerDir {
+    const rec = this.record(id);
+    return { dir: rec.gear ? this.indexDir(id) : this.diffDir(id), short: this.linkDiffDir(rec.link), gear: !!rec.gear };
+  }
+
+  get dataLowers(): string[] {
+    return GEAR_DATA_LOWERS.map((d) => path.join(this.root, d));
+  }
+
   private async emptyDirPath(): Promise<string> {
     const dir = path.join(this.root, 'empty');
     await fs.mkdir(dir, { recursive: true, mode: 0o755 });
@@ -739,7 +838,9 @@ class OverlayLayerStore implements LayerStore {
 }
 
 /** Opens (creating if needed) the layer store at opts.root and repairs what a crash left. */
-export async function openLayerStore(opts: LayerStoreOptions): Promise<LayerStore & { mountSpec(id: string): MountSpec }> {
+export async function openLayerStore(
+  opts: LayerStoreOptions,
+): Promise<LayerStore & IndexLayerAdoption & { mountSpec(id: string): MountSpec; readonly lazyRuntime: LazyRuntime | undefined }> {
   const store = new OverlayLayerStore(opts);
   try {
     await store.open();

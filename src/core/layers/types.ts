@@ -88,3 +88,32 @@ export interface LayerStore {
   /** Bytes the layer adds relative to parent. */
   diffSize(id: string, parent: string): Promise<number>;
 }
+
+/** How a layer appears as the lower of the layers stacked on it. */
+export interface LowerDir {
+  /** index/ of a Gear index layer, else diff/ (absolute). */
+  dir: string;
+  /** The same dir through the layer's short link ROOT/l/<link> (absolute; keeps lowerdir options short). */
+  short: string;
+  /** True for a Gear index layer: mounts above it need the data-only lowers and metacopy options. */
+  gear: boolean;
+}
+
+/**
+ * Gear index layers whose content another unpacker extracted (containerd's
+ * applier writes into the snapshot's own diff dir; the store never sees the
+ * tar), and what a frontend needs to build lazy mounts itself.
+ */
+export interface IndexLayerAdoption {
+  /**
+   * Turns a parentless layer whose diff/ holds a Gear index form
+   * (.gear/index.json, mode 0444, mtime 0, alone in .gear/) into a Gear index
+   * layer, exactly as applyDiff does. Returns undefined (changing nothing)
+   * when diff/ holds no index form; throws InvalidArgument when it holds one
+   * whose manifest and tree disagree.
+   */
+  adoptIndexForm(id: string): Promise<GearLayerInfo | undefined>;
+  lowerOf(id: string): LowerDir;
+  /** Absolute data-only lowers of a mount above an index layer (ROOT/pool, ROOT/miss), in lookup order. */
+  readonly dataLowers: string[];
+}

@@ -14,7 +14,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, unavailable } from '../../core/errors.js';
-import { openLayerStore } from '../../core/layers/store.js';
+import { openLayerStore, type LayerStoreOptions } from '../../core/layers/store.js';
 import { toServiceError } from './errors.js';
 import { Snapshotter, type MountSpec, type SnapshotInfo } from './snapshotter.js';
 import type { SnapshotKind } from './metastore.js';
@@ -82,6 +82,8 @@ export interface SnapshotterServerOptions {
   /** Store root: layers at ROOT/layers, snapshot metadata at ROOT/snapshotter. */
   root: string;
   logger: Logger;
+  /** Store options (lazy pull); default: not lazy. */
+  storeOptions?: Pick<LayerStoreOptions, 'lazy'>;
 }
 
 export interface SnapshotterServer {
@@ -118,8 +120,14 @@ async function claimSocket(socket: string): Promise<void> {
 export async function startSnapshotterServer(opts: SnapshotterServerOptions): Promise<SnapshotterServer> {
   const log = opts.logger;
   const root = path.resolve(opts.root);
-  const layers = await openLayerStore({ root, logger: log.child({ component: 'layers' }) });
-  const sn = await Snapshotter.open({ layers, metaRoot: path.join(root, 'snapshotter'), logger: log.child({ component: 'snapshots' }) });
+  const layers = await openLayerStore({ root, logger: log.child({ component: 'layers' }), ...opts.storeOptions });
+  let sn: Snapshotter;
+  try {
+    sn = await Snapshotter.open({ layers, metaRoot: path.join(root, 'snapshotter'), logger: log.child({ component: 'snapshots' }) });
+  } catch (err) {
+    await layers.close?.();
+    throw err;
+  }
 
   const def = protoLoader.loadSync(SERVICE_PROTO, {
     includeDirs: [PROTO_DIR],
@@ -213,13 +221,18 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
     'grpc.max_send_message_length': 16 << 20,
   });
   server.addService(service, impl);
-  await claimSocket(opts.socket);
-  await new Promise<void>((resolve, reject) =>
-    server.bindAsync(`unix://${path.resolve(opts.socket)}`, grpc.ServerCredentials.createInsecure(), (err) =>
-      err ? reject(err) : resolve(),
-    ),
-  );
-  log.info({ socket: opts.socket, root }, 'containerd snapshotter listening');
+  try {
+    await claimSocket(opts.socket);
+    await new Promise<void>((resolve, reject) =>
+      server.bindAsync(`unix://${path.resolve(opts.socket)}`, grpc.ServerCredentials.createInsecure(), (err) =>
+        err ? reject(err) : resolve(),
+      ),
+    );
+  } catch (err) {
+    await layers.close?.();
+    throw err;
+  }
+  log.info({ socket: opts.socket, root, lazy: !!layers.lazyRuntime }, 'containerd snapshotter listening');
 
   let closing: Promise<void> | undefined;
   const close = () =>
@@ -236,6 +249,10 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
         });
       });
       await sn.drain();
+      const lazy = layers.lazyRuntime;
+      if (lazy) log.info({ fetch: lazy.stats().fetch }, 'lazy pull totals');
+      // The miss filesystem: uncached Gear files of running containers fail with EIO until the next start.
+      await layers.close?.();
       await unlink(opts.socket).catch((err: unknown) => {
         if (errnoCode(err) !== 'ENOENT') log.warn({ err: describeError(err) }, 'cannot remove the socket');
       });

@@ -22,6 +22,18 @@
  *   otherwise                 overlay index=off, lowerdir=<parents, nearest first>
  *                             and, when active, upperdir/workdir
  * Paths are absolute; containerd compacts long lowerdir options itself.
+ *
+ * Gear images (lazy): Commit of a parentless snapshot whose content is a Gear
+ * index form (.gear/index.json, as `gear convert` makes it; containerd's own
+ * applier extracted it) turns its layer into a Gear index layer in the core
+ * (metacopy index dir, catalog, pool references). Every mount whose parent
+ * chain contains one is an overlay, a view with a single parent included:
+ *   overlay metacopy=on,redirect_dir=on,index=off,
+ *           lowerdir=<parents: ROOT/l/<link>, nearest first>::ROOT/pool::ROOT/miss
+ *           [,workdir=…,upperdir=…]  (views: ro, no upper)
+ * containerd cannot compact a lowerdir holding "::" (its common prefix is
+ * then empty), so those lowers use the core's short links and a chain too
+ * long for one page is refused at Prepare/View.
  */
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
@@ -33,13 +45,20 @@ import {
   invalidArgument,
   notFound,
 } from '../../core/errors.js';
-import type { LayerStore } from '../../core/layers/types.js';
+import { GEAR_OVERLAY_OPTIONS } from '../../core/layers/store.js';
+import type { IndexLayerAdoption, LayerStore } from '../../core/layers/types.js';
 import { parseFilters } from './filters.js';
 import { MetaStore, type SnapshotKind, type SnapshotRecord, type TimestampNs } from './metastore.js';
 import { diskUsage, type Usage } from './usage.js';
 
 /** What the snapshotter needs from the core's layer store. */
-export type SnapshotLayers = Pick<LayerStore, 'create' | 'remove' | 'exists' | 'metadata'>;
+export type SnapshotLayers = Pick<LayerStore, 'create' | 'remove' | 'exists' | 'metadata'> & IndexLayerAdoption;
+
+/**
+ * containerd mounts an overlay itself and only compacts lowerdir (which "::"
+ * defeats) when the options reach a page minus 512 bytes; beyond a page it fails.
+ */
+const MAX_GEAR_MOUNT_OPTIONS = 4096 - 512;
 
 /** One label's key plus value may not exceed this (containerd's labels.Validate). */
 export const MAX_LABEL_SIZE = 4096;
@@ -269,6 +288,7 @@ export class Snapshotter {
       return dir;
     };
     const ro = rec.kind === 'view' ? 'ro' : 'rw';
+    if (parents.some((p) => this.layers.lowerOf(p.layer).gear)) return this.gearMounts(rec, parents);
     if (parents.length === 0) return [{ type: 'bind', source: await diffOf(rec.layer), options: [ro, 'rbind'] }];
     if (rec.kind === 'view' && parents.length === 1) {
       return [{ type: 'bind', source: await diffOf(parents[0]!.layer), options: ['ro', 'rbind'] }];
@@ -285,6 +305,27 @@ export class Snapshotter {
     return [{ type: 'overlay', source: 'overlay', options }];
   }
 
+  /** Mounts of a snapshot with a Gear index layer among its parents (see the header). */
+  private async gearMounts(rec: SnapshotRecord, parents: SnapshotRecord[]): Promise<MountSpec[]> {
+    const lowers = parents.map((p) => this.layers.lowerOf(p.layer).short);
+    const options = [...GEAR_OVERLAY_OPTIONS];
+    if (rec.kind === 'view') options.unshift('ro');
+    else {
+      const meta = await this.layers.metadata(rec.layer);
+      if (!meta.WorkDir || !meta.UpperDir) throw new GearError('Internal', `layer ${rec.layer} has no upper/work directory`);
+      options.push(`workdir=${meta.WorkDir}`, `upperdir=${meta.UpperDir}`);
+    }
+    options.push(`lowerdir=${[lowers.join(':'), ...this.layers.dataLowers].join('::')}`);
+    const size = options.reduce((n, o) => n + Buffer.byteLength(o) + 1, 0);
+    if (size >= MAX_GEAR_MOUNT_OPTIONS) {
+      throw failedPrecondition(
+        `snapshot ${rec.name}: its ${parents.length} layers on a Gear index need ${size} bytes of overlay options, over containerd's ${MAX_GEAR_MOUNT_OPTIONS}; ` +
+          'use a shorter gear root (--root) or an image with fewer layers above the Gear index',
+      );
+    }
+    return [{ type: 'overlay', source: 'overlay', options }];
+  }
+
   async commit(name: string, key: string, labels?: Record<string, string>): Promise<void> {
     if (!name) throw invalidArgument('snapshot name must not be empty');
     const clean = cleanLabels(labels);
@@ -293,6 +334,12 @@ export class Snapshotter {
     // Measured before taking the lock: the active snapshot no longer changes
     // once containerd commits it (it unmounts first).
     const usage = await this.usageOf(active);
+    // A base layer that containerd extracted from a Gear index layer tar becomes
+    // a lazy Gear index layer (outside the lock: it may take seconds; idempotent).
+    if (!active.parent) {
+      const gear = await this.layers.adoptIndexForm(active.layer);
+      if (gear) this.log?.info({ key, name, layer: active.layer, files: gear.files, location: gear.location }, 'committed a Gear index layer');
+    }
     await this.lock.run(async () => {
       const cur = this.lookup(key);
       if (cur.kind !== 'active') throw failedPrecondition(`snapshot ${key} is not active`);

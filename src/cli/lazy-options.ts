@@ -1,0 +1,63 @@
+/**
+ * The lazy-pull options shared by `gear daemon` and `gear snapshotter`: the
+ * same flags, the same environment variables, the same LazyOptions.
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { parseDuration } from '../core/fetcher/fetcher.js';
+import type { LazyOptions } from '../core/lazy/runtime.js';
+
+export interface LazyFlags {
+  lazy: boolean;
+  cacheSize?: string;
+  fetchTimeout?: number;
+  maxFetches?: number;
+  insecureRegistry: string[];
+}
+
+function parseFetchTimeout(value: string): number {
+  try {
+    return parseDuration(value, 'fetch timeout');
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+function parsePositiveInt(value: string): number {
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError('expected a positive integer');
+  return n;
+}
+
+function collectRegistries(value: string, previous: string[]): string[] {
+  return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
+}
+
+/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches and --insecure-registry. */
+export function addLazyOptions(cmd: Command): Command {
+  return cmd
+    .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
+    .addOption(new Option('--cache-size <size>', 'cap of the Gear file pool, e.g. 20GiB (default: previous run\'s, else 20GiB)').env('GEAR_CACHE_SIZE'))
+    .addOption(
+      new Option('--fetch-timeout <duration>', 'deadline of a lazy fetch; a reader then gets EIO (e.g. 60s, 500ms)')
+        .env('GEAR_FETCH_TIMEOUT')
+        .argParser(parseFetchTimeout),
+    )
+    .addOption(new Option('--max-fetches <n>', 'lazy downloads in flight at most (default 8)').env('GEAR_MAX_FETCHES').argParser(parsePositiveInt))
+    .addOption(
+      new Option('--insecure-registry <host[:port]>', 'registry reachable over plain http (repeatable; loopback always is)')
+        .env('GEAR_INSECURE_REGISTRIES')
+        .argParser(collectRegistries)
+        .default([]),
+    );
+}
+
+/** The store's `lazy` option from the flags (registry credentials: $DOCKER_CONFIG, else ~/.docker/config.json). */
+export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
+  if (!f.lazy) return false;
+  return {
+    ...(f.cacheSize ? { cacheSize: f.cacheSize } : {}),
+    ...(f.fetchTimeout ? { fetchTimeoutMs: f.fetchTimeout } : {}),
+    ...(f.maxFetches ? { maxFetches: f.maxFetches } : {}),
+    insecureRegistries: f.insecureRegistry,
+  };
+}
