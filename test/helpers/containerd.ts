@@ -39,6 +39,10 @@ export interface GearContainerd {
   ctr(args: string[], timeoutMs?: number): Promise<RunResult>;
   /** Like ctr() but throws with the stderr and both log tails. */
   ctrOk(args: string[], timeoutMs?: number): Promise<string>;
+  /** kill -9 of `gear snapshotter` (a crash); containerd and its tasks keep running. */
+  killGear(): Promise<void>;
+  /** Starts `gear snapshotter` again on the same root and socket. */
+  startGear(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -92,6 +96,25 @@ export async function startGearContainerd(opts: GearContainerdOptions = {}): Pro
     rmSync(base, { recursive: true, force: true });
   };
 
+  const startGear = async () => {
+    gear = startLogged(
+      'node',
+      [GEAR_CLI, 'snapshotter', '--root', gearRoot, '--socket', gearSocket, '--log-level', opts.gearLogLevel ?? 'debug', ...(opts.gearArgs ?? [])],
+      join(base, 'gear.log'),
+    );
+    const g = gear;
+    // After a crash the old socket file is still there: wait for the new process to answer on it.
+    const up = await waitFor(async () => g.exitCode === null && existsSync(gearSocket) && (await ctr(['snapshots', '--snapshotter', 'gear', 'ls'], 10_000)).code === 0, 30_000, 200);
+    if (!up) throw new Error(`gear snapshotter did not come up:\n${tailFile(join(base, 'gear.log'))}`);
+  };
+  const killGear = async () => {
+    const g = gear;
+    if (!g || g.exitCode !== null || g.signalCode !== null) return;
+    const exited = new Promise<void>((resolve) => g.once('exit', () => resolve()));
+    g.kill('SIGKILL');
+    await exited;
+  };
+
   try {
     gear = startLogged(
       'node',
@@ -128,5 +151,5 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     await stop();
     throw err;
   }
-  return { base, gearRoot, gearSocket, ctrdSocket, ctr, ctrOk, stop };
+  return { base, gearRoot, gearSocket, ctrdSocket, ctr, ctrOk, killGear, startGear, stop };
 }

@@ -40,7 +40,7 @@ const ctrOk = (args: string[], timeoutMs?: number) => c!.ctrOk(args, timeoutMs);
 const dirEntries = (dir: string) => (existsSync(dir) ? readdirSync(dir).filter((n) => !n.startsWith('.')) : []);
 
 beforeAll(async () => {
-  c = await startGearContainerd({ tasks: ['t1', 'lazy1'] });
+  c = await startGearContainerd({ tasks: ['t1', 'lazy1', 'lazy2'] });
   base = c.base;
   gearRoot = c.gearRoot;
 }, 120_000);
@@ -145,5 +145,29 @@ describe('a Gear image through containerd 1.6 and gear as a proxy snapshotter', 
     expect(dirEntries(join(gearRoot, 'layers'))).toEqual([]);
     expect(dirEntries(join(gearRoot, 'pool/.meta/refs')).filter((n) => n.endsWith('.json'))).toEqual([]);
     expect((await ctrOk(['content', 'ls', '-q'])).trim()).toBe('');
+  });
+
+  it('after kill -9 of gear snapshotter, a running task reads files it had never opened (crash resume)', async () => {
+    expect(proxy, 'needs the registry of the previous case').toBeDefined();
+    const ref = `${proxy!.host}/gear/lazy:v1`;
+    await ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 300_000);
+    await ctrOk(['run', '-d', '--snapshotter', 'gear', ref, 'lazy2', '/bin/busybox', 'sleep', '600'], 180_000);
+    try {
+      // busybox is in the pool since the previous case; /data/unused was never fetched.
+      expect(inPool(files.unused)).toBe(false);
+      // The task's overlay (mounted by containerd) keeps the dead miss filesystem as its last
+      // data layer; the restarted snapshotter finds the overlay in the mount table and completes
+      // the index layer's files into the pool, where overlay looks first.
+      await c!.killGear();
+      await c!.startGear();
+      const resumed = await waitFor(() => inPool(files.unused), 60_000, 250);
+      expect(resumed, 'the restarted snapshotter did not complete /data/unused into the pool within 60 s').toBe(true);
+      const out = await ctrOk(['task', 'exec', '--exec-id', 'read-unused', 'lazy2', '/bin/busybox', 'sha256sum', '/data/unused'], 60_000);
+      expect(out.slice(0, 64)).toBe(hex(files.unused));
+    } finally {
+      await c!.ctr(['task', 'kill', '-s', 'KILL', 'lazy2'], 20_000);
+      await waitFor(async () => (await c!.ctr(['task', 'rm', '-f', 'lazy2'], 20_000)).code === 0, 20_000, 250);
+      await c!.ctr(['container', 'rm', 'lazy2'], 20_000);
+    }
   });
 });

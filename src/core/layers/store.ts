@@ -38,7 +38,7 @@ import { alreadyExists, errnoCode, failedPrecondition, GearError, invalidArgumen
 import { emptyDir, pathExists, syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { constants } from '../sys/native.js';
-import { isMountPoint, mountOverlay, mountsUnder, overlayData, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
+import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
 import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
 import { spawn } from 'node:child_process';
@@ -331,11 +331,46 @@ class OverlayLayerStore implements LayerStore {
         cur = p.parent;
       }
     }
+    // Overlays this store did not mount (containerd mounts snapshots itself) that use this root's
+    // miss filesystem as a data layer: their index layers are named in their lowerdir.
+    for (const id of this.indexLayersOfForeignMounts()) indexLayers.add(id);
     if (indexLayers.size === 0) return;
     const files: ResumeFile[] = [];
     for (const id of indexLayers) for (const [digest, size] of this.records.get(id)!.gear!.blobs) files.push({ digest, size });
     this.resume = new ResumeQueue({ pool: lazy.pool, fetcher: lazy.fetcher, catalog: lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
     void this.resume.start(files, indexLayers.size);
+  }
+
+  /**
+   * Index layers named in the lowerdir of overlay mounts outside ROOT/layers whose data layers
+   * include ROOT/miss (the snapshotter returns absolute ROOT/l/<link> or ROOT/layers/<id>/index
+   * lowers; mountinfo shows them as given).
+   */
+  private indexLayersOfForeignMounts(): Set<string> {
+    const out = new Set<string>();
+    const miss = path.join(this.root, 'miss');
+    const byLink = new Map<string, LayerRecord>();
+    for (const r of this.records.values()) if (r.gear) byLink.set(r.link, r);
+    if (byLink.size === 0) return out;
+    const layersPrefix = this.layersDir + '/';
+    for (const m of readMounts()) {
+      if (m.fsType !== 'overlay' || m.mountPoint.startsWith(layersPrefix)) continue;
+      const opt = m.superOptions.split(/(?<!\\),/).find((o) => o.startsWith('lowerdir='));
+      if (!opt) continue;
+      const lowers = opt.slice('lowerdir='.length).split(/(?<!\\):/).filter(Boolean);
+      if (!lowers.includes(miss)) continue;
+      for (const l of lowers) {
+        const rel = path.relative(this.root, l).split(path.sep);
+        const rec =
+          rel.length === 2 && rel[0] === 'l'
+            ? byLink.get(rel[1]!)
+            : rel.length === 3 && rel[0] === 'layers' && rel[2] === 'index'
+              ? this.records.get(rel[1]!)
+              : undefined;
+        if (rec?.gear) out.add(rec.id);
+      }
+    }
+    return out;
   }
 
   /** The crash resume of this run, if mounted containers used index layers at open (tests, status). */
