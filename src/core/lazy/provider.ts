@@ -89,5 +89,7 @@ function poolFile(fh: FileHandle): MissFile {
       return bytesRead;
     },
     close: () => fh.close(),
+    // Pool files are complete and verified: the miss filesystem may let the kernel read this fd directly.
+    backingFd: fh.fd,
   };
 }

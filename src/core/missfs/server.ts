@@ -12,6 +12,17 @@
  * answers with its size (root-owned regular file, mode 0444). OPEN/READ are
  * served from the provider's MissFile; RELEASE closes it.
  *
+ * Passthrough (kernel ≥ 6.9 with CONFIG_FUSE_PASSTHROUGH): when the provider's
+ * file is complete (MissFile.backingFd), OPEN registers it with the kernel
+ * (FUSE_DEV_IOC_BACKING_OPEN) and answers FOPEN_PASSTHROUGH: reads, readahead
+ * and mmap of that open file then go to the pool file in the kernel and never
+ * reach this process. The kernel wants every concurrent open of one inode in
+ * the same mode with the same backing file, so a digest with passthrough opens
+ * keeps one backing id, shared by its opens and closed with the last RELEASE;
+ * a digest with READ-mode opens stays in READ mode until they are released.
+ * Without passthrough (old kernel, option off, EPERM/ELOOP from the kernel)
+ * everything goes through READ as before.
+ *
  * Threads: a worker blocks in read(2) on the device (reader-worker.ts) and
  * hands each request to the main thread, which serves requests concurrently
  * (a slow provider call never holds up others) and answers each with one
@@ -23,6 +34,7 @@ import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, failedPrecondition, GearError, internal, isClass, unavailable } from '../errors.js';
+import { native } from '../sys/native.js';
 import {
   Errno,
   FOpen,
@@ -102,6 +114,14 @@ export interface MountMissFsOptions {
   maxReadahead?: number;
   /** INIT: max_background (async reads in flight): default 64. */
   maxBackground?: number;
+  /**
+   * FUSE passthrough for complete files when the kernel offers it: default
+   * true. It makes the FUSE superblock count as stacked (max_stack_depth 1),
+   * which overlayfs on top still accepts, but the pool must then be on a
+   * non-stacked filesystem (not overlayfs): otherwise the kernel refuses and
+   * the session falls back to READ.
+   */
+  passthrough?: boolean;
 }
 
 export interface UnmountOptions {
@@ -140,6 +160,17 @@ interface OpenFile {
   file: MissFile;
   hex: string;
   reads: Set<Promise<void>>;
+  /** The file node's inode number (keys `backing` and `readOpens`). */
+  ino: bigint;
+  /** How the kernel was told to do I/O on it: FOPEN_PASSTHROUGH, or READ requests. */
+  mode: 'passthrough' | 'read';
+}
+
+/** A backing file registered with the kernel for one file node. */
+interface Backing {
+  id: number;
+  /** Open files (answered or being answered) that use it. */
+  opens: number;
 }
 
 interface Pending {
@@ -347,6 +378,13 @@ class MissFsSession implements MissFsMount {
   private readonly inoByHex = new Map<string, bigint>();
   private nextIno = FILE_INO_BASE;
   private readonly files = new Map<bigint, OpenFile>();
+  /** By inode: the backing id shared by all passthrough opens of that file. */
+  private readonly backing = new Map<bigint, Backing>();
+  /** By inode: open files in READ mode (while there are any, no passthrough for that inode). */
+  private readonly readOpens = new Map<bigint, number>();
+  /** Passthrough wanted by the options, then negotiated in INIT; off for good after EPERM/ELOOP/ENOTTY. */
+  private passthrough: boolean;
+  private readonly ptWarned = new Set<string>();
   private readonly dirs = new Map<bigint, Dirent[]>();
   private nextFh = 1n;
   private readonly inflight = new Map<bigint, Pending>();
@@ -356,6 +394,7 @@ class MissFsSession implements MissFsMount {
     lookups: 0,
     lookupErrors: 0,
     opens: 0,
+    passthroughOpens: 0,
     reads: 0,
     bytesRead: 0,
     interrupts: 0,
@@ -373,6 +412,7 @@ class MissFsSession implements MissFsMount {
     this.entryTimeoutMs = opts.entryTimeoutMs ?? 86_400_000;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 300_000;
     const maxWrite = opts.maxWrite ?? 128 * 1024;
+    this.passthrough = opts.passthrough ?? true;
     this.policy = {
       maxWrite,
       maxReadahead: opts.maxReadahead ?? 1024 * 1024,
@@ -380,7 +420,14 @@ class MissFsSession implements MissFsMount {
       maxBackground: opts.maxBackground ?? 64,
       congestionThreshold: Math.floor(((opts.maxBackground ?? 64) * 3) / 4),
       // No WRITEBACK_CACHE (read-only), no readdirplus, no locks, no export support.
-      wantFlags: InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.PARALLEL_DIROPS,
+      wantFlags:
+        InitFlag.ASYNC_READ |
+        InitFlag.BIG_WRITES |
+        InitFlag.MAX_PAGES |
+        InitFlag.PARALLEL_DIROPS |
+        (this.passthrough ? InitFlag.PASSTHROUGH : 0n),
+      // 1: this mount stays usable as an overlayfs lower layer (overlay depth 2 = the maximum).
+      maxStackDepth: 1,
     };
     this.bufSize = readBufferSize(maxWrite);
     this.closed = this.closedD.promise;
@@ -450,6 +497,9 @@ class MissFsSession implements MissFsMount {
     }
     this.dirs.clear();
     this.nodes.clear();
+    // The kernel drops every backing file with the connection; the ids die with the fd.
+    this.backing.clear();
+    this.readOpens.clear();
     try {
       closeSync(this.fd);
     } catch {
@@ -522,6 +572,8 @@ class MissFsSession implements MissFsMount {
       liveNodes: live,
       openFiles: this.files.size,
       inflight: this.inflight.size,
+      backingIds: this.backing.size,
+      passthrough: this.passthrough && this.state !== 'closed',
     };
   }
 
@@ -743,6 +795,7 @@ class MissFsSession implements MissFsMount {
     this.ok(p, encodeInitOut(r.out, r.size));
     if (r.out.major !== initIn.major) return; // the kernel may retry with our major
     this.init = r.out;
+    this.passthrough = this.passthrough && (r.out.flags & InitFlag.PASSTHROUGH) !== 0n;
     if (this.state === 'starting') this.state = 'serving';
     this.log.info(
       {
@@ -751,6 +804,7 @@ class MissFsSession implements MissFsMount {
         flags: '0x' + r.out.flags.toString(16),
         maxPages: r.out.maxPages,
         maxReadahead: r.out.maxReadahead,
+        passthrough: this.passthrough,
       },
       'missfs: INIT negotiated',
     );
@@ -957,18 +1011,107 @@ class MissFsSession implements MissFsMount {
       return;
     }
     if (p.replied || this.state === 'closed') {
-      await this.closeFile({ file, hex: node.hex, reads: new Set() });
+      await this.closeFile({ file, hex: node.hex, reads: new Set(), ino: node.ino, mode: 'read' });
       return;
     }
     const fh = this.nextFh++;
-    const of: OpenFile = { file, hex: node.hex, reads: new Set() };
+    // Decided and counted synchronously right before the reply: the mode of the other opens of this inode matters.
+    const backingId = this.startIo(node, file);
+    const of: OpenFile = { file, hex: node.hex, reads: new Set(), ino: node.ino, mode: backingId > 0 ? 'passthrough' : 'read' };
     this.files.set(fh, of);
-    // Content is immutable: keep the page cache across opens; nothing to flush on close.
-    if (!this.ok(p, encodeOpenOut(fh, FOpen.KEEP_CACHE | FOpen.NOFLUSH))) {
+    // Content is immutable: keep the page cache across opens; nothing to flush on close. The kernel
+    // fails a passthrough open that has flags outside FOPEN_PASSTHROUGH_MASK (KEEP_CACHE among them):
+    // its I/O uses the backing file's page cache instead.
+    const flags = backingId > 0 ? FOpen.PASSTHROUGH | FOpen.NOFLUSH : FOpen.KEEP_CACHE | FOpen.NOFLUSH;
+    if (!this.ok(p, encodeOpenOut(fh, flags, backingId))) {
       // The open was interrupted: the kernel will never RELEASE this handle.
       this.files.delete(fh);
+      this.endIo(of);
       await this.closeFile(of);
+      return;
     }
+    if (backingId > 0) this.counters.passthroughOpens++;
+  }
+
+  /**
+   * Chooses how the kernel does I/O on a new open of node, and counts it: a
+   * backing id (> 0) for FOPEN_PASSTHROUGH, or 0 for READ requests.
+   *
+   * The kernel fails an open with EIO when its mode conflicts with the other
+   * opens of the inode (a READ-mode open while one is in passthrough, a
+   * passthrough open while one is in READ mode, or a second backing file). It
+   * drops its side of an open before sending RELEASE, so the counts here are
+   * never below the kernel's: following them never causes a conflict.
+   */
+  private startIo(node: FileNode, file: MissFile): number {
+    const shared = this.backing.get(node.ino);
+    if (shared) {
+      // Same content (content-addressed), so a partial provider file may share the complete one.
+      shared.opens++;
+      return shared.id;
+    }
+    const fd = file.backingFd;
+    const reading = this.readOpens.get(node.ino) ?? 0;
+    if (!this.passthrough || fd === undefined || !Number.isInteger(fd) || fd < 0 || reading > 0) {
+      this.readOpens.set(node.ino, reading + 1);
+      return 0;
+    }
+    let id: number;
+    try {
+      id = native.fuseBackingOpen(this.fd, fd);
+      if (!Number.isInteger(id) || id <= 0) throw internal(`FUSE_DEV_IOC_BACKING_OPEN returned backing id ${String(id)}`);
+    } catch (err) {
+      this.passthroughFailed(node, err);
+      this.readOpens.set(node.ino, reading + 1);
+      return 0;
+    }
+    this.backing.set(node.ino, { id, opens: 1 });
+    return id;
+  }
+
+  /** Undoes startIo() for an open file that is gone (RELEASE, or its open reply was not accepted). */
+  private endIo(of: OpenFile): void {
+    if (of.mode === 'read') {
+      const n = (this.readOpens.get(of.ino) ?? 0) - 1;
+      if (n > 0) this.readOpens.set(of.ino, n);
+      else this.readOpens.delete(of.ino);
+      return;
+    }
+    const b = this.backing.get(of.ino);
+    if (!b) return;
+    if (--b.opens > 0) return;
+    this.backing.delete(of.ino);
+    if (this.fd < 0) return; // the session ended: the kernel dropped it already
+    try {
+      // Open files keep their own reference to the backing file; only the id goes.
+      native.fuseBackingClose(this.fd, b.id);
+    } catch (err) {
+      this.log.warn({ digest: `sha256:${of.hex}`, backingId: b.id, err: describeError(err) }, 'missfs: closing a passthrough backing id failed');
+    }
+  }
+
+  /** Logs (once per cause) why a file is served through READ; switches passthrough off when it cannot work at all. */
+  private passthroughFailed(node: FileNode, err: unknown): void {
+    const code = errnoCode(err) ?? 'other';
+    let hint: string;
+    let fatal = true;
+    if (code === 'EPERM') {
+      hint = 'the kernel refused FUSE passthrough (the daemon needs CAP_SYS_ADMIN in the initial user namespace); run it as real root, or mount with passthrough off';
+    } else if (code === 'ELOOP') {
+      hint = 'the pool is on a stacked filesystem (overlayfs?) that FUSE passthrough cannot use; put the gear root on ext4 or xfs';
+    } else if (code === 'ENOTTY' || code === 'EINVAL') {
+      hint = 'this kernel does not support FUSE_DEV_IOC_BACKING_OPEN as expected';
+    } else {
+      hint = 'serving this file through READ requests';
+      fatal = false;
+    }
+    if (fatal) this.passthrough = false;
+    if (this.ptWarned.has(code)) return;
+    this.ptWarned.add(code);
+    this.log.warn(
+      { digest: `sha256:${node.hex}`, err: describeError(err), passthrough: this.passthrough },
+      `missfs: FUSE passthrough unavailable, reads go through this process (slower): ${hint}`,
+    );
   }
 
   private onRead(p: Pending, body: Buffer): void {
@@ -1009,7 +1152,10 @@ class MissFsSession implements MissFsMount {
     const of = this.files.get(fh);
     this.files.delete(fh);
     this.ok(p);
-    if (of) void this.closeFile(of);
+    if (of) {
+      this.endIo(of);
+      void this.closeFile(of);
+    }
   }
 
   private async closeFile(of: OpenFile): Promise<void> {
