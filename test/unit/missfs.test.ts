@@ -39,7 +39,10 @@ function isMounted(mp: string): boolean {
     .some((l) => l.split(' ')[4] === mp);
 }
 
-async function mountFs(mp = join(tmp, 'miss'), opts: { requestTimeoutMs?: number; passthrough?: boolean } = {}): Promise<MissFsMount> {
+async function mountFs(
+  mp = join(tmp, 'miss'),
+  opts: { requestTimeoutMs?: number; passthrough?: boolean; passthroughLingerMs?: number } = {},
+): Promise<MissFsMount> {
   const m = await mountMissFs({ mountpoint: mp, provider, logger: silentLogger(), ...opts });
   sessions.push(m);
   return m;
@@ -633,9 +636,12 @@ async function overlayOver(m: MissFsMount, files: Record<string, Blob>): Promise
 }
 
 describe.skipIf(!canRun)('miss filesystem: FUSE passthrough (real FUSE and overlay mounts)', () => {
-  /** Mounts with passthrough; skips the test on a kernel that does not offer it. */
-  async function mountPt(ctx: { skip: (note?: string) => void }): Promise<MissFsMount> {
-    const m = await mountFs();
+  /**
+   * Mounts with passthrough; skips the test on a kernel that does not offer it.
+   * Backing ids are closed with the last RELEASE unless lingerMs is given.
+   */
+  async function mountPt(ctx: { skip: (note?: string) => void }, lingerMs = 0): Promise<MissFsMount> {
+    const m = await mountFs(undefined, { passthroughLingerMs: lingerMs });
     if ((m.init.flags & InitFlag.PASSTHROUGH) === 0n) ctx.skip('kernel without FUSE passthrough');
     return m;
   }
@@ -702,7 +708,9 @@ describe.skipIf(!canRun)('miss filesystem: FUSE passthrough (real FUSE and overl
     const m = await mountPt(ctx);
     const h = holder([blobPath(m, a), blobPath(m, a), blobPath(m, a), blobPath(m, b)]);
     expect(await h.next()).toBe('open');
-    expect(m.stats().openFiles).toBe(4);
+    // The first open of each file reaches the main thread; the reader answers the others with the published id.
+    expect(m.stats().openFiles).toBe(2);
+    expect(m.stats().opens).toBe(2);
     expect(m.stats().passthroughOpens).toBe(4);
     expect(m.stats().backingIds).toBe(2);
     expect(await h.step()).toBe(`${a.hex} ${a.hex} ${a.hex} ${b.hex}`);
@@ -827,4 +835,40 @@ describe.skipIf(!canRun)('miss filesystem: FUSE passthrough (real FUSE and overl
     expect(m.stats().reads).toBeGreaterThan(0);
     expect(m.stats().backingIds).toBe(0);
   });
+
+  it('with a linger, later opens of a file are answered by the reader thread (no provider call) until the kernel forgets it', async (ctx) => {
+    const a = addBlob(blobs, randomBytes(256 * 1024));
+    const b = addBlob(blobs, randomBytes(64 * 1024));
+    const m = await mountPt(ctx, 600_000);
+    const merged = await overlayOver(m, { 'a.bin': a, 'b.bin': b });
+    for (let i = 0; i < 5; i++) {
+      const r = await catFile(join(merged, 'a.bin'));
+      expect(r.code).toBe(0);
+      expect(sha(r.out)).toBe(a.hex);
+    }
+    const mm = await mmapSha(join(merged, 'a.bin'));
+    expect(mm.out).toBe(a.hex);
+    const h = holder([join(merged, 'a.bin'), join(merged, 'a.bin'), join(merged, 'b.bin')]);
+    expect(await h.next()).toBe('open');
+    expect(await h.step()).toBe(`${a.hex} ${a.hex} ${b.hex}`);
+    expect(await h.step()).toBe('closed');
+    expect(await h.done).toBe(0);
+
+    const st = m.stats();
+    // Only the first open of each file reached the main thread and the provider.
+    expect(st.opens).toBe(2);
+    expect(provider.calls.filter((c) => c.op === 'open').length).toBe(2);
+    expect(st.passthroughOpens).toBe(9);
+    expect(st.reads).toBe(0);
+    expect(st.backingIds).toBe(2);
+    expect(st.openFiles).toBe(0);
+
+    // The kernel forgets the nodes (overlay and dentry caches dropped): their ids are closed.
+    await run('umount', [merged], { timeoutMs: 20_000 });
+    overlays.splice(overlays.indexOf(merged), 1);
+    writeFileSync('/proc/sys/vm/drop_caches', '2');
+    expect(await waitFor(() => m.stats().backingIds === 0, 10_000, 50)).toBe(true);
+    expect(m.stats().liveNodes).toBe(0);
+  });
 });
+

@@ -80,6 +80,11 @@ export class LazyMissProvider implements MissProvider {
       release();
     }
   }
+
+  /** Opens served by the kernel from a passthrough backing file still count as uses (LRU). */
+  touch(digest: string): void {
+    this.pool.touch(digest);
+  }
 }
 
 function poolFile(fh: FileHandle): MissFile {

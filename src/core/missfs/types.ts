@@ -30,6 +30,14 @@ export interface MissProvider {
    * again if needed, just as lookup() does.
    */
   open(digest: string, signal: AbortSignal): Promise<MissFile>;
+
+  /**
+   * Optional: the file was opened again without open() (the kernel reused the
+   * passthrough backing file registered at an earlier open). Record the use
+   * (e.g. cache recency). Called from a periodic sweep, at most once per
+   * digest per sweep; must not throw or block.
+   */
+  touch?(digest: string): void;
 }
 
 export interface MissFile {
