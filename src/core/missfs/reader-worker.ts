@@ -88,9 +88,6 @@ export function newPassthroughTable(slots: number, fileInoBase: number): Passthr
   return { buffer: new SharedArrayBuffer(slots * 12), slots, fileInoBase, epochMs: Date.now() };
 }
 
-/** fh of opens answered by the reader: bit 62 set, slot in the low 32 bits (main-thread fhs count up from 1). */
-export const READER_FH_FLAG = 1n << 62n;
-
 export interface ReaderWorkerData {
   fd: number;
   bufSize: number;
@@ -116,6 +113,7 @@ const PT_EPOCH = passthrough ? passthrough.epochMs : 0;
 const ptIds = passthrough ? new Int32Array(passthrough.buffer, 0, PT_SLOTS) : null;
 const ptOpens = passthrough ? new Int32Array(passthrough.buffer, PT_SLOTS * 4, PT_SLOTS) : null;
 const ptUsed = passthrough ? new Int32Array(passthrough.buffer, PT_SLOTS * 8, PT_SLOTS) : null;
+// fh of opens answered here: bit 62 set, slot in the low 32 bits (main-thread fhs count up from 1).
 const FH_FLAG = 1n << 62n;
 const FOPEN_PASSTHROUGH_NOFLUSH = (1 << 7) | (1 << 5);
 const buf = Buffer.allocUnsafe(bufSize);
