@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -218,6 +219,74 @@ Napi::Value Umount2(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// ---------------------------------------------------------------------------
+// FUSE passthrough (Linux >= 6.9, protocol 7.40): register a backing file with
+// a FUSE connection, and drop the registration. Defined here because the
+// system's <linux/fuse.h> may predate them; layout and numbers as in
+// include/uapi/linux/fuse.h (struct fuse_backing_map, FUSE_DEV_IOC_MAGIC 229).
+struct GearFuseBackingMap {
+  int32_t fd;
+  uint32_t flags;
+  uint64_t padding;
+};
+static_assert(sizeof(GearFuseBackingMap) == 16, "struct fuse_backing_map is 16 bytes");
+#define GEAR_FUSE_DEV_IOC_BACKING_OPEN _IOW(229, 1, GearFuseBackingMap)
+#define GEAR_FUSE_DEV_IOC_BACKING_CLOSE _IOW(229, 2, uint32_t)
+static_assert(GEAR_FUSE_DEV_IOC_BACKING_OPEN == 0x4010E501, "FUSE_DEV_IOC_BACKING_OPEN");
+static_assert(GEAR_FUSE_DEV_IOC_BACKING_CLOSE == 0x4004E502, "FUSE_DEV_IOC_BACKING_CLOSE");
+
+// ErrnoName() does not know ioctl-specific codes: an old kernel answers ENOTTY.
+Napi::Value ThrowIoctlErrno(Napi::Env env, int e, const char* what) {
+  const char* name = e == ENOTTY ? "ENOTTY" : e == EOPNOTSUPP ? "EOPNOTSUPP" : ErrnoName(e);
+  std::string msg = std::string(name) + ": " + strerror(e) + ", " + what;
+  Napi::Error err = Napi::Error::New(env, msg);
+  err.Set("code", Napi::String::New(env, name));
+  err.Set("errno", Napi::Number::New(env, -e));
+  err.Set("syscall", Napi::String::New(env, what));
+  err.ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+bool ArgFd(const Napi::CallbackInfo& info, size_t i, int* out) {
+  double v;
+  if (!ArgNumber(info, i, &v)) return false;
+  if (!(v >= 0 && v <= 0x7fffffff) || v != (double)(int)v) {
+    Napi::TypeError::New(info.Env(), "argument " + std::to_string(i) + " must be a non-negative integer")
+        .ThrowAsJavaScriptException();
+    return false;
+  }
+  *out = (int)v;
+  return true;
+}
+
+// fuseBackingOpen(devFd, fd): the backing id (> 0) for FOPEN_PASSTHROUGH replies.
+Napi::Value FuseBackingOpen(const Napi::CallbackInfo& info) {
+  int dev, fd;
+  if (!ArgFd(info, 0, &dev) || !ArgFd(info, 1, &fd)) return info.Env().Undefined();
+  GearFuseBackingMap map;
+  memset(&map, 0, sizeof(map));
+  map.fd = fd;
+  int id = ioctl(dev, GEAR_FUSE_DEV_IOC_BACKING_OPEN, &map);
+  if (id < 0) return ThrowIoctlErrno(info.Env(), errno, "ioctl(FUSE_DEV_IOC_BACKING_OPEN)");
+  return Napi::Number::New(info.Env(), id);
+}
+
+// fuseBackingClose(devFd, backingId)
+Napi::Value FuseBackingClose(const Napi::CallbackInfo& info) {
+  int dev, id;
+  if (!ArgFd(info, 0, &dev) || !ArgFd(info, 1, &id)) return info.Env().Undefined();
+  uint32_t arg = (uint32_t)id;
+  if (ioctl(dev, GEAR_FUSE_DEV_IOC_BACKING_CLOSE, &arg) != 0)
+    return ThrowIoctlErrno(info.Env(), errno, "ioctl(FUSE_DEV_IOC_BACKING_CLOSE)");
+  return info.Env().Undefined();
+}
+
+Napi::Object InitFusePassthrough(Napi::Env env, Napi::Object exports) {
+  exports.Set("fuseBackingOpen", Napi::Function::New(env, FuseBackingOpen));
+  exports.Set("fuseBackingClose", Napi::Function::New(env, FuseBackingClose));
+  return exports;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("lsetxattr", Napi::Function::New(env, LSetXattr));
   exports.Set("lgetxattr", Napi::Function::New(env, LGetXattr));
@@ -238,6 +307,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   c.Set("XATTR_CREATE", Napi::Number::New(env, XATTR_CREATE));
   c.Set("XATTR_REPLACE", Napi::Number::New(env, XATTR_REPLACE));
   exports.Set("constants", c);
+  InitFusePassthrough(env, exports);
   return exports;
 }
 

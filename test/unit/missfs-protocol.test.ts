@@ -276,6 +276,31 @@ describe('INIT negotiation', () => {
     expect(back.flags).toBe(InitFlag.INIT_EXT | InitFlag.PASSTHROUGH);
   });
 
+  it('PASSTHROUGH: max_stack_depth 1 (or the clamped policy value) only when negotiated; never with WRITEBACK_CACHE', () => {
+    const want = { ...policy, wantFlags: policy.wantFlags | InitFlag.PASSTHROUGH };
+    const r = negotiateInit(parseInitIn(initIn(7, 45, offered)), want);
+    if (!r.ok) throw new Error('negotiation failed');
+    expect(r.out.flags & InitFlag.PASSTHROUGH).toBe(InitFlag.PASSTHROUGH);
+    expect(r.out.flags & InitFlag.INIT_EXT).toBe(InitFlag.INIT_EXT);
+    expect(r.out.maxStackDepth).toBe(1);
+    const b = encodeInitOut(r.out);
+    expect(b.readUInt32LE(32)).toBe(1 << 5); // flags2 bit 5 = bit 37
+    expect(b.readUInt32LE(36)).toBe(1); // max_stack_depth
+    expect(parseInitOut(b)).toEqual(r.out);
+    for (const [asked, got] of [[2, 2], [7, 2], [0, 1], [Number.NaN, 1]] as const) {
+      const x = negotiateInit(parseInitIn(initIn(7, 45, offered)), { ...want, maxStackDepth: asked });
+      expect(x.ok && x.out.maxStackDepth).toBe(got);
+    }
+    // Not offered (older kernel, or no CONFIG_FUSE_PASSTHROUGH): no flag, depth 0.
+    const old = negotiateInit(parseInitIn(initIn(7, 45, offered & ~InitFlag.PASSTHROUGH)), want);
+    expect(old.ok && old.out.flags & InitFlag.PASSTHROUGH).toBe(0n);
+    expect(old.ok && old.out.maxStackDepth).toBe(0);
+    // The kernel ignores PASSTHROUGH next to WRITEBACK_CACHE; so does the negotiation.
+    const wb = negotiateInit(parseInitIn(initIn(7, 45, offered)), { ...want, wantFlags: want.wantFlags | InitFlag.WRITEBACK_CACHE });
+    expect(wb.ok && wb.out.flags & InitFlag.PASSTHROUGH).toBe(0n);
+    expect(wb.ok && wb.out.maxStackDepth).toBe(0);
+  });
+
   it('refuses an older major and answers a newer one with major 7 only', () => {
     const old = negotiateInit(parseInitIn(initIn(6, 1, 0n)), policy);
     expect(old).toMatchObject({ ok: false, errno: Errno.EPROTO });
@@ -341,6 +366,11 @@ describe('replies', () => {
     expect(o.length).toBe(16);
     expect(o.readBigUInt64LE(0)).toBe(77n);
     expect(o.readUInt32LE(8)).toBe(2);
+    expect(o.readInt32LE(12)).toBe(0);
+    // fuse_open_out { u64 fh; u32 open_flags; s32 backing_id }, FOPEN_PASSTHROUGH = 1 << 7.
+    const pt = encodeOpenOut(5n, (1 << 7) | (1 << 5), 3);
+    expect(pt.readUInt32LE(8)).toBe(0xa0);
+    expect(pt.readInt32LE(12)).toBe(3);
     expect(encodeGetxattrOut(0).equals(Buffer.alloc(8))).toBe(true);
     const s = encodeStatfsOut({ blocks: 1, bfree: 2, bavail: 3, files: 4, ffree: 5, bsize: 4096, namelen: 255, frsize: 4096 });
     expect(s.length).toBe(80);

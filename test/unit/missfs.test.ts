@@ -10,12 +10,13 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isClass } from '../../src/core/errors.js';
 import { silentLogger } from '../../src/core/log.js';
 import { mountMissFs, type MissFsMount } from '../../src/core/missfs/index.js';
+import { InitFlag } from '../../src/core/missfs/protocol.js';
 import { mountOverlay } from '../../src/core/sys/mounts.js';
 import { setXattr } from '../../src/core/sys/xattr.js';
 import { run, waitFor } from '../helpers/proc.js';
@@ -38,7 +39,10 @@ function isMounted(mp: string): boolean {
     .some((l) => l.split(' ')[4] === mp);
 }
 
-async function mountFs(mp = join(tmp, 'miss'), opts: { requestTimeoutMs?: number } = {}): Promise<MissFsMount> {
+async function mountFs(
+  mp = join(tmp, 'miss'),
+  opts: { requestTimeoutMs?: number; passthrough?: boolean; passthroughLingerMs?: number } = {},
+): Promise<MissFsMount> {
   const m = await mountMissFs({ mountpoint: mp, provider, logger: silentLogger(), ...opts });
   sessions.push(m);
   return m;
@@ -178,7 +182,9 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
 
   it('reads large files correctly (many READ requests, big reads)', async () => {
     const big = addBlob(blobs, randomBytes(5 * 1024 * 1024 + 123));
-    const m = await mountFs();
+    // READ path: passthrough off by option.
+    const m = await mountFs(undefined, { passthrough: false });
+    expect(m.stats().passthrough).toBe(false);
     const c = await catFile(blobPath(m, big));
     expect(c.code).toBe(0);
     expect(c.out.length).toBe(big.data.length);
@@ -190,6 +196,8 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
     expect(dd.code).toBe(0);
     expect(Buffer.from(dd.stdout, 'latin1').length).toBeGreaterThan(0);
     expect(m.stats().bytesRead).toBeGreaterThanOrEqual(big.data.length);
+    expect(m.stats().passthroughOpens).toBe(0);
+    expect(m.stats().backingIds).toBe(0);
   });
 
   it('serves other files while one provider lookup is slow', async () => {
@@ -354,8 +362,9 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
   it('unmount while a read is in flight completes in bounded time', async () => {
     const a = addBlob(blobs, randomBytes(256 * 1024));
     const m = await mountFs();
-    // Make reads (not the lookup) slow.
+    // Make reads (not the lookup) slow; a partial file is served through READ even with passthrough.
     provider.readDelay.set(a.hex, 30_000);
+    provider.partial.add(a.hex);
     const reader = catChild(blobPath(m, a));
     expect(await waitFor(() => m.stats().inflight > 0 && m.stats().reads > 0, 10_000, 20)).toBe(true);
     const t0 = Date.now();
@@ -419,6 +428,7 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
     const a = addBlob(blobs, randomBytes(64 * 1024));
     const m = await mountFs();
     provider.readDelay.set(a.hex, 3_000);
+    provider.partial.add(a.hex); // served through READ
     const { child, done } = catChild(blobPath(m, a));
     expect(await waitFor(() => m.stats().reads > 0 && m.stats().inflight > 0, 10_000, 20)).toBe(true);
     const t0 = Date.now();
@@ -524,3 +534,341 @@ describe.skipIf(!canRun)('miss filesystem (real FUSE mounts)', () => {
     expect(c2.code).toBe(0);
   });
 });
+
+const PYTHON = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
+
+/**
+ * A child that opens files and holds them open, stepping on each line written
+ * to it: after start it has read the first `head` bytes of each file and says
+ * "open"; after the first line it reads the rest and answers the sha256 of
+ * each; after the second it closes them and says "closed".
+ */
+function holder(files: string[], head = 4096): { next: () => Promise<string>; step: () => Promise<string>; done: Promise<number | null> } {
+  const script = [
+    'import sys, hashlib',
+    `head = ${head}`,
+    'fs = [open(p, "rb") for p in sys.argv[1:]]',
+    'heads = [f.read(head) for f in fs]',
+    'print("open", flush=True)',
+    'sys.stdin.readline()',
+    'print(" ".join(hashlib.sha256(h + f.read()).hexdigest() for f, h in zip(fs, heads)), flush=True)',
+    'sys.stdin.readline()',
+    'for f in fs: f.close()',
+    'print("closed", flush=True)',
+  ].join('\n');
+  const child = spawn(PYTHON, ['-c', script, ...files], { stdio: ['pipe', 'pipe', 'pipe'] });
+  children.push(child);
+  const lines: string[] = [];
+  const waiting: Array<(l: string) => void> = [];
+  let buf = '';
+  let err = '';
+  child.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+  child.stdout!.on('data', (b: Buffer) => {
+    buf += b.toString();
+    let nl;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      const w = waiting.shift();
+      if (w) w(line);
+      else lines.push(line);
+    }
+  });
+  const done = new Promise<number | null>((resolve) => child.on('close', resolve));
+  const next = () =>
+    new Promise<string>((resolve, reject) => {
+      const l = lines.shift();
+      if (l !== undefined) return resolve(l);
+      const t = setTimeout(() => {
+        child.kill('SIGKILL');
+        reject(new Error(`holder gave no answer within 20 s; stderr: ${err}`));
+      }, 20_000);
+      waiting.push((line) => {
+        clearTimeout(t);
+        resolve(line);
+      });
+      void done.then(() => {
+        clearTimeout(t);
+        reject(new Error(`holder exited; stderr: ${err}`));
+      });
+    });
+  const step = () => {
+    child.stdin!.write('\n');
+    return next();
+  };
+  return { next, step, done };
+}
+
+/** sha256 of a file read through mmap(2) in a child. */
+async function mmapSha(file: string): Promise<{ code: number | null; out: string; err: string }> {
+  const script = [
+    'import sys, mmap, hashlib',
+    'f = open(sys.argv[1], "rb")',
+    'm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)',
+    'print(hashlib.sha256(m[:]).hexdigest())',
+  ].join('\n');
+  const r = await run(PYTHON, ['-c', script, file], { timeoutMs: 20_000 });
+  return { code: r.code, out: r.stdout.trim(), err: r.stderr };
+}
+
+/** An overlay with metacopy files name → blob over lowerdir=meta::pool::miss (mounted by mount(8) in a child). */
+async function overlayOver(m: MissFsMount, files: Record<string, Blob>): Promise<string> {
+  const meta = join(tmp, 'meta');
+  const pool = join(tmp, 'pool');
+  const merged = join(tmp, 'merged');
+  for (const d of [meta, pool, merged]) mkdirSync(d, { recursive: true });
+  for (const [name, blob] of Object.entries(files)) {
+    const f = join(meta, name);
+    writeFileSync(f, '');
+    truncateSync(f, blob.data.length);
+    setXattr(f, 'trusted.overlay.metacopy', Buffer.alloc(0));
+    setXattr(f, 'trusted.overlay.redirect', `/sha256/${blob.hex.slice(0, 2)}/${blob.hex}`);
+  }
+  const mo = await run(
+    'mount',
+    ['-t', 'overlay', 'overlay', '-o', `ro,metacopy=on,redirect_dir=on,lowerdir=${meta}::${pool}::${m.mountpoint}`, merged],
+    { timeoutMs: 20_000 },
+  );
+  expect(mo.stderr).toBe('');
+  expect(mo.code).toBe(0);
+  overlays.push(merged);
+  return merged;
+}
+
+describe.skipIf(!canRun)('miss filesystem: FUSE passthrough (real FUSE and overlay mounts)', () => {
+  /**
+   * Mounts with passthrough; skips the test on a kernel that does not offer it.
+   * Backing ids are closed with the last RELEASE unless lingerMs is given.
+   */
+  async function mountPt(ctx: { skip: (note?: string) => void }, lingerMs = 0): Promise<MissFsMount> {
+    const m = await mountFs(undefined, { passthroughLingerMs: lingerMs });
+    if ((m.init.flags & InitFlag.PASSTHROUGH) === 0n) ctx.skip('kernel without FUSE passthrough');
+    return m;
+  }
+
+  it('complete files are read by the kernel itself: no READ requests, directly, through an overlay with data-only lowers, and through mmap', async (ctx) => {
+    const big = addBlob(blobs, randomBytes(3 * 1024 * 1024 + 77));
+    const small = addBlob(blobs, 'small passthrough file\n');
+    const m = await mountPt(ctx);
+    expect(m.init.maxStackDepth).toBe(1);
+    expect(m.stats().passthrough).toBe(true);
+
+    const direct = await catFile(blobPath(m, big));
+    expect(direct.code).toBe(0);
+    expect(sha(direct.out)).toBe(big.hex);
+
+    // The FUSE sb is stacked (depth 1) now; overlay on top of it (depth 2) must still mount.
+    const merged = await overlayOver(m, { 'big.bin': big, 'small.txt': small });
+    for (let i = 0; i < 2; i++) {
+      const r = await catFile(join(merged, 'big.bin'));
+      expect(r.code).toBe(0);
+      expect(sha(r.out)).toBe(big.hex);
+    }
+    const rs = await catFile(join(merged, 'small.txt'));
+    expect(rs.out.equals(small.data)).toBe(true);
+    const mm = await mmapSha(join(merged, 'big.bin'));
+    expect(mm.err).toBe('');
+    expect(mm.out).toBe(big.hex);
+    const mmDirect = await mmapSha(blobPath(m, small));
+    expect(mmDirect.out).toBe(small.hex);
+    // A ranged read in the middle.
+    const dd = await run('dd', [`if=${join(merged, 'big.bin')}`, 'bs=4096', 'skip=100', 'count=3', 'status=none'], { timeoutMs: 10_000 });
+    expect(dd.code).toBe(0);
+
+    const st = m.stats();
+    expect(st.reads).toBe(0);
+    expect(st.bytesRead).toBe(0);
+    expect(st.passthroughOpens).toBeGreaterThanOrEqual(6);
+    expect(st.passthroughOpens).toBe(st.opens);
+    // Every reader is gone: the kernel sent RELEASE for each open and every backing id is closed.
+    expect(await waitFor(() => m.stats().openFiles === 0, 10_000, 20)).toBe(true);
+    expect(m.stats().backingIds).toBe(0);
+    expect(provider.openFiles).toBe(0);
+  });
+
+  it('passthrough off by option: INIT does not ask for it and READs are served as before', async () => {
+    const a = addBlob(blobs, randomBytes(300 * 1024));
+    const m = await mountFs(undefined, { passthrough: false });
+    expect(m.init.flags & InitFlag.PASSTHROUGH).toBe(0n);
+    expect(m.init.maxStackDepth).toBe(0);
+    const merged = await overlayOver(m, { 'a.bin': a });
+    const r = await catFile(join(merged, 'a.bin'));
+    expect(r.code).toBe(0);
+    expect(sha(r.out)).toBe(a.hex);
+    const mm = await mmapSha(join(merged, 'a.bin'));
+    expect(mm.out).toBe(a.hex);
+    expect(m.stats().reads).toBeGreaterThan(0);
+    expect(m.stats().passthroughOpens).toBe(0);
+    expect(m.stats().backingIds).toBe(0);
+  });
+
+  it('one backing id per file however many opens; the last RELEASE closes it (no leak)', async (ctx) => {
+    const a = addBlob(blobs, randomBytes(200 * 1024));
+    const b = addBlob(blobs, randomBytes(100 * 1024));
+    const m = await mountPt(ctx);
+    const h = holder([blobPath(m, a), blobPath(m, a), blobPath(m, a), blobPath(m, b)]);
+    expect(await h.next()).toBe('open');
+    // The first open of each file reaches the main thread; the reader answers the others with the published id.
+    expect(m.stats().openFiles).toBe(2);
+    expect(m.stats().opens).toBe(2);
+    expect(m.stats().passthroughOpens).toBe(4);
+    expect(m.stats().backingIds).toBe(2);
+    expect(await h.step()).toBe(`${a.hex} ${a.hex} ${a.hex} ${b.hex}`);
+    expect(await h.step()).toBe('closed');
+    expect(await h.done).toBe(0);
+    expect(await waitFor(() => m.stats().openFiles === 0, 10_000, 20)).toBe(true);
+    expect(m.stats().backingIds).toBe(0);
+    expect(m.stats().reads).toBe(0);
+  });
+
+  it('mixed modes never conflict: a file open through READ stays in READ mode, one open in passthrough shares its backing file', async (ctx) => {
+    const a = addBlob(blobs, randomBytes(150 * 1024));
+    const m = await mountPt(ctx);
+    const file = blobPath(m, a);
+
+    // A partially downloaded file is served through READ…
+    provider.partial.add(a.hex);
+    const h1 = holder([file]);
+    expect(await h1.next()).toBe('open');
+    expect(m.stats().passthroughOpens).toBe(0);
+    // …and while it is open, a complete copy must not switch the inode to passthrough (the kernel would fail the open).
+    provider.partial.delete(a.hex);
+    const r1 = await catFile(file);
+    expect(r1.code).toBe(0);
+    expect(r1.out.equals(a.data)).toBe(true);
+    expect(m.stats().passthroughOpens).toBe(0);
+    expect(m.stats().reads).toBeGreaterThan(0);
+    expect(await h1.step()).toBe(a.hex);
+    expect(await h1.step()).toBe('closed');
+    expect(await waitFor(() => m.stats().openFiles === 0, 10_000, 20)).toBe(true);
+
+    // Passthrough once nothing holds it in READ mode.
+    const h2 = holder([file]);
+    expect(await h2.next()).toBe('open');
+    expect(m.stats().passthroughOpens).toBe(1);
+    expect(m.stats().backingIds).toBe(1);
+    const readsBefore = m.stats().reads;
+    // While it is open in passthrough, even a partial provider file shares the backing file.
+    provider.partial.add(a.hex);
+    const r2 = await catFile(file);
+    expect(r2.code).toBe(0);
+    expect(r2.out.equals(a.data)).toBe(true);
+    expect(m.stats().passthroughOpens).toBe(2);
+    expect(m.stats().backingIds).toBe(1);
+    expect(m.stats().reads).toBe(readsBefore);
+    expect(await h2.step()).toBe(a.hex);
+    expect(await h2.step()).toBe('closed');
+    expect(await waitFor(() => m.stats().openFiles === 0, 10_000, 20)).toBe(true);
+    expect(m.stats().backingIds).toBe(0);
+  });
+
+  it('a file evicted from the pool while open in passthrough stays readable; a later open after a refetch works', async (ctx) => {
+    const a = addBlob(blobs, randomBytes(2 * 1024 * 1024 + 5));
+    const m = await mountPt(ctx);
+    const merged = await overlayOver(m, { 'a.bin': a });
+    const h = holder([join(merged, 'a.bin')], 64 * 1024);
+    expect(await h.next()).toBe('open');
+    expect(m.stats().backingIds).toBe(1);
+    // Evict: drop the pool file's cached pages (so the rest really comes from its blocks), then unlink it.
+    const pooled = join(blobs, a.hex);
+    const ev = await run(PYTHON, ['-c', 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)', pooled], { timeoutMs: 10_000 });
+    expect(ev.code).toBe(0);
+    unlinkSync(pooled);
+    expect(await h.step()).toBe(a.hex);
+
+    // Refetched: a new open while the old one is still open shares its backing file.
+    addBlob(blobs, a.data);
+    const r = await catFile(join(merged, 'a.bin'));
+    expect(r.code).toBe(0);
+    expect(sha(r.out)).toBe(a.hex);
+    expect(m.stats().reads).toBe(0);
+    expect(await h.step()).toBe('closed');
+    expect(await waitFor(() => m.stats().openFiles === 0, 10_000, 20)).toBe(true);
+    expect(m.stats().backingIds).toBe(0);
+  });
+
+  it('a backing file the kernel refuses is served through READ, and passthrough goes on for others', async (ctx) => {
+    const a = addBlob(blobs, randomBytes(100 * 1024));
+    const b = addBlob(blobs, randomBytes(100 * 1024));
+    const m = await mountPt(ctx);
+    const dirFd = openSync(blobs, 'r');
+    try {
+      provider.backingFdOf.set(a.hex, dirFd); // a directory: BACKING_OPEN fails (EISDIR)
+      const r = await catFile(blobPath(m, a));
+      expect(r.code).toBe(0);
+      expect(r.out.equals(a.data)).toBe(true);
+      expect(m.stats().reads).toBeGreaterThan(0);
+      expect(m.stats().passthroughOpens).toBe(0);
+      expect(m.stats().passthrough).toBe(true);
+    } finally {
+      provider.backingFdOf.delete(a.hex);
+      closeSync(dirFd);
+    }
+    const reads = m.stats().reads;
+    const rb = await catFile(blobPath(m, b));
+    expect(rb.out.equals(b.data)).toBe(true);
+    expect(m.stats().reads).toBe(reads);
+    expect(m.stats().passthroughOpens).toBe(1);
+  });
+
+  it('a pool on a stacked filesystem (overlayfs) switches passthrough off for the session: READ serves everything', async (ctx) => {
+    // The blobs live on an overlay mount: its stack depth (1) reaches the FUSE max_stack_depth (1) → ELOOP.
+    const lower = join(tmp, 'ovl-lower');
+    const upper = join(tmp, 'ovl-upper');
+    const work = join(tmp, 'ovl-work');
+    const stacked = join(tmp, 'stacked-blobs');
+    for (const d of [lower, upper, work, stacked]) mkdirSync(d);
+    const mo = await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lower},upperdir=${upper},workdir=${work}`, stacked], { timeoutMs: 20_000 });
+    expect(mo.code).toBe(0);
+    overlays.push(stacked);
+    provider = new DirProvider(stacked);
+    const a = addBlob(stacked, randomBytes(64 * 1024));
+    const b = addBlob(stacked, randomBytes(64 * 1024));
+    const m = await mountPt(ctx);
+    const ra = await catFile(blobPath(m, a));
+    expect(ra.code).toBe(0);
+    expect(ra.out.equals(a.data)).toBe(true);
+    expect(m.stats().passthrough).toBe(false);
+    const rb = await catFile(blobPath(m, b));
+    expect(rb.out.equals(b.data)).toBe(true);
+    expect(m.stats().passthroughOpens).toBe(0);
+    expect(m.stats().reads).toBeGreaterThan(0);
+    expect(m.stats().backingIds).toBe(0);
+  });
+
+  it('with a linger, later opens of a file are answered by the reader thread (no provider call) until the kernel forgets it', async (ctx) => {
+    const a = addBlob(blobs, randomBytes(256 * 1024));
+    const b = addBlob(blobs, randomBytes(64 * 1024));
+    const m = await mountPt(ctx, 600_000);
+    const merged = await overlayOver(m, { 'a.bin': a, 'b.bin': b });
+    for (let i = 0; i < 5; i++) {
+      const r = await catFile(join(merged, 'a.bin'));
+      expect(r.code).toBe(0);
+      expect(sha(r.out)).toBe(a.hex);
+    }
+    const mm = await mmapSha(join(merged, 'a.bin'));
+    expect(mm.out).toBe(a.hex);
+    const h = holder([join(merged, 'a.bin'), join(merged, 'a.bin'), join(merged, 'b.bin')]);
+    expect(await h.next()).toBe('open');
+    expect(await h.step()).toBe(`${a.hex} ${a.hex} ${b.hex}`);
+    expect(await h.step()).toBe('closed');
+    expect(await h.done).toBe(0);
+
+    const st = m.stats();
+    // Only the first open of each file reached the main thread and the provider.
+    expect(st.opens).toBe(2);
+    expect(provider.calls.filter((c) => c.op === 'open').length).toBe(2);
+    expect(st.passthroughOpens).toBe(9);
+    expect(st.reads).toBe(0);
+    expect(st.backingIds).toBe(2);
+    expect(st.openFiles).toBe(0);
+
+    // The kernel forgets the nodes (overlay and dentry caches dropped): their ids are closed.
+    await run('umount', [merged], { timeoutMs: 20_000 });
+    overlays.splice(overlays.indexOf(merged), 1);
+    writeFileSync('/proc/sys/vm/drop_caches', '2');
+    expect(await waitFor(() => m.stats().backingIds === 0, 10_000, 50)).toBe(true);
+    expect(m.stats().liveNodes).toBe(0);
+  });
+});
+

@@ -80,6 +80,11 @@ export class LazyMissProvider implements MissProvider {
       release();
     }
   }
+
+  /** Opens served by the kernel from a passthrough backing file still count as uses (LRU). */
+  touch(digest: string): void {
+    this.pool.touch(digest);
+  }
 }
 
 function poolFile(fh: FileHandle): MissFile {
@@ -89,5 +94,7 @@ function poolFile(fh: FileHandle): MissFile {
       return bytesRead;
     },
     close: () => fh.close(),
+    // Pool files are complete and verified: the miss filesystem may let the kernel read this fd directly.
+    backingFd: fh.fd,
   };
 }

@@ -706,6 +706,14 @@ export interface InitPolicy {
   congestionThreshold: number;
   /** Flags wanted; only those the kernel offers are accepted. */
   wantFlags: bigint;
+  /**
+   * init_out.max_stack_depth when PASSTHROUGH is negotiated (1 or 2; default
+   * 1). It becomes the FUSE superblock's stack depth: with 1 the mount can be
+   * an overlayfs lower layer and backing files must live on a non-stacked
+   * filesystem (ext4, xfs…); with 2 backing files may be on overlayfs but the
+   * mount can no longer be stacked under overlayfs.
+   */
+  maxStackDepth?: number;
 }
 
 export interface InitOut {
@@ -718,7 +726,12 @@ export interface InitOut {
   maxWrite: number;
   timeGran: number;
   maxPages: number;
+  /** Non-zero only with PASSTHROUGH (FILESYSTEM_MAX_STACK_DEPTH is 2). */
+  maxStackDepth: number;
 }
+
+/** The kernel's FILESYSTEM_MAX_STACK_DEPTH. */
+export const FILESYSTEM_MAX_STACK_DEPTH = 2;
 
 export type InitResult =
   | { ok: true; out: InitOut; /** Bytes of fuse_init_out for the negotiated minor. */ size: number }
@@ -744,17 +757,25 @@ export function negotiateInit(req: InitIn, policy: InitPolicy): InitResult {
         maxWrite: 0,
         timeGran: 0,
         maxPages: 0,
+        maxStackDepth: 0,
       },
     };
   }
   const minor = Math.min(req.minor, FUSE_KERNEL_MAX_MINOR);
   let flags = policy.wantFlags & req.flags;
+  // The kernel silently ignores PASSTHROUGH together with WRITEBACK_CACHE; say what is really in effect.
+  if ((flags & InitFlag.WRITEBACK_CACHE) !== 0n) flags &= ~InitFlag.PASSTHROUGH;
   // Bits above 31 can only be answered through flags2, which needs INIT_EXT.
   if ((flags >> 32n) !== 0n) {
     if ((req.flags & InitFlag.INIT_EXT) !== 0n) flags |= InitFlag.INIT_EXT;
     else flags &= 0xffffffffn;
   }
   const maxPages = (flags & InitFlag.MAX_PAGES) !== 0n ? Math.max(1, Math.min(policy.maxPages, 65535)) : 0;
+  // The kernel enables passthrough only with 0 < max_stack_depth <= FILESYSTEM_MAX_STACK_DEPTH.
+  const maxStackDepth =
+    (flags & InitFlag.PASSTHROUGH) !== 0n
+      ? Math.max(1, Math.min(Math.trunc(Number.isFinite(policy.maxStackDepth) ? policy.maxStackDepth! : 1), FILESYSTEM_MAX_STACK_DEPTH))
+      : 0;
   const size = minor < 5 ? 8 : minor < 23 ? 24 : INIT_OUT_SIZE;
   return {
     ok: true,
@@ -769,6 +790,7 @@ export function negotiateInit(req: InitIn, policy: InitPolicy): InitResult {
       maxWrite: Math.max(4096, policy.maxWrite),
       timeGran: 1,
       maxPages,
+      maxStackDepth,
     },
   };
 }
@@ -786,7 +808,7 @@ export function encodeInitOut(o: InitOut, size: number = INIT_OUT_SIZE): Buffer 
   out.writeUInt16LE(o.maxPages & 0xffff, 28);
   out.writeUInt16LE(0, 30); // map_alignment
   out.writeUInt32LE(Number((o.flags >> 32n) & 0xffffffffn), 32);
-  out.writeUInt32LE(0, 36); // max_stack_depth (passthrough only)
+  out.writeUInt32LE(o.maxStackDepth >>> 0, 36); // 0 unless PASSTHROUGH
   out.writeUInt16LE(0, 40); // request_timeout
   return out.subarray(0, Math.max(8, Math.min(size, INIT_OUT_SIZE)));
 }
@@ -804,6 +826,7 @@ export function parseInitOut(buf: Buffer): InitOut {
     maxWrite: buf.readUInt32LE(20),
     timeGran: full ? buf.readUInt32LE(24) : 0,
     maxPages: full ? buf.readUInt16LE(28) : 0,
+    maxStackDepth: full ? buf.readUInt32LE(36) : 0,
   };
 }
 

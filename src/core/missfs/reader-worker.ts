@@ -19,6 +19,11 @@
  * (TypeScript sources, where no .js file sits next to this module), and needs
  * no loader.
  *
+ * With FUSE passthrough it also answers OPEN of a file whose backing id the
+ * main thread has published in the shared passthrough table, and the RELEASE
+ * of such opens: a warm open then costs one device round trip, never the main
+ * thread (see PassthroughTable).
+ *
  * The worker ends on its own when the read fails with ENODEV (the filesystem
  * was unmounted or the connection aborted). It cannot be stopped while it is
  * blocked in read(2) — Worker.terminate() does not interrupt a system call,
@@ -30,6 +35,8 @@ import { Worker } from 'node:worker_threads';
 /** Messages from the reader to the main thread. */
 export type ReaderMessage =
   | { t: 'req'; data: ArrayBuffer }
+  /** The last open of a slot answered by the reader was released (its backing id may be retired). */
+  | { t: 'released'; slot: number }
   /** The device reported ENODEV: the session is over. */
   | { t: 'end' }
   /** An unexpected read error; the worker has stopped reading. */
@@ -47,20 +54,68 @@ export interface StaticReplies {
   staticParents: string[];
 }
 
+/**
+ * The passthrough table, shared by the main thread and the reader: three
+ * Int32Arrays of `slots` entries over one SharedArrayBuffer, indexed by
+ * slot = nodeid − fileInoBase (file nodes only, while below `slots`):
+ *
+ *   ids[slot]    the published backing id (0: none; the reader forwards the OPEN)
+ *   opens[slot]  passthrough opens of the node not yet released, by either thread
+ *   used[slot]   last open, in seconds since epochMs
+ *
+ * Only the main thread writes ids. The reader reserves with opens += 1 before
+ * it reads ids (and undoes it when it finds 0); the main thread retires an id
+ * by storing 0 and then closing it only if opens is 0 (else it publishes it
+ * again). With sequentially consistent Atomics an id in use is never closed.
+ */
+export interface PassthroughTable {
+  buffer: SharedArrayBuffer;
+  slots: number;
+  fileInoBase: number;
+  /** Date.now() at creation: the origin of used[]. */
+  epochMs: number;
+}
+
+export function passthroughViews(t: PassthroughTable): { ids: Int32Array; opens: Int32Array; used: Int32Array } {
+  return {
+    ids: new Int32Array(t.buffer, 0, t.slots),
+    opens: new Int32Array(t.buffer, t.slots * 4, t.slots),
+    used: new Int32Array(t.buffer, t.slots * 8, t.slots),
+  };
+}
+
+export function newPassthroughTable(slots: number, fileInoBase: number): PassthroughTable {
+  return { buffer: new SharedArrayBuffer(slots * 12), slots, fileInoBase, epochMs: Date.now() };
+}
+
 export interface ReaderWorkerData {
   fd: number;
   bufSize: number;
-  /** Int32Array over a SharedArrayBuffer: [0] = stop requested (checked between reads), [1] = answered here. */
+  /**
+   * Int32Array over a SharedArrayBuffer: [0] = stop requested (checked between
+   * reads), [1] = static requests answered here, [2] = passthrough OPENs
+   * answered here, [3] = RELEASEs answered here.
+   */
   control: SharedArrayBuffer;
   replies: StaticReplies | null;
+  passthrough: PassthroughTable | null;
 }
 
 export const READER_WORKER_SOURCE = String.raw`
 'use strict';
 const { workerData, parentPort } = require('node:worker_threads');
 const fs = require('node:fs');
-const { fd, bufSize, control, replies } = workerData;
+const { fd, bufSize, control, replies, passthrough } = workerData;
 const ctl = new Int32Array(control);
+const PT_SLOTS = passthrough ? passthrough.slots : 0;
+const PT_BASE = passthrough ? BigInt(passthrough.fileInoBase) : 0n;
+const PT_EPOCH = passthrough ? passthrough.epochMs : 0;
+const ptIds = passthrough ? new Int32Array(passthrough.buffer, 0, PT_SLOTS) : null;
+const ptOpens = passthrough ? new Int32Array(passthrough.buffer, PT_SLOTS * 4, PT_SLOTS) : null;
+const ptUsed = passthrough ? new Int32Array(passthrough.buffer, PT_SLOTS * 8, PT_SLOTS) : null;
+// fh of opens answered here: bit 62 set, slot in the low 32 bits (main-thread fhs count up from 1).
+const FH_FLAG = 1n << 62n;
+const FOPEN_PASSTHROUGH_NOFLUSH = (1 << 7) | (1 << 5);
 const buf = Buffer.allocUnsafe(bufSize);
 const MAX_TRANSIENT = 10000;
 const EMPTY = new Uint8Array(0);
@@ -78,13 +133,69 @@ function reply(unique, error, payload) {
   try { fs.writeSync(fd, out); } catch (err) { /* ENOENT: interrupted; ENODEV: the next read ends the loop */ }
 }
 
+// OPEN of a file node with a published backing id: FOPEN_PASSTHROUGH with that id. False: forward.
+function openPassthrough(unique, nodeid, len) {
+  if (!ptIds || len < 48 || nodeid < PT_BASE || nodeid - PT_BASE >= BigInt(PT_SLOTS)) return false;
+  if ((buf.readUInt32LE(40) & 3) !== 0) return false; // O_ACCMODE: the main thread answers EROFS
+  const slot = Number(nodeid - PT_BASE);
+  Atomics.add(ptOpens, slot, 1); // reserve first: the main thread closes an id only while opens is 0
+  const id = Atomics.load(ptIds, slot);
+  if (id <= 0) {
+    Atomics.sub(ptOpens, slot, 1); // the main thread answers, and counts its own
+    return false;
+  }
+  Atomics.store(ptUsed, slot, Math.floor((Date.now() - PT_EPOCH) / 1000));
+  const out = Buffer.alloc(32);
+  out.writeUInt32LE(32, 0);
+  out.writeBigUInt64LE(unique, 8);
+  out.writeBigUInt64LE(FH_FLAG | BigInt(slot), 16);
+  out.writeUInt32LE(FOPEN_PASSTHROUGH_NOFLUSH, 24);
+  out.writeInt32LE(id, 28);
+  Atomics.add(ctl, 2, 1);
+  try {
+    fs.writeSync(fd, out);
+  } catch (err) {
+    // ENOENT: the open was interrupted and will never be released; ENODEV: the session is over.
+    Atomics.sub(ctl, 2, 1);
+    if (Atomics.sub(ptOpens, slot, 1) === 1) parentPort.postMessage({ t: 'released', slot });
+  }
+  return true;
+}
+
+// RELEASE of an open answered here (fh flag). False: forward.
+function releasePassthrough(unique, len) {
+  if (!ptOpens || len < 48) return false;
+  const fh = buf.readBigUInt64LE(40);
+  if ((fh & FH_FLAG) === 0n) return false;
+  const slot = Number(fh & 0xffffffffn);
+  if ((fh >> 32n) !== (FH_FLAG >> 32n) || slot >= PT_SLOTS) return false; // not ours: the main thread answers
+  Atomics.add(ctl, 3, 1);
+  // Never below 0, whatever the kernel sends.
+  for (;;) {
+    const n = Atomics.load(ptOpens, slot);
+    if (n <= 0) break;
+    if (Atomics.compareExchange(ptOpens, slot, n, n - 1) === n) {
+      if (n === 1) parentPort.postMessage({ t: 'released', slot });
+      break;
+    }
+  }
+  const out = Buffer.alloc(16);
+  out.writeUInt32LE(16, 0);
+  out.writeBigUInt64LE(unique, 8);
+  try { fs.writeSync(fd, out); } catch (err) { /* as in reply() */ }
+  return true;
+}
+
 // True when the request was answered here. Every field read is bounded by n and len.
 function answer(n) {
-  if (!replies || n < 40) return false;
+  if (n < 40) return false;
   const len = buf.readUInt32LE(0);
   if (len !== n) return false;
   const op = buf.readUInt32LE(4);
   const unique = buf.readBigUInt64LE(8);
+  if (op === 14) return openPassthrough(unique, buf.readBigUInt64LE(16), len); // OPEN
+  if (op === 18) return releasePassthrough(unique, len); // RELEASE
+  if (!replies) return false;
   const nodeid = String(buf.readBigUInt64LE(16));
   switch (op) {
     case 17: // STATFS
@@ -152,9 +263,10 @@ export function startReaderWorker(
   fd: number,
   bufSize: number,
   replies: StaticReplies | null,
+  passthrough: PassthroughTable | null = null,
 ): { worker: Worker; control: Int32Array } {
-  const control = new SharedArrayBuffer(8);
-  const data: ReaderWorkerData = { fd, bufSize, control, replies };
+  const control = new SharedArrayBuffer(16);
+  const data: ReaderWorkerData = { fd, bufSize, control, replies, passthrough };
   const worker = new Worker(READER_WORKER_SOURCE, { eval: true, workerData: data, name: 'gear-missfs-reader' });
   return { worker, control: new Int32Array(control) };
 }

@@ -12,6 +12,21 @@
  * answers with its size (root-owned regular file, mode 0444). OPEN/READ are
  * served from the provider's MissFile; RELEASE closes it.
  *
+ * Passthrough (kernel ≥ 6.9 with CONFIG_FUSE_PASSTHROUGH): when the provider's
+ * file is complete (MissFile.backingFd), OPEN registers it with the kernel
+ * (FUSE_DEV_IOC_BACKING_OPEN) and answers FOPEN_PASSTHROUGH: reads, readahead
+ * and mmap of that open file then go to the pool file in the kernel and never
+ * reach this process. The kernel wants every concurrent open of one inode in
+ * the same mode with the same backing file, so a digest with passthrough opens
+ * keeps one backing id, shared by its opens; a digest with READ-mode opens
+ * stays in READ mode until they are released. The id is published in a table
+ * shared with the reader thread, which then answers later OPENs (and their
+ * RELEASEs) of that file by itself: a warm open costs one device round trip.
+ * An id is closed after the last RELEASE once it was not used for
+ * `passthroughLingerMs`, when the kernel forgets the node, or when too many
+ * are open. Without passthrough (old kernel, option off, EPERM/ELOOP from the
+ * kernel) everything goes through READ as before.
+ *
  * Threads: a worker blocks in read(2) on the device (reader-worker.ts) and
  * hands each request to the main thread, which serves requests concurrently
  * (a slow provider call never holds up others) and answers each with one
@@ -23,6 +38,7 @@ import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, failedPrecondition, GearError, internal, isClass, unavailable } from '../errors.js';
+import { native } from '../sys/native.js';
 import {
   Errno,
   FOpen,
@@ -68,7 +84,14 @@ import {
   type InitOut,
   type InitPolicy,
 } from './protocol.js';
-import { startReaderWorker, type ReaderMessage, type StaticReplies } from './reader-worker.js';
+import {
+  newPassthroughTable,
+  passthroughViews,
+  startReaderWorker,
+  type PassthroughTable,
+  type ReaderMessage,
+  type StaticReplies,
+} from './reader-worker.js';
 import type { MissFile, MissFsStats, MissProvider } from './types.js';
 
 export const MISSFS_FSTYPE = 'fuse.gear';
@@ -83,6 +106,8 @@ const HEX64 = /^[0-9a-f]{64}$/;
 const HEX2 = /^[0-9a-f]{2}$/;
 /** Hard cap on one READ, whatever the kernel claims (protects against a damaged size field). */
 const MAX_READ_BYTES = 16 << 20;
+/** File nodes (by inode − FILE_INO_BASE) that can use passthrough; later ones are served through READ. */
+const PASSTHROUGH_SLOTS = 1 << 18;
 
 export interface MountMissFsOptions {
   mountpoint: string;
@@ -102,6 +127,24 @@ export interface MountMissFsOptions {
   maxReadahead?: number;
   /** INIT: max_background (async reads in flight): default 64. */
   maxBackground?: number;
+  /**
+   * FUSE passthrough for complete files when the kernel offers it: default
+   * true. It makes the FUSE superblock count as stacked (max_stack_depth 1),
+   * which overlayfs on top still accepts, but the pool must then be on a
+   * non-stacked filesystem (not overlayfs): otherwise the kernel refuses and
+   * the session falls back to READ.
+   */
+  passthrough?: boolean;
+  /**
+   * How long a file's backing id stays registered after its last RELEASE, so
+   * that opening it again is answered by the reader thread at once: default
+   * 5 min; 0 closes it with the last RELEASE. A registered id keeps the pool
+   * file open in the kernel (an evicted file's space is freed only when the
+   * id goes).
+   */
+  passthroughLingerMs?: number;
+  /** Upper bound on registered backing ids; idle ones are closed, oldest first, beyond it: default 16384. */
+  maxBackingIds?: number;
 }
 
 export interface UnmountOptions {
@@ -140,6 +183,10 @@ interface OpenFile {
   file: MissFile;
   hex: string;
   reads: Set<Promise<void>>;
+  /** The file node's inode number (keys `readOpens`). */
+  ino: bigint;
+  /** The passthrough table slot of a FOPEN_PASSTHROUGH open; -1 for an open served through READ. */
+  slot: number;
 }
 
 interface Pending {
@@ -347,6 +394,21 @@ class MissFsSession implements MissFsMount {
   private readonly inoByHex = new Map<string, bigint>();
   private nextIno = FILE_INO_BASE;
   private readonly files = new Map<bigint, OpenFile>();
+  /** By inode: open files in READ mode (while there are any, no passthrough for that inode). */
+  private readonly readOpens = new Map<bigint, number>();
+  /** Passthrough wanted by the options, then negotiated in INIT; off for good after EPERM/ELOOP/ENOTTY. */
+  private passthrough: boolean;
+  private readonly ptWarned = new Set<string>();
+  /** Backing ids by slot, shared with the reader (see PassthroughTable); null when passthrough is off by option. */
+  private readonly ptTable: PassthroughTable | null;
+  private readonly pt: { ids: Int32Array; opens: Int32Array; used: Int32Array } | null;
+  /** Slots with a registered backing id → the file's hex and the last use reported to the provider. */
+  private readonly published = new Map<number, { hex: string; reported: number }>();
+  private readonly lingerMs: number;
+  private readonly maxBackingIds: number;
+  private sweepTimer: NodeJS.Timeout | undefined;
+  /** Reader-thread passthrough opens of readers that exited. */
+  private readerPtOpens = 0;
   private readonly dirs = new Map<bigint, Dirent[]>();
   private nextFh = 1n;
   private readonly inflight = new Map<bigint, Pending>();
@@ -356,6 +418,7 @@ class MissFsSession implements MissFsMount {
     lookups: 0,
     lookupErrors: 0,
     opens: 0,
+    passthroughOpens: 0,
     reads: 0,
     bytesRead: 0,
     interrupts: 0,
@@ -373,6 +436,11 @@ class MissFsSession implements MissFsMount {
     this.entryTimeoutMs = opts.entryTimeoutMs ?? 86_400_000;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 300_000;
     const maxWrite = opts.maxWrite ?? 128 * 1024;
+    this.passthrough = opts.passthrough ?? true;
+    this.ptTable = this.passthrough ? newPassthroughTable(PASSTHROUGH_SLOTS, Number(FILE_INO_BASE)) : null;
+    this.pt = this.ptTable ? passthroughViews(this.ptTable) : null;
+    this.lingerMs = Math.max(0, opts.passthroughLingerMs ?? 300_000);
+    this.maxBackingIds = Math.max(1, opts.maxBackingIds ?? 16_384);
     this.policy = {
       maxWrite,
       maxReadahead: opts.maxReadahead ?? 1024 * 1024,
@@ -380,7 +448,14 @@ class MissFsSession implements MissFsMount {
       maxBackground: opts.maxBackground ?? 64,
       congestionThreshold: Math.floor(((opts.maxBackground ?? 64) * 3) / 4),
       // No WRITEBACK_CACHE (read-only), no readdirplus, no locks, no export support.
-      wantFlags: InitFlag.ASYNC_READ | InitFlag.BIG_WRITES | InitFlag.MAX_PAGES | InitFlag.PARALLEL_DIROPS,
+      wantFlags:
+        InitFlag.ASYNC_READ |
+        InitFlag.BIG_WRITES |
+        InitFlag.MAX_PAGES |
+        InitFlag.PARALLEL_DIROPS |
+        (this.passthrough ? InitFlag.PASSTHROUGH : 0n),
+      // 1: this mount stays usable as an overlayfs lower layer (overlay depth 2 = the maximum).
+      maxStackDepth: 1,
     };
     this.bufSize = readBufferSize(maxWrite);
     this.closed = this.closedD.promise;
@@ -392,12 +467,13 @@ class MissFsSession implements MissFsMount {
   // Lifecycle
 
   startReader(): void {
-    const { worker, control } = startReaderWorker(this.fd, this.bufSize, this.staticReplies());
+    const { worker, control } = startReaderWorker(this.fd, this.bufSize, this.staticReplies(), this.ptTable);
     this.worker = worker;
     this.readerControl = control;
     let fatal: string | undefined;
     worker.on('message', (m: ReaderMessage) => {
       if (m.t === 'req') this.onRequest(Buffer.from(m.data));
+      else if (m.t === 'released') this.onIdle(m.slot);
       else if (m.t === 'fatal') fatal = `${m.code}: ${m.message}`;
     });
     worker.on('error', (err) => {
@@ -406,6 +482,7 @@ class MissFsSession implements MissFsMount {
     worker.on('exit', () => {
       if (this.worker === worker) this.worker = undefined;
       this.staticAnswered += this.readerControl ? Atomics.load(this.readerControl, 1) : 0;
+      this.readerPtOpens += this.readerControl ? Atomics.load(this.readerControl, 2) : 0;
       this.readerControl = undefined;
       if (fatal === undefined) {
         this.finish('device reported ENODEV');
@@ -450,6 +527,12 @@ class MissFsSession implements MissFsMount {
     }
     this.dirs.clear();
     this.nodes.clear();
+    // The kernel drops every backing file with the connection; the ids die with the fd.
+    this.published.clear();
+    this.pt?.ids.fill(0);
+    this.readOpens.clear();
+    if (this.sweepTimer) clearInterval(this.sweepTimer);
+    this.sweepTimer = undefined;
     try {
       closeSync(this.fd);
     } catch {
@@ -468,6 +551,9 @@ class MissFsSession implements MissFsMount {
   private async doUnmount(opts: UnmountOptions): Promise<void> {
     if (this.state === 'closed') return;
     this.state = 'unmounting';
+    // New opens must fail like every other request that needs us: the reader stops answering them.
+    // The ids stay registered; the kernel drops them with the connection.
+    if (this.pt) for (const slot of this.published.keys()) Atomics.store(this.pt.ids, slot, 0);
     const timeoutMs = opts.timeoutMs ?? 10_000;
     const ours = this.ourMount();
     if (ours) {
@@ -517,11 +603,15 @@ class MissFsSession implements MissFsMount {
     for (const n of this.nodes.values()) if (n.nlookup > 0n) live++;
     return {
       ...this.counters,
+      passthroughOpens:
+        this.counters.passthroughOpens + this.readerPtOpens + (this.readerControl ? Atomics.load(this.readerControl, 2) : 0),
       staticReplies: this.staticAnswered + (this.readerControl ? Atomics.load(this.readerControl, 1) : 0),
       unsupported: { ...this.unsupported },
       liveNodes: live,
       openFiles: this.files.size,
       inflight: this.inflight.size,
+      backingIds: this.published.size,
+      passthrough: this.passthrough && this.state !== 'closed',
     };
   }
 
@@ -743,6 +833,11 @@ class MissFsSession implements MissFsMount {
     this.ok(p, encodeInitOut(r.out, r.size));
     if (r.out.major !== initIn.major) return; // the kernel may retry with our major
     this.init = r.out;
+    this.passthrough = this.passthrough && this.pt !== null && (r.out.flags & InitFlag.PASSTHROUGH) !== 0n;
+    if (this.passthrough && this.lingerMs > 0 && !this.sweepTimer) {
+      this.sweepTimer = setInterval(() => this.sweep(false), Math.max(1_000, Math.min(this.lingerMs / 2, 30_000)));
+      this.sweepTimer.unref();
+    }
     if (this.state === 'starting') this.state = 'serving';
     this.log.info(
       {
@@ -751,6 +846,7 @@ class MissFsSession implements MissFsMount {
         flags: '0x' + r.out.flags.toString(16),
         maxPages: r.out.maxPages,
         maxReadahead: r.out.maxReadahead,
+        passthrough: this.passthrough,
       },
       'missfs: INIT negotiated',
     );
@@ -803,7 +899,12 @@ class MissFsSession implements MissFsMount {
     const n = this.nodes.get(nodeid);
     if (!n) return; // static directories are never freed
     n.nlookup -= nlookup;
-    if (n.nlookup <= 0n) this.nodes.delete(nodeid);
+    if (n.nlookup <= 0n) {
+      this.nodes.delete(nodeid);
+      const slot = this.slotOf(nodeid);
+      // Still open (RELEASE may come after FORGET): retired when the last one is released.
+      if (slot >= 0 && this.published.has(slot)) this.retire(slot);
+    }
   }
 
   private dirEntry(p: Pending, nodeid: bigint): void {
@@ -957,18 +1058,188 @@ class MissFsSession implements MissFsMount {
       return;
     }
     if (p.replied || this.state === 'closed') {
-      await this.closeFile({ file, hex: node.hex, reads: new Set() });
+      await this.closeFile({ file, hex: node.hex, reads: new Set(), ino: node.ino, slot: -1 });
       return;
     }
     const fh = this.nextFh++;
-    const of: OpenFile = { file, hex: node.hex, reads: new Set() };
+    // Decided and counted synchronously right before the reply: the mode of the other opens of this inode matters.
+    const { backingId, slot } = this.startIo(node, file);
+    const of: OpenFile = { file, hex: node.hex, reads: new Set(), ino: node.ino, slot };
     this.files.set(fh, of);
-    // Content is immutable: keep the page cache across opens; nothing to flush on close.
-    if (!this.ok(p, encodeOpenOut(fh, FOpen.KEEP_CACHE | FOpen.NOFLUSH))) {
+    // Content is immutable: keep the page cache across opens; nothing to flush on close. The kernel
+    // fails a passthrough open that has flags outside FOPEN_PASSTHROUGH_MASK (KEEP_CACHE among them):
+    // its I/O uses the backing file's page cache instead.
+    const flags = backingId > 0 ? FOpen.PASSTHROUGH | FOpen.NOFLUSH : FOpen.KEEP_CACHE | FOpen.NOFLUSH;
+    if (!this.ok(p, encodeOpenOut(fh, flags, backingId))) {
       // The open was interrupted: the kernel will never RELEASE this handle.
       this.files.delete(fh);
+      this.endIo(of);
       await this.closeFile(of);
+      return;
     }
+    if (backingId > 0) this.counters.passthroughOpens++;
+  }
+
+  /**
+   * Chooses how the kernel does I/O on a new open of node, and counts it: a
+   * backing id (> 0) for FOPEN_PASSTHROUGH, or 0 for READ requests.
+   *
+   * The kernel fails an open with EIO when its mode conflicts with the other
+   * opens of the inode (a READ-mode open while one is in passthrough, a
+   * passthrough open while one is in READ mode, or a second backing file). It
+   * drops its side of an open before sending RELEASE, so the counts here are
+   * never below the kernel's: following them never causes a conflict.
+   */
+  private startIo(node: FileNode, file: MissFile): { backingId: number; slot: number } {
+    const pt = this.pt;
+    const slot = this.slotOf(node.ino);
+    if (pt && slot >= 0) {
+      Atomics.add(pt.opens, slot, 1);
+      const id = Atomics.load(pt.ids, slot);
+      if (id > 0) {
+        // Same content (content-addressed), so a partial provider file may share the complete one.
+        Atomics.store(pt.used, slot, this.ptNow());
+        return { backingId: id, slot };
+      }
+      Atomics.sub(pt.opens, slot, 1);
+    }
+    const fd = file.backingFd;
+    const reading = this.readOpens.get(node.ino) ?? 0;
+    const readMode = () => {
+      this.readOpens.set(node.ino, reading + 1);
+      return { backingId: 0, slot: -1 };
+    };
+    if (!pt || !this.passthrough || fd === undefined || !Number.isInteger(fd) || fd < 0 || reading > 0) return readMode();
+    if (slot < 0) {
+      this.passthroughFailed(node, internal(`more than ${PASSTHROUGH_SLOTS} files in this session`));
+      return readMode();
+    }
+    let id: number;
+    try {
+      id = native.fuseBackingOpen(this.fd, fd);
+      if (!Number.isInteger(id) || id <= 0) throw internal(`FUSE_DEV_IOC_BACKING_OPEN returned backing id ${String(id)}`);
+    } catch (err) {
+      this.passthroughFailed(node, err);
+      return readMode();
+    }
+    Atomics.add(pt.opens, slot, 1);
+    Atomics.store(pt.used, slot, this.ptNow());
+    Atomics.store(pt.ids, slot, id);
+    this.published.set(slot, { hex: node.hex, reported: Atomics.load(pt.used, slot) });
+    if (this.published.size > this.maxBackingIds) this.sweep(true);
+    return { backingId: id, slot };
+  }
+
+  /** Undoes startIo() for an open file that is gone (RELEASE, or its open reply was not accepted). */
+  private endIo(of: OpenFile): void {
+    if (of.slot < 0) {
+      const n = (this.readOpens.get(of.ino) ?? 0) - 1;
+      if (n > 0) this.readOpens.set(of.ino, n);
+      else this.readOpens.delete(of.ino);
+      return;
+    }
+    const pt = this.pt;
+    if (!pt) return;
+    if (Atomics.sub(pt.opens, of.slot, 1) === 1) this.onIdle(of.slot);
+  }
+
+  /** Table slot of a file inode, or -1. */
+  private slotOf(ino: bigint): number {
+    const slot = ino - FILE_INO_BASE;
+    return slot >= 0n && slot < BigInt(PASSTHROUGH_SLOTS) ? Number(slot) : -1;
+  }
+
+  private ptNow(): number {
+    return this.ptTable ? Math.floor((Date.now() - this.ptTable.epochMs) / 1000) : 0;
+  }
+
+  /** The last open of slot was released: close its id now, or leave it for the sweep (linger). */
+  private onIdle(slot: unknown): void {
+    if (typeof slot !== 'number' || !this.published.has(slot)) return;
+    const node = this.nodes.get(FILE_INO_BASE + BigInt(slot));
+    // A node the kernel forgot cannot be opened again through this inode: no point lingering.
+    if (this.lingerMs <= 0 || !node || node.nlookup <= 0n) this.retire(slot);
+  }
+
+  /** Closes the backing id of slot unless an open is using it (then it stays published). */
+  private retire(slot: number): boolean {
+    const pt = this.pt;
+    if (!pt) return false;
+    const id = Atomics.load(pt.ids, slot);
+    if (id <= 0) {
+      this.published.delete(slot);
+      return true;
+    }
+    Atomics.store(pt.ids, slot, 0);
+    if (Atomics.load(pt.opens, slot) !== 0) {
+      // In use (or a reader open is reserving it right now): keep it.
+      Atomics.store(pt.ids, slot, id);
+      return false;
+    }
+    this.published.delete(slot);
+    if (this.fd < 0) return true; // the session ended: the kernel dropped it already
+    try {
+      // Open files keep their own reference to the backing file; only the id goes.
+      native.fuseBackingClose(this.fd, id);
+    } catch (err) {
+      this.log.warn({ backingId: id, err: describeError(err) }, 'missfs: closing a passthrough backing id failed');
+    }
+    return true;
+  }
+
+  /** Closes idle ids unused for lingerMs; with `full`, also the oldest idle ones until well below maxBackingIds. */
+  private sweep(full: boolean): void {
+    const pt = this.pt;
+    if (!pt || this.state === 'closed') return;
+    const now = this.ptNow();
+    const lingerS = Math.ceil(this.lingerMs / 1000);
+    const idle: number[] = [];
+    for (const [slot, entry] of [...this.published]) {
+      // Opens the reader answered never reached the provider: report them as uses (cache recency).
+      const used = Atomics.load(pt.used, slot);
+      if (used > entry.reported) {
+        entry.reported = used;
+        try {
+          this.provider.touch?.(`sha256:${entry.hex}`);
+        } catch (err) {
+          this.log.warn({ digest: `sha256:${entry.hex}`, err: describeError(err) }, 'missfs: provider touch failed');
+        }
+      }
+      if (Atomics.load(pt.opens, slot) !== 0) continue;
+      if (now - Atomics.load(pt.used, slot) >= lingerS) this.retire(slot);
+      else idle.push(slot);
+    }
+    if (!full) return;
+    const target = Math.floor(this.maxBackingIds * 0.9);
+    idle.sort((a, b) => Atomics.load(pt.used, a) - Atomics.load(pt.used, b));
+    for (const slot of idle) {
+      if (this.published.size <= target) break;
+      this.retire(slot);
+    }
+  }
+
+  /** Logs (once per cause) why a file is served through READ; switches passthrough off when it cannot work at all. */
+  private passthroughFailed(node: FileNode, err: unknown): void {
+    const code = errnoCode(err) ?? 'other';
+    let hint: string;
+    let fatal = true;
+    if (code === 'EPERM') {
+      hint = 'the kernel refused FUSE passthrough (the daemon needs CAP_SYS_ADMIN in the initial user namespace); run it as real root, or mount with passthrough off';
+    } else if (code === 'ELOOP') {
+      hint = 'the pool is on a stacked filesystem (overlayfs?) that FUSE passthrough cannot use; put the gear root on ext4 or xfs';
+    } else if (code === 'ENOTTY' || code === 'EINVAL') {
+      hint = 'this kernel does not support FUSE_DEV_IOC_BACKING_OPEN as expected';
+    } else {
+      hint = 'serving this file through READ requests';
+      fatal = false;
+    }
+    if (fatal) this.passthrough = false;
+    if (this.ptWarned.has(code)) return;
+    this.ptWarned.add(code);
+    this.log.warn(
+      { digest: `sha256:${node.hex}`, err: describeError(err), passthrough: this.passthrough },
+      `missfs: FUSE passthrough unavailable, reads go through this process (slower): ${hint}`,
+    );
   }
 
   private onRead(p: Pending, body: Buffer): void {
@@ -1009,7 +1280,10 @@ class MissFsSession implements MissFsMount {
     const of = this.files.get(fh);
     this.files.delete(fh);
     this.ok(p);
-    if (of) void this.closeFile(of);
+    if (of) {
+      this.endIo(of);
+      void this.closeFile(of);
+    }
   }
 
   private async closeFile(of: OpenFile): Promise<void> {

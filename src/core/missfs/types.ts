@@ -30,6 +30,14 @@ export interface MissProvider {
    * again if needed, just as lookup() does.
    */
   open(digest: string, signal: AbortSignal): Promise<MissFile>;
+
+  /**
+   * Optional: the file was opened again without open() (the kernel reused the
+   * passthrough backing file registered at an earlier open). Record the use
+   * (e.g. cache recency). Called from a periodic sweep, at most once per
+   * digest per sweep; must not throw or block.
+   */
+  touch?(digest: string): void;
 }
 
 export interface MissFile {
@@ -40,6 +48,14 @@ export interface MissFile {
    */
   read(buf: Buffer, position: number, signal?: AbortSignal): Promise<number>;
   close(): Promise<void>;
+  /**
+   * A descriptor of the complete, verified file (open for reading, valid
+   * until close()), when there is one: the server may then hand it to the
+   * kernel (FUSE passthrough) so that reads of this open file never reach
+   * this process. Leave it out for anything read() must serve itself (a
+   * partially downloaded file, computed content).
+   */
+  readonly backingFd?: number;
 }
 
 /** Counters of one mounted session (monotonic, except the live gauges). */
@@ -51,6 +67,8 @@ export interface MissFsStats {
   lookups: number;
   lookupErrors: number;
   opens: number;
+  /** OPENs answered with FOPEN_PASSTHROUGH: the kernel reads the pool file directly, no READ reaches us. */
+  passthroughOpens: number;
   reads: number;
   bytesRead: number;
   interrupts: number;
@@ -62,4 +80,8 @@ export interface MissFsStats {
   liveNodes: number;
   openFiles: number;
   inflight: number;
+  /** Backing files registered with the kernel (one per file with passthrough opens; 0 when none is open). */
+  backingIds: number;
+  /** Passthrough negotiated and not switched off (by option, or after the kernel refused it). */
+  passthrough: boolean;
 }

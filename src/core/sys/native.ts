@@ -1,7 +1,8 @@
 /**
  * Typed access to native/gear_native.cc: the Linux calls Node.js lacks
- * (extended attributes, mknod, mount(2), umount2(2)). All are synchronous and
- * throw Node-style errors carrying `code` ("ENOENT", "ENODATA"…).
+ * (extended attributes, mknod, mount(2), umount2(2), the FUSE passthrough
+ * ioctls). All are synchronous and throw Node-style errors carrying `code`
+ * ("ENOENT", "ENODATA"…).
  */
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -17,6 +18,16 @@ interface NativeModule {
   mknod(path: string, mode: number, major: number, minor: number): void;
   mount(source: string, target: string, fstype: string, flags: number, data: string, cwd?: string): void;
   umount2(target: string, flags: number): void;
+  /**
+   * FUSE_DEV_IOC_BACKING_OPEN on a mounted /dev/fuse fd: registers fd (a
+   * regular file) as a passthrough backing file and returns its backing id
+   * (> 0). EPERM without negotiated passthrough or without CAP_SYS_ADMIN in
+   * the initial user namespace; ELOOP when fd's filesystem is stacked at least
+   * as deep as the connection's max_stack_depth; ENOTTY on kernels < 6.9.
+   */
+  fuseBackingOpen(devFd: number, fd: number): number;
+  /** FUSE_DEV_IOC_BACKING_CLOSE: drops the registration (open files keep their own reference). */
+  fuseBackingClose(devFd: number, backingId: number): void;
   constants: {
     MS_RDONLY: number;
     MS_NOSUID: number;
