@@ -12,6 +12,7 @@ export interface LazyFlags {
   fetchTimeout?: number;
   maxFetches?: number;
   insecureRegistry: string[];
+  fusePassthrough: boolean;
 }
 
 function parseFetchTimeout(value: string): number {
@@ -32,7 +33,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
   return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
 }
 
-/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches and --insecure-registry. */
+/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry and --no-fuse-passthrough. */
 export function addLazyOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
@@ -48,6 +49,12 @@ export function addLazyOptions(cmd: Command): Command {
         .env('GEAR_INSECURE_REGISTRIES')
         .argParser(collectRegistries)
         .default([]),
+    )
+    .addOption(
+      new Option(
+        '--no-fuse-passthrough',
+        'serve reads of fetched files through the daemon instead of FUSE passthrough (needed when containers stack another overlay on their root filesystem)',
+      ),
     );
 }
 
@@ -59,5 +66,6 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
     ...(f.fetchTimeout ? { fetchTimeoutMs: f.fetchTimeout } : {}),
     ...(f.maxFetches ? { maxFetches: f.maxFetches } : {}),
     insecureRegistries: f.insecureRegistry,
+    fusePassthrough: f.fusePassthrough,
   };
 }

@@ -25,6 +25,13 @@ export interface LazyOptions {
   insecureRegistries?: string[];
   /** Docker config.json with registry credentials. Default: the registry client's ($DOCKER_CONFIG, ~/.docker). */
   dockerConfigPath?: string;
+  /**
+   * FUSE passthrough: reads of files already in the pool go from the kernel straight to the pool
+   * file. Default true (off when the kernel lacks it). It makes the miss filesystem a stacked
+   * filesystem, so container roots are at overlay's maximum stacking depth: an overlay whose
+   * layers live on a container's root filesystem cannot be mounted inside it.
+   */
+  fusePassthrough?: boolean;
   /** Mount the miss filesystem at ROOT/miss. Default true. */
   mountMissFs?: boolean;
 }
@@ -68,6 +75,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         mountpoint: path.join(root, 'miss'),
         provider,
         logger,
+        passthrough: opts.fusePassthrough ?? true,
         // A little above the fetch deadline: the fetcher answers first, with a precise error.
         requestTimeoutMs: fetcherTimeout + 5_000,
       });
@@ -90,6 +98,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       const f = fetcher.stats();
       return [
         ['Lazy Pull', miss ? 'on (miss filesystem mounted)' : missError ? `off (miss filesystem: ${missError.slice(0, 200)})` : 'off'],
+        ...(miss ? [['FUSE Passthrough', miss.stats().passthrough ? 'on' : 'off'] as [string, string]] : []),
         ['Gear Files Known', String(catalog.files)],
         ['Pool', `${p.files} files, ${formatSize(p.bytes)} of ${formatSize(p.capBytes)}`],
         ['Pool Evictions', `${p.counters.evictions} files, ${formatSize(p.counters.evictedBytes)}`],
