@@ -963,8 +963,9 @@ class MissFsSession implements MissFsMount {
     const fh = this.nextFh++;
     const of: OpenFile = { file, hex: node.hex, reads: new Set() };
     this.files.set(fh, of);
-    // Content is immutable: keep the page cache across opens; nothing to flush on close.
-    if (!this.ok(p, encodeOpenOut(fh, FOpen.KEEP_CACHE | FOpen.NOFLUSH))) {
+    // Content is immutable: keep the page cache across opens (unless the provider's bytes may be
+    // unverified, see MissFile.keepCache); nothing to flush on close.
+    if (!this.ok(p, encodeOpenOut(fh, (file.keepCache === false ? 0 : FOpen.KEEP_CACHE) | FOpen.NOFLUSH))) {
       // The open was interrupted: the kernel will never RELEASE this handle.
       this.files.delete(fh);
       await this.closeFile(of);

@@ -40,6 +40,12 @@ export interface MissFile {
    */
   read(buf: Buffer, position: number, signal?: AbortSignal): Promise<number>;
   close(): Promise<void>;
+  /**
+   * false: the OPEN reply omits FOPEN_KEEP_CACHE, so the kernel drops the
+   * pages it cached from earlier opens of this file (bytes served while a big
+   * file streamed in are unverified). Default true.
+   */
+  keepCache?: boolean;
 }
 
 /** Counters of one mounted session (monotonic, except the live gauges). */
