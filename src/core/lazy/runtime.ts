@@ -110,6 +110,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         ['Fetch Failures', `${f.failures} (${f.verifyFailures} rejected by verification, ${f.timeouts} deadlines)`],
         ['Fetches In Flight', `${f.running} running, ${f.queued} queued, max ${fetcher.maxParallel}`],
         ['Fetch Timeout', `${fetcher.timeoutMs} ms`],
+        ['Streamed Opens', `${f.streams} (big files; ${f.rangeRequests} range reads, ${formatSize(f.rangeBytes)})`],
       ];
     },
     close(): Promise<void> {
