@@ -15,11 +15,12 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
+import { gzipSync } from 'node:zlib';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { isClass } from '../../src/core/errors.js';
 import { Fetcher, type FetchRequest, type StreamedFile } from '../../src/core/fetcher/fetcher.js';
 import { writeIndexLayer } from '../../src/core/index/index-layer.js';
-import type { IndexManifest } from '../../src/core/index/manifest.js';
+import { GearMediaType, type IndexManifest } from '../../src/core/index/manifest.js';
 import type { TarHeader } from '../../src/core/index/tar.js';
 import type { LazyRuntime } from '../../src/core/lazy/runtime.js';
 import { openLayerStore } from '../../src/core/layers/store.js';
@@ -151,6 +152,28 @@ describe('streamed fetch (fetcher)', () => {
     expect(await fs.readdir(path.join(root, 'pool', '.staging'))).toEqual([]);
     expect(pool.stat().writing).toBe(0);
     expect(pool.stat().bytes).toBe(req.size);
+  }, 60_000);
+
+  it('a gzip-stored big file streams too: the head is served early, a far read waits for the download (no Range on gzip)', async () => {
+    const content = randomBytes(10 * MiB);
+    const z = gzipSync(content, { level: 1 });
+    const pusher = new RegistryClient();
+    await pusher.pushBlob(`${reg.host}/${REPO}`, sha(z), z).finally(() => pusher.close());
+    const req: FetchRequest = { ...reqOf(content), blob: { mediaType: GearMediaType.FileGzip, digest: sha(z), size: z.length } };
+    throttleFull(2 * MiB); // ~5 s
+    fetcher = new Fetcher({ pool, client, timeoutMs: 20_000 });
+    const f = fetcher.stream(req);
+    const head = Buffer.alloc(64 * 1024);
+    expect(await readFull(f, head, 0)).toBe(head.length);
+    expect(sha(head)).toBe(sha(content.subarray(0, head.length)));
+    expect(fetcher.progress(req.digest)!.written).toBeLessThan(req.size);
+    const far = Buffer.alloc(4096);
+    expect(await readFull(f, far, 9 * MiB)).toBe(far.length);
+    expect(sha(far)).toBe(sha(content.subarray(9 * MiB, 9 * MiB + far.length)));
+    expect(fetcher.stats().rangeRequests).toBe(0);
+    await f.close();
+    await until('the download to complete', () => pool.has(req.digest));
+    expect(sha(await fs.readFile(pool.path(req.digest)))).toBe(req.digest);
   }, 60_000);
 
   it('resumes a broken raw download with a Range request; the resumed file still verifies', async () => {
