@@ -176,6 +176,31 @@ describe('streamed fetch (fetcher)', () => {
     expect(sha(await fs.readFile(pool.path(req.digest)))).toBe(req.digest);
   }, 60_000);
 
+  it('a queued streamed download whose readers all closed yields to foreground requests, and still completes', async () => {
+    const blocker = reqOf(corrupt);
+    const req = reqOf(medium);
+    const smallReq = reqOf(small);
+    const mark = proxy.seen.length;
+    proxy.setDecider((r) => (isBlobGet(r) && r.url?.includes(blocker.digest) ? { kind: 'hang' } : undefined));
+    fetcher = new Fetcher({ pool, client, timeoutMs: 1_500, maxParallel: 1, maxAttempts: 1 });
+    const order: string[] = [];
+    const first = fetcher.fetch(blocker).catch(() => order.push('blocker-failed'));
+    const f = fetcher.stream(req); // queued behind the blocker
+    expect(fetcher.progress(req.digest)?.state).toBe('queued');
+    await f.close(); // nobody reads it any more: demoted, but kept
+    const smallDone = fetcher.fetch(smallReq, { timeoutMs: 10_000 }).then(() => order.push('small'));
+    await first;
+    proxy.setDecider(() => undefined);
+    await smallDone;
+    await until('the streamed download to complete', () => pool.has(req.digest), 30_000);
+    expect(order).toEqual(['blocker-failed', 'small']);
+    // The small file's GET went out before the big one's.
+    const gets = proxy.seen.slice(mark).filter((l) => l.startsWith('GET ') && l.includes('/blobs/'));
+    const at = (d: string) => gets.findIndex((l) => l.includes(d));
+    expect(at(smallReq.digest)).toBeGreaterThanOrEqual(0);
+    expect(at(smallReq.digest)).toBeLessThan(at(req.digest));
+  }, 60_000);
+
   it('resumes a broken raw download with a Range request; the resumed file still verifies', async () => {
     const req = reqOf(medium);
     let n = 0;

@@ -50,7 +50,8 @@
  *   only reads far ahead of the download (Range) may end unverified.
  * - Every read waits at most `timeoutMs`, then fails DeadlineExceeded (EIO).
  *   Once any reader opened a streamed file, its download keeps going in the
- *   background after the readers are gone, into the pool (the next open, often
+ *   background after the readers are gone (a queued one is demoted to
+ *   background priority), into the pool (the next open, often
  *   right after, is then served from the pool). It is bounded by a stall
  *   deadline instead of a total one: aborted when no byte arrived for
  *   `timeoutMs` (a multi-GB file may take longer than the deadline in total).
@@ -354,6 +355,15 @@ export class Fetcher {
     }
   }
 
+  private demote(job: Job): void {
+    job.priority = 'background';
+    const i = this.fg.indexOf(job);
+    if (i >= 0) {
+      this.fg.splice(i, 1);
+      this.bg.push(job);
+    }
+  }
+
   /** A caller's bounded wait on a job. */
   private wait(job: Job, opts: FetchOptions, counts: boolean): Promise<void> {
     const timeoutMs = opts.timeoutMs ?? this.timeoutMs;
@@ -613,6 +623,8 @@ export class Fetcher {
         if (!open) return;
         open = false;
         j.readers--;
+        // Nobody reads it now: a queued download lets foreground requests go first.
+        if (j.readers === 0 && j.waiters === 0 && j.state === 'queued' && j.priority === 'foreground') this.demote(j);
         this.closeReadFds(j);
       },
     };
