@@ -16,6 +16,7 @@ import { ociLayoutDestination, registryDestination, type Destination } from '../
 import { newRegistryClient, openRegistry } from '../convert/registry-adapter.js';
 import { openDockerArchive, openDockerDaemon, openOciLayout, openRegistryImage, parseSourceSpec, type SourceImage } from '../convert/source.js';
 import { parseRepository } from '../core/registry/reference.js';
+import { parseSize } from '../core/pool/size.js';
 
 interface ConvertFlags {
   json?: boolean;
@@ -27,6 +28,8 @@ interface ConvertFlags {
   insecureRegistry: string[];
   progress?: boolean;
   storage?: string;
+  /** Size from which Gear files are stored raw (range-readable), e.g. "8MiB"; "off" gzips them too. */
+  rawAbove?: string;
 }
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
@@ -122,6 +125,7 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
         concurrency: Number(flags.concurrency),
         filesPerManifest: Number(flags.filesPerManifest),
         storage: flags.storage === 'raw' ? 'raw' : 'auto',
+        ...(flags.rawAbove !== undefined ? { rawMinBytes: flags.rawAbove === 'off' ? Infinity : parseSize(flags.rawAbove) } : {}),
         tmpDir: flags.tmpDir,
         progress: reporter.on,
       });
@@ -148,11 +152,13 @@ export function registerConvert(program: Command): void {
     .option('--location <registry/repository>', 'for oci: destinations: where the Gear files will be pushed')
     .option('--insecure-registry <host>', 'registry reachable over plain http (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--storage <mode>', 'how Gear files are stored: auto (gzip when it saves ≥10%) or raw', 'auto')
+    .option('--raw-above <size>', 'store files of at least this size raw, so nodes can read them by range while they download ("off": gzip them too)', '8MiB')
     .option('--no-progress', 'no progress bars')
     .action(async (src: string, dst: string, flags: ConvertFlags) => {
       if (flags.storage !== undefined && flags.storage !== 'auto' && flags.storage !== 'raw') {
         throw invalidArgument('--storage must be auto or raw');
       }
+      if (flags.rawAbove !== undefined && flags.rawAbove !== 'off') parseSize(flags.rawAbove); // names the bad input
       for (const [name, v] of [['--concurrency', flags.concurrency], ['--files-per-manifest', flags.filesPerManifest]] as const) {
         const n = Number(v);
         if (!Number.isInteger(n) || n < 1) throw invalidArgument(`${name} must be a positive integer`);

@@ -20,7 +20,7 @@ import { createGzip, constants as zc } from 'node:zlib';
 import { pipeline } from 'node:stream/promises';
 import { invalidArgument } from '../core/errors.js';
 import { writeIndexLayer } from '../core/index/index-layer.js';
-import { GEAR_FORMAT_VERSION, GEAR_VERSION_LABEL, GearMediaType, SOURCE_DIGEST_LABEL, type IndexManifest, type StoredBlob } from '../core/index/manifest.js';
+import { BIG_FILE_MIN_BYTES, GEAR_FORMAT_VERSION, GEAR_VERSION_LABEL, GearMediaType, SOURCE_DIGEST_LABEL, type IndexManifest, type StoredBlob } from '../core/index/manifest.js';
 import type { TarHeader } from '../core/index/tar.js';
 import type { Destination } from './destination.js';
 import { Flattener } from './flatten.js';
@@ -63,6 +63,13 @@ export interface ConvertOptions {
    * at least 10% (docs/format.md, "Storing Gear files"); 'raw' never compresses.
    */
   storage?: 'auto' | 'raw';
+  /**
+   * Files of at least this many bytes are stored raw whatever `storage` says,
+   * so that a driver can serve HTTP ranges of them while they download
+   * (docs/format.md §4, "Big files"). Default BIG_FILE_MIN_BYTES (8 MiB);
+   * Infinity gzips big files too.
+   */
+  rawMinBytes?: number;
   /** gzip level for 'auto' (default 6). */
   gzipLevel?: number;
   /** Parent of the temp staging dir (default: OS temp dir). */
@@ -229,7 +236,7 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
     const keepAlive: { digest: string; size: number; mediaType: string }[] = [];
     await mapLimit(contents, opts.concurrency ?? 4, async (c) => {
       let blob = { digest: c.digest, size: c.size, path: stage.path(c.digest), mediaType: GearMediaType.File as string };
-      if ((opts.storage ?? 'auto') === 'auto') {
+      if ((opts.storage ?? 'auto') === 'auto' && c.size < (opts.rawMinBytes ?? BIG_FILE_MIN_BYTES)) {
         const gz = await stage.gzip(c.digest, opts.gzipLevel ?? 6);
         if (gz.size <= c.size * GZIP_WORTH_IT) {
           blob = { ...gz, mediaType: GearMediaType.FileGzip };

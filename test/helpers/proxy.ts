@@ -8,6 +8,8 @@
  * - `{ kind: 'flip' }`    forward, but flip the bits of one body byte
  * - `{ kind: 'truncate', bytes }` forward headers and the first `bytes` of the body, then reset
  * - `{ kind: 'hang' }`    accept and never answer (until stop())
+ * - `{ kind: 'throttle', bytesPerSecond, flipAt? }` forward the body at that rate (a
+ *   slow link); with `flipAt`, flip the bits of the body byte at that offset
  *
  * ```ts
  * const proxy = await startFaultProxy(reg.url, (req, n) => (n <= 2 ? { kind: 'status', status: 503 } : undefined));
@@ -23,7 +25,8 @@ export type FaultAction =
   | { kind: 'reset' }
   | { kind: 'flip' }
   | { kind: 'truncate'; bytes: number }
-  | { kind: 'hang' };
+  | { kind: 'hang' }
+  | { kind: 'throttle'; bytesPerSecond: number; flipAt?: number };
 
 /** Decide what to do with request number `n` (1-based). Undefined = forward. */
 export type FaultDecider = (req: IncomingMessage, n: number) => FaultAction | undefined;
@@ -52,9 +55,29 @@ export async function startFaultProxy(target: string, decide: FaultDecider = () 
       { host: t.hostname, port: t.port, method: req.method, path: req.url, headers: req.headers },
       (upRes) => {
         res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+        res.on('close', () => {
+          if (!res.writableFinished) upRes.destroy(); // the client went away
+        });
         let sent = 0;
         let flipped = false;
+        const started = Date.now();
         upRes.on('data', (chunk: Buffer) => {
+          if (action?.kind === 'throttle') {
+            let c = chunk;
+            const at = action.flipAt;
+            if (at !== undefined && at >= sent && at < sent + c.length) {
+              c = Buffer.from(chunk);
+              c[at - sent] = c[at - sent]! ^ 0xff;
+            }
+            sent += c.length;
+            res.write(c);
+            const wait = started + (sent / action.bytesPerSecond) * 1000 - Date.now();
+            if (wait > 0) {
+              upRes.pause();
+              setTimeout(() => upRes.resume(), wait).unref();
+            }
+            return;
+          }
           if (action?.kind === 'flip' && !flipped && chunk.length > 0) {
             const c = Buffer.from(chunk);
             const i = Math.floor(c.length / 2);

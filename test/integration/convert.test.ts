@@ -140,6 +140,26 @@ describe('gear convert', () => {
     expect(index.manifest.files.find((f) => f.path === 'bin/busybox')?.blob?.mediaType).toBe(GearMediaType.FileGzip);
   });
 
+  it('stores big files raw (range-readable) even when gzip would shrink them; --raw-above off gzips them', async () => {
+    const bigText = Buffer.from('compressible big file line\n'.repeat(400_000)); // ~10.8 MB, gzips to ~1%
+    const layer: LayerEntry[] = [
+      { path: 'data/', type: 'dir' },
+      { path: 'data/big.txt', content: bigText },
+      { path: 'data/small.txt', content: 'small and compressible '.repeat(100) },
+    ];
+    const src = join(work, 'big-oci');
+    await writeOciImage(src, [layer], { tag: 'v1' });
+    await runConvert(`oci:${src}:v1`, `${reg.host}/gear/big:v1`, flags);
+    const { index } = await pullGear('gear/big', 'v1');
+    const byPath = new Map(index.manifest.files.map((f) => [f.path, f]));
+    expect(byPath.get('data/big.txt')?.blob).toBeUndefined();
+    expect(byPath.get('data/small.txt')?.blob?.mediaType).toBe(GearMediaType.FileGzip);
+    await expectServesFiles('gear/big', index.manifest, expectedFiles([layer]));
+    await runConvert(`oci:${src}:v1`, `${reg.host}/gear/big:gz`, { ...flags, rawAbove: 'off' });
+    const gz = await pullGear('gear/big', 'gz');
+    expect(gz.index.manifest.files.find((f) => f.path === 'data/big.txt')?.blob?.mediaType).toBe(GearMediaType.FileGzip);
+  });
+
   it('flattens a multi-layer docker-archive: whiteouts, opaque dirs, hard links across layers, xattrs', async () => {
     const layers = multiLayerImage();
     const file = join(work, 'multi.tar');

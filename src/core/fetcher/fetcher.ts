@@ -23,15 +23,50 @@
  *   the declared content size (no gzip bomb), and verified as content.
  * - Retries: the registry client retries requests (408/429/5xx, connection
  *   errors) with backoff; a body that breaks mid-way is fetched again while
- *   the deadline allows. A digest mismatch is not retried (the next open asks
- *   again).
+ *   the deadline allows; a raw blob resumes with a Range request from the
+ *   bytes already written (the hash continues), a gzip blob starts over. A
+ *   digest mismatch is not retried (the next open asks again).
+ *
+ * Streaming (big files, docs/format.md §4 "Big files"):
+ *
+ *   const f = fetcher.stream(req);          // starts or joins THE download of req.digest
+ *   const n = await f.read(buf, position);  // as soon as those bytes have arrived
+ *   await f.close();
+ *
+ * - The same single download as fetch() (dedup, slots, priorities, retries),
+ *   written to its pool staging file; a read is served from the staging file
+ *   as soon as the bytes it needs are there. A read further than
+ *   `rangeAheadBytes` ahead of the download of a raw blob is served by an HTTP
+ *   Range request of the `rangeChunkBytes`-aligned chunk around it (a few
+ *   chunks per file are kept in memory); a gzip blob cannot be range-read, so
+ *   such a read waits for the download.
+ * - Bytes served before the download completes are NOT verified (the format
+ *   has one digest per file); the file enters the pool only once the whole
+ *   content matches its digest. On a mismatch every read of the file fails
+ *   (EIO) and nothing enters the pool; the next open downloads again. The
+ *   last byte of the file is served from the download only after the whole
+ *   file verified, so a reader that reads the file up to its end in order
+ *   (cp, sha256sum, a loader) gets EIO rather than a complete corrupt copy;
+ *   only reads far ahead of the download (Range) may end unverified.
+ * - Every read waits at most `timeoutMs`, then fails DeadlineExceeded (EIO).
+ *   Once any reader opened a streamed file, its download keeps going in the
+ *   background after the readers are gone (a queued one is demoted to
+ *   background priority), into the pool (the next open, often
+ *   right after, is then served from the pool). It is bounded by a stall
+ *   deadline instead of a total one: aborted when no byte arrived for
+ *   `timeoutMs` (a multi-GB file may take longer than the deadline in total).
+ * - The staging file counts in the pool as a write in progress (its size is
+ *   reserved against the cap when the download starts).
  */
+import type { FileHandle } from 'node:fs/promises';
+import fs from 'node:fs/promises';
+import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
-import { deadlineExceeded, describeError, GearError, invalidArgument, isClass, unavailable } from '../errors.js';
+import { deadlineExceeded, describeError, errnoCode, failedPrecondition, GearError, internal, invalidArgument, isClass, unavailable } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { BlobLocation, StoredBlob } from '../index/manifest.js';
-import type { Pool } from '../pool/pool.js';
+import type { Pool, PoolWriter } from '../pool/pool.js';
 import { checkDigest } from '../registry/digest.js';
 import type { RegistryClient } from '../registry/client.js';
 import { sleep } from '../registry/retry.js';
@@ -40,6 +75,12 @@ import { sleep } from '../registry/retry.js';
 export const DEFAULT_FETCH_TIMEOUT_MS = 60_000;
 /** Default number of downloads in flight. */
 export const DEFAULT_MAX_FETCHES = 8;
+/** Default size of the chunks a streamed file's far-ahead reads fetch by HTTP Range. */
+export const DEFAULT_RANGE_CHUNK_BYTES = 1024 * 1024;
+/** Default distance ahead of the download beyond which a read is served by a Range request. */
+export const DEFAULT_RANGE_AHEAD_BYTES = 4 * 1024 * 1024;
+/** Range chunks kept in memory per streamed file. */
+const RANGE_CACHE_CHUNKS = 8;
 
 /** What to fetch: a Gear file of an index manifest. */
 export interface FetchRequest {
@@ -73,6 +114,30 @@ export interface FetcherOptions {
   maxParallel?: number;
   /** Attempts per download when the body breaks (request-level retries are the client's). Default 3. */
   maxAttempts?: number;
+  /** Streaming: size of a Range chunk for far-ahead reads. Default 1 MiB. */
+  rangeChunkBytes?: number;
+  /** Streaming: a read this far ahead of the download is served by a Range request. Default 4 MiB. */
+  rangeAheadBytes?: number;
+}
+
+/** A reader of a file being downloaded (Fetcher.stream); a MissFile. */
+export interface StreamedFile {
+  /** Positioned read; resolves once the bytes are there (0 at end of file). */
+  read(buf: Buffer, position: number, signal?: AbortSignal): Promise<number>;
+  close(): Promise<void>;
+  /** Bytes served may be unverified: the kernel must not keep them cached across opens. */
+  readonly keepCache: false;
+}
+
+/** Where a download stands (for status and tests). */
+export interface FetchProgress {
+  state: 'queued' | 'running';
+  /** Content bytes written to the staging file so far (unverified until the download completes). */
+  written: number;
+  size: number;
+  streaming: boolean;
+  /** Open streamed readers. */
+  readers: number;
 }
 
 /** Counters for status and the demo (monotonic except the gauges). */
@@ -93,6 +158,11 @@ export interface FetcherStats {
   joined: number;
   /** Requests answered from the pool without a download. */
   cached: number;
+  /** Streamed readers opened (Fetcher.stream). */
+  streams: number;
+  /** Reads of streamed files served by HTTP Range requests, and their bytes (unverified). */
+  rangeRequests: number;
+  rangeBytes: number;
   /** Gauges. */
   running: number;
   queued: number;
@@ -125,6 +195,28 @@ interface Job {
   resolve: () => void;
   reject: (e: unknown) => void;
   releasePin?: () => void;
+  /** Streamed readers used it: download in the background to the end, with a stall deadline. */
+  streaming: boolean;
+  /** The pool write of the current attempt (kept across a resumed raw download). */
+  writer?: PoolWriter | undefined;
+  /** The staging file of the current attempt and how much content it holds. */
+  stage?: Stage | undefined;
+  /** Last time a byte arrived (ms). */
+  progressAt: number;
+  /** Wake-ups of readers waiting for bytes or the end. */
+  listeners: Set<() => void>;
+  /** Open streamed readers; read descriptors are closed when none is left and the job is done. */
+  readers: number;
+  readFds: Promise<FileHandle>[];
+  /** Range-fetched chunks of a raw blob, by chunk index. */
+  ranges: Map<number, Promise<Buffer>>;
+  error?: unknown;
+}
+
+interface Stage {
+  path: string;
+  written: number;
+  fh?: Promise<FileHandle>;
 }
 
 export class Fetcher {
@@ -134,6 +226,10 @@ export class Fetcher {
   private readonly client: RegistryClient;
   private readonly log: Logger;
   private readonly maxAttempts: number;
+  private readonly rangeChunkBytes: number;
+  private readonly rangeAheadBytes: number;
+  private rangeRunning = 0;
+  private readonly rangeQueue: (() => void)[] = [];
   private readonly jobs = new Map<string, Job>();
   private readonly fg: Job[] = [];
   private readonly bg: Job[] = [];
@@ -148,6 +244,9 @@ export class Fetcher {
     timeouts: 0,
     joined: 0,
     cached: 0,
+    streams: 0,
+    rangeRequests: 0,
+    rangeBytes: 0,
   };
 
   constructor(opts: FetcherOptions) {
@@ -162,6 +261,11 @@ export class Fetcher {
       throw invalidArgument(`max parallel fetches ${this.maxParallel}: must be a positive integer`);
     }
     this.maxAttempts = Math.max(1, opts.maxAttempts ?? 3);
+    this.rangeChunkBytes = opts.rangeChunkBytes ?? DEFAULT_RANGE_CHUNK_BYTES;
+    this.rangeAheadBytes = opts.rangeAheadBytes ?? DEFAULT_RANGE_AHEAD_BYTES;
+    if (!(Number.isSafeInteger(this.rangeChunkBytes) && this.rangeChunkBytes > 0 && Number.isSafeInteger(this.rangeAheadBytes) && this.rangeAheadBytes >= 0)) {
+      throw invalidArgument(`range chunk ${this.rangeChunkBytes} / ahead ${this.rangeAheadBytes} bytes: must be non-negative integers (chunk > 0)`);
+    }
   }
 
   stats(): FetcherStats {
@@ -171,6 +275,13 @@ export class Fetcher {
   /** True while a download of digest is queued or running. */
   inFlight(digest: string): boolean {
     return this.jobs.has(digest);
+  }
+
+  /** The download of digest in progress, if any. */
+  progress(digest: string): FetchProgress | undefined {
+    const job = this.jobs.get(digest);
+    if (!job || job.state === 'done') return undefined;
+    return { state: job.state, written: job.stage?.written ?? 0, size: job.req.size, streaming: job.streaming, readers: job.readers };
   }
 
   /**
@@ -210,7 +321,23 @@ export class Fetcher {
       reject = rej;
     });
     promise.catch(() => undefined); // waiters get it; never unhandled
-    const job: Job = { req, priority, waiters: 0, keep: false, state: 'queued', controller: new AbortController(), promise, resolve, reject };
+    const job: Job = {
+      req,
+      priority,
+      waiters: 0,
+      keep: false,
+      state: 'queued',
+      controller: new AbortController(),
+      promise,
+      resolve,
+      reject,
+      streaming: false,
+      progressAt: Date.now(),
+      listeners: new Set(),
+      readers: 0,
+      readFds: [],
+      ranges: new Map(),
+    };
     // Protect the file from eviction between its commit and the reader's open.
     job.releasePin = this.pool.pin(req.digest);
     this.jobs.set(req.digest, job);
@@ -225,6 +352,15 @@ export class Fetcher {
     if (i >= 0) {
       this.bg.splice(i, 1);
       this.fg.push(job);
+    }
+  }
+
+  private demote(job: Job): void {
+    job.priority = 'background';
+    const i = this.fg.indexOf(job);
+    if (i >= 0) {
+      this.fg.splice(i, 1);
+      this.bg.push(job);
     }
   }
 
@@ -279,10 +415,18 @@ export class Fetcher {
   private settle(job: Job, err?: unknown): void {
     if (job.state === 'done') return;
     job.state = 'done';
+    if (err !== undefined) job.error = err;
     if (this.jobs.get(job.req.digest) === job) this.jobs.delete(job.req.digest);
     job.releasePin?.();
+    job.ranges.clear();
     if (err === undefined) job.resolve();
     else job.reject(err);
+    this.notify(job);
+    this.closeReadFds(job);
+  }
+
+  private notify(job: Job): void {
+    for (const l of [...job.listeners]) l();
   }
 
   private pump(): void {
@@ -301,17 +445,33 @@ export class Fetcher {
   private async run(job: Job): Promise<void> {
     const { req } = job;
     const started = Date.now();
-    const deadline = setTimeout(
-      () => job.controller.abort(deadlineExceeded(`fetch ${req.digest}: download not done within ${this.timeoutMs} ms`)),
-      this.timeoutMs,
-    );
-    deadline.unref();
+    job.progressAt = started;
+    let deadline: NodeJS.Timeout;
+    const arm = (ms: number) => {
+      deadline = setTimeout(onDeadline, ms);
+      deadline.unref();
+    };
+    const onDeadline = () => {
+      if (!job.streaming) {
+        job.controller.abort(deadlineExceeded(`fetch ${req.digest}: download not done within ${this.timeoutMs} ms`));
+        return;
+      }
+      // A streamed (big) file may take longer than the deadline in total: abort only a stalled one.
+      const idle = Date.now() - job.progressAt;
+      if (idle < this.timeoutMs) return arm(this.timeoutMs - idle);
+      job.controller.abort(
+        deadlineExceeded(
+          `fetch ${req.digest}: no data from ${req.location.registry}/${req.location.repository} for ${this.timeoutMs} ms (at ${job.stage?.written ?? 0} of ${req.size} bytes); check the registry's reachability or raise GEAR_FETCH_TIMEOUT`,
+        ),
+      );
+    };
+    arm(this.timeoutMs);
     const signal = job.controller.signal;
     try {
       for (let attempt = 1; ; attempt++) {
-        if (this.pool.has(req.digest)) break; // someone else (another writer) put it there
+        if (!job.writer && this.pool.has(req.digest)) break; // someone else (another writer) put it there
         try {
-          await this.download(req, signal);
+          await this.download(job, signal);
           this.counters.files++;
           this.counters.bytes += req.size;
           this.log.debug({ digest: req.digest, size: req.size, ms: Date.now() - started }, 'fetched');
@@ -331,42 +491,85 @@ export class Fetcher {
       }
       this.settle(job);
     } catch (err) {
+      await job.writer?.abort();
+      job.writer = undefined;
       this.counters.failures++;
       const e = signal.aborted ? signal.reason : err;
       this.log.warn({ digest: req.digest, err: describeError(e) }, 'fetch failed');
       this.settle(job, e);
     } finally {
-      clearTimeout(deadline);
+      clearTimeout(deadline!);
     }
   }
 
-  /** One attempt: GET the blob, (gunzip), write through a verifying pool writer. */
-  private async download(req: FetchRequest, signal: AbortSignal): Promise<void> {
+  /**
+   * One attempt: GET the blob, (gunzip), write through a verifying pool
+   * writer. A raw blob whose body broke keeps its writer (job.writer) and the
+   * next attempt asks for the rest with a Range request.
+   */
+  private async download(job: Job, signal: AbortSignal): Promise<void> {
+    const { req } = job;
     const repo = `${req.location.registry}/${req.location.repository}`;
     const blobDigest = req.blob ? req.blob.digest : req.digest;
     const blobSize = req.blob ? req.blob.size : req.size;
-    const { stream } = await this.client.openBlob(repo, blobDigest, { signal, expectedSize: blobSize });
-    const writer = await this.pool.beginWrite(req.digest, req.size).catch((err: unknown) => {
-      stream.destroy();
-      throw err;
+    const raw = !req.blob;
+    let w = job.writer;
+    if (w && (!raw || !w.isOpen)) {
+      await w.abort();
+      w = job.writer = undefined;
+    }
+    const offset = w ? w.size : 0;
+    const { stream } = await this.client.openBlob(repo, blobDigest, {
+      signal,
+      expectedSize: blobSize,
+      ...(offset > 0 ? { range: { start: offset } } : {}),
     });
+    if (!w) {
+      try {
+        w = await this.pool.beginWrite(req.digest, req.size);
+      } catch (err) {
+        stream.destroy();
+        throw err;
+      }
+      job.writer = w;
+      // Readers of an earlier attempt's staging file (gzip restart) wait for this one to catch up.
+      const stage: Stage = { path: w.stagingPath, written: 0 };
+      if (job.streaming) stage.fh = this.openReadFd(job, stage.path);
+      job.stage = stage;
+    }
+    const writer = w;
+    const stage = job.stage!;
     let received = 0;
     stream.on('data', (c: Buffer) => {
       received += c.length;
+    });
+    const sink = new Writable({
+      write: (chunk: Buffer, _enc, cb) => {
+        writer.write(chunk).then(() => {
+          stage.written = writer.size;
+          job.progressAt = Date.now();
+          this.notify(job);
+          cb();
+        }, cb);
+      },
     });
     try {
       const onAbort = () => stream.destroy(signal.reason as Error);
       signal.addEventListener('abort', onAbort, { once: true });
       try {
-        if (req.blob) await pipeline(stream, createGunzip(), writer.stream, { signal });
-        else await pipeline(stream, writer.stream, { signal });
+        if (req.blob) await pipeline(stream, createGunzip(), sink, { signal });
+        else await pipeline(stream, sink, { signal });
       } finally {
         signal.removeEventListener('abort', onAbort);
         this.counters.blobBytes += received;
       }
-      await writer.commit();
     } catch (err) {
-      await writer.abort();
+      // A broken raw body resumes from here on the next attempt; anything else starts over.
+      const resumable = raw && !signal.aborted && writer.isOpen && !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
+      if (!resumable) {
+        await writer.abort();
+        job.writer = undefined;
+      }
       if (signal.aborted) throw signal.reason;
       // zlib errors (corrupt gzip) are content problems too.
       if (err && typeof err === 'object' && 'errno' in err && String((err as { code?: string }).code ?? '').startsWith('Z_')) {
@@ -374,6 +577,225 @@ export class Fetcher {
       }
       throw err;
     }
+    job.writer = undefined;
+    try {
+      await writer.commit(); // verifies the whole content; a mismatch deletes the staging file
+    } catch (err) {
+      await writer.abort();
+      if (signal.aborted) throw signal.reason;
+      throw err;
+    }
+  }
+
+  // ---------------------------------------------------------------- streaming
+
+  /**
+   * Opens a reader of req's content that is served while the content
+   * downloads (see the file comment). Starts the download (foreground) or
+   * joins the one in flight; it then runs to the end in the background.
+   * The caller checks the pool first: this always goes through a download.
+   */
+  stream(req: FetchRequest): StreamedFile {
+    checkDigest(req.digest);
+    if (!(Number.isSafeInteger(req.size) && req.size >= 0)) throw invalidArgument(`stream ${req.digest}: bad size ${req.size}`);
+    if (this.closed) throw unavailable('fetcher is closed');
+    let job = this.jobs.get(req.digest);
+    if (job) {
+      this.counters.joined++;
+      if (job.priority === 'background') this.promote(job);
+    } else {
+      job = this.enqueue(req, 'foreground');
+    }
+    const j = job;
+    j.keep = true;
+    j.streaming = true;
+    j.readers++;
+    this.counters.streams++;
+    if (j.stage && !j.stage.fh) j.stage.fh = this.openReadFd(j, j.stage.path);
+    let open = true;
+    return {
+      keepCache: false,
+      read: (buf, position, signal) => {
+        if (!open) return Promise.reject(failedPrecondition(`read of ${req.digest} after close`));
+        return this.readStreamed(j, buf, position, signal);
+      },
+      close: async () => {
+        if (!open) return;
+        open = false;
+        j.readers--;
+        // Nobody reads it now: a queued download lets foreground requests go first.
+        if (j.readers === 0 && j.waiters === 0 && j.state === 'queued' && j.priority === 'foreground') this.demote(j);
+        this.closeReadFds(j);
+      },
+    };
+  }
+
+  private openReadFd(job: Job, file: string): Promise<FileHandle> {
+    const digest = job.req.digest;
+    const p = fs.open(file, 'r').catch((err: unknown) => {
+      // Committed meanwhile: the staging file was renamed into the pool.
+      if (errnoCode(err) === 'ENOENT') return fs.open(this.pool.path(digest), 'r');
+      throw err;
+    });
+    p.catch(() => undefined);
+    job.readFds.push(p);
+    return p;
+  }
+
+  private closeReadFds(job: Job): void {
+    if (job.state !== 'done' || job.readers > 0) return;
+    for (const p of job.readFds.splice(0)) void p.then((fh) => fh.close()).catch(() => undefined);
+  }
+
+  private async readStreamed(job: Job, buf: Buffer, pos: number, signal?: AbortSignal): Promise<number> {
+    const { req } = job;
+    if (!Number.isSafeInteger(pos) || pos < 0) throw invalidArgument(`read of ${req.digest}: bad position ${pos}`);
+    if (pos >= req.size || buf.length === 0) return 0;
+    const want = Math.min(buf.length, req.size - pos);
+    const deadline = Date.now() + this.timeoutMs;
+    for (;;) {
+      if (job.state === 'done') {
+        if (job.error !== undefined) {
+          throw unavailable(`read of ${req.digest}: the download failed, the file is not served (${describeError(job.error)}); the next open tries again`, job.error);
+        }
+        // Complete and verified: the staging file is now the pool file (same inode).
+        job.stage ??= { path: this.pool.path(req.digest), written: req.size };
+        job.stage.fh ??= this.openReadFd(job, job.stage.path);
+        return this.readFd(job.stage.fh, buf, want, pos);
+      }
+      const stage = job.stage;
+      // The last byte is served only once the whole file verified (job done, above).
+      const ready = stage ? Math.min(stage.written, req.size - 1) : 0;
+      if (stage && ready > pos) {
+        stage.fh ??= this.openReadFd(job, stage.path);
+        return this.readFd(stage.fh, buf, Math.min(want, ready - pos), pos);
+      }
+      const have = stage?.written ?? 0;
+      if (!req.blob && pos - have >= this.rangeAheadBytes) return this.readRange(job, buf, pos, want, deadline, signal);
+      await this.waitProgress(job, pos, deadline, signal);
+    }
+  }
+
+  private async readFd(fhp: Promise<FileHandle>, buf: Buffer, n: number, pos: number): Promise<number> {
+    const fh = await fhp;
+    const { bytesRead } = await fh.read(buf, 0, n, pos);
+    if (bytesRead === 0) throw internal(`staging file shorter than recorded (read at ${pos})`);
+    return bytesRead;
+  }
+
+  private waitProgress(job: Job, pos: number, deadline: number, signal?: AbortSignal): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const cleanup = () => {
+        job.listeners.delete(wake);
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', onAbort);
+      };
+      const wake = () => {
+        cleanup();
+        resolve();
+      };
+      const onAbort = () => {
+        cleanup();
+        reject(signal!.reason ?? unavailable(`read of ${job.req.digest}: aborted`));
+      };
+      const timer = setTimeout(
+        () => {
+          cleanup();
+          this.counters.timeouts++;
+          reject(
+            deadlineExceeded(
+              `read of ${job.req.digest} at byte ${pos}: not downloaded within ${this.timeoutMs} ms (download at ${job.stage?.written ?? 0} of ${job.req.size} bytes, ${job.state}); check the registry's reachability or raise GEAR_FETCH_TIMEOUT`,
+            ),
+          );
+        },
+        Math.max(0, deadline - Date.now()),
+      );
+      timer.unref();
+      job.listeners.add(wake);
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener('abort', onAbort, { once: true });
+    });
+  }
+
+  /** Serves a read far ahead of the download from a Range-fetched chunk (unverified). */
+  private async readRange(job: Job, buf: Buffer, pos: number, want: number, deadline: number, signal?: AbortSignal): Promise<number> {
+    const idx = Math.floor(pos / this.rangeChunkBytes);
+    let p = job.ranges.get(idx);
+    if (!p) {
+      p = this.fetchChunk(job, idx);
+      p.catch(() => {
+        if (job.ranges.get(idx) === p) job.ranges.delete(idx);
+      });
+      job.ranges.set(idx, p);
+      // Keep a few chunks; drop the oldest and those the download has passed.
+      const passed = Math.floor((job.stage?.written ?? 0) / this.rangeChunkBytes);
+      for (const k of [...job.ranges.keys()]) if (k < passed) job.ranges.delete(k);
+      while (job.ranges.size > RANGE_CACHE_CHUNKS) job.ranges.delete(job.ranges.keys().next().value as number);
+    }
+    const left = deadline - Date.now();
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    const bounded = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.counters.timeouts++;
+        reject(deadlineExceeded(`read of ${job.req.digest} at byte ${pos}: range request not answered within ${this.timeoutMs} ms; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`));
+      }, Math.max(0, left));
+      timer.unref();
+      onAbort = () => reject(signal!.reason ?? unavailable(`read of ${job.req.digest}: aborted`));
+      if (signal?.aborted) onAbort();
+      else signal?.addEventListener('abort', onAbort, { once: true });
+    });
+    try {
+      const data = await Promise.race([p, bounded]);
+      const off = pos - idx * this.rangeChunkBytes;
+      const n = Math.min(want, data.length - off);
+      if (n <= 0) throw internal(`range chunk ${idx} of ${job.req.digest} is short`);
+      data.copy(buf, 0, off, off + n);
+      return n;
+    } finally {
+      clearTimeout(timer);
+      if (onAbort) signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  private async fetchChunk(job: Job, idx: number): Promise<Buffer> {
+    const { req } = job;
+    const start = idx * this.rangeChunkBytes;
+    const end = Math.min(req.size, start + this.rangeChunkBytes) - 1;
+    const repo = `${req.location.registry}/${req.location.repository}`;
+    // Bounded by the job (fetcher close, failure) and by the deadline; shared by every reader of the chunk.
+    const signal = AbortSignal.any([job.controller.signal, AbortSignal.timeout(this.timeoutMs)]);
+    await this.rangeSlot();
+    try {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          const { stream } = await this.client.openBlob(repo, req.digest, { signal, expectedSize: req.size, range: { start, end } });
+          const parts: Buffer[] = [];
+          for await (const c of stream) parts.push(c as Buffer);
+          const data = Buffer.concat(parts);
+          if (data.length !== end - start + 1) throw unavailable(`range ${start}-${end} of ${req.digest}: got ${data.length} bytes`);
+          this.counters.rangeRequests++;
+          this.counters.rangeBytes += data.length;
+          this.counters.blobBytes += data.length;
+          return data;
+        } catch (err) {
+          if (signal.aborted || attempt >= 2 || (err instanceof GearError && !isClass(err, 'Unavailable'))) throw err;
+        }
+      }
+    } finally {
+      const next = this.rangeQueue.shift();
+      if (next) next(); // the slot passes on
+      else this.rangeRunning--;
+    }
+  }
+
+  /** At most maxParallel range requests at a time. */
+  private async rangeSlot(): Promise<void> {
+    if (this.rangeRunning < this.maxParallel) {
+      this.rangeRunning++;
+      return;
+    }
+    await new Promise<void>((r) => this.rangeQueue.push(r));
   }
 
   /** Stops starting downloads and aborts the running ones; waiters get Unavailable. */

@@ -79,6 +79,13 @@ export interface IndexManifest {
 
 /** Upper bound on the encoded manifest, against memory exhaustion (256 MiB: ~1.5 M files). */
 export const MAX_MANIFEST_BYTES = 256 * 1024 * 1024;
+/**
+ * Files of at least this many bytes are "big" (docs/format.md §4): the
+ * converter stores them raw so that a driver can serve HTTP ranges of the
+ * content, and the lazy path streams them (reads are served while the file
+ * downloads) instead of fetching them whole before the first read.
+ */
+export const BIG_FILE_MIN_BYTES = 8 * 1024 * 1024;
 /** Longest accepted path in bytes (Linux PATH_MAX). */
 export const MAX_PATH_BYTES = 4096;
 

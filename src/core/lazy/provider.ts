@@ -3,6 +3,14 @@
  * fetcher: a LOOKUP of /sha256/ab/<hex> fetches the file (foreground
  * priority) into the pool and answers its size; an OPEN returns the pool
  * file's descriptor, read with positioned reads.
+ *
+ * Big files (at least `streamMinBytes`, default BIG_FILE_MIN_BYTES = 8 MiB)
+ * are not fetched whole before the first read: LOOKUP answers the size from
+ * the catalog at once, OPEN returns a streamed reader (Fetcher.stream) that
+ * serves reads while the one download runs into the pool, and reads far ahead
+ * of it by HTTP Range (raw blobs). Such files are opened without
+ * FOPEN_KEEP_CACHE: pages served before the digest verified must not outlive
+ * a failed download in the kernel's cache.
  */
 import type { FileHandle } from 'node:fs/promises';
 import { describeError, isClass, notFound, unavailable } from '../errors.js';
@@ -10,6 +18,7 @@ import type { Fetcher } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { MissFile, MissProvider } from '../missfs/types.js';
 import type { Pool } from '../pool/pool.js';
+import { BIG_FILE_MIN_BYTES } from '../index/manifest.js';
 import type { BlobCatalog } from './catalog.js';
 
 export interface LazyProviderOptions {
@@ -17,6 +26,8 @@ export interface LazyProviderOptions {
   fetcher: Fetcher;
   catalog: BlobCatalog;
   logger?: Logger;
+  /** Files of at least this size are streamed (see above). Default 8 MiB; Infinity turns streaming off. */
+  streamMinBytes?: number;
 }
 
 export class LazyMissProvider implements MissProvider {
@@ -24,21 +35,33 @@ export class LazyMissProvider implements MissProvider {
   private readonly fetcher: Fetcher;
   private readonly catalog: BlobCatalog;
   private readonly log: Logger;
+  private readonly streamMinBytes: number;
 
   constructor(opts: LazyProviderOptions) {
+    this.streamMinBytes = opts.streamMinBytes ?? BIG_FILE_MIN_BYTES;
     this.pool = opts.pool;
     this.fetcher = opts.fetcher;
     this.catalog = opts.catalog;
     this.log = (opts.logger ?? silentLogger()).child({ component: 'lazy' });
   }
 
-  /** Fetches digest into the pool (trying each known location in turn). */
-  private async ensure(digest: string, signal: AbortSignal): Promise<void> {
+  private requests(digest: string) {
     const reqs = this.catalog.requests(digest);
     if (reqs.length === 0) {
       if (this.catalog.has(digest)) throw unavailable(`${digest}: no registry location is known for this file`);
       throw notFound(`${digest}: not a file of any index layer on this node`);
     }
+    return reqs;
+  }
+
+  private isBig(digest: string): boolean {
+    const size = this.catalog.sizeOf(digest);
+    return size !== undefined && size >= this.streamMinBytes;
+  }
+
+  /** Fetches digest into the pool (trying each known location in turn). */
+  private async ensure(digest: string, signal: AbortSignal): Promise<void> {
+    const reqs = this.requests(digest);
     let last: unknown;
     for (const req of reqs) {
       try {
@@ -62,12 +85,22 @@ export class LazyMissProvider implements MissProvider {
       this.pool.touch(digest);
       return { size: this.pool.sizeOf(digest) ?? size };
     }
+    if (this.isBig(digest)) {
+      this.requests(digest); // fail now when it cannot be fetched at all
+      return { size }; // OPEN streams it
+    }
     await this.ensure(digest, signal);
     return { size };
   }
 
   async open(digest: string, signal: AbortSignal): Promise<MissFile> {
     if (!this.catalog.has(digest) && !this.pool.has(digest)) throw notFound(`${digest}: unknown file`);
+    if (this.isBig(digest)) {
+      const fh = await this.pool.open(digest);
+      if (fh) return poolFile(fh, false); // drop pages an earlier streamed open may have left
+      // Streams from the first known location only (unlike ensure(), no fallback to the others).
+      return this.fetcher.stream(this.requests(digest)[0]!);
+    }
     const release = this.pool.pin(digest); // no eviction between fetch and open
     try {
       for (let attempt = 0; attempt < 3; attempt++) {
@@ -87,8 +120,9 @@ export class LazyMissProvider implements MissProvider {
   }
 }
 
-function poolFile(fh: FileHandle): MissFile {
+function poolFile(fh: FileHandle, keepCache = true): MissFile {
   return {
+    keepCache,
     async read(buf: Buffer, position: number): Promise<number> {
       const { bytesRead } = await fh.read(buf, 0, buf.length, position);
       return bytesRead;

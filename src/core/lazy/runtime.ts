@@ -9,7 +9,7 @@ import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, parseDuration, type FetcherStats } f
 import { silentLogger, type Logger } from '../log.js';
 import { mountMissFs, type MissFsMount } from '../missfs/index.js';
 import { openPool, type Pool, type PoolStat } from '../pool/pool.js';
-import { formatSize } from '../pool/size.js';
+import { formatSize, parseSize } from '../pool/size.js';
 import { RegistryClient } from '../registry/client.js';
 import { BlobCatalog } from './catalog.js';
 import { LazyMissProvider } from './provider.js';
@@ -34,6 +34,11 @@ export interface LazyOptions {
   fusePassthrough?: boolean;
   /** Mount the miss filesystem at ROOT/miss. Default true. */
   mountMissFs?: boolean;
+  /**
+   * Files at least this big are streamed: served while they download, far reads by HTTP Range
+   * (provider.ts). Bytes or "8MiB". Default: GEAR_STREAM_MIN_SIZE, else 8 MiB.
+   */
+  streamMinSize?: number | string;
 }
 
 export interface LazyRuntime {
@@ -66,7 +71,14 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   });
   const fetcher = new Fetcher({ pool, client, logger, timeoutMs: fetcherTimeout, ...(opts.maxFetches ? { maxParallel: opts.maxFetches } : {}) });
   const catalog = new BlobCatalog();
-  const provider = new LazyMissProvider({ pool, fetcher, catalog, logger });
+  const streamMin = opts.streamMinSize ?? (env.GEAR_STREAM_MIN_SIZE || undefined);
+  const provider = new LazyMissProvider({
+    pool,
+    fetcher,
+    catalog,
+    logger,
+    ...(streamMin !== undefined ? { streamMinBytes: parseSize(streamMin) } : {}),
+  });
   let miss: MissFsMount | undefined;
   let missError: string | undefined;
   if (opts.mountMissFs ?? true) {
@@ -107,6 +119,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         ['Fetch Failures', `${f.failures} (${f.verifyFailures} rejected by verification, ${f.timeouts} deadlines)`],
         ['Fetches In Flight', `${f.running} running, ${f.queued} queued, max ${fetcher.maxParallel}`],
         ['Fetch Timeout', `${fetcher.timeoutMs} ms`],
+        ['Streamed Opens', `${f.streams} (big files; ${f.rangeRequests} range reads, ${formatSize(f.rangeBytes)})`],
       ];
     },
     close(): Promise<void> {

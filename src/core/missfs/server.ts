@@ -1066,10 +1066,11 @@ class MissFsSession implements MissFsMount {
     const { backingId, slot } = this.startIo(node, file);
     const of: OpenFile = { file, hex: node.hex, reads: new Set(), ino: node.ino, slot };
     this.files.set(fh, of);
-    // Content is immutable: keep the page cache across opens; nothing to flush on close. The kernel
-    // fails a passthrough open that has flags outside FOPEN_PASSTHROUGH_MASK (KEEP_CACHE among them):
-    // its I/O uses the backing file's page cache instead.
-    const flags = backingId > 0 ? FOpen.PASSTHROUGH | FOpen.NOFLUSH : FOpen.KEEP_CACHE | FOpen.NOFLUSH;
+    // Content is immutable: keep the page cache across opens (unless the provider's bytes may be
+    // unverified, see MissFile.keepCache); nothing to flush on close. The kernel fails a passthrough
+    // open that has flags outside FOPEN_PASSTHROUGH_MASK (KEEP_CACHE among them): its I/O uses the
+    // backing file's page cache instead.
+    const flags = backingId > 0 ? FOpen.PASSTHROUGH | FOpen.NOFLUSH : (file.keepCache === false ? 0 : FOpen.KEEP_CACHE) | FOpen.NOFLUSH;
     if (!this.ok(p, encodeOpenOut(fh, flags, backingId))) {
       // The open was interrupted: the kernel will never RELEASE this handle.
       this.files.delete(fh);

@@ -56,6 +56,12 @@ export interface MissFile {
    * partially downloaded file, computed content).
    */
   readonly backingFd?: number;
+  /**
+   * false: the OPEN reply omits FOPEN_KEEP_CACHE, so the kernel drops the
+   * pages it cached from earlier opens of this file (bytes served while a big
+   * file streamed in are unverified). Default true.
+   */
+  keepCache?: boolean;
 }
 
 /** Counters of one mounted session (monotonic, except the live gauges). */

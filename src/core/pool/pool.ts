@@ -972,6 +972,11 @@ export class PoolWriter {
     return this.written;
   }
 
+  /** True until commit, abort or a failed write ended this writer (a broken download may then append more). */
+  get isOpen(): boolean {
+    return this.state === 'open';
+  }
+
   /** Appends a chunk. Fails (and aborts) on a size overrun or a full disk (PoolNoSpaceError). */
   async write(chunk: Uint8Array): Promise<void> {
     if (this.state !== 'open') throw failedPrecondition(`pool write ${this.digest}: writer is already ${this.state === 'done' ? 'finished' : 'committing'}`);
