@@ -209,7 +209,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       t0 = nowS();
       const conv = await runOk(
         process.execPath,
-        [GEAR_CLI, 'convert', '--no-progress', '--json', '--insecure-registry', reg, `docker-archive:${archive}`, gear],
+        [GEAR_CLI, 'convert', '--no-progress', '--json', '--concurrency', '16', '--insecure-registry', reg, `docker-archive:${archive}`, gear],
         { timeoutMs: 900_000 },
       );
       const convertS = nowS() - t0;
@@ -247,6 +247,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       series.get(key)!.s[d].push(v);
     };
     const gearStatuses: unknown[] = [];
+    const failures: string[] = [];
     let probed = false;
 
     /** docker pull + docker run of img on n; records the series under `base`. */
@@ -322,7 +323,10 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
                   report.extra['cold-deploy-failure'] = { error: String(e), logTail: n.logTail(60) };
                   return;
                 }
-                throw e;
+                // One image failing must not lose the others' samples: note it, fail the run at the end.
+                failures.push(`${l.key} ${img.key} ${d}: ${e instanceof Error ? e.message.split('\n').slice(0, 3).join(' ') : String(e)}`);
+                report.note(`cold-deploy ${l.key} ${img.key} on ${d} failed: ${failures.at(-1)}`);
+                continue;
               }
               if (img.reads && l.readsToo) line.push(await reads(n, d, refs[img.key]![d], base));
               const next = img.nextVersion ? byKey.get(img.nextVersion) : undefined;
@@ -392,6 +396,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
     const extra = report.extra['cold-deploy'] as Record<string, unknown>;
     extra.gearStatus = gearStatuses;
     extra.summaries = summaries;
+    if (failures.length) throw new Error(`cold-deploy: ${failures.length} deploy(s) failed: ${failures.join('; ')}`);
   } finally {
     for (const n of [...nodes]) await n.stop();
     await registry.stop();
