@@ -8,6 +8,8 @@
  *   ROOT/layers/<id>/merged/      mount point of the merged view
  *   ROOT/layers/<id>/applying     present while applyDiff runs
  *   ROOT/layers/<id>/index/       a Gear index layer only: the metacopy tree (index-dir.ts)
+ *   ROOT/layers/<id>/index.tar    a Gear index layer only, until its first Get(): the layer tar,
+ *                                 extracted into diff/ (the index form) when first asked for
  *   ROOT/l/<LINK> -> ../layers/<id>/diff   short names keep mount options short
  *                    (-> ../layers/<id>/index for an index layer: what layers above it see)
  *   ROOT/pool/, ROOT/miss/         the lazy path's data-only layers (pool, miss filesystem)
