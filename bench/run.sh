@@ -3,7 +3,8 @@
 # (make build ran scripts/install-deps.sh and tsc) and the cached minbase
 # image (/var/cache/gear-test; built on first use, ~3 min). Installs nothing.
 #
-#   bash bench/run.sh                      full run (~10-15 min)
+#   bash bench/run.sh                      full run (~25 min; the first one also
+#                                          builds the python3 and nginx rootfs caches)
 #   GEAR_BENCH_REPS=3 GEAR_BENCH_SECTIONS=lifecycle bash bench/run.sh
 #
 # Output: the table on stdout, raw samples in bench/results/<date>-<sha>.json.

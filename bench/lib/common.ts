@@ -35,7 +35,7 @@ export function configFromEnv(): BenchConfig {
     readReps: int('GEAR_BENCH_READ_REPS', 9, 1),
     containers: int('GEAR_BENCH_CONTAINERS', 20, 1),
     cold,
-    coldReps: int('GEAR_BENCH_COLD_REPS', 3, 1),
+    coldReps: int('GEAR_BENCH_COLD_REPS', 2, 1),
     profile: process.env.GEAR_BENCH_PROFILE === '1',
     sections: (process.env.GEAR_BENCH_SECTIONS ?? 'lifecycle,read,cold-deploy').split(',').map((s) => s.trim()).filter(Boolean),
   };

@@ -247,3 +247,57 @@ describe('gear index layers in the store', () => {
     }
   });
 });
+
+describe('index layers applied straight from the tar', () => {
+  const digest = `sha256:${'ab'.repeat(32)}`;
+  async function layerOf(entries: TarHeader[], listed: string[] = []): Promise<Buffer> {
+    const manifest: IndexManifest = { version: 1, files: listed.map((p) => ({ path: p, digest, size: 1234 })) };
+    const chunks: Buffer[] = [];
+    for await (const c of writeIndexLayer(manifest, entries)) chunks.push(c);
+    return Buffer.concat(chunks);
+  }
+
+  it('builds index/ only; the index form appears on the first Get(), also after a crash while extracting it', async () => {
+    const tar = await layerOf(
+      [hdr('d', 'dir', { mode: 0o711 }), hdr('d/f', 'file', { xattrs: new Map([['trusted.overlay.redirect', Buffer.from('/etc/shadow')], ['user.keep', Buffer.from('v')]]) })],
+      ['d/f'],
+    );
+    let store = await openLayerStore({ root });
+    await store.create('idx', '', 'ro');
+    const size = await store.applyDiff('idx', '', Readable.from([tar]));
+    expect(size).toBeGreaterThan(0); // the manifest's bytes, as for any layer: regular-file content
+    expect(await fs.readdir(path.join(root, 'layers/idx/diff'))).toEqual([]);
+    const f = path.join(root, 'layers/idx/index/d/f');
+    expect(getXattr(f, 'trusted.overlay.redirect')?.toString()).toBe(`/sha256/ab/${'ab'.repeat(32)}`);
+    expect(getXattr(f, 'user.keep')?.toString()).toBe('v');
+    expect((await fs.lstat(path.join(root, 'layers/idx/index/d'))).mode & 0o7777).toBe(0o711);
+    // A crash while the index form was being extracted.
+    await fs.mkdir(path.join(root, 'layers/idx/diff.tmp/junk'), { recursive: true });
+    await store.close?.();
+    store = await openLayerStore({ root });
+    const view = await store.get('idx');
+    expect(view).toBe(path.join(root, 'layers/idx/diff'));
+    expect((await fs.readdir(view)).sort()).toEqual(['.gear', 'd']);
+    expect((await fs.lstat(path.join(view, 'd/f'))).size).toBe(0);
+    expect(getXattr(path.join(view, 'd/f'), 'trusted.overlay.redirect')).toBeNull();
+    expect(existsSync(path.join(root, 'layers/idx/index.tar'))).toBe(false);
+    expect(existsSync(path.join(root, 'layers/idx/diff.tmp'))).toBe(false);
+    await store.put('idx');
+    await store.close?.();
+  });
+
+  it.each([
+    ['a symlink as a parent', [hdr('a', 'symlink', { linkname: '/tmp' }), hdr('a/escape', 'file')], /not a directory/],
+    ['a file as a parent', [hdr('a', 'file'), hdr('a/b', 'file')], /not a directory/],
+    ['a whiteout', [hdr('.wh.etc', 'file')], /whiteout/],
+    ['a device number out of range', [hdr('c', 'char', { devmajor: 0x1000 })], /out of range/],
+  ])('refuses %s and leaves nothing behind', async (_what, entries, re) => {
+    const store = await openLayerStore({ root });
+    await store.create('idx', '', 'ro');
+    await expect(store.applyDiff('idx', '', Readable.from([await layerOf(entries)]))).rejects.toThrow(re);
+    expect(existsSync(path.join(root, 'layers/idx/index'))).toBe(false);
+    expect(existsSync(path.join(root, 'layers/idx/index.tar'))).toBe(false);
+    expect(existsSync('/tmp/escape')).toBe(false);
+    await store.close?.();
+  });
+});

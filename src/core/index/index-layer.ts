@@ -129,6 +129,8 @@ export interface IndexLayer {
   manifest: IndexManifest;
   /** Every entry after the manifest, in tar order. */
   entries: TarHeader[];
+  /** Size of the manifest entry's body: the only bytes of file content in the tar. */
+  manifestBytes: number;
 }
 
 /**
@@ -139,6 +141,7 @@ export interface IndexLayer {
  */
 export async function readIndexLayer(source: AsyncIterable<Uint8Array>, limits: TarLimits = DEFAULT_TAR_LIMITS): Promise<IndexLayer> {
   let manifest: IndexManifest | undefined;
+  let manifestBytes = 0;
   const entries: TarHeader[] = [];
   const listed = new Map<string, boolean>();
   const files = new Set<string>();
@@ -151,6 +154,7 @@ export async function readIndexLayer(source: AsyncIterable<Uint8Array>, limits: 
       if (e.header.size > MAX_MANIFEST_BYTES) throw invalidArgument('gear index: manifest entry too large');
       const chunks: Buffer[] = [];
       for await (const c of e.body()) chunks.push(c);
+      manifestBytes = e.header.size;
       manifest = parseIndexManifest(Buffer.concat(chunks));
       for (const f of manifest.files) listed.set(f.path, false);
       continue;
@@ -161,7 +165,7 @@ export async function readIndexLayer(source: AsyncIterable<Uint8Array>, limits: 
   }
   if (manifest === undefined) throw invalidArgument('not a gear index layer: empty tar');
   finishCheck(listed);
-  return { manifest, entries };
+  return { manifest, entries, manifestBytes };
 }
 
 /** True when the first bytes of an uncompressed tar are the header of `.gear/index.json`. */

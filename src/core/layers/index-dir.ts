@@ -18,13 +18,14 @@
  * empty regular file of the tree, and every regular file of the tree must be
  * empty.
  */
-import { Transform, type TransformCallback } from 'node:stream';
 import { constants as zc, gunzipSync } from 'node:zlib';
+import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { invalidArgument } from '../errors.js';
-import { looksLikeIndexLayer } from '../index/index-layer.js';
+import { errnoCode, GearError, internal, invalidArgument } from '../errors.js';
+import { looksLikeIndexLayer, readIndexLayer } from '../index/index-layer.js';
 import { INDEX_MANIFEST_PATH, parseIndexManifest, RESERVED_DIR, type IndexFile, type IndexManifest } from '../index/manifest.js';
+import type { TarHeader } from '../index/tar.js';
 import { native } from '../sys/native.js';
 import { isOverlayPrivate, listXattrs, getXattr, setXattr } from '../sys/xattr.js';
 import type { GearBlobTuple } from '../lazy/catalog.js';
@@ -38,37 +39,16 @@ export function redirectOf(digest: string): string {
   return `/sha256/${hex.slice(0, 2)}/${hex}`;
 }
 
-/**
- * Passes a layer tar through unchanged, keeping its first bytes so that, once
- * extracted, the store can tell whether the tar's first entry was
- * `.gear/index.json` (uncompressed, or gzip-compressed).
- */
-export class HeadSniffer extends Transform {
-  private readonly chunks: Buffer[] = [];
-  private kept = 0;
-  constructor(private readonly limit = 64 * 1024) {
-    super();
-  }
-  override _transform(chunk: Buffer, _e: BufferEncoding, cb: TransformCallback): void {
-    if (this.kept < this.limit) {
-      const part = chunk.subarray(0, this.limit - this.kept);
-      this.chunks.push(Buffer.from(part));
-      this.kept += part.length;
+/** True when `head`, the first bytes of a layer tar (plain or gzip), starts with the Gear index manifest. */
+export function headIsIndexLayer(head: Buffer): boolean {
+  if (head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b) {
+    try {
+      head = gunzipSync(head, { finishFlush: zc.Z_SYNC_FLUSH });
+    } catch {
+      return false;
     }
-    cb(null, chunk);
   }
-  /** True when the first tar entry is the Gear index manifest. */
-  firstEntryIsIndex(): boolean {
-    let head = Buffer.concat(this.chunks);
-    if (head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b) {
-      try {
-        head = gunzipSync(head, { finishFlush: zc.Z_SYNC_FLUSH });
-      } catch {
-        return false;
-      }
-    }
-    return looksLikeIndexLayer(head);
-  }
+  return looksLikeIndexLayer(head);
 }
 
 /** Reads and validates diff/.gear/index.json (no symlink followed on the way). */
@@ -193,6 +173,206 @@ export async function buildIndexDir(diffDir: string, indexDir: string, manifest:
   // Directory times last: creating entries changed them.
   for (const [dst, st] of dirTimes.reverse()) await fs.lutimes(dst, st.atime, st.mtime);
 
+  return summarize(manifest);
+}
+
+// ---- straight from the tar (ApplyDiff) ------------------------------------------------
+
+/**
+ * The layer tar of an index layer, kept in its layer dir: its index form
+ * (diff/) is extracted from it only when something asks for that view (Get()
+ * of the index layer itself: push, save, diff). A pull never does, so it
+ * creates the tree's inodes once (index/), not twice.
+ */
+export const INDEX_TAR = 'index.tar';
+
+/** uid/gid (uid_t)-1 means "unchanged" to chown(2): never a valid owner. */
+const MAX_ID = 0xfffffffe;
+/** Docker's boundTime: times outside [epoch, max int64 ns] become the epoch. */
+const MAX_TIME_S = 9223372036;
+const XATTR_NAME_MAX = 255;
+const XATTR_SIZE_MAX = 65536;
+const NEW_FILE = fsSync.constants.O_WRONLY | fsSync.constants.O_CREAT | fsSync.constants.O_EXCL | fsSync.constants.O_NOFOLLOW;
+/** System errors an entry can provoke are the layer's fault; the rest are ours (as in archive/apply.ts). */
+const INPUT_ERRNOS = new Set(['ENAMETOOLONG', 'ELOOP', 'ENOTDIR', 'EEXIST', 'EISDIR', 'EPERM', 'EINVAL', 'E2BIG', 'ERANGE', 'EMLINK']);
+
+export interface AppliedIndexLayer extends IndexDirResult {
+  manifest: IndexManifest;
+  /** What ApplyDiff reports, as for any layer: the bytes of regular-file content (the manifest's). */
+  size: number;
+}
+
+/**
+ * ApplyDiff of an index layer: reads the (decompressed) tar once, validates
+ * it as an index layer (readIndexLayer: clean, sorted, unique paths, no body
+ * but the manifest's, manifest and entries agree, hard links to earlier
+ * entries), stores its bytes in tarFile and builds indexDir (must not exist)
+ * from the entries directly. Throws InvalidArgument for a bad layer.
+ */
+export async function applyIndexLayer(bytes: AsyncIterable<Buffer>, indexDir: string, tarFile: string): Promise<AppliedIndexLayer> {
+  const fd = fsSync.openSync(tarFile, NEW_FILE, 0o600);
+  let layer: Awaited<ReturnType<typeof readIndexLayer>>;
+  try {
+    async function* keep(): AsyncGenerator<Buffer> {
+      for await (const chunk of bytes) {
+        let done = 0;
+        while (done < chunk.length) done += fsSync.writeSync(fd, chunk, done, chunk.length - done);
+        yield chunk;
+      }
+    }
+    layer = await readIndexLayer(keep());
+    fsSync.fdatasyncSync(fd);
+  } finally {
+    fsSync.closeSync(fd);
+  }
+  const r = buildIndexDirFromEntries(indexDir, layer.manifest, layer.entries);
+  return { ...r, manifest: layer.manifest, size: layer.manifestBytes };
+}
+
+function entryError(p: string, err: unknown): GearError {
+  if (err instanceof GearError) return err;
+  const msg = `gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: ${(err as Error)?.message ?? String(err)}`;
+  const code = errnoCode(err);
+  return code && INPUT_ERRNOS.has(code) ? invalidArgument(msg, err) : internal(msg, err);
+}
+
+/**
+ * Builds indexDir from validated index-layer entries (readIndexLayer), with
+ * synchronous calls: a few microseconds each on the page cache, where a trip
+ * through libuv's threadpool per call cost more than the call. Nothing is
+ * followed: every parent is a directory this function made (a missing one is
+ * made 0755, as Docker does), entries only ever create new names.
+ */
+export function buildIndexDirFromEntries(indexDir: string, manifest: IndexManifest, entries: readonly TarHeader[]): IndexDirResult {
+  const listed = new Map<string, IndexFile>(manifest.files.map((f) => [f.path, f]));
+  const dirs = new Set<string>(['']);
+  const others = new Set<string>();
+  const dirTimes: Array<[string, number, number]> = [];
+  fsSync.mkdirSync(indexDir, { mode: 0o700 });
+  fsSync.chmodSync(indexDir, 0o755);
+
+  const parentOf = (rel: string): string => {
+    const parts = rel.split('/');
+    let cur = '';
+    for (const part of parts.slice(0, -1)) {
+      cur = cur ? `${cur}/${part}` : part;
+      if (dirs.has(cur)) continue;
+      if (others.has(cur)) throw invalidArgument(`gear index layer: entry ${JSON.stringify(rel)}: parent ${JSON.stringify(cur)} is not a directory`);
+      fsSync.mkdirSync(path.join(indexDir, cur), 0o755);
+      dirs.add(cur);
+    }
+    return cur;
+  };
+
+  for (const h of entries) {
+    const rel = h.path.replace(/\/+$/, '');
+    try {
+      if (rel.split('/').some((c) => c.startsWith('.wh.'))) {
+        throw invalidArgument('whiteouts have no place in an index layer');
+      }
+      parentOf(rel);
+      const abs = path.join(indexDir, rel);
+      const m = entryMeta(h);
+      switch (h.type) {
+        case 'dir':
+          fsSync.mkdirSync(abs, 0o700);
+          dirs.add(rel);
+          setMeta(abs, m);
+          dirTimes.push([abs, m.atime, m.mtime]);
+          continue;
+        case 'file': {
+          others.add(rel);
+          const f = listed.get(rel);
+          const fd = fsSync.openSync(abs, NEW_FILE, 0o600);
+          try {
+            if (f) {
+              fsSync.ftruncateSync(fd, f.size); // sparse: no data blocks
+              setXattr(abs, METACOPY_XATTR, Buffer.alloc(0));
+              setXattr(abs, REDIRECT_XATTR, redirectOf(f.digest));
+            }
+            // chown first: it clears security.capability and setuid bits.
+            fsSync.fchownSync(fd, m.uid, m.gid);
+            for (const [n, v] of m.xattrs) setXattr(abs, n, v);
+            fsSync.fchmodSync(fd, m.mode);
+            fsSync.futimesSync(fd, m.atime, m.mtime);
+          } finally {
+            fsSync.closeSync(fd);
+          }
+          continue;
+        }
+        case 'symlink':
+          others.add(rel);
+          if (h.linkname === '') throw invalidArgument('symlink target is empty');
+          fsSync.symlinkSync(h.linkname, abs);
+          fsSync.lchownSync(abs, m.uid, m.gid);
+          for (const [n, v] of m.xattrs) setXattr(abs, n, v);
+          fsSync.lutimesSync(abs, m.atime, m.mtime);
+          continue;
+        case 'link':
+          // readIndexLayer checked: an earlier non-directory entry of this layer.
+          others.add(rel);
+          fsSync.linkSync(path.join(indexDir, h.linkname.replace(/\/+$/, '')), abs);
+          continue;
+        default: {
+          // char, block, fifo
+          others.add(rel);
+          const fmt = h.type === 'char' ? fsSync.constants.S_IFCHR : h.type === 'block' ? fsSync.constants.S_IFBLK : fsSync.constants.S_IFIFO;
+          const { devmajor: major, devminor: minor } = h;
+          if (!Number.isInteger(major) || major < 0 || major > 0xfff || !Number.isInteger(minor) || minor < 0 || minor > 0xfffff) {
+            throw invalidArgument(`device number ${major}:${minor} is out of range`);
+          }
+          native.mknod(abs, fmt | (m.mode & 0o777), major, minor);
+          setMeta(abs, m);
+          fsSync.lutimesSync(abs, m.atime, m.mtime);
+        }
+      }
+    } catch (err) {
+      throw entryError(rel, err);
+    }
+  }
+  // Directory times last (creating entries changed them), deepest first.
+  for (let i = dirTimes.length - 1; i >= 0; i--) {
+    const [dir, atime, mtime] = dirTimes[i]!;
+    fsSync.lutimesSync(dir, atime, mtime);
+  }
+  return summarize(manifest);
+}
+
+interface EntryMeta {
+  mode: number;
+  uid: number;
+  gid: number;
+  atime: number;
+  mtime: number;
+  xattrs: Array<[string, Buffer]>;
+}
+
+/** Validated metadata of an entry, normalised as archive/apply.ts does for any layer. */
+function entryMeta(h: TarHeader): EntryMeta {
+  for (const [what, v] of [['uid', h.uid], ['gid', h.gid]] as const) {
+    if (!Number.isSafeInteger(v) || v < 0 || v > MAX_ID) throw invalidArgument(`invalid ${what} ${v}`);
+  }
+  const t = h.mtime + h.mtimeNsec / 1e9;
+  const mtime = Number.isFinite(t) && t >= 0 && t <= MAX_TIME_S ? t : 0;
+  const xattrs: Array<[string, Buffer]> = [];
+  for (const [name, value] of h.xattrs) {
+    if (name.startsWith('trusted.overlay.') || name.startsWith('user.overlay.')) continue;
+    if (name === '' || Buffer.byteLength(name) > XATTR_NAME_MAX || value.length > XATTR_SIZE_MAX) {
+      throw invalidArgument(`invalid xattr ${JSON.stringify(name.slice(0, 300))}`);
+    }
+    xattrs.push([name, value]);
+  }
+  return { mode: h.mode & 0o7777, uid: h.uid, gid: h.gid, atime: mtime, mtime, xattrs };
+}
+
+/** Owner, xattrs, mode, in that order (chown clears setuid bits and capabilities). */
+function setMeta(abs: string, m: EntryMeta): void {
+  fsSync.lchownSync(abs, m.uid, m.gid);
+  for (const [n, v] of m.xattrs) setXattr(abs, n, v);
+  fsSync.chmodSync(abs, m.mode);
+}
+
+function summarize(manifest: IndexManifest): IndexDirResult {
   const blobs = new Map<string, GearBlobTuple>();
   let bytes = 0;
   for (const f of manifest.files) {

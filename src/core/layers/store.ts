@@ -8,6 +8,8 @@
  *   ROOT/layers/<id>/merged/      mount point of the merged view
  *   ROOT/layers/<id>/applying     present while applyDiff runs
  *   ROOT/layers/<id>/index/       a Gear index layer only: the metacopy tree (index-dir.ts)
+ *   ROOT/layers/<id>/index.tar    a Gear index layer only, until its first Get(): the layer tar,
+ *                                 extracted into diff/ (the index form) when first asked for
  *   ROOT/l/<LINK> -> ../layers/<id>/diff   short names keep mount options short
  *                    (-> ../layers/<id>/index for an index layer: what layers above it see)
  *   ROOT/pool/, ROOT/miss/         the lazy path's data-only layers (pool, miss filesystem)
@@ -27,7 +29,7 @@ import { randomBytes } from 'node:crypto';
 import { statfsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { PassThrough, type Readable } from 'node:stream';
+import { PassThrough, Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import { applyLayer } from '../archive/apply.js';
 import type { Change } from '../archive/changes.js';
@@ -42,7 +44,12 @@ import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmou
 import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
 import { spawn } from 'node:child_process';
-import { buildIndexDir, HeadSniffer, readIndexManifest } from './index-dir.js';
+import { layerBytes } from '../archive/tarreader.js';
+import { RESERVED_DIR } from '../index/manifest.js';
+import { createReadStream } from 'node:fs';
+import { applyIndexLayer, buildIndexDir, headIsIndexLayer, INDEX_TAR, readIndexManifest } from './index-dir.js';
+import type { IndexManifest } from '../index/manifest.js';
+import type { IndexDirResult } from './index-dir.js';
 import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
 
 /** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
@@ -511,6 +518,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   private async acquire(id: string): Promise<string> {
+    if (this.record(id).gear) await this.ensureIndexForm(id);
     const spec = this.mountSpec(id);
     if (spec.type === 'dir') return spec.path;
     const mounted = isMountPoint(spec.target);
@@ -652,16 +660,31 @@ class OverlayLayerStore implements LayerStore {
       const index = this.indexDir(id);
       let size: number;
       let gear: GearLayerInfo | undefined;
+      const tarFile = path.join(this.layerDir(id), INDEX_TAR);
       try {
         // Drained, not destroyed, on error: the tar usually is an HTTP request body
         // whose reply (carrying the error) can only go out once it is read.
-        const sniffer = new HeadSniffer();
-        tar.on('error', (e) => sniffer.destroy(e));
-        ({ size } = await applyLayer(tar.pipe(sniffer), diff, { drainInputOnError: true }));
-        if (sniffer.firstEntryIsIndex()) gear = await this.buildIndex(id, diff, index);
+        const { head, input } = await peekHead(tar, 64 * 1024);
+        if (headIsIndexLayer(head)) {
+          // An index layer: index/ straight from the tar; diff/ (the index form) only when asked for.
+          await fs.rm(index, { recursive: true, force: true });
+          await fs.rm(tarFile, { force: true });
+          try {
+            const applied = await applyIndexLayer(layerBytes(input), index, tarFile);
+            size = applied.size;
+            gear = this.gearInfo(id, applied.manifest, applied);
+          } catch (err) {
+            input.on('error', () => {});
+            input.resume();
+            throw err;
+          }
+        } else {
+          ({ size } = await applyLayer(input, diff, { drainInputOnError: true }));
+        }
       } catch (err) {
         await emptyDir(diff).catch(() => undefined);
         await fs.rm(index, { recursive: true, force: true }).catch(() => undefined);
+        await fs.rm(tarFile, { force: true }).catch(() => undefined);
         await fs.rm(marker, { force: true });
         throw err instanceof GearError ? err : new GearError('Internal', `layer ${id}: ${(err as Error).message}`, { cause: err });
       }
@@ -688,16 +711,44 @@ class OverlayLayerStore implements LayerStore {
     });
   }
 
-  /** diff/ holds an index layer's index form: validate its manifest and build index/. */
-  private async buildIndex(id: string, diff: string, index: string): Promise<GearLayerInfo> {
+  /**
+   * diff/ holds an index layer's index form (extracted by someone else, e.g. a
+   * snapshotter's Commit): validate its manifest and build index/.
+   */
+  async buildIndex(id: string, diff: string, index: string): Promise<GearLayerInfo> {
     const manifest = await readIndexManifest(diff);
     await fs.rm(index, { recursive: true, force: true });
-    const r = await buildIndexDir(diff, index, manifest);
+    return this.gearInfo(id, manifest, await buildIndexDir(diff, index, manifest));
+  }
+
+  private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
     const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs };
     if (manifest.location) info.location = manifest.location;
     else this.log?.warn({ layer: id }, 'gear index layer names no registry: its files can only come from the pool');
     this.log?.info({ layer: id, files: r.files, distinct: r.blobs.length, bytes: r.bytes, location: manifest.location }, 'gear index layer');
     return info;
+  }
+
+  /**
+   * The index form of an index layer applied from its tar (layers/<id>/index.tar)
+   * is extracted into diff/ on the first view of the layer itself (Get() for
+   * push, save, diff); a pull never needs it. Extracted beside diff/ and
+   * renamed over the empty diff/, so a crash leaves either form whole.
+   */
+  private async ensureIndexForm(id: string): Promise<void> {
+    const dir = this.layerDir(id);
+    const tarFile = path.join(dir, INDEX_TAR);
+    if (!(await pathExists(tarFile))) return;
+    const diff = this.diffDir(id);
+    if (!(await pathExists(path.join(diff, RESERVED_DIR)))) {
+      const tmp = path.join(dir, 'diff.tmp');
+      await fs.rm(tmp, { recursive: true, force: true });
+      await fs.mkdir(tmp, { mode: 0o755 });
+      await applyLayer(createReadStream(tarFile), tmp);
+      await fs.rename(tmp, diff);
+      await syncDir(dir);
+    }
+    await fs.rm(tarFile, { force: true });
   }
 
   /**
@@ -870,6 +921,30 @@ class OverlayLayerStore implements LayerStore {
     await fs.mkdir(dir, { recursive: true, mode: 0o755 });
     return dir;
   }
+}
+
+/**
+ * The first bytes of a stream (at least n, unless it ends first), and a
+ * stream that still yields every byte: the same one with the head pushed
+ * back, or a new one when the input already ended.
+ */
+async function peekHead(stream: Readable, n: number): Promise<{ head: Buffer; input: Readable }> {
+  const chunks: Buffer[] = [];
+  let len = 0;
+  let ended = true;
+  for await (const c of stream.iterator({ destroyOnReturn: false })) {
+    const b = Buffer.isBuffer(c) ? c : Buffer.from(c as Uint8Array);
+    chunks.push(b);
+    len += b.length;
+    if (len >= n) {
+      ended = false;
+      break;
+    }
+  }
+  const head = Buffer.concat(chunks);
+  if (ended) return { head, input: Readable.from([head]) };
+  stream.unshift(head);
+  return { head, input: stream };
 }
 
 /** Opens (creating if needed) the layer store at opts.root and repairs what a crash left. */
