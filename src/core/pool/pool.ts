@@ -17,8 +17,10 @@
  *
  * Writes are two-phase (stargz `cache.Add` → `Commit`/`Abort`): bytes go to a
  * staging file while their sha256 is computed; commit checks digest and size,
- * chmods 0444, fsyncs, renames into `sha256/ab/` and fsyncs that directory.
- * A crash at any moment leaves at most a staging file, deleted on next open.
+ * chmods 0444, fsyncs, renames into `sha256/ab/` (the directory is not
+ * fsynced: a rename lost in a crash is a missing file, fetched again). A crash
+ * at any moment leaves at most a staging file, deleted on next open, and never
+ * a visible file whose data is not on disk.
  *
  * Eviction: when usage passes `highWatermark × cap` (default 95 %), files are
  * unlinked until usage is at most `lowWatermark × cap` (default 85 %).
@@ -698,8 +700,10 @@ export class Pool {
     const file = this.fileOf(hex);
     // Concurrent mkdirs of one shard are fine (recursive ignores EEXIST).
     if (await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o755 })) await syncDir(this.shaDir);
+    // No fsync of the directory: the data was fsynced before the rename, and a rename lost in a
+    // crash only means a missing file, which startup drops from the snapshot and the next open
+    // fetches again. It would cost a journal commit on the path of every first open.
     await fs.rename(staging, file);
-    await syncDir(path.dirname(file));
     const st = await fs.stat(file);
     const old = this.entries.get(hex);
     if (old) this.used -= old.size;
