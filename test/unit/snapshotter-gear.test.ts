@@ -19,6 +19,7 @@ import { isClass } from '../../src/core/errors.js';
 import { writeIndexLayer } from '../../src/core/index/index-layer.js';
 import type { IndexManifest } from '../../src/core/index/manifest.js';
 import type { TarHeader } from '../../src/core/index/tar.js';
+import { indexTarHeader } from './fixtures/tarbuild.js';
 import { openLayerStore } from '../../src/core/layers/store.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { mountsUnder } from '../../src/core/sys/mounts.js';
@@ -30,25 +31,7 @@ import { run } from '../helpers/proc.js';
 const REPO = 'gear-test/snap';
 const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
-function hdr(p: string, type: TarHeader['type'], extra: Partial<TarHeader> = {}): TarHeader {
-  return {
-    path: p,
-    type,
-    size: 0,
-    mode: type === 'dir' ? 0o755 : 0o644,
-    uid: 0,
-    gid: 0,
-    uname: '',
-    gname: '',
-    mtime: 1_700_000_000,
-    mtimeNsec: 0,
-    linkname: '',
-    devmajor: 0,
-    devminor: 0,
-    xattrs: new Map(),
-    ...extra,
-  };
-}
+const hdr = indexTarHeader;
 
 let reg: TestRegistry;
 let proxy: FaultProxy;

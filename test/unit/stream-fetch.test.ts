@@ -21,7 +21,7 @@ import { isClass } from '../../src/core/errors.js';
 import { Fetcher, type FetchRequest, type StreamedFile } from '../../src/core/fetcher/fetcher.js';
 import { writeIndexLayer } from '../../src/core/index/index-layer.js';
 import { GearMediaType, type IndexManifest } from '../../src/core/index/manifest.js';
-import type { TarHeader } from '../../src/core/index/tar.js';
+import { indexTarHeader } from './fixtures/tarbuild.js';
 import type { LazyRuntime } from '../../src/core/lazy/runtime.js';
 import { openLayerStore } from '../../src/core/layers/store.js';
 
@@ -254,24 +254,7 @@ describe('streamed fetch (fetcher)', () => {
 // ---------------------------------------------------------------------------
 // End to end: overlay → miss filesystem → streamed reader.
 
-function hdr(p: string, type: TarHeader['type']): TarHeader {
-  return {
-    path: p,
-    type,
-    size: 0,
-    mode: type === 'dir' ? 0o755 : 0o644,
-    uid: 0,
-    gid: 0,
-    uname: '',
-    gname: '',
-    mtime: 1_700_000_000,
-    mtimeNsec: 0,
-    linkname: '',
-    devmajor: 0,
-    devminor: 0,
-    xattrs: new Map(),
-  };
-}
+const hdr = indexTarHeader;
 
 async function indexLayer(): Promise<Buffer> {
   const manifest: IndexManifest = {
