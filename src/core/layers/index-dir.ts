@@ -75,21 +75,23 @@ export interface IndexDirResult {
   blobs: GearBlobTuple[];
 }
 
-async function copyMeta(src: string, dst: string, st: import('node:fs').Stats, kind: 'dir' | 'file' | 'symlink' | 'other'): Promise<void> {
+function copyMeta(src: string, dst: string, st: import('node:fs').Stats, kind: 'dir' | 'file' | 'symlink' | 'other'): void {
   // chown first: it clears security.capability and setuid bits.
-  await fs.lchown(dst, st.uid, st.gid);
+  fsSync.lchownSync(dst, st.uid, st.gid);
   for (const name of listXattrs(src)) {
     if (isOverlayPrivate(name)) continue;
     const v = getXattr(src, name);
     if (v !== null) setXattr(dst, name, v);
   }
-  if (kind !== 'symlink') await fs.chmod(dst, st.mode & 0o7777);
-  await fs.lutimes(dst, st.atime, st.mtime);
+  if (kind !== 'symlink') fsSync.chmodSync(dst, st.mode & 0o7777);
+  fsSync.lutimesSync(dst, st.atime, st.mtime);
 }
 
 /**
  * Builds indexDir (must not exist) from the extracted index form in diffDir.
- * Throws InvalidArgument when the tree and the manifest disagree.
+ * Throws InvalidArgument when the tree and the manifest disagree. Synchronous
+ * calls throughout: thousands of small metadata operations cost far more as
+ * libuv round trips than they block (the snapshotter's Commit of a big index).
  */
 export async function buildIndexDir(diffDir: string, indexDir: string, manifest: IndexManifest): Promise<IndexDirResult> {
   const listed = new Map<string, IndexFile>(manifest.files.map((f) => [f.path, f]));
@@ -101,17 +103,17 @@ export async function buildIndexDir(diffDir: string, indexDir: string, manifest:
   // Pass 1: the tree as it is (lstat only; nothing followed).
   type Ent = { rel: string; st: import('node:fs').Stats };
   const ents: Ent[] = [];
-  const collect = async (rel: string): Promise<void> => {
-    const names = (await fs.readdir(path.join(diffDir, rel))).sort();
+  const collect = (rel: string): void => {
+    const names = fsSync.readdirSync(path.join(diffDir, rel)).sort();
     for (const name of names) {
       const r = rel ? `${rel}/${name}` : name;
       if (r === RESERVED_DIR) continue;
-      const st = await fs.lstat(path.join(diffDir, r));
+      const st = fsSync.lstatSync(path.join(diffDir, r));
       ents.push({ rel: r, st });
-      if (st.isDirectory()) await collect(r);
+      if (st.isDirectory()) collect(r);
     }
   };
-  await collect('');
+  collect('');
   // Which inode carries which Gear file (a hard link may come before the listed path).
   const fileOfInode = new Map<string, IndexFile>();
   for (const { rel, st } of ents) {
@@ -127,51 +129,51 @@ export async function buildIndexDir(diffDir: string, indexDir: string, manifest:
   }
 
   // Pass 2: build index/.
-  const rootSt = await fs.lstat(diffDir);
-  await fs.mkdir(indexDir, { mode: 0o700 });
-  await copyMeta(diffDir, indexDir, rootSt, 'dir');
+  const rootSt = fsSync.lstatSync(diffDir);
+  fsSync.mkdirSync(indexDir, { mode: 0o700 });
+  copyMeta(diffDir, indexDir, rootSt, 'dir');
   dirTimes.push([indexDir, rootSt]);
   for (const { rel: r, st } of ents) {
     const src = path.join(diffDir, r);
     const dst = path.join(indexDir, r);
     if (st.isDirectory()) {
-      await fs.mkdir(dst, { mode: 0o700 });
-      await copyMeta(src, dst, st, 'dir');
+      fsSync.mkdirSync(dst, { mode: 0o700 });
+      copyMeta(src, dst, st, 'dir');
       dirTimes.push([dst, st]);
     } else if (st.isSymbolicLink()) {
-      await fs.symlink(await fs.readlink(src), dst);
-      await copyMeta(src, dst, st, 'symlink');
+      fsSync.symlinkSync(fsSync.readlinkSync(src), dst);
+      copyMeta(src, dst, st, 'symlink');
     } else if (st.isFile()) {
       const key = `${st.dev}:${st.ino}`;
       const first = st.nlink > 1 ? linked.get(key) : undefined;
       if (first !== undefined) {
-        await fs.link(first, dst);
+        fsSync.linkSync(first, dst);
         continue;
       }
       if (st.nlink > 1) linked.set(key, dst);
       const f = fileOfInode.get(key);
-      const fh = await fs.open(dst, 'wx', 0o600);
+      const fd = fsSync.openSync(dst, 'wx', 0o600);
       try {
-        if (f) await fh.truncate(f.size); // sparse: no data blocks
+        if (f) fsSync.ftruncateSync(fd, f.size); // sparse: no data blocks
       } finally {
-        await fh.close();
+        fsSync.closeSync(fd);
       }
       if (f) {
         setXattr(dst, METACOPY_XATTR, Buffer.alloc(0));
         setXattr(dst, REDIRECT_XATTR, redirectOf(f.digest));
       }
-      await copyMeta(src, dst, st, 'file');
+      copyMeta(src, dst, st, 'file');
     } else {
       // devices, fifos, sockets (and 0/0 whiteouts, meaningless in a base layer): as they are
       native.mknod(dst, st.mode, Math.floor(st.rdev / 256) & 0xfff, (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00));
-      await copyMeta(src, dst, st, 'other');
+      copyMeta(src, dst, st, 'other');
     }
   }
   for (const f of manifest.files) {
     if (!matched.has(f.path)) throw invalidArgument(`gear index layer: manifest lists ${JSON.stringify(f.path)} but the tree has no such empty regular file`);
   }
   // Directory times last: creating entries changed them.
-  for (const [dst, st] of dirTimes.reverse()) await fs.lutimes(dst, st.atime, st.mtime);
+  for (const [dst, st] of dirTimes.reverse()) fsSync.lutimesSync(dst, st.atime, st.mtime);
 
   return summarize(manifest);
 }
