@@ -15,29 +15,13 @@ import {
   type IndexManifest,
 } from '../../src/core/index/manifest.js';
 import { encodeTarHeader, readTar, tarPadding, tarTrailer, type TarHeader } from '../../src/core/index/tar.js';
+import { indexTarHeader } from './fixtures/tarbuild.js';
 
 const D = (c: string) => `sha256:${c.repeat(64).slice(0, 64)}`;
 const sha = (b: Buffer | string) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
-function hdr(path: string, over: Partial<TarHeader> = {}): TarHeader {
-  return {
-    path,
-    type: 'file',
-    size: 0,
-    mode: 0o644,
-    uid: 0,
-    gid: 0,
-    uname: '',
-    gname: '',
-    mtime: 1_700_000_000,
-    mtimeNsec: 0,
-    linkname: '',
-    devmajor: 0,
-    devminor: 0,
-    xattrs: new Map(),
-    ...over,
-  };
-}
+/** A regular-file header unless `over` says otherwise. */
+const hdr = (path: string, over: Partial<TarHeader> = {}): TarHeader => indexTarHeader(path, 'file', over);
 
 async function* chunks(buf: Buffer, size = 333): AsyncGenerator<Buffer> {
   for (let i = 0; i < buf.length; i += size) yield buf.subarray(i, i + size);
