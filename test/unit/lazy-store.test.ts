@@ -96,8 +96,8 @@ afterEach(async () => {
 });
 
 describe('gear index layers in the store', () => {
-  it('keeps the index form in diff/, builds index/ with metacopy files, and reads lazily through FUSE', async () => {
-    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } });
+  it.each([['image'], ['dir']] as const)('keeps the index form in diff/, builds the index (%s form) with metacopy files, and reads lazily through FUSE', async (form) => {
+    const store = await openLayerStore({ root, indexForm: form, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } });
     try {
       await store.create('idx', '', 'ro');
       await store.applyDiff('idx', '', Readable.from([indexTar]));
@@ -112,7 +112,18 @@ describe('gear index layers in the store', () => {
       expect(existsSync(path.join(idx, '.gear'))).toBe(false);
       const st = await fs.lstat(path.join(idx, 'bin/tool'));
       expect(st.size).toBe(files['bin/tool']!.length);
-      expect(st.blocks).toBeLessThanOrEqual(8); // no data blocks (an ext4 xattr block may count)
+      const image = path.join(root, 'layers/idx/index.erofs');
+      if (form === 'dir') {
+        expect(st.blocks).toBeLessThanOrEqual(8); // no data blocks (an ext4 xattr block may count)
+        expect(existsSync(image)).toBe(false);
+        expect(isMountPoint(idx)).toBe(false);
+      } else {
+        // One small image file holds the whole index, mounted read-only at index/.
+        expect((await fs.stat(image)).size).toBeLessThanOrEqual(4 * 4096);
+        expect(mountsUnder(idx).map((m) => m.fsType)).toEqual(['erofs']);
+        expect(Object.fromEntries(await store.status())['Index Form']).toMatch(/^EROFS image/);
+        await expect(fs.writeFile(path.join(idx, 'etc/new'), 'x')).rejects.toMatchObject({ code: 'EROFS' });
+      }
       expect(st.mode & 0o7777).toBe(0o4755);
       expect([st.uid, st.gid]).toEqual([12, 34]);
       expect(getXattr(path.join(idx, 'bin/tool'), 'trusted.overlay.metacopy')).toEqual(Buffer.alloc(0));
@@ -147,6 +158,8 @@ describe('gear index layers in the store', () => {
       await store.remove('ctr');
       await store.remove('idx');
       expect((await fs.readdir(path.join(root, 'pool/.meta/refs'))).filter((n) => n.endsWith('.json'))).toEqual([]);
+      expect(mountsUnder(path.join(root, 'layers'))).toEqual([]);
+      expect(await fs.readdir(path.join(root, 'layers'))).toEqual([]);
     } finally {
       await store.close?.();
     }

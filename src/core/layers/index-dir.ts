@@ -29,6 +29,7 @@ import type { TarHeader } from '../index/tar.js';
 import { native } from '../sys/native.js';
 import { isOverlayPrivate, listXattrs, getXattr, setXattr } from '../sys/xattr.js';
 import type { GearBlobTuple } from '../lazy/catalog.js';
+import { indexTreeFromEntries, writeIndexImage } from './index-image.js';
 
 export const METACOPY_XATTR = 'trusted.overlay.metacopy';
 export const REDIRECT_XATTR = 'trusted.overlay.redirect';
@@ -204,14 +205,18 @@ export interface AppliedIndexLayer extends IndexDirResult {
   size: number;
 }
 
+/** Where applyIndexLayer puts the index: a directory tree, or an EROFS image file (index-image.ts). */
+export type IndexTarget = { dir: string } | { image: string };
+
 /**
  * ApplyDiff of an index layer: reads the (decompressed) tar once, validates
  * it as an index layer (readIndexLayer: clean, sorted, unique paths, no body
  * but the manifest's, manifest and entries agree, hard links to earlier
- * entries), stores its bytes in tarFile and builds indexDir (must not exist)
- * from the entries directly. Throws InvalidArgument for a bad layer.
+ * entries), stores its bytes in tarFile and builds the index (target: a dir
+ * that must not exist, or an image file) from the entries directly. Throws
+ * InvalidArgument for a bad layer.
  */
-export async function applyIndexLayer(bytes: AsyncIterable<Buffer>, indexDir: string, tarFile: string): Promise<AppliedIndexLayer> {
+export async function applyIndexLayer(bytes: AsyncIterable<Buffer>, target: IndexTarget, tarFile: string): Promise<AppliedIndexLayer> {
   const fd = fsSync.openSync(tarFile, NEW_FILE, 0o600);
   let layer: Awaited<ReturnType<typeof readIndexLayer>>;
   try {
@@ -227,11 +232,17 @@ export async function applyIndexLayer(bytes: AsyncIterable<Buffer>, indexDir: st
   } finally {
     fsSync.closeSync(fd);
   }
-  const r = buildIndexDirFromEntries(indexDir, layer.manifest, layer.entries);
+  let r: IndexDirResult;
+  if ('dir' in target) r = buildIndexDirFromEntries(target.dir, layer.manifest, layer.entries);
+  else {
+    const { root, result } = indexTreeFromEntries(layer.manifest, layer.entries);
+    writeIndexImage(target.image, root);
+    r = result;
+  }
   return { ...r, manifest: layer.manifest, size: layer.manifestBytes };
 }
 
-function entryError(p: string, err: unknown): GearError {
+export function entryError(p: string, err: unknown): GearError {
   if (err instanceof GearError) return err;
   const msg = `gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: ${(err as Error)?.message ?? String(err)}`;
   const code = errnoCode(err);
@@ -340,7 +351,7 @@ export function buildIndexDirFromEntries(indexDir: string, manifest: IndexManife
   return summarize(manifest);
 }
 
-interface EntryMeta {
+export interface EntryMeta {
   mode: number;
   uid: number;
   gid: number;
@@ -350,7 +361,7 @@ interface EntryMeta {
 }
 
 /** Validated metadata of an entry, normalised as archive/apply.ts does for any layer. */
-function entryMeta(h: TarHeader): EntryMeta {
+export function entryMeta(h: TarHeader): EntryMeta {
   for (const [what, v] of [['uid', h.uid], ['gid', h.gid]] as const) {
     if (!Number.isSafeInteger(v) || v < 0 || v > MAX_ID) throw invalidArgument(`invalid ${what} ${v}`);
   }
@@ -374,7 +385,7 @@ function setMeta(abs: string, m: EntryMeta): void {
   fsSync.chmodSync(abs, m.mode);
 }
 
-function summarize(manifest: IndexManifest): IndexDirResult {
+export function summarize(manifest: IndexManifest): IndexDirResult {
   const blobs = new Map<string, GearBlobTuple>();
   let bytes = 0;
   for (const f of manifest.files) {

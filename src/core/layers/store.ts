@@ -7,7 +7,9 @@
  *   ROOT/layers/<id>/work/        overlay workdir (read-write layers)
  *   ROOT/layers/<id>/merged/      mount point of the merged view
  *   ROOT/layers/<id>/applying     present while applyDiff runs
- *   ROOT/layers/<id>/index/       a Gear index layer only: the metacopy tree (index-dir.ts)
+ *   ROOT/layers/<id>/index/       a Gear index layer only: the metacopy tree (index-dir.ts), or
+ *                                 the mount point of index.erofs, the same tree as one EROFS image
+ *                                 (index-image.ts; kernels with file-backed EROFS mounts)
  *   ROOT/layers/<id>/index.tar    a Gear index layer only, until its first Get(): the layer tar,
  *                                 extracted into diff/ (the index form) when first asked for
  *   ROOT/l/<LINK> -> ../layers/<id>/diff   short names keep mount options short
@@ -48,6 +50,7 @@ import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { createReadStream } from 'node:fs';
 import { applyIndexLayer, buildIndexDir, headIsIndexLayer, INDEX_TAR, readIndexManifest } from './index-dir.js';
+import { INDEX_IMAGE, mountIndexImage, probeIndexImages } from './index-image.js';
 import type { IndexManifest } from '../index/manifest.js';
 import type { IndexDirResult } from './index-dir.js';
 import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
@@ -70,6 +73,12 @@ export interface LayerStoreOptions {
    * recognised and mounted; their files then come only from ROOT/pool).
    */
   lazy?: boolean | LazyOptions;
+  /**
+   * How index layers applied from a tar keep their index: 'image' (one EROFS
+   * image file, mounted), 'dir' (a directory tree), 'auto' (default: 'image'
+   * when this kernel mounts EROFS image files, else 'dir').
+   */
+  indexForm?: 'auto' | 'image' | 'dir';
 }
 
 /** How a layer is presented: its own dir as is, or an overlay mount. */
@@ -111,6 +120,11 @@ function parseRecord(text: string, id: string): LayerRecord {
     rec.gear = g as GearLayerInfo;
   }
   return rec;
+}
+
+/** Detaches whatever is mounted at or below dir. */
+function unmountUnder(dir: string): void {
+  for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
 }
 
 /** Runs a command with a time bound; resolves its exit code and stderr. */
@@ -166,6 +180,10 @@ class OverlayLayerStore implements LayerStore {
   private lazy: LazyRuntime | undefined;
   /** Background completion of the Gear files that containers mounted before this run may open. */
   private resume: ResumeQueue | undefined;
+  private readonly indexFormOpt: 'auto' | 'image' | 'dir';
+  /** Whether new index layers get an EROFS image; why not, when they do not. */
+  private indexImages = false;
+  private indexImagesWhyNot = '';
 
   constructor(opts: LayerStoreOptions) {
     this.root = path.resolve(opts.root);
@@ -173,6 +191,7 @@ class OverlayLayerStore implements LayerStore {
     this.lazyOpts = opts.lazy === true ? {} : opts.lazy || undefined;
     this.layersDir = path.join(this.root, 'layers');
     this.linksDir = path.join(this.root, 'l');
+    this.indexFormOpt = opts.indexForm ?? 'auto';
   }
 
   // ---- paths ---------------------------------------------------------------
@@ -191,6 +210,9 @@ class OverlayLayerStore implements LayerStore {
   }
   private indexDir(id: string): string {
     return path.join(this.layersDir, id, 'index');
+  }
+  private indexImage(id: string): string {
+    return path.join(this.layersDir, id, INDEX_IMAGE);
   }
   /** What a layer's l/ link points to: index/ for an index layer, else diff/. */
   private linkTarget(r: LayerRecord): string {
@@ -272,12 +294,23 @@ class OverlayLayerStore implements LayerStore {
       if (m.mountPoint === this.layersDir) continue;
       const rel = path.relative(this.layersDir, m.mountPoint).split(path.sep);
       const known = rel.length === 2 && rel[1] === 'merged' && this.records.has(rel[0]!);
+      const indexMount = rel.length === 2 && rel[1] === 'index' && this.records.get(rel[0]!)?.gear?.form === 'image';
       if (known) adopted.push(rel[0]!);
-      else {
+      else if (!indexMount) {
         unmount(m.mountPoint, { lazy: true });
         this.log?.info({ mountPoint: m.mountPoint }, 'unmounted stale mount');
       }
     }
+    if (this.indexFormOpt !== 'dir') {
+      const whyNot = probeIndexImages(this.layersDir);
+      this.indexImages = whyNot === undefined;
+      this.indexImagesWhyNot = whyNot ?? '';
+      if (whyNot !== undefined && this.indexFormOpt === 'image') {
+        throw failedPrecondition(`gear: this kernel cannot mount EROFS image files (${whyNot}); needs Linux 6.12+ with CONFIG_EROFS_FS_BACKED_BY_FILE, or use the directory form (index form 'dir')`);
+      }
+      if (whyNot !== undefined) this.log?.info({ reason: whyNot }, 'index layers use the directory form: this kernel cannot mount EROFS image files');
+    } else this.indexImagesWhyNot = 'the directory form was asked for';
+    this.mountIndexImages([...this.records.values()]);
     if (this.lazyOpts) {
       this.lazy = await openLazyRuntime(this.root, this.lazyOpts, this.log);
       const owners = new Set<string>();
@@ -312,6 +345,40 @@ class OverlayLayerStore implements LayerStore {
         this.log?.info({ mountPoint: miss }, 'detached the miss filesystem of a previous daemon (its connection is gone)');
       }
     }
+  }
+
+  /**
+   * Mounts the index images of these records that are not mounted (after a
+   * restart, a cleanup(), or in a new mount namespace). Throws when one
+   * cannot be mounted: mounts above it would see an empty index.
+   */
+  private mountIndexImages(recs: Iterable<LayerRecord>): void {
+    let mounts: ReturnType<typeof readMounts> | undefined;
+    for (const r of recs) {
+      if (r.gear?.form !== 'image') continue;
+      mounts ??= readMounts();
+      const dir = this.indexDir(r.id);
+      if (isMountPoint(dir, mounts)) continue;
+      try {
+        mountIndexImage(this.indexImage(r.id), dir);
+      } catch (err) {
+        throw new GearError('Internal', `layer ${r.id}: cannot mount its index image ${this.indexImage(r.id)} at ${dir}: ${(err as Error).message}`, { cause: err });
+      }
+      this.log?.debug({ layer: r.id }, 'mounted index image');
+    }
+  }
+
+  /** The records of id and its parents. */
+  private chain(id: string): LayerRecord[] {
+    const out: LayerRecord[] = [];
+    let cur: string | undefined = id;
+    for (let depth = 0; cur && depth <= MAX_LAYER_DEPTH; depth++) {
+      const r = this.records.get(cur);
+      if (!r) break;
+      out.push(r);
+      cur = r.parent;
+    }
+    return out;
   }
 
   async close(): Promise<void> {
@@ -441,8 +508,8 @@ class OverlayLayerStore implements LayerStore {
     await this.locks.run(id, async () => {
       const rec = this.records.get(id);
       if (!rec) return;
-      const merged = this.mergedDir(id);
-      for (const m of mountsUnder(merged)) unmount(m.mountPoint, { lazy: true });
+      // The merged view, and an index image's mount (overlays that use it keep their own reference).
+      for (const m of mountsUnder(this.layerDir(id))) unmount(m.mountPoint, { lazy: true });
       this.refs.delete(id);
       const trash = path.join(this.layersDir, `.trash-${id}-${randomBytes(4).toString('hex')}`);
       await fs.rename(this.layerDir(id), trash);
@@ -522,6 +589,7 @@ class OverlayLayerStore implements LayerStore {
     const spec = this.mountSpec(id);
     if (spec.type === 'dir') return spec.path;
     const mounted = isMountPoint(spec.target);
+    if (!mounted) this.mountIndexImages(this.chain(id));
     // A mount made before a restart is adopted as one reference (as overlay2 does).
     let count = this.refs.get(id) ?? (mounted ? 1 : 0);
     if (!mounted) {
@@ -630,6 +698,7 @@ class OverlayLayerStore implements LayerStore {
       ['Layers', String(this.records.size)],
       ['Mounted', String(this.refs.size)],
       ['Index Layers', String([...this.records.values()].filter((r) => r.gear).length)],
+      ['Index Form', this.indexImages ? 'EROFS image per index layer (file-backed mount)' : `directory tree (${this.indexImagesWhyNot})`],
       ...(this.lazy ? this.lazy.status() : [['Lazy Pull', 'off'] as [string, string]]),
       ...(this.lazy ? [['Resume', this.resume ? this.resume.status() : 'none (no mounted container used a Gear index layer at start)'] as [string, string]] : []),
     ];
@@ -661,18 +730,25 @@ class OverlayLayerStore implements LayerStore {
       let size: number;
       let gear: GearLayerInfo | undefined;
       const tarFile = path.join(this.layerDir(id), INDEX_TAR);
+      const image = this.indexImage(id);
       try {
         // Drained, not destroyed, on error: the tar usually is an HTTP request body
         // whose reply (carrying the error) can only go out once it is read.
         const { head, input } = await peekHead(tar, 64 * 1024);
         if (headIsIndexLayer(head)) {
           // An index layer: index/ straight from the tar; diff/ (the index form) only when asked for.
+          unmountUnder(index);
           await fs.rm(index, { recursive: true, force: true });
           await fs.rm(tarFile, { force: true });
+          await fs.rm(image, { force: true });
           try {
-            const applied = await applyIndexLayer(layerBytes(input), index, tarFile);
+            const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image } : { dir: index }, tarFile);
             size = applied.size;
             gear = this.gearInfo(id, applied.manifest, applied);
+            if (this.indexImages) {
+              gear.form = 'image';
+              mountIndexImage(image, index);
+            }
           } catch (err) {
             input.on('error', () => {});
             input.resume();
@@ -683,8 +759,10 @@ class OverlayLayerStore implements LayerStore {
         }
       } catch (err) {
         await emptyDir(diff).catch(() => undefined);
+        unmountUnder(index);
         await fs.rm(index, { recursive: true, force: true }).catch(() => undefined);
         await fs.rm(tarFile, { force: true }).catch(() => undefined);
+        await fs.rm(image, { force: true }).catch(() => undefined);
         await fs.rm(marker, { force: true });
         throw err instanceof GearError ? err : new GearError('Internal', `layer ${id}: ${(err as Error).message}`, { cause: err });
       }
@@ -909,6 +987,7 @@ class OverlayLayerStore implements LayerStore {
 
   lowerOf(id: string): LowerDir {
     const rec = this.record(id);
+    this.mountIndexImages([rec]);
     return { dir: rec.gear ? this.indexDir(id) : this.diffDir(id), short: this.linkDiffDir(rec.link), gear: !!rec.gear };
   }
 

@@ -48,6 +48,11 @@ export interface GearLayerInfo {
   location?: BlobLocation;
   /** Distinct Gear files: [content digest, size, stored blob digest?, stored blob size?]. */
   blobs: GearBlobTuple[];
+  /**
+   * 'image': the index is layers/<id>/index.erofs, mounted at index/
+   * (index-image.ts); absent: index/ is a directory tree (index-dir.ts).
+   */
+  form?: 'image';
 }
 
 export interface CreateOptions {

@@ -1,0 +1,328 @@
+/**
+ * A writer of EROFS images that hold metadata only: the index of a Gear
+ * layer as one file instead of one inode per file (DESIGN.md "How a
+ * container sees its files"; composefs builds the same kind of image).
+ *
+ * The kernel mounts the image file directly (file-backed EROFS, Linux 6.12+)
+ * and overlayfs takes it as a lower layer: regular files carry
+ * trusted.overlay.metacopy and trusted.overlay.redirect, so their data comes
+ * from the data-only layers (pool, miss filesystem), never from the image.
+ * Their own data is a hole: chunk-based layout with one null chunk, so a read
+ * through the image itself returns zeros.
+ *
+ * Layout (block size 4096): block 0 holds the superblock at byte 1024; the
+ * metadata area starts at block 1 and holds every inode (always the 64-byte
+ * extended form: uid, gid and mtime kept exactly) with its inline xattrs and
+ * either its chunk table or its data inline (directories and symlinks whose
+ * data fits in the inode's block); data that does not fit goes to whole
+ * blocks after the metadata area. The root inode is first (the superblock's
+ * root_nid is 16 bits). No inode record crosses a block boundary unless it is
+ * bigger than a block (only possible with huge xattrs; the kernel reads such
+ * records across blocks).
+ *
+ * On-disk format: linux/fs/erofs/erofs_fs.h. Pure logic: the caller mounts.
+ */
+import { invalidArgument } from '../errors.js';
+
+export type ErofsNodeType = 'dir' | 'file' | 'symlink' | 'char' | 'block' | 'fifo' | 'socket';
+
+export interface ErofsNode {
+  type: ErofsNodeType;
+  /** Permission bits (0o7777). */
+  mode: number;
+  uid: number;
+  gid: number;
+  mtimeSec: number;
+  mtimeNsec: number;
+  /** Regular file: its logical size (the data lives elsewhere). */
+  size?: number;
+  /** Symlink: its target. */
+  target?: string;
+  /** Devices. */
+  major?: number;
+  minor?: number;
+  xattrs: Array<[string, Buffer]>;
+  /** Directory: its entries by name (no "." or ".."). A node listed twice is a hard link. */
+  children?: Map<string, ErofsNode>;
+}
+
+export const EROFS_MAGIC = 0xe0f5e1e2;
+const SUPER_OFFSET = 1024;
+const BLKBITS = 12;
+const BLKSZ = 1 << BLKBITS;
+const META_BLKADDR = 1;
+const INODE_SLOT = 32;
+const INODE_EXTENDED_SIZE = 64;
+const XATTR_IBODY_HEADER = 12;
+const DIRENT_SIZE = 12;
+const NULL_ADDR = 0xffffffff;
+const FEATURE_INCOMPAT_CHUNKED_FILE = 0x4;
+const CHUNK_FORMAT_BLKBITS_MASK = 0x1f;
+
+const LAYOUT_FLAT_PLAIN = 0;
+const LAYOUT_FLAT_INLINE = 2;
+const LAYOUT_CHUNK_BASED = 4;
+
+const S_IF: Record<ErofsNodeType, number> = {
+  dir: 0o040000,
+  file: 0o100000,
+  symlink: 0o120000,
+  char: 0o020000,
+  block: 0o060000,
+  fifo: 0o010000,
+  socket: 0o140000,
+};
+const FILE_TYPE: Record<ErofsNodeType, number> = { file: 1, dir: 2, char: 3, block: 4, fifo: 5, socket: 6, symlink: 7 };
+
+/** POSIX ACLs: stored under their index with an empty name. */
+const XATTR_ACLS: Record<string, number> = { 'system.posix_acl_access': 2, 'system.posix_acl_default': 3 };
+/** xattr name prefixes EROFS stores as an index (erofs_fs.h EROFS_XATTR_INDEX_*); longest first. */
+const XATTR_PREFIXES: Array<[string, number]> = [
+  ['security.', 6],
+  ['trusted.', 4],
+  ['lustre.', 5],
+  ['user.', 1],
+];
+
+interface Placed {
+  node: ErofsNode;
+  nid: number;
+  nlink: number;
+  /** inline xattr area (header + entries), empty when none */
+  xattrs: Buffer;
+  /** directory or symlink data; empty for the others */
+  data: Buffer;
+  layout: number;
+  /** bytes of the record in the metadata area: inode + xattrs + (chunk table | inline data) */
+  recordSize: number;
+  /** first data block (FLAT_PLAIN with data) */
+  blkaddr: number;
+  /** chunk-based: log2 of the chunk size minus BLKBITS */
+  chunkFormat: number;
+  parent: Placed | null;
+}
+
+const align = (n: number, a: number): number => Math.ceil(n / a) * a;
+
+/** One EROFS inline xattr area for these xattrs; throws when a name or value cannot be stored. */
+function xattrArea(xattrs: ReadonlyArray<[string, Buffer]>): Buffer {
+  if (xattrs.length === 0) return Buffer.alloc(0);
+  const parts: Buffer[] = [Buffer.alloc(XATTR_IBODY_HEADER)];
+  for (const [name, value] of xattrs) {
+    const p: [string, number] | undefined = XATTR_ACLS[name] !== undefined ? [name, XATTR_ACLS[name]] : XATTR_PREFIXES.find(([prefix]) => name.startsWith(prefix) && name.length > prefix.length);
+    if (!p) throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} has a prefix EROFS cannot store`);
+    const suffix = Buffer.from(name.slice(p[0].length), 'utf8');
+    if (suffix.length > 255 || value.length > 0xffff) throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} is too long for EROFS`);
+    const e = Buffer.alloc(align(4 + suffix.length + value.length, 4));
+    e.writeUInt8(suffix.length, 0);
+    e.writeUInt8(p[1], 1);
+    e.writeUInt16LE(value.length, 2);
+    suffix.copy(e, 4);
+    value.copy(e, 4 + suffix.length);
+    parts.push(e);
+  }
+  const area = Buffer.concat(parts);
+  if ((area.length - XATTR_IBODY_HEADER) / 4 + 1 > 0xffff) throw invalidArgument('xattrs too large for EROFS');
+  return area;
+}
+
+/** Sorted (name, child) pairs of a directory, "." and ".." included, as EROFS orders them (bytewise). */
+function dirEntries(p: Placed, placedOf: Map<ErofsNode, Placed>): Array<{ name: Buffer; child: Placed }> {
+  const out: Array<{ name: Buffer; child: Placed }> = [
+    { name: Buffer.from('.'), child: p },
+    { name: Buffer.from('..'), child: p.parent ?? p },
+  ];
+  for (const [name, node] of p.node.children ?? new Map<string, ErofsNode>()) out.push({ name: Buffer.from(name, 'utf8'), child: placedOf.get(node)! });
+  return out.sort((a, b) => Buffer.compare(a.name, b.name));
+}
+
+/** Splits a directory's sorted entries into blocks; returns the block payloads (each ≤ BLKSZ). nids are filled in later. */
+function dirBlocks(ents: Array<{ name: Buffer; child: Placed }>): Array<Array<{ name: Buffer; child: Placed }>> {
+  const blocks: Array<Array<{ name: Buffer; child: Placed }>> = [];
+  let cur: Array<{ name: Buffer; child: Placed }> = [];
+  let used = 0;
+  for (const e of ents) {
+    if (e.name.length === 0 || e.name.length > 255) throw invalidArgument(`entry name of ${e.name.length} bytes`);
+    const need = DIRENT_SIZE + e.name.length;
+    if (used + need > BLKSZ) {
+      blocks.push(cur);
+      cur = [];
+      used = 0;
+    }
+    cur.push(e);
+    used += need;
+  }
+  if (cur.length) blocks.push(cur);
+  return blocks;
+}
+
+function dirBlockBytes(block: Array<{ name: Buffer; child: Placed }>): Buffer {
+  const size = block.reduce((n, e) => n + DIRENT_SIZE + e.name.length, 0);
+  const b = Buffer.alloc(size);
+  let nameoff = block.length * DIRENT_SIZE;
+  block.forEach((e, i) => {
+    const o = i * DIRENT_SIZE;
+    b.writeBigUInt64LE(BigInt(e.child.nid), o);
+    b.writeUInt16LE(nameoff, o + 8);
+    b.writeUInt8(FILE_TYPE[e.child.node.type], o + 10);
+    e.name.copy(b, nameoff);
+    nameoff += e.name.length;
+  });
+  return b;
+}
+
+/** Bytes of directory data: full blocks zero-padded, the last one exact. */
+function dirDataSize(blocks: Array<Array<{ name: Buffer; child: Placed }>>): number {
+  const last = blocks[blocks.length - 1]!;
+  return (blocks.length - 1) * BLKSZ + last.reduce((n, e) => n + DIRENT_SIZE + e.name.length, 0);
+}
+
+/**
+ * Builds the image of the tree under root. Node values are validated here
+ * only as far as the format needs (the caller validated the layer).
+ */
+export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
+  if (root.type !== 'dir') throw invalidArgument('the root of an EROFS image must be a directory');
+  // 1. Every distinct node once, parents first (breadth-first keeps a directory's children close).
+  const placedOf = new Map<ErofsNode, Placed>();
+  const order: Placed[] = [];
+  const visit = (node: ErofsNode, parent: Placed | null): Placed => {
+    let p = placedOf.get(node);
+    if (p) {
+      if (node.type === 'dir') throw invalidArgument('a directory cannot be hard-linked');
+      p.nlink++;
+      return p;
+    }
+    p = { node, nid: 0, nlink: 1, xattrs: xattrArea(node.xattrs), data: Buffer.alloc(0), layout: LAYOUT_FLAT_PLAIN, recordSize: 0, blkaddr: 0, chunkFormat: 0, parent };
+    placedOf.set(node, p);
+    order.push(p);
+    return p;
+  };
+  visit(root, null).nlink = 2;
+  for (let i = 0; i < order.length; i++) {
+    const p = order[i]!;
+    if (p.node.type !== 'dir') continue;
+    for (const child of p.node.children?.values() ?? []) {
+      const c = visit(child, p);
+      if (child.type === 'dir') {
+        c.nlink = 2;
+        p.nlink++;
+      }
+    }
+  }
+  if (order.length > 0xffffffff) throw invalidArgument('too many inodes');
+
+  // 2. Sizes and layouts (nids are not needed yet: only names size a directory).
+  const dirs = new Map<Placed, Array<Array<{ name: Buffer; child: Placed }>>>();
+  for (const p of order) {
+    const base = INODE_EXTENDED_SIZE + p.xattrs.length;
+    const { node } = p;
+    let dataSize = 0;
+    if (node.type === 'dir') {
+      const blocks = dirBlocks(dirEntries(p, placedOf));
+      dirs.set(p, blocks);
+      dataSize = dirDataSize(blocks);
+    } else if (node.type === 'symlink') {
+      const t = Buffer.from(node.target ?? '', 'utf8');
+      if (t.length === 0 || t.length >= BLKSZ) throw invalidArgument(`symlink target of ${t.length} bytes`);
+      p.data = t;
+      dataSize = t.length;
+    }
+    if (node.type === 'file' && (node.size ?? 0) > 0) {
+      const size = node.size!;
+      let bits = BLKBITS;
+      while (bits < 63 && 2 ** bits < size) bits++;
+      if (bits - BLKBITS > CHUNK_FORMAT_BLKBITS_MASK) throw invalidArgument(`file size ${size} too large`);
+      p.layout = LAYOUT_CHUNK_BASED;
+      p.chunkFormat = bits - BLKBITS;
+      p.recordSize = align(base, 4) + 4; // one block-map entry
+    } else if (dataSize > 0 && base + dataSize <= BLKSZ) {
+      p.layout = LAYOUT_FLAT_INLINE;
+      p.recordSize = base + dataSize;
+    } else {
+      p.layout = LAYOUT_FLAT_PLAIN;
+      p.recordSize = base;
+    }
+  }
+
+  // 3. nids: records in order, none crossing a block boundary when it fits in one.
+  let off = 0;
+  for (const p of order) {
+    const rem = BLKSZ - (off % BLKSZ);
+    if (p.recordSize <= BLKSZ && p.recordSize > rem) off += rem;
+    p.nid = off / INODE_SLOT;
+    off = align(off + p.recordSize, INODE_SLOT);
+  }
+  if (order[0]!.nid !== 0) throw new Error('erofs: root nid must be 0');
+  const metaBlocks = Math.ceil(off / BLKSZ);
+
+  // 4. Data blocks of plain directories and symlinks after the metadata area.
+  let nextBlk = META_BLKADDR + metaBlocks;
+  const dataOf = new Map<Placed, Buffer>();
+  for (const p of order) {
+    if (p.node.type === 'dir') {
+      const blocks = dirs.get(p)!;
+      const bytes = blocks.map((b, i) => {
+        const raw = dirBlockBytes(b);
+        return i < blocks.length - 1 ? Buffer.concat([raw, Buffer.alloc(BLKSZ - raw.length)]) : raw;
+      });
+      p.data = Buffer.concat(bytes);
+    }
+    if (p.layout === LAYOUT_FLAT_PLAIN && p.data.length > 0) {
+      p.blkaddr = nextBlk;
+      nextBlk += Math.ceil(p.data.length / BLKSZ);
+      dataOf.set(p, p.data);
+    }
+  }
+  const totalBlocks = nextBlk;
+  const img = Buffer.alloc(totalBlocks * BLKSZ);
+
+  // 5. Superblock.
+  const sb = SUPER_OFFSET;
+  img.writeUInt32LE(EROFS_MAGIC, sb + 0);
+  img.writeUInt32LE(0, sb + 4); // checksum (feature SB_CHKSUM not set)
+  img.writeUInt32LE(0, sb + 8); // feature_compat
+  img.writeUInt8(BLKBITS, sb + 12);
+  img.writeUInt8(0, sb + 13); // sb_extslots
+  img.writeUInt16LE(order[0]!.nid, sb + 14); // root_nid
+  img.writeBigUInt64LE(BigInt(order.length), sb + 16); // inos
+  img.writeBigUInt64LE(BigInt(Math.max(0, Math.floor(buildTimeSec))), sb + 24);
+  img.writeUInt32LE(0, sb + 32); // build_time_nsec
+  img.writeUInt32LE(totalBlocks, sb + 36); // blocks
+  img.writeUInt32LE(META_BLKADDR, sb + 40);
+  img.writeUInt32LE(0, sb + 44); // xattr_blkaddr: no shared xattrs
+  img.write('gear-index', sb + 64, 16, 'latin1'); // volume_name (uuid stays zero)
+  img.writeUInt32LE(FEATURE_INCOMPAT_CHUNKED_FILE, sb + 80);
+
+  // 6. Inodes.
+  const metaBase = META_BLKADDR * BLKSZ;
+  order.forEach((p, i) => {
+    const o = metaBase + p.nid * INODE_SLOT;
+    const { node } = p;
+    const size = node.type === 'file' ? node.size ?? 0 : p.data.length;
+    img.writeUInt16LE(1 | (p.layout << 1), o + 0); // i_format: extended, layout
+    img.writeUInt16LE(p.xattrs.length ? (p.xattrs.length - XATTR_IBODY_HEADER) / 4 + 1 : 0, o + 2);
+    img.writeUInt16LE(S_IF[node.type] | (node.mode & 0o7777), o + 4);
+    img.writeBigUInt64LE(BigInt(size), o + 8);
+    let iu = 0;
+    if (p.layout === LAYOUT_CHUNK_BASED) iu = p.chunkFormat; // block-map entries (no EROFS_CHUNK_FORMAT_INDEXES)
+    else if (node.type === 'char' || node.type === 'block') {
+      const major = node.major ?? 0;
+      const minor = node.minor ?? 0;
+      iu = ((minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)) >>> 0; // new_encode_dev
+    } else if (p.layout === LAYOUT_FLAT_PLAIN && p.data.length > 0) iu = p.blkaddr;
+    img.writeUInt32LE(iu, o + 16);
+    img.writeUInt32LE((i + 1) >>> 0, o + 20); // i_ino (32-bit stat compatibility)
+    img.writeUInt32LE(node.uid >>> 0, o + 24);
+    img.writeUInt32LE(node.gid >>> 0, o + 28);
+    img.writeBigUInt64LE(BigInt(Math.max(0, Math.floor(node.mtimeSec))), o + 32);
+    img.writeUInt32LE(Math.max(0, Math.min(999_999_999, Math.floor(node.mtimeNsec))), o + 40);
+    img.writeUInt32LE(p.nlink, o + 44);
+    p.xattrs.copy(img, o + INODE_EXTENDED_SIZE);
+    const after = o + INODE_EXTENDED_SIZE + p.xattrs.length;
+    if (p.layout === LAYOUT_CHUNK_BASED) img.writeUInt32LE(NULL_ADDR, align(after, 4));
+    else if (p.layout === LAYOUT_FLAT_INLINE) p.data.copy(img, after);
+  });
+  for (const [p, data] of dataOf) data.copy(img, p.blkaddr * BLKSZ);
+  return img;
+}
