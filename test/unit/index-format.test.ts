@@ -166,6 +166,15 @@ describe('index manifest', () => {
     expect(encodeIndexManifest(parseIndexManifest(bytes)).equals(bytes)).toBe(true);
   });
 
+  it('round-trips a prefetch list (paths of files, in their own order)', () => {
+    const withPrefetch: IndexManifest = { ...good, prefetch: ['a-c', 'a'] };
+    const bytes = encodeIndexManifest(withPrefetch);
+    expect(bytes.toString()).toMatch(/"prefetch":\["a-c","a"\]}$/);
+    expect(parseIndexManifest(bytes)).toEqual(withPrefetch);
+    // An empty list is the same as none.
+    expect(parseIndexManifest(encodeIndexManifest({ ...good, prefetch: [] }))).toEqual(good);
+  });
+
   it('ignores unknown members (v1 may grow optional ones)', () => {
     const doc = JSON.parse(encodeIndexManifest(good).toString());
     doc.extra = { x: 1 };
@@ -200,6 +209,11 @@ describe('index manifest', () => {
     ['bad registry', (d) => (d.location.registry = 'evil.com/x?y'), /registry/],
     ['bad repository', (d) => (d.location.repository = '../x'), /repository/],
     ['missing version', (d) => delete d.version, /version/],
+    ['prefetch not an array', (d) => (d.prefetch = 'a'), /prefetch/],
+    ['prefetch of an unknown path', (d) => (d.prefetch = ['a', 'etc/shadow']), /prefetch\[1\] is not a path/],
+    ['prefetch repeating a path', (d) => (d.prefetch = ['a', 'a']), /repeated/],
+    ['prefetch of a non-string', (d) => (d.prefetch = [1]), /prefetch\[0\]/],
+    ['prefetch longer than files', (d) => (d.prefetch = ['a', 'a/b', 'a-c', 'a']), /more paths/],
   ];
   for (const [name, mutate, re] of hostile) {
     it(`rejects a manifest with ${name}`, () => {

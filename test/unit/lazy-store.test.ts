@@ -37,6 +37,13 @@ const files: Record<string, Buffer> = {
   'usr/share/doc': Buffer.from('documentation '.repeat(1000)),
 };
 let indexTar: Buffer;
+let indexManifest: IndexManifest;
+let indexEntries: TarHeader[];
+async function tarOf(manifest: IndexManifest, entries: TarHeader[]): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const c of writeIndexLayer(manifest, entries)) chunks.push(c);
+  return Buffer.concat(chunks);
+}
 
 beforeAll(async () => {
   reg = await startRegistry();
@@ -70,9 +77,9 @@ beforeAll(async () => {
     hdr('usr/share', 'dir'),
     hdr('usr/share/doc', 'file', { mode: 0o600 }),
   ];
-  const chunks: Buffer[] = [];
-  for await (const c of writeIndexLayer(manifest, entries)) chunks.push(c);
-  indexTar = Buffer.concat(chunks);
+  indexManifest = manifest;
+  indexEntries = entries;
+  indexTar = await tarOf(manifest, entries);
 }, 60_000);
 
 afterAll(async () => {
@@ -192,6 +199,38 @@ describe('gear index layers in the store', () => {
       const r3 = await run('sha256sum', [path.join(merged, 'bin/tool')], { timeoutMs: 20_000 });
       expect(r3.stdout.split(' ')[0]).toBe(sha(files['bin/tool']!).slice(7));
       await store.put('ctr');
+    } finally {
+      await store.close?.();
+    }
+  });
+
+  it('prefetches the files the index lists, in the background, so that containers find them in the pool', async () => {
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } });
+    try {
+      const tar = await tarOf({ ...indexManifest, prefetch: ['usr/share/doc', 'bin/tool'] }, indexEntries);
+      const before = blobGets().length;
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([tar]));
+      await store.prefetch!.done('idx');
+      const fetched = blobGets().slice(before);
+      expect(fetched.length).toBe(2);
+      expect(fetched.some((l) => l.includes(sha(files['usr/share/doc']!)))).toBe(true);
+      expect(fetched.some((l) => l.includes(sha(files['bin/tool']!)))).toBe(true);
+      expect(Object.fromEntries(await store.status())['Prefetch']).toBe('2 of 2 listed files in the pool (1 index layers)');
+      // A container opens them without another request; an unlisted file is still fetched lazily.
+      await store.create('ctr', 'idx', 'rw');
+      const merged = await store.get('ctr');
+      expect(await fs.readFile(path.join(merged, 'usr/share/doc'))).toEqual(files['usr/share/doc']);
+      expect(await fs.readFile(path.join(merged, 'bin/tool'))).toEqual(files['bin/tool']);
+      expect(blobGets().length - before).toBe(2);
+      expect(await fs.readFile(path.join(merged, 'etc/os-release'))).toEqual(files['etc/os-release']);
+      expect(blobGets().length - before).toBe(3);
+      await store.put('ctr');
+      // A second index listing files already in the pool fetches nothing.
+      await store.create('idx2', '', 'ro');
+      await store.applyDiff('idx2', '', Readable.from([tar]));
+      await store.prefetch!.done('idx2');
+      expect(blobGets().length - before).toBe(3);
     } finally {
       await store.close?.();
     }

@@ -75,6 +75,12 @@ export interface IndexManifest {
   location?: BlobLocation;
   /** Sorted by `comparePaths`, unique. */
   files: IndexFile[];
+  /**
+   * Paths of `files` a node fetches in the background as soon as it has the
+   * index (pull), in this order: the files a recorded run of the image opened
+   * (`gear prefetch`). Unique; absent or empty: nothing is prefetched.
+   */
+  prefetch?: string[];
 }
 
 /** Upper bound on the encoded manifest, against memory exhaustion (256 MiB: ~1.5 M files). */
@@ -182,6 +188,19 @@ export function validateIndexManifest(doc: unknown): IndexManifest {
     out.files.push(file);
     prev = f.path;
   }
+  if (o.prefetch !== undefined) {
+    if (!Array.isArray(o.prefetch)) throw invalidArgument('gear index: "prefetch" is not an array');
+    if (o.prefetch.length > out.files.length) throw invalidArgument('gear index: "prefetch" lists more paths than "files"');
+    const known = new Set(out.files.map((f) => f.path));
+    const seen = new Set<string>();
+    for (let i = 0; i < o.prefetch.length; i++) {
+      const p = o.prefetch[i] as unknown;
+      if (typeof p !== 'string' || !known.has(p)) throw invalidArgument(`gear index: prefetch[${i}] is not a path of "files"`);
+      if (seen.has(p)) throw invalidArgument(`gear index: prefetch[${i}]: ${JSON.stringify(p)} is repeated`);
+      seen.add(p);
+    }
+    if (o.prefetch.length > 0) out.prefetch = o.prefetch as string[];
+  }
   return out;
 }
 
@@ -200,8 +219,8 @@ export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
 /**
  * The canonical encoding: compact JSON, members in the order version,
  * location (registry, repository), files (path, digest, size, blob
- * (mediaType, digest, size) when present), no trailing
- * newline. Equal manifests always encode to equal bytes.
+ * (mediaType, digest, size) when present), prefetch (when not empty), no
+ * trailing newline. Equal manifests always encode to equal bytes.
  */
 export function encodeIndexManifest(m: IndexManifest): Buffer {
   const doc: Record<string, unknown> = { version: m.version };
@@ -211,5 +230,6 @@ export function encodeIndexManifest(m: IndexManifest): Buffer {
       ? { path: f.path, digest: f.digest, size: f.size, blob: { mediaType: f.blob.mediaType, digest: f.blob.digest, size: f.blob.size } }
       : { path: f.path, digest: f.digest, size: f.size },
   );
+  if (m.prefetch?.length) doc.prefetch = [...m.prefetch];
   return Buffer.from(JSON.stringify(doc), 'utf8');
 }

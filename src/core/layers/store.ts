@@ -45,6 +45,7 @@ import { constants } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
 import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
+import { Prefetcher } from '../lazy/prefetch.js';
 import { spawn } from 'node:child_process';
 import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
@@ -181,6 +182,9 @@ class OverlayLayerStore implements LayerStore {
   /** Background completion of the Gear files that containers mounted before this run may open. */
   private resume: ResumeQueue | undefined;
   private readonly indexFormOpt: 'auto' | 'image' | 'dir';
+  private prefetcher: Prefetcher | undefined;
+  /** Files an index layer being applied lists for prefetch, until its record is written. */
+  private readonly pendingPrefetch = new Map<string, Array<{ digest: string; size: number }>>();
   /** Whether new index layers get an EROFS image; why not, when they do not. */
   private indexImages = false;
   private indexImagesWhyNot = '';
@@ -322,6 +326,7 @@ class OverlayLayerStore implements LayerStore {
       // References of index layers removed while the daemon was down.
       for (const o of this.lazy.pool.referenceOwners()) if (!owners.has(o)) await this.lazy.pool.dropReferences(o);
       this.startResume(this.lazy, adopted);
+      this.prefetcher = new Prefetcher({ pool: this.lazy.pool, fetcher: this.lazy.fetcher, catalog: this.lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
     }
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
   }
@@ -368,6 +373,13 @@ class OverlayLayerStore implements LayerStore {
     }
   }
 
+  /** Starts the prefetch an index layer's manifest asked for (once its record is written). */
+  private startPrefetch(id: string): void {
+    const files = this.pendingPrefetch.get(id);
+    this.pendingPrefetch.delete(id);
+    if (files && this.prefetcher) void this.prefetcher.start(id, files);
+  }
+
   /** The records of id and its parents. */
   private chain(id: string): LayerRecord[] {
     const out: LayerRecord[] = [];
@@ -384,6 +396,7 @@ class OverlayLayerStore implements LayerStore {
   async close(): Promise<void> {
     const lazy = this.lazy;
     this.lazy = undefined;
+    await this.prefetcher?.close();
     await this.resume?.close();
     await lazy?.close();
   }
@@ -452,6 +465,11 @@ class OverlayLayerStore implements LayerStore {
     return this.resume;
   }
 
+  /** The prefetch of listed files (lazy stores only). */
+  get prefetch(): Prefetcher | undefined {
+    return this.prefetcher;
+  }
+
   /** The lazy machinery, when the store was opened with `lazy` (tests, status). */
   get lazyRuntime(): LazyRuntime | undefined {
     return this.lazy;
@@ -517,6 +535,7 @@ class OverlayLayerStore implements LayerStore {
       await fs.rm(path.join(this.linksDir, rec.link), { force: true });
       await syncDir(this.layersDir);
       await fs.rm(trash, { recursive: true, force: true });
+      this.prefetcher?.stop(id);
       if (rec.gear && this.lazy) {
         this.lazy.catalog.remove(id);
         await this.lazy.pool.dropReferences(id);
@@ -700,6 +719,7 @@ class OverlayLayerStore implements LayerStore {
       ['Index Layers', String([...this.records.values()].filter((r) => r.gear).length)],
       ['Index Form', this.indexImages ? 'EROFS image per index layer (file-backed mount)' : `directory tree (${this.indexImagesWhyNot})`],
       ...(this.lazy ? this.lazy.status() : [['Lazy Pull', 'off'] as [string, string]]),
+      ...(this.prefetcher ? [['Prefetch', this.prefetcher.status()] as [string, string]] : []),
       ...(this.lazy ? [['Resume', this.resume ? this.resume.status() : 'none (no mounted container used a Gear index layer at start)'] as [string, string]] : []),
     ];
   }
@@ -784,6 +804,7 @@ class OverlayLayerStore implements LayerStore {
       await syncDir(this.layerDir(id));
       await syncDir(this.linksDir);
       this.records.set(id, updated);
+      this.startPrefetch(id);
       this.log?.debug({ layer: id, size, gearFiles: gear?.files }, gear ? 'applied gear index layer' : 'applied layer');
       return size;
     });
@@ -801,6 +822,11 @@ class OverlayLayerStore implements LayerStore {
 
   private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
     const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs };
+    this.pendingPrefetch.delete(id);
+    if (manifest.prefetch?.length) {
+      const byPath = new Map(manifest.files.map((f) => [f.path, f]));
+      this.pendingPrefetch.set(id, manifest.prefetch.map((p) => byPath.get(p)!).map((f) => ({ digest: f.digest, size: f.size })));
+    }
     if (manifest.location) info.location = manifest.location;
     else this.log?.warn({ layer: id }, 'gear index layer names no registry: its files can only come from the pool');
     this.log?.info({ layer: id, files: r.files, distinct: r.blobs.length, bytes: r.bytes, location: manifest.location }, 'gear index layer');
@@ -975,6 +1001,7 @@ class OverlayLayerStore implements LayerStore {
         throw new GearError('Internal', `layer ${id}: cannot record the Gear index layer: ${(err as Error).message}`, { cause: err });
       }
       this.records.set(id, updated);
+      this.startPrefetch(id);
       // Layers above see index/: repoint the short link (atomically; open() repairs it after a crash).
       const tmpLink = path.join(this.linksDir, `.${rec.link}.tmp`);
       await fs.rm(tmpLink, { force: true });
@@ -1029,7 +1056,9 @@ async function peekHead(stream: Readable, n: number): Promise<{ head: Buffer; in
 /** Opens (creating if needed) the layer store at opts.root and repairs what a crash left. */
 export async function openLayerStore(
   opts: LayerStoreOptions,
-): Promise<LayerStore & IndexLayerAdoption & { mountSpec(id: string): MountSpec; readonly lazyRuntime: LazyRuntime | undefined }> {
+): Promise<
+  LayerStore & IndexLayerAdoption & { mountSpec(id: string): MountSpec; readonly lazyRuntime: LazyRuntime | undefined; readonly prefetch: Prefetcher | undefined }
+> {
   const store = new OverlayLayerStore(opts);
   try {
     await store.open();

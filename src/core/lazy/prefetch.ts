@@ -1,0 +1,162 @@
+/**
+ * Prefetch: the files an index lists under `prefetch` (docs/format.md §3.3,
+ * recorded from a run of the image with `gear prefetch`) are fetched into the
+ * pool in the background as soon as the index layer is applied, in the
+ * listed order, so that the container finds them there instead of fetching
+ * them one open at a time.
+ *
+ * Background priority, with all but two of the fetcher's slots: a container's
+ * open (foreground) is never queued behind the prefetch, and an open of a file
+ * the prefetch has queued joins that fetch (one fetch per digest). Only what
+ * fits under the pool's low watermark is prefetched, never more than the
+ * cache could keep. Removing the layer stops its prefetch.
+ */
+import { describeError } from '../errors.js';
+import type { FetchOptions, FetchRequest } from '../fetcher/fetcher.js';
+import { silentLogger, type Logger } from '../log.js';
+import { formatSize } from '../pool/size.js';
+
+export interface PrefetchDeps {
+  pool: { has(digest: string): boolean; stat(): { lowWatermarkBytes: number } };
+  fetcher: { readonly maxParallel: number; fetch(req: FetchRequest, opts?: FetchOptions): Promise<void> };
+  catalog: { requests(digest: string): FetchRequest[] };
+  logger?: Logger;
+}
+
+interface Run {
+  layer: string;
+  todo: Array<{ digest: string; size: number }>;
+  next: number;
+  fetched: number;
+  fetchedBytes: number;
+  failed: number;
+  cached: number;
+  skipped: number;
+  started: number;
+  finished?: number;
+  controller: AbortController;
+  done: Promise<void>;
+}
+
+export class Prefetcher {
+  private readonly deps: PrefetchDeps;
+  private readonly log: Logger;
+  private readonly runs = new Map<string, Run>();
+
+  constructor(deps: PrefetchDeps) {
+    this.deps = deps;
+    this.log = (deps.logger ?? silentLogger()).child({ component: 'prefetch' });
+  }
+
+  /** Fetches at a time per layer: all but two of the fetcher's slots (at least one). */
+  get window(): number {
+    return Math.max(1, this.deps.fetcher.maxParallel - 2);
+  }
+
+  /**
+   * Starts prefetching `files` (in order, duplicates ignored) for `layer`;
+   * replaces a run of the same layer. Returns the run's end (never rejects).
+   */
+  start(layer: string, files: ReadonlyArray<{ digest: string; size: number }>): Promise<void> {
+    this.stop(layer);
+    const { pool } = this.deps;
+    const seen = new Set<string>();
+    const todo: Run['todo'] = [];
+    let cached = 0;
+    let skipped = 0;
+    let room = pool.stat().lowWatermarkBytes;
+    for (const f of files) {
+      if (seen.has(f.digest)) continue;
+      seen.add(f.digest);
+      if (pool.has(f.digest)) {
+        cached++;
+        continue;
+      }
+      if (f.size > room) {
+        skipped++;
+        continue;
+      }
+      room -= f.size;
+      todo.push(f);
+    }
+    const run: Run = { layer, todo, next: 0, fetched: 0, fetchedBytes: 0, failed: 0, cached, skipped, started: Date.now(), controller: new AbortController(), done: Promise.resolve() };
+    this.runs.set(layer, run);
+    const bytes = todo.reduce((n, f) => n + f.size, 0);
+    this.log.info({ layer, files: todo.length, bytes, cached, skipped, window: this.window }, `prefetch: fetching ${todo.length} files (${formatSize(bytes)}) listed by index layer ${layer}`);
+    run.done = this.run(run);
+    return run.done;
+  }
+
+  private async run(run: Run): Promise<void> {
+    const signal = run.controller.signal;
+    const worker = async () => {
+      while (!signal.aborted && run.next < run.todo.length) {
+        const f = run.todo[run.next++]!;
+        if (await this.fetchOne(f.digest, signal)) {
+          run.fetched++;
+          run.fetchedBytes += f.size;
+        } else if (!signal.aborted) run.failed++;
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(this.window, run.todo.length) }, worker));
+    run.finished = Date.now();
+    this.log.info({ layer: run.layer, fetched: run.fetched, bytes: run.fetchedBytes, failed: run.failed, ms: run.finished - run.started, stopped: signal.aborted }, 'prefetch: done');
+  }
+
+  /** True when the file is in the pool afterwards. */
+  private async fetchOne(digest: string, signal: AbortSignal): Promise<boolean> {
+    const { pool, fetcher, catalog } = this.deps;
+    if (pool.has(digest)) return true;
+    let last: unknown;
+    for (const req of catalog.requests(digest)) {
+      try {
+        await fetcher.fetch(req, { priority: 'background', signal });
+        return true;
+      } catch (err) {
+        last = err;
+        if (signal.aborted || pool.has(digest)) return pool.has(digest);
+      }
+    }
+    if (!signal.aborted) this.log.debug({ digest, err: last === undefined ? 'no registry location known' : describeError(last) }, 'prefetch: fetch failed');
+    return pool.has(digest);
+  }
+
+  /** Stops the prefetch of a layer (removed); running downloads finish or hit their deadline. */
+  stop(layer: string): void {
+    const run = this.runs.get(layer);
+    if (!run) return;
+    run.controller.abort(new Error('prefetch stopped'));
+    this.runs.delete(layer);
+  }
+
+  /** The line shown as "Prefetch" in the daemon status. */
+  status(): string {
+    if (this.runs.size === 0) return 'none (no index layer applied in this run lists files to prefetch)';
+    let files = 0;
+    let done = 0;
+    let failed = 0;
+    let running = 0;
+    for (const r of this.runs.values()) {
+      files += r.todo.length + r.cached;
+      done += r.fetched + r.cached;
+      failed += r.failed;
+      if (r.finished === undefined) running++;
+    }
+    let s = `${done} of ${files} listed files in the pool (${this.runs.size} index layers)`;
+    if (running) s += `, ${running} prefetching`;
+    if (failed) s += `, ${failed} failed`;
+    return s;
+  }
+
+  /** Resolves when the run of layer has ended (at once when there is none). */
+  done(layer: string): Promise<void> {
+    return this.runs.get(layer)?.done ?? Promise.resolve();
+  }
+
+  async close(): Promise<void> {
+    const runs = [...this.runs.values()];
+    for (const r of runs) r.controller.abort(new Error('prefetch stopped'));
+    this.runs.clear();
+    await Promise.all(runs.map((r) => r.done));
+  }
+}
