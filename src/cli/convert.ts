@@ -84,7 +84,7 @@ function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent
   };
 }
 
-async function openSource(src: string, flags: ConvertFlags, client: ReturnType<typeof newRegistryClient>): Promise<SourceImage> {
+export async function openSource(src: string, flags: Pick<ConvertFlags, 'dockerHost' | 'tmpDir'>, client: ReturnType<typeof newRegistryClient>): Promise<SourceImage> {
   const spec = parseSourceSpec(src);
   switch (spec.kind) {
     case 'docker-archive':
@@ -98,7 +98,7 @@ async function openSource(src: string, flags: ConvertFlags, client: ReturnType<t
   }
 }
 
-async function openDestination(dst: string, flags: ConvertFlags, client: ReturnType<typeof newRegistryClient>): Promise<Destination> {
+export async function openDestination(dst: string, flags: Pick<ConvertFlags, 'location'>, client: ReturnType<typeof newRegistryClient>): Promise<Destination> {
   if (dst.startsWith('oci:')) {
     let location: BlobLocation | undefined;
     if (flags.location) {

@@ -7,6 +7,7 @@ import { Command } from 'commander';
 import { registerDaemon } from './daemon.js';
 import { registerCache } from './cache.js';
 import { registerConvert } from './convert.js';
+import { registerPrefetch } from './prefetch.js';
 import { registerSnapshotter } from './snapshotter.js';
 
 const program = new Command();
@@ -19,6 +20,7 @@ program
 registerDaemon(program);
 registerCache(program);
 registerConvert(program);
+registerPrefetch(program);
 registerSnapshotter(program);
 
 program.parseAsync(process.argv).catch((err: unknown) => {

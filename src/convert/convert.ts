@@ -13,7 +13,7 @@
  */
 import { createHash } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { createGzip, constants as zc } from 'node:zlib';
@@ -233,7 +233,6 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
       progress({ kind: 'blob', digest, size, status });
     };
     const stored = new Map<string, StoredBlob>();
-    const keepAlive: { digest: string; size: number; mediaType: string }[] = [];
     await mapLimit(contents, opts.concurrency ?? 4, async (c) => {
       let blob = { digest: c.digest, size: c.size, path: stage.path(c.digest), mediaType: GearMediaType.File as string };
       if ((opts.storage ?? 'auto') === 'auto' && c.size < (opts.rawMinBytes ?? BIG_FILE_MIN_BYTES)) {
@@ -243,68 +242,21 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
           stored.set(c.digest, { mediaType: GearMediaType.FileGzip, digest: gz.digest, size: gz.size });
         }
       }
-      keepAlive.push({ digest: blob.digest, size: blob.size, mediaType: blob.mediaType });
       account(blob.digest, blob.size, await dst.pushFile(blob.digest, blob.size, blob.path));
     });
     for (const f of manifest.files) {
       const b = stored.get(f.digest);
       if (b) f.blob = b;
     }
-    keepAlive.sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
 
-    // 3. index layer, config
-    progress({ kind: 'phase', phase: 'index' });
-    const indexFile = join(stage.dir, 'index-layer.tar.gz');
-    const index = await writeIndexBlob(manifest, entries, indexFile);
-    if ((await stat(indexFile)).size !== index.size) throw new Error('index layer size changed while written');
-    account(index.digest, index.size, await dst.pushFile(index.digest, index.size, indexFile));
-    const config = gearConfig(src.config, index.diffId, src.sourceDigest);
-    const configDigest = sha256(config);
-    account(configDigest, config.length, await dst.pushBytes(configDigest, config));
-
-    const imageManifest = Buffer.from(
-      JSON.stringify({
-        schemaVersion: 2,
-        mediaType: MediaTypes.OciManifest,
-        config: { mediaType: MediaTypes.OciConfig, digest: configDigest, size: config.length },
-        layers: [{ mediaType: MediaTypes.OciLayerGzip, digest: index.digest, size: index.size }],
-      }),
-    );
-    const imageDigest = sha256(imageManifest);
-
-    // 4. keep-alive manifests and the referrers tag that holds them
-    progress({ kind: 'phase', phase: 'manifests' });
-    const keep = keepAliveManifests(keepAlive, opts.filesPerManifest ?? 10_000, { digest: imageDigest, size: imageManifest.length });
-    if (keep.length > 0) {
-      account(EMPTY_JSON_DIGEST, EMPTY_JSON.length, await dst.pushBytes(EMPTY_JSON_DIGEST, EMPTY_JSON));
-      const descs: Record<string, unknown>[] = [];
-      for (let i = 0; i < keep.length; i++) {
-        // Each keep-alive manifest has its own tag: distribution's `garbage-collect
-        // --delete-untagged` deletes untagged manifests even when a tagged index
-        // references them, and with them the only reference to their Gear files.
-        const m = keep[i]!;
-        const d = await dst.putManifest(keepAliveTag(imageDigest, i), m, MediaTypes.OciManifest);
-        descs.push({ mediaType: MediaTypes.OciManifest, digest: d, size: m.length, artifactType: GearMediaType.FilesManifest });
-      }
-      const referrersTag = `sha256-${imageDigest.slice('sha256:'.length)}`;
-      // Keep referrers other tools stored under the same fallback tag.
-      const existing = await dst.getManifest(referrersTag).catch(() => undefined);
-      let others: unknown[] = [];
-      if (existing) {
-        try {
-          const doc = JSON.parse(existing.bytes.toString('utf8')) as { manifests?: { artifactType?: string }[] };
-          others = (doc.manifests ?? []).filter((m) => m && m.artifactType !== GearMediaType.FilesManifest);
-        } catch {
-          others = [];
-        }
-      }
-      const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: [...others, ...descs] }));
-      await dst.putManifest(referrersTag, referrers, MediaTypes.OciIndex);
-    }
-
-    // 5. the image itself, last
-    const pushed = await dst.putManifest(dst.tag, imageManifest, MediaTypes.OciManifest);
-    if (pushed !== imageDigest) throw invalidArgument(`destination stored the manifest as ${pushed}, expected ${imageDigest}`);
+    // 3-5. index layer, config, keep-alive manifests, the image manifest last
+    const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest), {
+      tmpDir: stage.dir,
+      filesPerManifest: opts.filesPerManifest ?? 10_000,
+      account,
+      progress,
+    });
+    const { index, imageDigest, keepAliveManifests: keepCount } = published;
 
     return {
       source: src.description,
@@ -321,7 +273,7 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
       blobsUploaded,
       blobsSkipped,
       indexSize: index.size,
-      keepAliveManifests: keep.length,
+      keepAliveManifests: keepCount,
       seconds: Number(process.hrtime.bigint() - t0) / 1e9,
     };
   } finally {
@@ -329,3 +281,96 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
   }
 }
 
+
+export interface PublishOptions {
+  /** Where the index layer blob is written before upload. */
+  tmpDir: string;
+  filesPerManifest: number;
+  account: (digest: string, size: number, status: 'exists' | 'uploaded') => void;
+  progress: (e: ProgressEvent) => void;
+}
+
+export interface Published {
+  index: { diffId: string; digest: string; size: number };
+  imageDigest: string;
+  keepAliveManifests: number;
+}
+
+/**
+ * Steps 3-5 of a conversion, for an index whose Gear files are already in
+ * dst: pushes the index layer, the config (`makeConfig(diffId)`), the
+ * keep-alive manifests of the files and their referrers tag, and the image
+ * manifest under dst's tag, last.
+ */
+export async function publishGearImage(
+  dst: Destination,
+  manifest: IndexManifest,
+  entries: TarHeader[],
+  makeConfig: (indexDiffId: string) => Buffer,
+  opts: PublishOptions,
+): Promise<Published> {
+  const { account, progress } = opts;
+  progress({ kind: 'phase', phase: 'index' });
+  const indexFile = join(opts.tmpDir, `index-layer-${process.pid}-${Date.now()}.tar.gz`);
+  const index = await writeIndexBlob(manifest, entries, indexFile);
+  try {
+    if ((await stat(indexFile)).size !== index.size) throw new Error('index layer size changed while written');
+    account(index.digest, index.size, await dst.pushFile(index.digest, index.size, indexFile));
+  } finally {
+    await rm(indexFile, { force: true });
+  }
+  const config = makeConfig(index.diffId);
+  const configDigest = sha256(config);
+  account(configDigest, config.length, await dst.pushBytes(configDigest, config));
+
+  const imageManifest = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: MediaTypes.OciManifest,
+      config: { mediaType: MediaTypes.OciConfig, digest: configDigest, size: config.length },
+      layers: [{ mediaType: MediaTypes.OciLayerGzip, digest: index.digest, size: index.size }],
+    }),
+  );
+  const imageDigest = sha256(imageManifest);
+
+  // Keep-alive manifests and the referrers tag that holds them.
+  progress({ kind: 'phase', phase: 'manifests' });
+  const blobs = new Map<string, { digest: string; size: number; mediaType: string }>();
+  for (const f of manifest.files) {
+    const b = f.blob ? { digest: f.blob.digest, size: f.blob.size, mediaType: GearMediaType.FileGzip as string } : { digest: f.digest, size: f.size, mediaType: GearMediaType.File as string };
+    blobs.set(b.digest, b);
+  }
+  const keepAlive = [...blobs.values()].sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
+  const keep = keepAliveManifests(keepAlive, opts.filesPerManifest, { digest: imageDigest, size: imageManifest.length });
+  if (keep.length > 0) {
+    account(EMPTY_JSON_DIGEST, EMPTY_JSON.length, await dst.pushBytes(EMPTY_JSON_DIGEST, EMPTY_JSON));
+    const descs: Record<string, unknown>[] = [];
+    for (let i = 0; i < keep.length; i++) {
+      // Each keep-alive manifest has its own tag: distribution's `garbage-collect
+      // --delete-untagged` deletes untagged manifests even when a tagged index
+      // references them, and with them the only reference to their Gear files.
+      const m = keep[i]!;
+      const d = await dst.putManifest(keepAliveTag(imageDigest, i), m, MediaTypes.OciManifest);
+      descs.push({ mediaType: MediaTypes.OciManifest, digest: d, size: m.length, artifactType: GearMediaType.FilesManifest });
+    }
+    const referrersTag = `sha256-${imageDigest.slice('sha256:'.length)}`;
+    // Keep referrers other tools stored under the same fallback tag.
+    const existing = await dst.getManifest(referrersTag).catch(() => undefined);
+    let others: unknown[] = [];
+    if (existing) {
+      try {
+        const doc = JSON.parse(existing.bytes.toString('utf8')) as { manifests?: { artifactType?: string }[] };
+        others = (doc.manifests ?? []).filter((m) => m && m.artifactType !== GearMediaType.FilesManifest);
+      } catch {
+        others = [];
+      }
+    }
+    const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: [...others, ...descs] }));
+    await dst.putManifest(referrersTag, referrers, MediaTypes.OciIndex);
+  }
+
+  // The image itself, last.
+  const pushed = await dst.putManifest(dst.tag, imageManifest, MediaTypes.OciManifest);
+  if (pushed !== imageDigest) throw invalidArgument(`destination stored the manifest as ${pushed}, expected ${imageDigest}`);
+  return { index, imageDigest, keepAliveManifests: keep.length };
+}

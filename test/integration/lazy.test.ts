@@ -54,6 +54,9 @@ const files = {
   g: randomBytes(400_000),
   flip: randomBytes(50_000),
   down: randomBytes(50_000),
+  h: randomBytes(200_000),
+  i: randomBytes(200_000),
+  j: randomBytes(200_000),
 };
 let bb: LayerEntry[];
 const withFiles = (names: (keyof typeof files)[]): LayerEntry[] => [
@@ -66,6 +69,7 @@ let img1: string;
 let img2: string;
 let img3: string;
 let img4: string;
+let img5: string;
 
 beforeAll(async () => {
   available = await gearDaemonAvailable();
@@ -78,6 +82,7 @@ beforeAll(async () => {
   img2 = await convert([withFiles(['a', 'c'])], 'gear/img2:v1');
   img3 = await convert([withFiles(['d'])], 'gear/img3:v1', 'auto');
   img4 = await convert([withFiles(['e', 'f', 'g', 'flip', 'down'])], 'gear/img4:v1');
+  img5 = await convert([withFiles(['h', 'i', 'j'])], 'gear/img5:v1');
   // A: default cache, a short fetch deadline (the registry-down test relies on it).
   A = await startDockerd({ driver: 'gear', gearArgs: ['--fetch-timeout', '6s'] });
   // B: a 1 MiB cache, smaller than busybox itself: everything is evicted soon after use.
@@ -175,6 +180,51 @@ describe('lazy gear images on a gear dockerd', () => {
     expect(gets(files.d)).toBeLessThanOrEqual(1); // stored gzip: the GET is of the compressed blob
     const st = await info(d);
     expect(st['Fetch Failures']).toMatch(/^0 /);
+  });
+
+  it('gear prefetch records a run from a node pool; a fresh node then fetches those files during the pull, and the run fetches nothing', async (ctx) => {
+    if (!available) return ctx.skip();
+    const nodes: Dockerd[] = [];
+    try {
+      // Record: a node whose pool starts empty runs the task once.
+      const rec = await startDockerd({ driver: 'gear' });
+      nodes.push(rec);
+      await rec.dockerOk(['run', '--rm', img5, 'sh', '-c', 'cat /data/h /data/i >/dev/null']);
+      expect(gets(files.h)).toBe(1);
+      const fast = img5.replace(':v1', ':fast');
+      const r = await runOk(process.execPath, [GEAR_CLI, 'prefetch', '--json', '--from-pool', join(rec.gearRoot!, 'pool'), img5, fast], { timeoutMs: 120_000 });
+      const summary = JSON.parse(r.stdout) as { prefetch: number; files: number };
+      expect(summary.prefetch).toBeGreaterThanOrEqual(3); // busybox, h, i (and what runc read)
+      expect(summary.prefetch).toBeLessThan(summary.files);
+      // A path that is not a file of the image is refused, naming it.
+      const list = join(work, 'bad-list.txt');
+      await import('node:fs/promises').then((f) => f.writeFile(list, '/data/h\n/etc/nope\n'));
+      const bad = await run(process.execPath, [GEAR_CLI, 'prefetch', '--list', list, img5, img5.replace(':v1', ':bad')]);
+      expect(bad.code).not.toBe(0);
+      expect(bad.stderr).toMatch(/"etc\/nope"/);
+
+      // A fresh node: the pull starts the prefetch; the task then fetches nothing more.
+      const node = await startDockerd({ driver: 'gear' });
+      nodes.push(node);
+      await node.dockerOk(['pull', fast]);
+      let st: Record<string, string> = {};
+      for (let i = 0; i < 100; i++) {
+        st = await info(node);
+        if (/^(\d+) of \1 listed files in the pool/.test(st['Prefetch'] ?? '')) break;
+        await new Promise((res) => setTimeout(res, 100));
+      }
+      expect(st['Prefetch']).toMatch(/^(\d+) of \1 listed files in the pool \(1 index layers\)$/);
+      expect(gets(files.h)).toBe(2);
+      expect(gets(files.i)).toBe(2);
+      const fetchedBefore = Number(st['Fetched Files']);
+      const out = await node.dockerOk(['run', '--rm', fast, 'sh', '-c', 'cat /data/h /data/i | md5sum | cut -c1-32']);
+      expect(out.stdout.trim()).toBe(createHash('md5').update(Buffer.concat([files.h, files.i])).digest('hex'));
+      expect(Number((await info(node))['Fetched Files'])).toBe(fetchedBefore);
+      expect(gets(files.h)).toBe(2);
+      expect(gets(files.j)).toBe(0); // never opened, never listed, never fetched
+    } finally {
+      for (const n of nodes) await n.stop();
+    }
   });
 
   it('a 1 MiB cache evicts while containers keep working', async (ctx) => {

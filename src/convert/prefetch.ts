@@ -1,0 +1,138 @@
+/**
+ * `gear prefetch`: give a Gear image a prefetch list (docs/format.md §3.3),
+ * the files a node fetches in the background as soon as it has pulled the
+ * index, instead of one at a time when a container opens them.
+ *
+ * The list is recorded from a real run: on a node whose pool started empty,
+ * run the image's task once; the pool then holds exactly the files the task
+ * opened, each written when it was first needed (`--from-pool`). Or it is
+ * given as paths (`--list`).
+ *
+ * Only the index layer changes: the Gear files are already in the
+ * repository, so this pushes a new index layer, config and manifest (and the
+ * keep-alive manifests of the new image digest) in seconds.
+ */
+import { readdir, readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { invalidArgument } from '../core/errors.js';
+import { readIndexLayer } from '../core/index/index-layer.js';
+import type { IndexManifest } from '../core/index/manifest.js';
+import { publishGearImage, type ProgressEvent } from './convert.js';
+import type { Destination } from './destination.js';
+import { layerTar, type SourceImage } from './source.js';
+import { tmpdir } from 'node:os';
+
+export interface PrefetchSummary {
+  source: string;
+  destination: string;
+  manifestDigest: string;
+  indexDigest: string;
+  indexDiffId: string;
+  /** Paths in the new list. */
+  prefetch: number;
+  /** Their content bytes (distinct contents). */
+  prefetchBytes: number;
+  /** Files of the image. */
+  files: number;
+  seconds: number;
+}
+
+/** Paths from a list file: one per line, a leading "/" dropped; blank lines and "#" comments ignored. */
+export async function readPathList(file: string): Promise<string[]> {
+  const text = await readFile(file, 'utf8');
+  return text
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '' && !l.startsWith('#'))
+    .map((l) => l.replace(/^\/+/, ''));
+}
+
+/**
+ * The files of `manifest` present in a Gear pool directory (a node's
+ * <root>/pool), oldest first: the order in which that node first needed
+ * them. One path per content (the first in the index).
+ */
+export async function pathsFromPool(poolDir: string, manifest: IndexManifest): Promise<string[]> {
+  const shaDir = join(poolDir, 'sha256');
+  const firstPath = new Map<string, string>();
+  for (const f of manifest.files) if (!firstPath.has(f.digest)) firstPath.set(f.digest, f.path);
+  let shards: string[];
+  try {
+    shards = await readdir(shaDir);
+  } catch (err) {
+    throw invalidArgument(`${poolDir} is not a Gear pool (no sha256/ directory): ${(err as Error).message}`);
+  }
+  const found: Array<{ path: string; mtime: number }> = [];
+  for (const shard of shards) {
+    if (!/^[0-9a-f]{2}$/.test(shard)) continue;
+    for (const name of await readdir(join(shaDir, shard))) {
+      const p = firstPath.get(`sha256:${name}`);
+      if (!p) continue;
+      const st = await stat(join(shaDir, shard, name));
+      if (st.isFile()) found.push({ path: p, mtime: st.mtimeMs });
+    }
+  }
+  return found.sort((a, b) => a.mtime - b.mtime || (a.path < b.path ? -1 : 1)).map((f) => f.path);
+}
+
+/**
+ * Rewrites the Gear image `src` into `dst` with `pick(manifest)` as its
+ * prefetch list (empty: no list). Throws InvalidArgument when src is not a
+ * Gear image or the list names paths that are not files of the image.
+ */
+export async function setPrefetch(
+  src: SourceImage,
+  dst: Destination,
+  pick: (manifest: IndexManifest) => Promise<string[]>,
+  opts: { progress?: (e: ProgressEvent) => void; tmpDir?: string } = {},
+): Promise<PrefetchSummary> {
+  const t0 = process.hrtime.bigint();
+  if (src.layers.length !== 1) {
+    throw invalidArgument(`${src.description} has ${src.layers.length} layers: not a Gear image (make one with gear convert)`);
+  }
+  let layer: Awaited<ReturnType<typeof readIndexLayer>>;
+  try {
+    layer = await readIndexLayer(layerTar(src.layers[0]!));
+  } catch (err) {
+    throw invalidArgument(`${src.description}: its layer is not a Gear index (make one with gear convert): ${(err as Error).message}`, err);
+  }
+  const { manifest, entries } = layer;
+  const wanted = await pick(manifest);
+  const byPath = new Map(manifest.files.map((f) => [f.path, f]));
+  const unknown = wanted.filter((p) => !byPath.has(p));
+  if (unknown.length) {
+    const shown = unknown.slice(0, 5).map((p) => JSON.stringify(p)).join(', ');
+    throw invalidArgument(`${unknown.length} listed paths are not regular files with content in ${src.description}: ${shown}${unknown.length > 5 ? ', …' : ''}`);
+  }
+  const list = [...new Set(wanted)];
+  const next: IndexManifest = { ...manifest };
+  if (list.length) next.prefetch = list;
+  else delete next.prefetch;
+  const contents = new Map<string, number>();
+  for (const p of list) {
+    const f = byPath.get(p)!;
+    contents.set(f.digest, f.size);
+  }
+  const published = await publishGearImage(
+    dst,
+    next,
+    entries,
+    (diffId) => {
+      const cfg = JSON.parse(src.config.toString('utf8')) as Record<string, unknown>;
+      cfg.rootfs = { type: 'layers', diff_ids: [diffId] };
+      return Buffer.from(JSON.stringify(cfg));
+    },
+    { tmpDir: opts.tmpDir ?? tmpdir(), filesPerManifest: 10_000, account: () => undefined, progress: opts.progress ?? (() => undefined) },
+  );
+  return {
+    source: src.description,
+    destination: dst.description,
+    manifestDigest: published.imageDigest,
+    indexDigest: published.index.digest,
+    indexDiffId: published.index.diffId,
+    prefetch: list.length,
+    prefetchBytes: [...contents.values()].reduce((a, b) => a + b, 0),
+    files: manifest.files.length,
+    seconds: Number(process.hrtime.bigint() - t0) / 1e9,
+  };
+}
