@@ -11,7 +11,10 @@
  * - Images (lib/images.ts): busybox, minbase, a python app in two versions,
  *   a perl app, nginx; pushed as Docker images (skopeo, gzip layers) and
  *   converted to Gear images (gear convert, default storage) into the same
- *   registry.
+ *   registry. Each Gear image then gets its prefetch list the way a maintainer
+ *   makes one: its task runs once on a fresh gear node, and `gear prefetch
+ *   --from-pool` publishes the files that run opened (GEAR_BENCH_PREFETCH=0:
+ *   no list, purely lazy).
  * - One sample: a fresh dockerd (and for gear a fresh gear daemon with an empty
  *   pool) per image, `docker pull` + `docker run --rm` of the image's task;
  *   seconds, and bytes received over the veth (IP headers included). The
@@ -171,6 +174,9 @@ class NsRegistry {
   }
 }
 
+/** GEAR_BENCH_PREFETCH=0 deploys the Gear images without a prefetch list (purely lazy). */
+const prefetchOn = (): boolean => process.env.GEAR_BENCH_PREFETCH !== '0';
+
 export async function coldDeploySection(ctx: SectionContext): Promise<void> {
   const { cfg, report, pair } = ctx;
   if (cfg.cold === 'off') {
@@ -219,12 +225,33 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       } catch {
         /* keep text */
       }
-      publish[img.key] = { docker, gear, buildSeconds: buildS, skopeoPushSeconds: pushS, gearConvertSeconds: convertS, convert: summary };
+      let prefetch: unknown;
+      let prefetchS = 0;
+      if (prefetchOn()) {
+        // What an image maintainer does once: run the task on a node whose pool is empty,
+        // then publish the files it opened as the image's prefetch list (gear prefetch).
+        t0 = nowS();
+        const rec = await startDockerd({ driver: 'gear', dockerdArgs: ['--insecure-registry', reg], gearArgs: ['--insecure-registry', reg] });
+        try {
+          await rec.dockerOk(['pull', '-q', gear], { timeoutMs: 900_000 });
+          await rec.dockerOk(['run', '--rm', '--network', 'none', gear, ...img.task], { timeoutMs: 900_000 });
+          const r = await runOk(process.execPath, [GEAR_CLI, 'prefetch', '--json', '--insecure-registry', reg, '--from-pool', join(rec.gearRoot!, 'pool'), gear], { timeoutMs: 900_000 });
+          prefetch = JSON.parse(r.stdout);
+        } finally {
+          await rec.stop();
+        }
+        prefetchS = nowS() - t0;
+      }
+      publish[img.key] = { docker, gear, buildSeconds: buildS, skopeoPushSeconds: pushS, gearConvertSeconds: convertS, convert: summary, ...(prefetch ? { prefetchSeconds: prefetchS, prefetch } : {}) };
       refs[img.key] = { overlay2: docker, gear };
       rmSync(archive, { force: true });
-      log(`cold-deploy: published ${img.key}: build ${buildS.toFixed(0)} s, docker push ${pushS.toFixed(1)} s, gear convert ${convertS.toFixed(1)} s`);
+      const pf = prefetch as { prefetch: number; files: number } | undefined;
+      log(
+        `cold-deploy: published ${img.key}: build ${buildS.toFixed(0)} s, docker push ${pushS.toFixed(1)} s, gear convert ${convertS.toFixed(1)} s` +
+          (pf ? `, recorded run + gear prefetch ${prefetchS.toFixed(1)} s (${pf.prefetch} of ${pf.files} files listed)` : ', no prefetch list'),
+      );
     }
-    report.extra['cold-deploy'] = { registry: reg, netns: link.ns, links, images: images.map(({ build: _b, ...i }) => i), publish, coldReps: cfg.coldReps, slowReps: slowReps() };
+    report.extra['cold-deploy'] = { registry: reg, netns: link.ns, links, images: images.map(({ build: _b, ...i }) => i), publish, coldReps: cfg.coldReps, slowReps: slowReps(), prefetch: prefetchOn() };
 
     const node = async (d: Driver): Promise<Dockerd> => {
       const n = await startDockerd({

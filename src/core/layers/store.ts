@@ -123,6 +123,14 @@ function parseRecord(text: string, id: string): LayerRecord {
   return rec;
 }
 
+/** GEAR_INDEX_FORM (auto | image | dir); anything else is refused with the accepted values. */
+function indexFormFromEnv(): 'auto' | 'image' | 'dir' {
+  const v = process.env.GEAR_INDEX_FORM;
+  if (v === undefined || v === '') return 'auto';
+  if (v === 'auto' || v === 'image' || v === 'dir') return v;
+  throw invalidArgument(`GEAR_INDEX_FORM=${JSON.stringify(v)}: expected auto, image or dir`);
+}
+
 /** Detaches whatever is mounted at or below dir. */
 function unmountUnder(dir: string): void {
   for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
@@ -195,7 +203,7 @@ class OverlayLayerStore implements LayerStore {
     this.lazyOpts = opts.lazy === true ? {} : opts.lazy || undefined;
     this.layersDir = path.join(this.root, 'layers');
     this.linksDir = path.join(this.root, 'l');
-    this.indexFormOpt = opts.indexForm ?? 'auto';
+    this.indexFormOpt = opts.indexForm ?? indexFormFromEnv();
   }
 
   // ---- paths ---------------------------------------------------------------
