@@ -142,6 +142,9 @@ describe('gear index layers in the containerd snapshotter', () => {
       expect(await fs.readlink(store.lowerOf(layer).short)).toBe(`../layers/${layer}/index`);
       expect(existsSync(path.join(root, 'layers', layer, 'index/.gear'))).toBe(false);
       expect((await fs.lstat(path.join(root, 'layers', layer, 'index/bin/tool'))).size).toBe(files['bin/tool']!.length);
+      // The adopted index is one EROFS image, mounted at index/ (no second inode per entry).
+      expect(mountsUnder(path.join(root, 'layers', layer, 'index')).map((x) => x.fsType)).toEqual(['erofs']);
+      expect(existsSync(path.join(root, 'layers', layer, 'index.erofs'))).toBe(true);
       expect(store.lazyRuntime?.catalog.files).toBe(3);
       expect(await refFiles()).toHaveLength(1);
 

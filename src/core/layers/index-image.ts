@@ -18,6 +18,8 @@ import type { IndexFile, IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
 import { constants, native } from '../sys/native.js';
 import { buildErofsImage, type ErofsNode } from './erofs-image.js';
+import { RESERVED_DIR } from '../index/manifest.js';
+import { getXattr, isOverlayPrivate, listXattrs } from '../sys/xattr.js';
 import { entryError, entryMeta, METACOPY_XATTR, redirectOf, REDIRECT_XATTR, summarize, type IndexDirResult } from './index-dir.js';
 
 /** The image file of an index layer, in its layer dir. */
@@ -171,3 +173,88 @@ export function probeIndexImages(scratch: string): string | undefined {
     fsSync.rmSync(dir, { recursive: true, force: true });
   }
 }
+
+/**
+ * The tree of an index form extracted by someone else (the snapshotter's
+ * Commit: containerd's unpacker wrote diffDir), with buildIndexDir's rules:
+ * nothing is followed (lstat only), every listed path must be an empty
+ * regular file of the tree, every regular file must be empty, hard links
+ * (same inode) must list the same digest. `.gear/` is left out.
+ */
+export function indexTreeFromDir(diffDir: string, manifest: IndexManifest): { root: ErofsNode; result: IndexDirResult } {
+  const listed = new Map<string, IndexFile>(manifest.files.map((f) => [f.path, f]));
+  const matched = new Set<string>();
+  const byInode = new Map<string, ErofsNode>();
+  const fileOfInode = new Map<string, IndexFile>();
+  const meta = (abs: string, st: fsSync.BigIntStats): Pick<ErofsNode, 'mode' | 'uid' | 'gid' | 'mtimeSec' | 'mtimeNsec' | 'xattrs'> => {
+    const xattrs: Array<[string, Buffer]> = [];
+    for (const name of listXattrs(abs)) {
+      if (isOverlayPrivate(name)) continue;
+      const v = getXattr(abs, name);
+      if (v !== null) xattrs.push([name, v]);
+    }
+    const ns = st.mtimeNs;
+    return { mode: Number(st.mode) & 0o7777, uid: Number(st.uid), gid: Number(st.gid), mtimeSec: Number(ns / 1_000_000_000n), mtimeNsec: Number(ns % 1_000_000_000n), xattrs };
+  };
+  const walk = (rel: string, dirNodeOut: ErofsNode): void => {
+    for (const name of fsSync.readdirSync(path.join(diffDir, rel)).sort()) {
+      const r = rel ? `${rel}/${name}` : name;
+      if (r === RESERVED_DIR) continue;
+      const abs = path.join(diffDir, r);
+      const st = fsSync.lstatSync(abs, { bigint: true });
+      const key = `${st.dev}:${st.ino}`;
+      let node: ErofsNode | undefined;
+      if (st.isDirectory()) {
+        node = { type: 'dir', ...meta(abs, st), children: new Map() };
+        dirNodeOut.children!.set(name, node);
+        walk(r, node);
+        continue;
+      }
+      if (st.isFile()) {
+        if (st.size !== 0n) throw invalidArgument(`gear index layer: regular file ${JSON.stringify(r)} has content`);
+        const f = listed.get(r);
+        if (f) {
+          const prev = fileOfInode.get(key);
+          if (prev && prev.digest !== f.digest) throw invalidArgument(`gear index layer: hard-linked paths ${JSON.stringify(prev.path)} and ${JSON.stringify(f.path)} list different digests`);
+          fileOfInode.set(key, f);
+          matched.add(r);
+        }
+        node = st.nlink > 1n ? byInode.get(key) : undefined;
+        if (!node) {
+          node = { type: 'file', ...meta(abs, st), size: 0 };
+          if (st.nlink > 1n) byInode.set(key, node);
+        }
+      } else if (st.isSymbolicLink()) {
+        node = { type: 'symlink', ...meta(abs, st), mode: 0o777, target: fsSync.readlinkSync(abs) };
+      } else {
+        const rdev = Number(st.rdev);
+        const type = st.isCharacterDevice() ? 'char' : st.isBlockDevice() ? 'block' : st.isFIFO() ? 'fifo' : st.isSocket() ? 'socket' : undefined;
+        if (!type) throw invalidArgument(`gear index layer: ${JSON.stringify(r)} has an unknown file type`);
+        node = { type, ...meta(abs, st), major: Math.floor(rdev / 256) & 0xfff, minor: (rdev & 0xff) | ((rdev >> 12) & 0xfff00) };
+      }
+      dirNodeOut.children!.set(name, node);
+    }
+  };
+  const rootSt = fsSync.lstatSync(diffDir, { bigint: true });
+  const root: ErofsNode = { type: 'dir', ...meta(diffDir, rootSt), children: new Map() };
+  walk('', root);
+  for (const f of manifest.files) {
+    if (!matched.has(f.path)) throw invalidArgument(`gear index layer: manifest lists ${JSON.stringify(f.path)} but the tree has no such empty regular file`);
+  }
+  // Listed files become metacopy files of their real size (every link of an inode: one node).
+  const applied = new Set<ErofsNode>();
+  const mark = (node: ErofsNode, rel: string): void => {
+    if (node.type === 'dir') {
+      for (const [name, child] of node.children!) mark(child, rel ? `${rel}/${name}` : name);
+      return;
+    }
+    const f = listed.get(rel);
+    if (node.type !== 'file' || !f || applied.has(node)) return;
+    applied.add(node);
+    node.size = f.size;
+    node.xattrs = [[METACOPY_XATTR, Buffer.alloc(0)], [REDIRECT_XATTR, Buffer.from(redirectOf(f.digest))], ...node.xattrs];
+  };
+  mark(root, '');
+  return { root, result: summarize(manifest) };
+}
+

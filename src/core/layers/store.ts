@@ -51,7 +51,7 @@ import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { createReadStream } from 'node:fs';
 import { applyIndexLayer, buildIndexDir, headIsIndexLayer, INDEX_TAR, readIndexManifest } from './index-dir.js';
-import { INDEX_IMAGE, mountIndexImage, probeIndexImages } from './index-image.js';
+import { INDEX_IMAGE, indexTreeFromDir, mountIndexImage, probeIndexImages, writeIndexImage } from './index-image.js';
 import type { IndexManifest } from '../index/manifest.js';
 import type { IndexDirResult } from './index-dir.js';
 import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
@@ -977,15 +977,29 @@ class OverlayLayerStore implements LayerStore {
       }
       if (this.refs.has(id) || isMountPoint(this.mergedDir(id))) throw failedPrecondition(`layer ${id} is mounted; unmount it before committing`);
       const dir = this.layerDir(id);
+      unmountUnder(this.indexDir(id)); // an unrecorded earlier attempt's image mount
       for (const name of await fs.readdir(dir)) {
         if (name === 'index' || name.startsWith('.index-')) await fs.rm(path.join(dir, name), { recursive: true, force: true });
       }
       const tmp = path.join(dir, `.index-${randomBytes(4).toString('hex')}`);
+      const image = this.indexImage(id);
+      await fs.rm(image, { force: true });
       let gear: GearLayerInfo;
       try {
-        gear = await this.buildIndex(id, diff, tmp);
-        await fs.rename(tmp, this.indexDir(id));
+        if (this.indexImages) {
+          // One image file instead of a second inode per entry (containerd's unpacker made the first).
+          const manifest = await readIndexManifest(diff);
+          const { root, result } = indexTreeFromDir(diff, manifest);
+          writeIndexImage(image, root);
+          gear = { ...this.gearInfo(id, manifest, result), form: 'image' };
+          mountIndexImage(image, this.indexDir(id));
+        } else {
+          gear = await this.buildIndex(id, diff, tmp);
+          await fs.rename(tmp, this.indexDir(id));
+        }
       } catch (err) {
+        unmountUnder(this.indexDir(id));
+        await fs.rm(image, { force: true }).catch(() => undefined);
         await fs.rm(tmp, { recursive: true, force: true }).catch(() => undefined);
         if (err instanceof GearError) {
           throw new GearError(err.class, `layer ${id}: not a valid Gear index layer: ${err.message} (re-convert the image with gear convert)`, { cause: err });
@@ -1005,6 +1019,8 @@ class OverlayLayerStore implements LayerStore {
           this.lazy.catalog.remove(id);
           await this.lazy.pool.dropReferences(id).catch(() => undefined);
         }
+        unmountUnder(this.indexDir(id));
+        await fs.rm(image, { force: true }).catch(() => undefined);
         await fs.rm(this.indexDir(id), { recursive: true, force: true }).catch(() => undefined);
         throw new GearError('Internal', `layer ${id}: cannot record the Gear index layer: ${(err as Error).message}`, { cause: err });
       }
