@@ -249,7 +249,7 @@ class OverlayLayerStore implements LayerStore {
 
     // Leftovers of interrupted creates and removes.
     for (const name of await fs.readdir(this.layersDir)) {
-      if (name.startsWith('.tmp-') || name.startsWith('.trash-')) {
+      if (name.startsWith('.tmp-') || name.startsWith('.trash-') || name.startsWith('.erofs-probe-')) {
         await this.discardDir(path.join(this.layersDir, name), `leftover ${name}`);
       }
     }
