@@ -236,6 +236,21 @@ describe('gear index layers in the store', () => {
     }
   });
 
+  it('a layer that fails after its manifest leaves no prefetch and no catalog entry behind', async () => {
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000 } });
+    try {
+      const bad = await tarOf({ ...indexManifest, prefetch: ['etc/os-release'] }, [hdr('.wh.x', 'file'), ...indexEntries]);
+      await store.create('idx', '', 'ro');
+      await expect(store.applyDiff('idx', '', Readable.from([bad]))).rejects.toThrow(/whiteout/);
+      expect(store.lazyRuntime!.catalog.owners).toBe(0);
+      expect(Object.fromEntries(await store.status())['Prefetch']).toMatch(/^none/);
+      expect(existsSync(path.join(root, 'layers/idx/index.erofs'))).toBe(false);
+      expect(mountsUnder(path.join(root, 'layers'))).toEqual([]);
+    } finally {
+      await store.close?.();
+    }
+  });
+
   it('after the store is closed and opened again, a container mounted before reads files it never opened (crash resume)', async () => {
     const lazy = { fetchTimeoutMs: 10_000, cacheSize: '64MiB' };
     const store = await openLayerStore({ root, lazy });

@@ -139,7 +139,12 @@ export interface IndexLayer {
  * agree (checkIndexEntries). Throws InvalidArgument (or FailedPrecondition
  * for an unsupported format version).
  */
-export async function readIndexLayer(source: AsyncIterable<Uint8Array>, limits: TarLimits = DEFAULT_TAR_LIMITS): Promise<IndexLayer> {
+export async function readIndexLayer(
+  source: AsyncIterable<Uint8Array>,
+  limits: TarLimits = DEFAULT_TAR_LIMITS,
+  /** Called with the validated manifest as soon as it is read, before the other entries. */
+  onManifest?: (manifest: IndexManifest) => void,
+): Promise<IndexLayer> {
   let manifest: IndexManifest | undefined;
   let manifestBytes = 0;
   const entries: TarHeader[] = [];
@@ -157,6 +162,7 @@ export async function readIndexLayer(source: AsyncIterable<Uint8Array>, limits: 
       manifestBytes = e.header.size;
       manifest = parseIndexManifest(Buffer.concat(chunks));
       for (const f of manifest.files) listed.set(f.path, false);
+      onManifest?.(manifest);
       continue;
     }
     checkEntry(e.header, listed, files, prev);

@@ -216,7 +216,13 @@ export type IndexTarget = { dir: string } | { image: string };
  * that must not exist, or an image file) from the entries directly. Throws
  * InvalidArgument for a bad layer.
  */
-export async function applyIndexLayer(bytes: AsyncIterable<Buffer>, target: IndexTarget, tarFile: string): Promise<AppliedIndexLayer> {
+export async function applyIndexLayer(
+  bytes: AsyncIterable<Buffer>,
+  target: IndexTarget,
+  tarFile: string,
+  /** Called with the validated manifest before the rest of the tar is read (the store starts the prefetch). */
+  onManifest?: (manifest: IndexManifest) => void,
+): Promise<AppliedIndexLayer> {
   const fd = fsSync.openSync(tarFile, NEW_FILE, 0o600);
   let layer: Awaited<ReturnType<typeof readIndexLayer>>;
   try {
@@ -227,7 +233,7 @@ export async function applyIndexLayer(bytes: AsyncIterable<Buffer>, target: Inde
         yield chunk;
       }
     }
-    layer = await readIndexLayer(keep());
+    layer = await readIndexLayer(keep(), undefined, onManifest);
     fsSync.fdatasyncSync(fd);
   } finally {
     fsSync.closeSync(fd);

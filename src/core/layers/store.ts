@@ -50,7 +50,7 @@ import { spawn } from 'node:child_process';
 import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { createReadStream } from 'node:fs';
-import { applyIndexLayer, buildIndexDir, headIsIndexLayer, INDEX_TAR, readIndexManifest } from './index-dir.js';
+import { applyIndexLayer, buildIndexDir, headIsIndexLayer, INDEX_TAR, readIndexManifest, summarize } from './index-dir.js';
 import { INDEX_IMAGE, indexTreeFromDir, mountIndexImage, probeIndexImages, writeIndexImage } from './index-image.js';
 import type { IndexManifest } from '../index/manifest.js';
 import type { IndexDirResult } from './index-dir.js';
@@ -129,6 +129,12 @@ function indexFormFromEnv(): 'auto' | 'image' | 'dir' {
   if (v === undefined || v === '') return 'auto';
   if (v === 'auto' || v === 'image' || v === 'dir') return v;
   throw invalidArgument(`GEAR_INDEX_FORM=${JSON.stringify(v)}: expected auto, image or dir`);
+}
+
+/** The files a manifest lists for prefetch, in its order. */
+function prefetchFilesOf(manifest: IndexManifest): Array<{ digest: string; size: number }> {
+  const byPath = new Map(manifest.files.map((f) => [f.path, f]));
+  return (manifest.prefetch ?? []).map((p) => byPath.get(p)!).map((f) => ({ digest: f.digest, size: f.size }));
 }
 
 /** Detaches whatever is mounted at or below dir. */
@@ -386,6 +392,18 @@ class OverlayLayerStore implements LayerStore {
     const files = this.pendingPrefetch.get(id);
     this.pendingPrefetch.delete(id);
     if (files && this.prefetcher) void this.prefetcher.start(id, files);
+  }
+
+  /**
+   * ApplyDiff, as soon as the manifest is read: starts the prefetch it lists
+   * (its files enter the catalog now; ApplyDiff's failure removes them).
+   * True when started.
+   */
+  private prefetchEarly(id: string, manifest: IndexManifest): boolean {
+    if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return false;
+    this.lazy.catalog.add(id, manifest.location, summarize(manifest).blobs);
+    void this.prefetcher.start(id, prefetchFilesOf(manifest));
+    return true;
   }
 
   /** The records of id and its parents. */
@@ -759,6 +777,7 @@ class OverlayLayerStore implements LayerStore {
       let gear: GearLayerInfo | undefined;
       const tarFile = path.join(this.layerDir(id), INDEX_TAR);
       const image = this.indexImage(id);
+      let prefetchEarly = false;
       try {
         // Drained, not destroyed, on error: the tar usually is an HTTP request body
         // whose reply (carrying the error) can only go out once it is read.
@@ -770,7 +789,10 @@ class OverlayLayerStore implements LayerStore {
           await fs.rm(tarFile, { force: true });
           await fs.rm(image, { force: true });
           try {
-            const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image } : { dir: index }, tarFile);
+            // The prefetch starts as soon as the manifest is read: its downloads overlap building the index.
+            const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image } : { dir: index }, tarFile, (m) => {
+              prefetchEarly = this.prefetchEarly(id, m);
+            });
             size = applied.size;
             gear = this.gearInfo(id, applied.manifest, applied);
             if (this.indexImages) {
@@ -786,6 +808,10 @@ class OverlayLayerStore implements LayerStore {
           ({ size } = await applyLayer(input, diff, { drainInputOnError: true }));
         }
       } catch (err) {
+        if (prefetchEarly) {
+          this.prefetcher?.stop(id);
+          this.lazy?.catalog.remove(id);
+        }
         await emptyDir(diff).catch(() => undefined);
         unmountUnder(index);
         await fs.rm(index, { recursive: true, force: true }).catch(() => undefined);
@@ -812,7 +838,8 @@ class OverlayLayerStore implements LayerStore {
       await syncDir(this.layerDir(id));
       await syncDir(this.linksDir);
       this.records.set(id, updated);
-      this.startPrefetch(id);
+      if (prefetchEarly) this.pendingPrefetch.delete(id);
+      else this.startPrefetch(id);
       this.log?.debug({ layer: id, size, gearFiles: gear?.files }, gear ? 'applied gear index layer' : 'applied layer');
       return size;
     });
@@ -831,10 +858,7 @@ class OverlayLayerStore implements LayerStore {
   private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
     const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs };
     this.pendingPrefetch.delete(id);
-    if (manifest.prefetch?.length) {
-      const byPath = new Map(manifest.files.map((f) => [f.path, f]));
-      this.pendingPrefetch.set(id, manifest.prefetch.map((p) => byPath.get(p)!).map((f) => ({ digest: f.digest, size: f.size })));
-    }
+    if (manifest.prefetch?.length) this.pendingPrefetch.set(id, prefetchFilesOf(manifest));
     if (manifest.location) info.location = manifest.location;
     else this.log?.warn({ layer: id }, 'gear index layer names no registry: its files can only come from the pool');
     this.log?.info({ layer: id, files: r.files, distinct: r.blobs.length, bytes: r.bytes, location: manifest.location }, 'gear index layer');
