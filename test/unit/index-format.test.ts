@@ -160,6 +160,17 @@ describe('index manifest', () => {
     expect([...paths].sort(comparePaths)).toEqual(['B', 'a', 'a/b', 'a/b/c', 'a-c', 'a.b', 'é']);
   });
 
+  it('orders like the UTF-8 bytes of the paths with "/" as NUL, whatever the characters', () => {
+    const alphabet = ['/', '-', '.', 'a', 'b', 'é', '\u00ff', '\u4e2d', '\ue000', '\uffff', '😀', '\u{10ffff}'];
+    const rnd = (n: number) => Array.from({ length: n }, () => alphabet[Math.floor(Math.random() * alphabet.length)]).join('');
+    const bytes = (a: string, b: string) => Math.sign(Buffer.compare(Buffer.from(a.replaceAll('/', '\0')), Buffer.from(b.replaceAll('/', '\0'))));
+    for (let i = 0; i < 5000; i++) {
+      const a = rnd(1 + (i % 6));
+      const b = i % 3 === 0 ? a + rnd(1) : i % 3 === 1 ? a.slice(0, -1) + rnd(1) : rnd(1 + (i % 5));
+      expect(Math.sign(comparePaths(a, b)), `${JSON.stringify(a)} vs ${JSON.stringify(b)}`).toBe(bytes(a, b));
+    }
+  });
+
   it('round-trips through its canonical encoding', () => {
     const bytes = encodeIndexManifest(good);
     expect(parseIndexManifest(bytes)).toEqual(good);

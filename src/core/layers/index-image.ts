@@ -48,11 +48,17 @@ export function indexTreeFromEntries(manifest: IndexManifest, entries: readonly 
   const root = dirNode(0o755, 0, 0, now);
   const nodes = new Map<string, ErofsNode>([['', root]]);
 
-  const parentOf = (rel: string): ErofsNode => {
-    const parts = rel.split('/');
+  /** The directory node of rel's parent; missing parents are made 0755 (as Docker does). */
+  const parentOf = (rel: string, slash: number): ErofsNode => {
+    if (slash < 0) return root;
+    const known = nodes.get(rel.slice(0, slash));
+    if (known) {
+      if (known.type !== 'dir') throw invalidArgument(`gear index layer: entry ${JSON.stringify(rel)}: parent ${JSON.stringify(rel.slice(0, slash))} is not a directory`);
+      return known;
+    }
     let cur = '';
     let node = root;
-    for (const part of parts.slice(0, -1)) {
+    for (const part of rel.slice(0, slash).split('/')) {
       cur = cur ? `${cur}/${part}` : part;
       let next = nodes.get(cur);
       if (!next) {
@@ -67,30 +73,34 @@ export function indexTreeFromEntries(manifest: IndexManifest, entries: readonly 
     return node;
   };
 
+  const metacopy = Buffer.alloc(0);
   for (const h of entries) {
-    const rel = h.path.replace(/\/+$/, '');
+    const rel = h.path.endsWith('/') ? h.path.replace(/\/+$/, '') : h.path;
     try {
-      if (rel === '' || rel.split('/').some((c) => c === '' || c === '.' || c === '..')) throw invalidArgument('not a clean relative path');
-      if (rel.split('/').some((c) => c.startsWith('.wh.'))) throw invalidArgument('whiteouts have no place in an index layer');
-      const parent = parentOf(rel);
-      const name = rel.slice(rel.lastIndexOf('/') + 1);
+      for (const c of rel.split('/')) {
+        if (c === '' || c === '.' || c === '..') throw invalidArgument('not a clean relative path');
+        if (c.startsWith('.wh.')) throw invalidArgument('whiteouts have no place in an index layer');
+      }
+      const slash = rel.lastIndexOf('/');
+      const parent = parentOf(rel, slash);
       if (nodes.has(rel)) throw Object.assign(new Error(`${rel}: already exists`), { code: 'EEXIST' });
       const m = entryMeta(h);
-      const base = { mode: m.mode, uid: m.uid, gid: m.gid, mtimeSec: Math.floor(m.mtime), mtimeNsec: Math.round((m.mtime % 1) * 1e9), xattrs: m.xattrs };
+      const mtimeSec = Math.floor(m.mtime);
+      const mtimeNsec = Math.round((m.mtime - mtimeSec) * 1e9);
       let node: ErofsNode;
       switch (h.type) {
         case 'dir':
-          node = { ...base, type: 'dir', children: new Map() };
+          node = { type: 'dir', mode: m.mode, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, children: new Map() };
           break;
         case 'file': {
           const f = listed.get(rel);
-          node = { ...base, type: 'file', size: f ? f.size : 0 };
-          if (f) node.xattrs = [[METACOPY_XATTR, Buffer.alloc(0)], [REDIRECT_XATTR, Buffer.from(redirectOf(f.digest))], ...m.xattrs];
+          node = { type: 'file', mode: m.mode, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, size: f ? f.size : 0 };
+          if (f) node.xattrs = [[METACOPY_XATTR, metacopy], [REDIRECT_XATTR, Buffer.from(redirectOf(f.digest))], ...m.xattrs];
           break;
         }
         case 'symlink':
           if (h.linkname === '') throw invalidArgument('symlink target is empty');
-          node = { ...base, mode: 0o777, type: 'symlink', target: h.linkname };
+          node = { type: 'symlink', mode: 0o777, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, target: h.linkname };
           break;
         case 'link': {
           // readIndexLayer checked: an earlier non-directory entry of this layer.
@@ -106,11 +116,11 @@ export function indexTreeFromEntries(manifest: IndexManifest, entries: readonly 
           }
           const type = h.type === 'char' ? 'char' : h.type === 'block' ? 'block' : h.type === 'fifo' ? 'fifo' : undefined;
           if (!type) throw invalidArgument(`entry type ${JSON.stringify(h.type)} has no place in an index layer`);
-          node = { ...base, type, major, minor };
+          node = { type, mode: m.mode, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, major, minor };
         }
       }
       nodes.set(rel, node);
-      parent.children!.set(name, node);
+      parent.children!.set(slash < 0 ? rel : rel.slice(slash + 1), node);
     } catch (err) {
       throw entryError(rel, err);
     }
