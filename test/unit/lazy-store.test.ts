@@ -307,6 +307,29 @@ describe('index layers applied straight from the tar', () => {
     return Buffer.concat(chunks);
   }
 
+  it('after a crash mid-ApplyDiff with the index image mounted, the next open removes the layer and its mount; a complete one is remounted', async () => {
+    const store = await openLayerStore({ root, indexForm: 'image' });
+    await store.create('done', '', 'ro');
+    await store.applyDiff('done', '', Readable.from([indexTar]));
+    await store.create('half', '', 'ro');
+    await store.applyDiff('half', '', Readable.from([indexTar]));
+    await store.close?.();
+    // What a kill -9 before the record was final leaves: the marker, the image, its mount.
+    await fs.writeFile(path.join(root, 'layers/half/applying'), '');
+    expect(mountsUnder(path.join(root, 'layers/half')).map((m) => m.fsType)).toEqual(['erofs']);
+    // And a complete layer whose mount is gone (a reboot): remounted at open.
+    await run('umount', [path.join(root, 'layers/done/index')]);
+    const again = await openLayerStore({ root, indexForm: 'image' });
+    try {
+      expect(await again.exists('half')).toBe(false);
+      expect(existsSync(path.join(root, 'layers/half'))).toBe(false);
+      expect(mountsUnder(path.join(root, 'layers')).map((m) => path.relative(root, m.mountPoint))).toEqual(['layers/done/index']);
+      expect((await fs.lstat(path.join(root, 'layers/done/index/bin/tool'))).size).toBe(files['bin/tool']!.length);
+    } finally {
+      await again.close?.();
+    }
+  });
+
   it('builds index/ only; the index form appears on the first Get(), also after a crash while extracting it', async () => {
     const tar = await layerOf(
       [hdr('d', 'dir', { mode: 0o711 }), hdr('d/f', 'file', { xattrs: new Map([['trusted.overlay.redirect', Buffer.from('/etc/shadow')], ['user.keep', Buffer.from('v')]]) })],
