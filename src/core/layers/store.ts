@@ -202,6 +202,8 @@ class OverlayLayerStore implements LayerStore {
   /** Whether new index layers get an EROFS image; why not, when they do not. */
   private indexImages = false;
   private indexImagesWhyNot = '';
+  /** Index layers whose image is mounted at index/ (cleared by cleanup(), remove() and failed applies). */
+  private readonly indexMounted = new Set<string>();
 
   constructor(opts: LayerStoreOptions) {
     this.root = path.resolve(opts.root);
@@ -374,16 +376,19 @@ class OverlayLayerStore implements LayerStore {
   private mountIndexImages(recs: Iterable<LayerRecord>): void {
     let mounts: ReturnType<typeof readMounts> | undefined;
     for (const r of recs) {
-      if (r.gear?.form !== 'image') continue;
+      // Known mounted (by this run, or checked at open): no mount table read on every Mounts/Get.
+      if (r.gear?.form !== 'image' || this.indexMounted.has(r.id)) continue;
       mounts ??= readMounts();
       const dir = this.indexDir(r.id);
-      if (isMountPoint(dir, mounts)) continue;
-      try {
-        mountIndexImage(this.indexImage(r.id), dir);
-      } catch (err) {
-        throw new GearError('Internal', `layer ${r.id}: cannot mount its index image ${this.indexImage(r.id)} at ${dir}: ${(err as Error).message}`, { cause: err });
+      if (!isMountPoint(dir, mounts)) {
+        try {
+          mountIndexImage(this.indexImage(r.id), dir);
+        } catch (err) {
+          throw new GearError('Internal', `layer ${r.id}: cannot mount its index image ${this.indexImage(r.id)} at ${dir}: ${(err as Error).message}`, { cause: err });
+        }
+        this.log?.debug({ layer: r.id }, 'mounted index image');
       }
-      this.log?.debug({ layer: r.id }, 'mounted index image');
+      this.indexMounted.add(r.id);
     }
   }
 
@@ -554,6 +559,7 @@ class OverlayLayerStore implements LayerStore {
       if (!rec) return;
       // The merged view, and an index image's mount (overlays that use it keep their own reference).
       for (const m of mountsUnder(this.layerDir(id))) unmount(m.mountPoint, { lazy: true });
+      this.indexMounted.delete(id);
       this.refs.delete(id);
       const trash = path.join(this.layersDir, `.trash-${id}-${randomBytes(4).toString('hex')}`);
       await fs.rename(this.layerDir(id), trash);
@@ -752,6 +758,7 @@ class OverlayLayerStore implements LayerStore {
 
   async cleanup(): Promise<void> {
     for (const m of mountsUnder(this.layersDir)) if (m.mountPoint !== this.layersDir) unmount(m.mountPoint, { lazy: true });
+    this.indexMounted.clear();
     this.refs.clear();
     this.log?.info('unmounted all layers');
   }
@@ -785,6 +792,7 @@ class OverlayLayerStore implements LayerStore {
         if (headIsIndexLayer(head)) {
           // An index layer: index/ straight from the tar; diff/ (the index form) only when asked for.
           unmountUnder(index);
+          this.indexMounted.delete(id);
           await fs.rm(index, { recursive: true, force: true });
           await fs.rm(tarFile, { force: true });
           await fs.rm(image, { force: true });
@@ -798,6 +806,7 @@ class OverlayLayerStore implements LayerStore {
             if (this.indexImages) {
               gear.form = 'image';
               mountIndexImage(image, index);
+              this.indexMounted.add(id);
             }
           } catch (err) {
             input.on('error', () => {});
@@ -814,6 +823,7 @@ class OverlayLayerStore implements LayerStore {
         }
         await emptyDir(diff).catch(() => undefined);
         unmountUnder(index);
+        this.indexMounted.delete(id);
         await fs.rm(index, { recursive: true, force: true }).catch(() => undefined);
         await fs.rm(tarFile, { force: true }).catch(() => undefined);
         await fs.rm(image, { force: true }).catch(() => undefined);
@@ -1002,6 +1012,7 @@ class OverlayLayerStore implements LayerStore {
       if (this.refs.has(id) || isMountPoint(this.mergedDir(id))) throw failedPrecondition(`layer ${id} is mounted; unmount it before committing`);
       const dir = this.layerDir(id);
       unmountUnder(this.indexDir(id)); // an unrecorded earlier attempt's image mount
+      this.indexMounted.delete(id);
       for (const name of await fs.readdir(dir)) {
         if (name === 'index' || name.startsWith('.index-')) await fs.rm(path.join(dir, name), { recursive: true, force: true });
       }
@@ -1017,12 +1028,14 @@ class OverlayLayerStore implements LayerStore {
           writeIndexImage(image, root);
           gear = { ...this.gearInfo(id, manifest, result), form: 'image' };
           mountIndexImage(image, this.indexDir(id));
+          this.indexMounted.add(id);
         } else {
           gear = await this.buildIndex(id, diff, tmp);
           await fs.rename(tmp, this.indexDir(id));
         }
       } catch (err) {
         unmountUnder(this.indexDir(id));
+        this.indexMounted.delete(id);
         await fs.rm(image, { force: true }).catch(() => undefined);
         await fs.rm(tmp, { recursive: true, force: true }).catch(() => undefined);
         if (err instanceof GearError) {
@@ -1044,6 +1057,7 @@ class OverlayLayerStore implements LayerStore {
           await this.lazy.pool.dropReferences(id).catch(() => undefined);
         }
         unmountUnder(this.indexDir(id));
+        this.indexMounted.delete(id);
         await fs.rm(image, { force: true }).catch(() => undefined);
         await fs.rm(this.indexDir(id), { recursive: true, force: true }).catch(() => undefined);
         throw new GearError('Internal', `layer ${id}: cannot record the Gear index layer: ${(err as Error).message}`, { cause: err });

@@ -11,14 +11,14 @@
  * fits under the pool's low watermark is prefetched, never more than the
  * cache could keep. Removing the layer stops its prefetch.
  */
-import { describeError } from '../errors.js';
 import type { FetchOptions, FetchRequest } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import { formatSize } from '../pool/size.js';
+import { fetchInBackground } from './background-fetch.js';
 
 export interface PrefetchDeps {
   pool: { has(digest: string): boolean; stat(): { lowWatermarkBytes: number } };
-  fetcher: { readonly maxParallel: number; fetch(req: FetchRequest, opts?: FetchOptions): Promise<void> };
+  fetcher: { readonly maxParallel: number; fetch(req: FetchRequest, opts?: FetchOptions): Promise<void>; inFlight(digest: string): boolean };
   catalog: { requests(digest: string): FetchRequest[] };
   logger?: Logger;
 }
@@ -105,20 +105,9 @@ export class Prefetcher {
 
   /** True when the file is in the pool afterwards. */
   private async fetchOne(digest: string, signal: AbortSignal): Promise<boolean> {
-    const { pool, fetcher, catalog } = this.deps;
-    if (pool.has(digest)) return true;
-    let last: unknown;
-    for (const req of catalog.requests(digest)) {
-      try {
-        await fetcher.fetch(req, { priority: 'background', signal });
-        return true;
-      } catch (err) {
-        last = err;
-        if (signal.aborted || pool.has(digest)) return pool.has(digest);
-      }
-    }
-    if (!signal.aborted) this.log.debug({ digest, err: last === undefined ? 'no registry location known' : describeError(last) }, 'prefetch: fetch failed');
-    return pool.has(digest);
+    const r = await fetchInBackground(this.deps, digest, signal);
+    if (r.why) this.log.debug({ digest, err: r.why }, 'prefetch: fetch failed');
+    return r.inPool;
   }
 
   /** Stops the prefetch of a layer (removed); running downloads finish or hit their deadline. */

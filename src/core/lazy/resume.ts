@@ -32,10 +32,10 @@
  * fetched (smallest files first: most files working for the space); the rest
  * is reported (log line and status), not fetched only to be evicted again.
  */
-import { describeError, isClass } from '../errors.js';
 import type { FetchOptions, FetchRequest } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import { formatSize } from '../pool/size.js';
+import { fetchInBackground } from './background-fetch.js';
 
 /** One Gear file a mounted container may still open. */
 export interface ResumeFile {
@@ -196,28 +196,9 @@ export class ResumeQueue {
 
   /** True when f is in the pool afterwards. */
   private async fetchOne(f: ResumeFile): Promise<boolean> {
-    const { pool, fetcher, catalog } = this.deps;
-    if (pool.has(f.digest)) return true;
-    const signal = this.controller.signal;
-    let last: unknown;
-    for (const req of catalog.requests(f.digest)) {
-      for (;;) {
-        try {
-          await fetcher.fetch(req, { priority: 'background', signal });
-          return true;
-        } catch (err) {
-          last = err;
-          if (signal.aborted || pool.has(f.digest)) return pool.has(f.digest);
-          // Our wait hit the fetch deadline while the job (kept: background) is still
-          // queued behind containers' fetches or running: wait for it again.
-          if (isClass(err, 'DeadlineExceeded') && fetcher.inFlight(f.digest)) continue;
-          break;
-        }
-      }
-    }
-    if (pool.has(f.digest)) return true;
-    if (!signal.aborted) this.log.debug({ digest: f.digest, err: last === undefined ? 'no registry location known' : describeError(last) }, 'resume: fetch failed');
-    return false;
+    const r = await fetchInBackground(this.deps, f.digest, this.controller.signal);
+    if (r.why) this.log.debug({ digest: f.digest, err: r.why }, 'resume: fetch failed');
+    return r.inPool;
   }
 
   /** The line shown as "Resume" in the daemon status. */
