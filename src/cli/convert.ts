@@ -30,6 +30,8 @@ interface ConvertFlags {
   storage?: string;
   /** Size from which Gear files are stored raw (range-readable), e.g. "8MiB"; "off" gzips them too. */
   rawAbove?: string;
+  /** Gear format version of the index: "2" (default) or "1" for nodes with an older gear. */
+  formatVersion?: string;
 }
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
@@ -127,6 +129,7 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
         storage: flags.storage === 'raw' ? 'raw' : 'auto',
         ...(flags.rawAbove !== undefined ? { rawMinBytes: flags.rawAbove === 'off' ? Infinity : parseSize(flags.rawAbove) } : {}),
         tmpDir: flags.tmpDir,
+        ...(flags.formatVersion !== undefined ? { formatVersion: flags.formatVersion === '1' ? 1 : 2 } : {}),
         progress: reporter.on,
       });
     } finally {
@@ -153,8 +156,12 @@ export function registerConvert(program: Command): void {
     .option('--insecure-registry <host>', 'registry reachable over plain http (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--storage <mode>', 'how Gear files are stored: auto (gzip when it saves ≥10%) or raw', 'auto')
     .option('--raw-above <size>', 'store files of at least this size raw, so nodes can read them by range while they download ("off": gzip them too)', '8MiB')
+    .option('--format-version <n>', 'Gear format version of the index: 2 (the tree in one manifest) or 1 (for nodes whose gear reads only version 1)', '2')
     .option('--no-progress', 'no progress bars')
     .action(async (src: string, dst: string, flags: ConvertFlags) => {
+      if (flags.formatVersion !== undefined && flags.formatVersion !== '1' && flags.formatVersion !== '2') {
+        throw invalidArgument('--format-version must be 1 or 2');
+      }
       if (flags.storage !== undefined && flags.storage !== 'auto' && flags.storage !== 'raw') {
         throw invalidArgument('--storage must be auto or raw');
       }

@@ -70,6 +70,11 @@ export interface ConvertOptions {
    * Infinity gzips big files too.
    */
   rawMinBytes?: number;
+  /**
+   * Gear format version of the index (default GEAR_FORMAT_VERSION, 2). Version
+   * 1 is for nodes running a gear that reads only version 1.
+   */
+  formatVersion?: 1 | 2;
   /** gzip level for 'auto' (default 6). */
   gzipLevel?: number;
   /** Parent of the temp staging dir (default: OS temp dir). */
@@ -125,11 +130,11 @@ function sha256(b: Buffer): string {
 }
 
 /** The Gear image config: the source config with rootfs, history and labels replaced. */
-export function gearConfig(source: Buffer, indexDiffId: string, sourceDigest: string): Buffer {
+export function gearConfig(source: Buffer, indexDiffId: string, sourceDigest: string, version: number = GEAR_FORMAT_VERSION): Buffer {
   const cfg = JSON.parse(source.toString('utf8')) as Record<string, unknown>;
   const inner = (cfg.config && typeof cfg.config === 'object' ? cfg.config : {}) as Record<string, unknown>;
   const labels = (inner.Labels && typeof inner.Labels === 'object' ? inner.Labels : {}) as Record<string, string>;
-  inner.Labels = { ...labels, [GEAR_VERSION_LABEL]: String(GEAR_FORMAT_VERSION), [SOURCE_DIGEST_LABEL]: sourceDigest };
+  inner.Labels = { ...labels, [GEAR_VERSION_LABEL]: String(version), [SOURCE_DIGEST_LABEL]: sourceDigest };
   cfg.config = inner;
   cfg.rootfs = { type: 'layers', diff_ids: [indexDiffId] };
   const h: Record<string, unknown> = {};
@@ -208,6 +213,7 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
       await flat.applyLayer(layer.name, tar, (n) => progress({ kind: 'file-bytes', bytes: n }));
     }
     const { entries, manifest } = flat.result(dst.location);
+    manifest.version = opts.formatVersion ?? GEAR_FORMAT_VERSION;
 
     // 2. Gear files: encode (gzip when worth it), then HEAD + upload
     const unique = new Map<string, number>();
@@ -250,7 +256,7 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
     }
 
     // 3-5. index layer, config, keep-alive manifests, the image manifest last
-    const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest), {
+    const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest, manifest.version), {
       tmpDir: stage.dir,
       filesPerManifest: opts.filesPerManifest ?? 10_000,
       account,

@@ -127,7 +127,8 @@ describe('gear convert', () => {
     expect(s.files).toBe(3); // busybox, passwd, group (etc/empty is empty)
     expect(s.blobsUploaded).toBeGreaterThanOrEqual(3);
     const { config, index } = await pullGear('gear/busybox', 'v1');
-    expect(config.config.Labels[GEAR_VERSION_LABEL]).toBe('1');
+    expect(config.config.Labels[GEAR_VERSION_LABEL]).toBe('2');
+    expect(index.manifest.version).toBe(2);
     expect(config.config.Labels[SOURCE_DIGEST_LABEL]).toBe(srcDigest);
     expect(config.config.Cmd).toEqual(['/bin/sh']);
     expect(index.manifest.location).toEqual({ registry: reg.host, repository: 'gear/busybox' });
@@ -138,6 +139,15 @@ describe('gear convert', () => {
     expect(index.entries.find((e) => e.path === 'etc/empty')?.type).toBe('file');
     // busybox compresses well: stored gzipped
     expect(index.manifest.files.find((f) => f.path === 'bin/busybox')?.blob?.mediaType).toBe(GearMediaType.FileGzip);
+
+    // --format-version 1, for nodes whose gear reads only version 1: the same tree as tar entries.
+    await runConvert(`oci:${src}:v1`, `${reg.host}/gear/busybox:format1`, { ...flags, formatVersion: '1' });
+    const v1 = await pullGear('gear/busybox', 'format1');
+    expect(v1.config.config.Labels[GEAR_VERSION_LABEL]).toBe('1');
+    expect(v1.index.manifest.version).toBe(1);
+    expect(v1.index.manifest.files).toEqual(index.manifest.files);
+    expect(v1.index.entries.map((e) => ({ ...e, path: e.path.replace(/\/$/, '') }))).toEqual(index.entries);
+    expect(v1.config.rootfs.diff_ids[0]).not.toBe(config.rootfs.diff_ids[0]);
   });
 
   it('stores big files raw (range-readable) even when gzip would shrink them; --raw-above off gzips them', async () => {

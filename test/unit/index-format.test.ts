@@ -15,6 +15,7 @@ import {
   type IndexManifest,
 } from '../../src/core/index/manifest.js';
 import { encodeTarHeader, readTar, tarPadding, tarTrailer, type TarHeader } from '../../src/core/index/tar.js';
+import { encodeTreeEntry } from '../../src/core/index/tree.js';
 import { indexTarHeader } from './fixtures/tarbuild.js';
 
 const D = (c: string) => `sha256:${c.repeat(64).slice(0, 64)}`;
@@ -241,14 +242,93 @@ describe('index manifest', () => {
     });
   }
 
+  // Version 2: the tree is in the manifest (docs/format.md §3.6).
+  const goodV2 = {
+    version: 2,
+    location: { registry: '127.0.0.1:5000', repository: 'gear/app' },
+    tree: [
+      { path: 'bin', type: 'dir', mode: 0o755, mtime: 1700000000 },
+      { path: 'bin/a', type: 'file', mode: 0o644, uid: 7, gid: 8, uname: 'u', gname: 'g', mtime: -1, mtimeNsec: 5, digest: D('a'), size: 1 },
+      { path: 'bin/b', type: 'link', linkname: 'bin/a' },
+      { path: 'bin/c', type: 'symlink', mode: 0o777, linkname: '../etc/x' },
+      { path: 'dev', type: 'dir' },
+      { path: 'dev/n', type: 'char', mode: 0o666, devmajor: 1, devminor: 3 },
+      { path: 'etc', type: 'dir' },
+      { path: 'etc/e', type: 'file' },
+      {
+        path: 'etc/x', type: 'file', mode: 0o4755, xattrs: { 'security.capability': 'AQAAAv8=', 'user.z': '' },
+        digest: D('b'), size: 2, blob: { mediaType: GearMediaType.FileGzip, digest: D('c'), size: 9 },
+      },
+    ],
+    prefetch: ['etc/x'],
+  };
+
+  it('version 2: round-trips through its canonical encoding, files taken from the tree', () => {
+    const bytes = Buffer.from(JSON.stringify(goodV2));
+    const m = parseIndexManifest(bytes);
+    expect(m.files).toEqual([
+      { path: 'bin/a', digest: D('a'), size: 1 },
+      { path: 'etc/x', digest: D('b'), size: 2, blob: { mediaType: GearMediaType.FileGzip, digest: D('c'), size: 9 } },
+    ]);
+    expect(m.tree!.map((h) => `${h.path} ${h.type}`)).toEqual(goodV2.tree.map((e) => `${e.path} ${e.type}`));
+    expect(m.tree![1]).toMatchObject({ uid: 7, gid: 8, uname: 'u', gname: 'g', mtime: -1, mtimeNsec: 5, size: 0 });
+    expect(m.tree![5]).toMatchObject({ devmajor: 1, devminor: 3 });
+    expect(m.tree![8]!.xattrs.get('security.capability')).toEqual(Buffer.from([1, 0, 0, 2, 0xff]));
+    expect(encodeIndexManifest(m).equals(bytes)).toBe(true);
+  });
+
+  const hostileV2: [string, (d: any) => void, RegExp][] = [
+    ['a "files" member', (d) => (d.files = []), /no "files" member/],
+    ['no tree', (d) => delete d.tree, /"tree" is not an array/],
+    ['an entry that is not an object', (d) => (d.tree[0] = 'bin'), /tree\[0\]: not an object/],
+    ['an unknown type', (d) => (d.tree[7].type = 'socket'), /"type" must be one of/],
+    ['a mode with type bits', (d) => (d.tree[7].mode = 0o100644), /"mode"/],
+    ['a negative uid', (d) => (d.tree[7].uid = -1), /"uid"/],
+    ['a 33-bit gid', (d) => (d.tree[7].gid = 2 ** 32), /"gid"/],
+    ['a fractional mtime', (d) => (d.tree[7].mtime = 1.5), /"mtime"/],
+    ['nanoseconds of a second or more', (d) => (d.tree[7].mtimeNsec = 1e9), /"mtimeNsec"/],
+    ['a uname with NUL', (d) => (d.tree[7].uname = 'a\0b'), /"uname"/],
+    ['a linkname on a directory', (d) => (d.tree[0].linkname = 'x'), /"linkname" is required for hard links and symlinks, and only/],
+    ['a symlink without a target', (d) => delete d.tree[3].linkname, /"linkname"/],
+    ['device numbers on a file', (d) => (d.tree[7].devmajor = 1), /only devices/],
+    ['an xattr value that is not base64', (d) => (d.tree[8].xattrs['user.z'] = '!!!'), /canonical base64/],
+    ['an xattr value in unpadded base64', (d) => (d.tree[8].xattrs['security.capability'] = 'AQAAAv8'), /canonical base64/],
+    ['an xattr value over 64 KiB', (d) => (d.tree[8].xattrs['user.z'] = Buffer.alloc(65537).toString('base64')), /at most 65536/],
+    ['an empty xattr name', (d) => (d.tree[8].xattrs[''] = ''), /invalid xattr name/],
+    ['a digest on a directory', (d) => (d.tree[6].digest = D('a')), /only a regular file has a digest/],
+    ['a size without a digest', (d) => delete d.tree[1].digest, /digest is not/],
+    ['a traversing path', (d) => (d.tree[7].path = 'etc/../../e'), /"\.\." component/],
+    ['a path under .gear/', (d) => d.tree.unshift({ path: '.gear/x', type: 'file' }), /reserved/],
+    ['entries out of order', (d) => d.tree.reverse(), /out of order/],
+    ['a repeated path', (d) => (d.tree[7].path = 'etc'), /out of order or repeated/],
+    ['a hard link to a later entry', (d) => (d.tree[2].linkname = 'etc/x'), /hard link "bin\/b" does not point to an earlier/],
+    ['a hard link to a directory', (d) => (d.tree[2].linkname = 'bin'), /does not point to an earlier non-directory/],
+    ['a prefetch path that is not a file with content', (d) => (d.prefetch = ['etc/e']), /prefetch\[0\] is not a path/],
+  ];
+  for (const [name, mutate, re] of hostileV2) {
+    it(`version 2: rejects a manifest with ${name}`, () => {
+      const doc = structuredClone(goodV2) as any;
+      mutate(doc);
+      let err: unknown;
+      try {
+        parseIndexManifest(Buffer.from(JSON.stringify(doc)));
+      } catch (e) {
+        err = e;
+      }
+      expect(isClass(err, 'InvalidArgument'), String(err)).toBe(true);
+      expect((err as Error).message).toMatch(re);
+    });
+  }
+
   it('rejects a newer format version as FailedPrecondition', () => {
     let err: unknown;
     try {
-      parseIndexManifest(Buffer.from('{"version":2,"files":[]}'));
+      parseIndexManifest(Buffer.from('{"version":3,"files":[]}'));
     } catch (e) {
       err = e;
     }
     expect(isClass(err, 'FailedPrecondition')).toBe(true);
+    expect((err as Error).message).toMatch(/unsupported format version 3 .*upgrade gear/);
   });
 
   it('rejects bytes that are not UTF-8 JSON', () => {
@@ -257,34 +337,54 @@ describe('index manifest', () => {
   });
 });
 
-describe('index layer', () => {
+/** A manifest's JSON built by hand (the reader must refuse what the writer would not write). */
+function rawManifestJson(m: IndexManifest, e: TarHeader[]): Buffer {
+  if (m.version === 1) return encodeIndexManifest(m);
+  const byPath = new Map(m.files.map((f) => [f.path, f]));
+  const tree = e.map((h) => {
+    const f = h.type === 'file' ? byPath.get(h.path) : undefined;
+    if (f) byPath.delete(h.path);
+    return encodeTreeEntry(h, f);
+  });
+  if (byPath.size) throw new Error('version 2 cannot express a file that is not a regular file of the tree');
+  return Buffer.from(JSON.stringify({ version: m.version, tree }));
+}
+
+describe.each([1, 2])('index layer, format version %i', (version) => {
   const manifest: IndexManifest = {
-    version: 1,
+    version,
     files: [
       { path: 'bin/busybox', digest: sha('busybox'), size: 7 },
-      { path: 'etc/cap', digest: sha('cap'), size: 3 },
+      { path: 'etc/cap', digest: sha('cap'), size: 3, blob: { mediaType: GearMediaType.FileGzip, digest: sha('capgz'), size: 20 } },
     ],
   };
   const entries = (): TarHeader[] => [
     hdr('bin', { type: 'dir', mode: 0o755 }),
-    hdr('bin/busybox', { mode: 0o755 }),
+    hdr('bin/busybox', { mode: 0o755, uid: 1000, gid: 4294967295, uname: 'u', gname: 'g', mtime: -5, mtimeNsec: 1 }),
     hdr('bin/ls', { type: 'symlink', linkname: 'busybox' }),
     hdr('bin/ls2', { type: 'link', linkname: 'bin/ls' }), // a hard link to a symlink
     hdr('bin/sh', { type: 'link', linkname: 'bin/busybox' }),
+    hdr('dev', { type: 'dir' }),
+    hdr('dev/null', { type: 'char', devmajor: 1, devminor: 3 }),
     hdr('etc', { type: 'dir' }),
-    hdr('etc/cap', { xattrs: new Map([['security.capability', Buffer.from([1, 0, 0, 2, 0xff])]]) }),
+    hdr('etc/cap', { xattrs: new Map([['security.capability', Buffer.from([1, 0, 0, 2, 0xff])], ['user.a', Buffer.alloc(0)]]) }),
     hdr('etc/empty'),
     hdr('etc/fifo', { type: 'fifo' }),
   ];
+  const plain = (h: TarHeader) => ({ ...h, path: h.path.replace(/\/$/, '') });
 
-  it('round-trips: manifest first, entries unchanged, directories with a trailing slash', async () => {
+  it('round-trips: manifest first, entries unchanged', async () => {
     const bytes = await collect(writeIndexLayer(manifest, entries()));
     const raw = await readAll(bytes);
     expect(raw[0]!.h.path).toBe('.gear/index.json');
-    expect(raw[1]!.h.path).toBe('bin/');
+    if (version === 1) expect(raw[1]!.h.path).toBe('bin/'); // directories with a trailing slash
+    else expect(raw).toHaveLength(1); // the tree is in the manifest: one tar entry
     const layer = await readIndexLayer(chunks(bytes, 100));
-    expect(layer.manifest).toEqual(manifest);
-    expect(layer.entries.map((e) => ({ ...e, path: e.path.replace(/\/$/, '') }))).toEqual(entries());
+    const { tree, ...rest } = layer.manifest;
+    expect(rest).toEqual(manifest);
+    if (version === 1) expect(tree).toBeUndefined();
+    else expect(tree!.map(plain)).toEqual(entries());
+    expect(layer.entries.map(plain)).toEqual(entries());
   });
 
   it('is deterministic: equal input gives equal bytes', async () => {
@@ -294,9 +394,9 @@ describe('index layer', () => {
   });
 
   const bad: [string, () => [IndexManifest, TarHeader[]], RegExp][] = [
-    ['a listed file missing from the tar', () => [manifest, entries().filter((e) => e.path !== 'etc/cap')], /no such file/],
-    ['a listed path that is a hard link', () => [{ version: 1, files: [{ path: 'bin/sh', digest: D('a'), size: 1 }] }, entries()], /is a link/],
-    ['a listed path that is a symlink', () => [{ version: 1, files: [{ path: 'bin/ls', digest: D('a'), size: 1 }] }, entries()], /is a symlink/],
+    ['a listed file missing from the tar', () => [manifest, entries().filter((e) => e.path !== 'etc/cap')], /no such file|not a regular file of the tree/],
+    ['a listed path that is a hard link', () => [{ version, files: [{ path: 'bin/sh', digest: D('a'), size: 1 }] }, entries()], /is a link|only a regular file/],
+    ['a listed path that is a symlink', () => [{ version, files: [{ path: 'bin/ls', digest: D('a'), size: 1 }] }, entries()], /is a symlink|only a regular file/],
     ['entries out of order', () => [manifest, entries().reverse()], /out of order/],
     ['an entry with ".."', () => [manifest, [...entries(), hdr('z/../../x')]], /"\.\." component/],
     ['an entry under .gear/', () => [manifest, [hdr('.gear/evil'), ...entries()]], /reserved/],
@@ -307,12 +407,45 @@ describe('index layer', () => {
       const [m, e] = make();
       await expectInvalid(collect(writeIndexLayer(m, e)), re);
       // Build the same layer by hand and check the reader refuses it too.
-      const json = encodeIndexManifest(m);
-      const t = tarOf([{ h: hdr('.gear/index.json', { size: json.length, mode: 0o444, mtime: 0 }), body: json }, ...e.map((h) => ({ h }))]);
+      let json: Buffer;
+      try {
+        json = rawManifestJson(m, e);
+      } catch {
+        return; // version 2 cannot even express it: a file's content lives on its tree entry
+      }
+      const t = tarOf([{ h: hdr('.gear/index.json', { size: json.length, mode: 0o444, mtime: 0 }), body: json }, ...(version === 1 ? e.map((h) => ({ h })) : [])]);
       await expectInvalid(readIndexLayer(chunks(t)), re);
     });
   }
+});
 
+describe('index layer', () => {
+  const manifest: IndexManifest = { version: 1, files: [{ path: 'bin/busybox', digest: sha('busybox'), size: 7 }] };
+  const entries = (): TarHeader[] => [hdr('bin', { type: 'dir', mode: 0o755 }), hdr('bin/busybox', { mode: 0o755 })];
+
+  it('version 2: refuses a tar entry after the manifest', async () => {
+    const json = rawManifestJson({ ...manifest, version: 2 }, entries());
+    const t = tarOf([{ h: hdr('.gear/index.json', { size: json.length, mode: 0o444 }), body: json }, { h: hdr('zzz') }]);
+    await expectInvalid(readIndexLayer(chunks(t)), /holds only \.gear\/index\.json, but an entry "zzz" follows/);
+  });
+
+  it('version 2: a 5,000-path tree is one small tar entry', async () => {
+    const m: IndexManifest = { version: 2, files: [] };
+    const e: TarHeader[] = [hdr('d', { type: 'dir', mode: 0o755 })];
+    for (let i = 0; i < 5000; i++) {
+      const p = `d/f${String(i).padStart(5, '0')}`;
+      e.push(hdr(p, { mode: 0o644, mtime: 1700000000 }));
+      m.files.push({ path: p, digest: sha(p), size: 100 + i });
+    }
+    const v2 = await collect(writeIndexLayer(m, e));
+    const v1 = await collect(writeIndexLayer({ ...m, version: 1 }, e));
+    expect((await readAll(v2)).length).toBe(1);
+    expect((await readAll(v1)).length).toBe(5002);
+    expect(v2.length).toBeLessThan(v1.length / 2);
+    const back = await readIndexLayer(chunks(v2, 4096));
+    expect(back.manifest.files).toEqual(m.files);
+    expect(back.entries.map((h) => h.path)).toEqual(e.map((h) => h.path));
+  });
   it('refuses a layer whose first entry is not the manifest', async () => {
     const t = tarOf([{ h: hdr('bin', { type: 'dir' }) }]);
     await expectInvalid(readIndexLayer(chunks(t)), /first entry/);

@@ -38,6 +38,8 @@ const files: Record<string, Buffer> = {
 };
 let indexTar: Buffer;
 let indexManifest: IndexManifest;
+/** The same index in format version 2 (the tree inside the manifest, one tar entry). */
+let indexTarV2: Buffer;
 let indexEntries: TarHeader[];
 async function tarOf(manifest: IndexManifest, entries: TarHeader[]): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -80,6 +82,7 @@ beforeAll(async () => {
   indexManifest = manifest;
   indexEntries = entries;
   indexTar = await tarOf(manifest, entries);
+  indexTarV2 = await tarOf({ ...manifest, version: 2 }, entries);
 }, 60_000);
 
 afterAll(async () => {
@@ -103,16 +106,23 @@ afterEach(async () => {
 });
 
 describe('gear index layers in the store', () => {
-  it.each([['image'], ['dir']] as const)('keeps the index form in diff/, builds the index (%s form) with metacopy files, and reads lazily through FUSE', async (form) => {
+  it.each([
+    ['image', 1],
+    ['dir', 1],
+    ['image', 2],
+    ['dir', 2],
+  ] as const)('keeps the index form in diff/, builds the index (%s form, format version %i) with metacopy files, and reads lazily through FUSE', async (form, version) => {
     const store = await openLayerStore({ root, indexForm: form, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } });
     try {
       await store.create('idx', '', 'ro');
-      await store.applyDiff('idx', '', Readable.from([indexTar]));
+      const tar = version === 1 ? indexTar : indexTarV2;
+      await store.applyDiff('idx', '', Readable.from([tar]));
       // Get() of the index layer: the index form (tar-split reproduces the layer from it).
       const view = await store.get('idx');
       expect(view).toBe(path.join(root, 'layers/idx/diff'));
       expect(existsSync(path.join(view, '.gear/index.json'))).toBe(true);
-      expect((await fs.stat(path.join(view, 'bin/tool'))).size).toBe(0);
+      if (version === 1) expect((await fs.stat(path.join(view, 'bin/tool'))).size).toBe(0);
+      else expect(await fs.readdir(view)).toEqual(['.gear']); // the tree is in the manifest
       await store.put('idx');
 
       const idx = path.join(root, 'layers/idx/index');

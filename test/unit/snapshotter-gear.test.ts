@@ -43,6 +43,8 @@ const files: Record<string, Buffer> = {
 let manifest: IndexManifest;
 let work: string;
 let indexTarFile: string;
+/** The same index in format version 2 (the tree inside the manifest). */
+let indexTarFileV2: string;
 
 async function tarOf(m: IndexManifest, entries: TarHeader[]): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -78,6 +80,8 @@ beforeAll(async () => {
   work = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-snap-tars-'));
   indexTarFile = path.join(work, 'index.tar');
   await fs.writeFile(indexTarFile, await tarOf(manifest, treeEntries()));
+  indexTarFileV2 = path.join(work, 'index-v2.tar');
+  await fs.writeFile(indexTarFileV2, await tarOf({ ...manifest, version: 2 }, treeEntries()));
 }, 60_000);
 
 afterAll(async () => {
@@ -127,11 +131,14 @@ const refFiles = async () =>
   existsSync(path.join(root, 'pool/.meta/refs')) ? (await fs.readdir(path.join(root, 'pool/.meta/refs'))).filter((n) => n.endsWith('.json')) : [];
 
 describe('gear index layers in the containerd snapshotter', () => {
-  it('commits an extracted Gear index as a lazy layer and mounts containers and views on it through pool and miss', async () => {
+  it.each([[1], [2]])('commits an extracted Gear index (format version %i) as a lazy layer and mounts containers and views on it through pool and miss', async (version) => {
     const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } });
     try {
       const sn = await Snapshotter.open({ layers: store, metaRoot: path.join(root, 'snapshotter') });
-      await extractInto(await sn.prepare('extract-1 sha256:x', ''), indexTarFile);
+      await extractInto(await sn.prepare('extract-1 sha256:x', ''), version === 1 ? indexTarFile : indexTarFileV2);
+      // What containerd unpacked: the tree (version 1), or only the manifest (version 2).
+      const unpacked = (await fs.readdir(path.join(root, 'layers'))).map((l) => path.join(root, 'layers', l, 'diff')).find((d) => existsSync(path.join(d, '.gear')))!;
+      expect((await fs.readdir(unpacked)).sort()).toEqual(version === 1 ? ['.gear', 'bin', 'etc', 'usr'] : ['.gear']);
       await sn.commit('sha256:x', 'extract-1 sha256:x');
 
       const base = (await sn.list([])).find((i) => i.name === 'sha256:x');
@@ -239,6 +246,15 @@ describe('gear index layers in the containerd snapshotter', () => {
         ['lists-missing', async (dir) => (await extracted(dir), fs.rm(path.join(dir, 'etc/os-release'))), /etc\/os-release/],
         // A regular file with content: not an index form.
         ['has-content', async (dir) => (await extracted(dir), fs.writeFile(path.join(dir, 'usr/doc'), 'data')), /usr\/doc.*has content/],
+        // Version 2 holds only the manifest: anything beside it is not from an index layer.
+        [
+          'v2-extra',
+          async (dir) => {
+            await extractInto([{ type: 'bind', source: dir, options: [] }], indexTarFileV2);
+            await fs.writeFile(path.join(dir, 'planted'), '');
+          },
+          /holds only \.gear\/index\.json, but the layer also has "planted"/,
+        ],
         // Garbage instead of a manifest.
         [
           'garbage',

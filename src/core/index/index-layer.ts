@@ -1,7 +1,9 @@
 /**
  * The Gear index layer: an uncompressed tar whose first entry is the index
- * manifest (`.gear/index.json`) followed by the flattened tree of the image,
- * every regular file with an empty body. See docs/format.md.
+ * manifest (`.gear/index.json`). In format version 1 the flattened tree of
+ * the image follows as tar entries, every regular file with an empty body; in
+ * version 2 the manifest holds the tree and is the only entry. Either way a
+ * reader gets the same entries. See docs/format.md.
  *
  * Writing is deterministic: the same manifest and entries give the same bytes.
  * Reading validates the manifest against the tar (hostile input).
@@ -94,11 +96,21 @@ function finishCheck(listed: Map<string, boolean>): void {
 }
 
 /**
- * Encodes an index layer (uncompressed tar) chunk by chunk. `entries` must
- * already be in `comparePaths` order; they are checked against the manifest
- * as they go (see checkIndexEntries), so a bad input throws before the end.
+ * Encodes an index layer (uncompressed tar) chunk by chunk, in the manifest's
+ * format version. `entries` must already be in `comparePaths` order; they are
+ * checked against the manifest as they go (see checkIndexEntries), so a bad
+ * input throws before the end. Version 2 ignores `manifest.tree` and writes
+ * `entries` as the tree.
  */
 export async function* writeIndexLayer(manifest: IndexManifest, entries: Iterable<TarHeader>): AsyncGenerator<Buffer> {
+  if (manifest.version !== 1) {
+    const tree = [...entries];
+    checkIndexEntries(manifest, tree);
+    const json = encodeIndexManifest({ ...manifest, tree });
+    if (json.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: manifest of ${json.length} bytes is too large`);
+    yield Buffer.concat([encodeTarHeader(manifestHeader(json.length)), json, tarPadding(json.length), tarTrailer()]);
+    return;
+  }
   const json = encodeIndexManifest(manifest);
   if (json.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: manifest of ${json.length} bytes is too large`);
   yield Buffer.concat([encodeTarHeader(manifestHeader(json.length)), json, tarPadding(json.length)]);
@@ -127,7 +139,7 @@ export async function* writeIndexLayer(manifest: IndexManifest, entries: Iterabl
 /** A parsed, validated index layer. */
 export interface IndexLayer {
   manifest: IndexManifest;
-  /** Every entry after the manifest, in tar order. */
+  /** The tree: the entries after the manifest (version 1) or its `tree` (version 2), in path order. */
   entries: TarHeader[];
   /** Size of the manifest entry's body: the only bytes of file content in the tar. */
   manifestBytes: number;
@@ -161,16 +173,24 @@ export async function readIndexLayer(
       for await (const c of e.body()) chunks.push(c);
       manifestBytes = e.header.size;
       manifest = parseIndexManifest(Buffer.concat(chunks));
-      for (const f of manifest.files) listed.set(f.path, false);
+      if (manifest.tree) {
+        checkIndexEntries(manifest, manifest.tree);
+        entries.push(...manifest.tree);
+      } else {
+        for (const f of manifest.files) listed.set(f.path, false);
+      }
       onManifest?.(manifest);
       continue;
+    }
+    if (manifest.tree) {
+      throw invalidArgument(`gear index layer: version ${manifest.version} holds only ${INDEX_MANIFEST_PATH}, but an entry ${JSON.stringify(e.header.path.slice(0, 200))} follows it`);
     }
     checkEntry(e.header, listed, files, prev);
     prev = entryPath(e.header);
     entries.push(e.header);
   }
   if (manifest === undefined) throw invalidArgument('not a gear index layer: empty tar');
-  finishCheck(listed);
+  if (!manifest.tree) finishCheck(listed);
   return { manifest, entries, manifestBytes };
 }
 

@@ -1,6 +1,6 @@
 /**
  * The Gear index manifest (`.gear/index.json`, the first entry of an index
- * layer) and the constants of the Gear image format, version 1.
+ * layer) and the constants of the Gear image format, versions 1 and 2.
  * docs/format.md is the specification; this file implements it.
  *
  * A parsed manifest is untrusted input (it arrives in a layer from a
@@ -8,9 +8,16 @@
  * path is used to build a URL or a file name.
  */
 import { failedPrecondition, invalidArgument } from '../errors.js';
+import type { TarHeader } from './tar.js';
+import { decodeTreeEntry, encodeTreeEntry } from './tree.js';
 
-/** The format version this code reads and writes. */
-export const GEAR_FORMAT_VERSION = 1;
+/**
+ * The format version `gear convert` writes. Version 2 carries the tree in the
+ * manifest (one tar entry); version 1 carries it as tar entries after it.
+ */
+export const GEAR_FORMAT_VERSION = 2;
+/** Every format version this code reads (and writes, on request). */
+export const GEAR_FORMAT_VERSIONS: readonly number[] = [1, 2];
 
 /** Reserved path of the index manifest inside the index layer; always the first entry. */
 export const INDEX_MANIFEST_PATH = '.gear/index.json';
@@ -19,7 +26,7 @@ export const RESERVED_DIR = '.gear';
 
 /**
  * Image config labels, set by `gear convert`.
- * - GEAR_VERSION_LABEL: the format version ("1"). A driver treats an image as
+ * - GEAR_VERSION_LABEL: the format version ("1" or "2"). A driver treats an image as
  *   a Gear image only when its single layer starts with INDEX_MANIFEST_PATH;
  *   the label is for people and tools that see only the config.
  * - SOURCE_DIGEST_LABEL: digest of the source image's manifest when the source
@@ -70,6 +77,7 @@ export interface IndexFile {
 }
 
 export interface IndexManifest {
+  /** 1 or 2 (GEAR_FORMAT_VERSIONS). */
   version: number;
   /** Absent when the image was written to an OCI layout without a known registry. */
   location?: BlobLocation;
@@ -81,6 +89,13 @@ export interface IndexManifest {
    * (`gear prefetch`). Unique; absent or empty: nothing is prefetched.
    */
   prefetch?: string[];
+  /**
+   * Version 2: the flattened tree (docs/format.md §3.6), as index-layer
+   * entries in comparePaths order; `files` are its regular files with
+   * content. Version 1: absent (the tree is the tar entries after the
+   * manifest).
+   */
+  tree?: TarHeader[];
 }
 
 /** Upper bound on the encoded manifest, against memory exhaustion (256 MiB: ~1.5 M files). */
@@ -144,13 +159,15 @@ export function pathProblem(p: string): string | undefined {
 export function validateIndexManifest(doc: unknown): IndexManifest {
   if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument('gear index: not a JSON object');
   const o = doc as Record<string, unknown>;
-  if (o.version !== GEAR_FORMAT_VERSION) {
+  if (typeof o.version !== 'number' || !GEAR_FORMAT_VERSIONS.includes(o.version)) {
     if (typeof o.version === 'number' && Number.isInteger(o.version)) {
-      throw failedPrecondition(`gear index: unsupported format version ${o.version} (this gear reads ${GEAR_FORMAT_VERSION})`);
+      throw failedPrecondition(
+        `gear index: unsupported format version ${o.version} (this gear reads versions ${GEAR_FORMAT_VERSIONS.join(' and ')}; upgrade gear on this node)`,
+      );
     }
     throw invalidArgument('gear index: missing or invalid "version"');
   }
-  const out: IndexManifest = { version: GEAR_FORMAT_VERSION, files: [] };
+  const out: IndexManifest = { version: o.version, files: [] };
   if (o.location !== undefined) {
     const l = o.location as Record<string, unknown>;
     if (!l || typeof l !== 'object' || Array.isArray(l)) throw invalidArgument('gear index: "location" is not an object');
@@ -162,42 +179,41 @@ export function validateIndexManifest(doc: unknown): IndexManifest {
     }
     out.location = { registry: l.registry, repository: l.repository };
   }
-  if (!Array.isArray(o.files)) throw invalidArgument('gear index: "files" is not an array');
-  let prev: string | undefined;
-  for (let i = 0; i < o.files.length; i++) {
-    const f = o.files[i] as Record<string, unknown>;
-    const where = `gear index: files[${i}]`;
-    if (!f || typeof f !== 'object' || Array.isArray(f)) throw invalidArgument(`${where}: not an object`);
-    if (typeof f.path !== 'string') throw invalidArgument(`${where}: "path" is not a string`);
-    const problem = pathProblem(f.path);
-    if (problem) throw invalidArgument(`${where}: path ${JSON.stringify(f.path.slice(0, 200))}: ${problem}`);
-    if (f.path === RESERVED_DIR || f.path.startsWith(`${RESERVED_DIR}/`)) {
-      throw invalidArgument(`${where}: path ${JSON.stringify(f.path)} is under the reserved ${RESERVED_DIR}/`);
+  if (out.version === 1) {
+    if (!Array.isArray(o.files)) throw invalidArgument('gear index: "files" is not an array');
+    let prev: string | undefined;
+    for (let i = 0; i < o.files.length; i++) {
+      const f = o.files[i] as Record<string, unknown>;
+      const where = `gear index: files[${i}]`;
+      if (!f || typeof f !== 'object' || Array.isArray(f)) throw invalidArgument(`${where}: not an object`);
+      if (typeof f.path !== 'string') throw invalidArgument(`${where}: "path" is not a string`);
+      checkListedPath(f.path, prev, where);
+      out.files.push(validateContent(f, f.path, where));
+      prev = f.path;
     }
-    if (prev !== undefined && comparePaths(prev, f.path) >= 0) {
-      throw invalidArgument(`${where}: path ${JSON.stringify(f.path)} is out of order or repeated`);
-    }
-    if (typeof f.digest !== 'string' || !DIGEST_RE.test(f.digest)) {
-      throw invalidArgument(`${where}: digest is not sha256:<64 lowercase hex>`);
-    }
-    if (typeof f.size !== 'number' || !Number.isSafeInteger(f.size) || f.size <= 0) {
-      throw invalidArgument(`${where}: size must be a positive integer`);
-    }
-    const file: IndexFile = { path: f.path, digest: f.digest, size: f.size };
-    if (f.blob !== undefined) {
-      const b = f.blob as Record<string, unknown>;
-      if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" is not an object`);
-      if (b.mediaType !== GearMediaType.FileGzip) throw invalidArgument(`${where}: unsupported blob mediaType`);
-      if (typeof b.digest !== 'string' || !DIGEST_RE.test(b.digest)) {
-        throw invalidArgument(`${where}: blob digest is not sha256:<64 lowercase hex>`);
+  } else {
+    // Version 2: the files are the tree's regular files that carry a digest.
+    if (o.files !== undefined) throw invalidArgument('gear index: version 2 has no "files" member (its files are in "tree")');
+    if (!Array.isArray(o.tree)) throw invalidArgument('gear index: "tree" is not an array');
+    const tree: TarHeader[] = new Array(o.tree.length);
+    const linkable = new Set<string>();
+    let prev: string | undefined;
+    for (let i = 0; i < o.tree.length; i++) {
+      const where = `gear index: tree[${i}]`;
+      const h = decodeTreeEntry(o.tree[i], where);
+      checkListedPath(h.path, prev, where);
+      prev = h.path;
+      if (h.type === 'link') {
+        if (!linkable.has(h.linkname)) throw invalidArgument(`${where}: hard link ${JSON.stringify(h.path)} does not point to an earlier non-directory entry`);
+      } else if (h.type !== 'dir') linkable.add(h.path);
+      const e = o.tree[i] as Record<string, unknown>;
+      if (e.digest !== undefined || e.size !== undefined || e.blob !== undefined) {
+        if (h.type !== 'file') throw invalidArgument(`${where}: only a regular file has a digest, size or blob`);
+        out.files.push(validateContent(e, h.path, where));
       }
-      if (typeof b.size !== 'number' || !Number.isSafeInteger(b.size) || b.size <= 0) {
-        throw invalidArgument(`${where}: blob size must be a positive integer`);
-      }
-      file.blob = { mediaType: GearMediaType.FileGzip, digest: b.digest, size: b.size };
+      tree[i] = h;
     }
-    out.files.push(file);
-    prev = f.path;
+    out.tree = tree;
   }
   if (o.prefetch !== undefined) {
     if (!Array.isArray(o.prefetch)) throw invalidArgument('gear index: "prefetch" is not an array');
@@ -215,6 +231,41 @@ export function validateIndexManifest(doc: unknown): IndexManifest {
   return out;
 }
 
+function checkListedPath(p: string, prev: string | undefined, where: string): void {
+  const problem = pathProblem(p);
+  if (problem) throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))}: ${problem}`);
+  if (p === RESERVED_DIR || p.startsWith(`${RESERVED_DIR}/`)) {
+    throw invalidArgument(`${where}: path ${JSON.stringify(p)} is under the reserved ${RESERVED_DIR}/`);
+  }
+  if (prev !== undefined && comparePaths(prev, p) >= 0) {
+    throw invalidArgument(`${where}: path ${JSON.stringify(p)} is out of order or repeated`);
+  }
+}
+
+/** digest, size and blob of a file with content (a v1 `files` entry or a v2 tree entry). */
+function validateContent(f: Record<string, unknown>, path: string, where: string): IndexFile {
+  if (typeof f.digest !== 'string' || !DIGEST_RE.test(f.digest)) {
+    throw invalidArgument(`${where}: digest is not sha256:<64 lowercase hex>`);
+  }
+  if (typeof f.size !== 'number' || !Number.isSafeInteger(f.size) || f.size <= 0) {
+    throw invalidArgument(`${where}: size must be a positive integer`);
+  }
+  const file: IndexFile = { path, digest: f.digest, size: f.size };
+  if (f.blob !== undefined) {
+    const b = f.blob as Record<string, unknown>;
+    if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" is not an object`);
+    if (b.mediaType !== GearMediaType.FileGzip) throw invalidArgument(`${where}: unsupported blob mediaType`);
+    if (typeof b.digest !== 'string' || !DIGEST_RE.test(b.digest)) {
+      throw invalidArgument(`${where}: blob digest is not sha256:<64 lowercase hex>`);
+    }
+    if (typeof b.size !== 'number' || !Number.isSafeInteger(b.size) || b.size <= 0) {
+      throw invalidArgument(`${where}: blob size must be a positive integer`);
+    }
+    file.blob = { mediaType: GearMediaType.FileGzip, digest: b.digest, size: b.size };
+  }
+  return file;
+}
+
 /** Decodes and validates manifest bytes (see validateIndexManifest). */
 export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
   if (bytes.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: larger than ${MAX_MANIFEST_BYTES} bytes`);
@@ -229,18 +280,36 @@ export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
 
 /**
  * The canonical encoding: compact JSON, members in the order version,
- * location (registry, repository), files (path, digest, size, blob
- * (mediaType, digest, size) when present), prefetch (when not empty), no
- * trailing newline. Equal manifests always encode to equal bytes.
+ * location (registry, repository), then for version 1 files (path, digest,
+ * size, blob (mediaType, digest, size) when present), for version 2 tree
+ * (tree.ts; a regular file with content carries its digest, size and blob),
+ * then prefetch (when not empty), no trailing newline. Equal manifests always
+ * encode to equal bytes. Version 2 needs `tree`, and every file of `files`
+ * must be a regular file of it.
  */
 export function encodeIndexManifest(m: IndexManifest): Buffer {
+  if (!GEAR_FORMAT_VERSIONS.includes(m.version)) throw invalidArgument(`gear index: cannot write format version ${m.version}`);
   const doc: Record<string, unknown> = { version: m.version };
   if (m.location) doc.location = { registry: m.location.registry, repository: m.location.repository };
-  doc.files = m.files.map((f) =>
-    f.blob
-      ? { path: f.path, digest: f.digest, size: f.size, blob: { mediaType: f.blob.mediaType, digest: f.blob.digest, size: f.blob.size } }
-      : { path: f.path, digest: f.digest, size: f.size },
-  );
+  if (m.version === 1) {
+    doc.files = m.files.map((f) =>
+      f.blob
+        ? { path: f.path, digest: f.digest, size: f.size, blob: { mediaType: f.blob.mediaType, digest: f.blob.digest, size: f.blob.size } }
+        : { path: f.path, digest: f.digest, size: f.size },
+    );
+  } else {
+    if (!m.tree) throw invalidArgument('gear index: a version 2 manifest needs its tree');
+    const content = new Map(m.files.map((f) => [f.path, f]));
+    doc.tree = m.tree.map((h) => {
+      const p = h.path.replace(/\/+$/, '');
+      const f = h.type === 'file' ? content.get(p) : undefined;
+      if (f) content.delete(p);
+      return encodeTreeEntry(h, f);
+    });
+    if (content.size > 0) {
+      throw invalidArgument(`gear index: file ${JSON.stringify([...content.keys()][0])} is not a regular file of the tree`);
+    }
+  }
   if (m.prefetch?.length) doc.prefetch = [...m.prefetch];
   return Buffer.from(JSON.stringify(doc), 'utf8');
 }

@@ -50,8 +50,8 @@ import { spawn } from 'node:child_process';
 import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { createReadStream } from 'node:fs';
-import { applyIndexLayer, buildIndexDir, headIsIndexLayer, INDEX_TAR, readIndexManifest, summarize } from './index-dir.js';
-import { INDEX_IMAGE, indexTreeFromDir, mountIndexImage, probeIndexImages, writeIndexImage } from './index-image.js';
+import { applyIndexLayer, buildIndexDir, buildIndexDirFromEntries, headIsIndexLayer, INDEX_TAR, readIndexManifest, summarize } from './index-dir.js';
+import { INDEX_IMAGE, indexTreeFromDir, indexTreeFromEntries, mountIndexImage, probeIndexImages, writeIndexImage } from './index-image.js';
 import type { IndexManifest } from '../index/manifest.js';
 import type { IndexDirResult } from './index-dir.js';
 import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
@@ -862,7 +862,8 @@ class OverlayLayerStore implements LayerStore {
   async buildIndex(id: string, diff: string, index: string): Promise<GearLayerInfo> {
     const manifest = await readIndexManifest(diff);
     await fs.rm(index, { recursive: true, force: true });
-    return this.gearInfo(id, manifest, await buildIndexDir(diff, index, manifest));
+    const r = manifest.tree ? buildIndexDirFromEntries(index, manifest, manifest.tree) : await buildIndexDir(diff, index, manifest);
+    return this.gearInfo(id, manifest, r);
   }
 
   private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
@@ -1024,7 +1025,7 @@ class OverlayLayerStore implements LayerStore {
         if (this.indexImages) {
           // One image file instead of a second inode per entry (containerd's unpacker made the first).
           const manifest = await readIndexManifest(diff);
-          const { root, result } = indexTreeFromDir(diff, manifest);
+          const { root, result } = manifest.tree ? indexTreeFromEntries(manifest, manifest.tree) : indexTreeFromDir(diff, manifest);
           writeIndexImage(image, root);
           gear = { ...this.gearInfo(id, manifest, result), form: 'image' };
           mountIndexImage(image, this.indexDir(id));
