@@ -142,19 +142,28 @@ export function comparePaths(a: string, b: string): number {
 export function pathProblem(p: string): string | undefined {
   if (p === '') return 'empty path';
   if (p.includes('\0')) return 'contains a NUL byte';
-  if (Buffer.byteLength(p) > MAX_PATH_BYTES) return `longer than ${MAX_PATH_BYTES} bytes`;
-  if (p.startsWith('/')) return 'absolute path';
-  for (const c of p.split('/')) {
-    if (c === '') return 'empty path component';
-    if (c === '.' || c === '..') return `"${c}" component`;
+  if (p.length > MAX_PATH_BYTES / 3 && Buffer.byteLength(p) > MAX_PATH_BYTES) return `longer than ${MAX_PATH_BYTES} bytes`;
+  if (p.charCodeAt(0) === 47) return 'absolute path';
+  // One pass over the components (this runs for every path of every index).
+  let start = 0;
+  for (;;) {
+    let end = p.indexOf('/', start);
+    if (end < 0) end = p.length;
+    const n = end - start;
+    if (n === 0) return 'empty path component';
+    if (n <= 2 && p.charCodeAt(start) === 46 && (n === 1 || p.charCodeAt(start + 1) === 46)) return `"${p.slice(start, end)}" component`;
+    if (end === p.length) return undefined;
+    start = end + 1;
   }
-  return undefined;
 }
 
 /**
  * Validates a decoded manifest document and returns it as an IndexManifest
- * (a fresh object holding only the known members). Throws InvalidArgument on
- * any malformed field and FailedPrecondition on an unsupported version.
+ * (a fresh object holding only the known members). A version 2 tree is
+ * checked as index-layer.ts checkIndexEntries checks tar entries: clean
+ * paths in strictly increasing order, nothing under `.gear/`, hard links to
+ * earlier non-directories. Throws InvalidArgument on any malformed field and
+ * FailedPrecondition on an unsupported version.
  */
 export function validateIndexManifest(doc: unknown): IndexManifest {
   if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument('gear index: not a JSON object');

@@ -23,6 +23,7 @@
  * On-disk format: linux/fs/erofs/erofs_fs.h. Pure logic: the caller mounts.
  */
 import { invalidArgument } from '../errors.js';
+import { comparePaths } from '../index/manifest.js';
 
 export type ErofsNodeType = 'dir' | 'file' | 'symlink' | 'char' | 'block' | 'fifo' | 'socket';
 
@@ -88,10 +89,10 @@ interface Placed {
   node: ErofsNode;
   nid: number;
   nlink: number;
-  /** inline xattr area (header + entries), empty when none */
-  xattrs: Buffer;
-  /** directory or symlink data; empty for the others */
-  data: Buffer;
+  /** bytes of the inline xattr area (header + entries), 0 when none */
+  xattrSize: number;
+  /** bytes of directory or symlink data; 0 for the others */
+  dataSize: number;
   layout: number;
   /** bytes of the record in the metadata area: inode + xattrs + (chunk table | inline data) */
   recordSize: number;
@@ -104,46 +105,74 @@ interface Placed {
 
 const align = (n: number, a: number): number => Math.ceil(n / a) * a;
 
-/** One EROFS inline xattr area for these xattrs; throws when a name or value cannot be stored. */
-function xattrArea(xattrs: ReadonlyArray<[string, Buffer]>): Buffer {
-  if (xattrs.length === 0) return Buffer.alloc(0);
-  const parts: Buffer[] = [Buffer.alloc(XATTR_IBODY_HEADER)];
+/** Writes a non-negative integer below 2^53 as 64-bit little endian. */
+function writeU64(img: Buffer, v: number, at: number): void {
+  img.writeUInt32LE(v % 0x100000000, at);
+  img.writeUInt32LE(Math.floor(v / 0x100000000), at + 4);
+}
+
+/** The EROFS index and stored name length of an xattr name; throws when EROFS cannot store it. */
+function xattrKey(name: string): [index: number, prefixLength: number] {
+  const acl = XATTR_ACLS[name];
+  if (acl !== undefined) return [acl, name.length];
+  for (const [prefix, index] of XATTR_PREFIXES) if (name.length > prefix.length && name.startsWith(prefix)) return [index, prefix.length];
+  throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} has a prefix EROFS cannot store`);
+}
+
+/** Bytes of the inline xattr area for these xattrs (0 for none); throws when a name or value cannot be stored. */
+function xattrAreaSize(xattrs: ReadonlyArray<[string, Buffer]>): number {
+  if (xattrs.length === 0) return 0;
+  let size = XATTR_IBODY_HEADER;
   for (const [name, value] of xattrs) {
-    const p: [string, number] | undefined = XATTR_ACLS[name] !== undefined ? [name, XATTR_ACLS[name]] : XATTR_PREFIXES.find(([prefix]) => name.startsWith(prefix) && name.length > prefix.length);
-    if (!p) throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} has a prefix EROFS cannot store`);
-    const suffix = Buffer.from(name.slice(p[0].length), 'utf8');
-    if (suffix.length > 255 || value.length > 0xffff) throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} is too long for EROFS`);
-    const e = Buffer.alloc(align(4 + suffix.length + value.length, 4));
-    e.writeUInt8(suffix.length, 0);
-    e.writeUInt8(p[1], 1);
-    e.writeUInt16LE(value.length, 2);
-    suffix.copy(e, 4);
-    value.copy(e, 4 + suffix.length);
-    parts.push(e);
+    const [, plen] = xattrKey(name);
+    const suffixLen = Buffer.byteLength(name) - plen; // prefixes are ASCII
+    if (suffixLen > 255 || value.length > 0xffff) throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} is too long for EROFS`);
+    size += align(4 + suffixLen + value.length, 4);
   }
-  const area = Buffer.concat(parts);
-  if ((area.length - XATTR_IBODY_HEADER) / 4 + 1 > 0xffff) throw invalidArgument('xattrs too large for EROFS');
-  return area;
+  if ((size - XATTR_IBODY_HEADER) / 4 + 1 > 0xffff) throw invalidArgument('xattrs too large for EROFS');
+  return size;
 }
 
-/** Sorted (name, child) pairs of a directory, "." and ".." included, as EROFS orders them (bytewise). */
-function dirEntries(p: Placed, placedOf: Map<ErofsNode, Placed>): Array<{ name: Buffer; child: Placed }> {
-  const out: Array<{ name: Buffer; child: Placed }> = [
-    { name: Buffer.from('.'), child: p },
-    { name: Buffer.from('..'), child: p.parent ?? p },
+/** Writes the inline xattr area at `at` (the image is zero-filled: header and padding stay zero). */
+function writeXattrArea(img: Buffer, at: number, xattrs: ReadonlyArray<[string, Buffer]>): void {
+  let o = at + XATTR_IBODY_HEADER;
+  for (const [name, value] of xattrs) {
+    const [index, plen] = xattrKey(name);
+    const suffixLen = img.write(name.slice(plen), o + 4, 'utf8');
+    img[o] = suffixLen;
+    img[o + 1] = index;
+    img[o + 2] = value.length & 0xff;
+    img[o + 3] = value.length >>> 8;
+    value.copy(img, o + 4 + suffixLen);
+    o += align(4 + suffixLen + value.length, 4);
+  }
+}
+
+interface DirEntry {
+  name: string;
+  /** UTF-8 bytes of name */
+  len: number;
+  child: Placed;
+}
+
+/** Sorted entries of a directory, "." and ".." included, as EROFS orders them (bytewise). */
+function dirEntries(p: Placed, placedOf: Map<ErofsNode, Placed>): DirEntry[] {
+  const out: DirEntry[] = [
+    { name: '.', len: 1, child: p },
+    { name: '..', len: 2, child: p.parent ?? p },
   ];
-  for (const [name, node] of p.node.children ?? new Map<string, ErofsNode>()) out.push({ name: Buffer.from(name, 'utf8'), child: placedOf.get(node)! });
-  return out.sort((a, b) => Buffer.compare(a.name, b.name));
+  for (const [name, node] of p.node.children ?? new Map<string, ErofsNode>()) out.push({ name, len: Buffer.byteLength(name), child: placedOf.get(node)! });
+  return out.sort((a, b) => comparePaths(a.name, b.name)); // names hold no '/': bytewise
 }
 
-/** Splits a directory's sorted entries into blocks; returns the block payloads (each ≤ BLKSZ). nids are filled in later. */
-function dirBlocks(ents: Array<{ name: Buffer; child: Placed }>): Array<Array<{ name: Buffer; child: Placed }>> {
-  const blocks: Array<Array<{ name: Buffer; child: Placed }>> = [];
-  let cur: Array<{ name: Buffer; child: Placed }> = [];
+/** Splits a directory's sorted entries into blocks (each ≤ BLKSZ bytes). nids are filled in later. */
+function dirBlocks(ents: DirEntry[]): DirEntry[][] {
+  const blocks: DirEntry[][] = [];
+  let cur: DirEntry[] = [];
   let used = 0;
   for (const e of ents) {
-    if (e.name.length === 0 || e.name.length > 255) throw invalidArgument(`entry name of ${e.name.length} bytes`);
-    const need = DIRENT_SIZE + e.name.length;
+    if (e.len === 0 || e.len > 255) throw invalidArgument(`entry name of ${e.len} bytes`);
+    const need = DIRENT_SIZE + e.len;
     if (used + need > BLKSZ) {
       blocks.push(cur);
       cur = [];
@@ -156,25 +185,24 @@ function dirBlocks(ents: Array<{ name: Buffer; child: Placed }>): Array<Array<{ 
   return blocks;
 }
 
-function dirBlockBytes(block: Array<{ name: Buffer; child: Placed }>): Buffer {
-  const size = block.reduce((n, e) => n + DIRENT_SIZE + e.name.length, 0);
-  const b = Buffer.alloc(size);
+/** Writes one directory block at `at`: the dirents, then the names. */
+function writeDirBlock(img: Buffer, at: number, block: DirEntry[]): void {
   let nameoff = block.length * DIRENT_SIZE;
-  block.forEach((e, i) => {
-    const o = i * DIRENT_SIZE;
-    b.writeBigUInt64LE(BigInt(e.child.nid), o);
-    b.writeUInt16LE(nameoff, o + 8);
-    b.writeUInt8(FILE_TYPE[e.child.node.type], o + 10);
-    e.name.copy(b, nameoff);
-    nameoff += e.name.length;
-  });
-  return b;
+  for (let i = 0; i < block.length; i++) {
+    const e = block[i]!;
+    const o = at + i * DIRENT_SIZE;
+    img.writeUInt32LE(e.child.nid >>> 0, o); // nid: 64-bit little endian, high word zero
+    img.writeUInt16LE(nameoff, o + 8);
+    img[o + 10] = FILE_TYPE[e.child.node.type];
+    img.write(e.name, at + nameoff, 'utf8');
+    nameoff += e.len;
+  }
 }
 
 /** Bytes of directory data: full blocks zero-padded, the last one exact. */
-function dirDataSize(blocks: Array<Array<{ name: Buffer; child: Placed }>>): number {
+function dirDataSize(blocks: DirEntry[][]): number {
   const last = blocks[blocks.length - 1]!;
-  return (blocks.length - 1) * BLKSZ + last.reduce((n, e) => n + DIRENT_SIZE + e.name.length, 0);
+  return (blocks.length - 1) * BLKSZ + last.reduce((n, e) => n + DIRENT_SIZE + e.len, 0);
 }
 
 /**
@@ -193,7 +221,7 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
       p.nlink++;
       return p;
     }
-    p = { node, nid: 0, nlink: 1, xattrs: xattrArea(node.xattrs), data: Buffer.alloc(0), layout: LAYOUT_FLAT_PLAIN, recordSize: 0, blkaddr: 0, chunkFormat: 0, parent };
+    p = { node, nid: 0, nlink: 1, xattrSize: xattrAreaSize(node.xattrs), dataSize: 0, layout: LAYOUT_FLAT_PLAIN, recordSize: 0, blkaddr: 0, chunkFormat: 0, parent };
     placedOf.set(node, p);
     order.push(p);
     return p;
@@ -213,9 +241,9 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
   if (order.length > 0xffffffff) throw invalidArgument('too many inodes');
 
   // 2. Sizes and layouts (nids are not needed yet: only names size a directory).
-  const dirs = new Map<Placed, Array<Array<{ name: Buffer; child: Placed }>>>();
+  const dirs = new Map<Placed, DirEntry[][]>();
   for (const p of order) {
-    const base = INODE_EXTENDED_SIZE + p.xattrs.length;
+    const base = INODE_EXTENDED_SIZE + p.xattrSize;
     const { node } = p;
     let dataSize = 0;
     if (node.type === 'dir') {
@@ -223,11 +251,10 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
       dirs.set(p, blocks);
       dataSize = dirDataSize(blocks);
     } else if (node.type === 'symlink') {
-      const t = Buffer.from(node.target ?? '', 'utf8');
-      if (t.length === 0 || t.length >= BLKSZ) throw invalidArgument(`symlink target of ${t.length} bytes`);
-      p.data = t;
-      dataSize = t.length;
+      dataSize = Buffer.byteLength(node.target ?? '');
+      if (dataSize === 0 || dataSize >= BLKSZ) throw invalidArgument(`symlink target of ${dataSize} bytes`);
     }
+    p.dataSize = dataSize;
     if (node.type === 'file' && (node.size ?? 0) > 0) {
       const size = node.size!;
       let bits = BLKBITS;
@@ -258,20 +285,10 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
 
   // 4. Data blocks of plain directories and symlinks after the metadata area.
   let nextBlk = META_BLKADDR + metaBlocks;
-  const dataOf = new Map<Placed, Buffer>();
   for (const p of order) {
-    if (p.node.type === 'dir') {
-      const blocks = dirs.get(p)!;
-      const bytes = blocks.map((b, i) => {
-        const raw = dirBlockBytes(b);
-        return i < blocks.length - 1 ? Buffer.concat([raw, Buffer.alloc(BLKSZ - raw.length)]) : raw;
-      });
-      p.data = Buffer.concat(bytes);
-    }
-    if (p.layout === LAYOUT_FLAT_PLAIN && p.data.length > 0) {
+    if (p.layout === LAYOUT_FLAT_PLAIN && p.dataSize > 0) {
       p.blkaddr = nextBlk;
-      nextBlk += Math.ceil(p.data.length / BLKSZ);
-      dataOf.set(p, p.data);
+      nextBlk += Math.ceil(p.dataSize / BLKSZ);
     }
   }
   const totalBlocks = nextBlk;
@@ -296,33 +313,39 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
 
   // 6. Inodes.
   const metaBase = META_BLKADDR * BLKSZ;
-  order.forEach((p, i) => {
+  for (let i = 0; i < order.length; i++) {
+    const p = order[i]!;
     const o = metaBase + p.nid * INODE_SLOT;
     const { node } = p;
-    const size = node.type === 'file' ? node.size ?? 0 : p.data.length;
+    const size = node.type === 'file' ? node.size ?? 0 : p.dataSize;
     img.writeUInt16LE(1 | (p.layout << 1), o + 0); // i_format: extended, layout
-    img.writeUInt16LE(p.xattrs.length ? (p.xattrs.length - XATTR_IBODY_HEADER) / 4 + 1 : 0, o + 2);
+    img.writeUInt16LE(p.xattrSize ? (p.xattrSize - XATTR_IBODY_HEADER) / 4 + 1 : 0, o + 2);
     img.writeUInt16LE(S_IF[node.type] | (node.mode & 0o7777), o + 4);
-    img.writeBigUInt64LE(BigInt(size), o + 8);
+    writeU64(img, size, o + 8);
     let iu = 0;
     if (p.layout === LAYOUT_CHUNK_BASED) iu = p.chunkFormat; // block-map entries (no EROFS_CHUNK_FORMAT_INDEXES)
     else if (node.type === 'char' || node.type === 'block') {
       const major = node.major ?? 0;
       const minor = node.minor ?? 0;
       iu = ((minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)) >>> 0; // new_encode_dev
-    } else if (p.layout === LAYOUT_FLAT_PLAIN && p.data.length > 0) iu = p.blkaddr;
+    } else if (p.layout === LAYOUT_FLAT_PLAIN && p.dataSize > 0) iu = p.blkaddr;
     img.writeUInt32LE(iu, o + 16);
     img.writeUInt32LE((i + 1) >>> 0, o + 20); // i_ino (32-bit stat compatibility)
     img.writeUInt32LE(node.uid >>> 0, o + 24);
     img.writeUInt32LE(node.gid >>> 0, o + 28);
-    img.writeBigUInt64LE(BigInt(Math.max(0, Math.floor(node.mtimeSec))), o + 32);
+    writeU64(img, Math.max(0, Math.floor(node.mtimeSec)), o + 32);
     img.writeUInt32LE(Math.max(0, Math.min(999_999_999, Math.floor(node.mtimeNsec))), o + 40);
     img.writeUInt32LE(p.nlink, o + 44);
-    p.xattrs.copy(img, o + INODE_EXTENDED_SIZE);
-    const after = o + INODE_EXTENDED_SIZE + p.xattrs.length;
-    if (p.layout === LAYOUT_CHUNK_BASED) img.writeUInt32LE(NULL_ADDR, align(after, 4));
-    else if (p.layout === LAYOUT_FLAT_INLINE) p.data.copy(img, after);
-  });
-  for (const [p, data] of dataOf) data.copy(img, p.blkaddr * BLKSZ);
+    if (p.xattrSize) writeXattrArea(img, o + INODE_EXTENDED_SIZE, node.xattrs);
+    const after = o + INODE_EXTENDED_SIZE + p.xattrSize;
+    if (p.layout === LAYOUT_CHUNK_BASED) {
+      img.writeUInt32LE(NULL_ADDR, align(after, 4));
+      continue;
+    }
+    // Directory and symlink data: inline after the inode, or in its own blocks.
+    const at = p.layout === LAYOUT_FLAT_INLINE ? after : p.blkaddr * BLKSZ;
+    if (node.type === 'dir') dirs.get(p)!.forEach((block, b) => writeDirBlock(img, at + b * BLKSZ, block));
+    else if (node.type === 'symlink') img.write(node.target!, at, 'utf8');
+  }
   return img;
 }

@@ -23,7 +23,7 @@ import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { errnoCode, GearError, internal, invalidArgument } from '../errors.js';
-import { checkIndexEntries, looksLikeIndexLayer, readIndexLayer } from '../index/index-layer.js';
+import { looksLikeIndexLayer, readIndexLayer } from '../index/index-layer.js';
 import { INDEX_MANIFEST_PATH, parseIndexManifest, RESERVED_DIR, type IndexFile, type IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
 import { native } from '../sys/native.js';
@@ -54,14 +54,12 @@ export function headIsIndexLayer(head: Buffer): boolean {
 
 /**
  * Reads and validates diff/.gear/index.json (no symlink followed on the way).
- * A version 2 manifest carries the tree itself: its entries are checked
- * (checkIndexEntries), and diff/ must hold nothing but `.gear/`, as a version
- * 2 layer tar does.
+ * A version 2 manifest carries the tree itself (checked with the manifest),
+ * and diff/ must hold nothing but `.gear/`, as a version 2 layer tar does.
  */
 export async function readIndexManifest(diffDir: string): Promise<IndexManifest> {
   const manifest = await readManifestFile(diffDir);
   if (manifest.tree) {
-    checkIndexEntries(manifest, manifest.tree);
     const other = (await fs.readdir(diffDir)).filter((n) => n !== RESERVED_DIR);
     if (other.length) {
       throw invalidArgument(`gear index layer: version ${manifest.version} holds only ${INDEX_MANIFEST_PATH}, but the layer also has ${JSON.stringify(other[0]!.slice(0, 200))}`);
