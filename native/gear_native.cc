@@ -2,11 +2,14 @@
 //
 // Every function is synchronous and fails by throwing an Error shaped like
 // Node's own fs errors ({code: "ENOENT", errno, syscall, path}), so callers can
-// test err.code exactly as they would for fs.* errors.
+// test err.code exactly as they would for fs.* errors; except mountAsync and
+// umount2Async, which run on a libuv worker thread and return a Promise
+// rejected with such an Error.
 #include <napi.h>
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
@@ -51,14 +54,18 @@ const char* ErrnoName(int e) {
   }
 }
 
-Napi::Value ThrowErrno(Napi::Env env, int e, const char* syscall, const std::string& path) {
+Napi::Error ErrnoError(Napi::Env env, int e, const char* syscall, const std::string& path) {
   std::string msg = std::string(ErrnoName(e)) + ": " + strerror(e) + ", " + syscall + " '" + path + "'";
   Napi::Error err = Napi::Error::New(env, msg);
   err.Set("code", Napi::String::New(env, ErrnoName(e)));
   err.Set("errno", Napi::Number::New(env, -e));
   err.Set("syscall", Napi::String::New(env, syscall));
   err.Set("path", Napi::String::New(env, path));
-  err.ThrowAsJavaScriptException();
+  return err;
+}
+
+Napi::Value ThrowErrno(Napi::Env env, int e, const char* syscall, const std::string& path) {
+  ErrnoError(env, e, syscall, path).ThrowAsJavaScriptException();
   return env.Undefined();
 }
 
@@ -210,6 +217,102 @@ Napi::Value Mount(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// mountAsync(source, target, fstype, flags, data, cwd?) and
+// umount2Async(target, flags): the same calls on a libuv worker thread,
+// returning a Promise. For mounts whose filesystem this process serves (an
+// overlay over the miss filesystem queries it while mounting): the JS thread
+// stays free to answer. With a cwd, the worker thread first unshares its
+// filesystem attributes (unshare(CLONE_FS)), so its chdir never moves the
+// cwd of the process's other threads, and changes back afterwards.
+class MountWorker : public Napi::AsyncWorker {
+ public:
+  MountWorker(Napi::Env env, bool isMount, std::string source, std::string target, std::string fstype,
+              unsigned long flags, std::string data, bool haveCwd, std::string cwd)
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        isMount_(isMount),
+        source_(std::move(source)),
+        target_(std::move(target)),
+        fstype_(std::move(fstype)),
+        flags_(flags),
+        data_(std::move(data)),
+        haveCwd_(haveCwd),
+        cwd_(std::move(cwd)) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    int saved = -1;
+    if (haveCwd_) {
+      if (unshare(CLONE_FS) != 0) return Fail(errno, "unshare", cwd_);
+      saved = open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (saved < 0) return Fail(errno, "open", ".");
+      if (chdir(cwd_.c_str()) != 0) {
+        int e = errno;
+        close(saved);
+        return Fail(e, "chdir", cwd_);
+      }
+    }
+    int rc = isMount_ ? mount(source_.c_str(), target_.c_str(), fstype_.c_str(), flags_, data_.empty() ? nullptr : data_.c_str())
+                      : umount2(target_.c_str(), (int)flags_);
+    int e = errno;
+    if (haveCwd_) {
+      if (fchdir(saved) != 0) { /* this thread's own cwd; nothing else uses it */ }
+      close(saved);
+    }
+    if (rc != 0) Fail(e, isMount_ ? "mount" : "umount2", target_);
+  }
+
+  void OnOK() override {
+    if (errno_ != 0) deferred_.Reject(ErrnoError(Env(), errno_, syscall_, path_).Value());
+    else deferred_.Resolve(Env().Undefined());
+  }
+
+  void OnError(const Napi::Error& err) override { deferred_.Reject(err.Value()); }
+
+ private:
+  void Fail(int e, const char* syscall, const std::string& path) {
+    errno_ = e;
+    syscall_ = syscall;
+    path_ = path;
+  }
+
+  Napi::Promise::Deferred deferred_;
+  bool isMount_;
+  std::string source_, target_, fstype_;
+  unsigned long flags_;
+  std::string data_;
+  bool haveCwd_;
+  std::string cwd_;
+  int errno_ = 0;
+  const char* syscall_ = "";
+  std::string path_;
+};
+
+Napi::Value MountAsync(const Napi::CallbackInfo& info) {
+  std::string source, target, fstype, data, cwd;
+  double flags;
+  if (!ArgString(info, 0, &source) || !ArgString(info, 1, &target) || !ArgString(info, 2, &fstype) ||
+      !ArgNumber(info, 3, &flags) || !ArgString(info, 4, &data))
+    return info.Env().Undefined();
+  bool haveCwd = info.Length() > 5 && info[5].IsString();
+  if (haveCwd && !ArgString(info, 5, &cwd)) return info.Env().Undefined();
+  auto* w = new MountWorker(info.Env(), true, source, target, fstype, (unsigned long)flags, data, haveCwd, cwd);
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+Napi::Value Umount2Async(const Napi::CallbackInfo& info) {
+  std::string target;
+  double flags;
+  if (!ArgString(info, 0, &target) || !ArgNumber(info, 1, &flags)) return info.Env().Undefined();
+  auto* w = new MountWorker(info.Env(), false, "", target, "", (unsigned long)flags, "", false, "");
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
 // umount2(target, flags)
 Napi::Value Umount2(const Napi::CallbackInfo& info) {
   std::string target;
@@ -295,6 +398,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mknod", Napi::Function::New(env, Mknod));
   exports.Set("mount", Napi::Function::New(env, Mount));
   exports.Set("umount2", Napi::Function::New(env, Umount2));
+  exports.Set("mountAsync", Napi::Function::New(env, MountAsync));
+  exports.Set("umount2Async", Napi::Function::New(env, Umount2Async));
   Napi::Object c = Napi::Object::New(env);
   c.Set("MS_RDONLY", Napi::Number::New(env, MS_RDONLY));
   c.Set("MS_NOSUID", Napi::Number::New(env, MS_NOSUID));

@@ -19,6 +19,14 @@ interface NativeModule {
   mount(source: string, target: string, fstype: string, flags: number, data: string, cwd?: string): void;
   umount2(target: string, flags: number): void;
   /**
+   * mount(2) on a libuv worker thread (the JS thread stays free, e.g. to serve
+   * a FUSE filesystem the mount queries). With cwd, relative paths in data
+   * resolve there; only the worker thread changes directory.
+   */
+  mountAsync(source: string, target: string, fstype: string, flags: number, data: string, cwd?: string): Promise<void>;
+  /** umount2(2) on a libuv worker thread. */
+  umount2Async(target: string, flags: number): Promise<void>;
+  /**
    * FUSE_DEV_IOC_BACKING_OPEN on a mounted /dev/fuse fd: registers fd (a
    * regular file) as a passthrough backing file and returns its backing id
    * (> 0). EPERM without negotiated passthrough or without CAP_SYS_ADMIN in
