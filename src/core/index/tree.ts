@@ -37,7 +37,8 @@ export interface TreeFileContent {
  */
 export function encodeTreeEntry(h: TarHeader, content: TreeFileContent | undefined): Record<string, unknown> {
   const o: Record<string, unknown> = { path: h.path.replace(/\/+$/, ''), type: h.type };
-  if (h.mode !== 0) o.mode = h.mode & 0o7777;
+  const mode = h.mode & 0o7777;
+  if (mode !== 0) o.mode = mode;
   if (h.uid !== 0) o.uid = h.uid;
   if (h.gid !== 0) o.gid = h.gid;
   if (h.uname !== '') o.uname = h.uname;
