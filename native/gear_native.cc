@@ -183,19 +183,33 @@ Napi::Value Mknod(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// The arguments of mount and mountAsync: (source, target, fstype, flags, data, cwd?).
+struct MountArgs {
+  std::string source, target, fstype, data, cwd;
+  double flags = 0;
+  bool haveCwd = false;
+};
+
+// Fills *a; false (with a JS exception pending) on a bad argument.
+bool ParseMountArgs(const Napi::CallbackInfo& info, MountArgs* a) {
+  if (!ArgString(info, 0, &a->source) || !ArgString(info, 1, &a->target) || !ArgString(info, 2, &a->fstype) ||
+      !ArgNumber(info, 3, &a->flags) || !ArgString(info, 4, &a->data))
+    return false;
+  a->haveCwd = info.Length() > 5 && info[5].IsString();
+  return !a->haveCwd || ArgString(info, 5, &a->cwd);
+}
+
 // mount(source, target, fstype, flags, data, cwd?): when cwd is given, the
 // process changes into it for the call so that relative paths in data (overlay
 // lowerdir=l/ABC:l/DEF) resolve there, then changes back. Synchronous, on the
 // JS thread: the project passes only absolute paths to fs calls, so a
 // momentary cwd change cannot affect other work.
 Napi::Value Mount(const Napi::CallbackInfo& info) {
-  std::string source, target, fstype, data, cwd;
-  double flags;
-  if (!ArgString(info, 0, &source) || !ArgString(info, 1, &target) || !ArgString(info, 2, &fstype) ||
-      !ArgNumber(info, 3, &flags) || !ArgString(info, 4, &data))
-    return info.Env().Undefined();
-  bool haveCwd = info.Length() > 5 && info[5].IsString();
-  if (haveCwd && !ArgString(info, 5, &cwd)) return info.Env().Undefined();
+  MountArgs a;
+  if (!ParseMountArgs(info, &a)) return info.Env().Undefined();
+  const std::string &source = a.source, &target = a.target, &fstype = a.fstype, &data = a.data, &cwd = a.cwd;
+  const double flags = a.flags;
+  const bool haveCwd = a.haveCwd;
   int saved = -1;
   if (haveCwd) {
     saved = open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -289,28 +303,24 @@ class MountWorker : public Napi::AsyncWorker {
   std::string path_;
 };
 
-Napi::Value MountAsync(const Napi::CallbackInfo& info) {
-  std::string source, target, fstype, data, cwd;
-  double flags;
-  if (!ArgString(info, 0, &source) || !ArgString(info, 1, &target) || !ArgString(info, 2, &fstype) ||
-      !ArgNumber(info, 3, &flags) || !ArgString(info, 4, &data))
-    return info.Env().Undefined();
-  bool haveCwd = info.Length() > 5 && info[5].IsString();
-  if (haveCwd && !ArgString(info, 5, &cwd)) return info.Env().Undefined();
-  auto* w = new MountWorker(info.Env(), true, source, target, fstype, (unsigned long)flags, data, haveCwd, cwd);
+// Queues w (libuv deletes it when done) and returns its Promise.
+Napi::Value QueueMountWorker(MountWorker* w) {
   Napi::Promise p = w->Promise();
   w->Queue();
   return p;
+}
+
+Napi::Value MountAsync(const Napi::CallbackInfo& info) {
+  MountArgs a;
+  if (!ParseMountArgs(info, &a)) return info.Env().Undefined();
+  return QueueMountWorker(new MountWorker(info.Env(), true, a.source, a.target, a.fstype, (unsigned long)a.flags, a.data, a.haveCwd, a.cwd));
 }
 
 Napi::Value Umount2Async(const Napi::CallbackInfo& info) {
   std::string target;
   double flags;
   if (!ArgString(info, 0, &target) || !ArgNumber(info, 1, &flags)) return info.Env().Undefined();
-  auto* w = new MountWorker(info.Env(), false, "", target, "", (unsigned long)flags, "", false, "");
-  Napi::Promise p = w->Promise();
-  w->Queue();
-  return p;
+  return QueueMountWorker(new MountWorker(info.Env(), false, "", target, "", (unsigned long)flags, "", false, ""));
 }
 
 // umount2(target, flags)

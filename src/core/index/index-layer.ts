@@ -9,16 +9,7 @@
  * Reading validates the manifest against the tar (hostile input).
  */
 import { invalidArgument } from '../errors.js';
-import {
-  comparePaths,
-  encodeIndexManifest,
-  INDEX_MANIFEST_PATH,
-  MAX_MANIFEST_BYTES,
-  parseIndexManifest,
-  pathProblem,
-  RESERVED_DIR,
-  type IndexManifest,
-} from './manifest.js';
+import { checkListedPath, encodeIndexManifest, INDEX_MANIFEST_PATH, MAX_MANIFEST_BYTES, parseIndexManifest, type IndexManifest } from './manifest.js';
 import { encodeTarHeader, readTar, tarPadding, tarTrailer, type TarHeader, type TarLimits, DEFAULT_TAR_LIMITS } from './tar.js';
 
 /** The tar header of the manifest entry: fixed metadata, so it never varies between runs. */
@@ -65,14 +56,7 @@ export function checkIndexEntries(manifest: IndexManifest, entries: Iterable<Tar
 
 function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<string>, prev: string | undefined): void {
   const p = entryPath(h);
-  const problem = pathProblem(p);
-  if (problem) throw invalidArgument(`gear index layer: entry ${JSON.stringify(h.path.slice(0, 200))}: ${problem}`);
-  if (p === RESERVED_DIR || p.startsWith(`${RESERVED_DIR}/`)) {
-    throw invalidArgument(`gear index layer: entry ${JSON.stringify(p)} is under the reserved ${RESERVED_DIR}/`);
-  }
-  if (prev !== undefined && comparePaths(prev, p) >= 0) {
-    throw invalidArgument(`gear index layer: entry ${JSON.stringify(p)} is out of order or repeated`);
-  }
+  checkListedPath(p, prev, 'gear index layer: entry');
   if (h.type === 'file') {
     if (h.size !== 0) throw invalidArgument(`gear index layer: regular file ${JSON.stringify(p)} has a body`);
     if (listed.has(p)) listed.set(p, true);

@@ -240,7 +240,12 @@ export function validateIndexManifest(doc: unknown): IndexManifest {
   return out;
 }
 
-function checkListedPath(p: string, prev: string | undefined, where: string): void {
+/**
+ * The path rules of every listed path (v1 `files`, v2 `tree`, v1 tar entries
+ * after the manifest): a clean path (pathProblem), not under `.gear/`, after
+ * `prev` in comparePaths order. Throws InvalidArgument prefixed with `where`.
+ */
+export function checkListedPath(p: string, prev: string | undefined, where: string): void {
   const problem = pathProblem(p);
   if (problem) throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))}: ${problem}`);
   if (p === RESERVED_DIR || p.startsWith(`${RESERVED_DIR}/`)) {
