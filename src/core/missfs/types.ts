@@ -72,6 +72,11 @@ export interface MissFsStats {
   staticReplies: number;
   lookups: number;
   lookupErrors: number;
+  /**
+   * OPENs that reached the main thread (each asks the provider). The reader
+   * thread answers later opens of a file whose backing id is still published;
+   * those are counted in passthroughOpens only.
+   */
   opens: number;
   /** OPENs answered with FOPEN_PASSTHROUGH: the kernel reads the pool file directly, no READ reaches us. */
   passthroughOpens: number;
