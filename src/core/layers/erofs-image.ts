@@ -24,6 +24,7 @@
  */
 import { invalidArgument } from '../errors.js';
 import { comparePaths } from '../index/manifest.js';
+import { runSliced, runSync, type Steps } from './slices.js';
 
 export type ErofsNodeType = 'dir' | 'file' | 'symlink' | 'char' | 'block' | 'fifo' | 'socket';
 
@@ -210,6 +211,18 @@ function dirDataSize(blocks: DirEntry[][]): number {
  * only as far as the format needs (the caller validated the layer).
  */
 export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
+  return runSync(erofsImageSteps(root, buildTimeSec));
+}
+
+/** buildErofsImage in slices (slices.ts): the event loop runs between them. */
+export function buildErofsImageSliced(root: ErofsNode, buildTimeSec = 0): Promise<Buffer> {
+  return runSliced(erofsImageSteps(root, buildTimeSec));
+}
+
+/** How many nodes a step handles between yields. */
+const STEP = 512;
+
+function* erofsImageSteps(root: ErofsNode, buildTimeSec: number): Steps<Buffer> {
   if (root.type !== 'dir') throw invalidArgument('the root of an EROFS image must be a directory');
   // 1. Every distinct node once, parents first (breadth-first keeps a directory's children close).
   const placedOf = new Map<ErofsNode, Placed>();
@@ -228,6 +241,7 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
   };
   visit(root, null).nlink = 2;
   for (let i = 0; i < order.length; i++) {
+    if (i % STEP === STEP - 1) yield;
     const p = order[i]!;
     if (p.node.type !== 'dir') continue;
     for (const child of p.node.children?.values() ?? []) {
@@ -242,7 +256,9 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
 
   // 2. Sizes and layouts (nids are not needed yet: only names size a directory).
   const dirs = new Map<Placed, DirEntry[][]>();
+  let n = 0;
   for (const p of order) {
+    if (++n % STEP === 0) yield;
     const base = INODE_EXTENDED_SIZE + p.xattrSize;
     const { node } = p;
     let dataSize = 0;
@@ -314,6 +330,7 @@ export function buildErofsImage(root: ErofsNode, buildTimeSec = 0): Buffer {
   // 6. Inodes.
   const metaBase = META_BLKADDR * BLKSZ;
   for (let i = 0; i < order.length; i++) {
+    if (i % STEP === STEP - 1) yield;
     const p = order[i]!;
     const o = metaBase + p.nid * INODE_SLOT;
     const { node } = p;

@@ -29,7 +29,7 @@ import type { TarHeader } from '../index/tar.js';
 import { native } from '../sys/native.js';
 import { isOverlayPrivate, listXattrs, getXattr, setXattr } from '../sys/xattr.js';
 import type { GearBlobTuple } from '../lazy/catalog.js';
-import { indexTreeFromEntries, writeIndexImage } from './index-image.js';
+import { indexTreeFromEntriesSliced, writeIndexImageSliced } from './index-image.js';
 
 export const METACOPY_XATTR = 'trusted.overlay.metacopy';
 export const REDIRECT_XATTR = 'trusted.overlay.redirect';
@@ -256,8 +256,9 @@ export async function applyIndexLayer(
   let r: IndexDirResult;
   if ('dir' in target) r = buildIndexDirFromEntries(target.dir, layer.manifest, layer.entries);
   else {
-    const { root, result } = indexTreeFromEntries(layer.manifest, layer.entries);
-    writeIndexImage(target.image, root);
+    // In slices: the prefetch the manifest started goes on downloading meanwhile.
+    const { root, result } = await indexTreeFromEntriesSliced(layer.manifest, layer.entries);
+    await writeIndexImageSliced(target.image, root);
     r = result;
   }
   return { ...r, manifest: layer.manifest, size: layer.manifestBytes };

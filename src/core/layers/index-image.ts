@@ -17,7 +17,8 @@ import { invalidArgument } from '../errors.js';
 import type { IndexFile, IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
 import { constants, native } from '../sys/native.js';
-import { buildErofsImage, type ErofsNode } from './erofs-image.js';
+import { buildErofsImage, buildErofsImageSliced, type ErofsNode } from './erofs-image.js';
+import { runSliced, runSync, type Steps } from './slices.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { getXattr, isOverlayPrivate, listXattrs } from '../sys/xattr.js';
 import { entryError, entryMeta, METACOPY_XATTR, redirectOf, REDIRECT_XATTR, summarize, type IndexDirResult } from './index-dir.js';
@@ -42,7 +43,21 @@ const dirNode = (mode: number, uid: number, gid: number, mtime: number): ErofsNo
  * directory (a missing one is made 0755, as Docker does), a name is created
  * once, hard links point to earlier entries.
  */
-export function indexTreeFromEntries(manifest: IndexManifest, entries: readonly TarHeader[]): { root: ErofsNode; result: IndexDirResult } {
+export function indexTreeFromEntries(manifest: IndexManifest, entries: readonly TarHeader[]): IndexTree {
+  return runSync(indexTreeSteps(manifest, entries));
+}
+
+/** indexTreeFromEntries in slices (slices.ts): the event loop runs between them. */
+export function indexTreeFromEntriesSliced(manifest: IndexManifest, entries: readonly TarHeader[]): Promise<IndexTree> {
+  return runSliced(indexTreeSteps(manifest, entries));
+}
+
+export interface IndexTree {
+  root: ErofsNode;
+  result: IndexDirResult;
+}
+
+function* indexTreeSteps(manifest: IndexManifest, entries: readonly TarHeader[]): Steps<IndexTree> {
   const listed = new Map<string, IndexFile>(manifest.files.map((f) => [f.path, f]));
   const now = Date.now() / 1000;
   const root = dirNode(0o755, 0, 0, now);
@@ -74,7 +89,9 @@ export function indexTreeFromEntries(manifest: IndexManifest, entries: readonly 
   };
 
   const metacopy = Buffer.alloc(0);
+  let n = 0;
   for (const h of entries) {
+    if (++n % 512 === 0) yield;
     const rel = h.path.endsWith('/') ? h.path.replace(/\/+$/, '') : h.path;
     try {
       for (const c of rel.split('/')) {
@@ -130,7 +147,15 @@ export function indexTreeFromEntries(manifest: IndexManifest, entries: readonly 
 
 /** Writes the image of root to file (temp name, fsync, rename). */
 export function writeIndexImage(file: string, root: ErofsNode): void {
-  const img = buildErofsImage(root);
+  writeImageFile(file, buildErofsImage(root));
+}
+
+/** writeIndexImage with the image built in slices (slices.ts): the event loop runs between them. */
+export async function writeIndexImageSliced(file: string, root: ErofsNode): Promise<void> {
+  writeImageFile(file, await buildErofsImageSliced(root));
+}
+
+function writeImageFile(file: string, img: Buffer): void {
   const tmp = `${file}.tmp-${randomBytes(4).toString('hex')}`;
   const fd = fsSync.openSync(tmp, fsSync.constants.O_WRONLY | fsSync.constants.O_CREAT | fsSync.constants.O_EXCL, 0o600);
   try {

@@ -830,7 +830,8 @@ class OverlayLayerStore implements LayerStore {
         await fs.symlink(this.linkTarget(updated), tmpLink);
         await fs.rename(tmpLink, path.join(this.linksDir, rec.link));
         if (this.lazy) {
-          this.lazy.catalog.add(id, gear.location, gear.blobs);
+          // prefetchEarly() already put the same files in the catalog.
+          if (!prefetchEarly) this.lazy.catalog.add(id, gear.location, gear.blobs);
           await this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0]));
         }
       }
