@@ -31,14 +31,15 @@
  * - Drivers alternate (ABBA) per repetition and link. GEAR_BENCH_COLD_REPS
  *   (default 2) repetitions on unshaped and 100mbit, GEAR_BENCH_COLD_SLOW_REPS
  *   (default 1) on 20mbit and rtt20ms; GEAR_BENCH_COLD_LINKS and
- *   GEAR_BENCH_COLD_IMAGES (comma lists) select a subset.
+ *   GEAR_BENCH_COLD_IMAGES (comma lists) select a subset; GEAR_BENCH_COLD_DRIVERS=gear
+ *   deploys gear's side only (no ratios: for comparing two versions of gear).
  *
  * GEAR_BENCH_COLD=auto skips the section (with a note) when the lazy path
  * does not work end to end: the first Gear deploy fails or the daemon reports
  * 'Lazy Pull' off.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { GEAR_CLI, startDockerd, type Dockerd } from '../../test/helpers/dockerd.js';
 import { runOk, stopChild } from '../../test/helpers/proc.js';
@@ -48,6 +49,9 @@ import { ShapedLink, type Shape } from './netns.js';
 import { formatProfile, gearRequestProfile } from './profile.js';
 import { READ_TASKS, timedExec, startIdle } from './read.js';
 import type { Driver } from './report.js';
+
+/** Where GEAR_BENCH_PROFILE=1 keeps each gear node's daemon log. */
+const PROFILE_LOG_DIR = join(process.env.TMPDIR ?? '/tmp', 'gear-bench-logs');
 
 interface LinkSpec {
   key: string;
@@ -185,6 +189,8 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
   }
   const wantLinks = listFromEnv('GEAR_BENCH_COLD_LINKS');
   const wantImages = listFromEnv('GEAR_BENCH_COLD_IMAGES');
+  // GEAR_BENCH_COLD_DRIVERS=gear: gear's side only (no ratios), to compare changes to gear between runs.
+  const wantDrivers = listFromEnv('GEAR_BENCH_COLD_DRIVERS');
   const links = LINKS.filter((l) => !wantLinks || wantLinks.includes(l.key));
   const images = BENCH_IMAGES.filter((i) => !wantImages || wantImages.includes(i.key));
   const byKey = new Map(images.map((i) => [i.key, i] as const));
@@ -281,6 +287,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
     const deploy = async (n: Dockerd, d: Driver, l: LinkSpec, img: BenchImage, base: string, what: string): Promise<string> => {
       const ref = refs[img.key]![d];
       const rx0 = link.rxBytes();
+      const startWall = Date.now();
       const t0 = nowS();
       await n.dockerOk(['pull', '-q', ref], { timeoutMs: 900_000 });
       const t1 = nowS();
@@ -292,6 +299,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
         if (!/^on/.test(st['Lazy Pull'] ?? '')) throw new Error(`gear reports Lazy Pull '${st['Lazy Pull']}'`);
         probed = true;
       }
+      if (cfg.profile) log(`profile: ${d} ${base}: pull ${new Date(startWall).toISOString()} → run ${new Date(startWall + (t1 - t0) * 1000).toISOString()} → done ${new Date(startWall + (t2 - t0) * 1000).toISOString()}`);
       put(`${base} deploy`, `${what}: pull+run`, 's', d, t2 - t0, `docker pull + docker run --rm ${img.task.join(' ')} over the ${l.key} link`);
       put(`${base} pull`, `  ${base}: pull`, 's', d, t1 - t0, 'docker pull alone');
       put(`${base} run`, `  ${base}: first run`, 's', d, t2 - t1, 'first docker run --rm of the task (gear: lazy fetches)');
@@ -333,7 +341,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       log(`cold-deploy: link ${l.key}: ${await link.qdiscs()}${l.oneWayDelayMs ? `, +${l.oneWayDelayMs} ms each way (delay proxy)` : ''}`);
       const reps = l.slow ? slowReps() : cfg.coldReps;
       for (let rep = 0; rep < reps; rep++) {
-        for (const d of orderOf(rep)) {
+        for (const d of orderOf(rep).filter((x) => !wantDrivers?.length || wantDrivers.includes(x))) {
           const line: string[] = [];
           for (const img of images) {
             // A fresh node per image: nothing cached, neither layers nor Gear files.
@@ -363,7 +371,14 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
               }
               if (d === 'gear') {
                 gearStatuses.push({ link: l.key, rep, image: img.key, status: await gearStatus(n), ...(cfg.profile ? { requests: gearRequestProfile(n, 0) } : {}) });
-                if (cfg.profile) log(`gear plugin requests of the ${img.key} node (ms):\n${formatProfile(gearRequestProfile(n, 0))}`);
+                if (cfg.profile) {
+                  log(`gear plugin requests of the ${img.key} node (ms):\n${formatProfile(gearRequestProfile(n, 0))}`);
+                  // The daemon's debug log (every request and fetch, timestamped) outlives the node for a closer look.
+                  const keep = join(PROFILE_LOG_DIR, `${l.key}-${img.key}-rep${rep + 1}.gear.log`);
+                  mkdirSync(PROFILE_LOG_DIR, { recursive: true });
+                  if (n.logs.gear) copyFileSync(n.logs.gear, keep);
+                  log(`profile: gear daemon log kept at ${keep}`);
+                }
               }
             } finally {
               await release(n);

@@ -181,7 +181,9 @@ export async function startDockerd(opts: DockerdOptions): Promise<Dockerd> {
     rmSync(pluginSocket, { force: true });
     const args = [GEAR_CLI, 'daemon', '--socket', pluginSocket, '--root', gearRoot, ...(opts.gearArgs ?? [])];
     say(`starting gear: node ${args.join(' ')}`);
-    gear = spawnLogged(process.execPath, args, logs.gear);
+    // GEAR_TEST_NODE_ARGS: extra node flags for the daemon (e.g. --cpu-prof --cpu-prof-dir=/tmp/prof).
+    const nodeArgs = (process.env.GEAR_TEST_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    gear = spawnLogged(process.execPath, [...nodeArgs, ...args], logs.gear);
     const g = gear;
     // Ends early when the daemon exits.
     let ready = false;
