@@ -183,6 +183,34 @@ describe('gear index layers in the store', () => {
     expect(isMountPoint(path.join(root, 'miss'))).toBe(false);
   });
 
+  it('pool references written in the background after ApplyDiff are rewritten at the next start when a crash lost them', async () => {
+    const refsDir = path.join(root, 'pool/.meta/refs');
+    const refsFiles = async () => (await fs.readdir(refsDir)).filter((n) => n.endsWith('.json'));
+    let store = await openLayerStore({ root, lazy: {} });
+    try {
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([indexTarV2]));
+    } finally {
+      await store.close?.(); // waits for the background write
+    }
+    const [file] = await refsFiles();
+    expect(file).toBeDefined();
+    const want = JSON.parse(await fs.readFile(path.join(refsDir, file!), 'utf8')) as { owner: string; digests: string[] };
+    expect(want.owner).toBe('idx');
+    expect([...want.digests].sort()).toEqual([...new Set(indexManifest.files.map((f) => f.digest))].sort());
+    // As if the daemon died before the write: the layer record exists, its references do not.
+    await fs.rm(path.join(refsDir, file!));
+    store = await openLayerStore({ root, lazy: {} });
+    try {
+      expect(await refsFiles()).toEqual([file]);
+      expect(JSON.parse(await fs.readFile(path.join(refsDir, file!), 'utf8'))).toEqual(want);
+      await store.remove('idx');
+      expect(await refsFiles()).toEqual([]);
+    } finally {
+      await store.close?.();
+    }
+  });
+
   it('fails an uncached read with EIO within the deadline when the registry hangs; cached files still read', async () => {
     const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 1_500 } });
     try {
