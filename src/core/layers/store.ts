@@ -843,8 +843,7 @@ class OverlayLayerStore implements LayerStore {
           if (!prefetchEarly) this.lazy.catalog.add(id, gear.location, gear.blobs);
           // In effect at once; written in the background (~60 ms for 6,000 files, fsync included): the
           // layer record is the truth, and open() rewrites the references of a record that has none.
-          const pool = this.lazy.pool;
-          pool.setReferenced(id, gear.blobs.map((b) => b[0])).catch((err: unknown) => {
+          this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0])).catch((err: unknown) => {
             this.log?.warn({ layer: id, err: describeError(err) }, 'could not record the pool references of an index layer; the next start does');
           });
         }
