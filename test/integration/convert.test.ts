@@ -21,13 +21,13 @@ import { openDockerDaemon, openOciLayout } from '../../src/convert/source.js';
 import {
   busyboxLayer,
   expectedFiles,
-  minbaseTarPath,
   multiLayerImage,
   sha256,
   writeDockerArchive,
   writeOciImage,
   type LayerEntry,
 } from '../helpers/oci-images.js';
+import { ensureMinbaseTar } from '../helpers/images.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
 const exec = promisify(execFile);
@@ -445,13 +445,9 @@ describe('gear convert', () => {
     expect(JSON.parse(readFileSync(join(out, 'index.json'), 'utf8')).manifests.length).toBe(3); // image, keep-alive, referrers
   });
 
-  it('converts the cached debootstrap minbase rootfs plus an extra layer', async (ctx) => {
-    const tar = minbaseTarPath();
-    if (!tar) {
-      process.stderr.write('SKIPPED: minbase rootfs not cached at /var/cache/gear-test/minbase-bookworm.tar (run the harness that builds it)\n');
-      ctx.skip();
-      return;
-    }
+  it('converts the cached debootstrap minbase rootfs plus an extra layer', async () => {
+    // Builds the cache on a fresh machine (the first integration file to need it does).
+    const tar = await ensureMinbaseTar();
     const extra: LayerEntry[] = [
       { path: 'etc/', type: 'dir' },
       { path: 'etc/.wh.motd', content: '' },
