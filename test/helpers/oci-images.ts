@@ -264,12 +264,6 @@ export function multiLayerImage(): LayerEntry[][] {
   ];
 }
 
-/** The cached debootstrap minbase tar, when the harness has built it. */
-export function minbaseTarPath(): string | undefined {
-  const p = join(process.env.GEAR_TEST_CACHE ?? '/var/cache/gear-test', 'minbase-bookworm.tar');
-  return existsSync(p) ? p : undefined;
-}
-
 /** Reads a whole file (tests only). */
 export async function readAll(path: string): Promise<Buffer> {
   const parts: Buffer[] = [];
