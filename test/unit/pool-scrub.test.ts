@@ -297,10 +297,11 @@ describe('settings', () => {
     expect(parseScrubInterval('0')).toBe(0);
     expect(parseScrubInterval('off')).toBe(0);
     expect(() => parseScrubInterval('soon')).toThrow(/scrub interval/);
-    expect(formatInterval(86_400_000)).toBe('1d');
+    expect(formatInterval(86_400_000)).toBe('24h');
+    expect(formatInterval(7 * 86_400_000)).toBe('7d');
     expect(formatInterval(3 * 3_600_000)).toBe('3h');
     expect(integrityLine({ rate: 50 * 1024 * 1024, intervalMs: 24 * 3_600_000 }, { supported: false, answer: 'EOPNOTSUPP', detail: 'not supported by this kernel (CONFIG_FS_VERITY is not set)' })).toBe(
-      'scrub every 1d at 50.0MiB/s (fs-verity: not supported by this kernel (CONFIG_FS_VERITY is not set))',
+      'scrub every 24h at 50.0MiB/s (fs-verity: not supported by this kernel (CONFIG_FS_VERITY is not set))',
     );
     expect(integrityLine({ rate: 1, intervalMs: 0 }, null)).toMatch(/^no periodic scrub/);
   });

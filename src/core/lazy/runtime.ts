@@ -116,6 +116,13 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       logger.error({ err: missError }, 'cannot mount the miss filesystem: lazy pull is off (uncached Gear files will fail with EIO)');
     }
   }
+  // A scrub removed a corrupt pool file: the miss filesystem must not keep serving that inode
+  // through a lingering passthrough registration (the next open then fetches it again).
+  pool.onCorruptRemoved((digest) => {
+    if (miss && !miss.dropBacking(digest.slice(7))) {
+      logger.warn({ digest }, 'scrub: a container still has the removed file open through the miss filesystem; its new opens read the old copy until those are closed');
+    }
+  });
   let closing: Promise<void> | undefined;
   return {
     pool,

@@ -222,6 +222,7 @@ export class Pool {
   /** bytes announced by writers in progress (expectedSize), for room checks */
   private reserved = 0;
   private readonly evicting = new Map<string, Promise<void>>();
+  private readonly corruptListeners: ((digest: string) => void)[] = [];
   private counters: PoolCounters = { hits: 0, misses: 0, bytesFetched: 0, evictions: 0, evictedBytes: 0 };
 
   private readonly refsMutex = new KeyedMutex();
@@ -480,6 +481,14 @@ export class Pool {
     return false;
   }
 
+  /**
+   * Calls f(digest) after a corrupt file was removed (scrub, verify), e.g. so the miss filesystem
+   * drops what it still holds of the removed inode. Not called for evictions (their content is good).
+   */
+  onCorruptRemoved(f: (digest: string) => void): void {
+    this.corruptListeners.push(f);
+  }
+
   /** @internal (scrub.ts) records that the file under hex hashed right. */
   markVerified(hex: string, _id: { dev: number; ino: number }): void {
     const e = this.entries.get(hex);
@@ -515,6 +524,13 @@ export class Pool {
       this.forget(hex);
       await fs.rm(file, { force: true });
       await syncDir(path.dirname(file)).catch(() => undefined);
+      for (const f of this.corruptListeners) {
+        try {
+          f(`sha256:${hex}`);
+        } catch (err) {
+          this.log.warn({ digest: `sha256:${hex}`, err: String(err) }, 'pool: a removal listener failed');
+        }
+      }
       return 'removed';
     } finally {
       this.evicting.delete(hex);

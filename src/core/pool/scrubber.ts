@@ -83,8 +83,9 @@ export function parseScrubInterval(input: string | number, what = 'scrub interva
 
 /** "24h", "90m", "45s": the largest whole unit. */
 export function formatInterval(ms: number): string {
+  // Days only from 2 on: "24h" reads better than "1d".
   for (const [unit, n] of [['d', 86_400_000], ['h', 3_600_000], ['m', 60_000], ['s', 1000]] as const) {
-    if (ms >= n && ms % n === 0) return `${ms / n}${unit}`;
+    if (ms >= (unit === 'd' ? 2 * n : n) && ms % n === 0) return `${ms / n}${unit}`;
   }
   return `${ms}ms`;
 }
