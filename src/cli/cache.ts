@@ -56,9 +56,10 @@ export async function cacheStatus(root: string): Promise<CacheStatusResult> {
     let verity: VerityProbe | null = state?.verity ?? null;
     const any = pool.list()[0];
     if (!verity && any) verity = await probeFsVerity(pool.dir, pool.path(any.digest)).catch(() => null);
-    const integrity = state
-      ? integrityLine(state.settings, verity) + (holder?.alive ? '' : ' (settings of the last gear daemon; none is running)')
-      : `unknown: no gear daemon with scrub has opened this pool (fs-verity: ${verity ? verity.detail : 'not probed'})`;
+    const integrity =
+      state && state.settingsBy !== 'none'
+        ? integrityLine(state.settings, verity) + (holder?.alive ? '' : ' (settings of the last gear daemon; none is running)')
+        : `no gear daemon with scrub has opened this pool: files are verified when fetched and by \`gear cache verify\` (fs-verity: ${verity ? verity.detail : 'not probed'})`;
     return {
       ...pool.stat(),
       lockedBy: holder?.alive ? describeHolder(holder) : null,

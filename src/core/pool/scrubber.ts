@@ -51,6 +51,8 @@ export interface ScrubState {
   pid: number;
   updatedAt: string;
   settings: { rate: number; intervalMs: number };
+  /** 'daemon': the settings are a daemon's schedule; 'none': only offline `gear cache verify` runs wrote this file */
+  settingsBy: 'daemon' | 'none';
   verity: VerityProbe | null;
   running: { id: string | null; startedAt: string; rate: number; progress: ScrubProgress } | null;
   last: ScrubRecord | null;
@@ -172,6 +174,7 @@ export class PoolScrubber {
       pid: process.pid,
       updatedAt: new Date().toISOString(),
       settings: opts.recordSettings === false && prior ? prior.settings : { rate: this.rate, intervalMs: this.intervalMs },
+      settingsBy: opts.recordSettings === false ? (prior?.settingsBy ?? 'none') : 'daemon',
       verity: opts.verity ?? (opts.recordSettings === false ? (prior?.verity ?? null) : null),
       running: null,
       last: prior?.last ?? null,
