@@ -394,9 +394,45 @@ Napi::Value FuseBackingClose(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// ---------------------------------------------------------------------------
+// fs-verity: FS_IOC_MEASURE_VERITY on an open file. Used to probe support
+// without changing anything: a file without verity answers ENODATA where the
+// kernel and the filesystem support fs-verity, EOPNOTSUPP where either does
+// not (kernel without CONFIG_FS_VERITY, ext4 without the verity feature), and
+// ENOTTY on filesystems that do not know the ioctl. Layout as in
+// include/uapi/linux/fsverity.h (struct fsverity_digest).
+struct GearFsverityDigest {
+  uint16_t digest_algorithm;
+  uint16_t digest_size;  // in: room in digest[]; out: the digest's size
+  uint8_t digest[64];
+};
+struct GearFsverityDigestHeader {
+  uint16_t digest_algorithm;
+  uint16_t digest_size;
+};
+#define GEAR_FS_IOC_MEASURE_VERITY _IOWR('f', 134, GearFsverityDigestHeader)
+static_assert(GEAR_FS_IOC_MEASURE_VERITY == 0xc0046686, "FS_IOC_MEASURE_VERITY");
+
+// fsverityMeasure(fd): { algorithm, digest: Buffer }
+Napi::Value FsverityMeasure(const Napi::CallbackInfo& info) {
+  int fd;
+  if (!ArgFd(info, 0, &fd)) return info.Env().Undefined();
+  GearFsverityDigest d;
+  memset(&d, 0, sizeof(d));
+  d.digest_size = sizeof(d.digest);
+  if (ioctl(fd, GEAR_FS_IOC_MEASURE_VERITY, &d) != 0)
+    return ThrowIoctlErrno(info.Env(), errno, "ioctl(FS_IOC_MEASURE_VERITY)");
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("algorithm", Napi::Number::New(info.Env(), d.digest_algorithm));
+  size_t n = d.digest_size <= sizeof(d.digest) ? d.digest_size : sizeof(d.digest);
+  out.Set("digest", Napi::Buffer<uint8_t>::Copy(info.Env(), d.digest, n));
+  return out;
+}
+
 Napi::Object InitFusePassthrough(Napi::Env env, Napi::Object exports) {
   exports.Set("fuseBackingOpen", Napi::Function::New(env, FuseBackingOpen));
   exports.Set("fuseBackingClose", Napi::Function::New(env, FuseBackingClose));
+  exports.Set("fsverityMeasure", Napi::Function::New(env, FsverityMeasure));
   return exports;
 }
 

@@ -5,6 +5,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseDuration } from '../core/fetcher/fetcher.js';
 import type { LazyOptions } from '../core/lazy/runtime.js';
+import { parseScrubInterval, parseScrubRate } from '../core/pool/scrubber.js';
 
 export interface LazyFlags {
   lazy: boolean;
@@ -13,6 +14,18 @@ export interface LazyFlags {
   maxFetches?: number;
   insecureRegistry: string[];
   fusePassthrough: boolean;
+  scrubRate?: number;
+  scrubInterval?: number;
+}
+
+function cliParser<T>(parse: (v: string) => T): (v: string) => T {
+  return (v) => {
+    try {
+      return parse(v);
+    } catch (err) {
+      throw new InvalidArgumentError((err as Error).message);
+    }
+  };
 }
 
 function parseFetchTimeout(value: string): number {
@@ -33,7 +46,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
   return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
 }
 
-/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry and --no-fuse-passthrough. */
+/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate and --scrub-interval. */
 export function addLazyOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
@@ -55,6 +68,14 @@ export function addLazyOptions(cmd: Command): Command {
         '--no-fuse-passthrough',
         'serve reads of fetched files through the daemon instead of FUSE passthrough (needed when containers stack another overlay on their root filesystem)',
       ),
+    )
+    .addOption(
+      new Option('--scrub-rate <size>', 'read rate of the pool scrub, per second (default 50MiB)').env('GEAR_SCRUB_RATE').argParser(cliParser((v) => parseScrubRate(v))),
+    )
+    .addOption(
+      new Option('--scrub-interval <duration>', 'time between pool scrubs that re-hash every cached file (default 24h; 0 = off)')
+        .env('GEAR_SCRUB_INTERVAL')
+        .argParser(cliParser((v) => parseScrubInterval(v))),
     );
 }
 
@@ -67,5 +88,7 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
     ...(f.maxFetches ? { maxFetches: f.maxFetches } : {}),
     insecureRegistries: f.insecureRegistry,
     fusePassthrough: f.fusePassthrough,
+    ...(f.scrubRate !== undefined ? { scrubRate: f.scrubRate } : {}),
+    ...(f.scrubInterval !== undefined ? { scrubInterval: f.scrubInterval } : {}),
   };
 }

@@ -58,6 +58,7 @@ const files = {
   h: randomBytes(200_000),
   i: randomBytes(200_000),
   j: randomBytes(200_000),
+  k: randomBytes(300_000),
 };
 let bb: LayerEntry[];
 const withFiles = (names: (keyof typeof files)[]): LayerEntry[] => [
@@ -71,6 +72,7 @@ let img2: string;
 let img3: string;
 let img4: string;
 let img5: string;
+let img6: string;
 
 beforeAll(async () => {
   available = await gearDaemonAvailable();
@@ -84,6 +86,7 @@ beforeAll(async () => {
   img3 = await convert([withFiles(['d'])], 'gear/img3:v1', 'auto');
   img4 = await convert([withFiles(['e', 'f', 'g', 'flip', 'down'])], 'gear/img4:v1');
   img5 = await convert([withFiles(['h', 'i', 'j'])], 'gear/img5:v1');
+  img6 = await convert([withFiles(['k'])], 'gear/img6:v1');
   // A: default cache, a short fetch deadline (the registry-down test relies on it).
   A = await startDockerd({ driver: 'gear', gearArgs: ['--fetch-timeout', '6s'] });
   // B: a 1 MiB cache, smaller than busybox itself: everything is evicted soon after use.
@@ -226,6 +229,47 @@ describe('lazy gear images on a gear dockerd', () => {
     } finally {
       for (const n of nodes) await n.stop();
     }
+  });
+
+  it('a pool file altered on disk is found by gear cache verify (through the daemon), removed, and fetched again on the next read', async (ctx) => {
+    if (!available) return ctx.skip();
+    const d = A!;
+    const md5 = (b: Buffer) => createHash('md5').update(b).digest('hex');
+    await d.dockerOk(['pull', img6]);
+    const first = await d.dockerOk(['run', '--rm', img6, 'sh', '-c', 'md5sum /data/k | cut -c1-32']);
+    expect(first.stdout.trim()).toBe(md5(files.k));
+    expect(gets(files.k)).toBe(1);
+    // A bit flip at rest, in place (same inode): overlay serves it unchecked to the next container.
+    const h = hex(files.k);
+    const poolFile = join(d.gearRoot!, 'pool', 'sha256', h.slice(0, 2), h);
+    const { readFile, writeFile } = await import('node:fs/promises');
+    const bad = await readFile(poolFile);
+    bad[123_456] ^= 0x20;
+    await writeFile(poolFile, bad);
+    const served = await d.dockerOk(['run', '--rm', img6, 'sh', '-c', 'md5sum /data/k | cut -c1-32']);
+    expect(served.stdout.trim()).toBe(md5(bad));
+    // The scrub, asked of the running daemon: exit code 1, the file named, removed.
+    const v = await run(process.execPath, [GEAR_CLI, 'cache', 'verify', '--root', d.gearRoot!, '--json'], { timeoutMs: 120_000 });
+    expect(v.code, v.stderr).toBe(1);
+    const rep = JSON.parse(v.stdout) as { by: string; bad: number; removed: number; badFiles: { digest: string; actual: string; removed: boolean }[] };
+    expect(rep.by).toBe('daemon');
+    expect(rep.bad).toBe(1);
+    expect(rep.removed).toBe(1);
+    expect(rep.badFiles[0]).toMatchObject({ digest: `sha256:${h}`, actual: `sha256:${hex(bad)}`, removed: true });
+    expect(existsSync(poolFile)).toBe(false);
+    // The next container falls through to the miss filesystem: fetched again, verified, right bytes.
+    const after = await d.dockerOk(['run', '--rm', img6, 'sh', '-c', 'md5sum /data/k | cut -c1-32']);
+    expect(after.stdout.trim()).toBe(md5(files.k));
+    expect(gets(files.k)).toBe(2);
+    expect(hex(await readFile(poolFile))).toBe(h);
+    // docker info says which protection is active.
+    const st = await info(d);
+    expect(st['Pool Integrity']).toMatch(/^scrub every 24h at 50\.0MiB\/s \(fs-verity: (not )?supported/);
+    expect(st['Pool Scrub']).toMatch(/: \d+ files, .* 1 bad, 1 removed; since first run: 1 bad, 1 removed/);
+    // A clean pool: exit code 0.
+    const v2 = await run(process.execPath, [GEAR_CLI, 'cache', 'verify', '--root', d.gearRoot!], { timeoutMs: 120_000 });
+    expect(v2.code, v2.stderr).toBe(0);
+    expect(v2.stdout).toMatch(/verified \d+ files, .*\(by the running daemon, at most 50\.0 MiB\/s\): 0 bad, 0 removed/);
   });
 
   it('a 1 MiB cache evicts while containers keep working', async (ctx) => {

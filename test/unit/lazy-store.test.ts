@@ -183,6 +183,43 @@ describe('gear index layers in the store', () => {
     expect(isMountPoint(path.join(root, 'miss'))).toBe(false);
   });
 
+  it('the periodic pool scrub removes a file altered at rest, and the next open through a new mount fetches it again', async () => {
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB', scrubInterval: '150ms', scrubRate: '64MiB' } });
+    try {
+      const status = Object.fromEntries(await store.status());
+      expect(status['Pool Integrity']).toMatch(/^scrub every 150ms at 64\.0MiB\/s \(fs-verity: /);
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([indexTar]));
+      await store.create('c1', 'idx', 'rw');
+      const m1 = await store.get('c1');
+      const tool = files['bin/tool']!;
+      const gets = () => blobGets().filter((l) => l.includes(sha(tool))).length;
+      const before = gets();
+      expect(await fs.readFile(path.join(m1, 'bin/tool'))).toEqual(tool);
+      expect(gets()).toBe(before + 1);
+      await store.put('c1');
+      // Altered in place behind the daemon's back.
+      const poolFile = path.join(root, 'pool/sha256', sha(tool).slice(7, 9), sha(tool).slice(7));
+      const bad = Buffer.from(tool);
+      bad[4242] ^= 0x80;
+      await fs.writeFile(poolFile, bad);
+      const scrubber = store.lazyRuntime!.scrubber;
+      for (let i = 0; i < 250 && scrubber.stats().totals.removed < 1; i++) await new Promise((r) => setTimeout(r, 20));
+      expect(scrubber.stats().totals).toMatchObject({ bad: 1, removed: 1 });
+      expect(existsSync(poolFile)).toBe(false);
+      await store.create('c2', 'idx', 'rw');
+      const m2 = await store.get('c2');
+      expect(await fs.readFile(path.join(m2, 'bin/tool'))).toEqual(tool);
+      expect(gets()).toBe(before + 2);
+      await store.put('c2');
+      // The scrub keeps running every 150 ms: a run in progress, or the last one with the totals.
+      expect(Object.fromEntries(await store.status())['Pool Scrub']).toMatch(/^running since |since first run: 1 bad, 1 removed/);
+      expect(scrubber.stats().totals).toMatchObject({ bad: 1, removed: 1 });
+    } finally {
+      await store.close?.();
+    }
+  });
+
   it('pool references written in the background after ApplyDiff are rewritten at the next start when a crash lost them', async () => {
     const refsDir = path.join(root, 'pool/.meta/refs');
     const refsFiles = async () => (await fs.readdir(refsDir)).filter((n) => n.endsWith('.json'));

@@ -9,7 +9,9 @@ import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, parseDuration, type FetcherStats } f
 import { silentLogger, type Logger } from '../log.js';
 import { mountMissFs, type MissFsMount } from '../missfs/index.js';
 import { openPool, type Pool, type PoolStat } from '../pool/pool.js';
+import { PoolScrubber, parseScrubInterval, parseScrubRate, type ScrubState } from '../pool/scrubber.js';
 import { formatSize, parseSize } from '../pool/size.js';
+import { probeFsVerity, type VerityProbe } from '../pool/verity.js';
 import { RegistryClient } from '../registry/client.js';
 import { BlobCatalog } from './catalog.js';
 import { LazyMissProvider } from './provider.js';
@@ -39,6 +41,10 @@ export interface LazyOptions {
    * (provider.ts). Bytes or "8MiB". Default: GEAR_STREAM_MIN_SIZE, else 8 MiB.
    */
   streamMinSize?: number | string;
+  /** Pool scrub rate, bytes/s or "50MiB". Default: GEAR_SCRUB_RATE, else 50 MiB/s. */
+  scrubRate?: number | string;
+  /** Pool scrub interval in ms or "24h"; 0 = no periodic scrub. Default: GEAR_SCRUB_INTERVAL, else 24 h. */
+  scrubInterval?: number | string;
 }
 
 export interface LazyRuntime {
@@ -46,8 +52,9 @@ export interface LazyRuntime {
   readonly fetcher: Fetcher;
   readonly catalog: BlobCatalog;
   readonly miss: MissFsMount | undefined;
+  readonly scrubber: PoolScrubber;
   status(): Array<[string, string]>;
-  stats(): { pool: PoolStat; fetch: FetcherStats; miss: ReturnType<MissFsMount['stats']> | undefined };
+  stats(): { pool: PoolStat; fetch: FetcherStats; miss: ReturnType<MissFsMount['stats']> | undefined; scrub: ScrubState };
   close(): Promise<void>;
 }
 
@@ -61,7 +68,18 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       .split(',')
       .map((s) => s.trim())
       .filter(Boolean);
+  // Settings are checked before anything is opened: a bad value fails the start with its name.
+  const scrubRate = parseScrubRate(opts.scrubRate ?? (env.GEAR_SCRUB_RATE || '50MiB'), opts.scrubRate !== undefined ? 'scrub rate' : 'GEAR_SCRUB_RATE');
+  const scrubIntervalMs = parseScrubInterval(opts.scrubInterval ?? (env.GEAR_SCRUB_INTERVAL || '24h'), opts.scrubInterval !== undefined ? 'scrub interval' : 'GEAR_SCRUB_INTERVAL');
   const pool = await openPool({ root, logger, ...(capBytes !== undefined ? { capBytes } : {}) });
+  let verity: VerityProbe | null = null;
+  try {
+    verity = await probeFsVerity(path.join(pool.dir, '.staging'));
+  } catch (err) {
+    logger.warn({ err: describeError(err) }, 'pool: cannot probe fs-verity support');
+  }
+  const scrubber = await PoolScrubber.start({ pool, rate: scrubRate, intervalMs: scrubIntervalMs, verity, logger });
+  logger.info({ integrity: scrubber.status()[0]![1] }, 'pool integrity');
   const fetcherTimeout = timeoutMs ?? DEFAULT_FETCH_TIMEOUT_MS;
   const client = new RegistryClient({
     insecureRegistries: insecure,
@@ -98,13 +116,21 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       logger.error({ err: missError }, 'cannot mount the miss filesystem: lazy pull is off (uncached Gear files will fail with EIO)');
     }
   }
+  // A scrub removed a corrupt pool file: the miss filesystem must not keep serving that inode
+  // through a lingering passthrough registration (the next open then fetches it again).
+  pool.onCorruptRemoved((digest) => {
+    if (miss && !miss.dropBacking(digest.slice(7))) {
+      logger.warn({ digest }, 'scrub: a container still has the removed file open through the miss filesystem; its new opens read the old copy until those are closed');
+    }
+  });
   let closing: Promise<void> | undefined;
   return {
     pool,
     fetcher,
     catalog,
     miss,
-    stats: () => ({ pool: pool.stat(), fetch: fetcher.stats(), miss: miss?.stats() }),
+    scrubber,
+    stats: () => ({ pool: pool.stat(), fetch: fetcher.stats(), miss: miss?.stats(), scrub: scrubber.stats() }),
     status(): Array<[string, string]> {
       const p = pool.stat();
       const f = fetcher.stats();
@@ -114,6 +140,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         ['Gear Files Known', String(catalog.files)],
         ['Pool', `${p.files} files, ${formatSize(p.bytes)} of ${formatSize(p.capBytes)}`],
         ['Pool Evictions', `${p.counters.evictions} files, ${formatSize(p.counters.evictedBytes)}`],
+        ...scrubber.status(),
         ['Fetched Files', String(f.files)],
         ['Fetched Bytes', String(f.bytes)],
         ['Fetch Failures', `${f.failures} (${f.verifyFailures} rejected by verification, ${f.timeouts} deadlines)`],
@@ -124,6 +151,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     },
     close(): Promise<void> {
       closing ??= (async () => {
+        await scrubber.close();
         await fetcher.close();
         if (miss) {
           await miss.unmount({ timeoutMs: 2_000 }).catch((err: unknown) => logger.warn({ err: describeError(err) }, 'miss filesystem unmount'));

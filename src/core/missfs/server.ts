@@ -38,6 +38,7 @@ import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, failedPrecondition, GearError, internal, isClass, unavailable } from '../errors.js';
+import { mountsAt, type MountLine } from './mountinfo.js';
 import { native } from '../sys/native.js';
 import {
   Errno,
@@ -170,6 +171,12 @@ export interface MissFsMount {
   /** Resolves when the session has ended (unmounted here or elsewhere, or aborted); never rejects. */
   readonly closed: Promise<void>;
   stats(): MissFsStats;
+  /**
+   * The pool removed a corrupt copy of hex (scrub): close its lingering passthrough backing id, so
+   * the next open asks the provider (which fetches again) instead of reusing the removed inode.
+   * False when an open file still uses the id (new opens share it until those are released).
+   */
+  dropBacking(hex: string): boolean;
 }
 
 interface FileNode {
@@ -271,39 +278,6 @@ function runCmd(cmd: string, args: string[], timeoutMs: number, extraFd?: number
       resolve({ code, stderr: stderr.trim(), timedOut });
     });
   });
-}
-
-interface MountLine {
-  id: number;
-  dev: string;
-  mountPoint: string;
-  fsType: string;
-}
-
-function unescapeMountinfo(s: string): string {
-  return s.replace(/\\([0-7]{3})/g, (_, oct: string) => String.fromCharCode(parseInt(oct, 8)));
-}
-
-/** Mounts at exactly mp, in mount-table order (the last one is on top). */
-function mountsAt(mp: string): MountLine[] {
-  const out: MountLine[] = [];
-  let text: string;
-  try {
-    text = readFileSync('/proc/self/mountinfo', 'utf8');
-  } catch {
-    return out;
-  }
-  for (const line of text.split('\n')) {
-    const sep = line.indexOf(' - ');
-    if (sep < 0) continue;
-    const left = line.slice(0, sep).split(' ');
-    const right = line.slice(sep + 3).split(' ');
-    if (left.length < 6 || right.length < 1) continue;
-    const mountPoint = unescapeMountinfo(left[4]!);
-    if (mountPoint !== mp) continue;
-    out.push({ id: Number(left[0]), dev: left[2]!, mountPoint, fsType: right[0]! });
-  }
-  return out;
 }
 
 const FUSECTL_DIR = '/sys/fs/fuse/connections';
@@ -892,6 +866,12 @@ class MissFsSession implements MissFsMount {
       this.inoByHex.set(hex, ino);
     }
     return ino;
+  }
+
+  dropBacking(hex: string): boolean {
+    const ino = this.inoByHex.get(hex);
+    const slot = ino === undefined ? -1 : this.slotOf(ino);
+    return slot < 0 || !this.published.has(slot) || this.retire(slot);
   }
 
   private forget(nodeid: bigint, nlookup: bigint): void {

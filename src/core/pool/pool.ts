@@ -52,18 +52,20 @@
  * renames verified, identical content into place). One process at a time
  * may open the pool for writing (`.lock`); `readOnly` opens take no lock.
  */
-import { createHash, randomBytes, type Hash } from 'node:crypto';
-import { constants as fsc } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
 import fs, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { Writable } from 'node:stream';
-import { GearError, errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
+import { GearError, errnoCode, failedPrecondition, invalidArgument } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { checkDigest } from '../registry/digest.js';
 import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { PoolLock } from './lock.js';
+import { hashHandle, openForHash, type RemoveOutcome } from './scrub.js';
 import { formatSize, parseSize } from './size.js';
+import { PoolWriter } from './writer.js';
+
+export { PoolWriter } from './writer.js';
 
 /** The cap used when neither the caller nor a previous run set one. */
 export const DEFAULT_CACHE_SIZE = '20GiB';
@@ -220,6 +222,7 @@ export class Pool {
   /** bytes announced by writers in progress (expectedSize), for room checks */
   private reserved = 0;
   private readonly evicting = new Map<string, Promise<void>>();
+  private readonly corruptListeners: ((digest: string) => void)[] = [];
   private counters: PoolCounters = { hits: 0, misses: 0, bytesFetched: 0, evictions: 0, evictedBytes: 0 };
 
   private readonly refsMutex = new KeyedMutex();
@@ -455,43 +458,84 @@ export class Pool {
    */
   async verify(digest: string): Promise<boolean> {
     const hex = hexOf(digest);
-    const file = this.fileOf(hex);
-    const h = createHash('sha256');
-    let size = 0;
     let fh: FileHandle;
     try {
-      fh = await fs.open(file, fsc.O_RDONLY | fsc.O_NOATIME);
+      fh = await openForHash(this.fileOf(hex));
     } catch (err) {
       if (errnoCode(err) !== 'ENOENT') throw err;
       this.forget(hex);
       return false;
     }
+    let res;
     try {
-      const buf = Buffer.allocUnsafe(1024 * 1024);
-      for (;;) {
-        const { bytesRead } = await fh.read(buf, 0, buf.length, null);
-        if (bytesRead === 0) break;
-        h.update(buf.subarray(0, bytesRead));
-        size += bytesRead;
-      }
+      res = await hashHandle(fh);
     } finally {
       await fh.close();
     }
-    const actual = h.digest('hex');
-    const e = this.entries.get(hex);
-    if (actual === hex) {
-      if (e) {
-        e.verified = true;
-        this.markDirty();
-      }
+    if (res.hex === hex) {
+      this.markVerified(hex, res);
       return true;
     }
-    this.log.error({ digest, actual: `sha256:${actual}`, size }, 'pool: corrupt file removed');
-    if (!this.readOnly) {
+    this.log.error({ digest, actual: `sha256:${res.hex}`, size: res.size }, 'pool: corrupt file removed');
+    if (!this.readOnly) await this.removeCorrupt(hex, res);
+    return false;
+  }
+
+  /**
+   * Calls f(digest) after a corrupt file was removed (scrub, verify), e.g. so the miss filesystem
+   * drops what it still holds of the removed inode. Not called for evictions (their content is good).
+   */
+  onCorruptRemoved(f: (digest: string) => void): void {
+    this.corruptListeners.push(f);
+  }
+
+  /** @internal (scrub.ts) records that the file under hex hashed right. */
+  markVerified(hex: string, _id: { dev: number; ino: number }): void {
+    const e = this.entries.get(hex);
+    if (e && !e.verified) {
+      e.verified = true;
+      this.markDirty();
+    }
+  }
+
+  /**
+   * @internal (scrub.ts, verify) Unlinks a file found corrupt, only if the
+   * name still points at the inode that was hashed (`id`) and no write or
+   * eviction of the digest is in progress. While it runs, the digest is
+   * marked as being evicted, so a commit of it waits (install) and eviction
+   * skips it. Not counted as an eviction.
+   */
+  async removeCorrupt(hex: string, id: { dev: number; ino: number }): Promise<RemoveOutcome> {
+    this.checkWritable('remove a corrupt file');
+    if (this.evicting.has(hex) || this.writing.get(hex)) return 'busy';
+    const file = this.fileOf(hex);
+    let done!: () => void;
+    this.evicting.set(hex, new Promise<void>((r) => (done = r)));
+    try {
+      let st;
+      try {
+        st = await fs.lstat(file);
+      } catch (err) {
+        if (errnoCode(err) !== 'ENOENT') throw err;
+        this.forget(hex);
+        return 'gone';
+      }
+      if (st.dev !== id.dev || st.ino !== id.ino) return 'replaced';
       this.forget(hex);
       await fs.rm(file, { force: true });
+      await syncDir(path.dirname(file)).catch(() => undefined);
+      for (const f of this.corruptListeners) {
+        try {
+          f(`sha256:${hex}`);
+        } catch (err) {
+          this.log.warn({ digest: `sha256:${hex}`, err: String(err) }, 'pool: a removal listener failed');
+        }
+      }
+      return 'removed';
+    } finally {
+      this.evicting.delete(hex);
+      done();
     }
-    return false;
   }
 
   /** Usage, cap and counters. */
@@ -943,130 +987,5 @@ export class Pool {
     if (this.snapshotTimer) clearTimeout(this.snapshotTimer);
     if (this.writing.size) this.log.warn({ writers: this.writing.size }, 'pool: closed with writes in progress');
     await this.lock?.release();
-  }
-}
-
-/**
- * One two-phase write (see Pool.beginWrite). Not safe for concurrent calls on
- * the same writer: await each write before the next. `commit()` and `abort()`
- * end the write; `abort()` is idempotent and a no-op after commit.
- */
-export class PoolWriter {
-  private readonly hash: Hash = createHash('sha256');
-  private written = 0;
-  private state: 'open' | 'committing' | 'done' = 'open';
-  private stream_: Writable | undefined;
-
-  /** @internal use Pool.beginWrite */
-  constructor(
-    private readonly pool: Pool,
-    private readonly hex: string,
-    /** the staging file; never visible in sha256/ */
-    readonly stagingPath: string,
-    private readonly fh: FileHandle,
-    readonly expectedSize: number | undefined,
-  ) {}
-
-  get digest(): string {
-    return `sha256:${this.hex}`;
-  }
-
-  /** Bytes written so far. */
-  get size(): number {
-    return this.written;
-  }
-
-  /** True until commit, abort or a failed write ended this writer (a broken download may then append more). */
-  get isOpen(): boolean {
-    return this.state === 'open';
-  }
-
-  /** Appends a chunk. Fails (and aborts) on a size overrun or a full disk (PoolNoSpaceError). */
-  async write(chunk: Uint8Array): Promise<void> {
-    if (this.state !== 'open') throw failedPrecondition(`pool write ${this.digest}: writer is already ${this.state === 'done' ? 'finished' : 'committing'}`);
-    if (this.expectedSize !== undefined && this.written + chunk.length > this.expectedSize) {
-      await this.abort();
-      throw invalidArgument(`pool write ${this.digest}: more than the expected ${this.expectedSize} bytes`);
-    }
-    this.hash.update(chunk);
-    try {
-      let off = 0;
-      while (off < chunk.length) {
-        const { bytesWritten } = await this.fh.write(chunk, off, chunk.length - off, null);
-        off += bytesWritten;
-      }
-    } catch (err) {
-      throw await this.fail(err);
-    }
-    this.written += chunk.length;
-  }
-
-  /** A Writable over this writer, for `pipeline(source, w.stream)`; commit after it finishes. */
-  get stream(): Writable {
-    this.stream_ ??= new Writable({
-      write: (chunk: Buffer, _enc, cb) => {
-        this.write(chunk).then(() => cb(), cb);
-      },
-    });
-    return this.stream_;
-  }
-
-  /**
-   * Verifies sha256 and size (InvalidArgument naming both digests on a
-   * mismatch, staging file deleted), then makes the file visible. Resolves
-   * when the file is durable in the pool.
-   */
-  async commit(): Promise<void> {
-    if (this.state !== 'open') throw failedPrecondition(`pool write ${this.digest}: commit after ${this.state === 'done' ? 'finish' : 'commit'}`);
-    this.state = 'committing';
-    const actual = this.hash.digest('hex');
-    if (actual !== this.hex || (this.expectedSize !== undefined && this.written !== this.expectedSize)) {
-      await this.cleanup();
-      const sizeNote = this.expectedSize !== undefined && this.written !== this.expectedSize ? `, ${this.written} bytes instead of ${this.expectedSize}` : '';
-      throw invalidArgument(`pool write ${this.digest}: content does not match, got sha256:${actual}${sizeNote}`);
-    }
-    try {
-      await this.fh.chmod(0o444);
-      await this.fh.sync();
-      await this.fh.close();
-    } catch (err) {
-      throw await this.fail(err);
-    }
-    try {
-      await this.pool.install(this.hex, this.stagingPath, this.written);
-    } catch (err) {
-      await this.cleanup();
-      if (errnoCode(err) === 'ENOSPC') throw await this.pool.noSpace(this.hex, this.written, err);
-      throw internal(`pool write ${this.digest}: could not install the file`, err);
-    }
-    this.finish();
-    await this.pool.enforceCap();
-  }
-
-  /** Discards the write and its staging file. Idempotent; a no-op after commit. */
-  async abort(): Promise<void> {
-    if (this.state === 'done') return;
-    await this.cleanup();
-  }
-
-  private async fail(err: unknown): Promise<Error> {
-    await this.cleanup();
-    if (errnoCode(err) === 'ENOSPC' || errnoCode(err) === 'EDQUOT') {
-      return this.pool.noSpace(this.hex, Math.max(this.expectedSize ?? 0, this.written), err);
-    }
-    return internal(`pool write ${this.digest}: ${String(err)}`, err);
-  }
-
-  private async cleanup(): Promise<void> {
-    if (this.state === 'done') return;
-    this.finish();
-    await this.fh.close().catch(() => undefined);
-    await fs.rm(this.stagingPath, { force: true });
-  }
-
-  private finish(): void {
-    if (this.state === 'done') return;
-    this.state = 'done';
-    this.pool.endWrite(this.hex, this.expectedSize ?? 0);
   }
 }

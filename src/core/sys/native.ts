@@ -36,6 +36,13 @@ interface NativeModule {
   fuseBackingOpen(devFd: number, fd: number): number;
   /** FUSE_DEV_IOC_BACKING_CLOSE: drops the registration (open files keep their own reference). */
   fuseBackingClose(devFd: number, backingId: number): void;
+  /**
+   * FS_IOC_MEASURE_VERITY on an open regular file: its fs-verity digest.
+   * ENODATA: fs-verity is supported but not enabled on the file; EOPNOTSUPP:
+   * the kernel (no CONFIG_FS_VERITY) or the filesystem (e.g. ext4 without the
+   * verity feature) does not support it; ENOTTY: the filesystem lacks the ioctl.
+   */
+  fsverityMeasure(fd: number): { algorithm: number; digest: Buffer };
   constants: {
     MS_RDONLY: number;
     MS_NOSUID: number;
