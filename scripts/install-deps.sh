@@ -14,6 +14,7 @@ packages=(
   skopeo umoci         # image plumbing in tests
   golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite
   iproute2 attr zstd pigz util-linux
+  fsverity             # `fsverity digest`: reference for the fs-verity digest tests
 )
 
 missing=()
