@@ -5,7 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,6 +15,9 @@ import { GearError } from '../../src/core/errors.js';
 import { fileBlobSource, RegistryClient, type RegistryClientOptions } from '../../src/core/registry/client.js';
 import { DigestMismatchError, sha256Digest } from '../../src/core/registry/digest.js';
 import { MediaType } from '../../src/core/registry/media-types.js';
+import { GEAR_CLI } from '../helpers/dockerd.js';
+import { writeOciImage } from '../helpers/oci-images.js';
+import { run } from '../helpers/proc.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
@@ -233,6 +236,44 @@ describe('registry client with htpasswd auth', () => {
       await badClient.close();
     }
   });
+  it('a login kept only in a credential helper (credHelpers) works for gear convert, end to end; a failing helper is named', async () => {
+    // A helper program of our own, speaking the docker-credential-helpers protocol, on PATH.
+    const bin = join(tmp, 'helper-bin');
+    await mkdir(bin, { recursive: true });
+    const { username, password } = reg.credentials!;
+    await writeFile(
+      join(bin, 'docker-credential-gear-test'),
+      `#!/bin/sh\nread -r server\n[ "$server" = "${reg.host}" ] || { echo "credentials not found in native keychain"; exit 1; }\n` +
+        `printf '{"ServerURL":"%s","Username":"${username}","Secret":"${password}"}' "$server"\n`,
+      { mode: 0o755 },
+    );
+    await writeFile(join(bin, 'docker-credential-gear-broken'), '#!/bin/sh\necho "keychain locked" >&2\nexit 1\n', { mode: 0o755 });
+    const cfgDir = join(tmp, 'helper-config');
+    await mkdir(cfgDir, { recursive: true });
+    await writeFile(join(cfgDir, 'config.json'), JSON.stringify({ auths: {}, credHelpers: { [reg.host]: 'gear-test' } }));
+    const src = join(tmp, 'helper-src');
+    await writeOciImage(src, [[{ path: 'hello.txt', content: 'hello from a helper login\n' }]], { tag: 'v1' });
+    const env = { ...process.env, DOCKER_CONFIG: cfgDir, PATH: `${bin}:${process.env.PATH ?? '/usr/bin:/bin'}` };
+    const ok = await run('node', [GEAR_CLI, 'convert', `oci:${src}:v1`, `${reg.host}/gear/helper:v1`, '--json'], { env, timeoutMs: 120_000 });
+    expect(ok.code, ok.stderr).toBe(0);
+    // What was pushed is there, readable with the same helper login.
+    const client = new RegistryClient({ dockerConfigPath: join(cfgDir, 'config.json'), retry: FAST_RETRY });
+    const oldPath = process.env.PATH;
+    process.env.PATH = env.PATH;
+    try {
+      expect((await client.getManifest(`${reg.host}/gear/helper:v1`)).digest).toMatch(/^sha256:/);
+    } finally {
+      process.env.PATH = oldPath;
+      await client.close();
+    }
+
+    await writeFile(join(cfgDir, 'config.json'), JSON.stringify({ credsStore: 'gear-broken' }));
+    const bad = await run('node', [GEAR_CLI, 'convert', `oci:${src}:v1`, `${reg.host}/gear/helper:v2`], { env, timeoutMs: 120_000 });
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toContain('docker-credential-gear-broken');
+    expect(bad.stderr).toContain('keychain locked');
+  });
+
   it('follows a blob redirect to another origin without sending the Authorization header', async () => {
     const cfg = join(tmp, 'redirect-config.json');
     const b = blob(4096);

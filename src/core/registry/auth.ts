@@ -231,6 +231,6 @@ export function repositoryScope(repository: string, push: boolean): string {
 export function credentialsHint(registry: string, configPath: string): string {
   return (
     `run 'docker login ${registry}' or set DOCKER_CONFIG to a directory whose config.json has ` +
-    `an "auths" entry for ${registry} (looked in ${configPath})`
+    `an "auths" entry, a "credHelpers" entry or a "credsStore" for ${registry} (looked in ${configPath})`
   );
 }

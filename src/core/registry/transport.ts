@@ -17,7 +17,6 @@ import type { Readable } from 'node:stream';
 import { GearError, deadlineExceeded, invalidArgument, unavailable } from '../errors.js';
 import {
   basicAuthorization,
-  credentialsFromConfig,
   credentialsHint,
   dockerConfigPath,
   parseWWWAuthenticate,
@@ -27,6 +26,7 @@ import {
   type DockerConfigFile,
   type RegistryCredentials,
 } from './auth.js';
+import { CredentialResolver } from './credentials.js';
 import { DOCKER_HUB, DOCKER_HUB_API_HOST } from './reference.js';
 import {
   DEFAULT_RETRY,
@@ -153,6 +153,7 @@ export class RegistryTransport {
   private readonly insecure: Set<string>;
   private readonly configPath: string;
   private configCache?: { at: number; value: Promise<DockerConfigFile> };
+  private readonly credentialResolver = new CredentialResolver();
   private closed = false;
 
   constructor(private readonly opts: RegistryClientOptions) {
@@ -208,15 +209,17 @@ export class RegistryTransport {
     return this.configCache.value;
   }
 
-  /** Credentials for a registry: explicit option first, then config.json. */
+  /** Credentials for a registry: explicit option first, then config.json (auths, credHelpers, credsStore). */
   async credentials(registry: string): Promise<RegistryCredentials | undefined> {
     const explicit = this.opts.credentials?.[registry];
     if (explicit) return explicit;
-    return credentialsFromConfig(await this.dockerConfig(), registry);
+    return this.credentialResolver.resolve(await this.dockerConfig(), registry);
   }
 
   private permissionDenied(registry: string, hadCreds: boolean, status: number, what: string, detail = ''): GearError {
     const d = detail ? ` (${detail})` : '';
+    // A helper's answer the registry rejected is asked for again next time.
+    if (hadCreds) this.credentialResolver.forget(registry);
     if (!hadCreds) {
       return new GearError(
         'PermissionDenied',
