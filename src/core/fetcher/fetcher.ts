@@ -126,6 +126,20 @@ export interface FetcherOptions {
   rangeChunkBytes?: number;
   /** Streaming: a read this far ahead of the download is served by a Range request. Default 4 MiB. */
   rangeAheadBytes?: number;
+  /** Told of every download's end: its outcome, seconds from start, bytes received (metrics). */
+  onFetchDone?: FetchObserver;
+}
+
+/** How a download ended, as metrics label it. */
+export type FetchOutcome = 'ok' | 'verify_failed' | 'deadline' | 'http_error' | 'error';
+export type FetchObserver = (outcome: FetchOutcome, seconds: number, bytes: number) => void;
+
+/** The outcome label of a failed download. */
+export function fetchOutcomeOf(err: unknown, verifyFailed: boolean): FetchOutcome {
+  if (verifyFailed) return 'verify_failed';
+  if (isClass(err, 'DeadlineExceeded')) return 'deadline';
+  if (err instanceof GearError && /\bHTTP \d{3}\b|status \d{3}\b|\b[45]\d\d\b/.test(err.message)) return 'http_error';
+  return 'error';
 }
 
 /** A reader of a file being downloaded (Fetcher.stream); a MissFile. */
@@ -231,6 +245,7 @@ export class Fetcher {
   readonly timeoutMs: number;
   readonly maxParallel: number;
   private readonly pool: Pool;
+  private readonly onFetchDone: FetchObserver | undefined;
   private readonly client: RegistryClient;
   private readonly log: Logger;
   private readonly maxAttempts: number;
@@ -260,6 +275,7 @@ export class Fetcher {
   constructor(opts: FetcherOptions) {
     this.pool = opts.pool;
     this.client = opts.client;
+    this.onFetchDone = opts.onFetchDone;
     this.log = (opts.logger ?? silentLogger()).child({ component: 'fetcher' });
     const envTimeout = process.env.GEAR_FETCH_TIMEOUT;
     this.timeoutMs = opts.timeoutMs ?? (envTimeout ? parseDuration(envTimeout, 'GEAR_FETCH_TIMEOUT') : DEFAULT_FETCH_TIMEOUT_MS);
@@ -450,6 +466,14 @@ export class Fetcher {
     }
   }
 
+  private observe(outcome: FetchOutcome, started: number, bytes: number): void {
+    try {
+      this.onFetchDone?.(outcome, (Date.now() - started) / 1000, bytes);
+    } catch (err) {
+      this.log.debug({ err: describeError(err) }, 'fetch observer failed');
+    }
+  }
+
   private async run(job: Job): Promise<void> {
     const { req } = job;
     const started = Date.now();
@@ -475,6 +499,7 @@ export class Fetcher {
     };
     arm(this.timeoutMs);
     const signal = job.controller.signal;
+    let verifyFailed = false;
     try {
       for (let attempt = 1; ; attempt++) {
         if (!job.writer && this.pool.has(req.digest)) break; // someone else (another writer) put it there
@@ -482,6 +507,7 @@ export class Fetcher {
           await this.download(job, signal);
           this.counters.files++;
           this.counters.bytes += req.size;
+          this.observe('ok', started, req.size);
           this.log.debug({ digest: req.digest, size: req.size, ms: Date.now() - started }, 'fetched');
           break;
         } catch (err) {
@@ -489,6 +515,7 @@ export class Fetcher {
           const mismatch = isClass(err, 'InvalidArgument') && /does not match|more than the expected/.test(String((err as Error).message));
           if (mismatch) {
             this.counters.verifyFailures++;
+            verifyFailed = true;
             throw unavailable(`fetch ${req.digest} from ${req.location.registry}/${req.location.repository}: content rejected: ${(err as Error).message}`, err);
           }
           const retryable = !(err instanceof GearError) || isClass(err, 'Unavailable') || isClass(err, 'DeadlineExceeded');
@@ -503,6 +530,7 @@ export class Fetcher {
       job.writer = undefined;
       this.counters.failures++;
       const e = signal.aborted ? signal.reason : err;
+      this.observe(fetchOutcomeOf(e, verifyFailed), started, 0);
       this.log.warn({ digest: req.digest, err: describeError(e) }, 'fetch failed');
       this.settle(job, e);
     } finally {

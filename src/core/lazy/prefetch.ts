@@ -118,9 +118,8 @@ export class Prefetcher {
     this.runs.delete(layer);
   }
 
-  /** The line shown as "Prefetch" in the daemon status. */
-  status(): string {
-    if (this.runs.size === 0) return 'none (no index layer applied in this run lists files to prefetch)';
+  /** Totals over this run's prefetches: files listed (and fitting the cap), in the pool, failed; layers still prefetching. */
+  progress(): { layers: number; files: number; done: number; failed: number; running: number } {
     let files = 0;
     let done = 0;
     let failed = 0;
@@ -131,6 +130,13 @@ export class Prefetcher {
       failed += r.failed;
       if (r.finished === undefined) running++;
     }
+    return { layers: this.runs.size, files, done, failed, running };
+  }
+
+  /** The line shown as "Prefetch" in the daemon status. */
+  status(): string {
+    if (this.runs.size === 0) return 'none (no index layer applied in this run lists files to prefetch)';
+    const { files, done, failed, running } = this.progress();
     let s = `${done} of ${files} listed files in the pool (${this.runs.size} index layers)`;
     if (running) s += `, ${running} prefetching`;
     if (failed) s += `, ${failed} failed`;

@@ -83,8 +83,11 @@ export class LazyMissProvider implements MissProvider {
     if (size === undefined) throw notFound(`${digest}: not a file of any index layer on this node`);
     if (this.pool.has(digest)) {
       this.pool.touch(digest);
+      this.pool.countUse(true);
       return { size: this.pool.sizeOf(digest) ?? size };
     }
+    // A cold file: a miss, even though the open that follows finds it in the pool.
+    this.pool.countUse(false);
     if (this.isBig(digest)) {
       this.requests(digest); // fail now when it cannot be fetched at all
       return { size }; // OPEN streams it
@@ -96,16 +99,18 @@ export class LazyMissProvider implements MissProvider {
   async open(digest: string, signal: AbortSignal): Promise<MissFile> {
     if (!this.catalog.has(digest) && !this.pool.has(digest)) throw notFound(`${digest}: unknown file`);
     if (this.isBig(digest)) {
-      const fh = await this.pool.open(digest);
+      const fh = await this.pool.open(digest, { count: false });
       if (fh) return poolFile(fh, false); // drop pages an earlier streamed open may have left
       // Streams from the first known location only (unlike ensure(), no fallback to the others).
       return this.fetcher.stream(this.requests(digest)[0]!);
     }
     const release = this.pool.pin(digest); // no eviction between fetch and open
     try {
+      // The LOOKUP before it counted this need; an open that must fetch again (evicted meanwhile) is another miss.
       for (let attempt = 0; attempt < 3; attempt++) {
-        const fh = await this.pool.open(digest, { count: attempt === 0 });
+        const fh = await this.pool.open(digest, { count: false });
         if (fh) return poolFile(fh);
+        this.pool.countUse(false);
         await this.ensure(digest, signal);
       }
       throw unavailable(`${digest}: fetched but gone from the pool again`);

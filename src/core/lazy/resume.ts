@@ -201,6 +201,14 @@ export class ResumeQueue {
     return r.inPool;
   }
 
+  /** Numbers of the crash resume: files of the index layers in use at start, in the pool, left to fetch, failed. */
+  progress(): { state: ResumeState; total: number; inPool: number; left: number; failed: number } | undefined {
+    const p = this.plan;
+    if (!p) return undefined;
+    const left = this.state === 'running' ? p.todo.length - this.fetched - this.failed : 0;
+    return { state: this.state, total: p.total, inPool: p.cached + this.fetched, left, failed: this.failed };
+  }
+
   /** The line shown as "Resume" in the daemon status. */
   status(): string {
     const p = this.plan;

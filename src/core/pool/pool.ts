@@ -418,6 +418,17 @@ export class Pool {
   }
 
   /**
+   * Counts a container's need of a file that reached the miss filesystem: a
+   * hit when the pool had it, a miss when it had to be fetched. (Opens that
+   * overlay serves from ROOT/pool itself never reach the daemon.)
+   */
+  countUse(hit: boolean): void {
+    if (hit) this.counters.hits++;
+    else this.counters.misses++;
+    this.markDirty();
+  }
+
+  /**
    * Opens a present file for reading (the miss filesystem's path), touching
    * it and counting a hit, or returns null and counts a miss (`count: false`
    * skips the counters, e.g. right after the caller wrote the file). A file
