@@ -218,6 +218,7 @@ function firstByte(stream: Readable): Promise<void> {
 }
 
 function sendJson(res: Response, body: object, status = 200): void {
+  if (res.writableEnded) return; // already answered (e.g. a malformed request, by the clientError handler)
   const text = JSON.stringify(body);
   res.status(status);
   res.setHeader('Content-Type', PLUGIN_MIMETYPE);
@@ -232,6 +233,7 @@ function sendJson(res: Response, body: object, status = 200): void {
  */
 function sendError(res: Response, info: CallInfo, err: unknown, status = 200): void {
   info.err = err;
+  if (res.writableEnded) return;
   if (res.headersSent) {
     // Mid-stream failure: cut the connection so dockerd sees a truncated body, never a clean end.
     res.destroy(err instanceof Error ? err : undefined);
@@ -410,10 +412,14 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
       if (inFlight === 0) idle?.();
     });
   });
-  server.on('clientError', (err, sock) => {
+  server.on('clientError', (err: NodeJS.ErrnoException, sock) => {
     // A response we cut on purpose (a Diff failing mid-stream) is logged by its request already.
-    if (!(err instanceof GearError)) logger.warn({ err: String(err) }, 'malformed HTTP request');
-    sock.destroy();
+    if (err instanceof GearError || err.code === 'ECONNRESET' || !sock.writable) {
+      sock.destroy();
+      return;
+    }
+    logger.warn({ err: String(err) }, 'malformed HTTP request');
+    replyMalformed(err, sock);
   });
 
   await prepareSocket(socket);
@@ -458,6 +464,28 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
   };
 
   return { socket, close };
+}
+
+/**
+ * Answers a request Node's HTTP parser refused (bad framing, headers too
+ * large, …) with an `Err` reply instead of a bare cut, then closes the
+ * connection. A request whose handler already runs is answered through its
+ * response (which its handler then leaves alone); one whose reply started
+ * can only be cut.
+ */
+function replyMalformed(err: NodeJS.ErrnoException, sock: import('node:stream').Duplex): void {
+  const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400;
+  const text = JSON.stringify({ Err: `InvalidArgument: malformed HTTP request: ${err.message}${err.code ? ` (${err.code})` : ''}` });
+  const headers = { 'Content-Type': PLUGIN_MIMETYPE, 'Content-Length': String(Buffer.byteLength(text)), Connection: 'close' };
+  const res = (sock as unknown as { _httpMessage?: http.ServerResponse })._httpMessage;
+  setTimeout(() => sock.destroy(), 1000).unref();
+  if (res) {
+    if (res.headersSent) sock.destroy();
+    else res.writeHead(status, headers).end(text);
+    return;
+  }
+  const head = Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('');
+  sock.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\n${head}\r\n${text}`);
 }
 
 /**
