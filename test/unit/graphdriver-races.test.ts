@@ -25,17 +25,17 @@ let dir: string;
 let daemon: GearDaemon;
 let pool: Pool;
 
-function tarOf(files: Record<string, string>): Buffer {
+async function tarOf(files: Record<string, string>): Promise<Buffer> {
   const pack = tarStream.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (c: Buffer) => chunks.push(c));
   for (const [name, body] of Object.entries(files)) pack.entry({ name, mode: 0o644 }, body);
   pack.finalize();
+  const chunks: Buffer[] = [];
+  for await (const c of pack as unknown as AsyncIterable<Buffer>) chunks.push(c);
   return Buffer.concat(chunks);
 }
 
-/** A larger tar, so that a racing call lands while it streams. */
-const BIG_TAR = tarOf(Object.fromEntries(Array.from({ length: 200 }, (_, i) => [`f${i}`, 'x'.repeat(4096)])));
+/** A larger tar, so that a racing call lands while it streams (built in beforeAll). */
+let BIG_TAR: Buffer;
 
 type Outcome = { ok: true } | { ok: false; err: string } | { transport: string };
 
@@ -98,7 +98,7 @@ function expectProper(o: Outcome | { cut: true }, what: string): void {
 
 async function freshLayer(id: string, content: boolean): Promise<void> {
   expect(await call('Create', { ID: id, Parent: BASE })).toEqual({ ok: true });
-  if (content) expect(await applyDiff(id, tarOf({ [`own-${id.slice(0, 6)}`]: 'hello' }))).toEqual({ ok: true });
+  if (content) expect(await applyDiff(id, await tarOf({ [`own-${id.slice(0, 6)}`]: 'hello' }))).toEqual({ ok: true });
 }
 
 beforeAll(async () => {
@@ -106,7 +106,9 @@ beforeAll(async () => {
   daemon = await startGearDaemon({ dir });
   pool = new Pool('http://localhost', { socketPath: daemon.socket, connections: 8 });
   expect(await call('Create', { ID: BASE })).toEqual({ ok: true });
-  expect(await applyDiff(BASE, tarOf({ base: 'base' }), '')).toEqual({ ok: true });
+  expect(await applyDiff(BASE, await tarOf({ base: 'base' }), '')).toEqual({ ok: true });
+  BIG_TAR = await tarOf(Object.fromEntries(Array.from({ length: 200 }, (_, i) => [`f${i}`, 'x'.repeat(4096)])));
+  expect(BIG_TAR.length).toBeGreaterThan(200 * 4096);
 });
 
 afterAll(async () => {
