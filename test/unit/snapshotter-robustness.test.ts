@@ -19,6 +19,7 @@ import { silentLogger } from '../../src/core/log.js';
 import { unmountAllUnder } from '../../src/core/sys/mounts.js';
 import { streamHandler, unaryHandler } from '../../src/frontends/snapshotter/handlers.js';
 import { PROTO_DIR, startSnapshotterServer, type SnapshotterServer } from '../../src/frontends/snapshotter/server.js';
+import { Snapshotter, type SnapshotLayers } from '../../src/frontends/snapshotter/snapshotter.js';
 
 const def = protoLoader.loadSync('containerd/services/snapshots/v1/snapshots.proto', {
   includeDirs: [PROTO_DIR],
@@ -143,5 +144,36 @@ describe('racing snapshotter calls on the real server', () => {
     const list = await listCall(c);
     expect(list).toEqual({ ok: [] });
     expect(await unaryCall(c, 'Cleanup', {})).toEqual({ ok: {} });
+  });
+});
+
+describe('a refused Prepare or View', () => {
+  it('leaves no snapshot and no layer behind (a chain too long to mount)', async () => {
+    const layers = new Map<string, string>();
+    // A fake store whose every layer is a Gear index layer with a very long path: mounts above it are refused.
+    const fake: SnapshotLayers = {
+      create: async (id, parent) => void layers.set(id, parent),
+      remove: async (id) => void layers.delete(id),
+      exists: async (id) => layers.has(id),
+      metadata: async (id) => ({ UpperDir: path.join(dir, id, 'diff'), WorkDir: path.join(dir, id, 'work') }),
+      adoptIndexForm: async () => undefined,
+      lowerOf: (id) => ({ dir: path.join(dir, id), short: `/l/${id}`, gear: true }),
+      get dataLowers() {
+        return [path.join(dir, 'p'.repeat(4000))];
+      },
+    };
+    const sn = await Snapshotter.open({ layers: fake, metaRoot: path.join(dir, 'meta') });
+    await sn.prepare('base-extract', '');
+    await sn.commit('base', 'base-extract');
+    expect(layers.size).toBe(1);
+    for (const verb of ['prepare', 'view'] as const) {
+      await expect(sn[verb](`top-${verb}`, 'base')).rejects.toThrow(/overlay options, over containerd's/);
+      await expect(sn.stat(`top-${verb}`)).rejects.toThrow(/not found|no such/i);
+      expect((await sn.list([])).map((i) => i.name)).toEqual(['base']);
+      expect(layers.size).toBe(1);
+    }
+    // The key is free again.
+    await expect(sn.prepare('top-prepare', 'base')).rejects.toThrow(/overlay options/);
+    await sn.drain();
   });
 });
