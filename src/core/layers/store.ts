@@ -45,6 +45,7 @@ import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { LayerActivity } from './layer-activity.js';
 import { peekHead } from './peek-head.js';
 import { isValidLayerId, newLink, parseRecord, validateLayerId } from './records.js';
+import { hasIndexFormSignature, indexFormFromEnv, prefetchFilesOf } from './index-form.js';
 import { constants, native } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
 import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
@@ -90,20 +91,6 @@ export type MountSpec =
   | { type: 'dir'; path: string }
   | { type: 'overlay'; target: string; options: OverlayOptions; readOnly: boolean };
 
-/** GEAR_INDEX_FORM (auto | image | dir); anything else is refused with the accepted values. */
-function indexFormFromEnv(): 'auto' | 'image' | 'dir' {
-  const v = process.env.GEAR_INDEX_FORM;
-  if (v === undefined || v === '') return 'auto';
-  if (v === 'auto' || v === 'image' || v === 'dir') return v;
-  throw invalidArgument(`GEAR_INDEX_FORM=${JSON.stringify(v)}: expected auto, image or dir`);
-}
-
-/** The files a manifest lists for prefetch, in its order. */
-function prefetchFilesOf(manifest: IndexManifest): Array<{ digest: string; size: number }> {
-  const byPath = new Map(manifest.files.map((f) => [f.path, f]));
-  return (manifest.prefetch ?? []).map((p) => byPath.get(p)!).map((f) => ({ digest: f.digest, size: f.size }));
-}
-
 /** Detaches whatever is mounted at or below dir. */
 function unmountUnder(dir: string): void {
   for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
@@ -116,25 +103,6 @@ function bounded<T>(p: Promise<T>, timeoutMs: number, what: string): Promise<T> 
     timer = setTimeout(() => reject(new Error(`${what} did not finish within ${timeoutMs / 1000} s`)), timeoutMs);
   });
   return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
-}
-
-/**
- * True when an extracted tree carries what only a Gear index layer tar makes
- * (docs/format.md 3.1): `.gear/` holding nothing but `index.json`, a regular
- * file of mode 0444 and mtime 0. The tar's entry order, which marks an index
- * layer for certain, is lost once someone else extracted it; a plain image
- * that merely has a file at /.gear/index.json stays a plain layer.
- */
-async function hasIndexFormSignature(diff: string): Promise<boolean> {
-  try {
-    const names = await fs.readdir(path.join(diff, '.gear'));
-    if (names.length !== 1 || names[0] !== 'index.json') return false;
-    const st = await fs.lstat(path.join(diff, '.gear', 'index.json'));
-    return st.isFile() && (st.mode & 0o7777) === 0o444 && st.mtimeMs === 0;
-  } catch (err) {
-    if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return false;
-    throw err;
-  }
 }
 
 class OverlayLayerStore implements LayerStore {
@@ -358,7 +326,18 @@ class OverlayLayerStore implements LayerStore {
   private startPrefetch(id: string): void {
     const files = this.pendingPrefetch.get(id);
     this.pendingPrefetch.delete(id);
-    if (files && this.prefetcher) void this.prefetcher.start(id, files);
+    if (files) this.runPrefetch(id, files);
+  }
+
+  /** Background work: its failure is logged, never a rejection nobody handles nor a failed ApplyDiff. */
+  private runPrefetch(id: string, files: Array<{ digest: string; size: number }>): void {
+    if (!this.prefetcher) return;
+    const failed = (err: unknown) => this.log?.warn({ layer: id, err: describeError(err) }, 'prefetch failed');
+    try {
+      this.prefetcher.start(id, files).catch(failed);
+    } catch (err) {
+      failed(err);
+    }
   }
 
   /**
@@ -369,7 +348,7 @@ class OverlayLayerStore implements LayerStore {
   private prefetchEarly(id: string, manifest: IndexManifest): boolean {
     if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return false;
     this.lazy.catalog.add(id, manifest.location, summarize(manifest).blobs);
-    void this.prefetcher.start(id, prefetchFilesOf(manifest));
+    this.runPrefetch(id, prefetchFilesOf(manifest));
     return true;
   }
 
