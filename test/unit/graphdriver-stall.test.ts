@@ -129,7 +129,7 @@ describe('a stalled ApplyDiff upload', () => {
     // The daemon notices and rolls back; wait (bounded) for the marker to go.
     const layerDir = path.join(d.root, 'layers', L);
     for (let i = 0; i < 200 && (await fs.readdir(layerDir)).includes('applying'); i++) await new Promise((res) => setTimeout(res, 25));
-    expect(await fs.readdir(layerDir)).not.toContain('applying');
+    expect(await fs.readdir(layerDir), d.log()).not.toContain('applying');
     expect(await fs.readdir(path.join(layerDir, 'diff'))).toEqual([]);
     const ok = await rawRequest(d.socket, post(`/GraphDriver.ApplyDiff?id=${L}&parent=`, tar));
     expect(JSON.parse(ok.body.toString())).toEqual({ Size: 64 * 16 * 1024 });

@@ -174,13 +174,15 @@ function drain(req: Request): Promise<void> {
  * would see a transport error instead of our `Err` reply. Backpressure is kept
  * (pipe), and a client that goes away mid-body fails the store's read.
  */
-function detachBody(req: Request, limits: BodyLimits): { body: PassThrough; detach(): void } {
+function detachBody(req: Request, res: Response, limits: BodyLimits): { body: PassThrough; detach(): void } {
   const body = new PassThrough();
   const onGone = (): void => {
     if (!req.readableEnded) body.destroy(unavailable('client went away before the end of the layer tar'));
   };
   req.once('close', onGone);
   req.once('error', onGone);
+  // Answered or cut before the tar was read (e.g. a framing error answered by the clientError handler): stop reading.
+  res.once('close', onGone);
   const idle = idleTimer(req, limits, 'ApplyDiff: the layer tar', (err) => body.destroy(err));
   req.once('end', () => idle.stop());
   req.pipe(body);
@@ -191,6 +193,7 @@ function detachBody(req: Request, limits: BodyLimits): { body: PassThrough; deta
       req.unpipe(body);
       req.off('close', onGone);
       req.off('error', onGone);
+      res.off('close', onGone);
     },
   };
 }
@@ -328,7 +331,7 @@ export function createGraphDriverApp(
     try {
       const { id, parent } = parseApplyDiffQuery(req.originalUrl);
       info.id = id;
-      const { body, detach } = detachBody(req, limits);
+      const { body, detach } = detachBody(req, res, limits);
       let reply: DriverResponse;
       try {
         reply = await driver.applyDiff(id, parent, body);
@@ -414,11 +417,12 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
   });
   server.on('clientError', (err: NodeJS.ErrnoException, sock) => {
     // A response we cut on purpose (a Diff failing mid-stream) is logged by its request already.
-    if (err instanceof GearError || err.code === 'ECONNRESET' || !sock.writable) {
+    // No one left to answer: our own cut (a Diff failing mid-stream, logged by its request), or a client that went away.
+    if (err instanceof GearError || err.code === 'ECONNRESET' || err.code === 'HPE_INVALID_EOF_STATE' || !sock.writable || sock.readableEnded) {
       sock.destroy();
       return;
     }
-    logger.warn({ err: String(err) }, 'malformed HTTP request');
+    logger.warn({ err: String(err), code: err.code }, 'malformed HTTP request');
     replyMalformed(err, sock);
   });
 
@@ -480,8 +484,9 @@ function replyMalformed(err: NodeJS.ErrnoException, sock: import('node:stream').
   const res = (sock as unknown as { _httpMessage?: http.ServerResponse })._httpMessage;
   setTimeout(() => sock.destroy(), 1000).unref();
   if (res) {
+    // Its handler waits for a body that will never parse: closing the connection after the reply ends its wait.
     if (res.headersSent) sock.destroy();
-    else res.writeHead(status, headers).end(text);
+    else res.writeHead(status, headers).end(text, () => sock.destroy());
     return;
   }
   const head = Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('');
