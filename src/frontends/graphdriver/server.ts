@@ -416,7 +416,6 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
     });
   });
   server.on('clientError', (err: NodeJS.ErrnoException, sock) => {
-    // A response we cut on purpose (a Diff failing mid-stream) is logged by its request already.
     // No one left to answer: our own cut (a Diff failing mid-stream, logged by its request), or a client that went away.
     if (err instanceof GearError || err.code === 'ECONNRESET' || err.code === 'HPE_INVALID_EOF_STATE' || !sock.writable || sock.readableEnded) {
       sock.destroy();
