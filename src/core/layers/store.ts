@@ -397,7 +397,7 @@ class OverlayLayerStore implements LayerStore {
     const files: ResumeFile[] = [];
     for (const id of indexLayers) for (const [digest, size] of this.records.get(id)!.gear!.blobs) files.push({ digest, size });
     this.resume = new ResumeQueue({ pool: lazy.pool, fetcher: lazy.fetcher, catalog: lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
-    void this.resume.start(files, indexLayers.size);
+    this.resume.start(files, indexLayers.size).catch((err: unknown) => this.log?.warn({ err: describeError(err) }, 'resume of mounted Gear files failed'));
   }
 
   /**
