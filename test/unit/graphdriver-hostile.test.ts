@@ -139,6 +139,8 @@ const CASES: Case[] = [
   { name: 'JSON Content-Type, invalid id', send: json('Create', '{"ID":"../x"}', ['Content-Type: application/json']), err: INVALID_ID },
   // ---- bodies: framing, never ending, not a tar ----
   { name: 'chunked JSON body that never ends', send: chunkedStall('/GraphDriver.Create', '{"ID":'), err: /^DeadlineExceeded: the JSON request body: the client sent nothing for 1 s .*--body-idle-timeout/ },
+  { name: 'chunked Plugin.Activate body that never ends', send: chunkedStall('/Plugin.Activate', 'nu'), err: /^DeadlineExceeded: the JSON request body: the client sent nothing for 1 s/ },
+  { name: 'Plugin.Activate body over 1 MiB', send: post('/Plugin.Activate', Buffer.alloc(2 << 20, 0x20)), err: /^InvalidArgument: request body of \d+ bytes is larger than 1048576 bytes/ },
   { name: 'chunked ApplyDiff body that never ends', send: chunkedStall(`/GraphDriver.ApplyDiff?id=${EMPTY}&parent=`, Buffer.alloc(1024)), err: /^DeadlineExceeded: .*the layer tar: the client sent nothing for 1 s .*--body-idle-timeout/ },
   { name: 'Content-Length larger than the body sent', send: raw(`POST /GraphDriver.Get HTTP/1.1\r\nHost: plugin\r\nContent-Length: 1000\r\n\r\n{"ID":`), err: /^DeadlineExceeded: the JSON request body: the client sent nothing/ },
   { name: 'a bad chunk size', send: raw(`POST /GraphDriver.Create HTTP/1.1\r\nHost: plugin\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n`), status: 400, err: /^InvalidArgument: malformed HTTP request: / },

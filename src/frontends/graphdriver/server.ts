@@ -290,8 +290,13 @@ export function createGraphDriverApp(
   });
 
   app.post('/Plugin.Activate', async (req, res) => {
-    await drain(req); // the body is JSON `null`; nothing to read
-    sendJson(res, ACTIVATE_REPLY);
+    try {
+      await readBody(req, MAX_JSON_BODY, limits); // the body is JSON `null`; read (bounded) and ignored
+      sendJson(res, ACTIVATE_REPLY);
+    } catch (err) {
+      sendError(res, res.locals.call as CallInfo, err);
+      void drain(req);
+    }
   });
 
   for (const [name, verb] of Object.entries(JSON_VERBS)) {
