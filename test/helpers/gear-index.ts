@@ -27,7 +27,9 @@ export async function indexLayerTar(registryHost: string, repo: string, files: R
   const manifest: IndexManifest = {
     version: 1,
     location: { registry: registryHost, repository: repo },
-    files: Object.entries(files).map(([p, c]) => ({ path: p, digest: `sha256:${sha256hex(c)}`, size: c.length })),
+    files: Object.entries(files)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)) // the format wants them in path order
+      .map(([p, c]) => ({ path: p, digest: `sha256:${sha256hex(c)}`, size: c.length })),
   };
   const dirs = new Set<string>();
   for (const p of Object.keys(files)) {
