@@ -12,6 +12,7 @@
  * between that build and this one (same store, same machine load).
  */
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { afterAll, beforeAll, it } from 'vitest';
 import { indexLayerTar, pushFiles } from '../test/helpers/gear-index.js';
@@ -88,6 +89,18 @@ it('restart time on a 50-layer store', async () => {
     const meta = await until(() => post(g!.socket, '/GraphDriver.GetMetadata'), t0);
     const status = await until(() => post(g!.socket, '/GraphDriver.Status'), t0);
     rows.push(`run ${run} ${cli === GEAR_CLI ? 'this build' : 'before'}: accept ${accept} ms, Activate ${activate} ms, GetMetadata ${meta} ms, Status ${status} ms`);
+    // Where the time goes after the spawn: the daemon's own log lines of this start (ms from the spawn).
+    const lines = readFileSync(g.log, 'utf8').trim().split('\n');
+    const phases: string[] = [];
+    for (const l of lines.slice(lines.findLastIndex((x) => x.includes('"msg":"listening"')))) {
+      try {
+        const j = JSON.parse(l) as { time: string; msg: string };
+        phases.push(`${new Date(j.time).getTime() - t0} ${j.msg.slice(0, 60)}`);
+      } catch {
+        /* not a log line */
+      }
+    }
+    rows.push('  ' + phases.join(' | '));
     c.kill('SIGKILL');
     await new Promise((r) => c.once('exit', r));
   }
