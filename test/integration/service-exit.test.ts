@@ -132,12 +132,12 @@ describe('service exit', () => {
     await expectRecovered(g, miss);
   }, 120_000);
 
-  it('gear daemon: an orderly shutdown that hangs still ends the process after GEAR_SHUTDOWN_TIMEOUT', async (ctx) => {
+  it('gear daemon: an orderly shutdown (SIGINT) that hangs still ends the process after GEAR_SHUTDOWN_TIMEOUT', async (ctx) => {
     if (!available) return ctx.skip();
     const { g, miss, r } = await daemonWithBlockedReader({ GEAR_TEST_FAULTS: 'hang-shutdown', GEAR_SHUTDOWN_TIMEOUT: '1s' });
-    process.kill(g.pid()!, 'SIGTERM');
+    process.kill(g.pid()!, 'SIGINT'); // the same stop as SIGTERM
     const ended = await g.waitExit(6_000);
-    expect(ended, `still alive 6 s after SIGTERM (bound 1 s)\n${g.logTail(15)}`).toEqual({ code: 1, signal: null });
+    expect(ended, `still alive 6 s after SIGINT (bound 1 s)\n${g.logTail(15)}`).toEqual({ code: 1, signal: null });
     expect(g.logTail(60)).toMatch(/orderly shutdown did not finish in time/);
     const res = await Promise.race([r.done, new Promise<undefined>((res) => setTimeout(() => res(undefined), 5_000))]);
     expect(res?.code).not.toBe(0);
