@@ -71,14 +71,17 @@ async function runDaemon(opts: DaemonOptions): Promise<void> {
   const level = parseLevel(opts.logLevel); // the default is not passed through argParser
   const logger = createLogger({ level, name: 'gear-daemon' });
 
-  const started = startGraphDriverServer({
-    socket: opts.socket,
-    ...(opts.root ? { root: opts.root } : {}),
+  // The handlers are installed before the (possibly slow) start runs, so an early signal is a clean stop too.
+  await runAsService(
     logger,
-    storeOptions: { lazy: lazyStoreOption(opts) },
-    ...(opts.bodyIdleTimeout !== undefined ? { bodyIdleTimeoutMs: opts.bodyIdleTimeout } : {}),
-  });
-  // Installed while the (possibly slow) start runs, so an early signal is a clean stop too.
-  runAsService(logger, started, 'layers stay mounted');
-  await started;
+    () =>
+      startGraphDriverServer({
+        socket: opts.socket,
+        ...(opts.root ? { root: opts.root } : {}),
+        logger,
+        storeOptions: { lazy: lazyStoreOption(opts) },
+        ...(opts.bodyIdleTimeout !== undefined ? { bodyIdleTimeoutMs: opts.bodyIdleTimeout } : {}),
+      }),
+    'layers stay mounted',
+  );
 }
