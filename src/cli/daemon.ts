@@ -9,6 +9,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
 import { addLazyOptions, lazyStoreOption, type LazyFlags } from './lazy-options.js';
+import { parseDuration } from '../core/fetcher/fetcher.js';
 import { runAsService } from './service.js';
 import { startGraphDriverServer } from '../frontends/graphdriver/server.js';
 
@@ -18,6 +19,16 @@ interface DaemonOptions extends LazyFlags {
   socket: string;
   root?: string;
   logLevel: LogLevel;
+  bodyIdleTimeout?: number;
+}
+
+function parseBodyIdleTimeout(value: string): number {
+  if (value === '0') return 0;
+  try {
+    return parseDuration(value, 'body idle timeout');
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 function parseLevel(value: string): LogLevel {
@@ -42,6 +53,14 @@ export function registerDaemon(program: Command): void {
         .env('GEAR_LOG_LEVEL')
         .default('info')
         .argParser(parseLevel),
+    )
+    .addOption(
+      new Option(
+        '--body-idle-timeout <duration>',
+        'fail a call (and free its layer) when its request body (the ApplyDiff tar) sends nothing this long, e.g. 120s; 0: never',
+      )
+        .env('GEAR_BODY_IDLE_TIMEOUT')
+        .argParser(parseBodyIdleTimeout),
     );
   addLazyOptions(cmd).action(async (opts: DaemonOptions) => {
     await runDaemon(opts);
@@ -52,13 +71,17 @@ async function runDaemon(opts: DaemonOptions): Promise<void> {
   const level = parseLevel(opts.logLevel); // the default is not passed through argParser
   const logger = createLogger({ level, name: 'gear-daemon' });
 
-  const started = startGraphDriverServer({
-    socket: opts.socket,
-    ...(opts.root ? { root: opts.root } : {}),
+  // The handlers are installed before the (possibly slow) start runs, so an early signal is a clean stop too.
+  await runAsService(
     logger,
-    storeOptions: { lazy: lazyStoreOption(opts) },
-  });
-  // Installed while the (possibly slow) start runs, so an early signal is a clean stop too.
-  runAsService(logger, started, 'layers stay mounted');
-  await started;
+    () =>
+      startGraphDriverServer({
+        socket: opts.socket,
+        ...(opts.root ? { root: opts.root } : {}),
+        logger,
+        storeOptions: { lazy: lazyStoreOption(opts) },
+        ...(opts.bodyIdleTimeout !== undefined ? { bodyIdleTimeoutMs: opts.bodyIdleTimeout } : {}),
+      }),
+    'layers stay mounted',
+  );
 }

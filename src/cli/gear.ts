@@ -4,11 +4,6 @@
  * itself on the program.
  */
 import { Command } from 'commander';
-import { registerDaemon } from './daemon.js';
-import { registerCache } from './cache.js';
-import { registerConvert } from './convert.js';
-import { registerPrefetch } from './prefetch.js';
-import { registerSnapshotter } from './snapshotter.js';
 
 const program = new Command();
 program
@@ -17,11 +12,18 @@ program
   .version('0.1.0')
   .showHelpAfterError();
 
-registerDaemon(program);
-registerCache(program);
-registerConvert(program);
-registerPrefetch(program);
-registerSnapshotter(program);
+// A service loads only its own module: a restarted daemon must answer dockerd as soon as it can, and the
+// converter's modules (~150 ms to load) are no part of it.
+const sub = process.argv[2];
+if (sub === 'daemon') (await import('./daemon.js')).registerDaemon(program);
+else if (sub === 'snapshotter') (await import('./snapshotter.js')).registerSnapshotter(program);
+else {
+  (await import('./daemon.js')).registerDaemon(program);
+  (await import('./cache.js')).registerCache(program);
+  (await import('./convert.js')).registerConvert(program);
+  (await import('./prefetch.js')).registerPrefetch(program);
+  (await import('./snapshotter.js')).registerSnapshotter(program);
+}
 
 program.parseAsync(process.argv).catch((err: unknown) => {
   process.stderr.write(`gear: ${err instanceof Error ? err.message : String(err)}\n`);

@@ -59,7 +59,9 @@ async function runSnapshotter(opts: SnapshotterOptions): Promise<void> {
   // Loaded here, not at the top: other subcommands must not pay for (or break
   // on) the gRPC stack and the layer store.
   const { startSnapshotterServer } = await import('../frontends/snapshotter/server.js');
-  const server = startSnapshotterServer({ socket: opts.socket, root: opts.root, logger, storeOptions: { lazy: lazyStoreOption(opts) } });
-  runAsService(logger, server, 'mounts belong to containerd');
-  await server;
+  await runAsService(
+    logger,
+    () => startSnapshotterServer({ socket: opts.socket, root: opts.root, logger, storeOptions: { lazy: lazyStoreOption(opts) } }),
+    'mounts belong to containerd',
+  );
 }

@@ -27,7 +27,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import type tarStream from 'tar-stream';
-import { errnoCode, failedPrecondition, GearError, internal, invalidArgument } from '../errors.js';
+import { errnoCode, failedPrecondition, GearError, internal, invalidArgument, unavailable } from '../errors.js';
 import { native } from '../sys/native.js';
 import { getXattr, listXattrs, removeXattr, setXattr } from '../sys/xattr.js';
 import { classifyWhiteout, entryComponents, quoteName, refuse } from './tarpath.js';
@@ -484,6 +484,13 @@ const INPUT_ERRNOS = new Set(['ENAMETOOLONG', 'ELOOP', 'ENOTDIR', 'EEXIST', 'EIS
 function wrapSys(name: string, err: unknown): GearError {
   const code = errnoCode(err);
   const msg = `layer entry ${quoteName(name)}: ${(err as Error)?.message ?? String(err)}`;
+  if (code === 'ENOSPC' || code === 'EDQUOT') {
+    // Not the layer's fault, nor a bug: the node's disk. Retrying after freeing space works.
+    return unavailable(
+      `${msg}: the filesystem holding the layer store is full; free space on it (remove unused images and containers, or lower the Gear pool cap, --cache-size) and pull again`,
+      err,
+    );
+  }
   return code && INPUT_ERRNOS.has(code) ? invalidArgument(msg, err) : internal(msg, err);
 }
 

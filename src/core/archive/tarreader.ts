@@ -142,7 +142,9 @@ async function* sourceChunks(input: Readable): AsyncGenerator<Buffer> {
       try {
         r = await it.next();
       } catch (err) {
-        throw new GearError('Unavailable', `reading the layer stream: ${(err as Error).message}`, { cause: err });
+        // The input's own class survives (a body idle timeout stays DeadlineExceeded); anything else is Unavailable.
+        const cls = err instanceof GearError && err.class !== 'Internal' ? err.class : 'Unavailable';
+        throw new GearError(cls, `reading the layer stream: ${(err as Error).message}`, { cause: err });
       }
       if (r.done) return;
       const v = r.value;

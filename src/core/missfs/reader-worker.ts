@@ -28,7 +28,8 @@
  * was unmounted or the connection aborted). It cannot be stopped while it is
  * blocked in read(2) — Worker.terminate() does not interrupt a system call,
  * and even process.exit() waits for it — so the owner must end the mount
- * (umount, or abort the connection) to stop it.
+ * (umount, or abort the connection) to stop it. A process that must exit
+ * aborts every connection first (connections.ts, cli/service.ts).
  */
 import { Worker } from 'node:worker_threads';
 

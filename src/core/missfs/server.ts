@@ -32,13 +32,13 @@
  * (a slow provider call never holds up others) and answers each with one
  * writeSync, in any order, by `unique`.
  */
-import { spawn } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, failedPrecondition, GearError, internal, isClass, unavailable } from '../errors.js';
-import { mountsAt, type MountLine } from './mountinfo.js';
+import { abortConnection, registerSession } from './connections.js';
+import { mountsAt, prepareMountpoint, runCmd, type MountLine } from './mountpoint.js';
 import { native } from '../sys/native.js';
 import {
   Errno,
@@ -242,101 +242,6 @@ function errnoFor(err: unknown): number {
   return Errno.EIO;
 }
 
-interface CmdResult {
-  code: number | null;
-  stderr: string;
-  timedOut: boolean;
-}
-
-function runCmd(cmd: string, args: string[], timeoutMs: number, extraFd?: number): Promise<CmdResult> {
-  return new Promise((resolve) => {
-    let child;
-    try {
-      child = spawn(cmd, args, {
-        stdio: extraFd === undefined ? ['ignore', 'ignore', 'pipe'] : ['ignore', 'ignore', 'pipe', extraFd],
-      });
-    } catch (err) {
-      resolve({ code: null, stderr: describeError(err), timedOut: false });
-      return;
-    }
-    let stderr = '';
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      child.kill('SIGKILL');
-    }, timeoutMs);
-    child.stderr?.setEncoding('utf8');
-    child.stderr?.on('data', (s: string) => {
-      if (stderr.length < 4096) stderr += s;
-    });
-    child.on('error', (err) => {
-      clearTimeout(timer);
-      resolve({ code: null, stderr: describeError(err), timedOut });
-    });
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stderr: stderr.trim(), timedOut });
-    });
-  });
-}
-
-const FUSECTL_DIR = '/sys/fs/fuse/connections';
-
-/** Aborts a FUSE connection through fusectl (mounting fusectl if needed). True when the abort was written. */
-async function abortConnection(conn: number, logger: Logger): Promise<boolean> {
-  const abortFile = `${FUSECTL_DIR}/${conn}/abort`;
-  if (!existsSync(abortFile)) {
-    let empty = false;
-    try {
-      empty = existsSync(FUSECTL_DIR) && readdirSync(FUSECTL_DIR).length === 0;
-    } catch {
-      empty = false;
-    }
-    if (empty) {
-      const r = await runCmd('mount', ['-t', 'fusectl', 'fusectl', FUSECTL_DIR], 5_000);
-      if (r.code !== 0) logger.warn({ stderr: r.stderr }, 'missfs: cannot mount fusectl to abort a connection');
-    }
-  }
-  try {
-    writeFileSync(abortFile, '1');
-    return true;
-  } catch (err) {
-    logger.warn({ err: describeError(err), conn }, 'missfs: cannot abort FUSE connection');
-    return false;
-  }
-}
-
-/**
- * Makes mp ready for a fresh mount: a stale fuse.gear mount left by a crashed
- * daemon (its connection is gone: stat gives ENOTCONN) is lazily unmounted. A
- * live one, or any other filesystem mounted there, is an error.
- */
-async function prepareMountpoint(mp: string, logger: Logger): Promise<void> {
-  for (let round = 0; round < 8; round++) {
-    const top = mountsAt(mp).at(-1);
-    if (!top) break;
-    if (!top.fsType.startsWith('fuse')) {
-      throw failedPrecondition(`miss filesystem mountpoint ${mp} already has a ${top.fsType} mount`);
-    }
-    // stat in a child process: a hung daemon would block the caller in the kernel, and must not block us.
-    const probe = await runCmd('stat', ['-c', '%i', mp], 5_000);
-    if (probe.code === 0) {
-      throw failedPrecondition(
-        `miss filesystem mountpoint ${mp} already has a live ${top.fsType} mount (another gear daemon running?)`,
-      );
-    }
-    logger.warn(
-      { mountpoint: mp, fsType: top.fsType, probe: probe.timedOut ? 'timed out' : probe.stderr },
-      'missfs: replacing a stale FUSE mount left by a previous daemon',
-    );
-    const r = await runCmd('umount', ['-l', mp], 10_000);
-    if (r.code !== 0) throw internal(`cannot unmount the stale mount at ${mp}: ${r.stderr}`);
-  }
-  if (mountsAt(mp).length > 0 && mountsAt(mp).at(-1)!.fsType.startsWith('fuse')) {
-    throw internal(`stale FUSE mounts at ${mp} keep reappearing`);
-  }
-  mkdirSync(mp, { recursive: true });
-}
 
 class MissFsSession implements MissFsMount {
   readonly mountpoint: string;
@@ -363,6 +268,7 @@ class MissFsSession implements MissFsMount {
   private readonly closedD = deferred<void>();
   readonly initD = deferred<InitOut>();
   private unmounting: Promise<void> | undefined;
+  private unregister: (() => void) | undefined;
 
   private readonly nodes = new Map<bigint, FileNode>();
   private readonly inoByHex = new Map<string, bigint>();
@@ -441,6 +347,8 @@ class MissFsSession implements MissFsMount {
   // Lifecycle
 
   startReader(): void {
+    // Until finish(): a reader blocked on /dev/fuse keeps the process from exiting (connections.ts).
+    this.unregister ??= registerSession(this);
     const { worker, control } = startReaderWorker(this.fd, this.bufSize, this.staticReplies(), this.ptTable);
     this.worker = worker;
     this.readerControl = control;
@@ -513,6 +421,7 @@ class MissFsSession implements MissFsMount {
       /* already closed */
     }
     this.fd = -1;
+    this.unregister?.();
     this.initD.reject(unavailable('the FUSE session ended before INIT'));
     void Promise.allSettled(closing).then(() => this.closedD.resolve());
   }

@@ -775,7 +775,7 @@ export class Pool {
     const how =
       freed.files > 0
         ? `evicted ${freed.files} file(s), ${formatSize(freed.bytes)}; the write can be retried`
-        : `nothing could be evicted (${this.entries.size} file(s) present, ${this.stat().pinned} pinned, ${this.stat().writing} being written)`;
+        : `nothing could be evicted (${this.entries.size} file(s) present, ${this.stat().pinned} pinned, ${this.stat().writing} being written); free space on the filesystem holding the pool, or lower its cap (--cache-size)`;
     this.log.warn({ digest: `sha256:${hex}`, freed }, 'pool: disk full during a write');
     return new PoolNoSpaceError(`${what}: ${how}`, freed, cause);
   }

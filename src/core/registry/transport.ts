@@ -463,12 +463,24 @@ export class RegistryTransport {
     }
   }
 
-  /** Close every pool. Idempotent. */
+  /**
+   * Close every pool: gracefully, then (after 2 s: a request still in flight, e.g. one whose body
+   * was abandoned after a failed pool write) by destroying it, so that closing never hangs a
+   * shutdown. Idempotent.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     const pools = [...this.pools.values()];
     this.pools.clear();
-    await Promise.allSettled(pools.map((p) => p.close()));
+    await Promise.allSettled(
+      pools.map(async (p) => {
+        let timer: NodeJS.Timeout | undefined;
+        const late = new Promise<'late'>((r) => (timer = setTimeout(() => r('late'), 2_000)));
+        const how = await Promise.race([p.close().then(() => 'closed' as const), late]);
+        clearTimeout(timer);
+        if (how === 'late') await p.destroy();
+      }),
+    );
   }
 }

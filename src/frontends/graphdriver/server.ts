@@ -11,12 +11,13 @@ import { lstat, mkdir, unlink } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
-import { PassThrough } from 'node:stream';
+import { PassThrough, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import express, { type Request, type Response } from 'express';
 import type { Logger } from 'pino';
 import {
   errnoCode,
+  deadlineExceeded,
   errorClass,
   failedPrecondition,
   GearError,
@@ -39,6 +40,21 @@ import { openCoreLayerStore } from './store-opener.js';
 
 /** JSON request bodies are tiny; anything bigger than this is not from dockerd. */
 const MAX_JSON_BODY = 1 << 20;
+/** Default of GraphDriverServerOptions.bodyIdleTimeoutMs. */
+export const DEFAULT_BODY_IDLE_TIMEOUT_MS = 120_000;
+/** A JSON body (at most MAX_JSON_BODY bytes) must be complete this long after its headers. */
+const JSON_BODY_DEADLINE_MS = 60_000;
+
+/** Transport limits of the app. */
+export interface BodyLimits {
+  /**
+   * How long a request body may send nothing while we wait for it (the
+   * ApplyDiff tar, a JSON body) before the call fails with DeadlineExceeded
+   * and its connection is closed; time the store itself is not reading
+   * (backpressure) does not count.
+   */
+  bodyIdleTimeoutMs: number;
+}
 
 /** What the request logger records about a call (set by handlers, read on finish). */
 interface CallInfo {
@@ -75,23 +91,70 @@ const JSON_VERBS: Record<string, JsonVerb> = {
  * discards, then fails: breaking off (or destroying the request) would cut
  * the connection, and dockerd would never see the `Err`.
  */
-function readBody(req: Request, limit: number): Promise<Buffer> {
+function readBody(req: Request, limit: number, limits: BodyLimits): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
+    const idle = idleTimer(req, limits, 'the JSON request body', (err) => finish(err));
+    const deadline = setTimeout(
+      () => finish(deadlineExceeded(`the JSON request body was not complete ${JSON_BODY_DEADLINE_MS / 1000} s after its headers (at most ${limit} bytes are accepted)`)),
+      JSON_BODY_DEADLINE_MS,
+    );
+    const finish = (err: Error | undefined, body?: Buffer): void => {
+      idle.stop();
+      clearTimeout(deadline);
+      if (err) reject(err);
+      else resolve(body!);
+    };
     req.on('data', (chunk: Buffer) => {
       size += chunk.length;
       if (size <= limit) chunks.push(chunk);
     });
     req.once('end', () => {
-      if (size > limit) reject(invalidArgument(`request body of ${size} bytes is larger than ${limit} bytes`));
-      else resolve(Buffer.concat(chunks));
+      if (size > limit) finish(invalidArgument(`request body of ${size} bytes is larger than ${limit} bytes`));
+      else finish(undefined, Buffer.concat(chunks));
     });
-    req.once('error', (err) => reject(unavailable('reading the request body', err)));
+    req.once('error', (err) => finish(unavailable('reading the request body', err)));
     req.once('close', () => {
-      if (!req.readableEnded) reject(unavailable('client went away before the end of the request body'));
+      if (!req.readableEnded) finish(unavailable('client went away before the end of the request body'));
     });
   });
+}
+
+/** Marks a request whose body timed out: its error reply is followed by closing the connection (the rest never comes). */
+const TIMED_OUT = Symbol('body timed out');
+
+/**
+ * Fails (via onIdle) when req has sent no bytes for limits.bodyIdleTimeoutMs
+ * while we were reading it; a paused req (backpressure: the store is busy)
+ * is not idle.
+ */
+function idleTimer(req: Request, limits: BodyLimits, what: string, onIdle: (err: Error) => void): { stop(): void } {
+  const ms = limits.bodyIdleTimeoutMs;
+  let timer: NodeJS.Timeout | undefined;
+  const arm = (): void => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      if (req.readableEnded) return;
+      if (req.readableFlowing === false || req.isPaused()) return arm(); // we are not reading: not the client's fault
+      const err = deadlineExceeded(
+        `${what}: the client sent nothing for ${ms / 1000} s (the body idle timeout: gear daemon --body-idle-timeout, GEAR_BODY_IDLE_TIMEOUT)`,
+      );
+      (req as unknown as Record<symbol, boolean>)[TIMED_OUT] = true;
+      stop();
+      onIdle(err);
+    }, ms);
+  };
+  const onData = (): void => arm();
+  const stop = (): void => {
+    clearTimeout(timer);
+    req.off('data', onData);
+  };
+  if (ms > 0) {
+    req.on('data', onData);
+    arm();
+  }
+  return { stop };
 }
 
 /** Lets the rest of a request body flow away (after an early reply), so the connection stays usable. */
@@ -111,25 +174,54 @@ function drain(req: Request): Promise<void> {
  * would see a transport error instead of our `Err` reply. Backpressure is kept
  * (pipe), and a client that goes away mid-body fails the store's read.
  */
-function detachBody(req: Request): { body: PassThrough; detach(): void } {
+function detachBody(req: Request, res: Response, limits: BodyLimits): { body: PassThrough; detach(): void } {
   const body = new PassThrough();
   const onGone = (): void => {
     if (!req.readableEnded) body.destroy(unavailable('client went away before the end of the layer tar'));
   };
   req.once('close', onGone);
   req.once('error', onGone);
+  // Answered or cut before the tar was read (e.g. a framing error answered by the clientError handler): stop reading.
+  res.once('close', onGone);
+  const idle = idleTimer(req, limits, 'ApplyDiff: the layer tar', (err) => body.destroy(err));
+  req.once('end', () => idle.stop());
   req.pipe(body);
   return {
     body,
     detach: () => {
+      idle.stop();
       req.unpipe(body);
       req.off('close', onGone);
       req.off('error', onGone);
+      res.off('close', onGone);
     },
   };
 }
 
+/** Resolves when stream has data (or ended); rejects if it fails first. */
+function firstByte(stream: Readable): Promise<void> {
+  if (stream.errored) return Promise.reject(stream.errored);
+  if (stream.readableLength > 0 || stream.readableEnded) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const done = (err?: Error): void => {
+      stream.off('readable', onReadable);
+      stream.off('end', onReadable);
+      stream.off('error', done);
+      stream.off('close', onClose);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onReadable = (): void => done();
+    const onClose = (): void => done(stream.errored ?? unavailable('the layer tar stream closed before its first byte'));
+    stream.once('readable', onReadable);
+    stream.once('end', onReadable);
+    stream.once('error', done);
+    stream.once('close', onClose);
+  });
+}
+
 function sendJson(res: Response, body: object, status = 200): void {
+  if (res.writableEnded) return; // already answered (e.g. a malformed request, by the clientError handler)
   const text = JSON.stringify(body);
   res.status(status);
   res.setHeader('Content-Type', PLUGIN_MIMETYPE);
@@ -144,16 +236,30 @@ function sendJson(res: Response, body: object, status = 200): void {
  */
 function sendError(res: Response, info: CallInfo, err: unknown, status = 200): void {
   info.err = err;
+  if (res.writableEnded) return;
   if (res.headersSent) {
     // Mid-stream failure: cut the connection so dockerd sees a truncated body, never a clean end.
     res.destroy(err instanceof Error ? err : undefined);
     return;
   }
+  if ((res.req as unknown as Record<symbol, unknown>)[TIMED_OUT] === true) {
+    // The rest of the body is not coming: reply, then close (FIN; cut after 1 s if the client keeps it open).
+    res.setHeader('Connection', 'close');
+    res.once('finish', () => {
+      const sock = res.req.socket;
+      sock.end();
+      setTimeout(() => sock.destroy(), 1000).unref();
+    });
+  }
   sendJson(res, { Err: toWireError(err) }, status);
 }
 
 /** Builds the express app serving /Plugin.Activate and /GraphDriver.* for one driver. */
-export function createGraphDriverApp(driver: GraphDriver, logger: Logger): express.Express {
+export function createGraphDriverApp(
+  driver: GraphDriver,
+  logger: Logger,
+  limits: BodyLimits = { bodyIdleTimeoutMs: DEFAULT_BODY_IDLE_TIMEOUT_MS },
+): express.Express {
   const app = express();
   app.disable('x-powered-by');
   app.disable('etag');
@@ -184,15 +290,20 @@ export function createGraphDriverApp(driver: GraphDriver, logger: Logger): expre
   });
 
   app.post('/Plugin.Activate', async (req, res) => {
-    await drain(req); // the body is JSON `null`; nothing to read
-    sendJson(res, ACTIVATE_REPLY);
+    try {
+      await readBody(req, MAX_JSON_BODY, limits); // the body is JSON `null`; read (bounded) and ignored
+      sendJson(res, ACTIVATE_REPLY);
+    } catch (err) {
+      sendError(res, res.locals.call as CallInfo, err);
+      void drain(req);
+    }
   });
 
   for (const [name, verb] of Object.entries(JSON_VERBS)) {
     app.post(`/GraphDriver.${name}`, async (req, res) => {
       const info = res.locals.call as CallInfo;
       try {
-        const body = parseBody(await readBody(req, MAX_JSON_BODY));
+        const body = parseBody(await readBody(req, MAX_JSON_BODY, limits));
         if (typeof body.ID === 'string') info.id = body.ID;
         sendJson(res, await verb(driver, body));
       } catch (err) {
@@ -206,9 +317,11 @@ export function createGraphDriverApp(driver: GraphDriver, logger: Logger): expre
   app.post('/GraphDriver.Diff', async (req, res) => {
     const info = res.locals.call as CallInfo;
     try {
-      const body = parseBody(await readBody(req, MAX_JSON_BODY));
+      const body = parseBody(await readBody(req, MAX_JSON_BODY, limits));
       if (typeof body.ID === 'string') info.id = body.ID;
       const tar = await driver.diff(diffReq(body));
+      // Until its first byte the tar may still fail as a proper `{"Err"}` reply; after it, only by a cut.
+      await firstByte(tar);
       res.status(200);
       res.setHeader('Content-Type', 'application/x-tar');
       await pipeline(tar, res);
@@ -223,7 +336,7 @@ export function createGraphDriverApp(driver: GraphDriver, logger: Logger): expre
     try {
       const { id, parent } = parseApplyDiffQuery(req.originalUrl);
       info.id = id;
-      const { body, detach } = detachBody(req);
+      const { body, detach } = detachBody(req, res, limits);
       let reply: DriverResponse;
       try {
         reply = await driver.applyDiff(id, parent, body);
@@ -265,6 +378,8 @@ export interface GraphDriverServerOptions {
   storeOptions?: Record<string, unknown>;
   /** How long close() waits for in-flight requests before cutting connections; default 10 s. */
   shutdownTimeoutMs?: number;
+  /** See BodyLimits.bodyIdleTimeoutMs; default DEFAULT_BODY_IDLE_TIMEOUT_MS (120 s); 0 turns it off. */
+  bodyIdleTimeoutMs?: number;
 }
 
 export interface GraphDriverServer {
@@ -287,7 +402,7 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
     openStore: opts.openStore ?? openCoreLayerStore,
     ...(opts.storeOptions ? { storeOptions: opts.storeOptions } : {}),
   });
-  const app = createGraphDriverApp(driver, logger);
+  const app = createGraphDriverApp(driver, logger, { bodyIdleTimeoutMs: opts.bodyIdleTimeoutMs ?? DEFAULT_BODY_IDLE_TIMEOUT_MS });
   const server = http.createServer(app);
   // Node's defaults would abort a multi-minute ApplyDiff upload (requestTimeout 300 s).
   server.requestTimeout = 0;
@@ -305,9 +420,14 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
       if (inFlight === 0) idle?.();
     });
   });
-  server.on('clientError', (err, sock) => {
-    logger.warn({ err: String(err) }, 'malformed HTTP request');
-    sock.destroy();
+  server.on('clientError', (err: NodeJS.ErrnoException, sock) => {
+    // No one left to answer: our own cut (a Diff failing mid-stream, logged by its request), or a client that went away.
+    if (err instanceof GearError || err.code === 'ECONNRESET' || err.code === 'HPE_INVALID_EOF_STATE' || !sock.writable || sock.readableEnded) {
+      sock.destroy();
+      return;
+    }
+    logger.warn({ err: String(err), code: err.code }, 'malformed HTTP request');
+    replyMalformed(err, sock);
   });
 
   await prepareSocket(socket);
@@ -352,6 +472,29 @@ export async function startGraphDriverServer(opts: GraphDriverServerOptions): Pr
   };
 
   return { socket, close };
+}
+
+/**
+ * Answers a request Node's HTTP parser refused (bad framing, headers too
+ * large, …) with an `Err` reply instead of a bare cut, then closes the
+ * connection. A request whose handler already runs is answered through its
+ * response (which its handler then leaves alone); one whose reply started
+ * can only be cut.
+ */
+function replyMalformed(err: NodeJS.ErrnoException, sock: import('node:stream').Duplex): void {
+  const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400;
+  const text = JSON.stringify({ Err: `InvalidArgument: malformed HTTP request: ${err.message}${err.code ? ` (${err.code})` : ''}` });
+  const headers = { 'Content-Type': PLUGIN_MIMETYPE, 'Content-Length': String(Buffer.byteLength(text)), Connection: 'close' };
+  const res = (sock as unknown as { _httpMessage?: http.ServerResponse })._httpMessage;
+  setTimeout(() => sock.destroy(), 1000).unref();
+  if (res) {
+    // Its handler waits for a body that will never parse: closing the connection after the reply ends its wait.
+    if (res.headersSent) sock.destroy();
+    else res.writeHead(status, headers).end(text, () => sock.destroy());
+    return;
+  }
+  const head = Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('');
+  sock.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\n${head}\r\n${text}`);
 }
 
 /**

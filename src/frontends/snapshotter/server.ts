@@ -15,7 +15,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, unavailable } from '../../core/errors.js';
 import { openLayerStore, type LayerStoreOptions } from '../../core/layers/store.js';
-import { toServiceError } from './errors.js';
+import { streamHandler, unaryHandler } from './handlers.js';
 import { Snapshotter, type MountSpec, type SnapshotInfo } from './snapshotter.js';
 import type { SnapshotKind } from './metastore.js';
 
@@ -142,27 +142,7 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
   };
   const service = pkg.containerd.services.snapshots.v1.Snapshots.service;
 
-  const namespaceOf = (call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>) =>
-    String(call.metadata.get('containerd-namespace')[0] ?? '');
-
-  function unary<Req, Res>(rpc: string, fn: Handler<Req, Res>): grpc.handleUnaryCall<Req, Res> {
-    return (call, callback) => {
-      const started = performance.now();
-      const req = call.request as Req & { key?: string; name?: string };
-      const fields = { rpc, ns: namespaceOf(call), key: req.key ?? req.name };
-      fn(call.request).then(
-        (res) => {
-          log.debug({ ...fields, ms: Math.round(performance.now() - started) }, 'call');
-          callback(null, res);
-        },
-        (err: unknown) => {
-          const e = toServiceError(err);
-          log[e.code === grpc.status.UNKNOWN ? 'error' : 'debug']({ ...fields, code: e.code, err: e.details }, 'call failed');
-          callback(e);
-        },
-      );
-    };
-  }
+  const unary = <Req, Res>(rpc: string, fn: Handler<Req, Res>) => unaryHandler(log, rpc, fn);
 
   const empty = {};
   const impl: grpc.UntypedServiceImplementation = {
@@ -199,21 +179,12 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
       await sn.cleanup();
       return empty;
     }),
-    List: (call: grpc.ServerWritableStream<{ filters: string[] }, { info: WireInfo[] }>) => {
-      const ns = namespaceOf(call);
-      sn.list(call.request.filters ?? []).then(
-        (infos) => {
-          for (let i = 0; i < infos.length; i += LIST_BATCH) call.write({ info: infos.slice(i, i + LIST_BATCH).map(infoToWire) });
-          log.debug({ rpc: 'List', ns, count: infos.length }, 'call');
-          call.end();
-        },
-        (err: unknown) => {
-          const e = toServiceError(err);
-          log.debug({ rpc: 'List', ns, code: e.code, err: e.details }, 'call failed');
-          call.emit('error', e);
-        },
-      );
-    },
+    List: streamHandler(log, 'List', async (r: { filters?: string[] }) => {
+      const infos = await sn.list(r.filters ?? []);
+      const msgs: Array<{ info: WireInfo[] }> = [];
+      for (let i = 0; i < infos.length; i += LIST_BATCH) msgs.push({ info: infos.slice(i, i + LIST_BATCH).map(infoToWire) });
+      return msgs;
+    }),
   };
 
   const server = new grpc.Server({

@@ -270,8 +270,15 @@ export class Snapshotter {
       }
       return rec;
     });
-    this.log?.debug({ key, parent, kind, layer: rec.layer }, 'created snapshot');
-    return this.mountsOf(rec);
+    try {
+      const mounts = await this.mountsOf(rec);
+      this.log?.debug({ key, parent, kind, layer: rec.layer }, 'created snapshot');
+      return mounts;
+    } catch (err) {
+      // Refused (e.g. a chain too long to mount): a refused call leaves no snapshot behind.
+      await this.remove(key).catch((e: unknown) => this.log?.warn({ key, err: describeError(e) }, 'could not undo a refused snapshot'));
+      throw err;
+    }
   }
 
   async mounts(key: string): Promise<MountSpec[]> {
