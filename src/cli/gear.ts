@@ -7,6 +7,7 @@ import { Command } from 'commander';
 import { registerDaemon } from './daemon.js';
 import { registerCache } from './cache.js';
 import { registerConvert } from './convert.js';
+import { registerCopy } from './copy.js';
 import { registerPrefetch } from './prefetch.js';
 import { registerSnapshotter } from './snapshotter.js';
 
@@ -20,6 +21,7 @@ program
 registerDaemon(program);
 registerCache(program);
 registerConvert(program);
+registerCopy(program);
 registerPrefetch(program);
 registerSnapshotter(program);
 

@@ -37,8 +37,22 @@ export interface SourceLayer {
   open(): Promise<AsyncIterable<Uint8Array>>;
 }
 
+/** Raw access to the blobs of a source that has a blob store (registry, OCI layout), for `gear copy`. */
+export interface BlobReader {
+  /** The registry repository the blobs come from (registry sources): lets a copy mount them. */
+  repository?: { registry: string; repository: string };
+  /** A local file holding the blob as stored, not verified (OCI layouts); undefined when absent or remote. */
+  localPath?(digest: string): string | undefined;
+  /** Downloads a blob into `path`, verified against digest and size. */
+  fetchTo(digest: string, size: number, path: string): Promise<void>;
+}
+
 export interface SourceImage {
   description: string;
+  /** The image manifest as stored (registry, OCI layout sources). */
+  manifest?: { bytes: Buffer; mediaType: string; digest: string };
+  /** Blob access (registry, OCI layout sources). */
+  blobs?: BlobReader;
   /** Manifest digest when the source has one, else config digest. */
   sourceDigest: string;
   configDigest: string;
@@ -174,6 +188,18 @@ export async function openOciLayout(arg: string): Promise<SourceImage> {
   }
   return {
     description: `oci:${dir}${tag !== undefined ? `:${tag}` : ''}`,
+    manifest: { bytes: manifestBuf, mediaType: mt, digest: manifestDigest },
+    blobs: {
+      localPath: (d) => {
+        const p = blobPath(d);
+        return existsSync(p) ? p : undefined;
+      },
+      async fetchTo(d, size, path) {
+        const p = blobPath(d);
+        if (!existsSync(p)) throw notFound(`oci:${dir}: blob ${d} is missing`);
+        await pipeline(verified(createReadStream(p) as AsyncIterable<Buffer>, d, size, `oci:${dir} blob ${d}`), createWriteStream(path));
+      },
+    },
     sourceDigest: manifestDigest,
     configDigest: cfgDesc.digest,
     config,
@@ -328,6 +354,11 @@ export async function openRegistryImage(reg: RegistryAccess, ref: string): Promi
   }
   return {
     description: ref,
+    manifest: { bytes: img.bytes, mediaType: img.mediaType, digest: img.digest },
+    blobs: {
+      repository: { registry: reg.ref.registry, repository: reg.ref.repository },
+      fetchTo: (d, size, path) => reg.fetchBlobTo(d, size, path),
+    },
     sourceDigest: img.digest,
     configDigest: cfg.digest,
     config,
