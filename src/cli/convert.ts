@@ -13,6 +13,7 @@ import { describeError, invalidArgument } from '../core/errors.js';
 import type { BlobLocation } from '../core/index/manifest.js';
 import { convertImage, type ConvertSummary, type ProgressEvent } from '../convert/convert.js';
 import { ociLayoutDestination, registryDestination, type Destination } from '../convert/destination.js';
+import { removeScratchOnSignals } from '../convert/scratch.js';
 import { newRegistryClient, openRegistry } from '../convert/registry-adapter.js';
 import { openDockerArchive, openDockerDaemon, openOciLayout, openRegistryImage, parseSourceSpec, type SourceImage } from '../convert/source.js';
 import { parseRepository } from '../core/registry/reference.js';
@@ -170,6 +171,7 @@ export function registerConvert(program: Command): void {
         const n = Number(v);
         if (!Number.isInteger(n) || n < 1) throw invalidArgument(`${name} must be a positive integer`);
       }
+      removeScratchOnSignals();
       try {
         const s = await runConvert(src, dst, flags);
         if (flags.json) process.stdout.write(`${JSON.stringify(s)}\n`);

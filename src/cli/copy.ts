@@ -11,6 +11,7 @@ import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
 import { describeError, invalidArgument } from '../core/errors.js';
 import { copyGearImage, type CopyProgress, type CopySummary } from '../convert/copy.js';
+import { removeScratchOnSignals } from '../convert/scratch.js';
 import { newRegistryClient } from '../convert/registry-adapter.js';
 import { parseSourceSpec } from '../convert/source.js';
 import { openDestination, openSource } from './convert.js';
@@ -127,6 +128,7 @@ export function registerCopy(program: Command): void {
         const n = Number(v);
         if (!Number.isInteger(n) || n < 1) throw invalidArgument(`${name} must be a positive integer`);
       }
+      removeScratchOnSignals();
       try {
         const s = await runCopy(src, dst, flags);
         if (flags.json) process.stdout.write(`${JSON.stringify(s)}\n`);

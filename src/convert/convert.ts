@@ -104,6 +104,9 @@ export interface ConvertSummary {
   /** Size of the compressed index layer. */
   indexSize: number;
   keepAliveManifests: number;
+  /** Staged contents (and their gzip forms) an interrupted run of the same conversion left and this one reused. */
+  resumedContents: number;
+  resumedGzip: number;
   seconds: number;
 }
 
@@ -196,7 +199,8 @@ async function writeIndexBlob(manifest: IndexManifest, entries: TarHeader[], fil
 export async function convertImage(src: SourceImage, dst: Destination, opts: ConvertOptions = {}): Promise<ConvertSummary> {
   const t0 = process.hrtime.bigint();
   const progress = opts.progress ?? (() => undefined);
-  const stage = await ContentStage.create(opts.tmpDir);
+  // Keyed by the source: a rerun after a kill -9 takes over what the killed run staged.
+  const stage = await ContentStage.create(opts.tmpDir, /^sha256:[a-f0-9]{64}$/.test(src.sourceDigest) ? src.sourceDigest.slice(7) : undefined);
   try {
     // 1. flatten
     const flat = new Flattener(stage);
@@ -280,6 +284,8 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
       blobsSkipped,
       indexSize: index.size,
       keepAliveManifests: keepCount,
+      resumedContents: stage.reusedContents,
+      resumedGzip: stage.reusedGzip,
       seconds: Number(process.hrtime.bigint() - t0) / 1e9,
     };
   } finally {

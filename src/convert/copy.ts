@@ -24,7 +24,7 @@
  *      only what is missing.
  */
 import { createHash } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { invalidArgument } from '../core/errors.js';
@@ -32,6 +32,7 @@ import { readIndexLayer } from '../core/index/index-layer.js';
 import type { BlobLocation, IndexManifest } from '../core/index/manifest.js';
 import { gearBlobs, mapLimit, publishGearImage, publishKeepAlive, type ProgressEvent } from './convert.js';
 import type { Destination } from './destination.js';
+import { claimScratch } from './scratch.js';
 import { layerTar, type SourceImage } from './source.js';
 
 export type CopyProgress =
@@ -98,7 +99,8 @@ export async function copyGearImage(src: SourceImage, dst: Destination, opts: Co
   const target: BlobLocation | undefined = dst.kind === 'registry' ? dst.location : (dst.location ?? manifest.location);
   const rewrite = !sameLocation(target, manifest.location);
 
-  const tmp = await mkdtemp(join(opts.tmpDir ?? tmpdir(), 'gear-copy-'));
+  const scratch = await claimScratch(opts.tmpDir ?? tmpdir(), 'gear-copy-');
+  const tmp = scratch.dir;
   const counts = { present: [0, 0], mounted: [0, 0], copied: [0, 0] } as Record<BlobStatus, [number, number]>;
   let seq = 0;
   /** Brings one blob of the source into dst. */
@@ -186,6 +188,6 @@ export async function copyGearImage(src: SourceImage, dst: Destination, opts: Co
       seconds: Number(process.hrtime.bigint() - t0) / 1e9,
     };
   } finally {
-    await rm(tmp, { recursive: true, force: true });
+    await scratch.release();
   }
 }

@@ -11,7 +11,7 @@
  * bytes against the config's diff_id.
  */
 import { createReadStream, createWriteStream, existsSync, statSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, posix } from 'node:path';
@@ -20,6 +20,7 @@ import { invalidArgument, notFound, unavailable } from '../core/errors.js';
 import { readTar } from '../core/index/tar.js';
 import { decompressed, verified } from './layer-stream.js';
 import { platformMatches, type RegistryAccess } from './registry-adapter.js';
+import { claimScratch } from './scratch.js';
 
 const DIGEST_RE = /^sha256:[a-f0-9]{64}$/;
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
@@ -311,9 +312,9 @@ export function dockerSocketPath(host?: string): string {
 
 export async function openDockerDaemon(image: string, dockerHost?: string, tmpParent = tmpdir()): Promise<SourceImage> {
   const socketPath = dockerSocketPath(dockerHost);
-  const dir = await mkdtemp(join(tmpParent, 'gear-docker-save-'));
-  const file = join(dir, 'image.tar');
-  const cleanup = () => rm(dir, { recursive: true, force: true });
+  const scratch = await claimScratch(tmpParent, 'gear-docker-save-');
+  const file = join(scratch.dir, 'image.tar');
+  const cleanup = () => scratch.release();
   try {
     await new Promise<void>((resolve, reject) => {
       const req = request({ socketPath, path: `/images/${encodeURIComponent(image)}/get`, method: 'GET' }, (res) => {
