@@ -16,6 +16,7 @@ import { GearError, isClass } from '../core/errors.js';
 import { inspectLock, describeHolder } from '../core/pool/lock.js';
 import { openPool, type EvictResult, type PoolStat } from '../core/pool/pool.js';
 import { formatSize, parseSize } from '../core/pool/size.js';
+import { resolveGearRoot } from './pool-root.js';
 
 export const DEFAULT_ROOT = '/var/lib/gear';
 
@@ -111,9 +112,14 @@ export function registerCache(program: Command): void {
     .addOption(rootOption())
     .option('--json', 'print JSON')
     .action(async (opts: { root: string; json?: boolean }) => {
-      const s = await cacheStatus(opts.root);
+      // A managed plugin's directories lead to its store (pool-root.ts); a root without a pool says where to look.
+      const found = resolveGearRoot(opts.root);
+      const s = await cacheStatus(found.root);
       if (opts.json) process.stdout.write(JSON.stringify(s, null, 2) + '\n');
-      else printStatus(s);
+      else {
+        if (found.followed) process.stdout.write(`(${opts.root} holds no pool; using the managed plugin's store ${found.root})\n`);
+        printStatus(s);
+      }
     });
 
   cache
