@@ -180,7 +180,10 @@ export function registerConvert(program: Command): void {
             `${s.destination}@${s.manifestDigest}\n` +
               `  files ${s.files}, unique contents ${s.uniqueContents}, logical ${mb(s.logicalBytes)}\n` +
               `  uploaded ${mb(s.bytesUploaded)} (${s.blobsUploaded} blobs), already present ${mb(s.bytesSkipped)} (${s.blobsSkipped} blobs)\n` +
-              `  index ${mb(s.indexSize)}, ${s.keepAliveManifests} keep-alive manifest(s), ${s.seconds.toFixed(1)} s\n`,
+              `  index ${mb(s.indexSize)}, ${s.keepAliveManifests} keep-alive manifest(s), ${s.seconds.toFixed(1)} s\n` +
+              (dst.startsWith('oci:')
+                ? `  to a registry with its Gear files: gear copy ${dst} REGISTRY/REPO:TAG (skopeo copy / docker push move the index only)\n`
+                : ''),
           );
         }
       } catch (err) {
