@@ -158,7 +158,14 @@ export function removeScratchOnSignals(): void {
   const numbers: Record<string, number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
   for (const sig of Object.keys(numbers) as NodeJS.Signals[]) {
     process.once(sig, () => {
-      for (const dir of live) rmSync(dir, { recursive: true, force: true });
+      // Writes still in flight in libuv's pool may add a file while the tree is removed (ENOTEMPTY): retried.
+      for (const dir of live) {
+        try {
+          rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+        } catch (err) {
+          process.stderr.write(`gear: could not remove ${dir}: ${(err as Error).message}\n`);
+        }
+      }
       live.clear();
       process.stderr.write(`gear: interrupted (${sig}); removed the scratch files\n`);
       process.exit(128 + numbers[sig]!);

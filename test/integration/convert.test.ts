@@ -29,6 +29,7 @@ import {
   writeOciImage,
   type LayerEntry,
 } from '../helpers/oci-images.js';
+import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
 const exec = promisify(execFile);
@@ -484,8 +485,13 @@ describe('gear convert', () => {
 });
 
 describe('gear convert staging folder', () => {
-  /** A docker archive of many small incompressible-ish files, slow enough to kill mid-way. */
+  /**
+   * A source of many small files in the registry, read through a proxy that
+   * throttles blob downloads: a conversion from it is reliably mid-way when
+   * the test kills it, however loaded the machine is.
+   */
   let src: string;
+  let slow: FaultProxy;
   const stages = (dir: string) => readdirSync(dir).filter((n) => n.startsWith('gear-convert-'));
   const entriesIn = (dir: string) => {
     try {
@@ -495,15 +501,21 @@ describe('gear convert staging folder', () => {
     }
   };
   beforeAll(async () => {
-    src = join(work, 'many-files.tar');
+    const tar = join(work, 'many-files.tar');
     const files: LayerEntry[] = [{ path: 'many/', type: 'dir' }];
     for (let i = 0; i < 1500; i++) files.push({ path: `many/f${i}`, content: Buffer.concat([randomBytes(4000), Buffer.alloc(8000, i % 251)]) });
-    await writeDockerArchive(src, [files], 'gear-test/many:1');
+    await writeDockerArchive(tar, [files], 'gear-test/many:1');
+    await exec('skopeo', ['copy', '-q', '--dest-tls-verify=false', `docker-archive:${tar}`, `docker://${reg.host}/src/many:1`]);
+    slow = await startFaultProxy(reg.url, (req) => (req.method === 'GET' && req.url?.includes('/blobs/') ? { kind: 'throttle', bytesPerSecond: 400_000 } : undefined));
+    src = `${reg.host}/src/many:1`;
   }, 120_000);
+  afterAll(async () => {
+    await slow?.stop();
+  });
 
-  /** Starts `gear convert` of the many-files archive with --tmp-dir tmp; resolves once its stage holds ≥ 100 entries. */
+  /** Starts `gear convert` of the many-files image (throttled) with --tmp-dir tmp; resolves once its stage holds ≥ 100 entries. */
   async function startConvert(tmp: string, out: string): Promise<ChildProcess> {
-    const child = spawn(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, `docker-archive:${src}`, `oci:${out}:v1`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, `${slow.host}/src/many:1`, `oci:${out}:v1`], { stdio: ['ignore', 'pipe', 'pipe'] });
     const deadline = Date.now() + 60_000;
     while (Date.now() < deadline && child.exitCode === null) {
       const st = stages(tmp);
@@ -522,7 +534,8 @@ describe('gear convert staging folder', () => {
     child.kill('SIGKILL');
     await exited(child);
     expect(stages(tmp)).toHaveLength(1); // what kill -9 leaves
-    const r = await exec(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, `docker-archive:${src}`, `oci:${out}:v1`], { maxBuffer: 16 << 20 });
+    // The rerun reads the same image straight from the registry: same source digest, same stage.
+    const r = await exec(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, src, `oci:${out}:v1`], { maxBuffer: 16 << 20 });
     const s = JSON.parse(r.stdout) as { files: number; resumedContents: number; manifestDigest: string };
     expect(s.files).toBe(1500);
     expect(readdirSync(tmp)).toEqual([]);
@@ -541,10 +554,12 @@ describe('gear convert staging folder', () => {
     for (const sig of ['SIGTERM', 'SIGINT'] as const) {
       const tmp = mkdtempSync(join(work, `tmp-${sig}-`));
       const child = await startConvert(tmp, join(work, `sig-out-${sig}`));
+      let stderr = '';
+      child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
       child.kill(sig);
       const code = await exited(child);
-      expect(code).toBe(sig === 'SIGTERM' ? 143 : 130);
-      expect(readdirSync(tmp)).toEqual([]);
+      expect(code, stderr).toBe(sig === 'SIGTERM' ? 143 : 130);
+      expect(readdirSync(tmp), stderr).toEqual([]);
     }
     // A stage another source's killed run left (dead owner) goes at the next conversion.
     const tmp = mkdtempSync(join(work, 'tmp-stale-'));
