@@ -79,7 +79,10 @@ function reporter(tty: boolean, quiet: boolean): { on: (e: CopyProgress) => void
 
 function checkEnd(arg: string, what: string): void {
   if (/^(docker-archive|docker-daemon):/.test(arg)) {
-    throw invalidArgument(`${what} ${JSON.stringify(arg)}: gear copy reads and writes registries and oci:DIR[:TAG] layouts (convert other sources with gear convert)`);
+    throw invalidArgument(
+      `${what} ${JSON.stringify(arg)}: gear copy reads and writes registries and oci:DIR[:TAG] layouts. ` +
+        'A pulled Gear image holds only its index, so copy it from the registry it was pulled from; convert other images with gear convert',
+    );
   }
   if (what === 'source') parseSourceSpec(arg);
 }
