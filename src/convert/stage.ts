@@ -29,6 +29,7 @@ export class ContentStage {
   reusedContents = 0;
   reusedGzip = 0;
   private readonly leftGzip = new Set<string>();
+  private readonly leftContents = new Set<string>();
 
   private constructor(private readonly scratch: Scratch) {}
 
@@ -60,7 +61,10 @@ export class ContentStage {
         if (m[2]) this.leftGzip.add(`sha256:${m[1]}`);
         else {
           const st = await stat(join(this.dir, name));
-          if (st.isFile()) this.known.set(`sha256:${m[1]}`, st.size);
+          if (st.isFile()) {
+            this.known.set(`sha256:${m[1]}`, st.size);
+            this.leftContents.add(`sha256:${m[1]}`);
+          }
         }
       } else if (name.startsWith('tmp-') || name.includes('.tmp-') || name.startsWith('index-layer-')) {
         await unlink(join(this.dir, name)).catch(() => undefined);
@@ -91,7 +95,7 @@ export class ContentStage {
     const digest = `sha256:${hex}`;
     if (this.known.has(digest)) {
       await unlink(tmp);
-      if (this.known.get(digest) === size && this.reused) this.reusedContents++;
+      if (this.leftContents.delete(digest)) this.reusedContents++;
     } else {
       await rename(tmp, join(this.dir, hex));
       this.known.set(digest, size);
