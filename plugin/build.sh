@@ -16,7 +16,8 @@
 #   /bin/busybox + applet links   sh, stat (the daemon probes stale FUSE mounts with `stat -c %i`), ls, cat...
 #   /opt/gear/                    package.json, dist/, build/Release/gear_native.node, production node_modules
 #   /etc/passwd, /etc/group       root only (HOME=/root: registry credentials in /root/.docker/config.json)
-#   /tmp /run/docker/plugins /var/lib/gear /root/.docker  empty mount points / scratch
+#   /tmp /run/docker/plugins /var/lib/gear /root  empty mount points / scratch (/root: the host's
+#                                 home, mount "home", so enable needs no /root/.docker on the host)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -59,7 +60,7 @@ done
 case "$OUT" in /|"") die "refusing OUT=$OUT" ;; esac
 rm -rf "$OUT"
 rootfs="$OUT/rootfs"
-mkdir -p "$rootfs"/{bin,sbin,etc,lib64,tmp,root/.docker,usr/bin,usr/local/bin,opt/gear,run/docker/plugins,run/mount,var/lib/gear,dev,proc,sys}
+mkdir -p "$rootfs"/{bin,sbin,etc,lib64,tmp,root,usr/bin,usr/local/bin,opt/gear,run/docker/plugins,run/mount,var/lib/gear,dev,proc,sys}
 chmod 1777 "$rootfs/tmp"
 
 # Copies a file to the same path inside rootfs (following symlinks).

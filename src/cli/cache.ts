@@ -33,6 +33,7 @@ import {
 } from '../core/pool/scrubber.js';
 import { formatSize, parseSize } from '../core/pool/size.js';
 import { probeFsVerity, type VerityProbe } from '../core/pool/verity.js';
+import { resolveGearRoot } from './pool-root.js';
 
 export const DEFAULT_ROOT = '/var/lib/gear';
 
@@ -227,9 +228,14 @@ export function registerCache(program: Command): void {
     .addOption(rootOption())
     .option('--json', 'print JSON')
     .action(async (opts: { root: string; json?: boolean }) => {
-      const s = await cacheStatus(opts.root);
+      // A managed plugin's directories lead to its store (pool-root.ts); a root without a pool says where to look.
+      const found = resolveGearRoot(opts.root);
+      const s = await cacheStatus(found.root);
       if (opts.json) process.stdout.write(JSON.stringify(s, null, 2) + '\n');
-      else printStatus(s);
+      else {
+        if (found.followed) process.stdout.write(`(${opts.root} holds no pool; using the managed plugin's store ${found.root})\n`);
+        printStatus(s);
+      }
     });
 
   cache

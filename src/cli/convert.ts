@@ -13,6 +13,7 @@ import { describeError, invalidArgument } from '../core/errors.js';
 import type { BlobLocation } from '../core/index/manifest.js';
 import { convertImage, type ConvertSummary, type ProgressEvent } from '../convert/convert.js';
 import { ociLayoutDestination, registryDestination, type Destination } from '../convert/destination.js';
+import { removeScratchOnSignals } from '../convert/scratch.js';
 import { newRegistryClient, openRegistry } from '../convert/registry-adapter.js';
 import { openDockerArchive, openDockerDaemon, openOciLayout, openRegistryImage, parseSourceSpec, type SourceImage } from '../convert/source.js';
 import { parseRepository } from '../core/registry/reference.js';
@@ -170,6 +171,7 @@ export function registerConvert(program: Command): void {
         const n = Number(v);
         if (!Number.isInteger(n) || n < 1) throw invalidArgument(`${name} must be a positive integer`);
       }
+      removeScratchOnSignals();
       try {
         const s = await runConvert(src, dst, flags);
         if (flags.json) process.stdout.write(`${JSON.stringify(s)}\n`);
@@ -178,7 +180,10 @@ export function registerConvert(program: Command): void {
             `${s.destination}@${s.manifestDigest}\n` +
               `  files ${s.files}, unique contents ${s.uniqueContents}, logical ${mb(s.logicalBytes)}\n` +
               `  uploaded ${mb(s.bytesUploaded)} (${s.blobsUploaded} blobs), already present ${mb(s.bytesSkipped)} (${s.blobsSkipped} blobs)\n` +
-              `  index ${mb(s.indexSize)}, ${s.keepAliveManifests} keep-alive manifest(s), ${s.seconds.toFixed(1)} s\n`,
+              `  index ${mb(s.indexSize)}, ${s.keepAliveManifests} keep-alive manifest(s), ${s.seconds.toFixed(1)} s\n` +
+              (dst.startsWith('oci:')
+                ? `  to a registry with its Gear files: gear copy ${dst} REGISTRY/REPO:TAG (skopeo copy / docker push move the index only)\n`
+                : ''),
           );
         }
       } catch (err) {

@@ -104,6 +104,9 @@ export interface ConvertSummary {
   /** Size of the compressed index layer. */
   indexSize: number;
   keepAliveManifests: number;
+  /** Staged contents (and their gzip forms) an interrupted run of the same conversion left and this one reused. */
+  resumedContents: number;
+  resumedGzip: number;
   seconds: number;
 }
 
@@ -196,7 +199,8 @@ async function writeIndexBlob(manifest: IndexManifest, entries: TarHeader[], fil
 export async function convertImage(src: SourceImage, dst: Destination, opts: ConvertOptions = {}): Promise<ConvertSummary> {
   const t0 = process.hrtime.bigint();
   const progress = opts.progress ?? (() => undefined);
-  const stage = await ContentStage.create(opts.tmpDir);
+  // Keyed by the source: a rerun after a kill -9 takes over what the killed run staged.
+  const stage = await ContentStage.create(opts.tmpDir, /^sha256:[a-f0-9]{64}$/.test(src.sourceDigest) ? src.sourceDigest.slice(7) : undefined);
   try {
     // 1. flatten
     const flat = new Flattener(stage);
@@ -280,6 +284,8 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
       blobsSkipped,
       indexSize: index.size,
       keepAliveManifests: keepCount,
+      resumedContents: stage.reusedContents,
+      resumedGzip: stage.reusedGzip,
       seconds: Number(process.hrtime.bigint() - t0) / 1e9,
     };
   } finally {
@@ -341,42 +347,62 @@ export async function publishGearImage(
 
   // Keep-alive manifests and the referrers tag that holds them.
   progress({ kind: 'phase', phase: 'manifests' });
+  const keepCount = await publishKeepAlive(dst, manifest, { digest: imageDigest, size: imageManifest.length }, opts.filesPerManifest, account);
+
+  // The image itself, last.
+  const pushed = await dst.putManifest(dst.tag, imageManifest, MediaTypes.OciManifest);
+  if (pushed !== imageDigest) throw invalidArgument(`destination stored the manifest as ${pushed}, expected ${imageDigest}`);
+  return { index, imageDigest, keepAliveManifests: keepCount };
+}
+
+/** The distinct Gear blobs an index names (blob digest, size, media type as stored), sorted by blob digest. */
+export function gearBlobs(manifest: IndexManifest): { digest: string; size: number; mediaType: string }[] {
   const blobs = new Map<string, { digest: string; size: number; mediaType: string }>();
   for (const f of manifest.files) {
     const b = f.blob ? { digest: f.blob.digest, size: f.blob.size, mediaType: GearMediaType.FileGzip as string } : { digest: f.digest, size: f.size, mediaType: GearMediaType.File as string };
     blobs.set(b.digest, b);
   }
-  const keepAlive = [...blobs.values()].sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
-  const keep = keepAliveManifests(keepAlive, opts.filesPerManifest, { digest: imageDigest, size: imageManifest.length });
-  if (keep.length > 0) {
-    account(EMPTY_JSON_DIGEST, EMPTY_JSON.length, await dst.pushBytes(EMPTY_JSON_DIGEST, EMPTY_JSON));
-    const descs: Record<string, unknown>[] = [];
-    for (let i = 0; i < keep.length; i++) {
-      // Each keep-alive manifest has its own tag: distribution's `garbage-collect
-      // --delete-untagged` deletes untagged manifests even when a tagged index
-      // references them, and with them the only reference to their Gear files.
-      const m = keep[i]!;
-      const d = await dst.putManifest(keepAliveTag(imageDigest, i), m, MediaTypes.OciManifest);
-      descs.push({ mediaType: MediaTypes.OciManifest, digest: d, size: m.length, artifactType: GearMediaType.FilesManifest });
-    }
-    const referrersTag = `sha256-${imageDigest.slice('sha256:'.length)}`;
-    // Keep referrers other tools stored under the same fallback tag.
-    const existing = await dst.getManifest(referrersTag).catch(() => undefined);
-    let others: unknown[] = [];
-    if (existing) {
-      try {
-        const doc = JSON.parse(existing.bytes.toString('utf8')) as { manifests?: { artifactType?: string }[] };
-        others = (doc.manifests ?? []).filter((m) => m && m.artifactType !== GearMediaType.FilesManifest);
-      } catch {
-        others = [];
-      }
-    }
-    const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: [...others, ...descs] }));
-    await dst.putManifest(referrersTag, referrers, MediaTypes.OciIndex);
-  }
+  return [...blobs.values()].sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
+}
 
-  // The image itself, last.
-  const pushed = await dst.putManifest(dst.tag, imageManifest, MediaTypes.OciManifest);
-  if (pushed !== imageDigest) throw invalidArgument(`destination stored the manifest as ${pushed}, expected ${imageDigest}`);
-  return { index, imageDigest, keepAliveManifests: keep.length };
+/**
+ * Pushes the keep-alive manifests of the Gear files of `manifest` for the
+ * image manifest `image` (each under its tag), then the referrers fallback
+ * index listing them (docs/format.md §5). The Gear files must be in dst.
+ * Returns how many keep-alive manifests were pushed.
+ */
+export async function publishKeepAlive(
+  dst: Destination,
+  manifest: IndexManifest,
+  image: { digest: string; size: number },
+  filesPerManifest: number,
+  account: (digest: string, size: number, status: 'exists' | 'uploaded') => void = () => undefined,
+): Promise<number> {
+  const keep = keepAliveManifests(gearBlobs(manifest), filesPerManifest, image);
+  if (keep.length === 0) return 0;
+  account(EMPTY_JSON_DIGEST, EMPTY_JSON.length, await dst.pushBytes(EMPTY_JSON_DIGEST, EMPTY_JSON));
+  const descs: Record<string, unknown>[] = [];
+  for (let i = 0; i < keep.length; i++) {
+    // Each keep-alive manifest has its own tag: distribution's `garbage-collect
+    // --delete-untagged` deletes untagged manifests even when a tagged index
+    // references them, and with them the only reference to their Gear files.
+    const m = keep[i]!;
+    const d = await dst.putManifest(keepAliveTag(image.digest, i), m, MediaTypes.OciManifest);
+    descs.push({ mediaType: MediaTypes.OciManifest, digest: d, size: m.length, artifactType: GearMediaType.FilesManifest });
+  }
+  const referrersTag = `sha256-${image.digest.slice('sha256:'.length)}`;
+  // Keep referrers other tools stored under the same fallback tag.
+  const existing = await dst.getManifest(referrersTag).catch(() => undefined);
+  let others: unknown[] = [];
+  if (existing) {
+    try {
+      const doc = JSON.parse(existing.bytes.toString('utf8')) as { manifests?: { artifactType?: string }[] };
+      others = (doc.manifests ?? []).filter((m) => m && m.artifactType !== GearMediaType.FilesManifest);
+    } catch {
+      others = [];
+    }
+  }
+  const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: [...others, ...descs] }));
+  await dst.putManifest(referrersTag, referrers, MediaTypes.OciIndex);
+  return keep.length;
 }

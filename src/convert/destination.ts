@@ -16,6 +16,7 @@ import type { RegistryAccess } from './registry-adapter.js';
 import { splitOciArg } from './source.js';
 
 export interface Destination {
+  kind: 'registry' | 'oci';
   description: string;
   /** Where Gear files will be found by a driver (recorded in the index), if known. */
   location?: BlobLocation;
@@ -24,6 +25,13 @@ export interface Destination {
   /** Stores a blob from a file unless present. */
   pushFile(digest: string, size: number, path: string): Promise<'exists' | 'uploaded'>;
   pushBytes(digest: string, bytes: Buffer): Promise<'exists' | 'uploaded'>;
+  /** True when the destination holds the blob already. */
+  hasBlob(digest: string): Promise<boolean>;
+  /**
+   * Registry destinations: mounts a blob from another repository of the same
+   * registry (no bytes sent). False when the registry declined (then upload).
+   */
+  mountBlob?(digest: string, from: BlobLocation): Promise<boolean>;
   /** Stores a manifest by digest (reference "sha256:…") or under a tag; returns its digest. */
   putManifest(reference: string, bytes: Buffer, mediaType: string): Promise<string>;
   getManifest(tag: string): Promise<{ bytes: Buffer; mediaType: string } | undefined>;
@@ -32,11 +40,17 @@ export interface Destination {
 
 export function registryDestination(reg: RegistryAccess): Destination {
   return {
+    kind: 'registry',
     description: `${reg.ref.registry}/${reg.ref.repository}:${reg.ref.tag ?? 'latest'}`,
     location: { registry: reg.ref.registry, repository: reg.ref.repository },
     tag: reg.ref.tag ?? 'latest',
     pushFile: (d, s, p) => reg.pushFile(d, s, p),
     pushBytes: (d, b) => reg.pushBytes(d, b),
+    hasBlob: (d) => reg.hasBlob(d),
+    async mountBlob(d, from) {
+      if (from.registry !== reg.ref.registry || from.repository === reg.ref.repository) return false;
+      return reg.mountBlob(d, from);
+    },
     putManifest: (r, b, m) => reg.putManifest(r, b, m),
     getManifest: (t) => reg.getManifest(t),
     close: () => reg.close(),
@@ -59,7 +73,10 @@ export async function ociLayoutDestination(arg: string, location?: BlobLocation)
     await writeFile(join(dir, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
   }
   let seq = 0;
-  const blobPath = (d: string) => join(blobs, d.slice('sha256:'.length));
+  const blobPath = (d: string) => {
+    if (!/^sha256:[a-f0-9]{64}$/.test(d)) throw invalidArgument(`oci:${dir}: invalid blob digest ${JSON.stringify(d.slice(0, 80))}`);
+    return join(blobs, d.slice('sha256:'.length));
+  };
   const store = async (digest: string, write: (tmp: string) => Promise<void>): Promise<'exists' | 'uploaded'> => {
     if (existsSync(blobPath(digest))) return 'exists';
     const tmp = join(blobs, `.tmp-${process.pid}-${seq++}`);
@@ -85,11 +102,13 @@ export async function ociLayoutDestination(arg: string, location?: BlobLocation)
     }
   };
   return {
+    kind: 'oci',
     description: `oci:${dir}:${tag ?? 'latest'}`,
     location,
     tag: tag ?? 'latest',
     pushFile: (digest, _size, path) => store(digest, (tmp) => pipeline(createReadStream(path), createWriteStream(tmp))),
     pushBytes: (digest, bytes) => store(digest, (tmp) => writeFile(tmp, bytes)),
+    hasBlob: async (digest) => existsSync(blobPath(digest)),
     async putManifest(reference, bytes, mediaType) {
       const digest = `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
       await store(digest, (tmp) => writeFile(tmp, bytes));

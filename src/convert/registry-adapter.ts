@@ -16,8 +16,14 @@ export interface RemoteDescriptor {
 
 export interface RegistryAccess {
   readonly ref: ImageReference;
-  resolveImage(ref: string): Promise<{ digest: string; mediaType: string; config: RemoteDescriptor; layers: RemoteDescriptor[] }>;
+  resolveImage(ref: string): Promise<{ digest: string; mediaType: string; bytes: Buffer; config: RemoteDescriptor; layers: RemoteDescriptor[] }>;
   fetchBlob(digest: string, size: number): Promise<Buffer>;
+  /** Downloads a blob into `path`, verified against digest and size (the file is removed on failure). */
+  fetchBlobTo(digest: string, size: number, path: string): Promise<void>;
+  /** True when the repository holds the blob (HEAD). */
+  hasBlob(digest: string): Promise<boolean>;
+  /** Cross-repository mount from another repository of the same registry; false when the registry declined. */
+  mountBlob(digest: string, from: { registry: string; repository: string }): Promise<boolean>;
   openBlob(digest: string, size: number): Promise<AsyncIterable<Uint8Array>>;
   /** HEAD first; uploads from the file only when absent. */
   pushFile(digest: string, size: number, path: string): Promise<'exists' | 'uploaded'>;
@@ -44,9 +50,14 @@ export function openRegistry(refText: string, client: RegistryClient): RegistryA
     ref,
     async resolveImage(r) {
       const img = await client.resolveImage(r);
-      return { digest: img.digest, mediaType: img.mediaType, config: img.manifest.config, layers: img.manifest.layers };
+      return { digest: img.digest, mediaType: img.mediaType, bytes: img.bytes, config: img.manifest.config, layers: img.manifest.layers };
     },
     fetchBlob: (digest, size) => client.fetchBlob(repo, digest, { expectedSize: size }),
+    async fetchBlobTo(digest, size, path) {
+      await client.fetchBlobVerified(repo, digest, path, { expectedSize: size });
+    },
+    hasBlob: async (digest) => (await client.statBlob(repo, digest)) !== undefined,
+    mountBlob: (digest, from) => client.mountBlob(repo, digest, from),
     async openBlob(digest, size) {
       const s = await client.openBlob(repo, digest, { expectedSize: size });
       return s.stream;

@@ -11,7 +11,7 @@
  * bytes against the config's diff_id.
  */
 import { createReadStream, createWriteStream, existsSync, statSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, posix } from 'node:path';
@@ -20,6 +20,7 @@ import { invalidArgument, notFound, unavailable } from '../core/errors.js';
 import { readTar } from '../core/index/tar.js';
 import { decompressed, verified } from './layer-stream.js';
 import { platformMatches, type RegistryAccess } from './registry-adapter.js';
+import { claimScratch } from './scratch.js';
 
 const DIGEST_RE = /^sha256:[a-f0-9]{64}$/;
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
@@ -37,8 +38,22 @@ export interface SourceLayer {
   open(): Promise<AsyncIterable<Uint8Array>>;
 }
 
+/** Raw access to the blobs of a source that has a blob store (registry, OCI layout), for `gear copy`. */
+export interface BlobReader {
+  /** The registry repository the blobs come from (registry sources): lets a copy mount them. */
+  repository?: { registry: string; repository: string };
+  /** A local file holding the blob as stored, not verified (OCI layouts); undefined when absent or remote. */
+  localPath?(digest: string): string | undefined;
+  /** Downloads a blob into `path`, verified against digest and size. */
+  fetchTo(digest: string, size: number, path: string): Promise<void>;
+}
+
 export interface SourceImage {
   description: string;
+  /** The image manifest as stored (registry, OCI layout sources). */
+  manifest?: { bytes: Buffer; mediaType: string; digest: string };
+  /** Blob access (registry, OCI layout sources). */
+  blobs?: BlobReader;
   /** Manifest digest when the source has one, else config digest. */
   sourceDigest: string;
   configDigest: string;
@@ -174,6 +189,18 @@ export async function openOciLayout(arg: string): Promise<SourceImage> {
   }
   return {
     description: `oci:${dir}${tag !== undefined ? `:${tag}` : ''}`,
+    manifest: { bytes: manifestBuf, mediaType: mt, digest: manifestDigest },
+    blobs: {
+      localPath: (d) => {
+        const p = blobPath(d);
+        return existsSync(p) ? p : undefined;
+      },
+      async fetchTo(d, size, path) {
+        const p = blobPath(d);
+        if (!existsSync(p)) throw notFound(`oci:${dir}: blob ${d} is missing`);
+        await pipeline(verified(createReadStream(p) as AsyncIterable<Buffer>, d, size, `oci:${dir} blob ${d}`), createWriteStream(path));
+      },
+    },
     sourceDigest: manifestDigest,
     configDigest: cfgDesc.digest,
     config,
@@ -285,9 +312,9 @@ export function dockerSocketPath(host?: string): string {
 
 export async function openDockerDaemon(image: string, dockerHost?: string, tmpParent = tmpdir()): Promise<SourceImage> {
   const socketPath = dockerSocketPath(dockerHost);
-  const dir = await mkdtemp(join(tmpParent, 'gear-docker-save-'));
-  const file = join(dir, 'image.tar');
-  const cleanup = () => rm(dir, { recursive: true, force: true });
+  const scratch = await claimScratch(tmpParent, 'gear-docker-save-');
+  const file = join(scratch.dir, 'image.tar');
+  const cleanup = () => scratch.release();
   try {
     await new Promise<void>((resolve, reject) => {
       const req = request({ socketPath, path: `/images/${encodeURIComponent(image)}/get`, method: 'GET' }, (res) => {
@@ -328,6 +355,11 @@ export async function openRegistryImage(reg: RegistryAccess, ref: string): Promi
   }
   return {
     description: ref,
+    manifest: { bytes: img.bytes, mediaType: img.mediaType, digest: img.digest },
+    blobs: {
+      repository: { registry: reg.ref.registry, repository: reg.ref.repository },
+      fetchTo: (d, size, path) => reg.fetchBlobTo(d, size, path),
+    },
     sourceDigest: img.digest,
     configDigest: cfg.digest,
     config,

@@ -2,9 +2,10 @@
  * `gear convert` against a real registry (Debian docker-registry 2.8), with
  * source images written by the tests (OCI layouts, docker-archive tars).
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createServer, type Server } from 'node:http';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, createReadStream } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, createReadStream } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { gunzipSync } from 'node:zlib';
@@ -17,7 +18,7 @@ import type { TarHeader } from '../../src/core/index/tar.js';
 import { convertImage } from '../../src/convert/convert.js';
 import { registryDestination, ociLayoutDestination, type Destination } from '../../src/convert/destination.js';
 import { newRegistryClient, openRegistry } from '../../src/convert/registry-adapter.js';
-import { openDockerDaemon, openOciLayout } from '../../src/convert/source.js';
+import { layerTar as layerTarOf, openDockerDaemon, openOciLayout } from '../../src/convert/source.js';
 import {
   busyboxLayer,
   expectedFiles,
@@ -28,9 +29,11 @@ import {
   type LayerEntry,
 } from '../helpers/oci-images.js';
 import { ensureMinbaseTar } from '../helpers/images.js';
+import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
 const exec = promisify(execFile);
+const GEAR_CLI_PATH = join(import.meta.dirname, '../../dist/cli/gear.js');
 const flags = { concurrency: '4', filesPerManifest: '10000', insecureRegistry: [] as string[], progress: false, json: true };
 
 let reg: TestRegistry;
@@ -475,6 +478,100 @@ describe('gear convert', () => {
     expect(checked).toBeGreaterThan(1000);
     expect(index.entries.some((e) => e.path === 'etc/motd')).toBe(false);
   });
+});
+
+describe('gear convert staging folder', () => {
+  /**
+   * A source of many small files in the registry, read through a proxy that
+   * throttles blob downloads: a conversion from it is reliably mid-way when
+   * the test kills it, however loaded the machine is.
+   */
+  let src: string;
+  let slow: FaultProxy;
+  const stages = (dir: string) => readdirSync(dir).filter((n) => n.startsWith('gear-convert-'));
+  const entriesIn = (dir: string) => {
+    try {
+      return readdirSync(dir).length;
+    } catch {
+      return 0;
+    }
+  };
+  beforeAll(async () => {
+    const tar = join(work, 'many-files.tar');
+    const files: LayerEntry[] = [{ path: 'many/', type: 'dir' }];
+    for (let i = 0; i < 1500; i++) files.push({ path: `many/f${i}`, content: Buffer.concat([randomBytes(4000), Buffer.alloc(8000, i % 251)]) });
+    await writeDockerArchive(tar, [files], 'gear-test/many:1');
+    await exec('skopeo', ['copy', '-q', '--dest-tls-verify=false', `docker-archive:${tar}`, `docker://${reg.host}/src/many:1`]);
+    slow = await startFaultProxy(reg.url, (req) => (req.method === 'GET' && req.url?.includes('/blobs/') ? { kind: 'throttle', bytesPerSecond: 400_000 } : undefined));
+    src = `${reg.host}/src/many:1`;
+  }, 120_000);
+  afterAll(async () => {
+    await slow?.stop();
+  });
+
+  /** Starts `gear convert` of the many-files image (throttled) with --tmp-dir tmp; resolves once its stage holds ≥ 100 entries. */
+  async function startConvert(tmp: string, out: string): Promise<ChildProcess> {
+    const child = spawn(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, `${slow.host}/src/many:1`, `oci:${out}:v1`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const deadline = Date.now() + 60_000;
+    while (Date.now() < deadline && child.exitCode === null) {
+      const st = stages(tmp);
+      if (st.length === 1 && entriesIn(join(tmp, st[0]!)) >= 100) return child;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    child.kill('SIGKILL');
+    throw new Error(`the conversion ${child.exitCode === null ? 'staged too little in 60 s' : `ended (code ${child.exitCode}) before it staged 100 contents`}`);
+  }
+  const exited = (c: ChildProcess) => new Promise<number | null>((r) => (c.exitCode !== null || c.signalCode !== null ? r(c.exitCode) : c.once('exit', (code) => r(code))));
+
+  it('a conversion killed with -9 leaves its stage; the rerun reuses it, completes, and leaves no staging folder', async () => {
+    const tmp = mkdtempSync(join(work, 'tmp-kill-'));
+    const out = join(work, 'kill-out');
+    const child = await startConvert(tmp, out);
+    child.kill('SIGKILL');
+    await exited(child);
+    expect(stages(tmp)).toHaveLength(1); // what kill -9 leaves
+    // The rerun reads the same image straight from the registry: same source digest, same stage.
+    const r = await exec(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, src, `oci:${out}:v1`], { maxBuffer: 16 << 20 });
+    const s = JSON.parse(r.stdout) as { files: number; resumedContents: number; manifestDigest: string };
+    expect(s.files).toBe(1500);
+    expect(readdirSync(tmp)).toEqual([]);
+    expect(s.resumedContents).toBeGreaterThan(0);
+    // The reused stage gives the image every file, as written by the dead run or this one.
+    const layout = await openOciLayout(`${out}:v1`);
+    const { manifest } = await readIndexLayer(layerTarOf(layout.layers[0]!));
+    expect(manifest.files).toHaveLength(1500);
+    for (const f of manifest.files.slice(0, 1500)) {
+      const b = readFileSync(join(out, 'blobs', 'sha256', (f.blob?.digest ?? f.digest).slice(7)));
+      expect(sha256(f.blob ? gunzipSync(b) : b), f.path).toBe(f.digest);
+    }
+  }, 240_000);
+
+  it('SIGTERM and SIGINT remove the stage; stale stages of dead runs are swept', async () => {
+    for (const sig of ['SIGTERM', 'SIGINT'] as const) {
+      const tmp = mkdtempSync(join(work, `tmp-${sig}-`));
+      const child = await startConvert(tmp, join(work, `sig-out-${sig}`));
+      let stderr = '';
+      child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+      child.kill(sig);
+      const code = await exited(child);
+      expect(code, stderr).toBe(sig === 'SIGTERM' ? 143 : 130);
+      expect(readdirSync(tmp), stderr).toEqual([]);
+    }
+    // A stage another source's killed run left (dead owner) goes at the next conversion.
+    const tmp = mkdtempSync(join(work, 'tmp-stale-'));
+    const stale = join(tmp, `gear-convert-${'ab'.repeat(32)}`);
+    mkdirSync(stale, { mode: 0o700 });
+    writeFileSync(join(stale, 'x'), 'left');
+    const dead = spawn('true');
+    await exited(dead);
+    writeFileSync(join(stale, '.owner'), `${dead.pid}\n`);
+    const other = join(tmp, 'gear-convert-notes'); // not ours: no owner file, not a 6-character temp name
+    mkdirSync(other, { mode: 0o700 });
+    const small = join(work, 'small.tar');
+    await writeDockerArchive(small, [[{ path: 'a', content: 'a\n' }]], 'gear-test/small:1');
+    await runConvert(`docker-archive:${small}`, `oci:${join(work, 'stale-out')}:v1`, { ...flags, tmpDir: tmp });
+    expect(readdirSync(tmp)).toEqual(['gear-convert-notes']);
+  }, 240_000);
 });
 
 function pidAlive(pid: number): boolean {

@@ -4,7 +4,8 @@
  *
  * - plugin/build.sh builds the bundle from this machine's node, util-linux
  *   mount and busybox, and runs `docker plugin create` against a private dockerd;
- * - `docker plugin set` (cache size, log level, credentials mount), enable,
+ * - `docker plugin set` (cache size, log level, credentials home mount), enable
+ *   (on the second dockerd with the default mount source, whatever /root/.docker is),
  *   restart dockerd with `--experimental -s gear`: the cache size set is the one
  *   in force (driver Status in `docker info`);
  * - ordinary images: push/pull/run, and a layer needing the default capability
@@ -92,9 +93,9 @@ describe.skipIf(!canRun)('managed Docker plugin', () => {
   beforeAll(async () => {
     work = mkdtempSync('/tmp/gear-plugin-it-');
     bundle = join(work, 'bundle');
-    creds = join(work, 'docker-config');
-    mkdirSync(creds);
-    writeFileSync(join(creds, 'config.json'), '{"auths":{}}\n');
+    creds = join(work, 'home');
+    mkdirSync(join(creds, '.docker'), { recursive: true });
+    writeFileSync(join(creds, '.docker', 'config.json'), '{"auths":{}}\n');
     reg = await startRegistry();
     proxy = await startFaultProxy(reg.url);
     A = await startPrivateDockerd();
@@ -120,7 +121,7 @@ describe.skipIf(!canRun)('managed Docker plugin', () => {
   });
 
   it('docker plugin set + enable; dockerd -s gear runs with the cache size that was set', async () => {
-    await A!.dockerOk(['plugin', 'set', PLUGIN, 'GEAR_CACHE_SIZE=321MiB', 'GEAR_LOG_LEVEL=debug', `docker-config.source=${creds}`]);
+    await A!.dockerOk(['plugin', 'set', PLUGIN, 'GEAR_CACHE_SIZE=321MiB', 'GEAR_LOG_LEVEL=debug', `home.source=${creds}`]);
     const p = await inspectPlugin(A!, PLUGIN);
     expect(p.Settings.Env).toContain('GEAR_CACHE_SIZE=321MiB');
     await A!.dockerOk(['plugin', 'enable', '--timeout', '60', PLUGIN], { timeoutMs: 90_000 });
@@ -134,6 +135,8 @@ describe.skipIf(!canRun)('managed Docker plugin', () => {
     // The plugin adds only CAP_SYS_ADMIN; the rest comes from the default set.
     const pid = pluginPids(A!)[0];
     expect(pid).toBeDefined();
+    // The home mount: the plugin sees the credentials file at /root/.docker/config.json.
+    expect(readFileSync(`/proc/${pid}/root/root/.docker/config.json`, 'utf8')).toBe('{"auths":{}}\n');
     const caps = capEff(pid!);
     for (const bit of [0, 1, 3, 4, 21, 27, 31]) expect((caps >> BigInt(bit)) & 1n, `capability bit ${bit}`).toBe(1n);
   });
@@ -197,7 +200,10 @@ describe.skipIf(!canRun)('managed Docker plugin', () => {
     await A!.dockerOk(['plugin', 'push', pref], { timeoutMs: 300_000 });
     B = await startPrivateDockerd();
     await B.dockerOk(['plugin', 'install', '--grant-all-permissions', '--disable', '--alias', PLUGIN, pref], { timeoutMs: 300_000 });
-    await B.dockerOk(['plugin', 'set', PLUGIN, `docker-config.source=${creds}`, 'GEAR_CACHE_SIZE=64MiB']);
+    // No credentials setting: the default mount source (/root) exists on every host, with or without
+    // /root/.docker (absent on the test machine), so enable needs no `mkdir -p /root/.docker` first.
+    await B.dockerOk(['plugin', 'set', PLUGIN, 'GEAR_CACHE_SIZE=64MiB']);
+    expect((await inspectPlugin(B, PLUGIN)).Settings.Mounts).toEqual([expect.objectContaining({ Name: 'home', Source: '/root' })]);
     await B.dockerOk(['plugin', 'enable', '--timeout', '60', PLUGIN], { timeoutMs: 90_000 });
     await B.restartWith(SERVE);
     expect((await driverStatus(B))['Pool']).toMatch(/ of 64\.0 MiB$/);

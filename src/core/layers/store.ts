@@ -45,6 +45,8 @@ import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { LayerActivity } from './layer-activity.js';
 import { peekHead } from './peek-head.js';
 import { isValidLayerId, newLink, parseRecord, validateLayerId } from './records.js';
+import { createGearMetrics } from '../metrics/registry.js';
+import { serveMetrics, type MetricsServer } from '../metrics/server.js';
 import { hasIndexFormSignature, indexFormFromEnv, prefetchFilesOf } from './index-form.js';
 import { constants, native } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
@@ -84,6 +86,8 @@ export interface LayerStoreOptions {
    * when this kernel mounts EROFS image files, else 'dir').
    */
   indexForm?: 'auto' | 'image' | 'dir';
+  /** Serve Prometheus metrics at http://HOST:PORT/metrics while the store is open (metrics/registry.ts). */
+  metricsAddress?: string;
 }
 
 /** How a layer is presented: its own dir as is, or an overlay mount. */
@@ -129,10 +133,13 @@ class OverlayLayerStore implements LayerStore {
   private indexImagesWhyNot = '';
   /** Index layers whose image is mounted at index/ (cleared by cleanup(), remove() and failed applies). */
   private readonly indexMounted = new Set<string>();
+  private readonly metricsAddress: string | undefined;
+  private metrics: MetricsServer | undefined;
 
   constructor(opts: LayerStoreOptions) {
     this.root = path.resolve(opts.root);
     this.log = opts.logger;
+    this.metricsAddress = opts.metricsAddress;
     this.lazyOpts = opts.lazy === true ? {} : opts.lazy || undefined;
     this.layersDir = path.join(this.root, 'layers');
     this.linksDir = path.join(this.root, 'l');
@@ -256,8 +263,16 @@ class OverlayLayerStore implements LayerStore {
       if (whyNot !== undefined) this.log?.info({ reason: whyNot }, 'index layers use the directory form: this kernel cannot mount EROFS image files');
     } else this.indexImagesWhyNot = 'the directory form was asked for';
     this.mountIndexImages([...this.records.values()]);
+    const metrics = this.metricsAddress
+      ? createGearMetrics({
+          lazy: () => this.lazy?.stats(),
+          layers: () => ({ layers: this.records.size, indexLayers: [...this.records.values()].filter((r) => r.gear).length }),
+          prefetch: () => this.prefetcher?.progress(),
+          resume: () => this.resume?.progress(),
+        })
+      : undefined;
     if (this.lazyOpts) {
-      this.lazy = await openLazyRuntime(this.root, this.lazyOpts, this.log);
+      this.lazy = await openLazyRuntime(this.root, { ...this.lazyOpts, ...(metrics ? { onFetchDone: metrics.fetchObserver } : {}) }, this.log);
       const owners = new Set<string>();
       for (const r of this.records.values()) {
         if (!r.gear) continue;
@@ -274,6 +289,7 @@ class OverlayLayerStore implements LayerStore {
       this.startResume(this.lazy, adopted);
       this.prefetcher = new Prefetcher({ pool: this.lazy.pool, fetcher: this.lazy.fetcher, catalog: this.lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
     }
+    if (metrics) this.metrics = await serveMetrics(this.metricsAddress!, metrics.registry, this.log);
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
   }
 
@@ -368,6 +384,8 @@ class OverlayLayerStore implements LayerStore {
   async close(): Promise<void> {
     const lazy = this.lazy;
     this.lazy = undefined;
+    await this.metrics?.close();
+    this.metrics = undefined;
     await this.prefetcher?.close();
     await this.resume?.close();
     await lazy?.close();

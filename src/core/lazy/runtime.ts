@@ -5,7 +5,7 @@
  */
 import path from 'node:path';
 import { describeError } from '../errors.js';
-import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, parseDuration, type FetcherStats } from '../fetcher/fetcher.js';
+import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, parseDuration, type FetchObserver, type FetcherStats } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import { mountMissFs, type MissFsMount } from '../missfs/index.js';
 import { openPool, type Pool, type PoolStat } from '../pool/pool.js';
@@ -45,6 +45,8 @@ export interface LazyOptions {
   scrubRate?: number | string;
   /** Pool scrub interval in ms or "24h"; 0 = no periodic scrub. Default: GEAR_SCRUB_INTERVAL, else 24 h. */
   scrubInterval?: number | string;
+  /** Told of every download's end (metrics). */
+  onFetchDone?: FetchObserver;
 }
 
 export interface LazyRuntime {
@@ -87,7 +89,14 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     // Request retries must fit in the fetch deadline.
     retry: { maxTotalMs: Math.max(1000, Math.floor(fetcherTimeout * 0.8)) },
   });
-  const fetcher = new Fetcher({ pool, client, logger, timeoutMs: fetcherTimeout, ...(opts.maxFetches ? { maxParallel: opts.maxFetches } : {}) });
+  const fetcher = new Fetcher({
+    pool,
+    client,
+    logger,
+    timeoutMs: fetcherTimeout,
+    ...(opts.maxFetches ? { maxParallel: opts.maxFetches } : {}),
+    ...(opts.onFetchDone ? { onFetchDone: opts.onFetchDone } : {}),
+  });
   const catalog = new BlobCatalog();
   const streamMin = opts.streamMinSize ?? (env.GEAR_STREAM_MIN_SIZE || undefined);
   const provider = new LazyMissProvider({
