@@ -8,7 +8,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
-import { addLazyOptions, lazyStoreOption, type LazyFlags } from './lazy-options.js';
+import { addLazyOptions, storeOptionsFrom, type LazyFlags } from './lazy-options.js';
 import { parseDuration } from '../core/fetcher/fetcher.js';
 import { runAsService } from './service.js';
 import { startGraphDriverServer } from '../frontends/graphdriver/server.js';
@@ -79,7 +79,7 @@ async function runDaemon(opts: DaemonOptions): Promise<void> {
         socket: opts.socket,
         ...(opts.root ? { root: opts.root } : {}),
         logger,
-        storeOptions: { lazy: lazyStoreOption(opts) },
+        storeOptions: storeOptionsFrom(opts),
         ...(opts.bodyIdleTimeout !== undefined ? { bodyIdleTimeoutMs: opts.bodyIdleTimeout } : {}),
       }),
     'layers stay mounted',

@@ -5,7 +5,9 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseDuration } from '../core/fetcher/fetcher.js';
 import type { LazyOptions } from '../core/lazy/runtime.js';
+import { parseMetricsAddress } from '../core/metrics/server.js';
 import { parseScrubInterval, parseScrubRate } from '../core/pool/scrubber.js';
+import type { LayerStoreOptions } from '../core/layers/store.js';
 
 export interface LazyFlags {
   lazy: boolean;
@@ -16,6 +18,7 @@ export interface LazyFlags {
   fusePassthrough: boolean;
   scrubRate?: number;
   scrubInterval?: number;
+  metricsAddress?: string;
 }
 
 function cliParser<T>(parse: (v: string) => T): (v: string) => T {
@@ -46,7 +49,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
   return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
 }
 
-/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate and --scrub-interval. */
+/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate, --metrics-address and --scrub-interval. */
 export function addLazyOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
@@ -73,6 +76,16 @@ export function addLazyOptions(cmd: Command): Command {
       new Option('--scrub-rate <size>', 'read rate of the pool scrub, per second (default 50MiB)').env('GEAR_SCRUB_RATE').argParser(cliParser((v) => parseScrubRate(v))),
     )
     .addOption(
+      new Option('--metrics-address <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9495; :9495 for all interfaces)')
+        .env('GEAR_METRICS_ADDRESS')
+        .argParser(
+          cliParser((v) => {
+            parseMetricsAddress(v);
+            return v;
+          }),
+        ),
+    )
+    .addOption(
       new Option('--scrub-interval <duration>', 'time between pool scrubs that re-hash every cached file (default 24h; 0 = off)')
         .env('GEAR_SCRUB_INTERVAL')
         .argParser(cliParser((v) => parseScrubInterval(v))),
@@ -91,4 +104,9 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
     ...(f.scrubRate !== undefined ? { scrubRate: f.scrubRate } : {}),
     ...(f.scrubInterval !== undefined ? { scrubInterval: f.scrubInterval } : {}),
   };
+}
+
+/** The layer store's options from the shared flags: lazy machinery and metrics. */
+export function storeOptionsFrom(f: LazyFlags): Pick<LayerStoreOptions, 'lazy' | 'metricsAddress'> {
+  return { lazy: lazyStoreOption(f), ...(f.metricsAddress ? { metricsAddress: f.metricsAddress } : {}) };
 }

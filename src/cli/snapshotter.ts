@@ -14,7 +14,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
-import { addLazyOptions, lazyStoreOption, type LazyFlags } from './lazy-options.js';
+import { addLazyOptions, storeOptionsFrom, type LazyFlags } from './lazy-options.js';
 import { runAsService } from './service.js';
 
 export const DEFAULT_SNAPSHOTTER_SOCKET = '/run/gear/snapshotter.sock';
@@ -61,7 +61,7 @@ async function runSnapshotter(opts: SnapshotterOptions): Promise<void> {
   const { startSnapshotterServer } = await import('../frontends/snapshotter/server.js');
   await runAsService(
     logger,
-    () => startSnapshotterServer({ socket: opts.socket, root: opts.root, logger, storeOptions: { lazy: lazyStoreOption(opts) } }),
+    () => startSnapshotterServer({ socket: opts.socket, root: opts.root, logger, storeOptions: storeOptionsFrom(opts) }),
     'mounts belong to containerd',
   );
 }

@@ -6,6 +6,9 @@ import { randomBytes } from 'node:crypto';
 import { invalidArgument } from '../errors.js';
 import type { GearLayerInfo, LayerRecord } from './types.js';
 
+/** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
+export const MAX_LAYER_DEPTH = 128;
+
 const LINK_LENGTH = 26;
 const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 

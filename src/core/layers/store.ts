@@ -29,7 +29,6 @@
  * finished, missing or dangling links, and mounts of layers that are gone.
  */
 import { randomBytes } from 'node:crypto';
-import { statfsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
@@ -44,13 +43,14 @@ import { emptyDir, pathExists, syncDir, writeFileAtomic } from '../sys/fsutil.js
 import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { LayerActivity } from './layer-activity.js';
 import { peekHead } from './peek-head.js';
-import { isValidLayerId, newLink, parseRecord, validateLayerId } from './records.js';
+import { isValidLayerId, MAX_LAYER_DEPTH, newLink, parseRecord, validateLayerId } from './records.js';
 import { createGearMetrics } from '../metrics/registry.js';
 import { serveMetrics, type MetricsServer } from '../metrics/server.js';
 import { hasIndexFormSignature, indexFormFromEnv, prefetchFilesOf } from './index-form.js';
 import { constants, native } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
-import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
+import type { LazyOptions, LazyRuntime } from '../lazy/runtime.js';
+import { attachLazyRuntime, backingFilesystem, indexLayersInUse } from './lazy-attach.js';
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
 import { Prefetcher } from '../lazy/prefetch.js';
 import { layerBytes } from '../archive/tarreader.js';
@@ -64,8 +64,7 @@ export { validateLayerId } from './records.js';
 import type { IndexDirResult } from './index-dir.js';
 import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
 
-/** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
-export const MAX_LAYER_DEPTH = 128;
+export { MAX_LAYER_DEPTH } from './records.js';
 /** Overlay options of every mount whose lower chain contains a Gear index layer. */
 export const GEAR_OVERLAY_OPTIONS: readonly string[] = ['metacopy=on', 'redirect_dir=on', 'index=off'];
 /** Its data-only lowers, relative to the store root, in lookup order. */
@@ -272,20 +271,8 @@ class OverlayLayerStore implements LayerStore {
         })
       : undefined;
     if (this.lazyOpts) {
-      this.lazy = await openLazyRuntime(this.root, { ...this.lazyOpts, ...(metrics ? { onFetchDone: metrics.fetchObserver } : {}) }, this.log);
-      const owners = new Set<string>();
-      for (const r of this.records.values()) {
-        if (!r.gear) continue;
-        this.lazy.catalog.add(r.id, r.gear.location, r.gear.blobs);
-        owners.add(r.id);
-      }
-      // References of index layers removed while the daemon was down, and of layers applied right before a
-      // crash (ApplyDiff writes them in the background).
-      const recorded = new Set(this.lazy.pool.referenceOwners());
-      for (const o of recorded) if (!owners.has(o)) await this.lazy.pool.dropReferences(o);
-      for (const r of this.records.values()) {
-        if (r.gear && !recorded.has(r.id)) await this.lazy.pool.setReferenced(r.id, r.gear.blobs.map((b) => b[0]));
-      }
+      const lazyOpts = { ...this.lazyOpts, ...(metrics ? { onFetchDone: metrics.fetchObserver } : {}) };
+      this.lazy = await attachLazyRuntime(this.root, lazyOpts, this.records.values(), this.log);
       this.startResume(this.lazy, adopted);
       this.prefetcher = new Prefetcher({ pool: this.lazy.pool, fetcher: this.lazy.fetcher, catalog: this.lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
     }
@@ -397,57 +384,12 @@ class OverlayLayerStore implements LayerStore {
    * their index layers into the pool, where overlay finds them (resume.ts).
    */
   private startResume(lazy: LazyRuntime, mounted: string[]): void {
-    const indexLayers = new Set<string>();
-    for (const id of mounted) {
-      // Parents only: an index layer's own mount shows its index form (no data layers).
-      let cur = this.records.get(id)?.parent;
-      for (let depth = 0; cur && depth <= MAX_LAYER_DEPTH; depth++) {
-        const p = this.records.get(cur);
-        if (!p) break;
-        if (p.gear) indexLayers.add(p.id);
-        cur = p.parent;
-      }
-    }
-    // Overlays this store did not mount (containerd mounts snapshots itself) that use this root's
-    // miss filesystem as a data layer: their index layers are named in their lowerdir.
-    for (const id of this.indexLayersOfForeignMounts()) indexLayers.add(id);
+    const indexLayers = indexLayersInUse(this.root, this.records, mounted);
     if (indexLayers.size === 0) return;
     const files: ResumeFile[] = [];
     for (const id of indexLayers) for (const [digest, size] of this.records.get(id)!.gear!.blobs) files.push({ digest, size });
     this.resume = new ResumeQueue({ pool: lazy.pool, fetcher: lazy.fetcher, catalog: lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
     this.resume.start(files, indexLayers.size).catch((err: unknown) => this.log?.warn({ err: describeError(err) }, 'resume of mounted Gear files failed'));
-  }
-
-  /**
-   * Index layers named in the lowerdir of overlay mounts outside ROOT/layers whose data layers
-   * include ROOT/miss (the snapshotter returns absolute ROOT/l/<link> or ROOT/layers/<id>/index
-   * lowers; mountinfo shows them as given).
-   */
-  private indexLayersOfForeignMounts(): Set<string> {
-    const out = new Set<string>();
-    const miss = path.join(this.root, 'miss');
-    const byLink = new Map<string, LayerRecord>();
-    for (const r of this.records.values()) if (r.gear) byLink.set(r.link, r);
-    if (byLink.size === 0) return out;
-    const layersPrefix = this.layersDir + '/';
-    for (const m of readMounts()) {
-      if (m.fsType !== 'overlay' || m.mountPoint.startsWith(layersPrefix)) continue;
-      const opt = m.superOptions.split(/(?<!\\),/).find((o) => o.startsWith('lowerdir='));
-      if (!opt) continue;
-      const lowers = opt.slice('lowerdir='.length).split(/(?<!\\):/).filter(Boolean);
-      if (!lowers.includes(miss)) continue;
-      for (const l of lowers) {
-        const rel = path.relative(this.root, l).split(path.sep);
-        const rec =
-          rel.length === 2 && rel[0] === 'l'
-            ? byLink.get(rel[1]!)
-            : rel.length === 3 && rel[0] === 'layers' && rel[2] === 'index'
-              ? this.records.get(rel[1]!)
-              : undefined;
-        if (rec?.gear) out.add(rec.id);
-      }
-    }
-    return out;
   }
 
   /** The crash resume of this run, if mounted containers used index layers at open (tests, status). */
@@ -458,6 +400,11 @@ class OverlayLayerStore implements LayerStore {
   /** The prefetch of listed files (lazy stores only). */
   get prefetch(): Prefetcher | undefined {
     return this.prefetcher;
+  }
+
+  /** Where the Prometheus metrics are served (HOST:PORT), when they are. */
+  get metricsEndpoint(): string | undefined {
+    return this.metrics?.address;
   }
 
   /** The lazy machinery, when the store was opened with `lazy` (tests, status). */
@@ -698,15 +645,8 @@ class OverlayLayerStore implements LayerStore {
   }
 
   async status(): Promise<Array<[string, string]>> {
-    let backing = 'unknown';
-    try {
-      const magic = statfsSync(this.root).type;
-      backing = ({ 0xef53: 'extfs', 0x58465342: 'xfs', 0x9123683e: 'btrfs', 0x01021994: 'tmpfs' } as Record<number, string>)[magic] ?? `0x${magic.toString(16)}`;
-    } catch {
-      /* leave unknown */
-    }
     return [
-      ['Backing Filesystem', backing],
+      ['Backing Filesystem', backingFilesystem(this.root)],
       ['Supports d_type', 'true'],
       ['Native Overlay Diff', 'true'],
       ['Root', this.root],
@@ -717,6 +657,7 @@ class OverlayLayerStore implements LayerStore {
       ...(this.lazy ? this.lazy.status() : [['Lazy Pull', 'off'] as [string, string]]),
       ...(this.prefetcher ? [['Prefetch', this.prefetcher.status()] as [string, string]] : []),
       ...(this.lazy ? [['Resume', this.resume ? this.resume.status() : 'none (no mounted container used a Gear index layer at start)'] as [string, string]] : []),
+      ['Metrics', this.metrics ? `http://${this.metrics.address}/metrics` : 'off (--metrics-address)'],
     ];
   }
 
@@ -1124,7 +1065,13 @@ class OverlayLayerStore implements LayerStore {
 export async function openLayerStore(
   opts: LayerStoreOptions,
 ): Promise<
-  LayerStore & IndexLayerAdoption & { mountSpec(id: string): MountSpec; readonly lazyRuntime: LazyRuntime | undefined; readonly prefetch: Prefetcher | undefined }
+  LayerStore &
+    IndexLayerAdoption & {
+      mountSpec(id: string): MountSpec;
+      readonly lazyRuntime: LazyRuntime | undefined;
+      readonly prefetch: Prefetcher | undefined;
+      readonly metricsEndpoint: string | undefined;
+    }
 > {
   const store = new OverlayLayerStore(opts);
   try {
