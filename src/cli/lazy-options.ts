@@ -79,7 +79,8 @@ export function addLazyOptions(cmd: Command): Command {
       new Option('--metrics-address <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9495; :9495 for all interfaces)')
         .env('GEAR_METRICS_ADDRESS')
         .argParser(
-          cliParser((v) => {
+          cliParser((v): string | undefined => {
+            if (v.trim() === '') return undefined; // an empty setting (the managed plugin's default) is off
             parseMetricsAddress(v);
             return v;
           }),

@@ -143,6 +143,15 @@ describe('metrics', () => {
       expect(m.get('gear_fetch_duration_seconds_count{outcome="verify_failed"}')).toBe(1);
       expect(m.get('gear_pool_files')).toBe(2);
 
+      // A registry that lost a blob: an HTTP error, counted as such.
+      proxy.setDecider((req) => (req.url?.includes(sha(files['usr/doc']!).slice(7)) ? { kind: 'status', status: 404 } : undefined));
+      await expect(fs.readFile(path.join(merged, 'usr/doc'))).rejects.toMatchObject({ code: 'EIO' });
+      proxy.setDecider(() => undefined);
+      m = await scrape(endpoint);
+      expect(m.get('gear_fetches_total{outcome="http_error"}')).toBe(1);
+      expect(m.get('gear_fetches_total{outcome="ok"}')).toBe(fetched);
+      expect(m.get('gear_fetches_total{outcome="deadline"}')).toBe(0);
+
       // No label carries a digest, a path or a layer id (bounded label values).
       for (const k of m.keys()) expect(k).not.toMatch(/sha256|[0-9a-f]{32}|ctr|idx/);
       // Only /metrics answers.

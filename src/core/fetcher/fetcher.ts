@@ -138,7 +138,8 @@ export type FetchObserver = (outcome: FetchOutcome, seconds: number, bytes: numb
 export function fetchOutcomeOf(err: unknown, verifyFailed: boolean): FetchOutcome {
   if (verifyFailed) return 'verify_failed';
   if (isClass(err, 'DeadlineExceeded')) return 'deadline';
-  if (err instanceof GearError && /\bHTTP \d{3}\b|status \d{3}\b|\b[45]\d\d\b/.test(err.message)) return 'http_error';
+  // The registry client's words for an HTTP error status (client.ts, transport.ts), or a refusal of access.
+  if (isClass(err, 'PermissionDenied') || isClass(err, 'NotFound') || (err instanceof GearError && /\banswered [1-5]\d\d\b/.test(err.message))) return 'http_error';
   return 'error';
 }
 

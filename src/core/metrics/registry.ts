@@ -2,8 +2,8 @@
  * Gear's Prometheus metrics (prom-client). Nearly everything is read at scrape
  * time from the counters the core already keeps (pool, fetcher, miss
  * filesystem, scrub, prefetch, resume, layer records), so nothing on a hot
- * path pays for metrics; only per-fetch latency and size are observed as they
- * happen (fetchObserver).
+ * path pays for metrics; only each download's outcome, latency and size are
+ * observed as they happen (fetchObserver, which the fetcher calls).
  *
  * Names follow Prometheus conventions: `gear_` prefix, base units (`_bytes`,
  * `_seconds`), `_total` for counters. Label values come from small fixed sets
@@ -81,21 +81,13 @@ export function createGearMetrics(sources: MetricSources): GearMetrics {
   );
   readCounter(registry, 'gear_pool_misses_total', 'Needs of a file that was not in the pool and had to be fetched (a cold fetch is a miss).', () => pool()?.counters.misses);
 
-  // Downloads by outcome, read from the fetcher's counters (exact, including downloads before the first scrape).
-  new Counter({
+  const fetches = new Counter({
     name: 'gear_fetches_total',
-    help: 'Downloads of Gear files by outcome: ok, verify_failed (content did not match its digest), error (any other failure).',
+    help: 'Downloads of Gear files by outcome: ok, verify_failed (content did not match its digest), deadline (--fetch-timeout), http_error (the registry answered an error status), error (any other failure: connection, disk).',
     labelNames: ['outcome'],
     registers: [registry],
-    collect() {
-      const f = fetch();
-      this.reset();
-      if (!f) return;
-      this.labels({ outcome: 'ok' }).inc(f.files);
-      this.labels({ outcome: 'verify_failed' }).inc(f.verifyFailures);
-      this.labels({ outcome: 'error' }).inc(Math.max(0, f.failures - f.verifyFailures));
-    },
   });
+  for (const outcome of ['ok', 'verify_failed', 'deadline', 'http_error', 'error']) fetches.labels({ outcome }).inc(0);
   readCounter(registry, 'gear_fetch_deadline_exceeded_total', 'Reads whose wait for a download hit --fetch-timeout (the reader got EIO).', () => fetch()?.timeouts);
   readCounter(registry, 'gear_fetch_received_bytes_total', 'Bytes received from registries for Gear files (compressed size for gzip blobs).', () => fetch()?.blobBytes);
   readCounter(registry, 'gear_fetch_content_bytes_total', 'Content bytes that entered the pool through the fetcher.', () => fetch()?.bytes);
@@ -173,6 +165,7 @@ export function createGearMetrics(sources: MetricSources): GearMetrics {
   readCounter(registry, 'gear_scrub_removed_files_total', 'Altered pool files that scrubs removed (they are fetched again on their next use).', () => lazy()?.scrub.totals.removed);
 
   const fetchObserver: FetchObserver = (outcome, seconds, bytes) => {
+    fetches.labels({ outcome }).inc();
     duration.labels({ outcome }).observe(seconds);
     if (outcome === 'ok') size.observe(bytes);
   };
