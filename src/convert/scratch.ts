@@ -11,7 +11,7 @@
  *   of the same conversion, and every command sweeps the directories of
  *   its kind whose owner is dead.
  */
-import { rmSync } from 'node:fs';
+import { renameSync, rmSync } from 'node:fs';
 import { lstat, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
@@ -158,10 +158,18 @@ export function removeScratchOnSignals(): void {
   const numbers: Record<string, number> = { SIGINT: 2, SIGTERM: 15, SIGHUP: 1 };
   for (const sig of Object.keys(numbers) as NodeJS.Signals[]) {
     process.once(sig, () => {
-      // Writes still in flight in libuv's pool may add a file while the tree is removed (ENOTEMPTY): retried.
+      // Writes still in flight in libuv's pool may add a file while the tree is removed (ENOTEMPTY). Renamed
+      // first, the directory's old path is gone, so they can no longer create files in it; the rest is retried.
       for (const dir of live) {
         try {
-          rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+          let doomed = dir;
+          try {
+            doomed = `${dir}.removing-${process.pid}`;
+            renameSync(dir, doomed);
+          } catch {
+            doomed = dir;
+          }
+          rmSync(doomed, { recursive: true, force: true, maxRetries: 20, retryDelay: 25 });
         } catch (err) {
           process.stderr.write(`gear: could not remove ${dir}: ${(err as Error).message}\n`);
         }
