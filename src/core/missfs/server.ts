@@ -364,7 +364,7 @@ async function prepareMountpoint(mp: string, logger: Logger): Promise<void> {
   mkdirSync(mp, { recursive: true });
 }
 
-class MissFsSession implements MissFsMount {
+export class MissFsSession implements MissFsMount {
   readonly mountpoint: string;
   connection: number | undefined;
   init!: InitOut;
