@@ -2,7 +2,10 @@
  * Crashes the decoder fuzz target (test/fuzz) found, as fixed cases: the
  * minimized input, and the typed error it must now produce.
  */
+import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
+import { layerBytes } from '../../src/core/archive/tarreader.js';
+import { decompressed } from '../../src/convert/layer-stream.js';
 import { GearError } from '../../src/core/errors.js';
 import { parseFilters } from '../../src/frontends/snapshotter/filters.js';
 
@@ -31,5 +34,49 @@ describe('snapshotter filters (test/fuzz/rpc-json.test.ts)', () => {
     const f = parseFilters(['name=="\\U0001F600\\u00e9\\x41"']);
     expect(f.match(() => ['😀éA', true])).toBe(true);
     expect(f.match(() => ['x', true])).toBe(false);
+  });
+});
+
+/** A zstd frame header claiming a single-segment frame of `content` bytes, then one empty raw block. */
+function zstdBomb(content: number): Buffer {
+  const fcs = Buffer.alloc(8);
+  fcs.writeBigUInt64LE(BigInt(content));
+  return Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0xe0]), fcs, Buffer.from([0x01, 0x00, 0x00])]);
+}
+
+async function drainError(it: AsyncIterable<Buffer>): Promise<unknown> {
+  try {
+    for await (const _ of it) {
+      // discard
+    }
+  } catch (err) {
+    return err;
+  }
+  return undefined;
+}
+
+describe('zstd layers (test/fuzz/tar-reader.test.ts)', () => {
+  it('a 17-byte frame header claiming a 1 GiB window is refused before the decoder allocates it', async () => {
+    const before = process.memoryUsage().arrayBuffers;
+    const err = await drainError(layerBytes(Readable.from([zstdBomb(2 ** 30)])));
+    const grew = process.memoryUsage().arrayBuffers - before;
+    expect(err).toBeInstanceOf(GearError);
+    expect((err as GearError).class).toBe('InvalidArgument');
+    expect((err as GearError).message).toMatch(/1073741824-byte window, over the 536870912-byte limit/);
+    expect(grew).toBeLessThan(64 * 1024 * 1024);
+  });
+
+  it('the converter\'s source decompressor refuses it too', async () => {
+    const err = await drainError(decompressed(Readable.from([zstdBomb(2 ** 31)])));
+    expect((err as GearError).class).toBe('InvalidArgument');
+    expect((err as GearError).message).toMatch(/window, over the/);
+  });
+
+  it('a window descriptor (not single-segment) over the limit is refused; one at the limit is not', async () => {
+    // FHD 0x00: no content size, window descriptor follows. exponent 20 → 2^30; exponent 19 → 2^29 (= the limit).
+    const frame = (wd: number) => Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0x00, wd, 0x01, 0x00, 0x00]);
+    expect(((await drainError(layerBytes(Readable.from([frame(20 << 3)])))) as Error).message).toMatch(/over the 536870912-byte limit/);
+    const atLimit = await drainError(layerBytes(Readable.from([frame(19 << 3)])));
+    expect(atLimit).toBeUndefined(); // an empty last raw block: a valid, empty stream
   });
 });

@@ -23,6 +23,7 @@ import { createGunzip } from 'node:zlib';
 import { Decompress } from 'fzstd';
 import tarStream from 'tar-stream';
 import { GearError, internal, invalidArgument } from '../errors.js';
+import { ZstdFrameGuard } from './zstd-frames.js';
 
 /** One decoded PAX extended header: key → raw value bytes. */
 export type PaxRecords = Map<string, Buffer>;
@@ -234,8 +235,10 @@ async function* unzstd(src: AsyncGenerator<Buffer>): AsyncGenerator<Buffer> {
       throw invalidArgument(`layer stream is not valid zstd: ${(err as Error).message}`, err);
     }
   };
+  const guard = new ZstdFrameGuard();
   for await (const chunk of src) {
     for (const s of slices(chunk, ZSTD_SLICE)) {
+      guard.check(s); // before fzstd allocates a window the frame header claims
       push(s, false);
       while (out.length > 0) {
         const c = out.shift()!;
