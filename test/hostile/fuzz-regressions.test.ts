@@ -2,11 +2,16 @@
  * Crashes the decoder fuzz target (test/fuzz) found, as fixed cases: the
  * minimized input, and the typed error it must now produce.
  */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
+import { applyLayer } from '../../src/core/archive/apply.js';
 import { layerBytes } from '../../src/core/archive/tarreader.js';
 import { decompressed } from '../../src/convert/layer-stream.js';
 import { GearError } from '../../src/core/errors.js';
+import { headerBlock, streamOf } from '../unit/fixtures/tarbuild.js';
 import { parseFilters } from '../../src/frontends/snapshotter/filters.js';
 
 function typedError(fn: () => unknown): GearError {
@@ -78,5 +83,51 @@ describe('zstd layers (test/fuzz/tar-reader.test.ts)', () => {
     expect(((await drainError(layerBytes(Readable.from([frame(20 << 3)])))) as Error).message).toMatch(/over the 536870912-byte limit/);
     const atLimit = await drainError(layerBytes(Readable.from([frame(19 << 3)])));
     expect(atLimit).toBeUndefined(); // an empty last raw block: a valid, empty stream
+  });
+});
+
+describe('layer tars through applyLayer (test/fuzz/tar-reader.test.ts)', () => {
+  /** applyLayer's outcome, or "hang" when it has not settled within 5 s (a correctness bound). */
+  async function applyBounded(tar: Buffer): Promise<{ err?: GearError; hang?: true; left: string[] }> {
+    const dest = fs.mkdtempSync(path.join(os.tmpdir(), 'gear-fuzz-regr-'));
+    try {
+      let timer: NodeJS.Timeout | undefined;
+      const r = await Promise.race([
+        applyLayer(streamOf(tar, 8192), dest).then(
+          () => ({}),
+          (err: unknown) => ({ err: err as GearError }),
+        ),
+        new Promise<{ hang: true }>((resolve) => (timer = setTimeout(() => resolve({ hang: true }), 5000))),
+      ]);
+      clearTimeout(timer);
+      return { ...r, left: fs.readdirSync(dest) };
+    } finally {
+      fs.rmSync(dest, { recursive: true, force: true });
+    }
+  }
+
+  it('a base-256 size field tar-stream cannot decode (first byte 0x81) is refused, not read forever (fuzz minimized)', async () => {
+    const sizeField = Buffer.from('gQAAAN/p/bIB/AcG', 'base64'); // 0x81 0x00 0x00 0x00 0xdf …: Go: overflow, ErrHeader
+    const tar = Buffer.concat([headerBlock({ name: 'a', sizeField }), Buffer.alloc(1024)]);
+    const r = await applyBounded(tar);
+    expect(r.hang).toBeUndefined();
+    expect(r.err).toBeInstanceOf(GearError);
+    expect(r.err!.class).toBe('InvalidArgument');
+    expect(r.err!.message).toMatch(/"a": the size field is not a valid number/);
+    expect(r.left).toEqual([]);
+  });
+
+  it('undecodable base-256 mode, uid and gid fields are refused too (Go refuses the header)', async () => {
+    for (const at of [100, 108, 116]) {
+      const h = headerBlock({ name: 'f', data: 'x' });
+      Buffer.from([0x81, 0, 0, 0, 0, 0, 0, 1]).copy(h, at);
+      h.fill(0x20, 148, 156);
+      let sum = 0;
+      for (const x of h) sum += x;
+      h.write(sum.toString(8).padStart(6, '0') + '\0 ', 148, 'latin1');
+      const r = await applyBounded(Buffer.concat([h, Buffer.from('x'), Buffer.alloc(511), Buffer.alloc(1024)]));
+      expect(r.err?.class).toBe('InvalidArgument');
+      expect(r.err?.message).toMatch(/field is not a valid number/);
+    }
   });
 });
