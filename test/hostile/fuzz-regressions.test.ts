@@ -12,6 +12,7 @@ import { layerBytes } from '../../src/core/archive/tarreader.js';
 import { decompressed } from '../../src/convert/layer-stream.js';
 import { GearError } from '../../src/core/errors.js';
 import { headerBlock, streamOf } from '../unit/fixtures/tarbuild.js';
+import { readTar } from '../../src/core/index/tar.js';
 import { parseFilters } from '../../src/frontends/snapshotter/filters.js';
 
 function typedError(fn: () => unknown): GearError {
@@ -128,6 +129,39 @@ describe('layer tars through applyLayer (test/fuzz/tar-reader.test.ts)', () => {
       const r = await applyBounded(Buffer.concat([h, Buffer.from('x'), Buffer.alloc(511), Buffer.alloc(1024)]));
       expect(r.err?.class).toBe('InvalidArgument');
       expect(r.err?.message).toMatch(/field is not a valid number/);
+    }
+  });
+});
+
+describe('empty PAX header (test/fuzz/tar-reader.test.ts: TypeError in the long-header wrapper)', () => {
+  /**
+   * [PAX, size 0][file a, 513 bytes][file b, 513 bytes: 1 byte, then a header "smuggled"][trailer].
+   * Go (and the index tar codec) read a and b. tar-stream 3.2.2 kept its long-header flag set after the
+   * empty PAX header, swallowed 513 bytes after a's data, and read "smuggled" out of b's content.
+   */
+  function smuggling(): Buffer {
+    const pax = headerBlock({ name: 'PaxHeaders/a', typeflag: 'x', size: 0 });
+    const a = Buffer.concat([headerBlock({ name: 'a', size: 513 }), Buffer.alloc(513, 0x61), Buffer.alloc(511)]);
+    const bData = Buffer.concat([Buffer.from('b'), headerBlock({ name: 'smuggled', size: 0 })]);
+    const b = Buffer.concat([headerBlock({ name: 'b', size: bData.length }), bData, Buffer.alloc(512 - (bData.length % 512))]);
+    return Buffer.concat([pax, a, b, Buffer.alloc(1024)]);
+  }
+
+  it('the Go-compatible reader sees a and b', async () => {
+    const names: string[] = [];
+    for await (const e of readTar(streamOf(smuggling(), 100))) names.push(e.header.path);
+    expect(names).toEqual(['a', 'b']);
+  });
+
+  it('applyLayer writes a and b (b with the header bytes as content), never "smuggled"', async () => {
+    const dest = fs.mkdtempSync(path.join(os.tmpdir(), 'gear-fuzz-regr-'));
+    try {
+      await applyLayer(streamOf(smuggling(), 100), dest);
+      expect(fs.readdirSync(dest).sort()).toEqual(['a', 'b']);
+      expect(fs.statSync(path.join(dest, 'b')).size).toBe(513);
+      expect(fs.readFileSync(path.join(dest, 'a')).equals(Buffer.alloc(513, 0x61))).toBe(true);
+    } finally {
+      fs.rmSync(dest, { recursive: true, force: true });
     }
   });
 });

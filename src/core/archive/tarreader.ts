@@ -85,7 +85,10 @@ function validatePaxValue(key: string, value: Buffer): void {
 interface ExtractInternals {
   _decodeLongHeader(buf: Buffer): void;
   _consumeHeader(): boolean;
+  _consumeLongHeader(): boolean;
   _header: { type: string | null } | null;
+  _longHeader: boolean;
+  _missing: number;
 }
 
 /** A tar-stream extractor plus what the hardening wrappers observed. */
@@ -102,8 +105,8 @@ export function hardenedExtract(maxHeaderBytes: number): HardenedExtract {
   const inner = extract as unknown as ExtractInternals;
   const decodeLong = inner._decodeLongHeader;
   const consumeHeader = inner._consumeHeader;
-  if (typeof decodeLong !== 'function' || typeof consumeHeader !== 'function') {
-    throw internal('tar-stream internals changed (_decodeLongHeader/_consumeHeader); the layer extractor needs review');
+  if (typeof decodeLong !== 'function' || typeof consumeHeader !== 'function' || typeof inner._consumeLongHeader !== 'function') {
+    throw internal('tar-stream internals changed (_decodeLongHeader/_consumeHeader/_consumeLongHeader); the layer extractor needs review');
   }
   let pending: PaxRecords | null = null;
   let zeros = 0;
@@ -120,6 +123,10 @@ export function hardenedExtract(maxHeaderBytes: number): HardenedExtract {
   inner._consumeHeader = function (this: ExtractInternals): boolean {
     const consumed = consumeHeader.call(this);
     if (consumed && this._header === null) zeros++;
+    // An extension header of size 0 leaves tar-stream's long-header flag set with nothing to read, and
+    // it would then take `size` bytes after the next entry's data for a long header, skipping them (a
+    // parser differential: bytes Go reads as an entry's content become headers). Consume it now.
+    if (consumed && this._longHeader && this._missing === 0) return this._consumeLongHeader();
     return consumed;
   };
   return {
