@@ -126,7 +126,7 @@ function crashInChain(err: unknown, allowCauseSyntaxError: boolean): Error | und
  * Throws (failing the case) unless err is a GearError of one of `classes`
  * with a message, and no TypeError/RangeError/… hides in its causes.
  */
-export function expectTyped(err: unknown, classes: readonly ErrorClass[], what: string): void {
+export function expectTyped(err: unknown, classes: readonly ErrorClass[], what: string, allowCause?: (cause: Error) => boolean): void {
   if (!(err instanceof GearError)) {
     throw new Error(`${what}: crashed with ${describe(err)} instead of a typed GearError`, { cause: err });
   }
@@ -135,7 +135,7 @@ export function expectTyped(err: unknown, classes: readonly ErrorClass[], what: 
   }
   if (err.message.trim() === '') throw new Error(`${what}: typed error without a message`, { cause: err });
   const hidden = crashInChain(err, true);
-  if (hidden) throw new Error(`${what}: typed error wraps a crash: ${describe(hidden)}`, { cause: err });
+  if (hidden && !allowCause?.(hidden)) throw new Error(`${what}: typed error wraps a crash: ${describe(hidden)}`, { cause: err });
 }
 
 /**
@@ -144,8 +144,8 @@ export function expectTyped(err: unknown, classes: readonly ErrorClass[], what: 
  * Error or a GearError of `classes` is clean; a TypeError/RangeError/… or a
  * non-Error is a crash.
  */
-export function expectCleanError(err: unknown, classes: readonly ErrorClass[], what: string): void {
-  if (err instanceof GearError) return expectTyped(err, classes, what);
+export function expectCleanError(err: unknown, classes: readonly ErrorClass[], what: string, allowCause?: (cause: Error) => boolean): void {
+  if (err instanceof GearError) return expectTyped(err, classes, what, allowCause);
   if (!(err instanceof Error) || err.constructor !== Error) {
     throw new Error(`${what}: crashed with ${describe(err)}`, { cause: err });
   }

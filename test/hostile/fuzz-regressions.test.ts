@@ -165,3 +165,19 @@ describe('empty PAX header (test/fuzz/tar-reader.test.ts: TypeError in the long-
     }
   });
 });
+
+describe('PAX header with an undecodable size (test/fuzz/tar-reader.test.ts)', () => {
+  it('is refused as corrupt, not a TypeError, and nothing is written', async () => {
+    const pax = headerBlock({ name: 'PaxHeaders/a', typeflag: 'x', sizeField: Buffer.from([0x81, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]) });
+    const tar = Buffer.concat([pax, headerBlock({ name: 'a', size: 257 }), Buffer.alloc(512), Buffer.alloc(1024)]);
+    const dest = fs.mkdtempSync(path.join(os.tmpdir(), 'gear-fuzz-regr-'));
+    try {
+      const err = await applyLayer(streamOf(tar, 65), dest).then(() => undefined, (e: unknown) => e as GearError);
+      expect(err?.class).toBe('InvalidArgument');
+      expect(err?.message).toMatch(/pax-header has an invalid size field/);
+      expect(fs.readdirSync(dest)).toEqual([]);
+    } finally {
+      fs.rmSync(dest, { recursive: true, force: true });
+    }
+  });
+});

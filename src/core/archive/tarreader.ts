@@ -86,7 +86,8 @@ interface ExtractInternals {
   _decodeLongHeader(buf: Buffer): void;
   _consumeHeader(): boolean;
   _consumeLongHeader(): boolean;
-  _header: { type: string | null } | null;
+  _continueWrite(err: Error | null): void;
+  _header: { type: string | null; size: number | null } | null;
   _longHeader: boolean;
   _missing: number;
 }
@@ -105,8 +106,8 @@ export function hardenedExtract(maxHeaderBytes: number): HardenedExtract {
   const inner = extract as unknown as ExtractInternals;
   const decodeLong = inner._decodeLongHeader;
   const consumeHeader = inner._consumeHeader;
-  if (typeof decodeLong !== 'function' || typeof consumeHeader !== 'function' || typeof inner._consumeLongHeader !== 'function') {
-    throw internal('tar-stream internals changed (_decodeLongHeader/_consumeHeader/_consumeLongHeader); the layer extractor needs review');
+  if (typeof decodeLong !== 'function' || typeof consumeHeader !== 'function' || typeof inner._consumeLongHeader !== 'function' || typeof inner._continueWrite !== 'function') {
+    throw internal('tar-stream internals changed (_decodeLongHeader/_consumeHeader/_consumeLongHeader/_continueWrite); the layer extractor needs review');
   }
   let pending: PaxRecords | null = null;
   let zeros = 0;
@@ -126,7 +127,15 @@ export function hardenedExtract(maxHeaderBytes: number): HardenedExtract {
     // An extension header of size 0 leaves tar-stream's long-header flag set with nothing to read, and
     // it would then take `size` bytes after the next entry's data for a long header, skipping them (a
     // parser differential: bytes Go reads as an entry's content become headers). Consume it now.
-    if (consumed && this._longHeader && this._missing === 0) return this._consumeLongHeader();
+    if (consumed && this._longHeader) {
+      // The same confusion follows a size tar-stream decoded as null (undecodable base-256): refuse it.
+      const size = this._header?.size;
+      if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
+        this._continueWrite(new Error(`${this._header?.type ?? 'extension header'} has an invalid size field`));
+        return false;
+      }
+      if (this._missing === 0) return this._consumeLongHeader();
+    }
     return consumed;
   };
   return {
