@@ -12,7 +12,8 @@ import { layerBytes } from '../../src/core/archive/tarreader.js';
 import { decompressed } from '../../src/convert/layer-stream.js';
 import { GearError } from '../../src/core/errors.js';
 import { headerBlock, streamOf } from '../unit/fixtures/tarbuild.js';
-import { readTar } from '../../src/core/index/tar.js';
+import { encodeTarHeader, readTar, tarPadding, tarTrailer } from '../../src/core/index/tar.js';
+import { manifestHeader, readIndexLayer } from '../../src/core/index/index-layer.js';
 import { parseFilters } from '../../src/frontends/snapshotter/filters.js';
 
 function typedError(fn: () => unknown): GearError {
@@ -179,5 +180,18 @@ describe('PAX header with an undecodable size (test/fuzz/tar-reader.test.ts)', (
     } finally {
       fs.rmSync(dest, { recursive: true, force: true });
     }
+  });
+});
+
+describe('large version 2 index layers (found with the index-layer fuzz target in mind: sizes it cannot reach)', () => {
+  it('a 300,000-entry tree (9 MB, far below the 256 MiB limit) is read, not a stack overflow', async () => {
+    const tree = Array.from({ length: 300_000 }, (_, i) => ({ path: `d${String(i).padStart(7, '0')}`, type: 'dir' }));
+    const json = Buffer.from(JSON.stringify({ version: 2, tree }));
+    const tar = Buffer.concat([encodeTarHeader(manifestHeader(json.length)), json, tarPadding(json.length), tarTrailer()]);
+    const layer = await readIndexLayer((async function* () {
+      yield tar;
+    })());
+    expect(layer.entries.length).toBe(300_000);
+    expect(layer.entries[299_999]!.path).toBe('d0299999');
   });
 });
