@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 NPM_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build test unit demo bench clean
+.PHONY: all deps build test unit fuzz test-hostile demo bench clean
 
 all: build
 
@@ -16,13 +16,23 @@ $(NPM_STAMP): package.json package-lock.json binding.gyp native/gear_native.cc
 build: deps $(NPM_STAMP)
 	npx tsc -p tsconfig.json
 
-# Every test: unit, then integration (real dockerd, registry, containerd, overlay, FUSE).
+# Every test: unit, hostile-input corpora and the decoder fuzz target, then integration (real
+# dockerd, registry, containerd, overlay, FUSE).
 test: build
 	npx tsc -p tsconfig.test.json
 	npx vitest run
 
 unit: build
 	npx vitest run --project unit
+
+# The decoder fuzz target alone (fast-check, fixed seed, >= 50,000 cases per decoder; `make test`
+# runs it too). GEAR_FUZZ_SEED=<n> replays or varies it, GEAR_FUZZ_SCALE=<x> scales every run count.
+fuzz: build
+	npx vitest run --project fuzz
+
+# Hostile inputs: the deterministic corpora (test/hostile) and the fuzz target.
+test-hostile: build
+	npx vitest run --project hostile --project fuzz
 
 demo: build
 	bash scripts/demo.sh

@@ -7,6 +7,7 @@ import { createHash } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { createGunzip } from 'node:zlib';
 import { Decompress as ZstdDecompress } from 'fzstd';
+import { ZstdFrameGuard } from '../core/archive/zstd-frames.js';
 import { GearError } from '../core/errors.js';
 
 /** A source blob did not match its digest or size. Class InvalidArgument: the source is bad. */
@@ -62,8 +63,10 @@ function gunzip(src: AsyncIterable<Buffer>): AsyncIterable<Buffer> {
 async function* unzstd(src: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
   let out: Buffer[] = [];
   const d = new ZstdDecompress((chunk) => out.push(Buffer.from(chunk)));
+  const guard = new ZstdFrameGuard();
   try {
     for await (const c of src) {
+      guard.check(c); // before fzstd allocates the window a frame header claims
       d.push(c);
       yield* out;
       out = [];

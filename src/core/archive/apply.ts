@@ -256,6 +256,11 @@ class Extraction {
     if (!type || ['pax-header', 'pax-global-header', 'gnu-long-path', 'gnu-long-link-path'].includes(type)) {
       throw refuse(name, 'unsupported entry type (GNU sparse, multi-volume or vendor extension)');
     }
+    // tar-stream decodes a base-256 field it cannot read (first byte 0x81–0xfe) as null, which it then
+    // takes for a size of 0 bytes whose data never ends (a hang); Go refuses such fields.
+    for (const [what, v] of [['size', h.size], ['mode', h.mode], ['uid', h.uid], ['gid', h.gid]] as const) {
+      if ((v as unknown) === null) throw refuse(name, `the ${what} field is not a valid number`);
+    }
     const size = h.size ?? 0;
     // -0: tar-stream's base-256 decoder turns -1 (all 0xff) into -0, which Go refuses.
     if (!Number.isSafeInteger(size) || size < 0 || Object.is(size, -0)) throw refuse(name, `invalid size ${size}`);

@@ -23,6 +23,7 @@ import { createGunzip } from 'node:zlib';
 import { Decompress } from 'fzstd';
 import tarStream from 'tar-stream';
 import { GearError, internal, invalidArgument } from '../errors.js';
+import { ZstdFrameGuard } from './zstd-frames.js';
 
 /** One decoded PAX extended header: key → raw value bytes. */
 export type PaxRecords = Map<string, Buffer>;
@@ -84,7 +85,11 @@ function validatePaxValue(key: string, value: Buffer): void {
 interface ExtractInternals {
   _decodeLongHeader(buf: Buffer): void;
   _consumeHeader(): boolean;
-  _header: { type: string | null } | null;
+  _consumeLongHeader(): boolean;
+  _continueWrite(err: Error | null): void;
+  _header: { type: string | null; size: number | null } | null;
+  _longHeader: boolean;
+  _missing: number;
 }
 
 /** A tar-stream extractor plus what the hardening wrappers observed. */
@@ -101,8 +106,8 @@ export function hardenedExtract(maxHeaderBytes: number): HardenedExtract {
   const inner = extract as unknown as ExtractInternals;
   const decodeLong = inner._decodeLongHeader;
   const consumeHeader = inner._consumeHeader;
-  if (typeof decodeLong !== 'function' || typeof consumeHeader !== 'function') {
-    throw internal('tar-stream internals changed (_decodeLongHeader/_consumeHeader); the layer extractor needs review');
+  if (typeof decodeLong !== 'function' || typeof consumeHeader !== 'function' || typeof inner._consumeLongHeader !== 'function' || typeof inner._continueWrite !== 'function') {
+    throw internal('tar-stream internals changed (_decodeLongHeader/_consumeHeader/_consumeLongHeader/_continueWrite); the layer extractor needs review');
   }
   let pending: PaxRecords | null = null;
   let zeros = 0;
@@ -119,6 +124,18 @@ export function hardenedExtract(maxHeaderBytes: number): HardenedExtract {
   inner._consumeHeader = function (this: ExtractInternals): boolean {
     const consumed = consumeHeader.call(this);
     if (consumed && this._header === null) zeros++;
+    // An extension header of size 0 leaves tar-stream's long-header flag set with nothing to read, and
+    // it would then take `size` bytes after the next entry's data for a long header, skipping them (a
+    // parser differential: bytes Go reads as an entry's content become headers). Consume it now.
+    if (consumed && this._longHeader) {
+      // The same confusion follows a size tar-stream decoded as null (undecodable base-256): refuse it.
+      const size = this._header?.size;
+      if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
+        this._continueWrite(new Error(`${this._header?.type ?? 'extension header'} has an invalid size field`));
+        return false;
+      }
+      if (this._missing === 0) return this._consumeLongHeader();
+    }
     return consumed;
   };
   return {
@@ -236,8 +253,10 @@ async function* unzstd(src: AsyncGenerator<Buffer>): AsyncGenerator<Buffer> {
       throw invalidArgument(`layer stream is not valid zstd: ${(err as Error).message}`, err);
     }
   };
+  const guard = new ZstdFrameGuard();
   for await (const chunk of src) {
     for (const s of slices(chunk, ZSTD_SLICE)) {
+      guard.check(s); // before fzstd allocates a window the frame header claims
       push(s, false);
       while (out.length > 0) {
         const c = out.shift()!;

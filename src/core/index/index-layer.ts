@@ -159,7 +159,8 @@ export async function readIndexLayer(
       manifest = parseIndexManifest(Buffer.concat(chunks));
       if (manifest.tree) {
         // parseIndexManifest checked the tree as checkIndexEntries would: paths, order, .gear/, hard links.
-        entries.push(...manifest.tree);
+        // Not push(...tree): spreading more than ~100k arguments overflows the stack (RangeError).
+        for (const h of manifest.tree) entries.push(h);
       } else {
         for (const f of manifest.files) listed.set(f.path, false);
       }

@@ -243,7 +243,7 @@ function errnoFor(err: unknown): number {
 }
 
 
-class MissFsSession implements MissFsMount {
+export class MissFsSession implements MissFsMount {
   readonly mountpoint: string;
   connection: number | undefined;
   init!: InitOut;

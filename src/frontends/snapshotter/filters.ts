@@ -74,7 +74,10 @@ class Parser {
         const n = e === 'x' ? 2 : e === 'u' ? 4 : 8;
         const hex = this.input.slice(this.pos, this.pos + n);
         if (!new RegExp(`^[0-9a-fA-F]{${n}}$`).test(hex)) this.error('illegal numeric escape sequence');
-        out += String.fromCodePoint(parseInt(hex, 16));
+        const cp = parseInt(hex, 16);
+        // Go's UnquoteChar: \u and \U must name a valid rune (no surrogate, at most U+10FFFF).
+        if (e !== 'x' && (cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))) this.error(`escape \\${e}${hex} is not a valid Unicode code point`);
+        out += String.fromCodePoint(cp);
         this.pos += n;
       } else if (/[0-7]/.test(e)) {
         const oct = this.input.slice(this.pos - 1, this.pos + 2);
