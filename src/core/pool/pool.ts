@@ -57,12 +57,15 @@ import { constants as fsc } from 'node:fs';
 import fs, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { GearError, errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
+import { errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { checkDigest } from '../registry/digest.js';
 import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
+import { checkAdmission, PoolNoSpaceError } from './admission.js';
 import { PoolLock } from './lock.js';
+
+export { PoolNoSpaceError } from './admission.js';
 import { formatSize, parseSize } from './size.js';
 
 /** The cap used when neither the caller nor a previous run set one. */
@@ -159,21 +162,6 @@ interface Snapshot {
 interface RefsRecord {
   owner: string;
   digests: string[];
-}
-
-/**
- * Not enough disk space for a write. The staging file is gone; `freed` says
- * what eviction released, so a caller that can replay its data may retry.
- */
-export class PoolNoSpaceError extends GearError {
-  constructor(
-    message: string,
-    readonly freed: EvictResult,
-    cause: unknown,
-  ) {
-    super('Unavailable', message, { cause });
-    this.name = 'PoolNoSpaceError';
-  }
 }
 
 function hexOf(digest: string): string {
@@ -624,7 +612,8 @@ export class Pool {
    * Starts a two-phase write of `digest`. Write the content, then `commit()`
    * (verifies sha256 and size, makes the file visible) or `abort()`. With
    * `expectedSize`, room is made first (eviction, free disk space) and a
-   * longer write fails at once. Throws InvalidArgument for a bad digest.
+   * longer write fails at once. Throws InvalidArgument for a bad digest,
+   * FailedPrecondition for a file larger than the cap (admission.ts).
    */
   async beginWrite(digest: string, expectedSize?: number): Promise<PoolWriter> {
     this.checkWritable('write');
@@ -632,6 +621,7 @@ export class Pool {
     if (expectedSize !== undefined && !(Number.isSafeInteger(expectedSize) && expectedSize >= 0)) {
       throw invalidArgument(`pool write ${digest}: bad expected size ${expectedSize}`);
     }
+    checkAdmission(digest, expectedSize, this.capBytes);
     this.writing.set(hex, (this.writing.get(hex) ?? 0) + 1);
     const reserve = expectedSize ?? 0;
     this.reserved += reserve;
