@@ -89,7 +89,6 @@ export interface StallWatchOptions {
 export class StallWatch {
   private mark: { at: number; bytes: number };
   private timer: NodeJS.Timeout | undefined;
-  private last = 0;
   private stopped = false;
   private readonly now: () => number;
 
@@ -99,15 +98,9 @@ export class StallWatch {
     this.arm(opts.windowMs);
   }
 
-  /** Time of the last useful progress (ms). */
-  get progressAt(): number {
-    return this.mark.at;
-  }
-
   /** Content bytes written so far (monotonic within an attempt; a restart may go back to 0). */
   progress(bytes: number): void {
     if (bytes < this.mark.bytes) this.mark = { at: this.mark.at, bytes }; // a gzip restart: count from here
-    this.last = bytes;
     const floor = Math.max(1, Math.min(this.opts.minBytes, this.opts.remaining() + (bytes - this.mark.bytes)));
     if (bytes - this.mark.bytes >= floor) this.mark = { at: this.now(), bytes };
   }
@@ -128,10 +121,5 @@ export class StallWatch {
     if (idle < this.opts.windowMs) return this.arm(this.opts.windowMs - idle);
     this.stopped = true;
     this.opts.onStall(idle);
-  }
-
-  /** @internal for messages */
-  get bytes(): number {
-    return this.last;
   }
 }

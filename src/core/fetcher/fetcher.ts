@@ -48,13 +48,18 @@
  *   file verified, so a reader that reads the file up to its end in order
  *   (cp, sha256sum, a loader) gets EIO rather than a complete corrupt copy;
  *   only reads far ahead of the download (Range) may end unverified.
- * - Every read waits at most `timeoutMs`, then fails DeadlineExceeded (EIO).
+ * - Every read waits at most `timeoutMs` for all the bytes it asked for, then
+ *   fails DeadlineExceeded (EIO); it never returns a trickle of bytes (the
+ *   miss filesystem would ask again, restarting the deadline). A read after a
+ *   failed download (or whose download fails while it waits) starts a fresh
+ *   one, unless the content was rejected by its digest.
  *   Once any reader opened a streamed file, its download keeps going in the
  *   background after the readers are gone (a queued one is demoted to
  *   background priority), into the pool (the next open, often
  *   right after, is then served from the pool). It is bounded by a stall
- *   deadline instead of a total one: aborted when no byte arrived for
- *   `timeoutMs` (a multi-GB file may take longer than the deadline in total).
+ *   deadline instead of a total one (body.ts StallWatch): abandoned when less
+ *   than 64 KiB arrived in `timeoutMs` (a multi-GB file may take longer than
+ *   the deadline in total; a registry trickling bytes cannot hold it).
  * - The staging file counts in the pool as a write in progress (its size is
  *   reserved against the cap when the download starts).
  */
