@@ -135,6 +135,15 @@ export function resetAfter(ctx: HostileCtx, content: Buffer, bytes: number): voi
   else kill();
 }
 
+/** Headers and the first `bytes` of the body, and a TCP reset right behind them (no pause): the reset lands while the client is still setting up its consumer. */
+export function resetNow(ctx: HostileCtx, content: Buffer, bytes: number): void {
+  const { status, body, headers } = rangeOf(ctx, content);
+  ctx.res.writeHead(status, { 'content-type': 'application/octet-stream', ...headers });
+  ctx.res.flushHeaders();
+  if (bytes > 0) ctx.res.write(body.subarray(0, bytes));
+  setImmediate(() => ctx.req.socket.resetAndDestroy());
+}
+
 /** Headers and `fraction` of this answer's (ranged) body, then a TCP reset: every answer makes some progress, none completes. */
 export function resetFraction(ctx: HostileCtx, content: Buffer, fraction: number): void {
   const { body } = rangeOf(ctx, content);
