@@ -111,13 +111,18 @@ async function statusError(res: SendResponse, what: string): Promise<GearError> 
   return unavailable(msg);
 }
 
-/** Trims a body to [skip, skip+length) and fails if it ends short (truncation) or runs long. */
+/**
+ * Trims a body to [skip, skip+length) and fails if it ends short (truncation)
+ * or runs longer than `total`, the whole body's expected length (-1: unknown;
+ * a range served from a full 200 body is shorter than that body).
+ */
 class ExactLength extends Transform {
   private seen = 0;
   constructor(
     private readonly skip: number,
     private readonly length: number,
     readonly what: string,
+    private readonly total = skip === 0 ? length : -1,
   ) {
     super();
   }
@@ -130,8 +135,8 @@ class ExactLength extends Transform {
     this.seen += chunk.length;
     const lo = Math.max(0, this.skip - from);
     const hi = this.length < 0 ? chunk.length : Math.min(chunk.length, this.skip + this.length - from);
-    if (this.length >= 0 && this.skip === 0 && this.seen > this.length) {
-      cb(unavailable(`${this.what}: body longer than the declared ${this.length} bytes`));
+    if (this.total >= 0 && this.seen > this.total) {
+      cb(unavailable(`${this.what}: body longer than the declared ${this.total} bytes`));
       return;
     }
     if (hi > lo) this.push(chunk.subarray(lo, hi));
@@ -453,7 +458,7 @@ export class RegistryClient {
         skip = range.start;
         length = Math.min(range.end ?? size - 1, size - 1) - range.start + 1;
       }
-      const stream = bodyStream(res, new ExactLength(skip, length, what));
+      const stream = bodyStream(res, new ExactLength(skip, length, what, size));
       const out: BlobStream = { stream, size, length };
       if (range) out.range = { start: skip, end: skip + length - 1 };
       return out;
