@@ -114,10 +114,11 @@ afterEach(async () => {
   other.set(({ res }) => void res.writeHead(404).end());
 });
 
-async function setup(timeoutMs: number, opts: { cap?: number } = {}): Promise<void> {
+async function setup(timeoutMs: number, opts: { cap?: number; range?: boolean } = {}): Promise<void> {
   pool = await openPool({ root, snapshotDelayMs: 10, ...(opts.cap ? { capBytes: opts.cap } : {}) });
   client = new RegistryClient({ retry: { maxAttempts: 3, minDelayMs: 10, maxDelayMs: 50, maxTotalMs: 1000 }, connectTimeoutMs: 1000 });
-  fetcher = new Fetcher({ pool, client, timeoutMs });
+  // range: every read ahead of the download is served by a Range request of a 16 KiB chunk.
+  fetcher = new Fetcher({ pool, client, timeoutMs, ...(opts.range ? { rangeAheadBytes: 0, rangeChunkBytes: 16 * 1024 } : {}) });
 }
 
 type Mode = 'raw' | 'gzip' | 'bomb' | 'large';
@@ -201,8 +202,11 @@ const always =
 interface Case {
   name: string;
   mode?: Mode;
-  /** Read through Fetcher.stream (the big-file path) instead of fetch(). */
-  stream?: boolean;
+  /**
+   * Read through Fetcher.stream (the big-file path) instead of fetch(); 'range': every read is
+   * served by Range requests (the full download only ever gets headers), as far-ahead reads are.
+   */
+  stream?: boolean | 'range';
   behaviour: (served: Buffer) => Behaviour;
   /** 'ok': the right bytes end in the pool. Otherwise the error class (and message) expected. */
   expect: 'ok' | 'either' | { class: ErrorClass | ErrorClass[]; message?: RegExp };
@@ -371,6 +375,45 @@ const cases: Case[] = [
   { name: 'redirect to a refused port', behaviour: () => (ctx) => status(ctx, 307, { location: `http://127.0.0.1:${deadPort}/blob` }), expect: unavailable },
   { name: 'redirect to a non-http scheme', behaviour: () => (ctx) => status(ctx, 307, { location: 'file:///etc/passwd' }), expect: { class: 'Unavailable', message: /scheme/ } },
 
+  // --- far-ahead reads by Range (the full download stalls after its headers)
+  ...(
+    [
+      { name: 'range reads: healthy 206 answers', first: serve, expect: 'ok' },
+      { name: 'range reads: a reset mid-chunk once (the chunk is asked again)', first: (c: HostileCtx, s: Buffer) => resetAfter(c, s, 100), once: true, expect: 'ok' },
+      { name: 'range reads: a reset mid-chunk every time', first: (c: HostileCtx, s: Buffer) => resetAfter(c, s, 100), expect: unavailable },
+      { name: 'range reads: the registry ignores Range (200 with the full body)', first: (c: HostileCtx, s: Buffer) => (c.res.writeHead(200, { 'content-length': String(s.length) }), c.res.end(s)), expect: 'ok' },
+      {
+        name: 'range reads: 206 with a Content-Range of other bytes',
+        first: (c: HostileCtx, s: Buffer) => (c.res.writeHead(206, { 'content-range': `bytes 0-99/${s.length}`, 'content-length': '100' }), c.res.end(s.subarray(0, 100))),
+        expect: unavailable,
+      },
+      {
+        name: 'range reads: 206 whose Content-Length does not match its range',
+        first: (c: HostileCtx, s: Buffer) => {
+          const r = c.range ?? { start: 0 };
+          const end = Math.min(r.end ?? s.length - 1, s.length - 1);
+          c.res.writeHead(206, { 'content-range': `bytes ${r.start}-${end}/${s.length}`, 'content-length': String(end - r.start) });
+          c.res.end(s.subarray(r.start, end));
+        },
+        expect: unavailable,
+      },
+      { name: 'range reads: 206 with a body cut short then a clean close', first: (c: HostileCtx, s: Buffer) => (c.res.writeHead(206, { 'content-range': `bytes ${c.range?.start ?? 0}-${c.range?.end ?? 0}/${s.length}` }), c.res.end(s.subarray(c.range?.start ?? 0, (c.range?.start ?? 0) + 10))), expect: unavailable },
+      { name: 'range reads: 416 for a range inside the blob', first: (c: HostileCtx) => status(c, 416), expect: { class: ['InvalidArgument', 'Unavailable'] as ErrorClass[] } },
+    ] as { name: string; first: (c: HostileCtx, s: Buffer) => unknown; once?: boolean; expect: Case['expect'] }[]
+  ).map(
+    (r): Case => ({
+      name: r.name,
+      stream: 'range',
+      // The full GET sends its headers and then nothing; Range GETs get the case's behaviour.
+      behaviour: (served) => {
+        let ranged = 0;
+        return (ctx) => (!ctx.range ? stallAfter(ctx, served, 0) : r.once && ++ranged > 1 ? serve(ctx, served) : r.first(ctx, served));
+      },
+      check: r.once ? (log) => expect(log.filter((l) => l.includes(' range=0-')).length).toBeGreaterThanOrEqual(2) : undefined,
+      expect: r.expect,
+    }),
+  ),
+
   // --- the pool cap
   { name: 'a file larger than the pool cap is refused, nothing stays', mode: 'large', cap: 512 * 1024, behaviour: always(serve), expect: { class: 'FailedPrecondition', message: /cap/ } },
 ];
@@ -385,7 +428,7 @@ describe('registry fault corpus', () => {
     it(c.name, async () => {
       const endsAtDeadline = typeof c.expect === 'object' && ([] as ErrorClass[]).concat(c.expect.class).includes('DeadlineExceeded');
       const TIMEOUT = endsAtDeadline ? SHORT_TIMEOUT : LONG_TIMEOUT;
-      await setup(TIMEOUT, c.cap ? { cap: c.cap } : {});
+      await setup(TIMEOUT, { ...(c.cap ? { cap: c.cap } : {}), range: c.stream === 'range' });
       const refused = c.name.startsWith('registry down');
       const { req, served, want } = requestOf(c.mode ?? 'raw', refused ? `127.0.0.1:${deadPort}` : reg.host);
       reg.set(c.behaviour(served));
@@ -423,8 +466,9 @@ describe('registry fault corpus', () => {
       } else if (c.expect === 'ok') {
         if (!result.ok) throw result.err;
         expect(result.bytes.equals(want), 'bytes served').toBe(true);
-        if (c.stream) await bounded(waitFor(() => pool.has(req.digest)), LONG_TIMEOUT, 'pool commit');
-        expect(pool.has(req.digest)).toBe(true);
+        if (c.stream === true) await bounded(waitFor(() => pool.has(req.digest)), LONG_TIMEOUT, 'pool commit');
+        // Range-served bytes are not verified (format.md §4): the file enters the pool only through its full download.
+        if (c.stream !== 'range') expect(pool.has(req.digest)).toBe(true);
       } else {
         expect(result.ok, 'expected an error').toBe(false);
         const err = (result as { err: unknown }).err;
