@@ -10,7 +10,8 @@ import fs from 'node:fs/promises';
 import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { StallWatch } from '../../src/core/fetcher/body.js';
 import { GearError, isClass } from '../../src/core/errors.js';
 import { Fetcher, type FetchRequest, type StreamedFile } from '../../src/core/fetcher/fetcher.js';
 import { openPool, type Pool } from '../../src/core/pool/pool.js';
@@ -161,5 +162,48 @@ describe('pool admission', () => {
   it('a direct pool write larger than the cap fails at beginWrite', async () => {
     await expect(pool.beginWrite(sha(content), 2 * 1024 * 1024)).rejects.toMatchObject({ class: 'FailedPrecondition' });
     expect(pool.stat().writing).toBe(0);
+  });
+});
+
+describe('stall watch (body idle timeout with a progress floor)', () => {
+  it('fires when less than the floor arrived in a window, not while enough arrives, and asks no more than what is left', () => {
+    vi.useFakeTimers();
+    try {
+      let now = 0;
+      let left = 1_000_000;
+      const stalls: number[] = [];
+      const w = new StallWatch({ windowMs: 1000, minBytes: 1000, remaining: () => left, onStall: (idle) => stalls.push(idle), now: () => now });
+      let bytes = 0;
+      let watch = w;
+      const tick = (ms: number, add: number) => {
+        for (let i = 0; i < ms / 100; i++) {
+          now += 100;
+          bytes += add;
+          watch.progress(bytes);
+          vi.advanceTimersByTime(100);
+        }
+      };
+      tick(3000, 200); // 2,000 bytes a second: fine
+      expect(stalls).toEqual([]);
+      tick(900, 1); // a trickle: 9 bytes in 0.9 s, not yet a window
+      expect(stalls).toEqual([]);
+      tick(300, 1); // the window passes with less than the floor
+      expect(stalls).toHaveLength(1);
+      expect(stalls[0]).toBeGreaterThanOrEqual(1000);
+      w.stop();
+
+      // Near the end of the file the floor is what is left: 300 bytes in time is progress.
+      left = 300;
+      stalls.length = 0;
+      bytes = 0;
+      const w2 = new StallWatch({ windowMs: 1000, minBytes: 1000, remaining: () => left - bytes, onStall: (idle) => stalls.push(idle), now: () => now });
+      watch = w2;
+      tick(500, 60); // all 300 bytes within 0.5 s
+      tick(800, 0); // 1.3 s after the start: the last useful progress was 0.8 s ago
+      expect(stalls).toHaveLength(0);
+      w2.stop();
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });
