@@ -624,7 +624,9 @@ export class Fetcher {
           try {
             return await this.readStreamed(j, buf, position, deadline, signal);
           } catch (err) {
-            if (round >= 3 || !failed() || Date.now() >= deadline || signal?.aborted) throw err;
+            // Within this read, only a transient failure (a broken or stalled registry) is worth another round.
+            const transient = isClass(j.error, 'Unavailable') || isClass(j.error, 'DeadlineExceeded');
+            if (round >= 3 || !failed() || !transient || Date.now() >= deadline || signal?.aborted) throw err;
           }
         }
       },
