@@ -141,27 +141,60 @@ describe('streamed reads against a trickling registry', () => {
   });
 });
 
-describe('pool admission', () => {
-  it('refuses a file larger than the cap before writing a byte, naming the setting', async () => {
-    const big = randomBytes(1024 * 1024 + 1);
+describe('pool admission (cap 1 MiB)', () => {
+  const until = async (cond: () => boolean, what: string) => {
+    for (let i = 0; i < 300 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(cond(), what).toBe(true);
+  };
+
+  it('a file larger than the cap is served to the opener but does not stay in the pool', async () => {
+    const big = randomBytes(1024 * 1024 + 4096);
     reg.set((c) => serve(c, big));
-    const err = await fetcher.fetch(req(big)).catch((e: unknown) => e);
-    expect(isClass(err, 'FailedPrecondition'), String(err)).toBe(true);
-    expect((err as Error).message).toMatch(/cache-size|GEAR_CACHE_SIZE/);
-    expect(pool.has(sha(big))).toBe(false);
-    expect(pool.stat().bytes).toBe(0);
-    expect(blobGets().length).toBeLessThanOrEqual(1);
-    // Exactly the cap is fine.
-    const fits = randomBytes(1024 * 1024);
-    reg.set((c) => serve(c, fits));
-    await fetcher.fetch(req(fits));
-    expect(pool.has(sha(fits))).toBe(true);
-    expect(pool.stat().bytes).toBeLessThanOrEqual(pool.stat().capBytes);
+    // As the miss filesystem does: pin, fetch, open, release.
+    const release = pool.pin(sha(big));
+    await fetcher.fetch(req(big));
+    const fh = await pool.open(sha(big));
+    release();
+    expect(fh).toBeDefined();
+    try {
+      await until(() => !pool.has(sha(big)), 'the oversize file evicted once released');
+      expect(pool.stat().bytes).toBeLessThanOrEqual(pool.stat().capBytes);
+      const got = Buffer.alloc(big.length);
+      const { bytesRead } = await fh!.read(got, 0, got.length, 0);
+      expect(bytesRead).toBe(big.length);
+      expect(got.equals(big)).toBe(true);
+    } finally {
+      await fh?.close();
+    }
+    // The next open fetches it again.
+    const before = blobGets().length;
+    const again = pool.pin(sha(big));
+    await fetcher.fetch(req(big));
+    again();
+    expect(blobGets().length).toBe(before + 1);
   });
 
-  it('a direct pool write larger than the cap fails at beginWrite', async () => {
-    await expect(pool.beginWrite(sha(content), 2 * 1024 * 1024)).rejects.toMatchObject({ class: 'FailedPrecondition' });
-    expect(pool.stat().writing).toBe(0);
+  it('a streamed file larger than the cap: its readers get every byte, the pool keeps nothing', async () => {
+    const big = randomBytes(3 * 1024 * 1024);
+    reg.set((c) => serve(c, big));
+    const f = fetcher.stream(req(big));
+    try {
+      const got = await within(fill(f, 0, big.length), TIMEOUT + 3000, 'streamed read of an oversize file');
+      expect(got.equals(big)).toBe(true);
+      await until(() => fetcher.progress(sha(big)) === undefined && !pool.has(sha(big)), 'the download ended and the file was evicted');
+      expect(pool.stat().bytes).toBeLessThanOrEqual(pool.stat().capBytes);
+      await until(() => pool.stat().counters.evictions >= 1, 'the eviction counted');
+    } finally {
+      await f.close();
+    }
+  });
+
+  it('a file that fits stays', async () => {
+    const fits = randomBytes(512 * 1024);
+    reg.set((c) => serve(c, fits));
+    await fetcher.fetch(req(fits));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(pool.has(sha(fits))).toBe(true);
   });
 });
 

@@ -1,26 +1,23 @@
 /**
- * What the pool lets in, and the error of a full disk.
+ * What the pool lets stay, and the error of a full disk.
  *
- * Admission: a file larger than the pool's cap is never admitted (docs:
- * reliability, "bytes over the cap: goal 0"). Committing it would put the
- * pool over its cap with a file that eviction cannot remove while it is in
- * use, and reserving room for it would first evict everything else. The
- * refusal happens before any byte is fetched or written, with an error that
- * names the file, the cap and the setting to change. A hostile index that
- * declares a huge size for a small file (to flush the cache) is refused the
- * same way.
+ * Admission: the cap holds at rest. A file in use (pinned: being fetched,
+ * opened by the miss filesystem) may take the pool over its cap, since
+ * eviction never removes a pinned file, and a file larger than the whole cap
+ * always does: it is admitted only while it is in use, so that the container
+ * that opened it gets its bytes (through its descriptor, which survives the
+ * unlink). When the last pin of a file goes and usage is above the high
+ * watermark, the pool evicts at once (down to the low watermark, the released
+ * file included), instead of waiting for the next write: a file larger than
+ * the cap never stays ("1000 %" of a 1 MiB cap), and the next open of it
+ * fetches it again.
  */
-import { failedPrecondition, GearError } from '../errors.js';
+import { GearError } from '../errors.js';
 import type { EvictResult } from './pool.js';
-import { formatSize } from './size.js';
 
-/** Throws FailedPrecondition when a file of `size` bytes may not enter a pool capped at `capBytes`. */
-export function checkAdmission(digest: string, size: number | undefined, capBytes: number): void {
-  if (size === undefined || size <= capBytes) return;
-  throw failedPrecondition(
-    `pool write ${digest}: the file is ${formatSize(size)} (${size} bytes), larger than the whole pool cap of ${formatSize(capBytes)}; ` +
-      `it cannot be cached: raise the cap (--cache-size / GEAR_CACHE_SIZE) above ${formatSize(size)}`,
-  );
+/** Whether the release of a file's last pin must evict now: usage above the high watermark. */
+export function mustEvictOnRelease(usedBytes: number, capBytes: number, highWatermark: number): boolean {
+  return usedBytes > capBytes * highWatermark;
 }
 
 /**

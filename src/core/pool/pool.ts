@@ -62,7 +62,7 @@ import { silentLogger, type Logger } from '../log.js';
 import { checkDigest } from '../registry/digest.js';
 import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
-import { checkAdmission, PoolNoSpaceError } from './admission.js';
+import { mustEvictOnRelease, PoolNoSpaceError } from './admission.js';
 import { PoolLock } from './lock.js';
 
 export { PoolNoSpaceError } from './admission.js';
@@ -544,8 +544,12 @@ export class Pool {
       if (done) return;
       done = true;
       const n = (this.pins.get(hex) ?? 1) - 1;
-      if (n > 0) this.pins.set(hex, n);
-      else this.pins.delete(hex);
+      if (n > 0) return void this.pins.set(hex, n);
+      this.pins.delete(hex);
+      // Over the cap because of files in use (admission.ts): evict now that one is not.
+      if (!this.closed && !this.readOnly && mustEvictOnRelease(this.used, this.capBytes, this.high)) {
+        this.enforceCap().catch((err: unknown) => this.log.warn({ err: String(err) }, 'pool: eviction after release failed'));
+      }
     };
   }
 
@@ -612,8 +616,7 @@ export class Pool {
    * Starts a two-phase write of `digest`. Write the content, then `commit()`
    * (verifies sha256 and size, makes the file visible) or `abort()`. With
    * `expectedSize`, room is made first (eviction, free disk space) and a
-   * longer write fails at once. Throws InvalidArgument for a bad digest,
-   * FailedPrecondition for a file larger than the cap (admission.ts).
+   * longer write fails at once. Throws InvalidArgument for a bad digest.
    */
   async beginWrite(digest: string, expectedSize?: number): Promise<PoolWriter> {
     this.checkWritable('write');
@@ -621,7 +624,6 @@ export class Pool {
     if (expectedSize !== undefined && !(Number.isSafeInteger(expectedSize) && expectedSize >= 0)) {
       throw invalidArgument(`pool write ${digest}: bad expected size ${expectedSize}`);
     }
-    checkAdmission(digest, expectedSize, this.capBytes);
     this.writing.set(hex, (this.writing.get(hex) ?? 0) + 1);
     const reserve = expectedSize ?? 0;
     this.reserved += reserve;
