@@ -48,21 +48,23 @@
  *   file verified, so a reader that reads the file up to its end in order
  *   (cp, sha256sum, a loader) gets EIO rather than a complete corrupt copy;
  *   only reads far ahead of the download (Range) may end unverified.
- * - Every read waits at most `timeoutMs`, then fails DeadlineExceeded (EIO).
+ * - Every read waits at most `timeoutMs` for all the bytes it asked for, then
+ *   fails DeadlineExceeded (EIO); it never returns a trickle of bytes (the
+ *   miss filesystem would ask again, restarting the deadline). A read after a
+ *   failed download (or whose download fails while it waits) starts a fresh
+ *   one, unless the content was rejected by its digest.
  *   Once any reader opened a streamed file, its download keeps going in the
  *   background after the readers are gone (a queued one is demoted to
  *   background priority), into the pool (the next open, often
  *   right after, is then served from the pool). It is bounded by a stall
- *   deadline instead of a total one: aborted when no byte arrived for
- *   `timeoutMs` (a multi-GB file may take longer than the deadline in total).
+ *   deadline instead of a total one (body.ts StallWatch): abandoned when less
+ *   than 64 KiB arrived in `timeoutMs` (a multi-GB file may take longer than
+ *   the deadline in total; a registry trickling bytes cannot hold it).
  * - The staging file counts in the pool as a write in progress (its size is
  *   reserved against the cap when the download starts).
  */
 import type { FileHandle } from 'node:fs/promises';
 import fs from 'node:fs/promises';
-import { Writable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
-import { createGunzip } from 'node:zlib';
 import { deadlineExceeded, describeError, errnoCode, failedPrecondition, GearError, internal, invalidArgument, isClass, unavailable } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { BlobLocation, StoredBlob } from '../index/manifest.js';
@@ -70,14 +72,7 @@ import type { Pool, PoolWriter } from '../pool/pool.js';
 import { checkDigest } from '../registry/digest.js';
 import type { RegistryClient } from '../registry/client.js';
 import { sleep } from '../registry/retry.js';
-
-/**
- * Output chunk of the gunzip of a compressed Gear file. zlib's default (16 KiB)
- * costs a threadpool round trip, a pool write and a hash update per 16 KiB:
- * the main thread spent ~10 ms per MB on that, ~4 ms with 256 KiB chunks (the
- * prefetch of a python app, ~19 MB, competes with the index build there).
- */
-const GUNZIP_CHUNK_BYTES = 256 * 1024;
+import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
 
 /** Default deadline of one fetch as seen by a waiting reader. */
 export const DEFAULT_FETCH_TIMEOUT_MS = 60_000;
@@ -224,8 +219,10 @@ interface Job {
   writer?: PoolWriter | undefined;
   /** The staging file of the current attempt and how much content it holds. */
   stage?: Stage | undefined;
-  /** Last time a byte arrived (ms). */
-  progressAt: number;
+  /** The stall watch of the running download (streamed jobs). */
+  watch?: StallWatch | undefined;
+  /** The content was rejected (digest mismatch): reads fail until the next open. */
+  rejected: boolean;
   /** Wake-ups of readers waiting for bytes or the end. */
   listeners: Set<() => void>;
   /** Open streamed readers; read descriptors are closed when none is left and the job is done. */
@@ -357,7 +354,7 @@ export class Fetcher {
       resolve,
       reject,
       streaming: false,
-      progressAt: Date.now(),
+      rejected: false,
       listeners: new Set(),
       readers: 0,
       readFds: [],
@@ -478,29 +475,24 @@ export class Fetcher {
   private async run(job: Job): Promise<void> {
     const { req } = job;
     const started = Date.now();
-    job.progressAt = started;
-    let deadline: NodeJS.Timeout;
-    const arm = (ms: number) => {
-      deadline = setTimeout(onDeadline, ms);
-      deadline.unref();
-    };
-    const onDeadline = () => {
-      if (!job.streaming) {
-        job.controller.abort(deadlineExceeded(`fetch ${req.digest}: download not done within ${this.timeoutMs} ms`));
-        return;
-      }
-      // A streamed (big) file may take longer than the deadline in total: abort only a stalled one.
-      const idle = Date.now() - job.progressAt;
-      if (idle < this.timeoutMs) return arm(this.timeoutMs - idle);
-      job.controller.abort(
-        deadlineExceeded(
-          `fetch ${req.digest}: no data from ${req.location.registry}/${req.location.repository} for ${this.timeoutMs} ms (at ${job.stage?.written ?? 0} of ${req.size} bytes); check the registry's reachability or raise GEAR_FETCH_TIMEOUT`,
+    // A download is bounded by the deadline in total, except a streamed (big) file's, which may take
+    // longer: that one is abandoned when it stalls (less than 64 KiB per deadline, see body.ts).
+    const deadline = setTimeout(() => {
+      if (!job.streaming) job.controller.abort(deadlineExceeded(`fetch ${req.digest}: download not done within ${this.timeoutMs} ms`));
+    }, this.timeoutMs);
+    deadline.unref();
+    job.watch = new StallWatch({
+      windowMs: this.timeoutMs,
+      minBytes: STALL_MIN_BYTES,
+      remaining: () => req.size - (job.stage?.written ?? 0),
+      onStall: (idleMs) =>
+        job.controller.abort(
+          deadlineExceeded(
+            `fetch ${req.digest}: ${req.location.registry}/${req.location.repository} sent less than ${STALL_MIN_BYTES} bytes in ${idleMs} ms (at ${job.stage?.written ?? 0} of ${req.size} bytes): abandoned as stalled, the next read starts a fresh request; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`,
+          ),
         ),
-      );
-    };
-    arm(this.timeoutMs);
+    });
     const signal = job.controller.signal;
-    let verifyFailed = false;
     try {
       for (let attempt = 1; ; attempt++) {
         if (!job.writer && this.pool.has(req.digest)) break; // someone else (another writer) put it there
@@ -516,7 +508,7 @@ export class Fetcher {
           const mismatch = isClass(err, 'InvalidArgument') && /does not match|more than the expected/.test(String((err as Error).message));
           if (mismatch) {
             this.counters.verifyFailures++;
-            verifyFailed = true;
+            job.rejected = true;
             throw unavailable(`fetch ${req.digest} from ${req.location.registry}/${req.location.repository}: content rejected: ${(err as Error).message}`, err);
           }
           const retryable = !(err instanceof GearError) || isClass(err, 'Unavailable') || isClass(err, 'DeadlineExceeded');
@@ -530,12 +522,17 @@ export class Fetcher {
       await job.writer?.abort();
       job.writer = undefined;
       this.counters.failures++;
-      const e = signal.aborted ? signal.reason : err;
-      this.observe(fetchOutcomeOf(e, verifyFailed), started, 0);
+      let e = signal.aborted ? signal.reason : err;
+      // Whatever broke (a socket error of undici, a file system error), the waiters get a GearError naming it.
+      if (!(e instanceof GearError)) {
+        e = unavailable(`fetch ${req.digest} from ${req.location.registry}/${req.location.repository}: ${describeError(e)}; the next open tries again`, e);
+      }
+      this.observe(fetchOutcomeOf(e, job.rejected === true), started, 0);
       this.log.warn({ digest: req.digest, err: describeError(e) }, 'fetch failed');
       this.settle(job, e);
     } finally {
-      clearTimeout(deadline!);
+      clearTimeout(deadline);
+      job.watch.stop();
     }
   }
 
@@ -580,26 +577,19 @@ export class Fetcher {
     stream.on('data', (c: Buffer) => {
       received += c.length;
     });
-    const sink = new Writable({
-      write: (chunk: Buffer, _enc, cb) => {
-        writer.write(chunk).then(() => {
-          stage.written = writer.size;
-          job.progressAt = Date.now();
-          this.notify(job);
-          cb();
-        }, cb);
-      },
-    });
     try {
-      const onAbort = () => stream.destroy(signal.reason as Error);
-      signal.addEventListener('abort', onAbort, { once: true });
-      try {
-        if (req.blob) await pipeline(stream, createGunzip({ chunkSize: GUNZIP_CHUNK_BYTES }), sink, { signal });
-        else await pipeline(stream, sink, { signal });
-      } finally {
-        signal.removeEventListener('abort', onAbort);
-        this.counters.blobBytes += received;
-      }
+      await copyBody(stream, {
+        gunzip: !raw,
+        maxBytes: req.size - offset,
+        signal,
+        what: `fetch ${req.digest}`,
+        write: async (chunk) => {
+          await writer.write(chunk);
+          stage.written = writer.size;
+          job.watch?.progress(writer.size);
+          this.notify(job);
+        },
+      });
     } catch (err) {
       // A broken raw body resumes from here on the next attempt; anything else starts over.
       const resumable = raw && !signal.aborted && writer.isOpen && !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
@@ -607,12 +597,10 @@ export class Fetcher {
         await writer.abort();
         job.writer = undefined;
       }
-      if (signal.aborted) throw signal.reason;
-      // zlib errors (corrupt gzip) are content problems too.
-      if (err && typeof err === 'object' && 'errno' in err && String((err as { code?: string }).code ?? '').startsWith('Z_')) {
-        throw invalidArgument(`fetch ${req.digest}: stored blob does not match (bad gzip: ${describeError(err)})`, err);
-      }
       throw err;
+    } finally {
+      stream.destroy();
+      this.counters.blobBytes += received;
     }
     job.writer = undefined;
     try {
@@ -636,6 +624,49 @@ export class Fetcher {
     checkDigest(req.digest);
     if (!(Number.isSafeInteger(req.size) && req.size >= 0)) throw invalidArgument(`stream ${req.digest}: bad size ${req.size}`);
     if (this.closed) throw unavailable('fetcher is closed');
+    this.counters.streams++;
+    let j = this.attachReader(req);
+    let open = true;
+    const detach = (job: Job) => {
+      job.readers--;
+      // Nobody reads it now: a queued download lets foreground requests go first.
+      if (job.readers === 0 && job.waiters === 0 && job.state === 'queued' && job.priority === 'foreground') this.demote(job);
+      this.closeReadFds(job);
+    };
+    return {
+      keepCache: false,
+      read: async (buf, position, signal) => {
+        if (!open) throw failedPrecondition(`read of ${req.digest} after close`);
+        const deadline = Date.now() + this.timeoutMs;
+        // The download failed (a stalled or broken registry), before or during this read: the read starts
+        // a fresh one within its deadline, unless the content was rejected (that stays an error until the
+        // next open) or the fetcher is closing. A few rounds at most.
+        const failed = () => j.state === 'done' && j.error !== undefined && !j.rejected && !this.closed;
+        for (let round = 1; ; round++) {
+          if (failed()) {
+            const old = j;
+            j = this.attachReader(req);
+            detach(old);
+          }
+          try {
+            return await this.readStreamed(j, buf, position, deadline, signal);
+          } catch (err) {
+            // Within this read, only a transient failure (a broken or stalled registry) is worth another round.
+            const transient = isClass(j.error, 'Unavailable') || isClass(j.error, 'DeadlineExceeded');
+            if (round >= 3 || !failed() || !transient || Date.now() >= deadline || signal?.aborted) throw err;
+          }
+        }
+      },
+      close: async () => {
+        if (!open) return;
+        open = false;
+        detach(j);
+      },
+    };
+  }
+
+  /** Starts (foreground) or joins the download of req for a streamed reader. */
+  private attachReader(req: FetchRequest): Job {
     let job = this.jobs.get(req.digest);
     if (job) {
       this.counters.joined++;
@@ -643,28 +674,11 @@ export class Fetcher {
     } else {
       job = this.enqueue(req, 'foreground');
     }
-    const j = job;
-    j.keep = true;
-    j.streaming = true;
-    j.readers++;
-    this.counters.streams++;
-    if (j.stage && !j.stage.fh) j.stage.fh = this.openReadFd(j, j.stage.path);
-    let open = true;
-    return {
-      keepCache: false,
-      read: (buf, position, signal) => {
-        if (!open) return Promise.reject(failedPrecondition(`read of ${req.digest} after close`));
-        return this.readStreamed(j, buf, position, signal);
-      },
-      close: async () => {
-        if (!open) return;
-        open = false;
-        j.readers--;
-        // Nobody reads it now: a queued download lets foreground requests go first.
-        if (j.readers === 0 && j.waiters === 0 && j.state === 'queued' && j.priority === 'foreground') this.demote(j);
-        this.closeReadFds(j);
-      },
-    };
+    job.keep = true;
+    job.streaming = true;
+    job.readers++;
+    if (job.stage && !job.stage.fh) job.stage.fh = this.openReadFd(job, job.stage.path);
+    return job;
   }
 
   private openReadFd(job: Job, file: string): Promise<FileHandle> {
@@ -684,16 +698,16 @@ export class Fetcher {
     for (const p of job.readFds.splice(0)) void p.then((fh) => fh.close()).catch(() => undefined);
   }
 
-  private async readStreamed(job: Job, buf: Buffer, pos: number, signal?: AbortSignal): Promise<number> {
+  private async readStreamed(job: Job, buf: Buffer, pos: number, deadline: number, signal?: AbortSignal): Promise<number> {
     const { req } = job;
     if (!Number.isSafeInteger(pos) || pos < 0) throw invalidArgument(`read of ${req.digest}: bad position ${pos}`);
     if (pos >= req.size || buf.length === 0) return 0;
     const want = Math.min(buf.length, req.size - pos);
-    const deadline = Date.now() + this.timeoutMs;
     for (;;) {
       if (job.state === 'done') {
         if (job.error !== undefined) {
-          throw unavailable(`read of ${req.digest}: the download failed, the file is not served (${describeError(job.error)}); the next open tries again`, job.error);
+          const next = job.rejected ? 'the next open tries again' : 'the next read tries again';
+          throw unavailable(`read of ${req.digest}: the download failed, the file is not served (${describeError(job.error)}); ${next}`, job.error);
         }
         // Complete and verified: the staging file is now the pool file (same inode).
         job.stage ??= { path: this.pool.path(req.digest), written: req.size };
@@ -701,11 +715,13 @@ export class Fetcher {
         return this.readFd(job.stage.fh, buf, want, pos);
       }
       const stage = job.stage;
-      // The last byte is served only once the whole file verified (job done, above).
+      // The last byte is served only once the whole file verified (job done, above). A read waits for
+      // all it asked for: the miss filesystem fills a request with reads until it is full, so
+      // returning what trickled in would restart the deadline with every byte.
       const ready = stage ? Math.min(stage.written, req.size - 1) : 0;
-      if (stage && ready > pos) {
+      if (stage && ready >= pos + want) {
         stage.fh ??= this.openReadFd(job, stage.path);
-        return this.readFd(stage.fh, buf, Math.min(want, ready - pos), pos);
+        return this.readFd(stage.fh, buf, want, pos);
       }
       const have = stage?.written ?? 0;
       if (!req.blob && pos - have >= this.rangeAheadBytes) return this.readRange(job, buf, pos, want, deadline, signal);

@@ -55,17 +55,19 @@
 import { createHash, randomBytes } from 'node:crypto';
 import fs, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { GearError, errnoCode, failedPrecondition, invalidArgument } from '../errors.js';
+import { errnoCode, failedPrecondition, invalidArgument } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { checkDigest } from '../registry/digest.js';
 import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
+import { mustEvictOnRelease, PoolNoSpaceError } from './admission.js';
 import { PoolLock } from './lock.js';
 import { hashHandle, openForHash, type RemoveOutcome } from './scrub.js';
 import { formatSize, parseSize } from './size.js';
 import { PoolWriter } from './writer.js';
 
 export { PoolWriter } from './writer.js';
+export { PoolNoSpaceError } from './admission.js';
 
 /** The cap used when neither the caller nor a previous run set one. */
 export const DEFAULT_CACHE_SIZE = '20GiB';
@@ -161,21 +163,6 @@ interface Snapshot {
 interface RefsRecord {
   owner: string;
   digests: string[];
-}
-
-/**
- * Not enough disk space for a write. The staging file is gone; `freed` says
- * what eviction released, so a caller that can replay its data may retry.
- */
-export class PoolNoSpaceError extends GearError {
-  constructor(
-    message: string,
-    readonly freed: EvictResult,
-    cause: unknown,
-  ) {
-    super('Unavailable', message, { cause });
-    this.name = 'PoolNoSpaceError';
-  }
 }
 
 function hexOf(digest: string): string {
@@ -611,8 +598,12 @@ export class Pool {
       if (done) return;
       done = true;
       const n = (this.pins.get(hex) ?? 1) - 1;
-      if (n > 0) this.pins.set(hex, n);
-      else this.pins.delete(hex);
+      if (n > 0) return void this.pins.set(hex, n);
+      this.pins.delete(hex);
+      // Over the cap because of files in use (admission.ts): evict now that one is not.
+      if (!this.closed && !this.readOnly && mustEvictOnRelease(this.used, this.capBytes, this.high)) {
+        this.enforceCap().catch((err: unknown) => this.log.warn({ err: String(err) }, 'pool: eviction after release failed'));
+      }
     };
   }
 

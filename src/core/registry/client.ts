@@ -111,23 +111,32 @@ async function statusError(res: SendResponse, what: string): Promise<GearError> 
   return unavailable(msg);
 }
 
-/** Trims a body to [skip, skip+length) and fails if it ends short (truncation) or runs long. */
+/**
+ * Trims a body to [skip, skip+length) and fails if it ends short (truncation)
+ * or runs longer than `total`, the whole body's expected length (-1: unknown;
+ * a range served from a full 200 body is shorter than that body).
+ */
 class ExactLength extends Transform {
   private seen = 0;
   constructor(
     private readonly skip: number,
     private readonly length: number,
-    private readonly what: string,
+    readonly what: string,
+    private readonly total = skip === 0 ? length : -1,
   ) {
     super();
+  }
+  /** Body bytes seen so far. */
+  get bytes(): number {
+    return this.seen;
   }
   override _transform(chunk: Buffer, _e: BufferEncoding, cb: TransformCallback): void {
     const from = this.seen;
     this.seen += chunk.length;
     const lo = Math.max(0, this.skip - from);
     const hi = this.length < 0 ? chunk.length : Math.min(chunk.length, this.skip + this.length - from);
-    if (this.length >= 0 && this.skip === 0 && this.seen > this.length) {
-      cb(unavailable(`${this.what}: body longer than the declared ${this.length} bytes`));
+    if (this.total >= 0 && this.seen > this.total) {
+      cb(unavailable(`${this.what}: body longer than the declared ${this.total} bytes`));
       return;
     }
     if (hi > lo) this.push(chunk.subarray(lo, hi));
@@ -140,6 +149,36 @@ class ExactLength extends Transform {
     }
     cb();
   }
+}
+
+/** A response body that broke mid-way (reset, early close, idle timeout): worth a retry. */
+export class BrokenBodyError extends GearError {
+  constructor(message: string, cause: unknown) {
+    super('Unavailable', message, { cause });
+    this.name = 'BrokenBodyError';
+  }
+}
+
+/**
+ * The body of a blob response through `checker`. A body can break (reset,
+ * early close, timeout) at any moment, also before the caller attached its
+ * consumer (while it opens a pool file, say): the error then stays on the
+ * stream (`stream.errored`), and the consumer's pipeline or `for await` gets
+ * it, but it is never emitted to nobody (an uncaught exception that would take
+ * the daemon down). The error is an Unavailable naming the blob; the network
+ * error is its cause (so retry classification still sees the code).
+ */
+function bodyStream(res: SendResponse, checker: ExactLength, what = checker.what): Readable {
+  const stream = res.body.pipe(checker);
+  stream.on('error', () => undefined);
+  res.body.on('error', (e) => {
+    stream.destroy(e instanceof GearError ? e : new BrokenBodyError(`${what}: the body broke after ${checker.bytes} bytes: ${(e as Error)?.message ?? String(e)}`, e));
+  });
+  // The consumer gave up: let go of the connection too.
+  stream.on('close', () => {
+    if (!res.body.destroyed && !res.body.readableEnded) res.body.destroy();
+  });
+  return stream;
 }
 
 function contentLength(res: SendResponse): number | undefined {
@@ -173,7 +212,8 @@ export class RegistryClient {
       try {
         return await op();
       } catch (err) {
-        if (signal?.aborted || err instanceof GearError || !isRetryableNetworkError(err)) {
+        const broken = err instanceof BrokenBodyError || (!(err instanceof GearError) && isRetryableNetworkError(err));
+        if (signal?.aborted || !broken) {
           if (err instanceof GearError || signal?.aborted) throw err;
           throw unavailable(`${what}: ${(err as Error)?.message ?? String(err)}`, err);
         }
@@ -401,8 +441,7 @@ export class RegistryClient {
       }
       const length = end - start + 1;
       if (len !== undefined && len !== length) return fail(unavailable(`${what}: Content-Length ${len} does not match the range`));
-      const stream = res.body.pipe(new ExactLength(0, length, what));
-      res.body.on('error', (e) => stream.destroy(e));
+      const stream = bodyStream(res, new ExactLength(0, length, what));
       return { stream, size: total, length, range: { start, end } };
     }
     if (res.status === 200) {
@@ -419,8 +458,7 @@ export class RegistryClient {
         skip = range.start;
         length = Math.min(range.end ?? size - 1, size - 1) - range.start + 1;
       }
-      const stream = res.body.pipe(new ExactLength(skip, length, what));
-      res.body.on('error', (e) => stream.destroy(e));
+      const stream = bodyStream(res, new ExactLength(skip, length, what, size));
       const out: BlobStream = { stream, size, length };
       if (range) out.range = { start: skip, end: skip + length - 1 };
       return out;

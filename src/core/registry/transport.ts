@@ -244,8 +244,16 @@ export class RegistryTransport {
     }
     const cached = this.tokens.get(registry, scopes);
     if (cached) return `Bearer ${cached}`;
-    const token = await this.fetchToken(registry, ch, scopes, signal);
-    return token ? `Bearer ${token}` : undefined;
+    try {
+      const token = await this.fetchToken(registry, ch, scopes, signal);
+      return token ? `Bearer ${token}` : undefined;
+    } catch (err) {
+      // The token fetch was retried with backoff (withRetries) and failed: forget the challenge, so the
+      // next request goes to the registry itself and learns its current one (a fixed realm, or no auth
+      // any more) instead of failing on the dead realm until a restart.
+      if (this.challenges.get(registry) === ch) this.challenges.delete(registry);
+      throw err;
+    }
   }
 
   /** Get a bearer token from the realm the registry named (docs: distribution token spec). */
