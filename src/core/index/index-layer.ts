@@ -143,7 +143,7 @@ export async function readIndexLayer(
 ): Promise<IndexLayer> {
   let manifest: IndexManifest | undefined;
   let manifestBytes = 0;
-  const entries: TarHeader[] = [];
+  let entries: TarHeader[] = [];
   const listed = new Map<string, boolean>();
   const files = new Set<string>();
   let prev: string | undefined;
@@ -159,7 +159,8 @@ export async function readIndexLayer(
       manifest = parseIndexManifest(Buffer.concat(chunks));
       if (manifest.tree) {
         // parseIndexManifest checked the tree as checkIndexEntries would: paths, order, .gear/, hard links.
-        entries.push(...manifest.tree);
+        // (Taken as it is: a spread into push() overflows the stack from ~125k entries.)
+        entries = manifest.tree;
       } else {
         for (const f of manifest.files) listed.set(f.path, false);
       }
