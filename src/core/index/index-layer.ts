@@ -58,15 +58,15 @@ function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<strin
   const p = entryPath(h);
   checkListedPath(p, prev, 'gear index layer: entry');
   if (h.type === 'file') {
-    if (h.size !== 0) throw invalidArgument(`gear index layer: regular file ${JSON.stringify(p)} has a body`);
+    if (h.size !== 0) throw invalidArgument(`gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: a regular file of ${h.size} bytes; in an index layer regular files are empty (their content is in the manifest)`);
     if (listed.has(p)) listed.set(p, true);
   } else if (listed.has(p)) {
-    throw invalidArgument(`gear index layer: ${JSON.stringify(p)} is listed in the manifest but is a ${h.type}`);
+    throw invalidArgument(`gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: listed in the manifest with content, but a ${h.type}, not a regular file`);
   }
   if (h.type === 'link') {
     const target = h.linkname.replace(/\/+$/, '');
     if (!files.has(target)) {
-      throw invalidArgument(`gear index layer: hard link ${JSON.stringify(p)} does not point to an earlier non-directory entry`);
+      throw invalidArgument(`gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: hard link to ${JSON.stringify(target.slice(0, 200))}, which is not an earlier non-directory entry`);
     }
   } else if (h.type !== 'dir') {
     files.add(p); // hard links may point at files, symlinks, devices and fifos
@@ -75,7 +75,7 @@ function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<strin
 
 function finishCheck(listed: Map<string, boolean>): void {
   for (const [p, seen] of listed) {
-    if (!seen) throw invalidArgument(`gear index layer: manifest lists ${JSON.stringify(p)} but the tar has no such file`);
+    if (!seen) throw invalidArgument(`gear index layer: the manifest lists ${JSON.stringify(p.slice(0, 200))}, but the tar has no regular file of that path`);
   }
 }
 
@@ -152,7 +152,7 @@ export async function readIndexLayer(
       if (e.header.path !== INDEX_MANIFEST_PATH || e.header.type !== 'file') {
         throw invalidArgument(`not a gear index layer: first entry is ${JSON.stringify(e.header.path.slice(0, 200))}, not ${INDEX_MANIFEST_PATH}`);
       }
-      if (e.header.size > MAX_MANIFEST_BYTES) throw invalidArgument('gear index: manifest entry too large');
+      if (e.header.size > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is ${e.header.size} bytes, beyond the ${MAX_MANIFEST_BYTES} allowed`);
       const chunks: Buffer[] = [];
       for await (const c of e.body()) chunks.push(c);
       manifestBytes = e.header.size;

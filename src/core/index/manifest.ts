@@ -9,7 +9,7 @@
  */
 import { failedPrecondition, invalidArgument } from '../errors.js';
 import type { TarHeader } from './tar.js';
-import { decodeTreeEntry, encodeTreeEntry } from './tree.js';
+import { decodeTreeEntry, encodeTreeEntry, shown } from './tree.js';
 
 /**
  * The format version `gear convert` writes. Version 2 carries the tree in the
@@ -166,7 +166,7 @@ export function pathProblem(p: string): string | undefined {
  * FailedPrecondition on an unsupported version.
  */
 export function validateIndexManifest(doc: unknown): IndexManifest {
-  if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument('gear index: not a JSON object');
+  if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument(`gear index: the manifest must be a JSON object, not ${shown(Array.isArray(doc) ? '[array]' : doc)}`);
   const o = doc as Record<string, unknown>;
   if (typeof o.version !== 'number' || !GEAR_FORMAT_VERSIONS.includes(o.version)) {
     if (typeof o.version === 'number' && Number.isInteger(o.version)) {
@@ -174,65 +174,76 @@ export function validateIndexManifest(doc: unknown): IndexManifest {
         `gear index: unsupported format version ${o.version} (this gear reads versions ${GEAR_FORMAT_VERSIONS.join(' and ')}; upgrade gear on this node)`,
       );
     }
-    throw invalidArgument('gear index: missing or invalid "version"');
+    throw invalidArgument(`gear index: "version" must be the integer ${GEAR_FORMAT_VERSIONS.join(' or ')}, not ${shown(o.version)}`);
   }
   const out: IndexManifest = { version: o.version, files: [] };
   if (o.location !== undefined) {
     const l = o.location as Record<string, unknown>;
-    if (!l || typeof l !== 'object' || Array.isArray(l)) throw invalidArgument('gear index: "location" is not an object');
+    if (!l || typeof l !== 'object' || Array.isArray(l)) throw invalidArgument(`gear index: "location" must be an object, not ${shown(l)}`);
     if (typeof l.registry !== 'string' || l.registry.length > 255 || !REGISTRY_RE.test(l.registry)) {
-      throw invalidArgument('gear index: invalid location.registry');
+      throw invalidArgument(`gear index: location.registry ${shown(l.registry)} is not a registry host[:port] (at most 255 characters)`);
     }
     if (typeof l.repository !== 'string' || l.repository.length > 255 || !REPOSITORY_RE.test(l.repository)) {
-      throw invalidArgument('gear index: invalid location.repository');
+      throw invalidArgument(`gear index: location.repository ${shown(l.repository)} is not a repository path (lowercase components, at most 255 characters)`);
     }
     out.location = { registry: l.registry, repository: l.repository };
   }
   if (out.version === 1) {
-    if (!Array.isArray(o.files)) throw invalidArgument('gear index: "files" is not an array');
+    if (!Array.isArray(o.files)) throw invalidArgument(`gear index: version 1 needs "files" as an array, not ${shown(o.files)}`);
     let prev: string | undefined;
     for (let i = 0; i < o.files.length; i++) {
       const f = o.files[i] as Record<string, unknown>;
       const where = `gear index: files[${i}]`;
-      if (!f || typeof f !== 'object' || Array.isArray(f)) throw invalidArgument(`${where}: not an object`);
-      if (typeof f.path !== 'string') throw invalidArgument(`${where}: "path" is not a string`);
+      if (!f || typeof f !== 'object' || Array.isArray(f)) throw invalidArgument(`${where}: must be an object, not ${shown(f)}`);
+      if (typeof f.path !== 'string') throw invalidArgument(`${where}: "path" must be a string, not ${shown(f.path)}`);
       checkListedPath(f.path, prev, where);
-      out.files.push(validateContent(f, f.path, where));
+      out.files.push(validateContent(f, f.path, `${where} ${JSON.stringify(f.path.slice(0, 200))}`));
       prev = f.path;
     }
   } else {
     // Version 2: the files are the tree's regular files that carry a digest.
     if (o.files !== undefined) throw invalidArgument('gear index: version 2 has no "files" member (its files are in "tree")');
-    if (!Array.isArray(o.tree)) throw invalidArgument('gear index: "tree" is not an array');
+    if (!Array.isArray(o.tree)) throw invalidArgument(`gear index: version 2 needs "tree" as an array, not ${shown(o.tree)}`);
     const tree: TarHeader[] = new Array(o.tree.length);
     const linkable = new Set<string>();
     let prev: string | undefined;
     for (let i = 0; i < o.tree.length; i++) {
-      const where = `gear index: tree[${i}]`;
-      const h = decodeTreeEntry(o.tree[i], where);
-      checkListedPath(h.path, prev, where);
+      const at = `gear index: tree[${i}]`;
+      const h = decodeTreeEntry(o.tree[i], at);
+      checkListedPath(h.path, prev, at);
+      const where = `${at} ${JSON.stringify(h.path.slice(0, 200))}`;
       prev = h.path;
       if (h.type === 'link') {
-        if (!linkable.has(h.linkname)) throw invalidArgument(`${where}: hard link ${JSON.stringify(h.path)} does not point to an earlier non-directory entry`);
+        if (!linkable.has(h.linkname)) {
+          throw invalidArgument(`${where}: hard link to ${JSON.stringify(h.linkname.slice(0, 200))}, which is not an earlier non-directory entry (a hard link names an earlier file, symlink, device or fifo of the tree)`);
+        }
       } else if (h.type !== 'dir') linkable.add(h.path);
       const e = o.tree[i] as Record<string, unknown>;
       if (e.digest !== undefined || e.size !== undefined || e.blob !== undefined) {
-        if (h.type !== 'file') throw invalidArgument(`${where}: only a regular file has a digest, size or blob`);
+        if (h.type !== 'file') throw invalidArgument(`${where}: only a regular file has a "digest", "size" or "blob" (this is a ${h.type})`);
         out.files.push(validateContent(e, h.path, where));
       }
       tree[i] = h;
     }
     out.tree = tree;
   }
+  checkOneSizePerContent(out.files);
   if (o.prefetch !== undefined) {
-    if (!Array.isArray(o.prefetch)) throw invalidArgument('gear index: "prefetch" is not an array');
-    if (o.prefetch.length > out.files.length) throw invalidArgument('gear index: "prefetch" lists more paths than "files"');
+    if (!Array.isArray(o.prefetch)) throw invalidArgument(`gear index: "prefetch" must be an array, not ${shown(o.prefetch)}`);
+    if (o.prefetch.length > out.files.length) {
+      throw invalidArgument(`gear index: "prefetch" lists ${o.prefetch.length} paths, more than the ${out.files.length} files with content (each at most once)`);
+    }
     const known = new Set(out.files.map((f) => f.path));
     const seen = new Set<string>();
     for (let i = 0; i < o.prefetch.length; i++) {
       const p = o.prefetch[i] as unknown;
-      if (typeof p !== 'string' || !known.has(p)) throw invalidArgument(`gear index: prefetch[${i}] is not a path of "files"`);
-      if (seen.has(p)) throw invalidArgument(`gear index: prefetch[${i}]: ${JSON.stringify(p)} is repeated`);
+      if (typeof p !== 'string') throw invalidArgument(`gear index: prefetch[${i}] must be a path (a string), not ${shown(p)}`);
+      if (!known.has(p)) {
+        const kind = out.tree?.find((h) => h.path === p)?.type;
+        const what = kind ? `a ${kind === 'file' ? 'regular file without content' : kind}` : 'not a path of the index';
+        throw invalidArgument(`gear index: prefetch[${i}] ${JSON.stringify(p.slice(0, 200))} is ${what}; prefetch lists only files with content`);
+      }
+      if (seen.has(p)) throw invalidArgument(`gear index: prefetch[${i}] ${JSON.stringify(p.slice(0, 200))} is repeated`);
       seen.add(p);
     }
     if (o.prefetch.length > 0) out.prefetch = o.prefetch as string[];
@@ -249,31 +260,61 @@ export function checkListedPath(p: string, prev: string | undefined, where: stri
   const problem = pathProblem(p);
   if (problem) throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))}: ${problem}`);
   if (p === RESERVED_DIR || p.startsWith(`${RESERVED_DIR}/`)) {
-    throw invalidArgument(`${where}: path ${JSON.stringify(p)} is under the reserved ${RESERVED_DIR}/`);
+    throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))} is under the reserved ${RESERVED_DIR}/ (only ${INDEX_MANIFEST_PATH}, the first entry, is)`);
   }
   if (prev !== undefined && comparePaths(prev, p) >= 0) {
-    throw invalidArgument(`${where}: path ${JSON.stringify(p)} is out of order or repeated`);
+    const rule = comparePaths(prev, p) === 0 ? 'is repeated (each path is listed once)' : `comes after ${JSON.stringify(prev.slice(0, 200))} in the list but sorts before it (paths are in strictly increasing path order)`;
+    throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))} ${rule}`);
+  }
+}
+
+/**
+ * A content digest names one content, so it has one size (and one stored
+ * blob size): two files listing the same digest with different sizes would
+ * show one size and read another.
+ */
+function checkOneSizePerContent(files: readonly IndexFile[]): void {
+  const first = new Map<string, IndexFile>();
+  const blobs = new Map<string, IndexFile>();
+  for (const f of files) {
+    const other = first.get(f.digest);
+    if (!other) first.set(f.digest, f);
+    else if (other.size !== f.size) {
+      throw invalidArgument(
+        `gear index: file ${JSON.stringify(f.path.slice(0, 200))}: ${f.digest} is ${f.size} bytes here but ${other.size} bytes at ${JSON.stringify(other.path.slice(0, 200))} (one content has one size)`,
+      );
+    }
+    if (!f.blob) continue;
+    const ob = blobs.get(f.blob.digest);
+    if (!ob) blobs.set(f.blob.digest, f);
+    else if (ob.blob!.size !== f.blob.size) {
+      throw invalidArgument(
+        `gear index: file ${JSON.stringify(f.path.slice(0, 200))}: blob ${f.blob.digest} is ${f.blob.size} bytes here but ${ob.blob!.size} bytes at ${JSON.stringify(ob.path.slice(0, 200))} (one blob has one size)`,
+      );
+    }
   }
 }
 
 /** digest, size and blob of a file with content (a v1 `files` entry or a v2 tree entry). */
 function validateContent(f: Record<string, unknown>, path: string, where: string): IndexFile {
   if (typeof f.digest !== 'string' || !DIGEST_RE.test(f.digest)) {
-    throw invalidArgument(`${where}: digest is not sha256:<64 lowercase hex>`);
+    throw invalidArgument(`${where}: "digest" must be sha256:<64 lowercase hex>, not ${shown(f.digest)}`);
   }
   if (typeof f.size !== 'number' || !Number.isSafeInteger(f.size) || f.size <= 0) {
-    throw invalidArgument(`${where}: size must be a positive integer`);
+    throw invalidArgument(`${where}: "size" must be a whole number in 1…2^53−1, not ${shown(f.size)}`);
   }
   const file: IndexFile = { path, digest: f.digest, size: f.size };
   if (f.blob !== undefined) {
     const b = f.blob as Record<string, unknown>;
-    if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" is not an object`);
-    if (b.mediaType !== GearMediaType.FileGzip) throw invalidArgument(`${where}: unsupported blob mediaType`);
+    if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" must be an object, not ${shown(b)}`);
+    if (b.mediaType !== GearMediaType.FileGzip) {
+      throw invalidArgument(`${where}: blob.mediaType must be ${GearMediaType.FileGzip}, not ${shown(b.mediaType)} (a newer format? upgrade gear on this node)`);
+    }
     if (typeof b.digest !== 'string' || !DIGEST_RE.test(b.digest)) {
-      throw invalidArgument(`${where}: blob digest is not sha256:<64 lowercase hex>`);
+      throw invalidArgument(`${where}: blob.digest must be sha256:<64 lowercase hex>, not ${shown(b.digest)}`);
     }
     if (typeof b.size !== 'number' || !Number.isSafeInteger(b.size) || b.size <= 0) {
-      throw invalidArgument(`${where}: blob size must be a positive integer`);
+      throw invalidArgument(`${where}: blob.size must be a whole number in 1…2^53−1, not ${shown(b.size)}`);
     }
     file.blob = { mediaType: GearMediaType.FileGzip, digest: b.digest, size: b.size };
   }
@@ -282,12 +323,12 @@ function validateContent(f: Record<string, unknown>, path: string, where: string
 
 /** Decodes and validates manifest bytes (see validateIndexManifest). */
 export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
-  if (bytes.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: larger than ${MAX_MANIFEST_BYTES} bytes`);
+  if (bytes.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is ${bytes.length} bytes, beyond the ${MAX_MANIFEST_BYTES} allowed`);
   let doc: unknown;
   try {
     doc = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch (err) {
-    throw invalidArgument('gear index: not valid UTF-8 JSON', err);
+    throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is not valid UTF-8 JSON: ${(err as Error).message}`, err);
   }
   return validateIndexManifest(doc);
 }
