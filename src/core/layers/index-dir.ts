@@ -22,7 +22,7 @@ import { constants as zc, gunzipSync } from 'node:zlib';
 import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { invalidArgument } from '../errors.js';
+import { errnoCode, invalidArgument } from '../errors.js';
 import { looksLikeIndexLayer, readIndexLayer } from '../index/index-layer.js';
 import { INDEX_MANIFEST_PATH, parseIndexManifest, RESERVED_DIR, type IndexFile, type IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
@@ -178,6 +178,31 @@ export async function buildIndexDir(diffDir: string, indexDir: string, manifest:
   for (const [dst, st] of dirTimes.reverse()) fsSync.lutimesSync(dst, st.atime, st.mtime);
 
   return summarize(manifest);
+}
+
+/** The files a manifest lists for prefetch, in its order. */
+export function prefetchFilesOf(manifest: IndexManifest): Array<{ digest: string; size: number }> {
+  const byPath = new Map(manifest.files.map((f) => [f.path, f]));
+  return (manifest.prefetch ?? []).map((p) => byPath.get(p)!).map((f) => ({ digest: f.digest, size: f.size }));
+}
+
+/**
+ * True when an extracted tree carries what only a Gear index layer tar makes
+ * (docs/format.md 3.1): `.gear/` holding nothing but `index.json`, a regular
+ * file of mode 0444 and mtime 0. The tar's entry order, which marks an index
+ * layer for certain, is lost once someone else extracted it; a plain image
+ * that merely has a file at /.gear/index.json stays a plain layer.
+ */
+export async function hasIndexFormSignature(diff: string): Promise<boolean> {
+  try {
+    const names = await fs.readdir(path.join(diff, '.gear'));
+    if (names.length !== 1 || names[0] !== 'index.json') return false;
+    const st = await fs.lstat(path.join(diff, '.gear', 'index.json'));
+    return st.isFile() && (st.mode & 0o7777) === 0o444 && st.mtimeMs === 0;
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return false;
+    throw err;
+  }
 }
 
 // ---- straight from the tar (ApplyDiff) ------------------------------------------------

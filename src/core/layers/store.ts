@@ -50,10 +50,11 @@ import { Prefetcher } from '../lazy/prefetch.js';
 import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { createReadStream } from 'node:fs';
-import { applyIndexLayer, buildIndexDir, buildIndexDirFromEntries, headIsIndexLayer, INDEX_TAR, readIndexManifest, summarize } from './index-dir.js';
+import { applyIndexLayer, buildIndexDir, buildIndexDirFromEntries, hasIndexFormSignature, headIsIndexLayer, INDEX_TAR, prefetchFilesOf, readIndexManifest, summarize } from './index-dir.js';
 import { INDEX_IMAGE, indexTreeFromDir, indexTreeFromEntries, mountIndexImage, probeIndexImages, writeIndexImage } from './index-image.js';
 import type { IndexManifest } from '../index/manifest.js';
 import type { IndexDirResult } from './index-dir.js';
+import { checkKnownSizes } from './index-entry.js';
 import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
 
 /** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
@@ -131,12 +132,6 @@ function indexFormFromEnv(): 'auto' | 'image' | 'dir' {
   throw invalidArgument(`GEAR_INDEX_FORM=${JSON.stringify(v)}: expected auto, image or dir`);
 }
 
-/** The files a manifest lists for prefetch, in its order. */
-function prefetchFilesOf(manifest: IndexManifest): Array<{ digest: string; size: number }> {
-  const byPath = new Map(manifest.files.map((f) => [f.path, f]));
-  return (manifest.prefetch ?? []).map((p) => byPath.get(p)!).map((f) => ({ digest: f.digest, size: f.size }));
-}
-
 /** Detaches whatever is mounted at or below dir. */
 function unmountUnder(dir: string): void {
   for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
@@ -149,25 +144,6 @@ function bounded<T>(p: Promise<T>, timeoutMs: number, what: string): Promise<T> 
     timer = setTimeout(() => reject(new Error(`${what} did not finish within ${timeoutMs / 1000} s`)), timeoutMs);
   });
   return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
-}
-
-/**
- * True when an extracted tree carries what only a Gear index layer tar makes
- * (docs/format.md 3.1): `.gear/` holding nothing but `index.json`, a regular
- * file of mode 0444 and mtime 0. The tar's entry order, which marks an index
- * layer for certain, is lost once someone else extracted it; a plain image
- * that merely has a file at /.gear/index.json stays a plain layer.
- */
-async function hasIndexFormSignature(diff: string): Promise<boolean> {
-  try {
-    const names = await fs.readdir(path.join(diff, '.gear'));
-    if (names.length !== 1 || names[0] !== 'index.json') return false;
-    const st = await fs.lstat(path.join(diff, '.gear', 'index.json'));
-    return st.isFile() && (st.mode & 0o7777) === 0o444 && st.mtimeMs === 0;
-  } catch (err) {
-    if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') return false;
-    throw err;
-  }
 }
 
 class OverlayLayerStore implements LayerStore {
@@ -881,6 +857,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
+    if (this.lazy) checkKnownSizes(manifest, { pool: (d) => this.lazy!.pool.sizeOf(d), listed: (d) => this.lazy!.catalog.sizeOf(d) });
     const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs };
     this.pendingPrefetch.delete(id);
     if (manifest.prefetch?.length) this.pendingPrefetch.set(id, prefetchFilesOf(manifest));
