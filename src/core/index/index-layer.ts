@@ -149,9 +149,10 @@ export async function readIndexLayer(
   let prev: string | undefined;
   for await (const e of readTar(source, limits)) {
     if (manifest === undefined) {
-      if (e.header.path !== INDEX_MANIFEST_PATH || e.header.type !== 'file') {
+      if (e.header.path !== INDEX_MANIFEST_PATH) {
         throw invalidArgument(`not a gear index layer: first entry is ${JSON.stringify(e.header.path.slice(0, 200))}, not ${INDEX_MANIFEST_PATH}`);
       }
+      if (e.header.type !== 'file') throw invalidArgument(`gear index layer: the first entry ${INDEX_MANIFEST_PATH} is a ${e.header.type}; the manifest is a regular file`);
       if (e.header.size > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is ${e.header.size} bytes, beyond the ${MAX_MANIFEST_BYTES} allowed`);
       const chunks: Buffer[] = [];
       for await (const c of e.body()) chunks.push(c);

@@ -109,6 +109,8 @@ export const MAX_MANIFEST_BYTES = 256 * 1024 * 1024;
 export const BIG_FILE_MIN_BYTES = 8 * 1024 * 1024;
 /** Longest accepted path in bytes (Linux PATH_MAX). */
 export const MAX_PATH_BYTES = 4096;
+/** Longest accepted path component in bytes (Linux NAME_MAX). */
+export const MAX_NAME_BYTES = 255;
 
 const DIGEST_RE = /^sha256:[a-f0-9]{64}$/;
 // docker/distribution reference grammar, anchored.
@@ -137,7 +139,8 @@ export function comparePaths(a: string, b: string): number {
 
 /**
  * Why `p` is not a clean image path, or undefined when it is one: relative,
- * no empty, "." or ".." components, no NUL, at most MAX_PATH_BYTES.
+ * no empty, "." or ".." components, no NUL, at most MAX_PATH_BYTES, no
+ * component over MAX_NAME_BYTES.
  */
 export function pathProblem(p: string): string | undefined {
   if (p === '') return 'empty path';
@@ -152,6 +155,7 @@ export function pathProblem(p: string): string | undefined {
     const n = end - start;
     if (n === 0) return 'empty path component';
     if (n <= 2 && p.charCodeAt(start) === 46 && (n === 1 || p.charCodeAt(start + 1) === 46)) return `"${p.slice(start, end)}" component`;
+    if (n > MAX_NAME_BYTES / 3 && Buffer.byteLength(p.slice(start, end)) > MAX_NAME_BYTES) return `a component longer than ${MAX_NAME_BYTES} bytes (NAME_MAX)`;
     if (end === p.length) return undefined;
     start = end + 1;
   }

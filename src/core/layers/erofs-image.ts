@@ -120,6 +120,9 @@ function xattrKey(name: string): [index: number, prefixLength: number] {
   throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))}: EROFS stores only security.*, trusted.*, user.*, lustre.* and the POSIX ACLs`);
 }
 
+/** Largest regular file an image holds: one null chunk of at most 2^(12+31) bytes. */
+export const EROFS_MAX_FILE_BYTES = 2 ** (BLKBITS + CHUNK_FORMAT_BLKBITS_MASK);
+
 /** Largest xattr value EROFS stores (e_value_size is 16 bits; Linux allows one byte more). */
 export const EROFS_XATTR_VALUE_MAX = 0xffff;
 
@@ -285,7 +288,7 @@ function* erofsImageSteps(root: ErofsNode, buildTimeSec: number): Steps<Buffer> 
       const size = node.size!;
       let bits = BLKBITS;
       while (bits < 63 && 2 ** bits < size) bits++;
-      if (bits - BLKBITS > CHUNK_FORMAT_BLKBITS_MASK) throw invalidArgument(`file size ${size} too large`);
+      if (bits - BLKBITS > CHUNK_FORMAT_BLKBITS_MASK) throw invalidArgument(`a file of ${size} bytes is beyond ${EROFS_MAX_FILE_BYTES}, the largest this EROFS index stores (one chunk of 2^43 bytes)`);
       p.layout = LAYOUT_CHUNK_BASED;
       p.chunkFormat = bits - BLKBITS;
       p.recordSize = align(base, 4) + 4; // one block-map entry

@@ -28,7 +28,7 @@ import { INDEX_MANIFEST_PATH, parseIndexManifest, RESERVED_DIR, type IndexFile, 
 import type { TarHeader } from '../index/tar.js';
 import { native } from '../sys/native.js';
 import { isOverlayPrivate, listXattrs, getXattr, setXattr } from '../sys/xattr.js';
-import { entryDevice, entryError, entryMeta, METACOPY_XATTR, redirectOf, REDIRECT_XATTR, summarize, type EntryMeta, type IndexDirResult } from './index-entry.js';
+import { entryDevice, entryError, entryMeta, symlinkTarget, METACOPY_XATTR, redirectOf, REDIRECT_XATTR, summarize, type EntryMeta, type IndexDirResult } from './index-entry.js';
 import { indexTreeFromEntriesSliced, writeIndexImageSliced } from './index-image.js';
 
 // What both index forms share lives in index-entry.ts; re-exported for the store.
@@ -333,8 +333,7 @@ export function buildIndexDirFromEntries(indexDir: string, manifest: IndexManife
         }
         case 'symlink':
           others.add(rel);
-          if (h.linkname === '') throw invalidArgument('symlink target is empty');
-          fsSync.symlinkSync(h.linkname, abs);
+          fsSync.symlinkSync(symlinkTarget(h), abs);
           fsSync.lchownSync(abs, m.uid, m.gid);
           for (const [n, v] of m.xattrs) setXattr(abs, n, v);
           fsSync.lutimesSync(abs, m.atime, m.mtime);

@@ -33,6 +33,10 @@ export const MAX_DEV_MINOR = 0xfffff;
 /** Linux XATTR_NAME_MAX and XATTR_SIZE_MAX. */
 export const XATTR_NAME_MAX = 255;
 export const XATTR_SIZE_MAX = 65536;
+/** Linux XATTR_LIST_MAX: listxattr(2) returns at most this many bytes of names (each with its NUL). */
+export const XATTR_LIST_MAX = 65536;
+/** Longest symlink target Linux stores (PATH_MAX less the NUL). */
+export const MAX_SYMLINK_BYTES = 4095;
 /** Docker's boundTime: times outside [epoch, max int64 ns] become the epoch. */
 const MAX_TIME_S = 9223372036;
 
@@ -81,14 +85,25 @@ export function entryMeta(h: TarHeader): EntryMeta {
   const t = h.mtime + h.mtimeNsec / 1e9;
   const mtime = Number.isFinite(t) && t >= 0 && t <= MAX_TIME_S ? t : 0;
   const xattrs: Array<[string, Buffer]> = [];
+  let listBytes = 0;
   for (const [name, value] of h.xattrs) {
     if (name.startsWith('trusted.overlay.') || name.startsWith('user.overlay.')) continue;
+    listBytes += Buffer.byteLength(name) + 1;
+    if (listBytes > XATTR_LIST_MAX) throw invalidArgument(`the names of its ${h.xattrs.size} xattrs take more than ${XATTR_LIST_MAX} bytes (XATTR_LIST_MAX), more than listxattr(2) can return`);
     const problem = xattrNameProblem(name);
     if (problem) throw invalidArgument(problem);
     if (value.length > XATTR_SIZE_MAX) throw invalidArgument(`xattr ${JSON.stringify(name)}: a value of ${value.length} bytes is beyond ${XATTR_SIZE_MAX}, the largest Linux stores`);
     xattrs.push([name, value]);
   }
   return { mode: h.mode & 0o7777, uid: h.uid, gid: h.gid, atime: mtime, mtime, xattrs };
+}
+
+/** The target of a symlink entry, checked against what Linux stores. */
+export function symlinkTarget(h: TarHeader): string {
+  if (h.linkname === '') throw invalidArgument('a symlink with an empty target');
+  const n = Buffer.byteLength(h.linkname);
+  if (n > MAX_SYMLINK_BYTES) throw invalidArgument(`a symlink target of ${n} bytes is beyond ${MAX_SYMLINK_BYTES}, the longest Linux stores`);
+  return h.linkname;
 }
 
 /** The device numbers of a char or block entry, checked against what dev_t holds. */
