@@ -261,6 +261,9 @@ export async function applyIndexLayer(
   else {
     // In slices: the prefetch the manifest started goes on downloading meanwhile.
     const { root, result } = await indexTreeFromEntriesSliced(layer.manifest, layer.entries);
+    // The headers are in the tree now: let them go before the image is built (~400 bytes an entry).
+    layer.entries = [];
+    delete layer.manifest.tree;
     await writeIndexImageSliced(target.image, root);
     r = result;
   }
