@@ -110,3 +110,25 @@ describe('src/ spreads no array into a call', () => {
     expect(found).toEqual([]);
   });
 });
+
+describe('the manifest encoded in parts', () => {
+  it.each([1, 2])('format %i: the same bytes as JSON.stringify of the whole document, across part boundaries', async (version) => {
+    const { entries, files } = tree();
+    const some = entries.slice(0, 30_000); // > 1 MiB of JSON: several parts
+    const inSome = new Set(some.map((e) => e.path));
+    const listed = files.filter((f) => inSome.has(f.path));
+    const m: IndexManifest = { version, location: { registry: 'r.example:5000', repository: 'team/app' }, files: listed, prefetch: [listed[3]!.path, listed[1]!.path] };
+    const { encodeIndexManifest, encodeIndexManifestParts } = await import('../../src/core/index/manifest.js');
+    const { encodeTreeEntry } = await import('../../src/core/index/tree.js');
+    const byPath = new Map(listed.map((f) => [f.path, f]));
+    const doc: Record<string, unknown> = { version, location: m.location };
+    if (version === 1) doc.files = listed.map((f) => ({ path: f.path, digest: f.digest, size: f.size }));
+    else doc.tree = some.map((h) => encodeTreeEntry(h, h.type === 'file' ? byPath.get(h.path) : undefined));
+    doc.prefetch = m.prefetch;
+    const expected = Buffer.from(JSON.stringify(doc));
+    const parts = encodeIndexManifestParts(version === 2 ? { ...m, tree: some } : m);
+    if (version === 2) expect(parts.length).toBeGreaterThan(1);
+    expect(Buffer.concat(parts).equals(expected)).toBe(true);
+    expect(encodeIndexManifest(version === 2 ? { ...m, tree: some } : m).equals(expected)).toBe(true);
+  });
+});

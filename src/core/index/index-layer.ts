@@ -9,7 +9,7 @@
  * Reading validates the manifest against the tar (hostile input).
  */
 import { invalidArgument } from '../errors.js';
-import { checkListedPath, encodeIndexManifest, INDEX_MANIFEST_PATH, MAX_MANIFEST_BYTES, parseIndexManifest, type IndexManifest } from './manifest.js';
+import { checkListedPath, encodeIndexManifest, encodeIndexManifestParts, INDEX_MANIFEST_PATH, MAX_MANIFEST_BYTES, parseIndexManifest, type IndexManifest } from './manifest.js';
 import { encodeTarHeader, readTar, tarPadding, tarTrailer, type TarHeader, type TarLimits, DEFAULT_TAR_LIMITS } from './tar.js';
 
 /** The tar header of the manifest entry: fixed metadata, so it never varies between runs. */
@@ -90,9 +90,13 @@ export async function* writeIndexLayer(manifest: IndexManifest, entries: Iterabl
   if (manifest.version !== 1) {
     const tree = [...entries];
     checkIndexEntries(manifest, tree);
-    const json = encodeIndexManifest({ ...manifest, tree });
-    if (json.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: manifest of ${json.length} bytes is too large`);
-    yield Buffer.concat([encodeTarHeader(manifestHeader(json.length)), json, tarPadding(json.length), tarTrailer()]);
+    // In parts: a million-entry tree is never one string or one document of objects.
+    const parts = encodeIndexManifestParts({ ...manifest, tree });
+    const length = parts.reduce((n, b) => n + b.length, 0);
+    if (length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: manifest of ${length} bytes is too large`);
+    yield encodeTarHeader(manifestHeader(length));
+    yield* parts;
+    yield Buffer.concat([tarPadding(length), tarTrailer()]);
     return;
   }
   const json = encodeIndexManifest(manifest);

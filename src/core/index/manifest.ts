@@ -347,28 +347,51 @@ export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
  * must be a regular file of it.
  */
 export function encodeIndexManifest(m: IndexManifest): Buffer {
+  const parts = encodeIndexManifestParts(m);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+}
+
+/** Bytes of text gathered before they become one Buffer of encodeIndexManifestParts. */
+const PART_CHARS = 1 << 20;
+
+/**
+ * encodeIndexManifest as a list of Buffers whose concatenation is the same
+ * bytes. A version 2 tree is encoded entry by entry, so a million-entry index
+ * never exists as one JSON document of objects nor as one string.
+ */
+export function encodeIndexManifestParts(m: IndexManifest): Buffer[] {
   if (!GEAR_FORMAT_VERSIONS.includes(m.version)) throw invalidArgument(`gear index: cannot write format version ${m.version}`);
   const doc: Record<string, unknown> = { version: m.version };
   if (m.location) doc.location = { registry: m.location.registry, repository: m.location.repository };
+  const tail = m.prefetch?.length ? `,"prefetch":${JSON.stringify([...m.prefetch])}}` : '}';
   if (m.version === 1) {
     doc.files = m.files.map((f) =>
       f.blob
         ? { path: f.path, digest: f.digest, size: f.size, blob: { mediaType: f.blob.mediaType, digest: f.blob.digest, size: f.blob.size } }
         : { path: f.path, digest: f.digest, size: f.size },
     );
-  } else {
-    if (!m.tree) throw invalidArgument('gear index: a version 2 manifest needs its tree');
-    const content = new Map(m.files.map((f) => [f.path, f]));
-    doc.tree = m.tree.map((h) => {
-      const p = h.path.replace(/\/+$/, '');
-      const f = h.type === 'file' ? content.get(p) : undefined;
-      if (f) content.delete(p);
-      return encodeTreeEntry(h, f);
-    });
-    if (content.size > 0) {
-      throw invalidArgument(`gear index: file ${JSON.stringify([...content.keys()][0])} is not a regular file of the tree`);
+    const head = JSON.stringify(doc);
+    return [Buffer.from(head.slice(0, -1) + tail, 'utf8')];
+  }
+  if (!m.tree) throw invalidArgument('gear index: a version 2 manifest needs its tree');
+  const content = new Map(m.files.map((f) => [f.path, f]));
+  // JSON.stringify({...doc, tree, prefetch}) piece by piece: the same bytes.
+  const parts: Buffer[] = [];
+  let text = `${JSON.stringify(doc).slice(0, -1)},"tree":[`;
+  for (let i = 0; i < m.tree.length; i++) {
+    const h = m.tree[i]!;
+    const p = h.path.replace(/\/+$/, '');
+    const f = h.type === 'file' ? content.get(p) : undefined;
+    if (f) content.delete(p);
+    text += (i === 0 ? '' : ',') + JSON.stringify(encodeTreeEntry(h, f));
+    if (text.length >= PART_CHARS) {
+      parts.push(Buffer.from(text, 'utf8'));
+      text = '';
     }
   }
-  if (m.prefetch?.length) doc.prefetch = [...m.prefetch];
-  return Buffer.from(JSON.stringify(doc), 'utf8');
+  if (content.size > 0) {
+    throw invalidArgument(`gear index: file ${JSON.stringify([...content.keys()][0])} is not a regular file of the tree`);
+  }
+  parts.push(Buffer.from(`${text}]${tail}`, 'utf8'));
+  return parts;
 }
