@@ -201,7 +201,8 @@ export class Flattener {
   /**
    * The flattened tree as index-layer entries (in comparePaths order) and the
    * manifest. Each regular file's first path (in that order) is a file entry;
-   * its other paths are hard links to it.
+   * its other paths are hard links to it. Call it once, after the last layer:
+   * it lets go of the tree.
    */
   result(location?: BlobLocation): { entries: TarHeader[]; manifest: IndexManifest } {
     const entries: TarHeader[] = [];
@@ -232,6 +233,8 @@ export class Flattener {
       }
     };
     walk(this.root, '');
+    // Spent: the entries are copies, so the tree (a million nodes for a million files) can go now.
+    this.root.children.clear();
     const manifest: IndexManifest = { version: GEAR_FORMAT_VERSION, files };
     if (location) manifest.location = location;
     return { entries, manifest };
