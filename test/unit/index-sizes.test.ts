@@ -48,7 +48,7 @@ afterEach(async () => {
 describe.each(['image', 'dir'] as const)('index sizes against the node (%s form)', (form) => {
   it('refuses a layer whose file is in the pool with another size, naming path, digest and both sizes', async () => {
     const pool = await openPool({ root });
-    await pool.addFromStream([content], digest, content.length);
+    await pool.addFromStream(Readable.from([content]), digest, content.length);
     await pool.close();
 
     const store = await openLayerStore({ root, indexForm: form, lazy: { fetchTimeoutMs: 5_000, cacheSize: '64MiB' } });
@@ -111,9 +111,9 @@ describe('index sizes within one manifest and from the registry', () => {
     // The fetcher writes every download through beginWrite(digest, index size); this is that writer.
     const pool = await openPool({ root });
     try {
-      await expect(pool.addFromStream([content], digest, 10)).rejects.toThrow();
+      await expect(pool.addFromStream(Readable.from([content]), digest, 10)).rejects.toThrow();
       expect(pool.has(digest)).toBe(false);
-      await expect(pool.addFromStream([content], digest, 7000)).rejects.toThrow(/6000 bytes instead of 7000/);
+      await expect(pool.addFromStream(Readable.from([content]), digest, 7000)).rejects.toThrow(/6000 bytes instead of 7000/);
       expect(pool.has(digest)).toBe(false);
     } finally {
       await pool.close();
