@@ -132,3 +132,16 @@ describe('the manifest encoded in parts', () => {
     expect(encodeIndexManifest(version === 2 ? { ...m, tree: some } : m).equals(expected)).toBe(true);
   });
 });
+
+describe('validateIndexManifest and the caller\'s document', () => {
+  it('leaves a document it was given unchanged; parseIndexManifest (its own document) gives the same result', async () => {
+    const { parseIndexManifest, validateIndexManifest } = await import('../../src/core/index/manifest.js');
+    const doc = { version: 2, tree: [{ path: 'a', type: 'dir' }, { path: 'a/b', type: 'file', digest: DIGESTS[0], size: 3 }] };
+    const copy = JSON.parse(JSON.stringify(doc)) as unknown;
+    const m = validateIndexManifest(doc);
+    expect(doc).toEqual(copy);
+    const parsed = parseIndexManifest(Buffer.from(JSON.stringify(doc)));
+    expect(parsed.tree).toEqual(m.tree);
+    expect(parsed.files).toEqual(m.files);
+  });
+});

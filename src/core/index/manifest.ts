@@ -167,9 +167,11 @@ export function pathProblem(p: string): string | undefined {
  * checked as index-layer.ts checkIndexEntries checks tar entries: clean
  * paths in strictly increasing order, nothing under `.gear/`, hard links to
  * earlier non-directories. Throws InvalidArgument on any malformed field and
- * FailedPrecondition on an unsupported version.
+ * FailedPrecondition on an unsupported version. With `consume`, the raw tree
+ * entries of `doc` are cleared as they are decoded (the caller's doc is left
+ * alone otherwise).
  */
-export function validateIndexManifest(doc: unknown): IndexManifest {
+export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } = {}): IndexManifest {
   if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument(`gear index: the manifest must be a JSON object, not ${shown(Array.isArray(doc) ? '[array]' : doc)}`);
   const o = doc as Record<string, unknown>;
   if (typeof o.version !== 'number' || !GEAR_FORMAT_VERSIONS.includes(o.version)) {
@@ -228,6 +230,9 @@ export function validateIndexManifest(doc: unknown): IndexManifest {
         out.files.push(validateContent(e, h.path, where));
       }
       tree[i] = h;
+      // A document parseIndexManifest decoded itself is ours: let each raw entry go once decoded
+      // (a million-entry tree otherwise exists twice at the peak of a pull).
+      if (opts.consume) o.tree[i] = undefined;
     }
     out.tree = tree;
   }
@@ -334,7 +339,7 @@ export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
   } catch (err) {
     throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is not valid UTF-8 JSON: ${(err as Error).message}`, err);
   }
-  return validateIndexManifest(doc);
+  return validateIndexManifest(doc, { consume: true });
 }
 
 /**
