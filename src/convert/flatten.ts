@@ -18,7 +18,7 @@
  * - entries under the reserved `.gear/` are refused.
  */
 import { invalidArgument } from '../core/errors.js';
-import { GEAR_FORMAT_VERSION, RESERVED_DIR, type BlobLocation, type IndexFile, type IndexManifest } from '../core/index/manifest.js';
+import { comparePaths, GEAR_FORMAT_VERSION, RESERVED_DIR, type BlobLocation, type IndexFile, type IndexManifest } from '../core/index/manifest.js';
 import { manifestHeader } from '../core/index/index-layer.js';
 import { readTar, type TarHeader } from '../core/index/tar.js';
 import type { ContentStage } from './stage.js';
@@ -132,6 +132,7 @@ export class Flattener {
                 }
               })()
             : body,
+          h.size,
         );
         digest = staged.digest;
       }
@@ -200,14 +201,16 @@ export class Flattener {
   /**
    * The flattened tree as index-layer entries (in comparePaths order) and the
    * manifest. Each regular file's first path (in that order) is a file entry;
-   * its other paths are hard links to it.
+   * its other paths are hard links to it. Call it once, after the last layer:
+   * it lets go of the tree.
    */
   result(location?: BlobLocation): { entries: TarHeader[]; manifest: IndexManifest } {
     const entries: TarHeader[] = [];
     const files: IndexFile[] = [];
     const firstPath = new Map<Inode, string>();
     const walk = (d: Dir, prefix: string): void => {
-      const names = [...d.children.keys()].sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+      // comparePaths on names (no '/'): bytewise UTF-8 order without a Buffer per comparison.
+      const names = [...d.children.keys()].sort(comparePaths);
       for (const n of names) {
         const node = d.children.get(n)!;
         const path = prefix + n;
@@ -230,6 +233,8 @@ export class Flattener {
       }
     };
     walk(this.root, '');
+    // Spent: the entries are copies, so the tree (a million nodes for a million files) can go now.
+    this.root.children.clear();
     const manifest: IndexManifest = { version: GEAR_FORMAT_VERSION, files };
     if (location) manifest.location = location;
     return { entries, manifest };

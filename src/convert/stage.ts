@@ -14,13 +14,16 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
-import { readdir, rename, stat, unlink } from 'node:fs/promises';
+import { readdir, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
 import { pipeline } from 'node:stream/promises';
 import { createGzip } from 'node:zlib';
 import { claimScratch, type Scratch } from './scratch.js';
+
+/** Bodies up to this size are hashed in memory before anything is written (ContentStage.add). */
+export const SMALL_BODY_BYTES = 256 * 1024;
 
 export class ContentStage {
   private seq = 0;
@@ -72,8 +75,15 @@ export class ContentStage {
     }
   }
 
-  /** Streams `body` to disk while hashing; returns the content digest. Same content is kept once. */
-  async add(body: AsyncIterable<Buffer>): Promise<{ digest: string; size: number }> {
+  /**
+   * Streams `body` to disk while hashing; returns the content digest. Same
+   * content is kept once. A body of at most `inMemoryBytes` (known from its
+   * tar header) is hashed in memory and written only when its content is new:
+   * an image of a million small files with few distinct contents then costs
+   * a few file writes, not a million temp files.
+   */
+  async add(body: AsyncIterable<Buffer>, knownSize?: number): Promise<{ digest: string; size: number }> {
+    if (knownSize !== undefined && knownSize <= SMALL_BODY_BYTES) return this.addSmall(body);
     const tmp = join(this.dir, `tmp-${process.pid}-${this.seq++}`);
     const h = createHash('sha256');
     const out = createWriteStream(tmp);
@@ -97,6 +107,28 @@ export class ContentStage {
       await unlink(tmp);
       if (this.leftContents.delete(digest)) this.reusedContents++;
     } else {
+      await rename(tmp, join(this.dir, hex));
+      this.known.set(digest, size);
+    }
+    return { digest, size };
+  }
+
+  private async addSmall(body: AsyncIterable<Buffer>): Promise<{ digest: string; size: number }> {
+    const parts: Buffer[] = [];
+    let size = 0;
+    for await (const c of body) {
+      parts.push(c);
+      size += c.length;
+      if (size > SMALL_BODY_BYTES) throw new Error(`a tar body grew past its header size (${size} bytes)`);
+    }
+    const data = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+    const hex = createHash('sha256').update(data).digest('hex');
+    const digest = `sha256:${hex}`;
+    if (this.known.has(digest)) {
+      if (this.leftContents.delete(digest)) this.reusedContents++;
+    } else {
+      const tmp = join(this.dir, `tmp-${process.pid}-${this.seq++}`);
+      await writeFile(tmp, data, { flag: 'wx' });
       await rename(tmp, join(this.dir, hex));
       this.known.set(digest, size);
     }

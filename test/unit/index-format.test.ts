@@ -209,23 +209,23 @@ describe('index manifest', () => {
     ['NUL in path', (d) => (d.files[0].path = 'a\0b'), /NUL/],
     ['very long path', (d) => (d.files[2].path = `z/${'x'.repeat(5000)}`), /longer than/],
     ['reserved dir', (d) => (d.files[2].path = '.gear/index.json'), /reserved/],
-    ['unsorted', (d) => d.files.reverse(), /out of order/],
-    ['duplicate', (d) => (d.files[1] = { ...d.files[0] }), /out of order or repeated/],
+    ['unsorted', (d) => d.files.reverse(), /in strictly increasing path order/],
+    ['duplicate', (d) => (d.files[1] = { ...d.files[0] }), /files\[1\]: path "a" is repeated/],
     ['size 0', (d) => (d.files[0].size = 0), /size/],
     ['negative size', (d) => (d.files[0].size = -1), /size/],
     ['fractional size', (d) => (d.files[0].size = 1.5), /size/],
     ['size as a string', (d) => (d.files[0].size = '1'), /size/],
     ['huge size', (d) => (d.files[0].size = 2 ** 60), /size/],
     ['blob with unknown mediaType', (d) => (d.files[1].blob.mediaType = 'application/octet-stream'), /mediaType/],
-    ['blob with a bad digest', (d) => (d.files[1].blob.digest = 'sha256:xyz'), /blob digest/],
+    ['blob with a bad digest', (d) => (d.files[1].blob.digest = 'sha256:xyz'), /files\[1\] "a\/b": blob\.digest must be sha256:<64 lowercase hex>, not "sha256:xyz"/],
     ['bad registry', (d) => (d.location.registry = 'evil.com/x?y'), /registry/],
     ['bad repository', (d) => (d.location.repository = '../x'), /repository/],
     ['missing version', (d) => delete d.version, /version/],
     ['prefetch not an array', (d) => (d.prefetch = 'a'), /prefetch/],
-    ['prefetch of an unknown path', (d) => (d.prefetch = ['a', 'etc/shadow']), /prefetch\[1\] is not a path/],
+    ['prefetch of an unknown path', (d) => (d.prefetch = ['a', 'etc/shadow']), /prefetch\[1\] "etc\/shadow" is not a path of the index/],
     ['prefetch repeating a path', (d) => (d.prefetch = ['a', 'a']), /repeated/],
     ['prefetch of a non-string', (d) => (d.prefetch = [1]), /prefetch\[0\]/],
-    ['prefetch longer than files', (d) => (d.prefetch = ['a', 'a/b', 'a-c', 'a']), /more paths/],
+    ['prefetch longer than files', (d) => (d.prefetch = ['a', 'a/b', 'a-c', 'a']), /lists 4 paths, more than the 3 files/],
   ];
   for (const [name, mutate, re] of hostile) {
     it(`rejects a manifest with ${name}`, () => {
@@ -279,7 +279,7 @@ describe('index manifest', () => {
 
   const hostileV2: [string, (d: any) => void, RegExp][] = [
     ['a "files" member', (d) => (d.files = []), /no "files" member/],
-    ['no tree', (d) => delete d.tree, /"tree" is not an array/],
+    ['no tree', (d) => delete d.tree, /version 2 needs "tree" as an array/],
     ['an entry that is not an object', (d) => (d.tree[0] = 'bin'), /tree\[0\]: not an object/],
     ['an unknown type', (d) => (d.tree[7].type = 'socket'), /"type" must be one of/],
     ['a mode with type bits', (d) => (d.tree[7].mode = 0o100644), /"mode"/],
@@ -290,20 +290,20 @@ describe('index manifest', () => {
     ['a uname with NUL', (d) => (d.tree[7].uname = 'a\0b'), /"uname"/],
     ['a linkname on a directory', (d) => (d.tree[0].linkname = 'x'), /"linkname" is required for hard links and symlinks, and only/],
     ['a symlink without a target', (d) => delete d.tree[3].linkname, /"linkname"/],
-    ['device numbers on a file', (d) => (d.tree[7].devmajor = 1), /only devices/],
+    ['device numbers on a file', (d) => (d.tree[7].devmajor = 1), /tree\[7\] "etc\/e": "devmajor"\/"devminor" are for char and block devices only/],
     ['an xattr value that is not base64', (d) => (d.tree[8].xattrs['user.z'] = '!!!'), /canonical base64/],
     ['an xattr value in unpadded base64', (d) => (d.tree[8].xattrs['security.capability'] = 'AQAAAv8'), /canonical base64/],
     ['an xattr value over 64 KiB', (d) => (d.tree[8].xattrs['user.z'] = Buffer.alloc(65537).toString('base64')), /at most 65536/],
-    ['an empty xattr name', (d) => (d.tree[8].xattrs[''] = ''), /invalid xattr name/],
-    ['a digest on a directory', (d) => (d.tree[6].digest = D('a')), /only a regular file has a digest/],
-    ['a size without a digest', (d) => delete d.tree[1].digest, /digest is not/],
+    ['an empty xattr name', (d) => (d.tree[8].xattrs[''] = ''), /tree\[8\] "etc\/x": xattr name "" must be 1-255 bytes/],
+    ['a digest on a directory', (d) => (d.tree[6].digest = D('a')), /tree\[6\] "etc": only a regular file has a "digest"/],
+    ['a size without a digest', (d) => delete d.tree[1].digest, /tree\[1\] "bin\/a": "digest" must be sha256/],
     ['a traversing path', (d) => (d.tree[7].path = 'etc/../../e'), /"\.\." component/],
     ['a path under .gear/', (d) => d.tree.unshift({ path: '.gear/x', type: 'file' }), /reserved/],
-    ['entries out of order', (d) => d.tree.reverse(), /out of order/],
-    ['a repeated path', (d) => (d.tree[7].path = 'etc'), /out of order or repeated/],
-    ['a hard link to a later entry', (d) => (d.tree[2].linkname = 'etc/x'), /hard link "bin\/b" does not point to an earlier/],
-    ['a hard link to a directory', (d) => (d.tree[2].linkname = 'bin'), /does not point to an earlier non-directory/],
-    ['a prefetch path that is not a file with content', (d) => (d.prefetch = ['etc/e']), /prefetch\[0\] is not a path/],
+    ['entries out of order', (d) => d.tree.reverse(), /in strictly increasing path order/],
+    ['a repeated path', (d) => (d.tree[7].path = 'etc'), /tree\[7\]: path "etc" is repeated/],
+    ['a hard link to a later entry', (d) => (d.tree[2].linkname = 'etc/x'), /tree\[2\] "bin\/b": hard link to "etc\/x", which is not an earlier/],
+    ['a hard link to a directory', (d) => (d.tree[2].linkname = 'bin'), /hard link to "bin", which is not an earlier non-directory entry/],
+    ['a prefetch path that is not a file with content', (d) => (d.prefetch = ['etc/e']), /prefetch\[0\] "etc\/e" is a regular file without content/],
   ];
   for (const [name, mutate, re] of hostileV2) {
     it(`version 2: rejects a manifest with ${name}`, () => {
@@ -333,7 +333,7 @@ describe('index manifest', () => {
 
   it('rejects bytes that are not UTF-8 JSON', () => {
     expect(() => parseIndexManifest(Buffer.from([0x7b, 0xff, 0x7d]))).toThrow(/UTF-8 JSON/);
-    expect(() => parseIndexManifest(Buffer.from('[1,2]'))).toThrow(/not a JSON object/);
+    expect(() => parseIndexManifest(Buffer.from('[1,2]'))).toThrow(/must be a JSON object/);
   });
 });
 
@@ -394,10 +394,10 @@ describe.each([1, 2])('index layer, format version %i', (version) => {
   });
 
   const bad: [string, () => [IndexManifest, TarHeader[]], RegExp][] = [
-    ['a listed file missing from the tar', () => [manifest, entries().filter((e) => e.path !== 'etc/cap')], /no such file|not a regular file of the tree/],
-    ['a listed path that is a hard link', () => [{ version, files: [{ path: 'bin/sh', digest: D('a'), size: 1 }] }, entries()], /is a link|only a regular file/],
-    ['a listed path that is a symlink', () => [{ version, files: [{ path: 'bin/ls', digest: D('a'), size: 1 }] }, entries()], /is a symlink|only a regular file/],
-    ['entries out of order', () => [manifest, entries().reverse()], /out of order/],
+    ['a listed file missing from the tar', () => [manifest, entries().filter((e) => e.path !== 'etc/cap')], /lists "etc\/cap", but the tar has no regular file|lists "etc\/cap" but the tree has no such/],
+    ['a listed path that is a hard link', () => [{ version, files: [{ path: 'bin/sh', digest: D('a'), size: 1 }] }, entries()], /entry "bin\/sh": listed in the manifest with content, but a link|tree\[\d+\] "bin\/sh": only a regular file/],
+    ['a listed path that is a symlink', () => [{ version, files: [{ path: 'bin/ls', digest: D('a'), size: 1 }] }, entries()], /entry "bin\/ls": listed in the manifest with content, but a symlink|tree\[\d+\] "bin\/ls": only a regular file/],
+    ['entries out of order', () => [manifest, entries().reverse()], /in strictly increasing path order/],
     ['an entry with ".."', () => [manifest, [...entries(), hdr('z/../../x')]], /"\.\." component/],
     ['an entry under .gear/', () => [manifest, [hdr('.gear/evil'), ...entries()]], /reserved/],
     ['a hard link to a later or missing file', () => [manifest, [...entries(), hdr('z', { type: 'link', linkname: 'nope' })]], /hard link/],
@@ -454,7 +454,7 @@ describe('index layer', () => {
   it('refuses a regular file with a body', async () => {
     const json = encodeIndexManifest({ version: 1, files: [] });
     const t = tarOf([{ h: hdr('.gear/index.json', { size: json.length }), body: json }, { h: hdr('x', { size: 2 }), body: Buffer.from('hi') }]);
-    await expectInvalid(readIndexLayer(chunks(t)), /has a body/);
+    await expectInvalid(readIndexLayer(chunks(t)), /entry "x": a regular file of \d+ bytes; in an index layer regular files are empty/);
   });
 
   it('refuses a hostile manifest inside a layer', async () => {

@@ -315,7 +315,7 @@ describe('resource exhaustion and corrupt input', () => {
 
   it('refuses a file with a negative (base-256) size', async () => {
     const neg = Buffer.alloc(12, 0xff); // two's complement -1
-    await refused(raw([{ name: 'f', sizeField: neg }]), /invalid size/);
+    await refused(raw([{ name: 'f', sizeField: neg }]), /layer entry "f": size is negative \(a base-256 size field of -1\); a size is a whole number ≥ 0/);
     neg[11] = 0xfe; // -2
     await refused(raw([{ name: 'f', sizeField: neg }]), /corrupt|Invalid header|invalid size/);
   });
@@ -324,7 +324,7 @@ describe('resource exhaustion and corrupt input', () => {
     const huge = Buffer.alloc(12, 0);
     huge[0] = 0x80;
     huge.fill(0xff, 2);
-    await refused(raw([{ name: 'f', sizeField: huge, data: 'x' }]), /invalid size|corrupt/);
+    await refused(raw([{ name: 'f', sizeField: huge, data: 'x' }]), /layer entry "f": size [0-9.e+]+ is not a whole number in 0…2\^53−1|corrupt/);
   });
 
   it('refuses a PAX size that is not a plain decimal (TARmageddon-style smuggling)', async () => {
@@ -351,12 +351,18 @@ describe('resource exhaustion and corrupt input', () => {
   });
 
   it('refuses device numbers out of range', async () => {
-    await refused(raw([{ name: 'dev/x', typeflag: '3', devmajor: 4096, devminor: 0 }]), /out of range/);
+    await refused(raw([{ name: 'dev/x', typeflag: '3', devmajor: 4096, devminor: 0 }]), /layer entry "dev\/x": devmajor 4096 is beyond 4095, the largest major number Linux stores/);
   });
 
   it('refuses names with NUL bytes and uid (uid_t)-1', async () => {
     await refused(raw([{ name: 'f', data: 'x', pax: { path: 'a\u0000b' } }]), /NUL/);
-    await refused(raw([{ name: 'f', data: 'x', pax: { uid: '4294967295' } }]), /invalid uid/);
+    await refused(raw([{ name: 'f', data: 'x', pax: { uid: '4294967295' } }]), /layer entry "f": uid 4294967295 is beyond 4294967294, the largest owner Linux stores \(4294967295 is \(uid_t\)-1/);
+  });
+
+  it('refuses an xattr in a namespace Linux does not store as the layer\'s fault (InvalidArgument naming the entry), not Internal', async () => {
+    await refused(raw([{ name: 'f', data: 'x', pax: { 'SCHILY.xattr.foo.bar': 'v' } }]), /layer entry "f": xattr "foo.bar": "foo." is not an xattr namespace Linux stores \(security., system., trusted., user.\)/);
+    await refused(raw([{ name: 'f', data: 'x', pax: { 'SCHILY.xattr.nodot': 'v' } }]), /layer entry "f": xattr "nodot": no namespace is not an xattr namespace/);
+    await refused(raw([{ name: 'f', data: 'x', pax: { 'SCHILY.xattr.user.': 'v' } }]), /layer entry "f": xattr "user.": nothing follows the namespace/);
   });
 
   it('never hangs when the input stalls after an error', async () => {

@@ -263,7 +263,8 @@ class Extraction {
     }
     const size = h.size ?? 0;
     // -0: tar-stream's base-256 decoder turns -1 (all 0xff) into -0, which Go refuses.
-    if (!Number.isSafeInteger(size) || size < 0 || Object.is(size, -0)) throw refuse(name, `invalid size ${size}`);
+    if (Object.is(size, -0) || size < 0) throw refuse(name, `size is negative (${Object.is(size, -0) ? 'a base-256 size field of -1' : size}); a size is a whole number ≥ 0`);
+    if (!Number.isSafeInteger(size)) throw refuse(name, `size ${size} is not a whole number in 0…2^53−1`);
     const isFile = type === 'file' || type === 'contiguous-file';
     // Go treats links, devices, fifos and dirs as header-only; tar-stream would
     // read their "data" as content. Refuse the ambiguity.
@@ -341,9 +342,9 @@ class Extraction {
       fmt = type === 'character-device' ? S_IFCHR : S_IFBLK;
       major = h.devmajor ?? 0;
       minor = h.devminor ?? 0;
-      if (!Number.isInteger(major) || major < 0 || major > 0xfff || !Number.isInteger(minor) || minor < 0 || minor > 0xfffff) {
-        throw refuse(name, `device number ${major}:${minor} is out of range`);
-      }
+      if (!Number.isInteger(major) || major < 0 || !Number.isInteger(minor) || minor < 0) throw refuse(name, `device number ${major}:${minor} is not two whole numbers ≥ 0`);
+      if (major > 0xfff) throw refuse(name, `devmajor ${major} is beyond 4095, the largest major number Linux stores (12 bits)`);
+      if (minor > 0xfffff) throw refuse(name, `devminor ${minor} is beyond 1048575, the largest minor number Linux stores (20 bits)`);
     }
     this.replace(name, target, false);
     this.sys(name, () => {
@@ -375,7 +376,11 @@ class Extraction {
     const uid = num('uid', h.uid);
     const gid = num('gid', h.gid);
     for (const [what, v, max] of [['mode', mode, 0o7777777], ['uid', uid, MAX_ID], ['gid', gid, MAX_ID]] as const) {
-      if (!Number.isSafeInteger(v) || v < 0 || v > max) throw refuse(name, `invalid ${what} ${v}`);
+      if (!Number.isSafeInteger(v) || v < 0) throw refuse(name, `${what} ${pax.has(what) ? JSON.stringify(pax.get(what)!.toString('latin1').slice(0, 40)) : v} is not a whole number ≥ 0`);
+      if (v > max) {
+        const rule = what === 'mode' ? `beyond 0o7777777, the largest mode a tar header holds` : `beyond ${MAX_ID}, the largest owner Linux stores (${v === 0xffffffff ? '4294967295 is (uid_t)-1, "no owner"' : 'ids are 32 bits'})`;
+        throw refuse(name, `${what} ${v} is ${rule}`);
+      }
     }
     const bound = (t: number): number => (Number.isFinite(t) && t >= 0 && t <= MAX_TIME_S ? t : 0);
     const mtime = bound(num('mtime', h.mtime ? h.mtime.getTime() / 1000 : 0));
@@ -386,9 +391,8 @@ class Extraction {
       if (!key.startsWith(XATTR_PAX_PREFIX)) continue;
       const xname = key.slice(XATTR_PAX_PREFIX.length);
       if (xname.startsWith('trusted.overlay.') || xname.startsWith('user.overlay.')) continue;
-      if (xname === '' || Buffer.byteLength(xname) > XATTR_NAME_MAX || value.length > XATTR_SIZE_MAX) {
-        throw refuse(name, `invalid xattr ${quoteName(xname)}`);
-      }
+      const problem = xattrProblem(xname, value);
+      if (problem) throw refuse(name, problem);
       xattrs.push([xname, value]);
     }
     return { mode: mode & 0o7777, uid, gid, atime, mtime, xattrs };
@@ -481,6 +485,24 @@ class Extraction {
       throw err instanceof GearError ? err : wrapSys(name, err);
     }
   }
+}
+
+/**
+ * Why Linux cannot store this xattr, or undefined: the namespaces are
+ * security., system., trusted. and user. (anything else is EOPNOTSUPP, which
+ * would read as our fault), names 1-255 bytes, values up to 65536 bytes.
+ */
+function xattrProblem(xname: string, value: Buffer): string | undefined {
+  if (xname === '') return 'an xattr with an empty name';
+  if (Buffer.byteLength(xname) > XATTR_NAME_MAX) return `xattr ${quoteName(xname)}: the name is longer than ${XATTR_NAME_MAX} bytes`;
+  const ns = /^(security|system|trusted|user)\./.exec(xname);
+  if (!ns) {
+    const dot = xname.indexOf('.');
+    return `xattr ${quoteName(xname)}: ${dot > 0 ? quoteName(xname.slice(0, dot + 1)) : 'no namespace'} is not an xattr namespace Linux stores (security., system., trusted., user.)`;
+  }
+  if (xname.length === ns[0].length) return `xattr ${quoteName(xname)}: nothing follows the namespace`;
+  if (value.length > XATTR_SIZE_MAX) return `xattr ${quoteName(xname)}: a value of ${value.length} bytes is beyond ${XATTR_SIZE_MAX}, the largest Linux stores`;
+  return undefined;
 }
 
 /** System errors an entry can provoke are the layer's fault; the rest are ours. */

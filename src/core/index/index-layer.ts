@@ -9,7 +9,7 @@
  * Reading validates the manifest against the tar (hostile input).
  */
 import { invalidArgument } from '../errors.js';
-import { checkListedPath, encodeIndexManifest, INDEX_MANIFEST_PATH, MAX_MANIFEST_BYTES, parseIndexManifest, type IndexManifest } from './manifest.js';
+import { checkListedPath, encodeIndexManifest, encodeIndexManifestParts, INDEX_MANIFEST_PATH, MAX_MANIFEST_BYTES, parseIndexManifest, type IndexManifest } from './manifest.js';
 import { encodeTarHeader, readTar, tarPadding, tarTrailer, type TarHeader, type TarLimits, DEFAULT_TAR_LIMITS } from './tar.js';
 
 /** The tar header of the manifest entry: fixed metadata, so it never varies between runs. */
@@ -58,15 +58,15 @@ function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<strin
   const p = entryPath(h);
   checkListedPath(p, prev, 'gear index layer: entry');
   if (h.type === 'file') {
-    if (h.size !== 0) throw invalidArgument(`gear index layer: regular file ${JSON.stringify(p)} has a body`);
+    if (h.size !== 0) throw invalidArgument(`gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: a regular file of ${h.size} bytes; in an index layer regular files are empty (their content is in the manifest)`);
     if (listed.has(p)) listed.set(p, true);
   } else if (listed.has(p)) {
-    throw invalidArgument(`gear index layer: ${JSON.stringify(p)} is listed in the manifest but is a ${h.type}`);
+    throw invalidArgument(`gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: listed in the manifest with content, but a ${h.type}, not a regular file`);
   }
   if (h.type === 'link') {
     const target = h.linkname.replace(/\/+$/, '');
     if (!files.has(target)) {
-      throw invalidArgument(`gear index layer: hard link ${JSON.stringify(p)} does not point to an earlier non-directory entry`);
+      throw invalidArgument(`gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: hard link to ${JSON.stringify(target.slice(0, 200))}, which is not an earlier non-directory entry`);
     }
   } else if (h.type !== 'dir') {
     files.add(p); // hard links may point at files, symlinks, devices and fifos
@@ -75,7 +75,7 @@ function checkEntry(h: TarHeader, listed: Map<string, boolean>, files: Set<strin
 
 function finishCheck(listed: Map<string, boolean>): void {
   for (const [p, seen] of listed) {
-    if (!seen) throw invalidArgument(`gear index layer: manifest lists ${JSON.stringify(p)} but the tar has no such file`);
+    if (!seen) throw invalidArgument(`gear index layer: the manifest lists ${JSON.stringify(p.slice(0, 200))}, but the tar has no regular file of that path`);
   }
 }
 
@@ -90,9 +90,13 @@ export async function* writeIndexLayer(manifest: IndexManifest, entries: Iterabl
   if (manifest.version !== 1) {
     const tree = [...entries];
     checkIndexEntries(manifest, tree);
-    const json = encodeIndexManifest({ ...manifest, tree });
-    if (json.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: manifest of ${json.length} bytes is too large`);
-    yield Buffer.concat([encodeTarHeader(manifestHeader(json.length)), json, tarPadding(json.length), tarTrailer()]);
+    // In parts: a million-entry tree is never one string or one document of objects.
+    const parts = encodeIndexManifestParts({ ...manifest, tree });
+    const length = parts.reduce((n, b) => n + b.length, 0);
+    if (length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: manifest of ${length} bytes is too large`);
+    yield encodeTarHeader(manifestHeader(length));
+    yield* parts;
+    yield Buffer.concat([tarPadding(length), tarTrailer()]);
     return;
   }
   const json = encodeIndexManifest(manifest);
@@ -143,24 +147,25 @@ export async function readIndexLayer(
 ): Promise<IndexLayer> {
   let manifest: IndexManifest | undefined;
   let manifestBytes = 0;
-  const entries: TarHeader[] = [];
+  let entries: TarHeader[] = [];
   const listed = new Map<string, boolean>();
   const files = new Set<string>();
   let prev: string | undefined;
   for await (const e of readTar(source, limits)) {
     if (manifest === undefined) {
-      if (e.header.path !== INDEX_MANIFEST_PATH || e.header.type !== 'file') {
+      if (e.header.path !== INDEX_MANIFEST_PATH) {
         throw invalidArgument(`not a gear index layer: first entry is ${JSON.stringify(e.header.path.slice(0, 200))}, not ${INDEX_MANIFEST_PATH}`);
       }
-      if (e.header.size > MAX_MANIFEST_BYTES) throw invalidArgument('gear index: manifest entry too large');
+      if (e.header.type !== 'file') throw invalidArgument(`gear index layer: the first entry ${INDEX_MANIFEST_PATH} is a ${e.header.type}; the manifest is a regular file`);
+      if (e.header.size > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is ${e.header.size} bytes, beyond the ${MAX_MANIFEST_BYTES} allowed`);
       const chunks: Buffer[] = [];
       for await (const c of e.body()) chunks.push(c);
       manifestBytes = e.header.size;
       manifest = parseIndexManifest(Buffer.concat(chunks));
       if (manifest.tree) {
         // parseIndexManifest checked the tree as checkIndexEntries would: paths, order, .gear/, hard links.
-        // Not push(...tree): spreading more than ~100k arguments overflows the stack (RangeError).
-        for (const h of manifest.tree) entries.push(h);
+        // (Taken as it is: a spread into push() overflows the stack from ~125k entries.)
+        entries = manifest.tree;
       } else {
         for (const f of manifest.files) listed.set(f.path, false);
       }

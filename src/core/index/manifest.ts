@@ -9,7 +9,7 @@
  */
 import { failedPrecondition, invalidArgument } from '../errors.js';
 import type { TarHeader } from './tar.js';
-import { decodeTreeEntry, encodeTreeEntry } from './tree.js';
+import { decodeTreeEntry, encodeTreeEntry, shown } from './tree.js';
 
 /**
  * The format version `gear convert` writes. Version 2 carries the tree in the
@@ -109,6 +109,8 @@ export const MAX_MANIFEST_BYTES = 256 * 1024 * 1024;
 export const BIG_FILE_MIN_BYTES = 8 * 1024 * 1024;
 /** Longest accepted path in bytes (Linux PATH_MAX). */
 export const MAX_PATH_BYTES = 4096;
+/** Longest accepted path component in bytes (Linux NAME_MAX). */
+export const MAX_NAME_BYTES = 255;
 
 const DIGEST_RE = /^sha256:[a-f0-9]{64}$/;
 // docker/distribution reference grammar, anchored.
@@ -137,7 +139,8 @@ export function comparePaths(a: string, b: string): number {
 
 /**
  * Why `p` is not a clean image path, or undefined when it is one: relative,
- * no empty, "." or ".." components, no NUL, at most MAX_PATH_BYTES.
+ * no empty, "." or ".." components, no NUL, at most MAX_PATH_BYTES, no
+ * component over MAX_NAME_BYTES.
  */
 export function pathProblem(p: string): string | undefined {
   if (p === '') return 'empty path';
@@ -152,6 +155,7 @@ export function pathProblem(p: string): string | undefined {
     const n = end - start;
     if (n === 0) return 'empty path component';
     if (n <= 2 && p.charCodeAt(start) === 46 && (n === 1 || p.charCodeAt(start + 1) === 46)) return `"${p.slice(start, end)}" component`;
+    if (n > MAX_NAME_BYTES / 3 && Buffer.byteLength(p.slice(start, end)) > MAX_NAME_BYTES) return `a component longer than ${MAX_NAME_BYTES} bytes (NAME_MAX)`;
     if (end === p.length) return undefined;
     start = end + 1;
   }
@@ -163,10 +167,12 @@ export function pathProblem(p: string): string | undefined {
  * checked as index-layer.ts checkIndexEntries checks tar entries: clean
  * paths in strictly increasing order, nothing under `.gear/`, hard links to
  * earlier non-directories. Throws InvalidArgument on any malformed field and
- * FailedPrecondition on an unsupported version.
+ * FailedPrecondition on an unsupported version. With `consume`, the raw tree
+ * entries of `doc` are cleared as they are decoded (the caller's doc is left
+ * alone otherwise).
  */
-export function validateIndexManifest(doc: unknown): IndexManifest {
-  if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument('gear index: not a JSON object');
+export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } = {}): IndexManifest {
+  if (!doc || typeof doc !== 'object' || Array.isArray(doc)) throw invalidArgument(`gear index: the manifest must be a JSON object, not ${shown(Array.isArray(doc) ? '[array]' : doc)}`);
   const o = doc as Record<string, unknown>;
   if (typeof o.version !== 'number' || !GEAR_FORMAT_VERSIONS.includes(o.version)) {
     if (typeof o.version === 'number' && Number.isInteger(o.version)) {
@@ -174,65 +180,79 @@ export function validateIndexManifest(doc: unknown): IndexManifest {
         `gear index: unsupported format version ${o.version} (this gear reads versions ${GEAR_FORMAT_VERSIONS.join(' and ')}; upgrade gear on this node)`,
       );
     }
-    throw invalidArgument('gear index: missing or invalid "version"');
+    throw invalidArgument(`gear index: "version" must be the integer ${GEAR_FORMAT_VERSIONS.join(' or ')}, not ${shown(o.version)}`);
   }
   const out: IndexManifest = { version: o.version, files: [] };
   if (o.location !== undefined) {
     const l = o.location as Record<string, unknown>;
-    if (!l || typeof l !== 'object' || Array.isArray(l)) throw invalidArgument('gear index: "location" is not an object');
+    if (!l || typeof l !== 'object' || Array.isArray(l)) throw invalidArgument(`gear index: "location" must be an object, not ${shown(l)}`);
     if (typeof l.registry !== 'string' || l.registry.length > 255 || !REGISTRY_RE.test(l.registry)) {
-      throw invalidArgument('gear index: invalid location.registry');
+      throw invalidArgument(`gear index: location.registry ${shown(l.registry)} is not a registry host[:port] (at most 255 characters)`);
     }
     if (typeof l.repository !== 'string' || l.repository.length > 255 || !REPOSITORY_RE.test(l.repository)) {
-      throw invalidArgument('gear index: invalid location.repository');
+      throw invalidArgument(`gear index: location.repository ${shown(l.repository)} is not a repository path (lowercase components, at most 255 characters)`);
     }
     out.location = { registry: l.registry, repository: l.repository };
   }
   if (out.version === 1) {
-    if (!Array.isArray(o.files)) throw invalidArgument('gear index: "files" is not an array');
+    if (!Array.isArray(o.files)) throw invalidArgument(`gear index: version 1 needs "files" as an array, not ${shown(o.files)}`);
     let prev: string | undefined;
     for (let i = 0; i < o.files.length; i++) {
       const f = o.files[i] as Record<string, unknown>;
       const where = `gear index: files[${i}]`;
-      if (!f || typeof f !== 'object' || Array.isArray(f)) throw invalidArgument(`${where}: not an object`);
-      if (typeof f.path !== 'string') throw invalidArgument(`${where}: "path" is not a string`);
+      if (!f || typeof f !== 'object' || Array.isArray(f)) throw invalidArgument(`${where}: must be an object, not ${shown(f)}`);
+      if (typeof f.path !== 'string') throw invalidArgument(`${where}: "path" must be a string, not ${shown(f.path)}`);
       checkListedPath(f.path, prev, where);
-      out.files.push(validateContent(f, f.path, where));
+      out.files.push(validateContent(f, f.path, `${where} ${JSON.stringify(f.path.slice(0, 200))}`));
       prev = f.path;
     }
   } else {
     // Version 2: the files are the tree's regular files that carry a digest.
     if (o.files !== undefined) throw invalidArgument('gear index: version 2 has no "files" member (its files are in "tree")');
-    if (!Array.isArray(o.tree)) throw invalidArgument('gear index: "tree" is not an array');
+    if (!Array.isArray(o.tree)) throw invalidArgument(`gear index: version 2 needs "tree" as an array, not ${shown(o.tree)}`);
     const tree: TarHeader[] = new Array(o.tree.length);
     const linkable = new Set<string>();
     let prev: string | undefined;
     for (let i = 0; i < o.tree.length; i++) {
-      const where = `gear index: tree[${i}]`;
-      const h = decodeTreeEntry(o.tree[i], where);
-      checkListedPath(h.path, prev, where);
+      const at = `gear index: tree[${i}]`;
+      const h = decodeTreeEntry(o.tree[i], at);
+      checkListedPath(h.path, prev, at);
+      const where = `${at} ${JSON.stringify(h.path.slice(0, 200))}`;
       prev = h.path;
       if (h.type === 'link') {
-        if (!linkable.has(h.linkname)) throw invalidArgument(`${where}: hard link ${JSON.stringify(h.path)} does not point to an earlier non-directory entry`);
+        if (!linkable.has(h.linkname)) {
+          throw invalidArgument(`${where}: hard link to ${JSON.stringify(h.linkname.slice(0, 200))}, which is not an earlier non-directory entry (a hard link names an earlier file, symlink, device or fifo of the tree)`);
+        }
       } else if (h.type !== 'dir') linkable.add(h.path);
       const e = o.tree[i] as Record<string, unknown>;
       if (e.digest !== undefined || e.size !== undefined || e.blob !== undefined) {
-        if (h.type !== 'file') throw invalidArgument(`${where}: only a regular file has a digest, size or blob`);
+        if (h.type !== 'file') throw invalidArgument(`${where}: only a regular file has a "digest", "size" or "blob" (this is a ${h.type})`);
         out.files.push(validateContent(e, h.path, where));
       }
       tree[i] = h;
+      // A document parseIndexManifest decoded itself is ours: let each raw entry go once decoded
+      // (a million-entry tree otherwise exists twice at the peak of a pull).
+      if (opts.consume) o.tree[i] = undefined;
     }
     out.tree = tree;
   }
+  checkOneSizePerContent(out.files);
   if (o.prefetch !== undefined) {
-    if (!Array.isArray(o.prefetch)) throw invalidArgument('gear index: "prefetch" is not an array');
-    if (o.prefetch.length > out.files.length) throw invalidArgument('gear index: "prefetch" lists more paths than "files"');
+    if (!Array.isArray(o.prefetch)) throw invalidArgument(`gear index: "prefetch" must be an array, not ${shown(o.prefetch)}`);
+    if (o.prefetch.length > out.files.length) {
+      throw invalidArgument(`gear index: "prefetch" lists ${o.prefetch.length} paths, more than the ${out.files.length} files with content (each at most once)`);
+    }
     const known = new Set(out.files.map((f) => f.path));
     const seen = new Set<string>();
     for (let i = 0; i < o.prefetch.length; i++) {
       const p = o.prefetch[i] as unknown;
-      if (typeof p !== 'string' || !known.has(p)) throw invalidArgument(`gear index: prefetch[${i}] is not a path of "files"`);
-      if (seen.has(p)) throw invalidArgument(`gear index: prefetch[${i}]: ${JSON.stringify(p)} is repeated`);
+      if (typeof p !== 'string') throw invalidArgument(`gear index: prefetch[${i}] must be a path (a string), not ${shown(p)}`);
+      if (!known.has(p)) {
+        const kind = out.tree?.find((h) => h.path === p)?.type;
+        const what = kind ? `a ${kind === 'file' ? 'regular file without content' : kind}` : 'not a path of the index';
+        throw invalidArgument(`gear index: prefetch[${i}] ${JSON.stringify(p.slice(0, 200))} is ${what}; prefetch lists only files with content`);
+      }
+      if (seen.has(p)) throw invalidArgument(`gear index: prefetch[${i}] ${JSON.stringify(p.slice(0, 200))} is repeated`);
       seen.add(p);
     }
     if (o.prefetch.length > 0) out.prefetch = o.prefetch as string[];
@@ -249,31 +269,61 @@ export function checkListedPath(p: string, prev: string | undefined, where: stri
   const problem = pathProblem(p);
   if (problem) throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))}: ${problem}`);
   if (p === RESERVED_DIR || p.startsWith(`${RESERVED_DIR}/`)) {
-    throw invalidArgument(`${where}: path ${JSON.stringify(p)} is under the reserved ${RESERVED_DIR}/`);
+    throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))} is under the reserved ${RESERVED_DIR}/ (only ${INDEX_MANIFEST_PATH}, the first entry, is)`);
   }
   if (prev !== undefined && comparePaths(prev, p) >= 0) {
-    throw invalidArgument(`${where}: path ${JSON.stringify(p)} is out of order or repeated`);
+    const rule = comparePaths(prev, p) === 0 ? 'is repeated (each path is listed once)' : `comes after ${JSON.stringify(prev.slice(0, 200))} in the list but sorts before it (paths are in strictly increasing path order)`;
+    throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))} ${rule}`);
+  }
+}
+
+/**
+ * A content digest names one content, so it has one size (and one stored
+ * blob size): two files listing the same digest with different sizes would
+ * show one size and read another.
+ */
+function checkOneSizePerContent(files: readonly IndexFile[]): void {
+  const first = new Map<string, IndexFile>();
+  const blobs = new Map<string, IndexFile>();
+  for (const f of files) {
+    const other = first.get(f.digest);
+    if (!other) first.set(f.digest, f);
+    else if (other.size !== f.size) {
+      throw invalidArgument(
+        `gear index: file ${JSON.stringify(f.path.slice(0, 200))}: ${f.digest} is ${f.size} bytes here but ${other.size} bytes at ${JSON.stringify(other.path.slice(0, 200))} (one content has one size)`,
+      );
+    }
+    if (!f.blob) continue;
+    const ob = blobs.get(f.blob.digest);
+    if (!ob) blobs.set(f.blob.digest, f);
+    else if (ob.blob!.size !== f.blob.size) {
+      throw invalidArgument(
+        `gear index: file ${JSON.stringify(f.path.slice(0, 200))}: blob ${f.blob.digest} is ${f.blob.size} bytes here but ${ob.blob!.size} bytes at ${JSON.stringify(ob.path.slice(0, 200))} (one blob has one size)`,
+      );
+    }
   }
 }
 
 /** digest, size and blob of a file with content (a v1 `files` entry or a v2 tree entry). */
 function validateContent(f: Record<string, unknown>, path: string, where: string): IndexFile {
   if (typeof f.digest !== 'string' || !DIGEST_RE.test(f.digest)) {
-    throw invalidArgument(`${where}: digest is not sha256:<64 lowercase hex>`);
+    throw invalidArgument(`${where}: "digest" must be sha256:<64 lowercase hex>, not ${shown(f.digest)}`);
   }
   if (typeof f.size !== 'number' || !Number.isSafeInteger(f.size) || f.size <= 0) {
-    throw invalidArgument(`${where}: size must be a positive integer`);
+    throw invalidArgument(`${where}: "size" must be a whole number in 1…2^53−1, not ${shown(f.size)}`);
   }
   const file: IndexFile = { path, digest: f.digest, size: f.size };
   if (f.blob !== undefined) {
     const b = f.blob as Record<string, unknown>;
-    if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" is not an object`);
-    if (b.mediaType !== GearMediaType.FileGzip) throw invalidArgument(`${where}: unsupported blob mediaType`);
+    if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" must be an object, not ${shown(b)}`);
+    if (b.mediaType !== GearMediaType.FileGzip) {
+      throw invalidArgument(`${where}: blob.mediaType must be ${GearMediaType.FileGzip}, not ${shown(b.mediaType)} (a newer format? upgrade gear on this node)`);
+    }
     if (typeof b.digest !== 'string' || !DIGEST_RE.test(b.digest)) {
-      throw invalidArgument(`${where}: blob digest is not sha256:<64 lowercase hex>`);
+      throw invalidArgument(`${where}: blob.digest must be sha256:<64 lowercase hex>, not ${shown(b.digest)}`);
     }
     if (typeof b.size !== 'number' || !Number.isSafeInteger(b.size) || b.size <= 0) {
-      throw invalidArgument(`${where}: blob size must be a positive integer`);
+      throw invalidArgument(`${where}: blob.size must be a whole number in 1…2^53−1, not ${shown(b.size)}`);
     }
     file.blob = { mediaType: GearMediaType.FileGzip, digest: b.digest, size: b.size };
   }
@@ -282,14 +332,14 @@ function validateContent(f: Record<string, unknown>, path: string, where: string
 
 /** Decodes and validates manifest bytes (see validateIndexManifest). */
 export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
-  if (bytes.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: larger than ${MAX_MANIFEST_BYTES} bytes`);
+  if (bytes.length > MAX_MANIFEST_BYTES) throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is ${bytes.length} bytes, beyond the ${MAX_MANIFEST_BYTES} allowed`);
   let doc: unknown;
   try {
     doc = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
   } catch (err) {
-    throw invalidArgument('gear index: not valid UTF-8 JSON', err);
+    throw invalidArgument(`gear index: ${INDEX_MANIFEST_PATH} is not valid UTF-8 JSON: ${(err as Error).message}`, err);
   }
-  return validateIndexManifest(doc);
+  return validateIndexManifest(doc, { consume: true });
 }
 
 /**
@@ -302,28 +352,51 @@ export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
  * must be a regular file of it.
  */
 export function encodeIndexManifest(m: IndexManifest): Buffer {
+  const parts = encodeIndexManifestParts(m);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+}
+
+/** Bytes of text gathered before they become one Buffer of encodeIndexManifestParts. */
+const PART_CHARS = 1 << 20;
+
+/**
+ * encodeIndexManifest as a list of Buffers whose concatenation is the same
+ * bytes. A version 2 tree is encoded entry by entry, so a million-entry index
+ * never exists as one JSON document of objects nor as one string.
+ */
+export function encodeIndexManifestParts(m: IndexManifest): Buffer[] {
   if (!GEAR_FORMAT_VERSIONS.includes(m.version)) throw invalidArgument(`gear index: cannot write format version ${m.version}`);
   const doc: Record<string, unknown> = { version: m.version };
   if (m.location) doc.location = { registry: m.location.registry, repository: m.location.repository };
+  const tail = m.prefetch?.length ? `,"prefetch":${JSON.stringify([...m.prefetch])}}` : '}';
   if (m.version === 1) {
     doc.files = m.files.map((f) =>
       f.blob
         ? { path: f.path, digest: f.digest, size: f.size, blob: { mediaType: f.blob.mediaType, digest: f.blob.digest, size: f.blob.size } }
         : { path: f.path, digest: f.digest, size: f.size },
     );
-  } else {
-    if (!m.tree) throw invalidArgument('gear index: a version 2 manifest needs its tree');
-    const content = new Map(m.files.map((f) => [f.path, f]));
-    doc.tree = m.tree.map((h) => {
-      const p = h.path.replace(/\/+$/, '');
-      const f = h.type === 'file' ? content.get(p) : undefined;
-      if (f) content.delete(p);
-      return encodeTreeEntry(h, f);
-    });
-    if (content.size > 0) {
-      throw invalidArgument(`gear index: file ${JSON.stringify([...content.keys()][0])} is not a regular file of the tree`);
+    const head = JSON.stringify(doc);
+    return [Buffer.from(head.slice(0, -1) + tail, 'utf8')];
+  }
+  if (!m.tree) throw invalidArgument('gear index: a version 2 manifest needs its tree');
+  const content = new Map(m.files.map((f) => [f.path, f]));
+  // JSON.stringify({...doc, tree, prefetch}) piece by piece: the same bytes.
+  const parts: Buffer[] = [];
+  let text = `${JSON.stringify(doc).slice(0, -1)},"tree":[`;
+  for (let i = 0; i < m.tree.length; i++) {
+    const h = m.tree[i]!;
+    const p = h.path.replace(/\/+$/, '');
+    const f = h.type === 'file' ? content.get(p) : undefined;
+    if (f) content.delete(p);
+    text += (i === 0 ? '' : ',') + JSON.stringify(encodeTreeEntry(h, f));
+    if (text.length >= PART_CHARS) {
+      parts.push(Buffer.from(text, 'utf8'));
+      text = '';
     }
   }
-  if (m.prefetch?.length) doc.prefetch = [...m.prefetch];
-  return Buffer.from(JSON.stringify(doc), 'utf8');
+  if (content.size > 0) {
+    throw invalidArgument(`gear index: file ${JSON.stringify([...content.keys()][0])} is not a regular file of the tree`);
+  }
+  parts.push(Buffer.from(`${text}]${tail}`, 'utf8'));
+  return parts;
 }

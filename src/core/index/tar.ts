@@ -145,20 +145,31 @@ function cstring(b: Buffer): string {
 function parseNumeric(b: Buffer, field: string): number {
   if (b.length > 0 && (b[0]! & 0x80) !== 0) {
     // GNU base-256: big-endian two's complement; only non-negative values are accepted.
-    if ((b[0]! & 0x40) !== 0) throw new TarFormatError(`tar header: negative ${field}`);
+    if ((b[0]! & 0x40) !== 0) throw new TarFormatError(`field ${field} is negative (a base-256 value below zero); it must be ≥ 0`);
     let v = b[0]! & 0x3f;
     for (let i = 1; i < b.length; i++) {
       v = v * 256 + b[i]!;
-      if (v > Number.MAX_SAFE_INTEGER) throw new TarFormatError(`tar header: ${field} too large`);
+      if (v > Number.MAX_SAFE_INTEGER) throw new TarFormatError(`field ${field} is beyond 2^53−1`);
     }
     return v;
   }
   const s = b.toString('latin1').replace(/\0.*$/s, '').trim();
   if (s === '') return 0;
-  if (!/^[0-7]+$/.test(s)) throw new TarFormatError(`tar header: ${field} is not an octal number`);
+  if (!/^[0-7]+$/.test(s)) throw new TarFormatError(`field ${field} ${JSON.stringify(s)} is not an octal number`);
   const v = parseInt(s, 8);
-  if (!Number.isSafeInteger(v)) throw new TarFormatError(`tar header: ${field} too large`);
+  if (!Number.isSafeInteger(v)) throw new TarFormatError(`field ${field} is beyond 2^53−1`);
   return v;
+}
+
+/** Runs a parse step of tar entry n, putting the entry in front of any TarFormatError it throws. */
+function inEntry<T>(n: number, offset: number, path: string | undefined, fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    if (!(err instanceof TarFormatError)) throw err;
+    const name = path === undefined ? '' : ` ${JSON.stringify(path.slice(0, 200))}`;
+    throw new TarFormatError(`tar entry ${n}${name} (header at offset ${offset}): ${err.message}`);
+  }
 }
 
 function checksumOk(h: Buffer): boolean {
@@ -175,9 +186,9 @@ function checksumOk(h: Buffer): boolean {
 
 function decimal(v: Buffer, key: string): number {
   const s = v.toString('latin1');
-  if (!/^[0-9]{1,16}$/.test(s)) throw new TarFormatError(`PAX record ${key}: not a decimal number`);
+  if (!/^[0-9]{1,16}$/.test(s)) throw new TarFormatError(`PAX record ${key} ${JSON.stringify(s.slice(0, 40))} is not a decimal number ≥ 0`);
   const n = Number(s);
-  if (!Number.isSafeInteger(n)) throw new TarFormatError(`PAX record ${key}: too large`);
+  if (!Number.isSafeInteger(n)) throw new TarFormatError(`PAX record ${key} ${s} is beyond 2^53−1`);
   return n;
 }
 
@@ -205,7 +216,7 @@ export function parsePaxRecords(buf: Buffer): Map<string, Buffer> {
 
 function parsePaxTime(v: Buffer): { sec: number; nsec: number } {
   const m = /^(-?)([0-9]{1,15})(?:\.([0-9]*))?$/.exec(v.toString('latin1'));
-  if (!m) throw new TarFormatError('PAX record mtime: not a decimal time');
+  if (!m) throw new TarFormatError(`PAX record mtime ${JSON.stringify(v.toString('latin1').slice(0, 40))} is not a decimal time`);
   const whole = Number(m[2]);
   const frac = Number((m[3] ?? '').slice(0, 9).padEnd(9, '0'));
   if (m[1] !== '-') return { sec: whole, nsec: frac };
@@ -248,23 +259,29 @@ export async function* readTar(
       await r.drain();
       return;
     }
-    if (!checksumOk(h)) throw new TarFormatError(`tar header ${n} (offset ${r.offset - BLOCK}): bad checksum`);
+    const at = r.offset - BLOCK;
+    const rawName = cstring(h.subarray(0, 100));
+    if (!inEntry(n, at, rawName, () => checksumOk(h))) {
+      throw new TarFormatError(`tar entry ${n} ${JSON.stringify(rawName.slice(0, 200))} (header at offset ${at}): bad header checksum (not a tar, or corrupt)`);
+    }
     const flag = String.fromCharCode(h[156]!);
-    let size = parseNumeric(h.subarray(124, 136), 'size');
+    let size = inEntry(n, at, longName ?? rawName, () => parseNumeric(h.subarray(124, 136), 'size'));
     if (flag === 'x' || flag === 'g' || flag === 'L' || flag === 'K') {
       const cap = flag === 'x' || flag === 'g' ? limits.maxPaxBytes : limits.maxPathBytes;
-      if (size > cap) throw new TarFormatError(`tar extension header of ${size} bytes exceeds ${cap}`);
+      if (size > cap) throw new TarFormatError(`tar entry ${n} (header at offset ${at}): an extension header (type ${flag}) of ${size} bytes, beyond the ${cap} allowed`);
       const body = size === 0 ? Buffer.alloc(0) : await r.readExact(size, 'an extension header');
       if (body === null) throw new TarFormatError('truncated tar: input ended inside an extension header');
       await r.skip((BLOCK - (size % BLOCK)) % BLOCK, 'padding');
-      if (flag === 'x') pax = parsePaxRecords(body);
+      if (flag === 'x') pax = inEntry(n, at, undefined, () => parsePaxRecords(body));
       else if (flag === 'L') longName = cstring(body);
       else if (flag === 'K') longLink = cstring(body);
       // 'g' (global PAX) is ignored, as Docker's layer applier does.
       continue;
     }
     const type = TYPES[flag];
-    if (type === undefined) throw new TarFormatError(`tar entry ${n}: unsupported type flag ${JSON.stringify(flag)}`);
+    if (type === undefined) {
+      throw new TarFormatError(`tar entry ${n} ${JSON.stringify((longName ?? rawName).slice(0, 200))}: unsupported type flag ${JSON.stringify(flag)} (GNU sparse, multi-volume and vendor types are not read)`);
+    }
     const magic = h.subarray(257, 263).toString('latin1');
     const version = h.subarray(263, 265).toString('latin1');
     let path = cstring(h.subarray(0, 100));
@@ -272,7 +289,8 @@ export async function* readTar(
       const prefix = cstring(h.subarray(345, 500));
       if (prefix) path = `${prefix}/${path}`;
     }
-    const header: TarHeader = {
+    const named = pax?.get('path')?.toString('utf8') ?? longName ?? path;
+    const header: TarHeader = inEntry(n, at, named, () => ({
       path: longName ?? path,
       type,
       size,
@@ -287,29 +305,33 @@ export async function* readTar(
       devmajor: type === 'char' || type === 'block' ? parseNumeric(h.subarray(329, 337), 'devmajor') : 0,
       devminor: type === 'char' || type === 'block' ? parseNumeric(h.subarray(337, 345), 'devminor') : 0,
       xattrs: new Map(),
-    };
-    if (pax) {
-      for (const [key, v] of pax) {
-        if (key === 'path') header.path = v.toString('utf8');
-        else if (key === 'linkpath') header.linkname = v.toString('utf8');
-        else if (key === 'size') size = decimal(v, key);
-        else if (key === 'uid') header.uid = decimal(v, key);
-        else if (key === 'gid') header.gid = decimal(v, key);
-        else if (key === 'uname') header.uname = v.toString('utf8');
-        else if (key === 'gname') header.gname = v.toString('utf8');
-        else if (key === 'mtime') {
-          const t = parsePaxTime(v);
-          header.mtime = t.sec;
-          header.mtimeNsec = t.nsec;
-        } else if (key.startsWith('SCHILY.xattr.')) header.xattrs.set(key.slice('SCHILY.xattr.'.length), v);
-      }
+    }));
+    const records = pax;
+    if (records) {
+      inEntry(n, at, named, () => {
+        for (const [key, v] of records) {
+          if (key === 'path') header.path = v.toString('utf8');
+          else if (key === 'linkpath') header.linkname = v.toString('utf8');
+          else if (key === 'size') size = decimal(v, key);
+          else if (key === 'uid') header.uid = decimal(v, key);
+          else if (key === 'gid') header.gid = decimal(v, key);
+          else if (key === 'uname') header.uname = v.toString('utf8');
+          else if (key === 'gname') header.gname = v.toString('utf8');
+          else if (key === 'mtime') {
+            const t = parsePaxTime(v);
+            header.mtime = t.sec;
+            header.mtimeNsec = t.nsec;
+          } else if (key.startsWith('SCHILY.xattr.')) header.xattrs.set(key.slice('SCHILY.xattr.'.length), v);
+        }
+      });
     }
     longName = longLink = pax = undefined;
+    const shownPath = JSON.stringify(header.path.slice(0, 200));
     if (Buffer.byteLength(header.path) > limits.maxPathBytes || Buffer.byteLength(header.linkname) > limits.maxPathBytes) {
-      throw new TarFormatError(`tar entry ${n}: path longer than ${limits.maxPathBytes} bytes`);
+      throw new TarFormatError(`tar entry ${n} ${shownPath}: the path or link name is longer than ${limits.maxPathBytes} bytes`);
     }
     if (header.path.includes('\0') || header.linkname.includes('\0')) {
-      throw new TarFormatError(`tar entry ${n}: path contains a NUL byte`);
+      throw new TarFormatError(`tar entry ${n} ${shownPath}: the path or link name contains a NUL byte`);
     }
     if (type !== 'file') size = 0;
     header.size = size;

@@ -61,17 +61,32 @@ export function encodeTreeEntry(h: TarHeader, content: TreeFileContent | undefin
   return o;
 }
 
+/** A short rendering of a hostile JSON value for an error message. */
+export function shown(v: unknown): string {
+  if (v === undefined) return 'nothing';
+  let s: string;
+  try {
+    s = typeof v === 'number' ? String(v) : (JSON.stringify(v) ?? String(v));
+  } catch {
+    s = String(v);
+  }
+  return s.length > 80 ? `${s.slice(0, 80)}…` : s;
+}
+
 function intIn(v: unknown, min: number, max: number, what: string, where: string): number {
   if (v === undefined) return 0;
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) throw invalidArgument(`${where}: "${what}" must be an integer in ${min}…${max}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) {
+    throw invalidArgument(`${where}: "${what}" must be a whole number in ${min}…${max}, not ${shown(v)}`);
+  }
   return v;
 }
 
 function shortString(v: unknown, maxBytes: number, what: string, where: string): string {
   if (v === undefined) return '';
-  if (typeof v !== 'string' || v.includes('\0') || Buffer.byteLength(v) > maxBytes) {
-    throw invalidArgument(`${where}: "${what}" must be a string of at most ${maxBytes} bytes without NUL`);
-  }
+  if (typeof v !== 'string') throw invalidArgument(`${where}: "${what}" must be a string, not ${shown(v)}`);
+  if (v.includes('\0')) throw invalidArgument(`${where}: "${what}" contains a NUL byte`);
+  const n = Buffer.byteLength(v);
+  if (n > maxBytes) throw invalidArgument(`${where}: "${what}" is ${n} bytes, beyond the ${maxBytes} allowed`);
   return v;
 }
 
@@ -84,28 +99,33 @@ function shortString(v: unknown, maxBytes: number, what: string, where: string):
 export function decodeTreeEntry(e: unknown, where: string): TarHeader {
   if (!e || typeof e !== 'object' || Array.isArray(e)) throw invalidArgument(`${where}: not an object`);
   const o = e as Record<string, unknown>;
-  if (typeof o.path !== 'string') throw invalidArgument(`${where}: "path" is not a string`);
-  if (typeof o.type !== 'string' || !TYPES.has(o.type)) throw invalidArgument(`${where}: "type" must be one of ${[...TYPES].join(', ')}`);
+  if (typeof o.path !== 'string') throw invalidArgument(`${where}: "path" must be a string, not ${shown(o.path)}`);
+  // From here on the entry is named by its path too.
+  where = `${where} ${JSON.stringify(o.path.slice(0, 200))}`;
+  if (typeof o.type !== 'string' || !TYPES.has(o.type)) throw invalidArgument(`${where}: "type" must be one of ${[...TYPES].join(', ')}, not ${shown(o.type)}`);
   const type = o.type as EntryType;
   const linkname = shortString(o.linkname, MAX_LINK_BYTES, 'linkname', where);
   if ((type === 'link' || type === 'symlink') !== (linkname !== '')) {
-    throw invalidArgument(`${where}: "linkname" is required for hard links and symlinks, and only for them`);
+    throw invalidArgument(`${where}: "linkname" is required for hard links and symlinks, and only for them (this is a ${type})`);
   }
   const devmajor = intIn(o.devmajor, 0, MAX_U32, 'devmajor', where);
   const devminor = intIn(o.devminor, 0, MAX_U32, 'devminor', where);
   if ((devmajor !== 0 || devminor !== 0) && type !== 'char' && type !== 'block') {
-    throw invalidArgument(`${where}: only devices have device numbers`);
+    throw invalidArgument(`${where}: "devmajor"/"devminor" are for char and block devices only (this is a ${type})`);
   }
   const xattrs = new Map<string, Buffer>();
   if (o.xattrs !== undefined) {
-    if (!o.xattrs || typeof o.xattrs !== 'object' || Array.isArray(o.xattrs)) throw invalidArgument(`${where}: "xattrs" is not an object`);
+    if (!o.xattrs || typeof o.xattrs !== 'object' || Array.isArray(o.xattrs)) throw invalidArgument(`${where}: "xattrs" must be an object, not ${shown(o.xattrs)}`);
     for (const [name, value] of Object.entries(o.xattrs as Record<string, unknown>)) {
       if (name === '' || name.includes('\0') || Buffer.byteLength(name) > XATTR_NAME_MAX) {
-        throw invalidArgument(`${where}: invalid xattr name ${JSON.stringify(name.slice(0, 300))}`);
+        throw invalidArgument(`${where}: xattr name ${JSON.stringify(name.slice(0, 100))} must be 1-${XATTR_NAME_MAX} bytes without NUL`);
       }
-      const bytes = typeof value === 'string' ? Buffer.from(value, 'base64') : undefined;
-      if (!bytes || bytes.toString('base64') !== value || bytes.length > XATTR_SIZE_MAX) {
-        throw invalidArgument(`${where}: xattr ${JSON.stringify(name)}: value must be canonical base64 of at most ${XATTR_SIZE_MAX} bytes`);
+      if (typeof value !== 'string' || value.length > Math.ceil(XATTR_SIZE_MAX / 3) * 4) {
+        throw invalidArgument(`${where}: xattr ${JSON.stringify(name)}: the value must be canonical base64 of at most ${XATTR_SIZE_MAX} bytes`);
+      }
+      const bytes = Buffer.from(value, 'base64');
+      if (bytes.toString('base64') !== value || bytes.length > XATTR_SIZE_MAX) {
+        throw invalidArgument(`${where}: xattr ${JSON.stringify(name)}: the value must be canonical base64 of at most ${XATTR_SIZE_MAX} bytes`);
       }
       xattrs.set(name, bytes);
     }

@@ -117,20 +117,33 @@ function xattrKey(name: string): [index: number, prefixLength: number] {
   const acl = XATTR_ACLS[name];
   if (acl !== undefined) return [acl, name.length];
   for (const [prefix, index] of XATTR_PREFIXES) if (name.length > prefix.length && name.startsWith(prefix)) return [index, prefix.length];
-  throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} has a prefix EROFS cannot store`);
+  throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))}: EROFS stores only security.*, trusted.*, user.*, lustre.* and the POSIX ACLs`);
 }
 
-/** Bytes of the inline xattr area for these xattrs (0 for none); throws when a name or value cannot be stored. */
-function xattrAreaSize(xattrs: ReadonlyArray<[string, Buffer]>): number {
+/** Largest regular file an image holds: one null chunk of at most 2^(12+31) bytes. */
+export const EROFS_MAX_FILE_BYTES = 2 ** (BLKBITS + CHUNK_FORMAT_BLKBITS_MASK);
+
+/** Largest xattr value EROFS stores (e_value_size is 16 bits; Linux allows one byte more). */
+export const EROFS_XATTR_VALUE_MAX = 0xffff;
+
+/**
+ * Bytes of the inline xattr area for these xattrs (0 for none); throws
+ * InvalidArgument naming the xattr and the rule when EROFS cannot store one
+ * (callers call it per entry, so the error can name the entry too).
+ */
+export function xattrAreaSize(xattrs: ReadonlyArray<[string, Buffer]>): number {
   if (xattrs.length === 0) return 0;
   let size = XATTR_IBODY_HEADER;
   for (const [name, value] of xattrs) {
     const [, plen] = xattrKey(name);
     const suffixLen = Buffer.byteLength(name) - plen; // prefixes are ASCII
-    if (suffixLen > 255 || value.length > 0xffff) throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))} is too long for EROFS`);
+    if (suffixLen > 255) throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))}: the name after its namespace is ${suffixLen} bytes, beyond the 255 EROFS stores`);
+    if (value.length > EROFS_XATTR_VALUE_MAX) {
+      throw invalidArgument(`xattr ${JSON.stringify(name.slice(0, 100))}: a value of ${value.length} bytes is beyond ${EROFS_XATTR_VALUE_MAX}, the largest EROFS stores`);
+    }
     size += align(4 + suffixLen + value.length, 4);
   }
-  if ((size - XATTR_IBODY_HEADER) / 4 + 1 > 0xffff) throw invalidArgument('xattrs too large for EROFS');
+  if ((size - XATTR_IBODY_HEADER) / 4 + 1 > 0xffff) throw invalidArgument(`the xattrs take ${size} bytes, beyond the ${(0xffff - 1) * 4 + XATTR_IBODY_HEADER} one EROFS inode holds`);
   return size;
 }
 
@@ -275,7 +288,7 @@ function* erofsImageSteps(root: ErofsNode, buildTimeSec: number): Steps<Buffer> 
       const size = node.size!;
       let bits = BLKBITS;
       while (bits < 63 && 2 ** bits < size) bits++;
-      if (bits - BLKBITS > CHUNK_FORMAT_BLKBITS_MASK) throw invalidArgument(`file size ${size} too large`);
+      if (bits - BLKBITS > CHUNK_FORMAT_BLKBITS_MASK) throw invalidArgument(`a file of ${size} bytes is beyond ${EROFS_MAX_FILE_BYTES}, the largest this EROFS index stores (one chunk of 2^43 bytes)`);
       p.layout = LAYOUT_CHUNK_BASED;
       p.chunkFormat = bits - BLKBITS;
       p.recordSize = align(base, 4) + 4; // one block-map entry

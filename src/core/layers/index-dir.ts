@@ -22,23 +22,17 @@ import { constants as zc, gunzipSync } from 'node:zlib';
 import fsSync from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { errnoCode, GearError, internal, invalidArgument } from '../errors.js';
+import { invalidArgument } from '../errors.js';
 import { looksLikeIndexLayer, readIndexLayer } from '../index/index-layer.js';
 import { INDEX_MANIFEST_PATH, parseIndexManifest, RESERVED_DIR, type IndexFile, type IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
 import { native } from '../sys/native.js';
 import { isOverlayPrivate, listXattrs, getXattr, setXattr } from '../sys/xattr.js';
-import type { GearBlobTuple } from '../lazy/catalog.js';
+import { entryDevice, entryError, entryMeta, symlinkTarget, METACOPY_XATTR, redirectOf, REDIRECT_XATTR, summarize, type EntryMeta, type IndexDirResult } from './index-entry.js';
 import { indexTreeFromEntriesSliced, writeIndexImageSliced } from './index-image.js';
 
-export const METACOPY_XATTR = 'trusted.overlay.metacopy';
-export const REDIRECT_XATTR = 'trusted.overlay.redirect';
-
-/** The redirect of a content digest: `/sha256/ab/<hex>`. */
-export function redirectOf(digest: string): string {
-  const hex = digest.slice('sha256:'.length);
-  return `/sha256/${hex.slice(0, 2)}/${hex}`;
-}
+// What both index forms share lives in index-entry.ts; re-exported for the store.
+export { METACOPY_XATTR, REDIRECT_XATTR, redirectOf, summarize, type IndexDirResult } from './index-entry.js';
 
 /** True when `head`, the first bytes of a layer tar (plain or gzip), starts with the Gear index manifest. */
 export function headIsIndexLayer(head: Buffer): boolean {
@@ -81,14 +75,6 @@ async function readManifestFile(diffDir: string): Promise<IndexManifest> {
   } finally {
     await fh.close();
   }
-}
-
-export interface IndexDirResult {
-  files: number;
-  /** Sum of the real sizes of the manifest's files. */
-  bytes: number;
-  /** Distinct Gear files: [digest, size, blobDigest?, blobSize?]. */
-  blobs: GearBlobTuple[];
 }
 
 function copyMeta(src: string, dst: string, st: import('node:fs').Stats, kind: 'dir' | 'file' | 'symlink' | 'other'): void {
@@ -204,15 +190,7 @@ export async function buildIndexDir(diffDir: string, indexDir: string, manifest:
  */
 export const INDEX_TAR = 'index.tar';
 
-/** uid/gid (uid_t)-1 means "unchanged" to chown(2): never a valid owner. */
-const MAX_ID = 0xfffffffe;
-/** Docker's boundTime: times outside [epoch, max int64 ns] become the epoch. */
-const MAX_TIME_S = 9223372036;
-const XATTR_NAME_MAX = 255;
-const XATTR_SIZE_MAX = 65536;
 const NEW_FILE = fsSync.constants.O_WRONLY | fsSync.constants.O_CREAT | fsSync.constants.O_EXCL | fsSync.constants.O_NOFOLLOW;
-/** System errors an entry can provoke are the layer's fault; the rest are ours (as in archive/apply.ts). */
-const INPUT_ERRNOS = new Set(['ENAMETOOLONG', 'ELOOP', 'ENOTDIR', 'EEXIST', 'EISDIR', 'EPERM', 'EINVAL', 'E2BIG', 'ERANGE', 'EMLINK']);
 
 export interface AppliedIndexLayer extends IndexDirResult {
   manifest: IndexManifest;
@@ -258,17 +236,13 @@ export async function applyIndexLayer(
   else {
     // In slices: the prefetch the manifest started goes on downloading meanwhile.
     const { root, result } = await indexTreeFromEntriesSliced(layer.manifest, layer.entries);
+    // The headers are in the tree now: let them go before the image is built (~400 bytes an entry).
+    layer.entries = [];
+    delete layer.manifest.tree;
     await writeIndexImageSliced(target.image, root);
     r = result;
   }
   return { ...r, manifest: layer.manifest, size: layer.manifestBytes };
-}
-
-export function entryError(p: string, err: unknown): GearError {
-  if (err instanceof GearError) return err;
-  const msg = `gear index layer: entry ${JSON.stringify(p.slice(0, 200))}: ${(err as Error)?.message ?? String(err)}`;
-  const code = errnoCode(err);
-  return code && INPUT_ERRNOS.has(code) ? invalidArgument(msg, err) : internal(msg, err);
 }
 
 /**
@@ -337,8 +311,7 @@ export function buildIndexDirFromEntries(indexDir: string, manifest: IndexManife
         }
         case 'symlink':
           others.add(rel);
-          if (h.linkname === '') throw invalidArgument('symlink target is empty');
-          fsSync.symlinkSync(h.linkname, abs);
+          fsSync.symlinkSync(symlinkTarget(h), abs);
           fsSync.lchownSync(abs, m.uid, m.gid);
           for (const [n, v] of m.xattrs) setXattr(abs, n, v);
           fsSync.lutimesSync(abs, m.atime, m.mtime);
@@ -352,10 +325,7 @@ export function buildIndexDirFromEntries(indexDir: string, manifest: IndexManife
           // char, block, fifo
           others.add(rel);
           const fmt = h.type === 'char' ? fsSync.constants.S_IFCHR : h.type === 'block' ? fsSync.constants.S_IFBLK : fsSync.constants.S_IFIFO;
-          const { devmajor: major, devminor: minor } = h;
-          if (!Number.isInteger(major) || major < 0 || major > 0xfff || !Number.isInteger(minor) || minor < 0 || minor > 0xfffff) {
-            throw invalidArgument(`device number ${major}:${minor} is out of range`);
-          }
+          const { major, minor } = h.type === 'fifo' ? { major: 0, minor: 0 } : entryDevice(h);
           native.mknod(abs, fmt | (m.mode & 0o777), major, minor);
           setMeta(abs, m);
           fsSync.lutimesSync(abs, m.atime, m.mtime);
@@ -373,33 +343,6 @@ export function buildIndexDirFromEntries(indexDir: string, manifest: IndexManife
   return summarize(manifest);
 }
 
-export interface EntryMeta {
-  mode: number;
-  uid: number;
-  gid: number;
-  atime: number;
-  mtime: number;
-  xattrs: Array<[string, Buffer]>;
-}
-
-/** Validated metadata of an entry, normalised as archive/apply.ts does for any layer. */
-export function entryMeta(h: TarHeader): EntryMeta {
-  for (const [what, v] of [['uid', h.uid], ['gid', h.gid]] as const) {
-    if (!Number.isSafeInteger(v) || v < 0 || v > MAX_ID) throw invalidArgument(`invalid ${what} ${v}`);
-  }
-  const t = h.mtime + h.mtimeNsec / 1e9;
-  const mtime = Number.isFinite(t) && t >= 0 && t <= MAX_TIME_S ? t : 0;
-  const xattrs: Array<[string, Buffer]> = [];
-  for (const [name, value] of h.xattrs) {
-    if (name.startsWith('trusted.overlay.') || name.startsWith('user.overlay.')) continue;
-    if (name === '' || Buffer.byteLength(name) > XATTR_NAME_MAX || value.length > XATTR_SIZE_MAX) {
-      throw invalidArgument(`invalid xattr ${JSON.stringify(name.slice(0, 300))}`);
-    }
-    xattrs.push([name, value]);
-  }
-  return { mode: h.mode & 0o7777, uid: h.uid, gid: h.gid, atime: mtime, mtime, xattrs };
-}
-
 /** Owner, xattrs, mode, in that order (chown clears setuid bits and capabilities). */
 function setMeta(abs: string, m: EntryMeta): void {
   fsSync.lchownSync(abs, m.uid, m.gid);
@@ -407,12 +350,3 @@ function setMeta(abs: string, m: EntryMeta): void {
   fsSync.chmodSync(abs, m.mode);
 }
 
-export function summarize(manifest: IndexManifest): IndexDirResult {
-  const blobs = new Map<string, GearBlobTuple>();
-  let bytes = 0;
-  for (const f of manifest.files) {
-    bytes += f.size;
-    if (!blobs.has(f.digest)) blobs.set(f.digest, f.blob ? [f.digest, f.size, f.blob.digest, f.blob.size] : [f.digest, f.size]);
-  }
-  return { files: manifest.files.length, bytes, blobs: [...blobs.values()] };
-}

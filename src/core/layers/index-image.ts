@@ -17,11 +17,11 @@ import { invalidArgument } from '../errors.js';
 import type { IndexFile, IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
 import { constants, native } from '../sys/native.js';
-import { buildErofsImage, buildErofsImageSliced, type ErofsNode } from './erofs-image.js';
+import { buildErofsImage, buildErofsImageSliced, EROFS_MAX_FILE_BYTES, xattrAreaSize, type ErofsNode } from './erofs-image.js';
 import { runSliced, runSync, type Steps } from './slices.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { getXattr, isOverlayPrivate, listXattrs } from '../sys/xattr.js';
-import { entryError, entryMeta, METACOPY_XATTR, redirectOf, REDIRECT_XATTR, summarize, type IndexDirResult } from './index-dir.js';
+import { entryDevice, entryError, entryMeta, symlinkTarget, METACOPY_XATTR, redirectOf, REDIRECT_XATTR, summarize, type IndexDirResult } from './index-entry.js';
 
 /** The image file of an index layer, in its layer dir. */
 export const INDEX_IMAGE = 'index.erofs';
@@ -111,13 +111,15 @@ function* indexTreeSteps(manifest: IndexManifest, entries: readonly TarHeader[])
           break;
         case 'file': {
           const f = listed.get(rel);
+          if (f && f.size > EROFS_MAX_FILE_BYTES) {
+            throw invalidArgument(`a file of ${f.size} bytes is beyond ${EROFS_MAX_FILE_BYTES} (8 TiB), the largest an EROFS index stores (GEAR_INDEX_FORM=dir takes what the filesystem under the gear root takes)`);
+          }
           node = { type: 'file', mode: m.mode, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, size: f ? f.size : 0 };
           if (f) node.xattrs = [[METACOPY_XATTR, metacopy], [REDIRECT_XATTR, Buffer.from(redirectOf(f.digest))], ...m.xattrs];
           break;
         }
         case 'symlink':
-          if (h.linkname === '') throw invalidArgument('symlink target is empty');
-          node = { type: 'symlink', mode: 0o777, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, target: h.linkname };
+          node = { type: 'symlink', mode: 0o777, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, target: symlinkTarget(h) };
           break;
         case 'link': {
           // readIndexLayer checked: an earlier non-directory entry of this layer.
@@ -127,15 +129,13 @@ function* indexTreeSteps(manifest: IndexManifest, entries: readonly TarHeader[])
           break;
         }
         default: {
-          const { devmajor: major, devminor: minor } = h;
-          if (!Number.isInteger(major) || major < 0 || major > 0xfff || !Number.isInteger(minor) || minor < 0 || minor > 0xfffff) {
-            throw invalidArgument(`device number ${major}:${minor} is out of range`);
-          }
+          const { major, minor } = h.type === 'fifo' ? { major: 0, minor: 0 } : entryDevice(h);
           const type = h.type === 'char' ? 'char' : h.type === 'block' ? 'block' : h.type === 'fifo' ? 'fifo' : undefined;
           if (!type) throw invalidArgument(`entry type ${JSON.stringify(h.type)} has no place in an index layer`);
           node = { type, mode: m.mode, uid: m.uid, gid: m.gid, mtimeSec, mtimeNsec, xattrs: m.xattrs, major, minor };
         }
       }
+      if (h.type !== 'link') xattrAreaSize(node.xattrs); // what EROFS cannot store is refused here, naming the entry
       nodes.set(rel, node);
       parent.children!.set(slash < 0 ? rel : rel.slice(slash + 1), node);
     } catch (err) {

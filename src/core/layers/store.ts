@@ -62,6 +62,7 @@ import type { IndexManifest } from '../index/manifest.js';
 
 export { validateLayerId } from './records.js';
 import type { IndexDirResult } from './index-dir.js';
+import { checkKnownSizes } from './index-entry.js';
 import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
 
 export { MAX_LAYER_DEPTH } from './records.js';
@@ -829,6 +830,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
+    if (this.lazy) checkKnownSizes(manifest, { pool: (d) => this.lazy!.pool.sizeOf(d), listed: (d) => this.lazy!.catalog.sizeOf(d) });
     const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs };
     this.pendingPrefetch.delete(id);
     if (manifest.prefetch?.length) this.pendingPrefetch.set(id, prefetchFilesOf(manifest));
