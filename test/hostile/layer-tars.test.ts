@@ -85,9 +85,9 @@ const CASES: Case[] = [
   { name: 'trusted.overlay.opaque=x on a directory dropped', tar: raw([{ name: 'd', typeflag: '5', pax: { 'SCHILY.xattr.trusted.overlay.opaque': 'x' } }]), expect: { check: (r) => expect(listXattrs(path.join(r, 'd'))).toEqual([]) } },
   { name: 'trusted.overlay.* on a symlink and on a whiteout dropped', tar: raw([{ name: 's', typeflag: '2', linkname: 't', pax: { 'SCHILY.xattr.trusted.overlay.redirect': '/x' } }, { name: '.wh.w', data: '', pax: { 'SCHILY.xattr.trusted.overlay.metacopy': '' } }]), expect: { check: (r) => expect([...listXattrs(path.join(r, 's')), ...listXattrs(path.join(r, 'w'))]).toEqual([]) } },
   { name: 'trusted.overlay.* on the layer root (".") dropped', tar: raw([{ name: '.', typeflag: '5', pax: { 'SCHILY.xattr.trusted.overlay.redirect': '/etc' } }]), expect: { check: (r) => expect(listXattrs(r)).toEqual([]) } },
-  { name: 'xattr with an empty name (SCHILY.xattr.)', tar: raw([{ name: 'f', data: 'x', pax: { 'SCHILY.xattr.': 'v' } }]), expect: { refused: /invalid xattr/ } },
-  { name: 'xattr name of 300 bytes', tar: raw([{ name: 'f', data: 'x', pax: { [`SCHILY.xattr.user.${'n'.repeat(295)}`]: 'v' } }]), expect: { refused: /invalid xattr/ } },
-  { name: 'xattr value of 70,000 bytes', tar: raw([{ name: 'f', data: 'x', pax: { 'SCHILY.xattr.user.big': 'v'.repeat(70_000) } }]), expect: { refused: /invalid xattr/ } },
+  { name: 'xattr with an empty name (SCHILY.xattr.)', tar: raw([{ name: 'f', data: 'x', pax: { 'SCHILY.xattr.': 'v' } }]), expect: { refused: /layer entry "f": an xattr with an empty name/ } },
+  { name: 'xattr name of 300 bytes', tar: raw([{ name: 'f', data: 'x', pax: { [`SCHILY.xattr.user.${'n'.repeat(295)}`]: 'v' } }]), expect: { refused: /layer entry "f": xattr "user\.n+.*name is longer than 255 bytes/ } },
+  { name: 'xattr value of 70,000 bytes', tar: raw([{ name: 'f', data: 'x', pax: { 'SCHILY.xattr.user.big': 'v'.repeat(70_000) } }]), expect: { refused: /layer entry "f": xattr "user\.big": a value of 70000 bytes is beyond 65536/ } },
   // --- huge or malformed PAX
   { name: 'PAX header of 1 MiB + 1 with the default limits', tar: raw([{ name: 'f', data: 'x', pax: { comment: 'c'.repeat(1024 * 1024) } }]), expect: { refused: /limit|exceeds/ } },
   { name: 'PAX size -1', tar: raw([{ name: 'f', data: 'x', pax: { size: '-1' } }]), expect: { refused: /corrupt.*decimal/ } },
@@ -105,7 +105,7 @@ const CASES: Case[] = [
   // --- device nodes and special files
   { name: 'char device 1:3 stays inside the root', tar: raw([{ name: 'dev/null', typeflag: '3', devmajor: 1, devminor: 3, mode: 0o666 }]), expect: { check: (r) => expect(lst(r, 'dev/null').isCharacterDevice()).toBe(true) } },
   { name: 'block device 8:0 stays inside the root', tar: raw([{ name: 'dev/sda', typeflag: '4', devmajor: 8, devminor: 0 }]), expect: { check: (r) => expect(lst(r, 'dev/sda').isBlockDevice()).toBe(true) } },
-  { name: 'device minor 0x100000 (out of range)', tar: raw([{ name: 'dev/x', typeflag: '3', devmajor: 1, devminor: 0x100000 }]), expect: { refused: /out of range/ } },
+  { name: 'device minor 0x100000 (out of range)', tar: raw([{ name: 'dev/x', typeflag: '3', devmajor: 1, devminor: 0x100000 }]), expect: { refused: /layer entry "dev\/x": devminor 1048576 is beyond 1048575/ } },
   { name: 'fifo carrying data', tar: raw([{ name: 'p', typeflag: '6', data: 'x' }]), expect: { refused: /must not carry data/ } },
   { name: 'hard link to a device node created earlier', tar: raw([{ name: 'c', typeflag: '3', devmajor: 1, devminor: 5 }, { name: 'h', typeflag: '1', linkname: 'c' }]), expect: { check: (r) => expect(lst(r, 'h').ino).toBe(lst(r, 'c').ino) } },
   { name: 'directory entry with a size and no data (tar-stream would wait forever for it)', tar: () => Buffer.concat([headerBlock({ name: 'd', typeflag: '5', size: 1 })]), expect: { refused: /must not carry data/ } },
