@@ -20,7 +20,7 @@ export function holdsPool(dir: string): boolean {
   }
 }
 
-const PLUGIN_STORE = ['propagated-mount', 'store'];
+const PLUGIN_STORE = path.join('propagated-mount', 'store');
 
 /** Gear roots of managed plugins under `<data-root>/plugins`. */
 function pluginStores(pluginsDir: string): string[] {
@@ -30,7 +30,7 @@ function pluginStores(pluginsDir: string): string[] {
   } catch {
     return [];
   }
-  return ids.map((id) => path.join(pluginsDir, id, ...PLUGIN_STORE)).filter(holdsPool);
+  return ids.map((id) => path.join(pluginsDir, id, PLUGIN_STORE)).filter(holdsPool);
 }
 
 /**
@@ -43,8 +43,8 @@ export function resolveGearRoot(root: string): { root: string; followed: boolean
   const abs = path.resolve(root);
   const candidates = [
     path.join(abs, 'store'), // …/propagated-mount
-    path.join(abs, ...PLUGIN_STORE), // …/plugins/<id>
-    path.join(path.dirname(abs), ...PLUGIN_STORE), // …/plugins/<id>/rootfs
+    path.join(abs, PLUGIN_STORE), // …/plugins/<id>
+    path.join(path.dirname(abs), PLUGIN_STORE), // …/plugins/<id>/rootfs
   ].filter(holdsPool);
   const stores = [...new Set([...candidates, ...pluginStores(abs), ...pluginStores(path.join(abs, 'plugins'))])];
   if (stores.length === 1) return { root: stores[0]!, followed: true };
