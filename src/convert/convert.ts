@@ -148,6 +148,15 @@ export function gearConfig(source: Buffer, indexDiffId: string, sourceDigest: st
   return Buffer.from(JSON.stringify(cfg));
 }
 
+/** A Gear image's config with its single index layer replaced (gear prefetch, gear copy): everything else kept. */
+export function withIndexLayer(gearImageConfig: Buffer): (indexDiffId: string) => Buffer {
+  return (indexDiffId) => {
+    const cfg = JSON.parse(gearImageConfig.toString('utf8')) as Record<string, unknown>;
+    cfg.rootfs = { type: 'layers', diff_ids: [indexDiffId] };
+    return Buffer.from(JSON.stringify(cfg));
+  };
+}
+
 /** Keep-alive manifests: each references up to `perManifest` Gear files, never more than 4 MiB. */
 export function keepAliveManifests(digests: { digest: string; size: number; mediaType: string }[], perManifest: number, subject?: { digest: string; size: number }): Buffer[] {
   const out: Buffer[] = [];

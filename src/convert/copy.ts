@@ -30,7 +30,7 @@ import { join } from 'node:path';
 import { invalidArgument } from '../core/errors.js';
 import { readIndexLayer } from '../core/index/index-layer.js';
 import type { BlobLocation, IndexManifest } from '../core/index/manifest.js';
-import { gearBlobs, mapLimit, publishGearImage, publishKeepAlive, type ProgressEvent } from './convert.js';
+import { gearBlobs, mapLimit, publishGearImage, publishKeepAlive, withIndexLayer, type ProgressEvent } from './convert.js';
 import type { Destination } from './destination.js';
 import { claimScratch } from './scratch.js';
 import { layerTar, type SourceImage } from './source.js';
@@ -148,11 +148,7 @@ export async function copyGearImage(src: SourceImage, dst: Destination, opts: Co
         dst,
         next,
         entries,
-        (diffId) => {
-          const cfg = JSON.parse(src.config.toString('utf8')) as Record<string, unknown>;
-          cfg.rootfs = { type: 'layers', diff_ids: [diffId] };
-          return Buffer.from(JSON.stringify(cfg));
-        },
+        withIndexLayer(src.config),
         { tmpDir: tmp, filesPerManifest, account: () => undefined, progress },
       );
       manifestDigest = published.imageDigest;

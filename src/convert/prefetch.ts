@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { invalidArgument } from '../core/errors.js';
 import { readIndexLayer } from '../core/index/index-layer.js';
 import type { IndexManifest } from '../core/index/manifest.js';
-import { publishGearImage, type ProgressEvent } from './convert.js';
+import { publishGearImage, withIndexLayer, type ProgressEvent } from './convert.js';
 import type { Destination } from './destination.js';
 import { layerTar, type SourceImage } from './source.js';
 import { tmpdir } from 'node:os';
@@ -117,11 +117,7 @@ export async function setPrefetch(
     dst,
     next,
     entries,
-    (diffId) => {
-      const cfg = JSON.parse(src.config.toString('utf8')) as Record<string, unknown>;
-      cfg.rootfs = { type: 'layers', diff_ids: [diffId] };
-      return Buffer.from(JSON.stringify(cfg));
-    },
+    withIndexLayer(src.config),
     { tmpDir: opts.tmpDir ?? tmpdir(), filesPerManifest: 10_000, account: () => undefined, progress: opts.progress ?? (() => undefined) },
   );
   return {
