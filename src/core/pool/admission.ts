@@ -13,7 +13,12 @@
  * fetches it again.
  */
 import { GearError } from '../errors.js';
-import type { EvictResult } from './pool.js';
+
+/** What an eviction removed. */
+export interface EvictResult {
+  files: number;
+  bytes: number;
+}
 
 /** Whether the release of a file's last pin must evict now: usage above the high watermark. */
 export function mustEvictOnRelease(usedBytes: number, capBytes: number, highWatermark: number): boolean {

@@ -60,14 +60,14 @@ import { silentLogger, type Logger } from '../log.js';
 import { checkDigest } from '../registry/digest.js';
 import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
-import { mustEvictOnRelease, PoolNoSpaceError } from './admission.js';
+import { mustEvictOnRelease, PoolNoSpaceError, type EvictResult } from './admission.js';
 import { PoolLock } from './lock.js';
 import { hashHandle, openForHash, type RemoveOutcome } from './scrub.js';
 import { formatSize, parseSize } from './size.js';
 import { PoolWriter } from './writer.js';
 
 export { PoolWriter } from './writer.js';
-export { PoolNoSpaceError } from './admission.js';
+export { PoolNoSpaceError, type EvictResult } from './admission.js';
 
 /** The cap used when neither the caller nor a previous run set one. */
 export const DEFAULT_CACHE_SIZE = '20GiB';
@@ -136,11 +136,6 @@ export interface PoolStat {
   counters: PoolCounters;
   /** hits / (hits + misses), or null before any open() */
   hitRate: number | null;
-}
-
-export interface EvictResult {
-  files: number;
-  bytes: number;
 }
 
 interface Entry {
