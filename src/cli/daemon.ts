@@ -9,7 +9,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
 import { addLazyOptions, storeOptionsFrom, type LazyFlags } from './lazy-options.js';
-import { parseDuration } from '../core/fetcher/fetcher.js';
+import { parseDuration } from '../core/duration.js';
 import { runAsService } from './service.js';
 import { startGraphDriverServer } from '../frontends/graphdriver/server.js';
 

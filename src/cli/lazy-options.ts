@@ -3,7 +3,7 @@
  * same flags, the same environment variables, the same LazyOptions.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { parseDuration } from '../core/fetcher/fetcher.js';
+import { parseDuration } from '../core/duration.js';
 import type { LazyOptions } from '../core/lazy/runtime.js';
 import { parseMetricsAddress } from '../core/metrics/server.js';
 import { parseScrubInterval, parseScrubRate } from '../core/pool/scrubber.js';

@@ -16,7 +16,7 @@
  */
 import type { Logger } from 'pino';
 import { describeError } from '../core/errors.js';
-import { parseDuration } from '../core/fetcher/fetcher.js';
+import { parseDuration } from '../core/duration.js';
 import { abortAllSessions, liveSessions } from '../core/missfs/index.js';
 import { testFaults } from './test-faults.js';
 

@@ -5,7 +5,8 @@
  */
 import path from 'node:path';
 import { describeError } from '../errors.js';
-import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, parseDuration, type FetchObserver, type FetcherStats } from '../fetcher/fetcher.js';
+import { parseDuration } from '../duration.js';
+import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, type FetchObserver, type FetcherStats } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import { mountMissFs, type MissFsMount } from '../missfs/index.js';
 import { openPool, type Pool, type PoolStat } from '../pool/pool.js';

@@ -29,7 +29,7 @@ import { watch, type FSWatcher } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { describeError, errnoCode, failedPrecondition, invalidArgument, unavailable } from '../errors.js';
-import { parseDuration } from '../fetcher/fetcher.js';
+import { parseDuration } from '../duration.js';
 import { silentLogger, type Logger } from '../log.js';
 import { writeFileAtomic } from '../sys/fsutil.js';
 import { describeHolder, inspectLock } from './lock.js';
