@@ -29,6 +29,7 @@ import type { Readable } from 'node:stream';
 import type tarStream from 'tar-stream';
 import { errnoCode, failedPrecondition, GearError, internal, invalidArgument, unavailable } from '../errors.js';
 import { native } from '../sys/native.js';
+import { deviceProblem, ownerProblem, xattrProblem } from '../sys/limits.js';
 import { getXattr, listXattrs, removeXattr, setXattr } from '../sys/xattr.js';
 import { classifyWhiteout, entryComponents, quoteName, refuse } from './tarpath.js';
 import { hardenedExtract, layerBytes, type PaxRecords } from './tarreader.js';
@@ -75,10 +76,6 @@ export interface ApplyResult {
 
 const OVERLAY_OPAQUE = 'trusted.overlay.opaque';
 const XATTR_PAX_PREFIX = 'SCHILY.xattr.';
-const XATTR_NAME_MAX = 255;
-const XATTR_SIZE_MAX = 65536;
-/** uid/gid (uid_t)-1 means "unchanged" to chown(2): never a valid owner. */
-const MAX_ID = 0xfffffffe;
 /** Docker's boundTime: times outside [epoch, max int64 ns] become the epoch. */
 const MAX_TIME_S = 9223372036;
 const SPARSE_BLOCK = 4096;
@@ -342,9 +339,8 @@ class Extraction {
       fmt = type === 'character-device' ? S_IFCHR : S_IFBLK;
       major = h.devmajor ?? 0;
       minor = h.devminor ?? 0;
-      if (!Number.isInteger(major) || major < 0 || !Number.isInteger(minor) || minor < 0) throw refuse(name, `device number ${major}:${minor} is not two whole numbers ≥ 0`);
-      if (major > 0xfff) throw refuse(name, `devmajor ${major} is beyond 4095, the largest major number Linux stores (12 bits)`);
-      if (minor > 0xfffff) throw refuse(name, `devminor ${minor} is beyond 1048575, the largest minor number Linux stores (20 bits)`);
+      const problem = deviceProblem(major, minor);
+      if (problem) throw refuse(name, problem);
     }
     this.replace(name, target, false);
     this.sys(name, () => {
@@ -375,12 +371,10 @@ class Extraction {
     const mode = h.mode ?? 0;
     const uid = num('uid', h.uid);
     const gid = num('gid', h.gid);
-    for (const [what, v, max] of [['mode', mode, 0o7777777], ['uid', uid, MAX_ID], ['gid', gid, MAX_ID]] as const) {
+    for (const [what, v] of [['mode', mode], ['uid', uid], ['gid', gid]] as const) {
       if (!Number.isSafeInteger(v) || v < 0) throw refuse(name, `${what} ${pax.has(what) ? JSON.stringify(pax.get(what)!.toString('latin1').slice(0, 40)) : v} is not a whole number ≥ 0`);
-      if (v > max) {
-        const rule = what === 'mode' ? `beyond 0o7777777, the largest mode a tar header holds` : `beyond ${MAX_ID}, the largest owner Linux stores (${v === 0xffffffff ? '4294967295 is (uid_t)-1, "no owner"' : 'ids are 32 bits'})`;
-        throw refuse(name, `${what} ${v} is ${rule}`);
-      }
+      const problem = what === 'mode' ? (v > 0o7777777 ? `mode ${v} is beyond 0o7777777, the largest mode a tar header holds` : undefined) : ownerProblem(what, v);
+      if (problem) throw refuse(name, problem);
     }
     const bound = (t: number): number => (Number.isFinite(t) && t >= 0 && t <= MAX_TIME_S ? t : 0);
     const mtime = bound(num('mtime', h.mtime ? h.mtime.getTime() / 1000 : 0));
@@ -391,7 +385,7 @@ class Extraction {
       if (!key.startsWith(XATTR_PAX_PREFIX)) continue;
       const xname = key.slice(XATTR_PAX_PREFIX.length);
       if (xname.startsWith('trusted.overlay.') || xname.startsWith('user.overlay.')) continue;
-      const problem = xattrProblem(xname, value);
+      const problem = xattrProblem(xname, value.length);
       if (problem) throw refuse(name, problem);
       xattrs.push([xname, value]);
     }
@@ -487,23 +481,6 @@ class Extraction {
   }
 }
 
-/**
- * Why Linux cannot store this xattr, or undefined: the namespaces are
- * security., system., trusted. and user. (anything else is EOPNOTSUPP, which
- * would read as our fault), names 1-255 bytes, values up to 65536 bytes.
- */
-function xattrProblem(xname: string, value: Buffer): string | undefined {
-  if (xname === '') return 'an xattr with an empty name';
-  if (Buffer.byteLength(xname) > XATTR_NAME_MAX) return `xattr ${quoteName(xname)}: the name is longer than ${XATTR_NAME_MAX} bytes`;
-  const ns = /^(security|system|trusted|user)\./.exec(xname);
-  if (!ns) {
-    const dot = xname.indexOf('.');
-    return `xattr ${quoteName(xname)}: ${dot > 0 ? quoteName(xname.slice(0, dot + 1)) : 'no namespace'} is not an xattr namespace Linux stores (security., system., trusted., user.)`;
-  }
-  if (xname.length === ns[0].length) return `xattr ${quoteName(xname)}: nothing follows the namespace`;
-  if (value.length > XATTR_SIZE_MAX) return `xattr ${quoteName(xname)}: a value of ${value.length} bytes is beyond ${XATTR_SIZE_MAX}, the largest Linux stores`;
-  return undefined;
-}
 
 /** System errors an entry can provoke are the layer's fault; the rest are ours. */
 const INPUT_ERRNOS = new Set(['ENAMETOOLONG', 'ELOOP', 'ENOTDIR', 'EEXIST', 'EISDIR', 'EPERM', 'EINVAL', 'E2BIG', 'ERANGE', 'EMLINK']);

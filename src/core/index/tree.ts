@@ -15,14 +15,13 @@
  */
 import { invalidArgument } from '../errors.js';
 import type { EntryType, TarHeader } from './tar.js';
+import { XATTR_NAME_MAX, XATTR_SIZE_MAX } from '../sys/limits.js';
 
 const TYPES: ReadonlySet<string> = new Set<EntryType>(['file', 'link', 'symlink', 'char', 'block', 'dir', 'fifo']);
 /** Largest uid, gid or device number (32 bits). */
 const MAX_U32 = 0xffffffff;
 const MAX_LINK_BYTES = 4096;
 const MAX_NAME_BYTES = 256;
-const XATTR_NAME_MAX = 255;
-const XATTR_SIZE_MAX = 65536;
 
 /** Content of a regular file of the tree, when it has any (a `files` entry of the manifest). */
 export interface TreeFileContent {

@@ -12,6 +12,7 @@ import { errnoCode, GearError, internal, invalidArgument } from '../errors.js';
 import type { IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
 import type { GearBlobTuple } from '../lazy/catalog.js';
+import { deviceProblem, MAX_SYMLINK_BYTES, ownerProblem, XATTR_LIST_MAX, xattrProblem } from '../sys/limits.js';
 
 export const METACOPY_XATTR = 'trusted.overlay.metacopy';
 export const REDIRECT_XATTR = 'trusted.overlay.redirect';
@@ -22,45 +23,8 @@ export function redirectOf(digest: string): string {
   return `/sha256/${hex.slice(0, 2)}/${hex}`;
 }
 
-/**
- * Largest uid or gid: 2^32−2. (uid_t)−1 is "no owner" to the kernel: chown(2)
- * reads it as "unchanged", and EROFS shows it as the overflow id 65534.
- */
-export const MAX_OWNER_ID = 0xfffffffe;
-/** Device numbers the kernel's dev_t holds: 12 bits of major, 20 of minor (EROFS stores the same encoding). */
-export const MAX_DEV_MAJOR = 0xfff;
-export const MAX_DEV_MINOR = 0xfffff;
-/** Linux XATTR_NAME_MAX and XATTR_SIZE_MAX. */
-export const XATTR_NAME_MAX = 255;
-export const XATTR_SIZE_MAX = 65536;
-/** Linux XATTR_LIST_MAX: listxattr(2) returns at most this many bytes of names (each with its NUL). */
-export const XATTR_LIST_MAX = 65536;
-/** Longest symlink target Linux stores (PATH_MAX less the NUL). */
-export const MAX_SYMLINK_BYTES = 4095;
 /** Docker's boundTime: times outside [epoch, max int64 ns] become the epoch. */
 const MAX_TIME_S = 9223372036;
-
-/**
- * Why Linux cannot store an xattr of this name, or undefined: the namespaces
- * are security., system. (POSIX ACLs only), trusted. and user.; the name must
- * go on after its namespace and fit XATTR_NAME_MAX.
- */
-export function xattrNameProblem(name: string): string | undefined {
-  if (name === '') return 'an empty xattr name';
-  if (name.includes('\0')) return `xattr ${JSON.stringify(name.slice(0, 100))}: the name contains a NUL byte`;
-  if (Buffer.byteLength(name) > XATTR_NAME_MAX) return `xattr ${JSON.stringify(name.slice(0, 100))}…: the name is longer than ${XATTR_NAME_MAX} bytes`;
-  const ns = /^(security|system|trusted|user)\./.exec(name);
-  if (!ns) {
-    const dot = name.indexOf('.');
-    const shown = dot > 0 ? `"${name.slice(0, dot + 1)}"` : 'no namespace';
-    return `xattr ${JSON.stringify(name.slice(0, 100))}: ${shown} is not an xattr namespace Linux stores (security., system., trusted., user.)`;
-  }
-  if (name.length === ns[0].length) return `xattr ${JSON.stringify(name)}: nothing follows the namespace`;
-  if (ns[1] === 'system' && name !== 'system.posix_acl_access' && name !== 'system.posix_acl_default') {
-    return `xattr ${JSON.stringify(name.slice(0, 100))}: of system.*, only system.posix_acl_access and system.posix_acl_default are stored`;
-  }
-  return undefined;
-}
 
 export interface EntryMeta {
   mode: number;
@@ -79,8 +43,8 @@ export interface EntryMeta {
  */
 export function entryMeta(h: TarHeader): EntryMeta {
   for (const [what, v] of [['uid', h.uid], ['gid', h.gid]] as const) {
-    if (!Number.isSafeInteger(v) || v < 0) throw invalidArgument(`${what} ${v} is not a whole number ≥ 0`);
-    if (v > MAX_OWNER_ID) throw invalidArgument(`${what} ${v} is beyond ${MAX_OWNER_ID}, the largest owner Linux stores (${v === 0xffffffff ? '4294967295 is (uid_t)-1, "no owner"' : 'ids are 32 bits'})`);
+    const problem = ownerProblem(what, v);
+    if (problem) throw invalidArgument(problem);
   }
   const t = h.mtime + h.mtimeNsec / 1e9;
   const mtime = Number.isFinite(t) && t >= 0 && t <= MAX_TIME_S ? t : 0;
@@ -90,9 +54,8 @@ export function entryMeta(h: TarHeader): EntryMeta {
     if (name.startsWith('trusted.overlay.') || name.startsWith('user.overlay.')) continue;
     listBytes += Buffer.byteLength(name) + 1;
     if (listBytes > XATTR_LIST_MAX) throw invalidArgument(`the names of its ${h.xattrs.size} xattrs take more than ${XATTR_LIST_MAX} bytes (XATTR_LIST_MAX), more than listxattr(2) can return`);
-    const problem = xattrNameProblem(name);
+    const problem = xattrProblem(name, value.length);
     if (problem) throw invalidArgument(problem);
-    if (value.length > XATTR_SIZE_MAX) throw invalidArgument(`xattr ${JSON.stringify(name)}: a value of ${value.length} bytes is beyond ${XATTR_SIZE_MAX}, the largest Linux stores`);
     xattrs.push([name, value]);
   }
   return { mode: h.mode & 0o7777, uid: h.uid, gid: h.gid, atime: mtime, mtime, xattrs };
@@ -109,10 +72,8 @@ export function symlinkTarget(h: TarHeader): string {
 /** The device numbers of a char or block entry, checked against what dev_t holds. */
 export function entryDevice(h: TarHeader): { major: number; minor: number } {
   const { devmajor: major, devminor: minor } = h;
-  if (!Number.isSafeInteger(major) || major < 0) throw invalidArgument(`devmajor ${major} is not a whole number ≥ 0`);
-  if (!Number.isSafeInteger(minor) || minor < 0) throw invalidArgument(`devminor ${minor} is not a whole number ≥ 0`);
-  if (major > MAX_DEV_MAJOR) throw invalidArgument(`devmajor ${major} is beyond ${MAX_DEV_MAJOR}, the largest major number Linux stores (12 bits)`);
-  if (minor > MAX_DEV_MINOR) throw invalidArgument(`devminor ${minor} is beyond ${MAX_DEV_MINOR}, the largest minor number Linux stores (20 bits)`);
+  const problem = deviceProblem(major, minor);
+  if (problem) throw invalidArgument(problem);
   return { major, minor };
 }
 

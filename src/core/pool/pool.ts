@@ -466,7 +466,7 @@ export class Pool {
       await fh.close();
     }
     if (res.hex === hex) {
-      this.markVerified(hex, res);
+      this.markVerified(hex);
       return true;
     }
     this.log.error({ digest, actual: `sha256:${res.hex}`, size: res.size }, 'pool: corrupt file removed');
@@ -483,7 +483,7 @@ export class Pool {
   }
 
   /** @internal (scrub.ts) records that the file under hex hashed right. */
-  markVerified(hex: string, _id: { dev: number; ino: number }): void {
+  markVerified(hex: string): void {
     const e = this.entries.get(hex);
     if (e && !e.verified) {
       e.verified = true;

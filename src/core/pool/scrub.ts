@@ -134,7 +134,7 @@ export interface ScrubTarget {
   readonly dir: string;
   readonly readOnly: boolean;
   /** Called after a matching hash of a file the pool knows. */
-  markVerified(hex: string, id: { dev: number; ino: number }): void;
+  markVerified(hex: string): void;
   /**
    * Removes a file found corrupt if its name still points at the inode that
    * was hashed and no fetch or eviction of the digest is in progress.
@@ -318,7 +318,7 @@ export async function scrubPool(target: ScrubTarget, opts: ScrubOptions = {}): P
       }
       report.files++;
       if (res.hex === hex) {
-        target.markVerified(hex, res);
+        target.markVerified(hex);
       } else {
         const outcome = target.readOnly ? 'read-only' : await target.removeCorrupt(hex, res);
         await bad({ digest: `sha256:${hex}`, actual: `sha256:${res.hex}`, size: res.size, path: file, removed: outcome === 'removed', outcome });
