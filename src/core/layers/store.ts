@@ -44,8 +44,7 @@ import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { LayerActivity } from './layer-activity.js';
 import { peekHead } from './peek-head.js';
 import { isValidLayerId, MAX_LAYER_DEPTH, newLink, parseRecord, validateLayerId } from './records.js';
-import { createGearMetrics } from '../metrics/registry.js';
-import { serveMetrics, type MetricsServer } from '../metrics/server.js';
+import type { MetricsServer } from '../metrics/server.js';
 import { hasIndexFormSignature, indexFormFromEnv, prefetchFilesOf } from './index-form.js';
 import { constants, native } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
@@ -263,8 +262,9 @@ class OverlayLayerStore implements LayerStore {
       if (whyNot !== undefined) this.log?.info({ reason: whyNot }, 'index layers use the directory form: this kernel cannot mount EROFS image files');
     } else this.indexImagesWhyNot = 'the directory form was asked for';
     this.mountIndexImages([...this.records.values()]);
+    // Loaded only when asked for: prom-client alone is ~45 ms of a restarted daemon's start.
     const metrics = this.metricsAddress
-      ? createGearMetrics({
+      ? (await import('../metrics/registry.js')).createGearMetrics({
           lazy: () => this.lazy?.stats(),
           layers: () => ({ layers: this.records.size, indexLayers: [...this.records.values()].filter((r) => r.gear).length }),
           prefetch: () => this.prefetcher?.progress(),
@@ -277,7 +277,7 @@ class OverlayLayerStore implements LayerStore {
       this.startResume(this.lazy, adopted);
       this.prefetcher = new Prefetcher({ pool: this.lazy.pool, fetcher: this.lazy.fetcher, catalog: this.lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
     }
-    if (metrics) this.metrics = await serveMetrics(this.metricsAddress!, metrics.registry, this.log);
+    if (metrics) this.metrics = await (await import('../metrics/server.js')).serveMetrics(this.metricsAddress!, metrics.registry, this.log);
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
   }
 
