@@ -23,7 +23,8 @@ import { hardenedExtract, layerBytes } from '../../src/core/archive/tarreader.js
 import { MAX_ZSTD_WINDOW } from '../../src/core/archive/zstd-frames.js';
 import { GearError, invalidArgument } from '../../src/core/errors.js';
 import { readTar, TarFormatError } from '../../src/core/index/tar.js';
-import { getXattr, listXattrs } from '../../src/core/sys/xattr.js';
+import { listXattrs } from '../../src/core/sys/xattr.js';
+import { foreignOverlayXattrs, treeSnapshot } from '../helpers/tree-check.js';
 import {
   anyBytes,
   assertAsync,
@@ -251,41 +252,10 @@ let base: string;
 let outside: string;
 let outsideBefore: string;
 
-/** path, type, mode, size, content, link target and xattrs of a tree, as one string. */
-function snapshot(dir: string): string {
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const name of fs.readdirSync(d).sort()) {
-      const p = path.join(d, name);
-      const st = fs.lstatSync(p);
-      let line = `${path.relative(dir, p)} ${st.mode.toString(8)} ${st.uid}:${st.gid} ${st.size} ${st.nlink} ${listXattrs(p).sort().join(',')}`;
-      if (st.isSymbolicLink()) line += ` -> ${fs.readlinkSync(p)}`;
-      else if (st.isFile()) line += ` ${fs.readFileSync(p, 'latin1')}`;
-      out.push(line);
-      if (st.isDirectory()) walk(p);
-    }
-  };
-  walk(dir);
-  return out.join('\n');
-}
-
 /** Every path of the applied tree stays inside it, and overlay xattrs are only the opaque markers apply sets. */
 function checkApplied(root: string): void {
-  const walk = (d: string): void => {
-    for (const name of fs.readdirSync(d)) {
-      const p = path.join(d, name);
-      const st = fs.lstatSync(p);
-      for (const x of listXattrs(p)) {
-        if (x.startsWith('user.overlay.')) throw new Error(`${p}: ${x} arrived from the tar`);
-        if (!x.startsWith('trusted.overlay.')) continue;
-        if (x !== 'trusted.overlay.opaque' || !st.isDirectory() || getXattr(p, x)?.toString() !== 'y') {
-          throw new Error(`${p}: ${x} arrived from the tar`);
-        }
-      }
-      if (st.isDirectory()) walk(p);
-    }
-  };
-  walk(root);
+  const bad = foreignOverlayXattrs(root);
+  if (bad.length) throw new Error(`arrived from the tar: ${bad.slice(0, 5).join('; ')}`);
 }
 
 beforeAll(() => {
@@ -295,7 +265,7 @@ beforeAll(() => {
   fs.writeFileSync(path.join(outside, 'victim'), 'untouched', { mode: 0o600 });
   fs.writeFileSync(path.join(outside, 'etc', 'passwd'), 'root:x:0:0\n');
   fs.symlinkSync('victim', path.join(outside, 'link'));
-  outsideBefore = snapshot(outside);
+  outsideBefore = treeSnapshot(outside);
 });
 
 afterAll(() => {
@@ -319,7 +289,7 @@ describe('layer tars through applyLayer onto a temp dir', () => {
           },
           () => checkApplied(dest),
         );
-        const now = snapshot(outside);
+        const now = treeSnapshot(outside);
         if (now !== outsideBefore) throw new Error(`the tree outside the root changed:\n${now}`);
         if (fs.readdirSync(base).some((e) => e !== 'outside' && !/^d\d+$/.test(e))) throw new Error(`something appeared next to the root: ${fs.readdirSync(base).join(', ')}`);
       } finally {

@@ -19,6 +19,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { applyLayer } from '../../src/core/archive/apply.js';
 import { GearError } from '../../src/core/errors.js';
 import { getXattr, listXattrs } from '../../src/core/sys/xattr.js';
+import { foreignOverlayXattrs, treeSnapshot } from '../helpers/tree-check.js';
 import { headerBlock, rawTar, streamOf, type RawEntry } from '../unit/fixtures/tarbuild.js';
 
 type Expect = { refused: RegExp } | { check: (root: string) => void };
@@ -120,38 +121,6 @@ let root: string;
 let outside: string;
 let before: string;
 
-function snapshot(dir: string): string {
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const name of fs.readdirSync(d).sort()) {
-      const p = path.join(d, name);
-      const st = fs.lstatSync(p);
-      let line = `${path.relative(dir, p)} ${st.mode.toString(8)} ${st.uid}:${st.gid} ${st.nlink} ${st.mtimeMs} ${listXattrs(p).sort().join(',')}`;
-      if (st.isSymbolicLink()) line += ` -> ${fs.readlinkSync(p)}`;
-      else if (st.isFile()) line += ` ${fs.readFileSync(p, 'utf8')}`;
-      out.push(line);
-      if (st.isDirectory()) walk(p);
-    }
-  };
-  walk(dir);
-  return out.join('\n');
-}
-
-function overlayXattrsExceptMarkers(dir: string): string[] {
-  const bad: string[] = [];
-  const visit = (p: string): void => {
-    const st = fs.lstatSync(p);
-    for (const x of listXattrs(p)) {
-      if (x.startsWith('user.overlay.')) bad.push(`${p} ${x}`);
-      if (!x.startsWith('trusted.overlay.')) continue;
-      if (x === 'trusted.overlay.opaque' && st.isDirectory() && getXattr(p, x)?.toString() === 'y') continue;
-      bad.push(`${p} ${x}`);
-    }
-    if (st.isDirectory()) for (const n of fs.readdirSync(p)) visit(path.join(p, n));
-  };
-  visit(dir);
-  return bad;
-}
 
 beforeEach(() => {
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'gear-hostile-tar-'));
@@ -161,7 +130,7 @@ beforeEach(() => {
   fs.mkdirSync(path.join(outside, 'etc'), { recursive: true });
   fs.writeFileSync(path.join(outside, 'victim'), 'untouched', { mode: 0o600 });
   fs.writeFileSync(path.join(outside, 'etc', 'shadow'), 'root:*:1::::::\n', { mode: 0o600 });
-  before = snapshot(outside);
+  before = treeSnapshot(outside);
 });
 
 afterEach(() => {
@@ -195,8 +164,8 @@ describe(`hostile layer tars through applyLayer (${CASES.length} cases)`, () => 
       if (!outcome.ok) throw (outcome as { err: unknown }).err;
       c.expect.check(root);
     }
-    expect(overlayXattrsExceptMarkers(root)).toEqual([]);
-    expect(snapshot(outside)).toBe(before);
+    expect(foreignOverlayXattrs(root)).toEqual([]);
+    expect(treeSnapshot(outside)).toBe(before);
     expect(fs.readdirSync(tmp).sort()).toEqual(['layer', 'outside']);
   });
 });
