@@ -36,12 +36,10 @@ export async function indexLayerTar(registryHost: string, repo: string, files: R
     const parts = p.split('/');
     for (let i = 1; i < parts.length; i++) dirs.add(parts.slice(0, i).join('/'));
   }
-  const entries = [
-    ...[...dirs].sort().map((d) => indexTarHeader(d, 'dir')),
-    ...Object.keys(files)
-      .sort()
-      .map((p) => indexTarHeader(p, 'file')),
-  ];
+  // One list in path order: each directory right before what it holds.
+  const entries = [...[...dirs].map((d) => [d, 'dir'] as const), ...Object.keys(files).map((p) => [p, 'file'] as const)]
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+    .map(([p, type]) => indexTarHeader(p, type));
   const chunks: Buffer[] = [];
   for await (const c of writeIndexLayer(manifest, entries)) chunks.push(c);
   return Buffer.concat(chunks);

@@ -10,16 +10,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { writeIndexLayer } from '../../src/core/index/index-layer.js';
-import type { IndexManifest } from '../../src/core/index/manifest.js';
 import { openLayerStore } from '../../src/core/layers/store.js';
 import { parseMetricsAddress } from '../../src/core/metrics/server.js';
-import { RegistryClient } from '../../src/core/registry/client.js';
 import { mountsUnder } from '../../src/core/sys/mounts.js';
+import { indexLayerTar, pushFiles } from '../helpers/gear-index.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 import { run } from '../helpers/proc.js';
-import { indexTarHeader as hdr } from './fixtures/tarbuild.js';
 
 const REPO = 'gear-test/metrics';
 const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
@@ -53,23 +50,8 @@ const blobGets = () => proxy.seen.filter((l) => l.startsWith('GET ') && l.includ
 beforeAll(async () => {
   reg = await startRegistry();
   proxy = await startFaultProxy(reg.url);
-  const pusher = new RegistryClient();
-  try {
-    for (const c of Object.values(files)) await pusher.pushBlob(`${reg.host}/${REPO}`, sha(c), c);
-  } finally {
-    await pusher.close();
-  }
-  const manifest: IndexManifest = {
-    version: 1,
-    location: { registry: proxy.host, repository: REPO },
-    files: Object.entries(files)
-      .sort(([a], [b]) => (a < b ? -1 : 1))
-      .map(([p, c]) => ({ path: p, digest: sha(c), size: c.length })),
-  };
-  const entries = [hdr('bin', 'dir'), hdr('bin/app', 'file'), hdr('etc', 'dir'), hdr('etc/bad', 'file'), hdr('etc/conf', 'file'), hdr('usr', 'dir'), hdr('usr/doc', 'file')];
-  const chunks: Buffer[] = [];
-  for await (const c of writeIndexLayer(manifest, entries)) chunks.push(c);
-  tar = Buffer.concat(chunks);
+  await pushFiles(reg.host, REPO, files);
+  tar = await indexLayerTar(proxy.host, REPO, files);
   root = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-metrics-'));
 }, 60_000);
 
