@@ -19,7 +19,7 @@ import { gzipSync } from 'node:zlib';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { applyLayer } from '../../src/core/archive/apply.js';
-import { hardenedExtract, layerBytes } from '../../src/core/archive/tarreader.js';
+import { feedExtract, hardenedExtract } from '../../src/core/archive/tarreader.js';
 import { MAX_ZSTD_WINDOW } from '../../src/core/archive/zstd-frames.js';
 import { GearError, invalidArgument } from '../../src/core/errors.js';
 import { readTar, TarFormatError } from '../../src/core/index/tar.js';
@@ -57,8 +57,8 @@ interface LayerRead {
 }
 
 /**
- * The layer reader as applyLayer runs it (same feed/backpressure/destroy
- * order), without touching the filesystem. Plain Errors from tar-stream and
+ * The layer reader as applyLayer runs it (its own feedExtract, the same
+ * destroy order), without touching the filesystem. Plain Errors from tar-stream and
  * the PAX parser are its validation errors (applyLayer reports them as
  * InvalidArgument); the zero-block rule is checked as applyLayer checks it.
  */
@@ -66,25 +66,7 @@ async function readLayer(input: Readable, maxHeaderBytes: number): Promise<Layer
   const hx = hardenedExtract(maxHeaderBytes);
   const extract = hx.extract;
   let feedError: unknown;
-  const feeding = (async () => {
-    for await (const chunk of layerBytes(input)) {
-      if (extract.destroying) return;
-      if (!extract.write(chunk)) {
-        if (extract.destroying) return;
-        await new Promise<void>((resolve) => {
-          const done = (): void => {
-            extract.off('drain', done);
-            extract.off('close', done);
-            resolve();
-          };
-          extract.on('drain', done);
-          extract.on('close', done);
-        });
-        if (extract.destroying) return;
-      }
-    }
-    if (!extract.destroying) extract.end(undefined);
-  })().catch((err: unknown) => {
+  const feeding = feedExtract(input, extract).catch((err: unknown) => {
     feedError = err;
     extract.destroy(err as Error);
   });

@@ -32,7 +32,7 @@ import { native } from '../sys/native.js';
 import { deviceProblem, ownerProblem, xattrProblem } from '../sys/limits.js';
 import { getXattr, listXattrs, removeXattr, setXattr } from '../sys/xattr.js';
 import { classifyWhiteout, entryComponents, quoteName, refuse } from './tarpath.js';
-import { hardenedExtract, layerBytes, type PaxRecords } from './tarreader.js';
+import { feedExtract, hardenedExtract, type PaxRecords } from './tarreader.js';
 
 export interface ApplyLimits {
   /** Bytes of one PAX or GNU long-name header (tar-stream caps this at 4 MiB regardless). */
@@ -109,7 +109,7 @@ export async function applyLayer(tar: Readable, dest: string, opts: ApplyOptions
   };
   opts.signal?.addEventListener('abort', onAbort, { once: true });
   let feedError: unknown;
-  const feeding = feed(tar, extract, limits.maxBytes).then(
+  const feeding = feedExtract(tar, extract, limits.maxBytes).then(
     () => undefined,
     (err: unknown) => {
       feedError = err;
@@ -157,29 +157,6 @@ export async function applyLayer(tar: Readable, dest: string, opts: ApplyOptions
   }
 }
 
-/** Pumps decompressed tar bytes into the extractor, honouring its backpressure. */
-async function feed(tar: Readable, extract: tarStream.Extract, maxBytes: number): Promise<void> {
-  let total = 0;
-  for await (const chunk of layerBytes(tar)) {
-    if (extract.destroying) return;
-    total += chunk.length;
-    if (total > maxBytes) throw invalidArgument(`layer tar is larger than the ${maxBytes}-byte limit`);
-    if (!extract.write(chunk)) {
-      if (extract.destroying) return;
-      await new Promise<void>((resolve) => {
-        const done = (): void => {
-          extract.off('drain', done);
-          extract.off('close', done);
-          resolve();
-        };
-        extract.on('drain', done);
-        extract.on('close', done);
-      });
-      if (extract.destroying) return;
-    }
-  }
-  if (!extract.destroying) extract.end(undefined);
-}
 
 /** Errors from tar-stream (plain Errors) become InvalidArgument: the tar is bad. */
 function classify(err: unknown): GearError {

@@ -267,3 +267,30 @@ async function* unzstd(src: AsyncGenerator<Buffer>): AsyncGenerator<Buffer> {
   push(new Uint8Array(0), true);
   for (const c of out) yield Buffer.from(c.buffer, c.byteOffset, c.byteLength);
 }
+
+/**
+ * Pumps the decompressed bytes of a layer tar into an extractor, honouring its
+ * backpressure; fails past maxBytes. Ends the extractor when the input ends.
+ */
+export async function feedExtract(tar: Readable, extract: tarStream.Extract, maxBytes = Infinity): Promise<void> {
+  let total = 0;
+  for await (const chunk of layerBytes(tar)) {
+    if (extract.destroying) return;
+    total += chunk.length;
+    if (total > maxBytes) throw invalidArgument(`layer tar is larger than the ${maxBytes}-byte limit`);
+    if (!extract.write(chunk)) {
+      if (extract.destroying) return;
+      await new Promise<void>((resolve) => {
+        const done = (): void => {
+          extract.off('drain', done);
+          extract.off('close', done);
+          resolve();
+        };
+        extract.on('drain', done);
+        extract.on('close', done);
+      });
+      if (extract.destroying) return;
+    }
+  }
+  if (!extract.destroying) extract.end(undefined);
+}
