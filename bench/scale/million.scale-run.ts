@@ -21,6 +21,7 @@ import { encodeTarHeader, tarPadding, tarTrailer, type TarHeader } from '../../s
 import { GEAR_CLI, REPO_ROOT, startDockerd, type Dockerd } from '../../test/helpers/dockerd.js';
 import { busyboxLayer, imageConfig, layerTar, sha256 } from '../../test/helpers/oci-images.js';
 import { startRegistry, type TestRegistry } from '../../test/helpers/registry.js';
+import { indexTarHeader } from '../../test/unit/fixtures/tarbuild.js';
 
 const FILES = Number(process.env.GEAR_SCALE_FILES ?? 1_000_000);
 const PER_DIR = 1000;
@@ -56,22 +57,7 @@ function vmRss(pid: number): number | undefined {
   }
 }
 
-const hdr = (path: string, type: TarHeader['type'], size = 0): TarHeader => ({
-  path,
-  type,
-  size,
-  mode: type === 'dir' ? 0o755 : 0o644,
-  uid: 0,
-  gid: 0,
-  uname: '',
-  gname: '',
-  mtime: 1_700_000_000,
-  mtimeNsec: 0,
-  linkname: '',
-  devmajor: 0,
-  devminor: 0,
-  xattrs: new Map(),
-});
+const hdr = (path: string, type: TarHeader['type'], size = 0): TarHeader => indexTarHeader(path, type, { size });
 
 /** The generated layer as tar+gzip in `file`; returns diff_id, digest, size. */
 async function writeFilesLayer(file: string): Promise<{ diffId: string; digest: string; size: number; withContent: number }> {
