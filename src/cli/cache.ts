@@ -228,7 +228,8 @@ export function registerCache(program: Command): void {
     .addOption(rootOption())
     .option('--json', 'print JSON')
     .action(async (opts: { root: string; json?: boolean }) => {
-      // A managed plugin's directories lead to its store (pool-root.ts); a root without a pool says where to look.
+      // A managed plugin's directories lead to its store (pool-root.ts), for prune and verify too; a root
+      // without a pool says where to look (rather than opening an empty pool there).
       const found = resolveGearRoot(opts.root);
       const s = await cacheStatus(found.root);
       if (opts.json) process.stdout.write(JSON.stringify(s, null, 2) + '\n');
@@ -247,7 +248,7 @@ export function registerCache(program: Command): void {
     .option('--json', 'print JSON')
     .action(async (opts: { root: string; all?: boolean; to?: number; json?: boolean }) => {
       const res = await cachePrune({
-        root: opts.root,
+        root: resolveGearRoot(opts.root).root,
         ...(opts.all ? { all: true } : {}),
         ...(opts.to !== undefined ? { toBytes: opts.to } : {}),
       });
@@ -268,7 +269,7 @@ export function registerCache(program: Command): void {
       const progress = progressPrinter();
       let res;
       try {
-        res = await cacheVerify({ root: opts.root, ...(opts.rate ? { rate: opts.rate } : {}), onProgress: (p) => progress.update(p) });
+        res = await cacheVerify({ root: resolveGearRoot(opts.root).root, ...(opts.rate ? { rate: opts.rate } : {}), onProgress: (p) => progress.update(p) });
       } finally {
         progress.end();
       }

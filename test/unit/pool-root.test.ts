@@ -5,7 +5,7 @@
  * where the managed plugin keeps it instead of showing an empty pool.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -55,5 +55,15 @@ describe('gear cache status finds the managed plugin pool', () => {
     expect(r.status).not.toBe(0);
     expect(r.stderr).toMatch(/no Gear pool in .*empty/);
     expect(r.stderr).toMatch(/plugins\/<plugin id>\/propagated-mount\/store/);
+  });
+
+  it('prune and verify follow the same directories, and never open a new empty pool elsewhere', () => {
+    const mount = path.join(dataRoot, 'plugins', ID, 'propagated-mount');
+    const v = spawnSync(process.execPath, [gear, 'cache', 'verify', '--root', mount, '--json'], { encoding: 'utf8' });
+    expect(v.status, v.stderr).toBe(0);
+    expect(JSON.parse(v.stdout)).toMatchObject({ by: 'offline', bad: 0 });
+    const p = spawnSync(process.execPath, [gear, 'cache', 'prune', '--root', mount, '--json'], { encoding: 'utf8' });
+    expect(p.status, p.stderr).toBe(0);
+    expect(existsSync(path.join(mount, 'pool'))).toBe(false);
   });
 });
