@@ -8,7 +8,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { createLogger, isLogLevel, LOG_LEVELS, type LogLevel } from '../core/log.js';
-import { addLazyOptions, storeOptionsFrom, type LazyFlags } from './lazy-options.js';
+import { addLazyOptions, cliParser, storeOptionsFrom, type LazyFlags } from './lazy-options.js';
 import { parseDuration } from '../core/duration.js';
 import { runAsService } from './service.js';
 import { startGraphDriverServer } from '../frontends/graphdriver/server.js';
@@ -20,15 +20,6 @@ interface DaemonOptions extends LazyFlags {
   root?: string;
   logLevel: LogLevel;
   bodyIdleTimeout?: number;
-}
-
-function parseBodyIdleTimeout(value: string): number {
-  if (value === '0') return 0;
-  try {
-    return parseDuration(value, 'body idle timeout');
-  } catch (err) {
-    throw new InvalidArgumentError((err as Error).message);
-  }
 }
 
 function parseLevel(value: string): LogLevel {
@@ -60,7 +51,7 @@ export function registerDaemon(program: Command): void {
         'fail a call (and free its layer) when its request body (the ApplyDiff tar) sends nothing this long, e.g. 120s; 0: never',
       )
         .env('GEAR_BODY_IDLE_TIMEOUT')
-        .argParser(parseBodyIdleTimeout),
+        .argParser(cliParser((v) => (v === '0' ? 0 : parseDuration(v, 'body idle timeout')))),
     );
   addLazyOptions(cmd).action(async (opts: DaemonOptions) => {
     await runDaemon(opts);

@@ -21,7 +21,8 @@ export interface LazyFlags {
   metricsAddress?: string;
 }
 
-function cliParser<T>(parse: (v: string) => T): (v: string) => T {
+/** A commander argParser from a parser that throws GearErrors (their message becomes the CLI error). */
+export function cliParser<T>(parse: (v: string) => T): (v: string) => T {
   return (v) => {
     try {
       return parse(v);
@@ -29,14 +30,6 @@ function cliParser<T>(parse: (v: string) => T): (v: string) => T {
       throw new InvalidArgumentError((err as Error).message);
     }
   };
-}
-
-function parseFetchTimeout(value: string): number {
-  try {
-    return parseDuration(value, 'fetch timeout');
-  } catch (err) {
-    throw new InvalidArgumentError((err as Error).message);
-  }
 }
 
 function parsePositiveInt(value: string): number {
@@ -49,7 +42,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
   return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
 }
 
-/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate, --metrics-address and --scrub-interval. */
+/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate, --scrub-interval and --metrics-address. */
 export function addLazyOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
@@ -57,7 +50,7 @@ export function addLazyOptions(cmd: Command): Command {
     .addOption(
       new Option('--fetch-timeout <duration>', 'deadline of a lazy fetch; a reader then gets EIO (e.g. 60s, 500ms)')
         .env('GEAR_FETCH_TIMEOUT')
-        .argParser(parseFetchTimeout),
+        .argParser(cliParser((v) => parseDuration(v, 'fetch timeout'))),
     )
     .addOption(new Option('--max-fetches <n>', 'lazy downloads in flight at most (default 8)').env('GEAR_MAX_FETCHES').argParser(parsePositiveInt))
     .addOption(
@@ -76,6 +69,11 @@ export function addLazyOptions(cmd: Command): Command {
       new Option('--scrub-rate <size>', 'read rate of the pool scrub, per second (default 50MiB)').env('GEAR_SCRUB_RATE').argParser(cliParser((v) => parseScrubRate(v))),
     )
     .addOption(
+      new Option('--scrub-interval <duration>', 'time between pool scrubs that re-hash every cached file (default 24h; 0 = off)')
+        .env('GEAR_SCRUB_INTERVAL')
+        .argParser(cliParser((v) => parseScrubInterval(v))),
+    )
+    .addOption(
       new Option('--metrics-address <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9495; :9495 for all interfaces)')
         .env('GEAR_METRICS_ADDRESS')
         .argParser(
@@ -85,11 +83,6 @@ export function addLazyOptions(cmd: Command): Command {
             return v;
           }),
         ),
-    )
-    .addOption(
-      new Option('--scrub-interval <duration>', 'time between pool scrubs that re-hash every cached file (default 24h; 0 = off)')
-        .env('GEAR_SCRUB_INTERVAL')
-        .argParser(cliParser((v) => parseScrubInterval(v))),
     );
 }
 
