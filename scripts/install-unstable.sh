@@ -34,8 +34,8 @@ apt_opts=(
 )
 
 # Refresh the suite's package list when it is missing or older than a day.
-lists=("$dir"/lists/*_Packages)
-if [ ! -e "${lists[0]}" ] || [ -n "$(find "$dir/lists" -maxdepth 1 -name '*_Packages' -mmin +1440 -print -quit)" ]; then
+lists=("$dir"/lists/*_Packages*)
+if [ ! -e "${lists[0]}" ] || [ -n "$(find "$dir/lists" -maxdepth 1 -name '*_Packages*' -mmin +1440 -print -quit)" ]; then
   echo "install-unstable: updating the unstable package list from $mirror" >&2
   apt-get "${apt_opts[@]}" update -qq >&2
 fi
