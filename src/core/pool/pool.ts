@@ -64,7 +64,7 @@ import { mustEvictOnRelease, PoolNoSpaceError, type EvictResult } from './admiss
 import { PoolLock } from './lock.js';
 import { hashHandle, openForHash, type RemoveOutcome } from './scrub.js';
 import { formatSize, parseSize } from './size.js';
-import { PoolWriter } from './writer.js';
+import { PoolWriter, type PoolWriteSink } from './writer.js';
 
 export { PoolWriter } from './writer.js';
 export { PoolNoSpaceError, type EvictResult } from './admission.js';
@@ -184,7 +184,7 @@ export function openPool(opts: PoolOptions): Promise<Pool> {
   return Pool.open(opts);
 }
 
-export class Pool {
+export class Pool implements PoolWriteSink {
   readonly root: string;
   readonly dir: string;
   readonly readOnly: boolean;

@@ -7,7 +7,21 @@ import type { FileHandle } from 'node:fs/promises';
 import fs from 'node:fs/promises';
 import { Writable } from 'node:stream';
 import { errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
-import type { Pool } from './pool.js';
+
+/**
+ * What a writer needs of its pool (Pool implements it): the writer depends on
+ * this face, not on pool.ts, so the two files do not import each other.
+ */
+export interface PoolWriteSink {
+  /** Moves the verified staging file to its content name and accounts for it. */
+  install(hex: string, staging: string, size: number): Promise<void>;
+  /** Evicts for room after ENOSPC and builds the error to throw. */
+  noSpace(hex: string, wanted: number, cause: unknown): Promise<Error>;
+  /** Evicts down to the cap. */
+  enforceCap(): Promise<unknown>;
+  /** Releases the room announced for this write. */
+  endWrite(hex: string, reserved: number): void;
+}
 
 /**
  * One two-phase write (see Pool.beginWrite). Not safe for concurrent calls on
@@ -22,7 +36,7 @@ export class PoolWriter {
 
   /** @internal use Pool.beginWrite */
   constructor(
-    private readonly pool: Pool,
+    private readonly pool: PoolWriteSink,
     private readonly hex: string,
     /** the staging file; never visible in sha256/ */
     readonly stagingPath: string,
