@@ -31,6 +31,7 @@ let bb: LayerEntry[];
 let busybox: Buffer;
 let gearRef = '';
 let gearRef2 = '';
+const readmeRef = () => `${reg.host}/myapp:gear`;
 /** The proxy's log lines for Gear files of a given content (passwd, group, busybox, …). */
 const ETC_PASSWD = 'root:x:0:0:root:/root:/bin/sh\n';
 const ETC_GROUP = 'root:x:0:\n';
@@ -113,6 +114,13 @@ describe('dockerd 28.5 (containerd image store) over containerd 2.1 with gear as
     const ref = `${reg.host}/plain/busybox:v1`;
     await d.dockerOk(['tag', 'gear-test/plain:v1', ref]);
     await d.dockerOk(['push', ref]);
+    // The README's first step on Docker 28: convert an image straight out of dockerd's containerd store.
+    const conv = await runOk(
+      process.execPath,
+      [GEAR_CLI, 'convert', '--no-progress', '--json', '--docker-host', d.host, 'docker-daemon:gear-test/plain:v1', readmeRef()],
+      { timeoutMs: 300_000 },
+    );
+    expect((JSON.parse(conv.stdout) as { files: number }).files).toBe(4); // busybox, passwd, group, plain-release (+ an empty file, stored inline)
     await d.dockerOk(['rmi', 'gear-test/plain:v1', ref]);
     await d.dockerOk(['pull', ref]);
     const out = await d.dockerOk(['run', '--rm', ref, '/bin/sh', '-c', 'cat /etc/plain-release; echo ok > /tmp/x; cat /tmp/x']);
@@ -259,6 +267,21 @@ describe('dockerd 28.5 (containerd image store) over containerd 2.1 with gear as
     await d.dockerOk(['rm', '-f', 'long']);
     await d.dockerOk(['rmi', gearRef]);
     // containerd's GC removes the image's snapshots; gear then its layers.
+    const clean = await waitFor(() => dirEntries(join(d.containerd.gearRoot, 'layers')).length === 0, 60_000, 500);
+    expect(clean, await d.containerd.ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).toBe(true);
+  });
+
+  it('the README\'s Docker 28 steps: a Gear image converted from dockerd\'s own store, pulled and run; gear cache status', async () => {
+    const out = await d.dockerOk(['run', '--rm', readmeRef(), 'cat', '/etc/plain-release']);
+    expect(out.stdout).toBe('plain layer two\n');
+    // `gear cache status` reads the pool of the running snapshotter. The image's 4 files are all
+    // there: busybox, /etc/passwd and /etc/group have the contents of the first Gear image's files
+    // (one pool entry each, deduplicated), /etc/plain-release was fetched by cat.
+    const status = JSON.parse((await runOk(process.execPath, [GEAR_CLI, 'cache', 'status', '--root', d.containerd.gearRoot, '--json'])).stdout) as {
+      referencedFiles: number;
+    };
+    expect(status.referencedFiles).toBe(4);
+    await d.dockerOk(['rmi', readmeRef()]);
     const clean = await waitFor(() => dirEntries(join(d.containerd.gearRoot, 'layers')).length === 0, 60_000, 500);
     expect(clean, await d.containerd.ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).toBe(true);
   });
