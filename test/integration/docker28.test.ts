@@ -14,6 +14,8 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { gunzipSync } from 'node:zlib';
+import { extract } from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GEAR_CLI } from '../helpers/dockerd.js';
 import { startDockerd28, type Dockerd28 } from '../helpers/dockerd28.js';
@@ -63,6 +65,28 @@ const blobGets = (from: number) => proxy.seen.slice(from).filter((l) => l.starts
 async function execRead(container: string, name: FileName): Promise<void> {
   const r = await d.dockerOk(['exec', container, '/bin/busybox', 'sha256sum', `/data/${name}`], { timeoutMs: 60_000 });
   expect(r.stdout.slice(0, 64), `/data/${name}`).toBe(hex(files[name]));
+}
+
+/** Entry names of layer `i` of a manifest in the registry (gzip or plain tar). */
+async function pushedLayerEntries(manifestPath: string, i: number): Promise<string[]> {
+  const accept = 'application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json';
+  const m = (await (await fetch(`${reg.url}${manifestPath}`, { headers: { accept } })).json()) as { layers: { digest: string }[] };
+  const repo = manifestPath.split('/manifests/')[0]!;
+  let blob = Buffer.from(await (await fetch(`${reg.url}${repo}/blobs/${m.layers[i]!.digest}`)).arrayBuffer());
+  if (blob[0] === 0x1f && blob[1] === 0x8b) blob = gunzipSync(blob);
+  const names: string[] = [];
+  const ex = extract();
+  ex.on('entry', (h, stream, next) => {
+    names.push(h.name.replace(/^\.\//, ''));
+    stream.on('end', next);
+    stream.resume();
+  });
+  await new Promise<void>((resolve, reject) => {
+    ex.on('finish', resolve);
+    ex.on('error', reject);
+    ex.end(blob);
+  });
+  return names.sort();
 }
 
 async function state(container: string): Promise<{ pid: number; status: string }> {
@@ -224,6 +248,8 @@ describe('dockerd 28.5 (containerd image store) over containerd 2.1 with gear as
 
     const before = proxy.seen.length;
     await d.dockerOk(['push', committed]);
+    // The pushed commit layer holds only the container's changes.
+    expect(await pushedLayerEntries(`/v2/gear/committed/manifests/v1`, 1)).toEqual(['data/', 'data/.wh.loaded', 'data/new']);
     await d.dockerOk(['rmi', committed]);
     await d.dockerOk(['pull', committed]);
     expect(proxy.seen.length - before, 'push and pull go to the registry directly, not through the proxy').toBe(0);
