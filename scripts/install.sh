@@ -13,7 +13,7 @@
 #   SYSCONFDIR        /etc when PREFIX is /usr or /usr/local, else $PREFIX/etc
 #   SYSTEMD_UNIT_DIR  $PREFIX/lib/systemd/system  (systemd searches /usr/local/lib/systemd/system and
 #                     /usr/lib/systemd/system; for another PREFIX use /etc/systemd/system)
-#   NODE              the node binary the launcher and units run (default: `command -v node`, resolved)
+#   NODE              the node binary the launcher and units run (default: `command -v node`)
 #
 # Installed:
 #   $BINDIR/gear                                 launcher: exec $NODE $LIBDIR/gear/gear.mjs "$@"
@@ -111,13 +111,14 @@ fi
 [ -f "$repo/dist/cli/gear.js" ] || die "dist/ is missing: run 'make build' first (as your user; install only copies)"
 [ -f "$repo/build/Release/gear_native.node" ] || die "build/Release/gear_native.node is missing: run 'make build' first"
 [ -d "$repo/node_modules/commander" ] || die "node_modules is missing: run 'make build' first"
-# The node that runs here (for the lock file): NODE when it runs on this machine, else the PATH's.
+# The node that runs this script's helpers (reading package-lock.json): the PATH's.
 NODE_FOR_BUILD="$(command -v node || true)"
 [ -n "$NODE_FOR_BUILD" ] || die "node is not on PATH: install Node.js >= 20.18.1 (make build needs it too)"
 if [ -z "${NODE:-}" ]; then
   NODE="$(command -v node || true)"
   [ -n "$NODE" ] || die "node is not on PATH: install Node.js >= 20.18.1 or pass NODE=/path/to/node"
-  NODE="$(readlink -f "$NODE")"
+  # Kept as found (not resolved): a symlink such as /usr/local/bin/node that a Node.js upgrade moves
+  # stays valid.
 fi
 case "$NODE" in /*) ;; *) die "NODE must be an absolute path (got '$NODE')" ;; esac
 if [ -x "$NODE" ]; then
@@ -220,6 +221,9 @@ subst "$repo/packaging/containerd/gear.toml.in" "$stage/share/containerd-gear.to
   printf 'config\t%s\t%s\n' "$SYSCONFDIR/containerd/conf.d/gear.toml" "$PKGLIBDIR/share/containerd-gear.toml"
   if ((${#created[@]})); then printf 'dir\t%s\n' "${created[@]}" | sort -u; fi
 } >"$stage/install-manifest"
+# Root runs this code: as root, nothing in it may stay owned by the checkout's user (cp -a kept
+# its owner), and nothing is writable by group or others.
+if [ "$(id -u)" = 0 ]; then chown -R 0:0 "$stage"; fi
 chmod -R u+rwX,go+rX,go-w "$stage"
 
 # Swap the tree in.

@@ -116,6 +116,12 @@ describe('make install', () => {
     for (const dev of ['vitest', 'typescript', 'fast-check', '@types', 'node-addon-api', '.bin']) {
       expect(existsSync(join(lib, 'node_modules', dev)), `node_modules/${dev}`).toBe(false);
     }
+    // Root runs this code: as root, all of it is root's, and nothing is writable by group or others.
+    const loose = listTree(lib).filter((r) => {
+      const st = lstatSync(join(lib, r));
+      return !st.isSymbolicLink() && ((process.getuid?.() === 0 && st.uid !== 0) || (st.mode & 0o022) !== 0);
+    });
+    expect(loose).toEqual([]);
     // No file of the tree is a symlink out of it.
     const links = listTree(lib).filter((r) => lstatSync(join(lib, r)).isSymbolicLink());
     expect(links.filter((r) => !realpathSync(join(lib, r)).startsWith(`${lib}/`))).toEqual([]);
