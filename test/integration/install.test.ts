@@ -11,6 +11,7 @@
  *   root and sockets) loads the installed containerd drop-in through an `imports` glob, as the README
  *   tells admins to, and talks to that gear: snapshots ls/prepare/rm;
  * - SIGTERM (the unit's KillSignal) stops gear with exit 0 and removes its socket;
+ * - gear-daemon.service's command the same way: the plugin socket answers dockerd's Plugin.Activate;
  * - systemd-analyze verify accepts both units (and rejects a broken one: the check can fail);
  * - a second install over the first keeps an edited config file; DESTDIR staging writes final paths;
  * - `make uninstall` removes everything it installed (an edited config file is kept, and named).
@@ -18,6 +19,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type ChildProcess } from 'node:child_process';
 import { appendFileSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import { request } from 'node:http';
 import { join } from 'node:path';
 import { REPO_ROOT } from '../helpers/dockerd.js';
 import { pidsReferencing, run, runOk, spawnLogged, stopChild, stopPid, tailFile, unmountUnder, waitFor } from '../helpers/proc.js';
@@ -302,6 +304,47 @@ disabled_plugins = ${disabled}
       }
     });
   }
+
+  it('runs as gear-daemon.service says (graph-driver plugin socket), with the checkout hidden', async () => {
+    const dir = mkdtempSync(join(base, 'daemon-'));
+    const socket = join(dir, 'plugins', 'gear.sock'); // stands for /run/docker/plugins/gear.sock
+    const unit = unitKeys(join(prefix, 'lib/systemd/system/gear-daemon.service'));
+    const argv = splitCommand(unit.get('ExecStart')![0]!);
+    const sockAt = argv.indexOf('--socket');
+    expect(argv[sockAt + 1]).toBe('/run/docker/plugins/gear.sock');
+    argv[sockAt + 1] = socket;
+    const log = join(dir, 'gear.log');
+    const gear = spawnLogged(
+      'unshare',
+      ['--mount', '--propagation', 'private', '--', 'sh', '-c', 'mount -t tmpfs -o ro,size=1m gear-hidden "$0" && cd / && exec "$@"', REPO_ROOT, ...argv],
+      log,
+      unitEnv(),
+    );
+    try {
+      const post = splitCommand(unit.get('ExecStartPost')![0]!).map((a) => (a === '/run/docker/plugins/gear.sock' ? socket : a === '$MAINPID' ? String(gear.pid) : a));
+      const waited = await run(post[0]!, post.slice(1), { timeoutMs: 120_000, cwd: '/', env: unitEnv() });
+      expect(waited.code, `${waited.stderr}\n--- gear log:\n${tailFile(log)}`).toBe(0);
+      // dockerd's first call to a plugin.
+      const activate = await new Promise<string>((resolve, reject) => {
+        const req = request({ socketPath: socket, path: '/Plugin.Activate', method: 'POST', timeout: 10_000 }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve(body));
+        });
+        req.on('timeout', () => req.destroy(new Error('Plugin.Activate timed out')));
+        req.on('error', reject);
+        req.end('{}');
+      });
+      expect(JSON.parse(activate)).toEqual({ Implements: ['GraphDriver'] });
+      const ended = new Promise<number | null>((resolve) => gear.once('exit', (code) => resolve(code)));
+      gear.kill('SIGTERM');
+      const code = await Promise.race([ended, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 45_000))]);
+      expect(code, tailFile(log)).toBe(0);
+      expect(existsSync(socket)).toBe(false);
+    } finally {
+      if (gear.exitCode === null && gear.signalCode === null) await stopChild(gear);
+    }
+  });
 
   it('a second install keeps an edited config file; DESTDIR stages with final paths', async () => {
     const settings = join(prefix, 'etc/default/gear');
