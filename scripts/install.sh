@@ -111,6 +111,11 @@ fi
 [ -f "$repo/dist/cli/gear.js" ] || die "dist/ is missing: run 'make build' first (as your user; install only copies)"
 [ -f "$repo/build/Release/gear_native.node" ] || die "build/Release/gear_native.node is missing: run 'make build' first"
 [ -d "$repo/node_modules/commander" ] || die "node_modules is missing: run 'make build' first"
+for pair in "src:dist/cli/gear.js" "native:build/Release/gear_native.node"; do
+  if stale="$(find "$repo/${pair%%:*}" -newer "$repo/${pair#*:}" -type f -print -quit)" && [ -n "$stale" ]; then
+    say "warning: $stale is newer than ${pair#*:}: installing the last build (run 'make build' to include the change)"
+  fi
+done
 # The node that runs this script's helpers (reading package-lock.json): the PATH's.
 NODE_FOR_BUILD="$(command -v node || true)"
 [ -n "$NODE_FOR_BUILD" ] || die "node is not on PATH: install Node.js >= 20.18.1 (make build needs it too)"
@@ -149,7 +154,8 @@ done
 
 # The package tree is staged beside its final place, then swapped in with a rename: an interrupted
 # install leaves the previous tree (or none), never half of one.
-mkdir -p "$(d "$LIBDIR")"
+mkdir -p "$(d "$LIBDIR")" 2>/dev/null && [ -w "$(d "$LIBDIR")" ] \
+  || die "cannot write $(d "$LIBDIR"): run as root (sudo make install), or choose PREFIX= (and SYSTEMD_UNIT_DIR=, SYSCONFDIR=) you can write"
 # What an install killed midway left (its staging tree, or the previous tree being swapped out).
 for left in "$(d "$LIBDIR")"/.gear-install.* "$(d "$LIBDIR")"/.gear-old.*; do
   [ -e "$left" ] || continue
