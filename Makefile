@@ -1,4 +1,5 @@
-# Gear: make demo (end to end), make test (all tests), make bench (benchmarks).
+# Gear: make demo (end to end), make test (all tests), make bench (benchmarks),
+# make build && sudo make install (a self-contained gear + systemd units under PREFIX).
 SHELL := /bin/bash
 NPM_STAMP := node_modules/.package-lock.json
 
@@ -57,3 +58,25 @@ plugin-push: build
 	@test -n "$(REF)" || { echo "usage: make plugin-push REF=<registry>/<repository>:<tag>" >&2; exit 2; }
 	DOCKER="$(DOCKER)" DOCKER_HOST="$(DOCKER_HOST)" bash plugin/build.sh --name "$(REF)"
 	"$(DOCKER)" -H "$(DOCKER_HOST)" plugin push "$(REF)"
+
+# Install on a host (README.md, "Install on a host"): `make build` first (as your user), then
+# `sudo make install`. Copies dist/, the native addon and production node_modules to
+# $(PREFIX)/lib/gear, the launcher to $(PREFIX)/bin/gear (runs $(NODE), Node.js >= 20.18.1), the
+# systemd units gear-snapshotter.service and gear-daemon.service to $(SYSTEMD_UNIT_DIR), and
+# $(SYSCONFDIR)/default/gear + $(SYSCONFDIR)/containerd/conf.d/gear.toml (never overwritten).
+# DESTDIR stages for packagers. Builds nothing; see scripts/install.sh.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+SYSCONFDIR ?= $(if $(filter /usr /usr/local,$(PREFIX)),/etc,$(PREFIX)/etc)
+SYSTEMD_UNIT_DIR ?= $(PREFIX)/lib/systemd/system
+NODE ?=
+INSTALL_VARS = PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" BINDIR="$(BINDIR)" LIBDIR="$(LIBDIR)" \
+  SYSCONFDIR="$(SYSCONFDIR)" SYSTEMD_UNIT_DIR="$(SYSTEMD_UNIT_DIR)" NODE="$(NODE)"
+.PHONY: install uninstall
+install:
+	$(INSTALL_VARS) bash scripts/install.sh
+
+uninstall:
+	$(INSTALL_VARS) bash scripts/install.sh --uninstall

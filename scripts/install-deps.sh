@@ -15,6 +15,8 @@ packages=(
   golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite
   iproute2 attr zstd pigz util-linux
   fsverity             # `fsverity digest`: reference for the fs-verity digest tests
+  systemd              # systemd-analyze verify of the installed units (test/integration/install.test.ts)
+  python3-yaml         # parses deploy/kubernetes/*.yaml (test/unit/kubernetes-manifest.test.ts)
 )
 
 missing=()
