@@ -69,7 +69,7 @@ import { deadlineExceeded, describeError, errnoCode, failedPrecondition, GearErr
 import { silentLogger, type Logger } from '../log.js';
 import type { BlobLocation, StoredBlob } from '../index/manifest.js';
 import type { Pool, PoolWriter } from '../pool/pool.js';
-import { checkDigest } from '../registry/digest.js';
+import { checkDigest, DigestMismatchError } from '../registry/digest.js';
 import type { RegistryClient } from '../registry/client.js';
 import { sleep } from '../registry/retry.js';
 import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
@@ -583,7 +583,9 @@ export class Fetcher {
       });
     } catch (err) {
       // A broken raw body resumes from here on the next attempt; anything else starts over.
-      const resumable = raw && !signal.aborted && writer.isOpen && !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
+      // Bytes that did not match their digest (a lying mirror: client.ts verifies a mirror's whole blob) are not resumed from.
+      const resumable =
+        raw && !signal.aborted && writer.isOpen && !(err instanceof DigestMismatchError) && !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
       if (!resumable) {
         await writer.abort();
         job.writer = undefined;
