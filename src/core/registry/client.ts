@@ -506,7 +506,7 @@ export class RegistryClient {
           }
         }
       });
-      return { ...out, stream };
+      return { ...out, stream, mirror: { host: route.base.host, reject: () => router.markFailed(route.host) } };
     });
   }
 

@@ -106,6 +106,11 @@ export interface BlobStream {
   length: number;
   /** The range served, inclusive, when a range was requested. */
   range?: { start: number; end: number };
+  /**
+   * Set when a registry mirror served the body: `reject()` puts the mirror behind the registry
+   * for a while (the caller found the content wrong), so the next open goes elsewhere.
+   */
+  mirror?: { host: string; reject(): void };
 }
 
 export interface FetchVerifiedOptions extends RequestOptions {
