@@ -20,6 +20,8 @@ import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readIndexLayer } from '../../src/core/index/index-layer.js';
 import type { IndexManifest } from '../../src/core/index/manifest.js';
+import { Fetcher } from '../../src/core/fetcher/fetcher.js';
+import { openPool } from '../../src/core/pool/pool.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { DigestMismatchError } from '../../src/core/registry/digest.js';
 import { GEAR_CLI, gearDaemonAvailable, startDockerd, type Dockerd } from '../helpers/dockerd.js';
@@ -244,6 +246,32 @@ describe('registry client through a mirror', () => {
     }
   });
 
+  it('the fetcher: a first download from a corrupting mirror is not final; the next try comes from the origin, verified', async () => {
+    mirrorFault = { kind: 'flip' };
+    const root = mkdtempSync(join(work, 'pool-'));
+    const pool = await openPool({ root });
+    const c = client();
+    const fetcher = new Fetcher({ pool, client: c, timeoutMs: 20_000 });
+    try {
+      for (const [name, content] of [['data/random', data.random], ['data/text', data.text]] as const) {
+        const f = gearIndex.files.find((x) => x.path === name || x.path === `/${name}`)!;
+        const m0 = blobGets(mirror).length;
+        const o0 = blobGets(origin).length;
+        await fetcher.fetch({ digest: f.digest, size: f.size, blob: f.blob, location: { registry: origin.host, repository: 'team/app' } });
+        expect(readFileSync(pool.path(f.digest)).equals(content), name).toBe(true);
+        expect(blobGets(mirror).length, `${name}: the mirror was tried first`).toBe(m0 + 1);
+        expect(blobGets(origin).length, `${name}: then the origin`).toBe(o0 + 1);
+        c.mirrorRouter!.markOk((await c.mirrorRouter!.hosts.hosts(origin.host))[0]!); // un-bench for the next file
+      }
+      expect(fetcher.stats().verifyFailures).toBe(2);
+    } finally {
+      await fetcher.close();
+      await c.close();
+      await pool.close();
+      mirrorFault = undefined;
+    }
+  });
+
   it('a mirror with its own login: its credentials, not the origin\'s', async () => {
     const A = await startRegistry({ htpasswd: true });
     const p = join(work, 'authed-certs');
@@ -333,8 +361,10 @@ describe('lazy run through a mirror (gear daemon --registry-config-dir)', () => 
   it('the mirror corrupting every body: rejected, the origin serves, the bytes are right', async (ctx) => {
     if (!(await gearDaemonAvailable())) return ctx.skip();
     mirrorFault = { kind: 'flip' };
+    const m0 = blobGets(mirror).length;
     try {
       const r = await lazyRun();
+      expect(blobGets(mirror).length).toBeGreaterThan(m0); // the mirror was asked (and lied)
       expect(r.out).toEqual(want());
       expect(r.originGearGets.length).toBeGreaterThanOrEqual(1);
     } finally {
