@@ -28,7 +28,7 @@ import { GEAR_CLI, gearDaemonAvailable, startDockerd, type Dockerd } from '../he
 import { busyboxLayer, writeDockerArchive, writeOciImage } from '../helpers/oci-images.js';
 import { runOk } from '../helpers/proc.js';
 import { startFaultProxy, type FaultAction, type FaultProxy } from '../helpers/proxy.js';
-import { startRegistry, type TestRegistry } from '../helpers/registry.js';
+import { freePort, startRegistry, type TestRegistry } from '../helpers/registry.js';
 
 const hex = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
@@ -319,17 +319,29 @@ describe('gear copy and gear convert read their source through the mirror', () =
 });
 
 describe('lazy run through a mirror (gear daemon --registry-config-dir)', () => {
-  async function lazyRun(): Promise<{ out: string[]; originGearGets: string[] }> {
+  /** gear_registry_requests_total by "role/outcome", scraped from the daemon. */
+  async function scrape(address: string): Promise<Record<string, number>> {
+    const text = await (await fetch(`http://${address}/metrics`)).text();
+    const out: Record<string, number> = {};
+    for (const m of text.matchAll(/^gear_registry_requests_total\{role="(\w+)",outcome="(\w+)"\} (\d+)$/gm)) out[`${m[1]}/${m[2]}`] = Number(m[3]);
+    return out;
+  }
+
+  async function lazyRun(): Promise<{ out: string[]; originGearGets: string[]; requests: Record<string, number> }> {
     let d: Dockerd | undefined;
     const o0 = origin.seen.length;
+    const metrics = `127.0.0.1:${await freePort()}`;
     try {
-      d = await startDockerd({ driver: 'gear', gearArgs: ['--fetch-timeout', '20s', '--registry-config-dir', certs, '--registry-mirror-timeout', '2s'] });
+      d = await startDockerd({
+        driver: 'gear',
+        gearArgs: ['--fetch-timeout', '20s', '--registry-config-dir', certs, '--registry-mirror-timeout', '2s', '--metrics-address', metrics],
+      });
       await d.dockerOk(['pull', gearRef]);
       const res = await d.dockerOk(['run', '--rm', gearRef, 'sh', '-c', 'sha256sum /data/random /data/text /data/big | cut -c1-64']);
       // dockerd itself pulls the manifest, config and index layer from the origin; Gear files are the daemon's.
       const pulled = new Set([gearManifest.config.digest, ...gearManifest.layers.map((l) => l.digest)]);
       const originGearGets = blobGets(origin, o0).filter((l) => ![...pulled].some((dg) => l.includes(dg)));
-      return { out: res.stdout.trim().split('\n'), originGearGets };
+      return { out: res.stdout.trim().split('\n'), originGearGets, requests: await scrape(metrics) };
     } finally {
       await d?.stop();
     }
@@ -344,6 +356,8 @@ describe('lazy run through a mirror (gear daemon --registry-config-dir)', () => 
     expect(r.out).toEqual(want());
     expect(r.originGearGets).toEqual([]);
     expect(blobGets(mirror).length - m0).toBeGreaterThanOrEqual(3);
+    expect(r.requests['mirror/ok']).toBeGreaterThanOrEqual(3);
+    expect(r.requests['origin/ok']).toBe(0);
   });
 
   it('the mirror dead: the Gear files come from the origin', async (ctx) => {
@@ -353,6 +367,8 @@ describe('lazy run through a mirror (gear daemon --registry-config-dir)', () => 
       const r = await lazyRun();
       expect(r.out).toEqual(want());
       expect(r.originGearGets.length).toBeGreaterThanOrEqual(3);
+      expect(r.requests['mirror/failed']).toBeGreaterThanOrEqual(1);
+      expect(r.requests['origin/ok']).toBeGreaterThanOrEqual(3);
     } finally {
       mirrorFault = undefined;
     }
