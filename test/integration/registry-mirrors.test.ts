@@ -24,6 +24,7 @@ import { Fetcher } from '../../src/core/fetcher/fetcher.js';
 import { openPool } from '../../src/core/pool/pool.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { DigestMismatchError } from '../../src/core/registry/digest.js';
+import { startGearContainerd } from '../helpers/containerd.js';
 import { GEAR_CLI, gearDaemonAvailable, startDockerd, type Dockerd } from '../helpers/dockerd.js';
 import { busyboxLayer, writeDockerArchive, writeOciImage } from '../helpers/oci-images.js';
 import { runOk } from '../helpers/proc.js';
@@ -386,5 +387,27 @@ describe('lazy run through a mirror (gear daemon --registry-config-dir)', () => 
     } finally {
       mirrorFault = undefined;
     }
+  });
+});
+
+describe('lazy run through a mirror (gear snapshotter under containerd 1.6)', () => {
+  it('Gear files come from the mirror: the origin sees no GET of them', async () => {
+    mirrorFault = undefined;
+    const o0 = origin.seen.length;
+    const m0 = blobGets(mirror).length;
+    const c = await startGearContainerd({ tasks: ['mirrored'], gearArgs: ['--fetch-timeout', '20s', '--registry-config-dir', certs] });
+    try {
+      await c.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', gearRef], 300_000);
+      const out = await c.ctrOk(
+        ['run', '--snapshotter', 'gear', '--rm', gearRef, 'mirrored', '/bin/busybox', 'sh', '-c', 'sha256sum /data/random /data/text /data/big | cut -c1-64'],
+        180_000,
+      );
+      expect(out.trim().split('\n')).toEqual([hex(data.random), hex(data.text), hex(data.big)]);
+    } finally {
+      await c.stop();
+    }
+    const pulled = [gearManifest.config.digest, ...gearManifest.layers.map((l) => l.digest)];
+    expect(blobGets(origin, o0).filter((l) => !pulled.some((d) => l.includes(d)))).toEqual([]);
+    expect(blobGets(mirror).length - m0).toBeGreaterThanOrEqual(3);
   });
 });
