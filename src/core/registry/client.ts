@@ -491,8 +491,8 @@ export class RegistryClient {
       const router = this.router;
       const src = out.stream;
       let stream: Readable = src;
-      if (!opts.range && out.size >= 0) {
-        const verifier = new DigestVerifier(digest, out.size);
+      if (!opts.range) {
+        const verifier = new DigestVerifier(digest, out.size >= 0 ? out.size : opts.expectedSize);
         src.on('error', (e) => verifier.destroy(e));
         verifier.on('close', () => src.destroy());
         stream = src.pipe(verifier);

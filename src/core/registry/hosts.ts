@@ -22,7 +22,7 @@
  * (http/https only, no credentials, query or fragment), counts and header
  * values are bounded, and every error names the file and the line.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { GearError, invalidArgument } from '../errors.js';
@@ -349,7 +349,6 @@ export class HostsConfig {
 
   /** Read every hosts.toml under the config dir (at start: a broken file fails the start, naming it). */
   async validate(registries?: string[]): Promise<number> {
-    const { readdir } = await import('node:fs/promises');
     const dir = this.opts.configDir;
     if (!dir) return 0;
     let names: string[];
