@@ -16,6 +16,8 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { request as httpRequest } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readIndexLayer } from '../../src/core/index/index-layer.js';
@@ -294,6 +296,65 @@ describe('registry client through a mirror', () => {
       expect(blobGets(origin).length).toBe(o0);
     } finally {
       await A.stop();
+    }
+  });
+});
+
+describe('a TLS mirror: hosts.toml ca and skip_verify', () => {
+  /** An https server on 127.0.0.1 forwarding to M, with a certificate of our own CA. */
+  async function tlsMirror(dir: string): Promise<{ url: string; seen: string[]; stop(): Promise<void> }> {
+    mkdirSync(dir, { recursive: true });
+    const ssl = (args: string[]) => runOk('openssl', args, { timeoutMs: 60_000, cwd: dir });
+    await ssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=gear test CA']);
+    await ssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'srv.key', '-out', 'srv.csr', '-subj', '/CN=127.0.0.1']);
+    writeFileSync(join(dir, 'ext.cnf'), 'subjectAltName=IP:127.0.0.1\n');
+    await ssl(['x509', '-req', '-in', 'srv.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'srv.crt', '-days', '2', '-extfile', 'ext.cnf']);
+    const seen: string[] = [];
+    const target = new URL(M.url);
+    const server = createHttpsServer({ key: readFileSync(join(dir, 'srv.key')), cert: readFileSync(join(dir, 'srv.crt')) }, (req, res) => {
+      seen.push(`${req.method} ${req.url}`);
+      const up = httpRequest({ host: target.hostname, port: target.port, method: req.method, path: req.url, headers: req.headers }, (r) => {
+        res.writeHead(r.statusCode ?? 502, r.headers);
+        r.pipe(res);
+      });
+      up.on('error', () => res.destroy());
+      req.pipe(up);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as { port: number }).port;
+    return {
+      url: `https://127.0.0.1:${port}`,
+      seen,
+      stop: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+    };
+  }
+
+  it('trusts the mirror with its ca, falls through without it, and with skip_verify', async () => {
+    const dir = join(work, 'tls');
+    const tls = await tlsMirror(join(dir, 'pki'));
+    const r = fileBlob('data/random');
+    try {
+      const cases: Array<[string, string, 'mirror' | 'origin']> = [
+        ['with-ca', `  ca = "${join(dir, 'pki', 'ca.crt')}"\n`, 'mirror'],
+        ['no-ca', '', 'origin'],
+        ['skip-verify', '  skip_verify = true\n', 'mirror'],
+      ];
+      for (const [name, extra, from] of cases) {
+        const cfg = join(dir, name);
+        mkdirSync(join(cfg, origin.host), { recursive: true });
+        writeFileSync(join(cfg, origin.host, 'hosts.toml'), `[host."${tls.url}"]\n  capabilities = ["pull"]\n${extra}`);
+        const c = new RegistryClient({ mirrors: { configDir: cfg } });
+        const t0 = tls.seen.length;
+        try {
+          expect((await c.fetchBlob(`${origin.host}/team/app`, r.digest)).equals(data.random), name).toBe(true);
+          expect(c.routeCounters()![from].ok, name).toBe(1);
+          expect(tls.seen.length - t0, name).toBe(from === 'mirror' ? 1 : 0); // an untrusted certificate: no request is sent
+        } finally {
+          await c.close();
+        }
+      }
+    } finally {
+      await tls.stop();
     }
   });
 });
