@@ -29,7 +29,7 @@ import { DigestMismatchError } from '../../src/core/registry/digest.js';
 import { startGearContainerd } from '../helpers/containerd.js';
 import { GEAR_CLI, gearDaemonAvailable, startDockerd, type Dockerd } from '../helpers/dockerd.js';
 import { busyboxLayer, writeDockerArchive, writeOciImage } from '../helpers/oci-images.js';
-import { runOk } from '../helpers/proc.js';
+import { run, runOk } from '../helpers/proc.js';
 import { startFaultProxy, type FaultAction, type FaultProxy } from '../helpers/proxy.js';
 import { freePort, startRegistry, type TestRegistry } from '../helpers/registry.js';
 
@@ -273,6 +273,33 @@ describe('registry client through a mirror', () => {
       await pool.close();
       mirrorFault = undefined;
     }
+  });
+
+  it('Docker Hub mirrors (--registry-mirror) go before docker.io, with ?ns=docker.io', async () => {
+    mirrorFault = undefined;
+    // docker.io's server is pointed at O here, so that nothing can leave the machine.
+    const hub = join(work, 'hub-certs');
+    mkdirSync(join(hub, 'docker.io'), { recursive: true });
+    writeFileSync(join(hub, 'docker.io', 'hosts.toml'), `server = "${origin.url}"\n`);
+    const r = fileBlob('data/random');
+    const o0 = origin.count;
+    const m0 = mirror.seen.length;
+    const c = new RegistryClient({ mirrors: { configDir: hub, dockerHubMirrors: [mirror.url] } });
+    try {
+      const m = await c.getManifest('docker.io/team/app:gear');
+      expect(m.manifest).toEqual(gearManifest);
+      expect((await c.fetchBlob('docker.io/team/app', r.digest)).equals(data.random)).toBe(true);
+    } finally {
+      await c.close();
+    }
+    expect(origin.count).toBe(o0);
+    expect(mirror.seen.slice(m0)).toEqual([
+      'GET /v2/team/app/manifests/gear?ns=docker.io',
+      `GET /v2/team/app/blobs/${r.digest}?ns=docker.io`,
+    ]);
+    const bad = await run(process.execPath, [GEAR_CLI, 'copy', '--registry-mirror', 'ftp://mirror.example', 'docker.io/a/b:1', 'oci:/nonexistent'], { timeoutMs: 60_000 });
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toMatch(/--registry-mirror.*ftp:\/\/mirror\.example.*only http/);
   });
 
   it('a mirror with its own login: its credentials, not the origin\'s', async () => {
