@@ -7,6 +7,7 @@
  * Output: progress bars on a TTY (stderr), plain lines otherwise; `--json`
  * prints the summary as one JSON object on stdout.
  */
+import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registry-options.js';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
 import { describeError, invalidArgument } from '../core/errors.js';
@@ -19,7 +20,7 @@ import { openDockerArchive, openDockerDaemon, openOciLayout, openRegistryImage, 
 import { parseRepository } from '../core/registry/reference.js';
 import { parseSize } from '../core/pool/size.js';
 
-interface ConvertFlags {
+interface ConvertFlags extends MirrorFlags {
   json?: boolean;
   dockerHost?: string;
   concurrency: string;
@@ -118,7 +119,7 @@ export async function openDestination(dst: string, flags: Pick<ConvertFlags, 'lo
 
 /** Runs a conversion the way the CLI does; exported for tests and the benchmark. */
 export async function runConvert(src: string, dst: string, flags: ConvertFlags): Promise<ConvertSummary> {
-  const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry });
+  const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry, mirrors: mirrorOptionsFrom(flags) });
   const reporter = progressReporter(Boolean(process.stderr.isTTY) && flags.progress !== false, Boolean(flags.json) && !process.stderr.isTTY);
   try {
     const source = await openSource(src, flags, client);
@@ -143,8 +144,7 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
 }
 
 export function registerConvert(program: Command): void {
-  program
-    .command('convert')
+  addMirrorOptions(program.command('convert'))
     .description('convert an image into a Gear image (index layer + deduplicated Gear files)')
     .argument('<src>', 'registry reference, docker-archive:FILE, oci:DIR[:TAG] or docker-daemon:IMAGE')
     .argument('<dst>', 'registry reference or oci:DIR[:TAG]')

@@ -7,6 +7,7 @@
  * Output: a progress bar on a TTY (stderr), plain lines otherwise; then a
  * summary (`--json`: one JSON object on stdout).
  */
+import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registry-options.js';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
 import { describeError, invalidArgument } from '../core/errors.js';
@@ -16,7 +17,7 @@ import { newRegistryClient } from '../convert/registry-adapter.js';
 import { parseSourceSpec } from '../convert/source.js';
 import { openDestination, openSource } from './convert.js';
 
-interface CopyFlags {
+interface CopyFlags extends MirrorFlags {
   json?: boolean;
   concurrency: string;
   filesPerManifest: string;
@@ -92,7 +93,7 @@ export async function runCopy(src: string, dst: string, flags: CopyFlags): Promi
   checkEnd(src, 'source');
   checkEnd(dst, 'destination');
   if (flags.location && !dst.startsWith('oci:')) throw invalidArgument('--location is for oci: destinations (a registry destination is the location)');
-  const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry });
+  const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry, mirrors: mirrorOptionsFrom(flags) });
   const rep = reporter(Boolean(process.stderr.isTTY) && flags.progress !== false, Boolean(flags.json) && !process.stderr.isTTY);
   try {
     const source = await openSource(src, { tmpDir: flags.tmpDir }, client);
@@ -114,8 +115,7 @@ export async function runCopy(src: string, dst: string, flags: CopyFlags): Promi
 }
 
 export function registerCopy(program: Command): void {
-  program
-    .command('copy')
+  addMirrorOptions(program.command('copy'))
     .description('copy a Gear image with its Gear files between registries and oci: layouts (docker push / skopeo copy leave the files behind)')
     .argument('<src>', 'registry reference or oci:DIR[:TAG]')
     .argument('<dst>', 'registry reference or oci:DIR[:TAG]')

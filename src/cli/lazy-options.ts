@@ -8,8 +8,9 @@ import type { LazyOptions } from '../core/lazy/runtime.js';
 import { parseMetricsAddress } from '../core/metrics/server.js';
 import { parseScrubInterval, parseScrubRate } from '../core/pool/scrubber.js';
 import type { LayerStoreOptions } from '../core/layers/store.js';
+import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registry-options.js';
 
-export interface LazyFlags {
+export interface LazyFlags extends MirrorFlags {
   lazy: boolean;
   cacheSize?: string;
   fetchTimeout?: number;
@@ -42,9 +43,12 @@ function collectRegistries(value: string, previous: string[]): string[] {
   return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
 }
 
-/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate, --scrub-interval and --metrics-address. */
+/**
+ * Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, the registry mirror options
+ * (registry-options.ts), --no-fuse-passthrough, --scrub-rate, --scrub-interval and --metrics-address.
+ */
 export function addLazyOptions(cmd: Command): Command {
-  return cmd
+  return addMirrorOptions(cmd
     .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
     .addOption(new Option('--cache-size <size>', 'cap of the Gear file pool, e.g. 20GiB (default: previous run\'s, else 20GiB)').env('GEAR_CACHE_SIZE'))
     .addOption(
@@ -58,7 +62,7 @@ export function addLazyOptions(cmd: Command): Command {
         .env('GEAR_INSECURE_REGISTRIES')
         .argParser(collectRegistries)
         .default([]),
-    )
+    ))
     .addOption(
       new Option(
         '--no-fuse-passthrough',
@@ -94,6 +98,7 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
     ...(f.fetchTimeout ? { fetchTimeoutMs: f.fetchTimeout } : {}),
     ...(f.maxFetches ? { maxFetches: f.maxFetches } : {}),
     insecureRegistries: f.insecureRegistry,
+    mirrors: mirrorOptionsFrom(f),
     fusePassthrough: f.fusePassthrough,
     ...(f.scrubRate !== undefined ? { scrubRate: f.scrubRate } : {}),
     ...(f.scrubInterval !== undefined ? { scrubInterval: f.scrubInterval } : {}),

@@ -6,13 +6,14 @@
  *   gear prefetch --list files.txt registry:5000/app:gear registry:5000/app:gear-fast
  *   gear prefetch --clear registry:5000/app:gear
  */
+import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registry-options.js';
 import type { Command } from 'commander';
 import { describeError, invalidArgument } from '../core/errors.js';
 import { newRegistryClient } from '../convert/registry-adapter.js';
 import { pathsFromPool, readPathList, setPrefetch, type PrefetchSummary } from '../convert/prefetch.js';
 import { openDestination, openSource } from './convert.js';
 
-interface PrefetchFlags {
+interface PrefetchFlags extends MirrorFlags {
   fromPool?: string;
   list?: string;
   clear?: boolean;
@@ -26,7 +27,7 @@ export async function runPrefetch(image: string, dst: string | undefined, flags:
   const modes = [flags.fromPool !== undefined, flags.list !== undefined, Boolean(flags.clear)].filter(Boolean).length;
   if (modes !== 1) throw invalidArgument('give exactly one of --from-pool DIR, --list FILE or --clear');
   if (/^(docker-archive|docker-daemon):/.test(image)) throw invalidArgument(`${image}: gear prefetch reads a Gear image from a registry or oci:DIR[:TAG]`);
-  const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry });
+  const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry, mirrors: mirrorOptionsFrom(flags) });
   try {
     const source = await openSource(image, { tmpDir: flags.tmpDir }, client);
     try {
@@ -50,8 +51,7 @@ export async function runPrefetch(image: string, dst: string | undefined, flags:
 }
 
 export function registerPrefetch(program: Command): void {
-  program
-    .command('prefetch')
+  addMirrorOptions(program.command('prefetch'))
     .description("set a Gear image's prefetch list: the files nodes fetch in the background right after the pull")
     .argument('<image>', 'the Gear image: registry reference or oci:DIR[:TAG]')
     .argument('[dst]', 'where to write the result (default: over <image>)')

@@ -77,7 +77,8 @@ export function openRegistry(refText: string, client: RegistryClient): RegistryA
     async getManifest(tag) {
       const head = await client.headManifest({ ...repo, tag });
       if (!head) return undefined;
-      const m = await client.getManifest({ ...repo, tag });
+      // The destination's own manifest: never from a mirror (it may lag).
+      const m = await client.getManifest({ ...repo, tag }, { noMirrors: true });
       return { bytes: m.bytes, mediaType: m.mediaType };
     },
     close: () => client.close(),

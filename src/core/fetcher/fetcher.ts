@@ -69,7 +69,7 @@ import { deadlineExceeded, describeError, errnoCode, failedPrecondition, GearErr
 import { silentLogger, type Logger } from '../log.js';
 import type { BlobLocation, StoredBlob } from '../index/manifest.js';
 import type { Pool, PoolWriter } from '../pool/pool.js';
-import { checkDigest } from '../registry/digest.js';
+import { checkDigest, DigestMismatchError } from '../registry/digest.js';
 import type { RegistryClient } from '../registry/client.js';
 import { sleep } from '../registry/retry.js';
 import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
@@ -214,6 +214,8 @@ interface Job {
   watch?: StallWatch | undefined;
   /** The content was rejected (digest mismatch): reads fail until the next open. */
   rejected: boolean;
+  /** The registry mirror the current attempt's body came from (registry/mirrors.ts), if any. */
+  mirror?: { host: string; reject(): void } | undefined;
   /** Wake-ups of readers waiting for bytes or the end. */
   listeners: Set<() => void>;
   /** Open streamed readers; read descriptors are closed when none is left and the job is done. */
@@ -497,6 +499,14 @@ export class Fetcher {
         } catch (err) {
           if (signal.aborted) throw signal.reason;
           const mismatch = isClass(err, 'InvalidArgument') && /does not match|more than the expected/.test(String((err as Error).message));
+          const mirror = job.mirror;
+          if ((mismatch || err instanceof DigestMismatchError) && mirror && attempt < this.maxAttempts) {
+            // A registry mirror served wrong bytes: put it behind the registry and fetch again (from the next host).
+            this.counters.verifyFailures++;
+            mirror.reject();
+            this.log.warn({ digest: req.digest, mirror: mirror.host, err: describeError(err) }, 'registry mirror served wrong content; fetching from the next host');
+            continue;
+          }
           if (mismatch) {
             this.counters.verifyFailures++;
             job.rejected = true;
@@ -544,11 +554,13 @@ export class Fetcher {
       w = job.writer = undefined;
     }
     const offset = w ? w.size : 0;
-    const { stream } = await this.client.openBlob(repo, blobDigest, {
+    job.mirror = undefined;
+    const { stream, mirror } = await this.client.openBlob(repo, blobDigest, {
       signal,
       expectedSize: blobSize,
       ...(offset > 0 ? { range: { start: offset } } : {}),
     });
+    job.mirror = mirror;
     if (!w) {
       try {
         w = await this.pool.beginWrite(req.digest, req.size);
@@ -583,7 +595,9 @@ export class Fetcher {
       });
     } catch (err) {
       // A broken raw body resumes from here on the next attempt; anything else starts over.
-      const resumable = raw && !signal.aborted && writer.isOpen && !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
+      // Bytes that did not match their digest (a lying mirror: client.ts verifies a mirror's whole blob) are not resumed from.
+      const resumable =
+        raw && !signal.aborted && writer.isOpen && !(err instanceof DigestMismatchError) && !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
       if (!resumable) {
         await writer.abort();
         job.writer = undefined;

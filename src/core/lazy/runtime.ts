@@ -14,6 +14,9 @@ import { PoolScrubber, parseScrubInterval, parseScrubRate, type ScrubState } fro
 import { formatSize, parseSize } from '../pool/size.js';
 import { probeFsVerity, type VerityProbe } from '../pool/verity.js';
 import { RegistryClient } from '../registry/client.js';
+import { HostsConfig } from '../registry/hosts.js';
+import type { RouteCounters } from '../registry/mirrors.js';
+import type { MirrorOptions } from '../registry/types.js';
 import { BlobCatalog } from './catalog.js';
 import { LazyMissProvider } from './provider.js';
 
@@ -26,6 +29,8 @@ export interface LazyOptions {
   maxFetches?: number;
   /** Registries reachable over plain http (besides loopback). Default: GEAR_INSECURE_REGISTRIES (comma separated). */
   insecureRegistries?: string[];
+  /** Registry mirrors (hosts.toml directory, Docker Hub mirrors). Default: none. */
+  mirrors?: MirrorOptions;
   /** Docker config.json with registry credentials. Default: the registry client's ($DOCKER_CONFIG, ~/.docker). */
   dockerConfigPath?: string;
   /**
@@ -57,7 +62,7 @@ export interface LazyRuntime {
   readonly miss: MissFsMount | undefined;
   readonly scrubber: PoolScrubber;
   status(): Array<[string, string]>;
-  stats(): { pool: PoolStat; fetch: FetcherStats; miss: ReturnType<MissFsMount['stats']> | undefined; scrub: ScrubState };
+  stats(): { pool: PoolStat; fetch: FetcherStats; miss: ReturnType<MissFsMount['stats']> | undefined; scrub: ScrubState; registry?: RouteCounters | undefined };
   close(): Promise<void>;
 }
 
@@ -74,6 +79,11 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   // Settings are checked before anything is opened: a bad value fails the start with its name.
   const scrubRate = parseScrubRate(opts.scrubRate ?? (env.GEAR_SCRUB_RATE || '50MiB'), opts.scrubRate !== undefined ? 'scrub rate' : 'GEAR_SCRUB_RATE');
   const scrubIntervalMs = parseScrubInterval(opts.scrubInterval ?? (env.GEAR_SCRUB_INTERVAL || '24h'), opts.scrubInterval !== undefined ? 'scrub interval' : 'GEAR_SCRUB_INTERVAL');
+  if (opts.mirrors) {
+    // A broken hosts.toml or mirror URL fails the start, naming the file and line (and is refused again at use).
+    const n = await new HostsConfig({ ...opts.mirrors, allowsHttp: () => false }).validate();
+    logger.info({ configDir: opts.mirrors.configDir ?? null, hostsFiles: n, dockerHubMirrors: opts.mirrors.dockerHubMirrors ?? [] }, 'registry mirrors');
+  }
   const pool = await openPool({ root, logger, ...(capBytes !== undefined ? { capBytes } : {}) });
   let verity: VerityProbe | null = null;
   try {
@@ -87,6 +97,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   const client = new RegistryClient({
     insecureRegistries: insecure,
     ...(opts.dockerConfigPath ? { dockerConfigPath: opts.dockerConfigPath } : {}),
+    ...(opts.mirrors ? { mirrors: opts.mirrors } : {}),
     // Request retries must fit in the fetch deadline.
     retry: { maxTotalMs: Math.max(1000, Math.floor(fetcherTimeout * 0.8)) },
   });
@@ -140,7 +151,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     catalog,
     miss,
     scrubber,
-    stats: () => ({ pool: pool.stat(), fetch: fetcher.stats(), miss: miss?.stats(), scrub: scrubber.stats() }),
+    stats: () => ({ pool: pool.stat(), fetch: fetcher.stats(), miss: miss?.stats(), scrub: scrubber.stats(), registry: client.routeCounters() }),
     status(): Array<[string, string]> {
       const p = pool.stat();
       const f = fetcher.stats();
@@ -157,6 +168,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         ['Fetches In Flight', `${f.running} running, ${f.queued} queued, max ${fetcher.maxParallel}`],
         ['Fetch Timeout', `${fetcher.timeoutMs} ms`],
         ['Streamed Opens', `${f.streams} (big files; ${f.rangeRequests} range reads, ${formatSize(f.rangeBytes)})`],
+        ...mirrorStatus(client),
       ];
     },
     close(): Promise<void> {
@@ -172,4 +184,12 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       return closing;
     },
   };
+}
+
+/** A `docker info` line of mirror use, when mirrors are configured. */
+function mirrorStatus(client: RegistryClient): Array<[string, string]> {
+  const c = client.routeCounters();
+  if (!c) return [];
+  const m = c.mirror;
+  return [['Registry Mirrors', `${m.ok} served, ${m.not_found} not found, ${m.failed} failed (fell through ${c.fallthroughs} times)`]];
 }

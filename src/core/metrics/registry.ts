@@ -15,10 +15,11 @@ import type { FetchObserver, FetcherStats } from '../fetcher/fetcher.js';
 import type { MissFsStats } from '../missfs/types.js';
 import type { PoolStat } from '../pool/pool.js';
 import type { ScrubState } from '../pool/scrubber.js';
+import type { RouteCounters } from '../registry/mirrors.js';
 
 /** What the metrics read at each scrape; each part may be absent (no lazy runtime, no store yet). */
 export interface MetricSources {
-  lazy?: () => { pool: PoolStat; fetch: FetcherStats; miss: MissFsStats | undefined; scrub: ScrubState } | undefined;
+  lazy?: () => { pool: PoolStat; fetch: FetcherStats; miss: MissFsStats | undefined; scrub: ScrubState; registry?: RouteCounters | undefined } | undefined;
   layers?: () => { layers: number; indexLayers: number } | undefined;
   prefetch?: () => { layers: number; files: number; done: number; failed: number; running: number } | undefined;
   resume?: () => { state: string; total: number; inPool: number; left: number; failed: number } | undefined;
@@ -88,6 +89,20 @@ export function createGearMetrics(sources: MetricSources): GearMetrics {
     registers: [registry],
   });
   for (const outcome of ['ok', 'verify_failed', 'deadline', 'http_error', 'error']) fetches.labels({ outcome }).inc(0);
+  // Pull requests (manifests, blobs, ranges) by the host that answered: a mirror or the registry itself (origin).
+  new Counter({
+    name: 'gear_registry_requests_total',
+    help: 'Registry pull requests (manifests, blobs, range reads) by host role (mirror, origin) and outcome: ok, not_found (404: the next host is tried), failed (refused, 5xx, timeout, wrong bytes: a mirror then falls through and is put behind the origin for a while). Counted only when mirrors are configured.',
+    labelNames: ['role', 'outcome'],
+    registers: [registry],
+    collect() {
+      const c = lazy()?.registry;
+      this.reset();
+      for (const role of ['mirror', 'origin'] as const) {
+        for (const outcome of ['ok', 'not_found', 'failed'] as const) this.labels({ role, outcome }).inc(c ? c[role][outcome] : 0);
+      }
+    },
+  });
   readCounter(registry, 'gear_fetch_deadline_exceeded_total', 'Reads whose wait for a download hit --fetch-timeout (the reader got EIO).', () => fetch()?.timeouts);
   readCounter(registry, 'gear_fetch_received_bytes_total', 'Bytes received from registries for Gear files (compressed size for gzip blobs).', () => fetch()?.blobBytes);
   readCounter(registry, 'gear_fetch_content_bytes_total', 'Content bytes that entered the pool through the fetcher.', () => fetch()?.bytes);

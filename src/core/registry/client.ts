@@ -41,6 +41,8 @@ import { MANIFEST_ACCEPT, isImageManifestMediaType, isIndexMediaType, parseManif
 import { formatPlatform, hostPlatform, selectPlatformManifest } from './platform.js';
 import { formatReference, toImageReference, toRepositoryRef, type ImageReference, type RepositoryRef } from './reference.js';
 import { isRetryableNetworkError, nextRetryDelay, sleep } from './retry.js';
+import { HostsConfig } from './hosts.js';
+import { MirrorRouter, type HostRoute, type RouteCounters } from './mirrors.js';
 import { header, readCapped, RegistryTransport, type RequestBody, type SendRequest, type SendResponse } from './transport.js';
 import type {
   BlobInfo,
@@ -187,11 +189,82 @@ function contentLength(res: SendResponse): number | undefined {
   return Number(v);
 }
 
+/** How one pull request reaches its registry: the registry itself, or a mirror (mirrors.ts). */
+interface Via {
+  /** Key of credentials and tokens. */
+  registry: string;
+  base?: URL;
+  tls?: { ca: string[]; skipVerify: boolean };
+  headers: Record<string, string>;
+  path(apiPath: string): string;
+  route?: HostRoute;
+}
+
+function originVia(registry: string): Via {
+  return { registry, headers: {}, path: (p) => `/v2${p}` };
+}
+
+function viaOf(route: HostRoute): Via {
+  const h = route.host;
+  const headers: Record<string, string> = {};
+  for (const [k, v] of Object.entries(h.headers)) headers[k] = v.join(', ');
+  const via: Via = { registry: route.authKey, base: route.base, headers, path: (p) => route.path(p), route };
+  if (h.skipVerify || h.ca.length) via.tls = { ca: h.ca, skipVerify: h.skipVerify };
+  return via;
+}
+
 export class RegistryClient {
   private readonly transport: RegistryTransport;
+  /** Mirror failover, when mirrors may be configured (a hosts.toml directory or Docker Hub mirrors). */
+  private readonly router: MirrorRouter | undefined;
 
   constructor(readonly options: RegistryClientOptions = {}) {
     this.transport = new RegistryTransport(options);
+    const m = options.mirrors;
+    if (m && (m.configDir || m.dockerHubMirrors?.length)) {
+      const hosts = new HostsConfig({
+        configDir: m.configDir,
+        dockerHubMirrors: m.dockerHubMirrors,
+        allowsHttp: (h) => this.transport.allowsHttp(h),
+      });
+      this.router = new MirrorRouter(hosts, m.mirrorTimeoutMs !== undefined ? { mirrorTimeoutMs: m.mirrorTimeoutMs } : {});
+    }
+  }
+
+  /** Counts of pull requests by host role (mirror, origin) and outcome; undefined without mirrors. */
+  routeCounters(): RouteCounters | undefined {
+    return this.router?.counters;
+  }
+
+  /** The mirror router (tests and status). */
+  get mirrorRouter(): MirrorRouter | undefined {
+    return this.router;
+  }
+
+  /**
+   * Run one pull request on the registry's hosts: mirrors in order, then the
+   * registry (mirrors.ts); without mirrors, on the registry alone.
+   * `answered()` tells the router that the host's headers arrived.
+   */
+  private pull<T>(
+    registry: string,
+    capability: 'pull' | 'resolve',
+    signal: AbortSignal | undefined,
+    what: string,
+    noMirrors: boolean | undefined,
+    attempt: (via: Via, signal: AbortSignal | undefined, answered: () => void) => Promise<T>,
+  ): Promise<T> {
+    if (!this.router || noMirrors) return attempt(originVia(registry), signal, () => undefined);
+    return this.router.run(registry, capability, signal, what, (route, s, answered) => attempt(viaOf(route), s, answered));
+  }
+
+  private viaRequest(via: Via): Pick<SendRequest, 'registry' | 'base' | 'tls' | 'noRetry'> {
+    const r: Pick<SendRequest, 'registry' | 'base' | 'tls' | 'noRetry'> = { registry: via.registry };
+    if (via.base) r.base = via.base;
+    if (via.tls) r.tls = via.tls;
+    // A mirror gets one attempt: the next host is the retry.
+    if (via.route?.role === 'mirror') r.noRetry = true;
+    return r;
   }
 
   private get maxManifest(): number {
@@ -231,17 +304,18 @@ export class RegistryClient {
   async getManifest(refLike: RefLike, opts: RequestOptions = {}): Promise<ManifestResult> {
     const ref = toImageReference(refLike);
     const what = `GET manifest ${formatReference(ref)}`;
-    return this.retryBody(what, opts.signal, async () => {
+    return this.retryBody(what, opts.signal, () => this.pull(ref.registry, ref.digest ? 'pull' : 'resolve', opts.signal, what, opts.noMirrors, async (via, signal, answered) => {
       const res = await this.send({
-        registry: ref.registry,
+        ...this.viaRequest(via),
         scopes: [repositoryScope(ref.repository, false)],
         method: 'GET',
-        url: this.manifestPath(ref),
-        headers: { accept: MANIFEST_ACCEPT.join(', ') },
-        signal: opts.signal,
+        url: via.path(this.manifestPath(ref).slice(3)),
+        headers: { ...via.headers, accept: MANIFEST_ACCEPT.join(', ') },
+        signal,
         followRedirects: true,
         what,
       });
+      answered();
       if (res.status !== 200) throw await statusError(res, what);
       const len = contentLength(res);
       if (len !== undefined && len > this.maxManifest) {
@@ -260,7 +334,7 @@ export class RegistryClient {
       }
       const parsed = parseManifest(bytes, header(res.headers, 'content-type'));
       return { digest, mediaType: parsed.mediaType, size: bytes.length, bytes, manifest: parsed.manifest };
-    });
+    }));
   }
 
   async headManifest(refLike: RefLike, opts: RequestOptions = {}): Promise<BlobInfo | undefined> {
@@ -400,27 +474,63 @@ export class RegistryClient {
     return { digest, size };
   }
 
+  /**
+   * Open a blob (or a range of it) on the registry's hosts: mirrors in order,
+   * then the registry. A whole blob from a mirror is verified as it streams:
+   * wrong bytes end the stream with a DigestMismatchError (the consumer starts
+   * over, and the mirror is put behind the registry for a while).
+   */
   async openBlob(repoLike: RepoLike, digest: string, opts: OpenBlobOptions = {}): Promise<BlobStream> {
     const repo = toRepositoryRef(repoLike);
     const what = `GET blob ${digest} from ${formatReference(repo)}`;
+    checkDigest(digest);
+    return this.pull(repo.registry, 'pull', opts.signal, what, opts.noMirrors, async (via, signal, answered) => {
+      const out = await this.openBlobVia(via, repo, digest, { ...opts, signal }, answered);
+      const route = via.route;
+      if (route?.role !== 'mirror' || !this.router) return out;
+      const router = this.router;
+      const src = out.stream;
+      let stream: Readable = src;
+      if (!opts.range) {
+        const verifier = new DigestVerifier(digest, out.size >= 0 ? out.size : opts.expectedSize);
+        src.on('error', (e) => verifier.destroy(e));
+        verifier.on('close', () => src.destroy());
+        stream = src.pipe(verifier);
+      }
+      // A mirror whose body breaks or lies is put behind the registry, so the consumer's next try goes elsewhere.
+      stream.on('error', (e) => {
+        if (!signal?.aborted && !opts.signal?.aborted) {
+          router.markFailed(route.host);
+          if (e instanceof DigestMismatchError) {
+            e.message = `${e.message} (from mirror ${route.base.host})`;
+          }
+        }
+      });
+      return { ...out, stream, mirror: { host: route.base.host, reject: () => router.markFailed(route.host) } };
+    });
+  }
+
+  private async openBlobVia(via: Via, repo: RepositoryRef, digest: string, opts: OpenBlobOptions, answered: () => void): Promise<BlobStream> {
+    const what = `GET blob ${digest} from ${formatReference(repo)}${via.route?.role === 'mirror' ? ` (mirror ${via.route.base.host})` : ''}`;
     const range = opts.range;
     if (range) {
       if (!Number.isSafeInteger(range.start) || range.start < 0 || (range.end !== undefined && (!Number.isSafeInteger(range.end) || range.end < range.start))) {
         throw invalidArgument(`${what}: invalid range ${JSON.stringify(range)}`);
       }
     }
-    const headers: Record<string, string> = {};
+    const headers: Record<string, string> = { ...via.headers };
     if (range) headers.range = `bytes=${range.start}-${range.end ?? ''}`;
     const res = await this.send({
-      registry: repo.registry,
+      ...this.viaRequest(via),
       scopes: [repositoryScope(repo.repository, false)],
       method: 'GET',
-      url: this.blobPath(repo, digest),
+      url: via.path(this.blobPath(repo, digest).slice(3)),
       headers,
       signal: opts.signal,
       followRedirects: true,
       what,
     });
+    answered();
     const len = contentLength(res);
     const fail = async (err: GearError): Promise<never> => {
       res.body.destroy();
@@ -474,10 +584,11 @@ export class RegistryClient {
     checkDigest(digest);
     const max = opts.maxBytes ?? 64 << 20;
     const what = `GET blob ${digest}`;
-    return this.retryBody(what, opts.signal, async () => {
-      const o: OpenBlobOptions = { signal: opts.signal };
+    const repo = toRepositoryRef(repoLike);
+    return this.retryBody(what, opts.signal, () => this.pull(repo.registry, 'pull', opts.signal, what, opts.noMirrors, async (via, signal, answered) => {
+      const o: OpenBlobOptions = { signal };
       if (opts.expectedSize !== undefined) o.expectedSize = opts.expectedSize;
-      const { stream, size } = await this.openBlob(repoLike, digest, o);
+      const { stream, size } = await this.openBlobVia(via, repo, digest, o, answered);
       if (size > max) {
         stream.destroy();
         throw unavailable(`${what}: ${size} bytes exceeds the ${max} byte limit`);
@@ -485,17 +596,19 @@ export class RegistryClient {
       const verifier = new DigestVerifier(digest, opts.expectedSize ?? (size >= 0 ? size : undefined));
       stream.on('error', (e) => verifier.destroy(e));
       return readCapped(stream.pipe(verifier), max, what);
-    });
+    }));
   }
 
   async fetchBlobVerified(repoLike: RepoLike, digest: string, destPath: string, opts: FetchVerifiedOptions = {}): Promise<{ size: number }> {
     checkDigest(digest);
-    return this.retryBody(`GET blob ${digest} into ${destPath}`, opts.signal, async () => {
+    const repo = toRepositoryRef(repoLike);
+    const what = `GET blob ${digest} into ${destPath}`;
+    return this.retryBody(what, opts.signal, () => this.pull(repo.registry, 'pull', opts.signal, what, opts.noMirrors, async (via, signal, answered) => {
       let fh: FileHandle | undefined;
       try {
-        const o: OpenBlobOptions = { signal: opts.signal };
+        const o: OpenBlobOptions = { signal };
         if (opts.expectedSize !== undefined) o.expectedSize = opts.expectedSize;
-        const { stream, size } = await this.openBlob(repoLike, digest, o);
+        const { stream, size } = await this.openBlobVia(via, repo, digest, o, answered);
         const verifier = new DigestVerifier(digest, opts.expectedSize ?? (size >= 0 ? size : undefined));
         try {
           fh = await open(destPath, 'w', 0o644);
@@ -505,7 +618,7 @@ export class RegistryClient {
         }
         stream.on('error', (e) => verifier.destroy(e));
         for await (const chunk of stream.pipe(verifier)) {
-          if (opts.signal?.aborted) throw opts.signal.reason;
+          if (signal?.aborted) throw signal.reason;
           await fh.write(chunk as Buffer);
         }
         await fh.sync();
@@ -517,7 +630,7 @@ export class RegistryClient {
         await unlink(destPath).catch(() => undefined);
         throw err;
       }
-    });
+    }));
   }
 
   /**

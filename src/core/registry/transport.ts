@@ -14,6 +14,7 @@
 import { Pool } from 'undici';
 import type { IncomingHttpHeaders } from 'node:http';
 import type { Readable } from 'node:stream';
+import { rootCertificates } from 'node:tls';
 import { GearError, deadlineExceeded, invalidArgument, unavailable } from '../errors.js';
 import {
   basicAuthorization,
@@ -60,6 +61,19 @@ export interface SendRequest {
   what: string;
   /** One attempt only (a request whose replay is not safe, e.g. a PATCH of upload data). */
   noRetry?: boolean;
+  /**
+   * The origin to send to when it is not the registry's own (a mirror, or a hosts.toml `server`);
+   * `registry` then keys that host's credentials and tokens (mirrors.ts).
+   */
+  base?: URL;
+  /** TLS settings of that host (hosts.toml `ca`, `skip_verify`). */
+  tls?: HostTls;
+}
+
+export interface HostTls {
+  /** Extra PEM CA certificates. */
+  ca: string[];
+  skipVerify: boolean;
 }
 
 export interface SendResponse {
@@ -154,6 +168,8 @@ export class RegistryTransport {
   private readonly configPath: string;
   private configCache?: { at: number; value: Promise<DockerConfigFile> };
   private readonly credentialResolver = new CredentialResolver();
+  /** The origin a non-registry auth key (a mirror host) was last reached at. */
+  private readonly bases = new Map<string, URL>();
   private closed = false;
 
   constructor(private readonly opts: RegistryClientOptions) {
@@ -174,18 +190,28 @@ export class RegistryTransport {
     return new URL(`${this.allowsHttp(host) ? 'http' : 'https'}://${host}`);
   }
 
-  private pool(origin: string): Pool {
+  private pool(origin: string, tls?: HostTls): Pool {
     if (this.closed) throw new GearError('FailedPrecondition', 'registry client is closed');
-    let p = this.pools.get(origin);
+    const custom = tls && origin.startsWith('https:') && (tls.skipVerify || tls.ca.length > 0);
+    const key = custom ? `${origin}#${tls.skipVerify ? 'insecure' : ''}#${tls.ca.join('').length}:${tls.ca.join('').slice(-64)}` : origin;
+    let p = this.pools.get(key);
     if (!p) {
       p = new Pool(origin, {
+        ...(custom
+          ? {
+              connect: {
+                rejectUnauthorized: !tls.skipVerify,
+                ...(tls.ca.length ? { ca: [...rootCertificates, ...tls.ca] } : {}),
+              },
+            }
+          : {}),
         connections: Math.max(1, this.opts.maxConnectionsPerOrigin ?? 6),
         connectTimeout: this.opts.connectTimeoutMs ?? 10_000,
         headersTimeout: this.opts.headersTimeoutMs ?? 30_000,
         bodyTimeout: this.opts.bodyTimeoutMs ?? 30_000,
         keepAliveTimeout: 30_000,
       });
-      this.pools.set(origin, p);
+      this.pools.set(key, p);
     }
     return p;
   }
@@ -265,8 +291,9 @@ export class RegistryTransport {
     } catch {
       throw unavailable(`${what}: registry sent a Bearer challenge without a valid realm`);
     }
-    this.checkFollow(this.baseUrl(registry), realm, what);
-    if (realm.protocol === 'http:' && !this.allowsHttp(realm.host)) {
+    const base = this.bases.get(registry) ?? this.baseUrl(registry);
+    this.checkFollow(base, realm, what);
+    if (realm.protocol === 'http:' && !this.allowsHttp(realm.host) && base.protocol !== 'http:') {
       throw unavailable(`${what}: refusing to fetch a token over plain http from ${realm.host}`);
     }
     const creds = await this.credentials(registry);
@@ -373,7 +400,11 @@ export class RegistryTransport {
    * 401/403 into PermissionDenied.
    */
   async send(req: SendRequest): Promise<SendResponse> {
-    const registryBase = this.baseUrl(req.registry);
+    const registryBase = req.base ?? this.baseUrl(req.registry);
+    if (req.base && this.bases.get(req.registry)?.href !== req.base.href) {
+      if (this.bases.size >= 256) this.bases.clear();
+      this.bases.set(req.registry, req.base);
+    }
     const release = await this.limiter.acquire(req.signal);
     let handedOver = false;
     try {
@@ -399,7 +430,7 @@ export class RegistryTransport {
             }
           }
           const body = req.body ? await req.body() : null;
-          const r = await this.pool(target.origin).request({
+          const r = await this.pool(target.origin, sameOrigin ? req.tls : undefined).request({
             method: req.method,
             path: target.pathname + target.search,
             headers,

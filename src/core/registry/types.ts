@@ -40,6 +40,17 @@ export interface RegistryClientOptions {
   maxManifestBytes?: number;
   /** User-Agent header. Default `gear/0.1`. */
   userAgent?: string;
+  /** Registry mirrors for pulls (hosts.ts, mirrors.ts). Default: none. */
+  mirrors?: MirrorOptions;
+}
+
+export interface MirrorOptions {
+  /** containerd-style hosts directory (`<dir>/<host[:port]>/hosts.toml`, `_default/hosts.toml`); '' or absent: none. */
+  configDir?: string | undefined;
+  /** Docker Hub mirrors, as Docker's daemon.json `registry-mirrors`. */
+  dockerHubMirrors?: string[] | undefined;
+  /** Longest wait for a mirror's response headers before the next host is tried. Default 5 s. */
+  mirrorTimeoutMs?: number;
 }
 
 /** A manifest as fetched: the exact bytes (their digest is the manifest's identity) and the parsed form. */
@@ -70,6 +81,8 @@ export interface BlobInfo {
 
 export interface RequestOptions {
   signal?: AbortSignal;
+  /** Ask the registry itself, never a mirror (reads of a push destination). */
+  noMirrors?: boolean;
 }
 
 /** Byte range, both ends inclusive (as HTTP Range). `end` omitted: to the end of the blob. */
@@ -93,6 +106,11 @@ export interface BlobStream {
   length: number;
   /** The range served, inclusive, when a range was requested. */
   range?: { start: number; end: number };
+  /**
+   * Set when a registry mirror served the body: `reject()` puts the mirror behind the registry
+   * for a while (the caller found the content wrong), so the next open goes elsewhere.
+   */
+  mirror?: { host: string; reject(): void };
 }
 
 export interface FetchVerifiedOptions extends RequestOptions {
