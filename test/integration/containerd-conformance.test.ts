@@ -143,9 +143,13 @@ async function checkSuite(label: string, suite: SuiteRun, upstreamSkipped: Recor
   expect(code, report).toBe(0);
 
   // Every suite case unmounted what it mounted and every gear process is gone.
+  // Only the suite's own mount points: its temp dirs and containerd's temp mounts directly in
+  // the temp dir (other tests' containerds keep theirs under their own roots).
+  const suiteTmp = /^\/(snapshot-suite-(Gear|overlayfs)-|containerd-mount)/;
   const leftovers = readFileSync('/proc/self/mountinfo', 'utf8')
     .split('\n')
-    .filter((l) => /\/snapshot-suite-(Gear|overlayfs)-|\/containerd-mount/.test(l));
+    .map((l) => l.split(' ')[4] ?? '')
+    .filter((mp) => mp.startsWith(tmpdir() + '/') && suiteTmp.test(mp.slice(tmpdir().length)));
   expect(leftovers).toEqual([]);
 }
 
