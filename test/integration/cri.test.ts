@@ -95,6 +95,12 @@ describe("containerd 2.1's CRI with snapshotter gear", () => {
     const status = await cri.runtime('Status', {});
     const ready = (status.status.conditions as CriMessage[]).find((c) => c.type === 'RuntimeReady');
     expect(ready?.status, JSON.stringify(status)).toBe(true);
+    // What `crictl info` and `crictl imagefsinfo` show an admin (docs/containerd.md, "Kubernetes node").
+    const info = await cri.runtime('Status', { verbose: true });
+    expect(JSON.parse(info.info.config as string).containerd.runtimes.runc.snapshotter).toBe('gear');
+    const fsInfo = await cri.image('ImageFsInfo', {});
+    expect(fsInfo.image_filesystems[0].fs_id.mountpoint).toBe(join(node!.base, 'root/io.containerd.snapshotter.v1.gear'));
+    expect((await cri.image('ImageStatus', { image: { image: SANDBOX_IMAGE } })).image.pinned).toBe(true);
 
     // ---- PullImage: Gear image (index + config only), ordinary image (all its layers).
     const before = proxy!.seen.length;
