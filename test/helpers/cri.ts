@@ -28,7 +28,10 @@
  *   restrict_oom_score_adj = true: pause gets oom_score_adj -998, which runc
  *   cannot set there;
  * - no CNI: pods must use the node's network (namespace_options.network NODE);
- *   containerd then never calls a CNI plugin (its CNI "not ready" status stays);
+ *   containerd then never calls a CNI plugin (its CNI "not ready" status stays).
+ *   Such pods share the node's UTS namespace too, so, as kubelet does for
+ *   hostNetwork pods, they carry no hostname (runc refuses one: "unable to set
+ *   hostname without a private UTS namespace");
  * - plain-HTTP registries through `registry.config_path` hosts.toml files
  *   (<dir>/<host>/hosts.toml, server = "http://<host>").
  *
