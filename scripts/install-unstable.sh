@@ -10,6 +10,10 @@
 # containerd 2.1 (containerd, ctr, containerd-shim-runc-v2), the containerd 2.1 Go sources
 # (snapshots/testsuite) and the CRI api.proto (golang-k8s-cri-api-dev). dockerd, containerd and
 # the shim run on Debian 12's glibc; runc from unstable does not, so tests use Debian 12's runc.
+# For containerd 2.1's snapshotter conformance suite (test/conformance2, built offline in GOPATH
+# mode): unstable's Go (golang-1.27-go + its -src; it runs from root/usr/lib/go-1.27 with GOROOT
+# set) and the -dev packages of the suite's import closure (containerd's own package does not
+# pull in its dependencies when unpacked with dpkg -x).
 #
 # The tree is $GEAR_UNSTABLE_DIR/root (default /var/cache/gear-test/unstable/root), e.g.
 # root/usr/bin/containerd, root/usr/sbin/dockerd, root/usr/share/gocode/src/…
@@ -17,7 +21,16 @@
 set -euo pipefail
 
 dir=${GEAR_UNSTABLE_DIR:-${GEAR_TEST_CACHE:-/var/cache/gear-test}/unstable}
-default=(docker.io docker-cli containerd golang-github-containerd-containerd-dev golang-k8s-cri-api-dev)
+default=(docker.io docker-cli containerd golang-github-containerd-containerd-dev golang-k8s-cri-api-dev
+  golang-1.27-go golang-1.27-src
+  golang-github-containerd-containerd-api-dev golang-github-containerd-continuity-dev
+  golang-github-containerd-errdefs-dev golang-github-containerd-log-dev golang-github-containerd-ttrpc-dev
+  golang-github-containerd-typeurl-dev golang-github-davecgh-go-spew-dev golang-github-gogo-protobuf-dev
+  golang-github-golang-protobuf-1-5-dev golang-github-google-go-cmp-dev golang-github-moby-sys-dev
+  golang-github-opencontainers-go-digest-dev golang-github-opencontainers-image-spec-dev
+  golang-github-pmezard-go-difflib-dev golang-github-sirupsen-logrus-dev golang-github-stretchr-testify-dev
+  golang-golang-x-net-dev golang-golang-x-sync-dev golang-golang-x-sys-dev golang-golang-x-text-dev
+  golang-google-genproto-dev golang-google-grpc-dev golang-google-protobuf-dev golang-gopkg-yaml.v3-dev)
 if (($#)); then pkgs=("$@"); else pkgs=("${default[@]}"); fi
 
 # The mirror the system already uses (first deb.debian.org-like URI of its sources), else Debian's.
@@ -41,7 +54,8 @@ if [ ! -e "${lists[0]}" ] || [ -n "$(find "$dir/lists" -maxdepth 1 -name '*_Pack
 fi
 
 for p in "${pkgs[@]}"; do
-  version=$(apt-cache "${apt_opts[@]}" show --no-all-versions "$p" 2>/dev/null | awk '/^Version:/ {print $2; exit}')
+  # awk reads to the end: an early exit would SIGPIPE apt-cache, which pipefail turns into an abort.
+  version=$(apt-cache "${apt_opts[@]}" show --no-all-versions "$p" 2>/dev/null | awk '/^Version:/ && v == "" {v = $2} END {print v}')
   if [ -z "$version" ]; then
     echo "install-unstable: $p is not in Debian unstable at $mirror" >&2
     exit 1

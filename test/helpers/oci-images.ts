@@ -135,10 +135,18 @@ export async function writeOciImage(dir: string, layers: (LayerEntry[] | Buffer)
   return m.digest;
 }
 
-/** Writes a legacy `docker save` archive (manifest.json, <hex>.json, <n>/layer.tar). */
-export async function writeDockerArchive(file: string, layers: (LayerEntry[] | Buffer)[], tag = 'gear-test/image:latest'): Promise<string> {
+/**
+ * Writes a legacy `docker save` archive (manifest.json, <hex>.json, <n>/layer.tar).
+ * configExtra replaces top-level keys of the image config (e.g. `config` for an Entrypoint).
+ */
+export async function writeDockerArchive(
+  file: string,
+  layers: (LayerEntry[] | Buffer)[],
+  tag = 'gear-test/image:latest',
+  configExtra: Record<string, unknown> = {},
+): Promise<string> {
   const built = await buildLayers(layers);
-  const cfg = imageConfig(built.map((l) => l.diffId));
+  const cfg = imageConfig(built.map((l) => l.diffId), configExtra);
   const cfgName = `${sha256(cfg).slice(7)}.json`;
   const entries: LayerEntry[] = [];
   const layerNames: string[] = [];

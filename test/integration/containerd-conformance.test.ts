@@ -1,23 +1,47 @@
 /**
  * containerd's own snapshotter conformance suite (snapshots/testsuite) against
- * `gear snapshotter`, through containerd's gRPC proxy client — see
- * test/conformance/gear_test.go. Built offline in GOPATH mode from Debian's
- * golang-github-containerd-containerd-dev. Needs root (the suite mounts what
- * the snapshotter returns) and dist/ (`npx tsc -p tsconfig.json`).
+ * `gear snapshotter`, through containerd's gRPC proxy client, for two
+ * containerd versions:
+ * - 1.6 (test/conformance): Debian 12's golang-github-containerd-containerd-dev
+ *   in /usr/share/gocode, built with Debian 12's Go 1.19;
+ * - 2.1 (test/conformance2): Debian unstable's golang-github-containerd-containerd-dev
+ *   2.1 and the -dev packages of its dependencies, built with unstable's Go, all
+ *   from the tree scripts/install-unstable.sh fills (UNSTABLE_ROOT).
+ * Both are built offline in GOPATH mode. Needs root (the suite mounts what the
+ * snapshotter returns) and dist/ (`npx tsc -p tsconfig.json`).
  */
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { GEAR_CLI, REPO_ROOT } from '../helpers/dockerd.js';
 
-const CONFORMANCE_DIR = join(REPO_ROOT, 'test/conformance');
 const GO_TIMEOUT = '18m';
 /** Above GO_TIMEOUT, so a hung suite is reported by go test (with its goroutine dump), not cut off by vitest. */
 const TEST_TIMEOUT_MS = 20 * 60_000;
 
-/** Every case of containerd 1.6's SnapshotterSuite (names are upstream's, typos included). */
+/** The Debian-unstable tree of scripts/install-unstable.sh (as test/helpers/containerd.ts names it). */
+const UNSTABLE_ROOT = process.env.GEAR_UNSTABLE_ROOT ?? join(process.env.GEAR_TEST_CACHE ?? '/var/cache/gear-test', 'unstable/root');
+
+/** The newest Go toolchain unpacked in the unstable tree (usr/lib/go-1.N), or undefined. */
+function unstableGoroot(): string | undefined {
+  const lib = join(UNSTABLE_ROOT, 'usr/lib');
+  const gos = existsSync(lib) ? readdirSync(lib).filter((d) => /^go-1\.\d+$/.test(d) && existsSync(join(lib, d, 'bin/go'))) : [];
+  gos.sort((a, b) => Number(a.slice(5)) - Number(b.slice(5)));
+  return gos.length ? join(lib, gos[gos.length - 1]!) : undefined;
+}
+
+interface SuiteRun {
+  /** Directory of the Go test package. */
+  dir: string;
+  /** GOPATH entries before the per-run temp dir. */
+  gopath: string[];
+  /** GOROOT of the Go toolchain (its bin/go is run); undefined: the system's `go`. */
+  goroot?: string;
+}
+
+/** Every case of containerd's SnapshotterSuite, 1.6 and 2.1 alike (names are upstream's, typos included). */
 const SUITE_CASES = [
   'Basic',
   'StatActive',
@@ -43,11 +67,11 @@ const SUITE_CASES = [
 ];
 
 /**
- * containerd's suite skips "Rename" itself, unconditionally, for every
+ * containerd 1.6's suite skips "Rename" itself, unconditionally, for every
  * snapshotter ("rename test still fails on some kernels with overlay").
- * TestGearRename runs the same steps unskipped.
+ * TestGearRename runs the same steps unskipped. containerd 2.1 skips nothing.
  */
-const UPSTREAM_SKIPPED: Record<string, string> = {
+const UPSTREAM_SKIPPED_16: Record<string, string> = {
   Rename: 'rename test still fails on some kernels with overlay',
 };
 
@@ -56,16 +80,19 @@ interface GoResult {
   output: string;
 }
 
-function runGoTest(): Promise<GoResult> {
+function runGoTest(suite: SuiteRun): Promise<GoResult> {
   const gopath = mkdtempSync(join(tmpdir(), 'gear-gopath-'));
   cleanups.push(() => rmSync(gopath, { recursive: true, force: true }));
+  const go = suite.goroot ? join(suite.goroot, 'bin/go') : 'go';
   return new Promise((resolve, reject) => {
-    const child = spawn('go', ['test', '-v', '-count=1', `-timeout=${GO_TIMEOUT}`, '.', '-args', '-test.root'], {
-      cwd: CONFORMANCE_DIR,
+    const child = spawn(go, ['test', '-v', '-count=1', `-timeout=${GO_TIMEOUT}`, '.', '-args', '-test.root'], {
+      cwd: suite.dir,
       env: {
         ...process.env,
+        ...(suite.goroot ? { GOROOT: suite.goroot, PATH: `${join(suite.goroot, 'bin')}:${process.env.PATH ?? ''}` } : {}),
         GO111MODULE: 'off',
-        GOPATH: `/usr/share/gocode:${gopath}`,
+        GOTOOLCHAIN: 'local',
+        GOPATH: [...suite.gopath, gopath].join(':'),
         GOFLAGS: '',
         GOCACHE: process.env.GOCACHE ?? join(tmpdir(), 'gear-gocache'),
         GEAR_CLI,
@@ -92,33 +119,51 @@ afterAll(() => {
   for (const c of cleanups.splice(0)) c();
 });
 
+/** Runs one suite and checks every case: PASS, or SKIP only where upstream skips it itself. */
+async function checkSuite(label: string, suite: SuiteRun, upstreamSkipped: Record<string, string>): Promise<void> {
+  expect(existsSync(GEAR_CLI), `${GEAR_CLI} missing: run npx tsc -p tsconfig.json first`).toBe(true);
+  const { code, output } = await runGoTest(suite);
+  const results = parseResults(output);
+  const report = output.split('\n').filter((l) => /--- |^(ok|FAIL|PASS)|Error|error|cannot find package/.test(l)).join('\n');
+  const counts = { PASS: 0, FAIL: 0, SKIP: 0 } as Record<string, number>;
+  for (const [name, r] of results) if (name.startsWith('TestGearSnapshotter/')) counts[r] = (counts[r] ?? 0) + 1;
+  process.stderr.write(`${label}: ${JSON.stringify(counts)} of ${SUITE_CASES.length} cases; TestGearRename ${results.get('TestGearRename')}\n`);
+
+  for (const name of SUITE_CASES) {
+    const got = results.get(`TestGearSnapshotter/${name}`);
+    const want = upstreamSkipped[name] ? 'SKIP' : 'PASS';
+    expect(got, `${label}: case ${name}\n${report}`).toBe(want);
+  }
+  // The skips are upstream's own, not ours, and the skipped steps pass (or fail only as documented).
+  for (const [name, reason] of Object.entries(upstreamSkipped)) {
+    expect(output, `skip reason of ${name}`).toContain(reason);
+  }
+  expect(results.get('TestGearRename'), report).toBe('PASS');
+  expect(results.get('TestGearSnapshotter'), report).toBe('PASS');
+  expect(code, report).toBe(0);
+
+  // Every suite case unmounted what it mounted and every gear process is gone.
+  // Only the suite's own mount points: its temp dirs and containerd's temp mounts directly in
+  // the temp dir (other tests' containerds keep theirs under their own roots).
+  const suiteTmp = /^\/(snapshot-suite-(Gear|overlayfs)-|containerd-mount)/;
+  const leftovers = readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .map((l) => l.split(' ')[4] ?? '')
+    .filter((mp) => mp.startsWith(tmpdir() + '/') && suiteTmp.test(mp.slice(tmpdir().length)));
+  expect(leftovers).toEqual([]);
+}
+
 describe('containerd snapshotter conformance suite over the gear socket', () => {
-  it('passes every case of snapshots/testsuite through snapshots/proxy', async () => {
-    expect(existsSync(GEAR_CLI), `${GEAR_CLI} missing: run npx tsc -p tsconfig.json first`).toBe(true);
-    const { code, output } = await runGoTest();
-    const results = parseResults(output);
-    const report = output.split('\n').filter((l) => /--- |^(ok|FAIL|PASS)|Error|error/.test(l)).join('\n');
-    const counts = { PASS: 0, FAIL: 0, SKIP: 0 } as Record<string, number>;
-    for (const [name, r] of results) if (name.startsWith('TestGearSnapshotter/')) counts[r] = (counts[r] ?? 0) + 1;
-    process.stderr.write(`containerd conformance: ${JSON.stringify(counts)} of ${SUITE_CASES.length} cases; TestGearRename ${results.get('TestGearRename')}\n`);
+  it('passes every case of containerd 1.6 snapshots/testsuite through snapshots/proxy', async () => {
+    await checkSuite('containerd 1.6 conformance', { dir: join(REPO_ROOT, 'test/conformance'), gopath: ['/usr/share/gocode'] }, UPSTREAM_SKIPPED_16);
+  }, TEST_TIMEOUT_MS);
 
-    for (const name of SUITE_CASES) {
-      const got = results.get(`TestGearSnapshotter/${name}`);
-      const want = UPSTREAM_SKIPPED[name] ? 'SKIP' : 'PASS';
-      expect(got, `case ${name}\n${report}`).toBe(want);
-    }
-    // The skips are upstream's own, not ours, and the skipped steps pass (or fail only as documented).
-    for (const [name, reason] of Object.entries(UPSTREAM_SKIPPED)) {
-      expect(output, `skip reason of ${name}`).toContain(reason);
-    }
-    expect(results.get('TestGearRename'), report).toBe('PASS');
-    expect(results.get('TestGearSnapshotter'), report).toBe('PASS');
-    expect(code, report).toBe(0);
-
-    // Every suite case unmounted what it mounted and every gear process is gone.
-    const leftovers = readFileSync('/proc/self/mountinfo', 'utf8')
-      .split('\n')
-      .filter((l) => l.includes('/snapshot-suite-Gear-') || l.includes('/containerd-mount'));
-    expect(leftovers).toEqual([]);
+  it('passes every case of containerd 2.1 core/snapshots/testsuite through core/snapshots/proxy', async () => {
+    const goroot = unstableGoroot();
+    const src = join(UNSTABLE_ROOT, 'usr/share/gocode');
+    const testsuite = join(src, 'src/github.com/containerd/containerd/v2/core/snapshots/testsuite');
+    expect(goroot, `no Go toolchain under ${UNSTABLE_ROOT}/usr/lib: run scripts/install-unstable.sh`).toBeDefined();
+    expect(existsSync(testsuite), `${testsuite} missing: run scripts/install-unstable.sh`).toBe(true);
+    await checkSuite('containerd 2.1 conformance', { dir: join(REPO_ROOT, 'test/conformance2'), gopath: [src], goroot }, {});
   }, TEST_TIMEOUT_MS);
 });
