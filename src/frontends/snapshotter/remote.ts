@@ -22,8 +22,12 @@
  *   above shows;
  * - the top layer: the Gear index layer (label gear.remote=index).
  * Mounts stop at the nearest Gear index layer, so containers see the index's
- * tree only (snapshotter.ts); an empty layer that some other image would see
- * is refused with an error that names the remedy, never shown.
+ * tree only (snapshotter.ts). An empty layer that another image would see
+ * (it shares the layer, e.g. a common base) is first filled: its blob is
+ * downloaded from the image it was served for (its labels name both),
+ * verified and applied, as containerd would have done (fill()). If that
+ * fails, the mount is refused with an error naming the remedy; an empty
+ * layer is never shown as if it were the layer.
  *
  * Anything that fails (no referrer, a registry error, a check) answers
  * "prepare normally": containerd then downloads and unpacks the layer as it
@@ -87,7 +91,7 @@ export class RemoteSnapshots {
   private readonly log: Logger | undefined;
   private readonly plans = new Map<string, CacheEntry>();
   /** Counters for tests and logs. */
-  readonly stats = { served: 0, empty: 0, index: 0, declined: 0, failed: 0 };
+  readonly stats = { served: 0, empty: 0, index: 0, declined: 0, failed: 0, filled: 0 };
 
   constructor(opts: RemoteSnapshotsOptions) {
     this.sn = opts.snapshotter;
@@ -99,7 +103,49 @@ export class RemoteSnapshots {
 
   /** Plugs into the snapshotter's Prepare. */
   install(): void {
-    this.sn.setRemotePrepare((key, parent, labels) => this.prepare(key, parent, labels));
+    this.sn.setRemotePrepare(
+      (key, parent, labels) => this.prepare(key, parent, labels),
+      (records) => this.fill(records),
+    );
+  }
+
+  /** Fills in progress, by snapshot name. */
+  private readonly filling = new Map<string, Promise<void>>();
+
+  /**
+   * Gives empty layers (bottom first) their real content: another image
+   * shares them and sees them without the Gear index above. Each is
+   * downloaded from the image it was served for (its cri.* labels), verified
+   * against its digest, and applied as containerd would have.
+   */
+  async fill(records: ReadonlyArray<{ name: string; layer: string; labels: Record<string, string> }>): Promise<void> {
+    for (const r of records) {
+      let p = this.filling.get(r.name);
+      if (!p) {
+        p = this.fillOne(r).finally(() => this.filling.delete(r.name));
+        this.filling.set(r.name, p);
+      }
+      await p;
+    }
+  }
+
+  private async fillOne(r: { name: string; layer: string; labels: Record<string, string> }): Promise<void> {
+    if (this.sn.recordOf(r.name)?.labels[GEAR_REMOTE_LABEL] !== 'empty') return;
+    const digest = r.labels[LAYER_DIGEST_LABEL];
+    const imageRef = r.labels[IMAGE_REF_LABEL];
+    if (!digest || !isDigest(digest) || !imageRef) throw new Error(`snapshot ${r.name}: no layer digest or image reference to fetch its content from`);
+    const ref = parseReference(imageRef);
+    await fs.mkdir(this.tmpDir, { recursive: true, mode: 0o700 });
+    const blob = path.join(this.tmpDir, `fill-${randomBytes(6).toString('hex')}.tar`);
+    try {
+      await this.client.fetchBlobVerified({ registry: ref.registry, repository: ref.repository }, digest, blob, { signal: AbortSignal.timeout(PLAN_TIMEOUT_MS * 5) });
+      await this.layers.applyDiff(r.layer, '', createReadStream(blob));
+      await this.sn.markFilled(r.name, await diskUsage(await this.sn.diffDirOf(r.layer)));
+      this.stats.filled++;
+      this.log?.info({ snapshot: r.name, layer: digest, image: imageRef }, 'remote snapshot: filled a Gear-served empty layer with its content (another image uses it)');
+    } finally {
+      await fs.rm(blob, { force: true }).catch(() => undefined);
+    }
   }
 
   /** True when the committed snapshot `labels[snapshot.ref]` exists on `parent` now (answer ALREADY_EXISTS). */

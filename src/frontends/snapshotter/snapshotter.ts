@@ -78,6 +78,13 @@ export const GEAR_REMOTE_LABEL = 'containerd.io/snapshot/gear.remote';
  */
 export type RemotePrepare = (key: string, parent: string, labels: Record<string, string>) => Promise<boolean>;
 
+/**
+ * Fills remote snapshots' empty layers (bottom first) with their real
+ * content, when a snapshot that is not on their Gear index needs them
+ * (another image shares the layers). remote.ts downloads and applies them.
+ */
+export type FillEmpty = (records: ReadonlyArray<Readonly<SnapshotRecord>>) => Promise<void>;
+
 /** Snapshot information as containerd sees it. */
 export interface SnapshotInfo {
   name: string;
@@ -158,6 +165,7 @@ export class Snapshotter {
   private readonly pending = new Set<Promise<void>>();
   /** Remote snapshots (remote.ts), when enabled. */
   private remote: RemotePrepare | undefined;
+  private fillEmpty: FillEmpty | undefined;
 
   private constructor(opts: SnapshotterOptions) {
     this.layers = opts.layers;
@@ -242,8 +250,19 @@ export class Snapshotter {
   // ---- remote snapshots (remote.ts) ------------------------------------------
 
   /** Lets `fn` answer Prepares that carry containerd's remote-snapshot labels. */
-  setRemotePrepare(fn: RemotePrepare | undefined): void {
+  setRemotePrepare(fn: RemotePrepare | undefined, fill?: FillEmpty): void {
     this.remote = fn;
+    this.fillEmpty = fill;
+  }
+
+  /** Marks a remote snapshot's empty layer as filled with its content (usage measured again). */
+  async markFilled(name: string, usage: Usage): Promise<void> {
+    await this.lock.run(async () => {
+      const cur = this.lookup(name);
+      const next: SnapshotRecord = { ...cur, labels: { ...cur.labels, [GEAR_REMOTE_LABEL]: 'filled' }, usage, updated: nowNs() };
+      await this.meta.write(next);
+      this.byName.set(name, next);
+    });
   }
 
   /** A live snapshot's record (a copy), or undefined. */
@@ -380,7 +399,7 @@ export class Snapshotter {
   }
 
   private async mountsOf(rec: SnapshotRecord): Promise<MountSpec[]> {
-    const parents = this.visibleParents(rec);
+    const parents = await this.visibleParents(rec);
     const diffOf = async (layer: string) => {
       const dir = (await this.layers.metadata(layer)).UpperDir;
       if (!dir) throw new GearError('Internal', `layer ${layer} has no diff directory`);
@@ -410,13 +429,27 @@ export class Snapshotter {
    * An index layer holds its image's whole tree, so what lies below it (only
    * remote snapshots' empty layers, or layers of the original image that the
    * index replaces) is never shown. A remote snapshot's empty layer that
-   * would be shown is refused: it does not hold its layer's files.
+   * would be shown is first filled with its real content (remote.ts), or,
+   * when that cannot be done, refused: it does not hold its layer's files.
    */
-  private visibleParents(rec: SnapshotRecord): SnapshotRecord[] {
+  private async visibleParents(rec: SnapshotRecord): Promise<SnapshotRecord[]> {
     const all = this.parents(rec);
     const gear = all.findIndex((p) => this.layers.lowerOf(p.layer).gear);
-    const shown = gear < 0 ? all : all.slice(0, gear + 1);
-    const empty = shown.find((p) => p.labels[GEAR_REMOTE_LABEL] === 'empty');
+    let shown = gear < 0 ? all : all.slice(0, gear + 1);
+    const isEmpty = (p: SnapshotRecord) => p.labels[GEAR_REMOTE_LABEL] === 'empty';
+    if (shown.some(isEmpty) && this.fillEmpty) {
+      try {
+        await this.fillEmpty(shown.filter(isEmpty).reverse());
+      } catch (err) {
+        throw failedPrecondition(
+          `snapshot ${rec.name}: it sits on layers that Gear served from an attached Gear index (remote snapshots, empty of their own files), and filling them with their content failed: ${describeError(err)}; ` +
+            'make the registry reachable, or remove the Gear-served image (ctr image rm / docker rmi, then let containerd garbage-collect) so that containerd unpacks the layers again',
+          err,
+        );
+      }
+      shown = shown.map((p) => this.byName.get(p.name) ?? p);
+    }
+    const empty = shown.find(isEmpty);
     if (empty) {
       throw failedPrecondition(
         `snapshot ${rec.name}: its parent ${empty.name} is a layer that Gear served from an attached Gear index (remote snapshot) and holds none of its own files, ` +

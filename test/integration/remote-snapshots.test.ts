@@ -1,0 +1,196 @@
+/**
+ * Dual publication and remote snapshots, end to end on real parts: a real
+ * registry (Debian's docker-registry 2.8: no referrers API, so the referrers
+ * tag schema), `gear convert --attach`, a real containerd 2.1 with
+ * `gear snapshotter` as proxy plugin, and `ctr` (transfer service, which
+ * passes containerd's remote-snapshot labels when the snapshotter exports
+ * `enable_remote_snapshot_annotations`).
+ *
+ * - The original image's tag is untouched; its Gear index is a referrer.
+ * - A Gear node pulling the *original* reference downloads the manifest, the
+ *   config and the Gear index only (no layer blob), and runs it lazily.
+ * - A node without Gear (containerd's overlayfs, another namespace) pulls
+ *   every layer and runs the same tag with the same output.
+ * - A plain image (no referrer) pulled through gear is unpacked normally.
+ *
+ * Every request goes through a counting proxy in front of the registry.
+ */
+import { randomBytes, createHash } from 'node:crypto';
+import { gzipSync } from 'node:zlib';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runConvert } from '../../src/cli/convert.js';
+import { GearMediaType } from '../../src/core/index/manifest.js';
+import { RegistryClient } from '../../src/core/registry/client.js';
+import { containerd21Missing, startGearContainerd, type GearContainerd } from '../helpers/containerd.js';
+import { busyboxLayer, buildLayers, imageConfig, type LayerEntry } from '../helpers/oci-images.js';
+import { run } from '../helpers/proc.js';
+import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
+import { startRegistry, type TestRegistry } from '../helpers/registry.js';
+
+const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+
+/** containerd 2.1 config: gear exports the remote-snapshot switch; the transfer service may unpack to gear and overlayfs. */
+export const REMOTE_SNAPSHOT_CONFIG = `  exports = { enable_remote_snapshot_annotations = "true" }
+
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "gear"
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "overlayfs"
+`;
+
+const big = randomBytes(300_000);
+const layersOf = async (): Promise<LayerEntry[][]> => [
+  await busyboxLayer(),
+  [
+    { path: 'etc/', type: 'dir' },
+    { path: 'etc/app.conf', content: 'version=1\n' },
+    { path: 'opt/', type: 'dir' },
+    { path: 'opt/data/', type: 'dir' },
+    { path: 'opt/data/big', content: big },
+    { path: 'usr/', type: 'dir' },
+    { path: 'usr/lib/', type: 'dir' },
+    { path: 'usr/lib/gone', content: 'whited out above' },
+    { path: 'usr/lib/kept', content: 'kept\n' },
+  ],
+  [
+    { path: 'etc/', type: 'dir' },
+    { path: 'etc/app.conf', content: 'version=2\n' },
+    { path: 'usr/lib/', type: 'dir' },
+    { path: 'usr/lib/.wh.gone', content: '' },
+  ],
+];
+const CHECK = ['/bin/busybox', 'sh', '-c', 'cat /etc/app.conf; ls /usr/lib; /bin/busybox sha256sum /opt/data/big | cut -c1-64'];
+const expected = () => `version=2\nkept\n${createHash('sha256').update(big).digest('hex')}\n`;
+
+/** Pushes an ordinary multi-layer image; returns its manifest digest and layer digests. */
+async function pushPlainImage(host: string, repo: string, tag: string, layers: LayerEntry[][]): Promise<{ digest: string; size: number; layers: string[] }> {
+  const client = new RegistryClient();
+  try {
+    const built = await buildLayers(layers);
+    const descs = [];
+    for (const l of built) {
+      const gz = gzipSync(l.tar);
+      await client.pushBlob(`${host}/${repo}`, sha(gz), gz);
+      descs.push({ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: sha(gz), size: gz.length });
+    }
+    const cfg = imageConfig(built.map((l) => l.diffId));
+    await client.pushBlob(`${host}/${repo}`, sha(cfg), cfg);
+    const manifest = Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: 'application/vnd.oci.image.manifest.v1+json',
+        config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: sha(cfg), size: cfg.length },
+        layers: descs,
+      }),
+    );
+    await client.putManifest(`${host}/${repo}:${tag}`, manifest);
+    return { digest: sha(manifest), size: manifest.length, layers: descs.map((d) => d.digest) };
+  } finally {
+    await client.close();
+  }
+}
+
+const blobGets = (seen: string[], digests: string[]) => seen.filter((l) => l.startsWith('GET ') && digests.some((d) => l.includes(`/blobs/${d}`)));
+
+const skip = containerd21Missing();
+
+describe.skipIf(!!skip)('remote snapshots: an attached Gear index deploys the original image lazily (containerd 2.1, ctr)', () => {
+  let reg: TestRegistry;
+  let proxy: FaultProxy;
+  let c: GearContainerd | undefined;
+  let original: { digest: string; size: number; layers: string[] };
+  let plain: { digest: string; size: number; layers: string[] };
+  let gearDigest = '';
+  let indexDigest = '';
+
+  beforeAll(async () => {
+    reg = await startRegistry();
+    proxy = await startFaultProxy(reg.url);
+    const layers = await layersOf();
+    original = await pushPlainImage(reg.host, 'app', '1', layers);
+    plain = await pushPlainImage(reg.host, 'plain', '1', [layers[0]!, [{ path: 'etc/', type: 'dir' }, { path: 'etc/plain', content: 'plain image\n' }]]);
+    const s = await runConvert(`${reg.host}/app:1`, '', {
+      attach: true,
+      concurrency: '4',
+      filesPerManifest: '10000',
+      insecureRegistry: [],
+      progress: false,
+      json: true,
+    });
+    gearDigest = s.manifestDigest;
+    indexDigest = s.indexDigest;
+    c = await startGearContainerd({ containerd: '2.1', extraConfig: REMOTE_SNAPSHOT_CONFIG, namespace: 'gear-node' });
+  }, 300_000);
+
+  afterAll(async () => {
+    await c?.stop();
+    await proxy?.stop();
+    await reg?.stop();
+  }, 120_000);
+
+  it('gear convert --attach leaves the tag alone and lists the Gear index under the referrers tag', async () => {
+    const client = new RegistryClient();
+    try {
+      const tagged = await client.getManifest(`${reg.host}/app:1`);
+      expect(tagged.digest).toBe(original.digest);
+      expect(await client.getReferrers(`${reg.host}/app`, original.digest)).toBeUndefined(); // distribution 2.8: no API
+      const refs = await client.getManifest(`${reg.host}/app:sha256-${original.digest.slice(7)}`);
+      const list = (refs.manifest as { manifests: { digest: string; artifactType?: string }[] }).manifests;
+      expect(list.filter((d) => d.artifactType === GearMediaType.IndexReferrer).map((d) => d.digest)).toEqual([gearDigest]);
+      const gear = await client.getManifest(`${reg.host}/app@${gearDigest}`);
+      const m = gear.manifest as { artifactType?: string; subject?: { digest: string; size: number }; layers: unknown[] };
+      expect(m.artifactType).toBe(GearMediaType.IndexReferrer);
+      expect(m.subject).toMatchObject({ digest: original.digest, size: original.size });
+      expect(m.layers).toHaveLength(1);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('a Gear node pulling the original downloads only manifest, config and the Gear index, and runs it', async () => {
+    const ref = `${proxy.host}/app:1`;
+    const before = proxy.seen.length;
+    await c!.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 300_000);
+    const seen = proxy.seen.slice(before);
+    expect(blobGets(seen, original.layers), seen.join('\n')).toEqual([]);
+    expect(blobGets(seen, [indexDigest])).toHaveLength(1);
+    const snaps = await c!.ctrOk(['snapshots', '--snapshotter', 'gear', 'ls']);
+    expect(snaps.split('\n').filter((l) => l.includes('Committed'))).toHaveLength(original.layers.length);
+    const out = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', ref, 'gear-t1', ...CHECK], 180_000);
+    expect(out).toBe(expected());
+    // Still no layer blob: the container's files came from the Gear files.
+    expect(blobGets(proxy.seen.slice(before), original.layers)).toEqual([]);
+  }, 600_000);
+
+  it('a node without Gear (overlayfs) pulls every layer of the same tag and runs it unchanged', async () => {
+    const ref = `${proxy.host}/app:1`;
+    const ctrPlain = (args: string[]) => run(c!.ctrBin, ['--address', c!.ctrdSocket, '--namespace', 'plain-node', ...args], { timeoutMs: 300_000 });
+    const before = proxy.seen.length;
+    const pull = await ctrPlain(['image', 'pull', '--plain-http', '--snapshotter', 'overlayfs', ref]);
+    expect(pull.code, pull.stderr).toBe(0);
+    const seen = proxy.seen.slice(before);
+    expect(new Set(blobGets(seen, original.layers).map((l) => l.split('/blobs/')[1])).size).toBe(original.layers.length);
+    expect(blobGets(seen, [indexDigest])).toEqual([]);
+    const r = await ctrPlain(['run', '--snapshotter', 'overlayfs', '--rm', ref, 'plain-t1', ...CHECK]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toBe(expected());
+  }, 600_000);
+
+  it('a plain image sharing the base layer: the Gear-served empty layer is filled with its content, the rest unpacked as before', async () => {
+    const ref = `${proxy.host}/plain:1`;
+    const before = proxy.seen.length;
+    await c!.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 300_000);
+    const seen = proxy.seen.slice(before);
+    // Its own top layer by containerd; the shared busybox layer (served empty for app:1) by gear, once.
+    expect(blobGets(seen, [plain.layers[1]!])).toHaveLength(1);
+    expect(blobGets(seen, [plain.layers[0]!])).toHaveLength(1);
+    const out = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', ref, 'plain-t2', '/bin/busybox', 'sh', '-c', 'cat /etc/plain; /bin/busybox ls /bin/busybox'], 180_000);
+    expect(out).toBe('plain image\n/bin/busybox\n');
+    // The Gear-deployed original still runs from its index.
+    const again = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', `${proxy.host}/app:1`, 'gear-t3', ...CHECK], 180_000);
+    expect(again).toBe(expected());
+  }, 600_000);
+});
