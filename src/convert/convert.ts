@@ -184,6 +184,11 @@ export function keepAliveManifests(digests: { digest: string; size: number; medi
   return out;
 }
 
+/** Tag that keeps an attached Gear image alive: `sha256-<hex of the source manifest>.gear`. */
+export function attachedTag(sourceDigest: string): string {
+  return `sha256-${sourceDigest.slice('sha256:'.length)}.gear`;
+}
+
 /** Tag of the i-th keep-alive manifest of an image: `sha256-<hex>.gear.<i+1>` (≤ 128 chars). */
 export function keepAliveTag(imageDigest: string, i: number): string {
   return `sha256-${imageDigest.slice('sha256:'.length)}.gear.${i + 1}`;
@@ -374,6 +379,9 @@ export async function publishGearImage(
   if (pushed !== imageDigest) throw invalidArgument(`destination stored the manifest as ${pushed}, expected ${imageDigest}`);
   if (opts.attach) {
     progress({ kind: 'phase', phase: 'referrer' });
+    // Also under a tag of its own: distribution's `garbage-collect --delete-untagged` deletes untagged manifests
+    // (with them the index layer) even when a tagged referrers index lists them (docs/format.md §5).
+    await dst.putManifest(attachedTag(opts.attach.subject.digest), imageManifest, MediaTypes.OciManifest);
     const desc = {
       mediaType: MediaTypes.OciManifest,
       digest: imageDigest,

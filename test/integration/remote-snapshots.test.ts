@@ -15,16 +15,27 @@
  *
  * Every request goes through a counting proxy in front of the registry.
  */
+import { createHash } from 'node:crypto';
+import { existsSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runConvert } from '../../src/cli/convert.js';
 import { GearMediaType } from '../../src/core/index/manifest.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { containerd21Missing, startGearContainerd, type GearContainerd } from '../helpers/containerd.js';
-import { blobGets, CHECK, expected, layersOf, pushPlainImage, REMOTE_SNAPSHOT_CONFIG } from '../helpers/remote-images.js';
+import { big, blobGets, CHECK, expected, layersOf, pushPlainImage, REMOTE_SNAPSHOT_CONFIG } from '../helpers/remote-images.js';
 import { run } from '../helpers/proc.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
+
+const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+
+/** Hex digests of the files in gear's pool (ROOT/pool/sha256/ab/<hex>). */
+function poolDigests(root: string): string[] {
+  const dir = join(root, 'pool', 'sha256');
+  return existsSync(dir) ? readdirSync(dir).flatMap((ab) => readdirSync(join(dir, ab))) : [];
+}
 
 const skip = containerd21Missing();
 
@@ -76,6 +87,8 @@ describe.skipIf(!!skip)('remote snapshots: an attached Gear index deploys the or
       expect(m.artifactType).toBe(GearMediaType.IndexReferrer);
       expect(m.subject).toMatchObject({ digest: original.digest, size: original.size });
       expect(m.layers).toHaveLength(1);
+      // Kept alive through `garbage-collect --delete-untagged` by a tag of its own.
+      expect((await client.getManifest(`${reg.host}/app:sha256-${original.digest.slice(7)}.gear`)).digest).toBe(gearDigest);
     } finally {
       await client.close();
     }
@@ -92,8 +105,12 @@ describe.skipIf(!!skip)('remote snapshots: an attached Gear index deploys the or
     expect(snaps.split('\n').filter((l) => l.includes('Committed'))).toHaveLength(original.layers.length);
     const out = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', ref, 'gear-t1', ...CHECK], 180_000);
     expect(out).toBe(expected());
-    // Still no layer blob: the container's files came from the Gear files.
+    // Still no layer blob: the container's files came from the Gear files, fetched as they were opened.
     expect(blobGets(proxy.seen.slice(before), original.layers)).toEqual([]);
+    const pooled = poolDigests(c!.gearRoot);
+    expect(pooled).toContain(sha(big).slice(7));
+    expect(pooled).toContain(sha(Buffer.from('version=2\n')).slice(7));
+    expect(pooled).not.toContain(sha(Buffer.from('kept\n')).slice(7)); // listed by ls, never opened
   }, 600_000);
 
   it('a node without Gear (overlayfs) pulls every layer of the same tag and runs it unchanged', async () => {
