@@ -85,6 +85,8 @@ export interface GearContainerd {
   ctrOk(args: string[], timeoutMs?: number): Promise<string>;
   /** kill -9 of `gear snapshotter` (a crash); containerd and its tasks keep running. */
   killGear(): Promise<void>;
+  /** SIGTERM of `gear snapshotter` (a clean stop, bounded; SIGKILL after 30 s); waits for its exit. */
+  stopGear(): Promise<void>;
   /** Starts `gear snapshotter` again on the same root and socket. */
   startGear(): Promise<void>;
   /** SIGTERM of containerd alone (its shims and tasks keep running), waits for its exit. */
@@ -220,6 +222,9 @@ export async function startGearContainerd(opts: GearContainerdOptions = {}): Pro
     if (containerd) await stopChild(containerd, 30_000);
     containerd = undefined;
   };
+  const stopGear = async () => {
+    if (gear) await stopChild(gear, 30_000);
+  };
   const killGear = async () => {
     const g = gear;
     if (!g || g.exitCode !== null || g.signalCode !== null) return;
@@ -256,6 +261,7 @@ export async function startGearContainerd(opts: GearContainerdOptions = {}): Pro
     ctr,
     ctrOk,
     killGear,
+    stopGear,
     startGear,
     stopContainerd,
     startContainerd,
