@@ -16,7 +16,7 @@
  * Every request goes through a counting proxy in front of the registry.
  */
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runConvert } from '../../src/cli/convert.js';
@@ -24,7 +24,7 @@ import { GearMediaType } from '../../src/core/index/manifest.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { containerd21Missing, startGearContainerd, type GearContainerd } from '../helpers/containerd.js';
 import { big, blobGets, CHECK, expected, layersOf, pushPlainImage, REMOTE_SNAPSHOT_CONFIG } from '../helpers/remote-images.js';
-import { run } from '../helpers/proc.js';
+import { run, waitFor } from '../helpers/proc.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
@@ -141,4 +141,39 @@ describe.skipIf(!!skip)('remote snapshots: an attached Gear index deploys the or
     const again = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', `${proxy.host}/app:1`, 'gear-t3', ...CHECK], 180_000);
     expect(again).toBe(expected());
   }, 600_000);
+
+  it('a Gear index that fails its digest check is not used: the pull falls back to downloading the layers', async () => {
+    const layers = await layersOf();
+    const fb = await pushPlainImage(reg.host, 'fb', '1', [[...layers[0]!, { path: 'etc/fb', content: 'fallback image\n' }], layers[1]!, layers[2]!]);
+    const s = await runConvert(`${reg.host}/fb:1`, '', { attach: true, concurrency: '4', filesPerManifest: '10000', insecureRegistry: [], progress: false, json: true });
+    // Every download of the index blob arrives with a flipped byte.
+    proxy.setDecider((req) => (req.method === 'GET' && req.url?.includes(`/blobs/${s.indexDigest}`) ? { kind: 'flip' } : undefined));
+    try {
+      const ref = `${proxy.host}/fb:1`;
+      const before = proxy.seen.length;
+      await c!.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 300_000);
+      const seen = proxy.seen.slice(before);
+      expect(blobGets(seen, [s.indexDigest]).length).toBeGreaterThan(0);
+      // Its own base layer is downloaded by containerd (its other two blobs are app:1's, already in containerd's content store).
+      expect(blobGets(seen, [fb.layers[0]!]).length).toBeGreaterThan(0);
+      expect(readFileSync(c!.logs.gear, 'utf8')).toMatch(/cannot use a Gear index for this image/);
+      const out = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', ref, 'fb-t1', '/bin/busybox', 'sh', '-c', 'cat /etc/fb; cat /etc/app.conf'], 180_000);
+      expect(out).toBe('fallback image\nversion=2\n');
+      const snaps = await c!.ctrOk(['snapshots', '--snapshotter', 'gear', 'ls']);
+      expect(snaps).not.toMatch(/gear-remote-pending/);
+    } finally {
+      proxy.setDecider(() => undefined);
+    }
+  }, 600_000);
+
+  it('removing the images lets containerd garbage-collect every Gear-served snapshot and Gear its layers', async () => {
+    for (const img of ['app:1', 'plain:1', 'fb:1']) await c!.ctrOk(['image', 'rm', '--sync', `${proxy.host}/${img}`], 120_000);
+    // GC is asynchronous after the last reference goes: wait for gear's records to go.
+    const gone = await waitFor(async () => (await c!.ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).trim().split('\n').length <= 1, 60_000, 500);
+    expect(gone, await c!.ctrOk(['snapshots', '--snapshotter', 'gear', 'ls'])).toBe(true);
+    const records = readdirSync(join(c!.gearRoot, 'snapshotter', 'snapshots')).filter((n) => n.endsWith('.json'));
+    expect(records).toEqual([]);
+    const layers = existsSync(join(c!.gearRoot, 'layers')) ? readdirSync(join(c!.gearRoot, 'layers')).filter((n) => !n.startsWith('.')) : [];
+    expect(layers).toEqual([]);
+  }, 300_000);
 });
