@@ -136,9 +136,10 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
   const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry });
   const reporter = progressReporter(Boolean(process.stderr.isTTY) && flags.progress !== false, Boolean(flags.json) && !process.stderr.isTTY);
   try {
+    const target = flags.attach ? attachDestination(src) : dst;
     const source = await openSource(src, flags, client);
     try {
-      const dest = await openDestination(flags.attach ? attachDestination(src) : dst, flags, client);
+      const dest = await openDestination(target, flags, client);
       if (flags.attach && !source.manifest) throw invalidArgument(`--attach: ${src} has no image manifest to attach to`);
       return await convertImage(source, dest, {
         concurrency: Number(flags.concurrency),
