@@ -59,6 +59,8 @@ const NEGATIVE_TTL_MS = 60_000;
 const MAX_PLANS = 256;
 /** A referrer lookup plus index download may take this long before the layer is prepared normally. */
 const PLAN_TIMEOUT_MS = 120_000;
+/** A built Gear index that no top-layer Prepare adopted within this time (an abandoned pull) is removed. */
+const UNADOPTED_TTL_MS = 30 * 60_000;
 
 type RemoteLayers = Pick<LayerStore, 'create' | 'remove' | 'applyDiff'>;
 
@@ -67,6 +69,8 @@ interface Plan {
   /** The built Gear index layer, reserved until the top layer's Prepare adopts it. */
   indexLayer: string;
   reservation: string;
+  /** Set once the top layer took the index layer, or once it expired (then nobody may take it). */
+  taken?: 'adopted' | 'expired';
 }
 
 interface CacheEntry {
@@ -211,10 +215,21 @@ export class RemoteSnapshots {
     }
     this.plans.set(id, { plan, at: Number.MAX_SAFE_INTEGER });
     void plan.then((p) => {
-      // A built plan stays until its index is adopted; a negative one expires.
+      // A built plan stays until its index is adopted (or for UNADOPTED_TTL_MS); a negative one expires.
       if (!p && this.plans.get(id)?.plan === plan) this.plans.set(id, { plan, at: Date.now() });
+      if (p) setTimeout(() => void this.expire(id, plan, p), UNADOPTED_TTL_MS).unref();
     });
     return plan;
+  }
+
+  /** Drops a built index that no pull adopted (its pull was abandoned). */
+  private async expire(id: string, entry: Promise<Plan | undefined>, plan: Plan): Promise<void> {
+    if (plan.taken) return;
+    plan.taken = 'expired';
+    if (this.plans.get(id)?.plan === entry) this.plans.delete(id);
+    await this.layers.remove(plan.indexLayer).catch(() => undefined);
+    await this.sn.releaseLayer(plan.reservation).catch(() => undefined);
+    this.log?.info({ image: id, layer: plan.indexLayer }, 'remote snapshot: removed a Gear index no pull took');
   }
 
   private async buildPlan(repo: string, manifest: string): Promise<Plan | undefined> {
@@ -249,10 +264,18 @@ export class RemoteSnapshots {
   }
 
   private async adoptIndex(manifest: string, repo: string, plan: Plan, name: string, parent: string, labels: Record<string, string>): Promise<void> {
-    const usage = await diskUsage(await this.sn.diffDirOf(plan.indexLayer));
-    await this.sn.adoptCommitted({ name, parent, labels: { ...labels, [GEAR_REMOTE_LABEL]: 'index' }, layer: plan.indexLayer, usage, reserved: plan.reservation });
-    // Adopted once: the next pull of this image (after its snapshots are gone) builds a new index layer.
+    if (plan.taken) throw new Error(`the Gear index built for this image was ${plan.taken}`);
+    plan.taken = 'adopted';
+    // Taken once, whatever happens: the next pull of this image (after its snapshots are gone) builds a new index layer.
     this.plans.delete(`${repo}@${manifest}`);
+    try {
+      const usage = await diskUsage(await this.sn.diffDirOf(plan.indexLayer));
+      await this.sn.adoptCommitted({ name, parent, labels: { ...labels, [GEAR_REMOTE_LABEL]: 'index' }, layer: plan.indexLayer, usage, reserved: plan.reservation });
+    } catch (err) {
+      await this.layers.remove(plan.indexLayer).catch(() => undefined);
+      await this.sn.releaseLayer(plan.reservation).catch(() => undefined);
+      throw err;
+    }
   }
 
   private async emptyLayer(name: string, parent: string, labels: Record<string, string>): Promise<void> {
