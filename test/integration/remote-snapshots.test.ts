@@ -111,6 +111,10 @@ describe.skipIf(!!skip)('remote snapshots: an attached Gear index deploys the or
     expect(pooled).toContain(sha(big).slice(7));
     expect(pooled).toContain(sha(Buffer.from('version=2\n')).slice(7));
     expect(pooled).not.toContain(sha(Buffer.from('kept\n')).slice(7)); // listed by ls, never opened
+    // kill -9 and restart of gear: the Gear-served snapshots are recorded like any other.
+    await c!.killGear();
+    await c!.startGear();
+    expect(await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', ref, 'gear-t1b', ...CHECK], 180_000)).toBe(expected());
   }, 600_000);
 
   it('a node without Gear (overlayfs) pulls every layer of the same tag and runs it unchanged', async () => {
