@@ -11,12 +11,12 @@
 #      print how many of its files and bytes were fetched
 #   8. show what `docker info` says about the storage driver
 #   then the same Gear image on Docker 28 with the containerd image store:
-#   9. start `gear snapshotter` and a private containerd 2.1 (config version 3)
-#      with gear as its proxy snapshotter
-#  10. start a private dockerd 28 on that containerd, daemon.json
-#      {"features": {"containerd-snapshotter": true}, "storage-driver": "gear"}
-#  11. pull the Gear image (only the index comes down), run it lazily and print
-#      how many files were fetched
+#   - start `gear snapshotter` and a private containerd 2.1 (config version 3)
+#     with gear as its proxy snapshotter
+#   - start a private dockerd 28 on that containerd, daemon.json
+#     {"features": {"containerd-snapshotter": true}, "storage-driver": "gear"}
+#   - pull the Gear image (only the index comes down), run it lazily and print
+#     how many files were fetched
 #
 # Docker 28 and containerd 2.1 come from Debian unstable, unpacked into a cache
 # folder by scripts/install-unstable.sh (make deps runs it); runc is Debian 12's.

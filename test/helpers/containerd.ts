@@ -56,6 +56,19 @@ export interface GearContainerdOptions {
   containerd?: ContainerdVersion;
   /** Extra TOML appended to config.toml (in the config version of the chosen containerd). */
   extraConfig?: string;
+  /**
+   * Plugins to disable, replacing the default list (1.6: the CRI; 2.1: the three CRI plugins and
+   * NRI). E.g. a CRI test on 2.1 passes ['io.containerd.nri.v1.nri'] and configures the CRI in extraConfig.
+   */
+  disabledPlugins?: string[];
+  /**
+   * 2.1 only: write the transfer service's unpack_config for overlayfs and gear (default true).
+   * `ctr image pull/import` on containerd 2.x goes through the transfer service, which unpacks only
+   * into the snapshotters listed there (default: overlayfs alone; `--snapshotter gear` then fails
+   * with "no unpack platforms defined"). False when extraConfig writes its own
+   * [plugins."io.containerd.transfer.v1.local"].
+   */
+  transferUnpack?: boolean;
   /** containerd namespace for ctr (default gear-test). */
   namespace?: string;
   /** Extra `gear snapshotter` arguments. */
@@ -114,12 +127,39 @@ function startLogged(cmd: string, args: string[], log: string, env?: NodeJS.Proc
 const running = (p: ChildProcess | undefined): p is ChildProcess => !!p && p.exitCode === null && p.signalCode === null;
 
 /** config.toml for containerd 1.6 (version 2) or 2.1 (version 3): gear as proxy snapshotter, CRI off. */
-export function containerdConfig(v: ContainerdVersion, base: string, ctrdSocket: string, gearSocket: string, extra = ''): string {
-  const disabled =
-    v === '1.6'
-      ? ['io.containerd.grpc.v1.cri']
-      : // 2.x splits the CRI into three plugins; NRI would listen on /var/run/nri/nri.sock.
-        ['io.containerd.grpc.v1.cri', 'io.containerd.cri.v1.images', 'io.containerd.cri.v1.runtime', 'io.containerd.nri.v1.nri'];
+export function defaultDisabledPlugins(v: ContainerdVersion): string[] {
+  return v === '1.6'
+    ? ['io.containerd.grpc.v1.cri']
+    : // 2.x splits the CRI into three plugins; NRI would listen on /var/run/nri/nri.sock.
+      ['io.containerd.grpc.v1.cri', 'io.containerd.cri.v1.images', 'io.containerd.cri.v1.runtime', 'io.containerd.nri.v1.nri'];
+}
+
+/** Go's platform string of this machine (linux/amd64, linux/arm64). */
+export function goPlatform(): string {
+  const arch: Record<string, string> = { x64: 'amd64', arm64: 'arm64', arm: 'arm', ppc64: 'ppc64le', s390x: 's390x', riscv64: 'riscv64' };
+  return `linux/${arch[process.arch] ?? process.arch}`;
+}
+
+/** containerd 2.x: the transfer service unpacks into overlayfs and gear (what ctr pull/import use). */
+export function transferUnpackConfig(): string {
+  const entry = (sn: string) => `  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "${goPlatform()}"
+    snapshotter = "${sn}"
+    differ = "walking"
+`;
+  return `[plugins."io.containerd.transfer.v1.local"]
+${entry('overlayfs')}${entry('gear')}`;
+}
+
+export function containerdConfig(
+  v: ContainerdVersion,
+  base: string,
+  ctrdSocket: string,
+  gearSocket: string,
+  extra = '',
+  disabled = defaultDisabledPlugins(v),
+  transferUnpack = true,
+): string {
   return `version = ${v === '1.6' ? 2 : 3}
 root = "${base}/root"
 state = "${base}/state"
@@ -138,7 +178,7 @@ disabled_plugins = [${disabled.map((p) => `"${p}"`).join(', ')}]
   [proxy_plugins.gear]
     type = "snapshot"
     address = "${gearSocket}"
-${extra}`;
+${v !== '1.6' && transferUnpack ? `\n${transferUnpackConfig()}` : ''}${extra}`;
 }
 
 export async function startGearContainerd(opts: GearContainerdOptions = {}): Promise<GearContainerd> {
@@ -242,7 +282,7 @@ export async function startGearContainerd(opts: GearContainerdOptions = {}): Pro
     if (!(await waitFor(() => existsSync(gearSocket), 30_000, 100))) {
       throw new Error(`gear snapshotter did not listen:\n${tailFile(logs.gear)}`);
     }
-    writeFileSync(configFile, containerdConfig(version, base, ctrdSocket, gearSocket, opts.extraConfig));
+    writeFileSync(configFile, containerdConfig(version, base, ctrdSocket, gearSocket, opts.extraConfig, opts.disabledPlugins, opts.transferUnpack));
     await startContainerd();
   } catch (err) {
     await stop();

@@ -236,6 +236,10 @@ describe('dockerd 28.5 (containerd image store) over containerd 2.1 with gear as
 
   it('docker commit of a container on a Gear image, docker push of the result, pull and run it', async () => {
     await d.dockerOk(['run', '--name', 'tocommit', gearRef2, '/bin/busybox', 'sh', '-c', 'echo committed > /data/new; rm /data/loaded']);
+    // docker diff compares metadata only: it lists the changes without opening any file.
+    const diff = (await d.dockerOk(['diff', 'tocommit'])).stdout.trim().split('\n').sort();
+    expect(diff).toEqual(['A /data/new', 'C /data', 'D /data/loaded']);
+    expect(gets(files2.other)).toBe(0);
     const committed = `${reg.host}/gear/committed:v1`;
     await d.dockerOk(['commit', 'tocommit', committed]);
     await d.dockerOk(['rm', 'tocommit']);
