@@ -7,21 +7,18 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { gzipSync } from 'node:zlib';
 import { RegistryClient } from '../../src/core/registry/client.js';
+import { transferUnpackConfig } from './containerd.js';
 import { buildLayers, busyboxLayer, imageConfig, type LayerEntry } from './oci-images.js';
 
 const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
-/** containerd 2.1 config: gear exports the remote-snapshot switch; the transfer service may unpack to gear and overlayfs. */
+/**
+ * containerd 2.1 config appended right after `[proxy_plugins.gear]`: gear exports the remote-snapshot switch, then the
+ * transfer service's unpack_config (start the harness with transferUnpack: false so it is written once).
+ */
 export const REMOTE_SNAPSHOT_CONFIG = `  exports = { enable_remote_snapshot_annotations = "true" }
 
-[plugins."io.containerd.transfer.v1.local"]
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/amd64"
-    snapshotter = "gear"
-  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
-    platform = "linux/amd64"
-    snapshotter = "overlayfs"
-`;
+${transferUnpackConfig()}`;
 
 export const big = randomBytes(300_000);
 export const layersOf = async (): Promise<LayerEntry[][]> => [

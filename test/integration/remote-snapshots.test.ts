@@ -64,7 +64,8 @@ describe.skipIf(!!skip)('remote snapshots: an attached Gear index deploys the or
     });
     gearDigest = s.manifestDigest;
     indexDigest = s.indexDigest;
-    c = await startGearContainerd({ containerd: '2.1', extraConfig: REMOTE_SNAPSHOT_CONFIG, namespace: 'gear-node' });
+    // Our own transfer-service table follows the proxy plugin's exports line (REMOTE_SNAPSHOT_CONFIG), so not the harness's.
+    c = await startGearContainerd({ containerd: '2.1', extraConfig: REMOTE_SNAPSHOT_CONFIG, transferUnpack: false, namespace: 'gear-node' });
   }, 300_000);
 
   afterAll(async () => {
