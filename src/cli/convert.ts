@@ -17,7 +17,7 @@ import { ociLayoutDestination, registryDestination, type Destination } from '../
 import { removeScratchOnSignals } from '../convert/scratch.js';
 import { newRegistryClient, openRegistry } from '../convert/registry-adapter.js';
 import { openDockerArchive, openDockerDaemon, openOciLayout, openRegistryImage, parseSourceSpec, type SourceImage } from '../convert/source.js';
-import { parseRepository } from '../core/registry/reference.js';
+import { parseReference, parseRepository } from '../core/registry/reference.js';
 import { parseSize } from '../core/pool/size.js';
 
 interface ConvertFlags extends MirrorFlags {
@@ -34,6 +34,8 @@ interface ConvertFlags extends MirrorFlags {
   rawAbove?: string;
   /** Gear format version of the index: "2" (default) or "1" for nodes with an older gear. */
   formatVersion?: string;
+  /** Publish the Gear image as an OCI referrer of the (registry) source, in its repository, instead of under a tag. */
+  attach?: boolean;
 }
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
@@ -117,14 +119,29 @@ export async function openDestination(dst: string, flags: Pick<ConvertFlags, 'lo
   return registryDestination(openRegistry(dst.replace(/^docker:\/\//, ''), client));
 }
 
-/** Runs a conversion the way the CLI does; exported for tests and the benchmark. */
+/**
+ * Where `--attach` publishes: the source's own repository (registry sources
+ * only: the referrer must sit beside the manifest it names).
+ */
+export function attachDestination(src: string): string {
+  const spec = parseSourceSpec(src);
+  if (spec.kind !== 'registry') {
+    throw invalidArgument(`--attach needs a registry source (the Gear index is published beside the original image), not ${JSON.stringify(src)}`);
+  }
+  const r = parseReference(spec.ref);
+  return `${r.registry}/${r.repository}:${r.tag ?? 'latest'}`;
+}
+
+/** Runs a conversion the way the CLI does; exported for tests and the benchmark. With `flags.attach`, `dst` is ignored (pass ''). */
 export async function runConvert(src: string, dst: string, flags: ConvertFlags): Promise<ConvertSummary> {
   const client = newRegistryClient({ insecureRegistries: flags.insecureRegistry, mirrors: mirrorOptionsFrom(flags) });
   const reporter = progressReporter(Boolean(process.stderr.isTTY) && flags.progress !== false, Boolean(flags.json) && !process.stderr.isTTY);
   try {
+    const target = flags.attach ? attachDestination(src) : dst;
     const source = await openSource(src, flags, client);
     try {
-      const dest = await openDestination(dst, flags, client);
+      const dest = await openDestination(target, flags, client);
+      if (flags.attach && !source.manifest) throw invalidArgument(`--attach: ${src} has no image manifest to attach to`);
       return await convertImage(source, dest, {
         concurrency: Number(flags.concurrency),
         filesPerManifest: Number(flags.filesPerManifest),
@@ -132,6 +149,9 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
         ...(flags.rawAbove !== undefined ? { rawMinBytes: flags.rawAbove === 'off' ? Infinity : parseSize(flags.rawAbove) } : {}),
         tmpDir: flags.tmpDir,
         ...(flags.formatVersion !== undefined ? { formatVersion: flags.formatVersion === '1' ? 1 : 2 } : {}),
+        ...(flags.attach && source.manifest
+          ? { attach: { subject: { mediaType: source.manifest.mediaType, digest: source.manifest.digest, size: source.manifest.bytes.length } } }
+          : {}),
         progress: reporter.on,
       });
     } finally {
@@ -147,7 +167,8 @@ export function registerConvert(program: Command): void {
   addMirrorOptions(program.command('convert'))
     .description('convert an image into a Gear image (index layer + deduplicated Gear files)')
     .argument('<src>', 'registry reference, docker-archive:FILE, oci:DIR[:TAG] or docker-daemon:IMAGE')
-    .argument('<dst>', 'registry reference or oci:DIR[:TAG]')
+    .argument('[dst]', 'registry reference or oci:DIR[:TAG] (none with --attach)')
+    .option('--attach', 'publish the Gear index as an OCI referrer of SRC (a registry image) in its repository; SRC\'s tag is left untouched and Gear nodes pulling SRC deploy it lazily')
     .option('--json', 'print a JSON summary on stdout')
     .option('--docker-host <url>', 'Docker Engine socket for docker-daemon: (default $DOCKER_HOST or unix:///var/run/docker.sock)')
     .option('--concurrency <n>', 'uploads in flight', '4')
@@ -159,7 +180,10 @@ export function registerConvert(program: Command): void {
     .option('--raw-above <size>', 'store files of at least this size raw, so nodes can read them by range while they download ("off": gzip them too)', '8MiB')
     .option('--format-version <n>', 'Gear format version of the index: 2 (the tree in one manifest) or 1 (for nodes whose gear reads only version 1)', '2')
     .option('--no-progress', 'no progress bars')
-    .action(async (src: string, dst: string, flags: ConvertFlags) => {
+    .action(async (src: string, dstArg: string | undefined, flags: ConvertFlags) => {
+      if (flags.attach && dstArg) throw invalidArgument('--attach publishes into the repository of SRC: give no DST');
+      if (!flags.attach && !dstArg) throw invalidArgument('missing DST (a registry reference or oci:DIR[:TAG]), or use --attach');
+      const dst = dstArg ?? '';
       if (flags.formatVersion !== undefined && flags.formatVersion !== '1' && flags.formatVersion !== '2') {
         throw invalidArgument('--format-version must be 1 or 2');
       }
@@ -181,13 +205,14 @@ export function registerConvert(program: Command): void {
               `  files ${s.files}, unique contents ${s.uniqueContents}, logical ${mb(s.logicalBytes)}\n` +
               `  uploaded ${mb(s.bytesUploaded)} (${s.blobsUploaded} blobs), already present ${mb(s.bytesSkipped)} (${s.blobsSkipped} blobs)\n` +
               `  index ${mb(s.indexSize)}, ${s.keepAliveManifests} keep-alive manifest(s), ${s.seconds.toFixed(1)} s\n` +
+              (flags.attach ? `  attached to ${src} as an OCI referrer (its tag is unchanged); Gear nodes pulling ${src} deploy it lazily\n` : '') +
               (dst.startsWith('oci:')
                 ? `  to a registry with its Gear files: gear copy ${dst} REGISTRY/REPO:TAG (skopeo copy / docker push move the index only)\n`
                 : ''),
           );
         }
       } catch (err) {
-        throw new Error(`convert ${src} → ${dst}: ${describeError(err)}`, { cause: err });
+        throw new Error(`convert ${src} → ${flags.attach ? 'attached referrer' : dst}: ${describeError(err)}`, { cause: err });
       }
     });
 }

@@ -80,6 +80,12 @@ export interface ConvertOptions {
   /** Parent of the temp staging dir (default: OS temp dir). */
   tmpDir?: string;
   progress?: (e: ProgressEvent) => void;
+  /**
+   * `gear convert --attach`: publish the Gear image as an OCI referrer of the
+   * source image manifest `subject` (docs/format.md §9): pushed by digest,
+   * listed by the referrers API or the referrers tag; no tag is written.
+   */
+  attach?: { subject: { mediaType: string; digest: string; size: number } };
 }
 
 export interface ConvertSummary {
@@ -178,6 +184,11 @@ export function keepAliveManifests(digests: { digest: string; size: number; medi
   return out;
 }
 
+/** Tag that keeps an attached Gear image alive: `sha256-<hex of the source manifest>.gear`. */
+export function attachedTag(sourceDigest: string): string {
+  return `sha256-${sourceDigest.slice('sha256:'.length)}.gear`;
+}
+
 /** Tag of the i-th keep-alive manifest of an image: `sha256-<hex>.gear.<i+1>` (≤ 128 chars). */
 export function keepAliveTag(imageDigest: string, i: number): string {
   return `sha256-${imageDigest.slice('sha256:'.length)}.gear.${i + 1}`;
@@ -274,6 +285,7 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
       filesPerManifest: opts.filesPerManifest ?? 10_000,
       account,
       progress,
+      ...(opts.attach ? { attach: opts.attach } : {}),
     });
     const { index, imageDigest, keepAliveManifests: keepCount } = published;
 
@@ -309,6 +321,8 @@ export interface PublishOptions {
   filesPerManifest: number;
   account: (digest: string, size: number, status: 'exists' | 'uploaded') => void;
   progress: (e: ProgressEvent) => void;
+  /** Publish as a referrer of this manifest (ConvertOptions.attach) instead of under dst's tag. */
+  attach?: { subject: { mediaType: string; digest: string; size: number } };
 }
 
 export interface Published {
@@ -344,23 +358,42 @@ export async function publishGearImage(
   const configDigest = sha256(config);
   account(configDigest, config.length, await dst.pushBytes(configDigest, config));
 
-  const imageManifest = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType: MediaTypes.OciManifest,
-      config: { mediaType: MediaTypes.OciConfig, digest: configDigest, size: config.length },
-      layers: [{ mediaType: MediaTypes.OciLayerGzip, digest: index.digest, size: index.size }],
-    }),
-  );
+  const doc: Record<string, unknown> = { schemaVersion: 2, mediaType: MediaTypes.OciManifest };
+  if (opts.attach) doc.artifactType = GearMediaType.IndexReferrer;
+  doc.config = { mediaType: MediaTypes.OciConfig, digest: configDigest, size: config.length };
+  doc.layers = [{ mediaType: MediaTypes.OciLayerGzip, digest: index.digest, size: index.size }];
+  if (opts.attach) {
+    const s = opts.attach.subject;
+    doc.subject = { mediaType: s.mediaType, digest: s.digest, size: s.size };
+    doc.annotations = { [GEAR_VERSION_LABEL]: String(manifest.version) };
+  }
+  const imageManifest = Buffer.from(JSON.stringify(doc));
   const imageDigest = sha256(imageManifest);
 
   // Keep-alive manifests and the referrers tag that holds them.
   progress({ kind: 'phase', phase: 'manifests' });
   const keepCount = await publishKeepAlive(dst, manifest, { digest: imageDigest, size: imageManifest.length }, opts.filesPerManifest, account);
 
-  // The image itself, last.
-  const pushed = await dst.putManifest(dst.tag, imageManifest, MediaTypes.OciManifest);
+  // The image itself, last: under the tag, or, attached, by digest and then listed as a referrer of its subject.
+  const pushed = await dst.putManifest(opts.attach ? imageDigest : dst.tag, imageManifest, MediaTypes.OciManifest);
   if (pushed !== imageDigest) throw invalidArgument(`destination stored the manifest as ${pushed}, expected ${imageDigest}`);
+  if (opts.attach) {
+    progress({ kind: 'phase', phase: 'referrer' });
+    // Also under a tag of its own: distribution's `garbage-collect --delete-untagged` deletes untagged manifests
+    // (with them the index layer) even when a tagged referrers index lists them (docs/format.md §5).
+    await dst.putManifest(attachedTag(opts.attach.subject.digest), imageManifest, MediaTypes.OciManifest);
+    const desc = {
+      mediaType: MediaTypes.OciManifest,
+      digest: imageDigest,
+      size: imageManifest.length,
+      artifactType: GearMediaType.IndexReferrer,
+      annotations: { [GEAR_VERSION_LABEL]: String(manifest.version) },
+    };
+    // Registries with the referrers API index the subject themselves; the others need the tag schema.
+    if (!(await dst.hasReferrersApi?.(opts.attach.subject.digest))) {
+      await updateReferrersTag(dst, opts.attach.subject.digest, [desc], (m) => m.artifactType === GearMediaType.IndexReferrer);
+    }
+  }
   return { index, imageDigest, keepAliveManifests: keepCount };
 }
 
@@ -399,19 +432,34 @@ export async function publishKeepAlive(
     const d = await dst.putManifest(keepAliveTag(image.digest, i), m, MediaTypes.OciManifest);
     descs.push({ mediaType: MediaTypes.OciManifest, digest: d, size: m.length, artifactType: GearMediaType.FilesManifest });
   }
-  const referrersTag = `sha256-${image.digest.slice('sha256:'.length)}`;
-  // Keep referrers other tools stored under the same fallback tag.
-  const existing = await dst.getManifest(referrersTag).catch(() => undefined);
+  await updateReferrersTag(dst, image.digest, descs, (m) => m.artifactType === GearMediaType.FilesManifest, 'last');
+  return keep.length;
+}
+
+/**
+ * The OCI referrers tag schema (`sha256-<hex of subject>`): read the image
+ * index under the tag, drop the entries `replaces` matches (earlier ones of
+ * ours), keep every other tool's, add `add` (first by default, so that
+ * readers that take the first match find the newest), write it back.
+ */
+export async function updateReferrersTag(
+  dst: Destination,
+  subject: string,
+  add: Record<string, unknown>[],
+  replaces: (m: { artifactType?: string }) => boolean,
+  position: 'first' | 'last' = 'first',
+): Promise<void> {
+  const tag = `sha256-${subject.slice('sha256:'.length)}`;
+  const existing = await dst.getManifest(tag).catch(() => undefined);
   let others: unknown[] = [];
   if (existing) {
     try {
       const doc = JSON.parse(existing.bytes.toString('utf8')) as { manifests?: { artifactType?: string }[] };
-      others = (doc.manifests ?? []).filter((m) => m && m.artifactType !== GearMediaType.FilesManifest);
+      others = (Array.isArray(doc.manifests) ? doc.manifests : []).filter((m) => m && typeof m === 'object' && !replaces(m));
     } catch {
       others = [];
     }
   }
-  const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: [...others, ...descs] }));
-  await dst.putManifest(referrersTag, referrers, MediaTypes.OciIndex);
-  return keep.length;
+  const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: position === 'first' ? [...add, ...others] : [...others, ...add] }));
+  await dst.putManifest(tag, referrers, MediaTypes.OciIndex);
 }

@@ -35,6 +35,8 @@ export interface Destination {
   /** Stores a manifest by digest (reference "sha256:…") or under a tag; returns its digest. */
   putManifest(reference: string, bytes: Buffer, mediaType: string): Promise<string>;
   getManifest(tag: string): Promise<{ bytes: Buffer; mediaType: string } | undefined>;
+  /** Registry destinations: true when the registry serves the OCI referrers API. */
+  hasReferrersApi?(digest: string): Promise<boolean>;
   close(): Promise<void>;
 }
 
@@ -53,6 +55,7 @@ export function registryDestination(reg: RegistryAccess): Destination {
     },
     putManifest: (r, b, m) => reg.putManifest(r, b, m),
     getManifest: (t) => reg.getManifest(t),
+    hasReferrersApi: (d) => reg.hasReferrersApi(d),
     close: () => reg.close(),
   };
 }

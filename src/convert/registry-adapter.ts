@@ -31,6 +31,8 @@ export interface RegistryAccess {
   putManifest(reference: string, bytes: Buffer, mediaType: string): Promise<string>;
   /** A manifest by tag, or undefined when the tag does not exist. */
   getManifest(tag: string): Promise<{ bytes: Buffer; mediaType: string } | undefined>;
+  /** True when the registry serves the OCI referrers API (asked about `digest`). */
+  hasReferrersApi(digest: string): Promise<boolean>;
   close(): Promise<void>;
 }
 
@@ -81,6 +83,7 @@ export function openRegistry(refText: string, client: RegistryClient): RegistryA
       const m = await client.getManifest({ ...repo, tag }, { noMirrors: true });
       return { bytes: m.bytes, mediaType: m.mediaType };
     },
+    hasReferrersApi: async (digest) => (await client.getReferrers(repo, digest)) !== undefined,
     close: () => client.close(),
   };
 }

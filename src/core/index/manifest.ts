@@ -43,6 +43,11 @@ export const GearMediaType = {
   FileGzip: 'application/vnd.gear.file.v1+gzip',
   /** artifactType of a keep-alive manifest that references Gear files. */
   FilesManifest: 'application/vnd.gear.files.v1',
+  /**
+   * artifactType of a Gear image manifest attached to its source image as an
+   * OCI referrer (`gear convert --attach`, docs/format.md §9).
+   */
+  IndexReferrer: 'application/vnd.gear.index.v1',
 } as const;
 
 /** Where the Gear files of an image live: one repository of one registry. */

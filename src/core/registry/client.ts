@@ -446,6 +446,44 @@ export class RegistryClient {
     return tags;
   }
 
+  /**
+   * The OCI referrers API (`GET /v2/<name>/referrers/<digest>`): the image
+   * index listing the manifests whose `subject` is `digest`, filtered by
+   * `artifactType` when given (a registry may ignore the filter; callers
+   * filter again). Returns undefined when the registry has no referrers API
+   * (404 without an OCI index, 400, 405): use the referrers tag schema then
+   * (referrers.ts).
+   */
+  async getReferrers(repoLike: RepoLike, digest: string, opts: RequestOptions & { artifactType?: string } = {}): Promise<ImageIndex | undefined> {
+    const repo = toRepositoryRef(repoLike);
+    checkDigest(digest);
+    const what = `GET referrers of ${formatReference(repo)}@${digest}`;
+    const query = opts.artifactType ? `?artifactType=${encodeURIComponent(opts.artifactType)}` : '';
+    const res = await this.send({
+      registry: repo.registry,
+      scopes: [repositoryScope(repo.repository, false)],
+      method: 'GET',
+      url: `/v2/${repo.repository}/referrers/${digest}${query}`,
+      headers: { accept: 'application/vnd.oci.image.index.v1+json' },
+      signal: opts.signal,
+      followRedirects: true,
+      what,
+    });
+    const type = header(res.headers, 'content-type')?.split(';')[0]?.trim();
+    if (res.status !== 200 || type !== 'application/vnd.oci.image.index.v1+json') {
+      // The spec: a registry with the API answers 200 with an index (possibly empty), also for an unknown digest.
+      if (res.status === 404 || res.status === 400 || res.status === 405 || res.status === 200) {
+        await res.body.dump().catch(() => undefined);
+        return undefined;
+      }
+      throw await statusError(res, what);
+    }
+    const bytes = await readCapped(res.body, this.maxManifest, what);
+    const parsed = parseManifest(bytes, type);
+    if (!isIndexMediaType(parsed.mediaType)) throw invalidArgument(`${what}: the answer is not an image index`);
+    return parsed.manifest as ImageIndex;
+  }
+
   private blobPath(repo: RepositoryRef, digest: string): string {
     return `/v2/${repo.repository}/blobs/${checkDigest(digest)}`;
   }

@@ -15,7 +15,9 @@ import * as protoLoader from '@grpc/proto-loader';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, unavailable } from '../../core/errors.js';
 import { openLayerStore, type LayerStoreOptions } from '../../core/layers/store.js';
+import { RegistryClient } from '../../core/registry/client.js';
 import { streamHandler, unaryHandler } from './handlers.js';
+import { RemoteSnapshots } from './remote.js';
 import { Snapshotter, type MountSpec, type SnapshotInfo } from './snapshotter.js';
 import type { SnapshotKind } from './metastore.js';
 
@@ -117,6 +119,34 @@ async function claimSocket(socket: string): Promise<void> {
   await unlink(socket);
 }
 
+/**
+ * Remote snapshots (remote.ts) serve images with an attached Gear index
+ * lazily; on unless GEAR_REMOTE_SNAPSHOTS=off, and only with the lazy
+ * machinery (a Gear index needs it).
+ */
+function enableRemoteSnapshots(
+  sn: Snapshotter,
+  layers: Awaited<ReturnType<typeof openLayerStore>>,
+  root: string,
+  opts: SnapshotterServerOptions,
+  log: Logger,
+): RemoteSnapshots | undefined {
+  const setting = process.env.GEAR_REMOTE_SNAPSHOTS ?? 'on';
+  if (setting === 'off' || !layers.lazyRuntime) {
+    log.info({ remoteSnapshots: false, reason: setting === 'off' ? 'GEAR_REMOTE_SNAPSHOTS=off' : 'lazy pull is off' }, 'remote snapshots disabled');
+    return undefined;
+  }
+  const lazy = typeof opts.storeOptions?.lazy === 'object' ? opts.storeOptions.lazy : {};
+  const envInsecure = (process.env.GEAR_INSECURE_REGISTRIES ?? '').split(',').map((h) => h.trim()).filter(Boolean);
+  const client = new RegistryClient({
+    insecureRegistries: lazy.insecureRegistries ?? envInsecure,
+    ...(lazy.dockerConfigPath ? { dockerConfigPath: lazy.dockerConfigPath } : {}),
+  });
+  const remote = new RemoteSnapshots({ snapshotter: sn, layers, client, tmpDir: path.join(root, 'snapshotter', 'remote'), logger: log.child({ component: 'remote' }) });
+  remote.install();
+  return remote;
+}
+
 export async function startSnapshotterServer(opts: SnapshotterServerOptions): Promise<SnapshotterServer> {
   const log = opts.logger;
   const root = path.resolve(opts.root);
@@ -128,6 +158,7 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
     await layers.close?.();
     throw err;
   }
+  const remote = enableRemoteSnapshots(sn, layers, root, opts, log);
 
   const def = protoLoader.loadSync(SERVICE_PROTO, {
     includeDirs: [PROTO_DIR],
@@ -220,6 +251,7 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
         });
       });
       await sn.drain();
+      await remote?.client.close().catch(() => undefined);
       const lazy = layers.lazyRuntime;
       if (lazy) log.info({ fetch: lazy.stats().fetch }, 'lazy pull totals');
       // The miss filesystem: uncached Gear files of running containers fail with EIO until the next start.

@@ -63,6 +63,28 @@ const MAX_GEAR_MOUNT_OPTIONS = 4096 - 512;
 /** One label's key plus value may not exceed this (containerd's labels.Validate). */
 export const MAX_LABEL_SIZE = 4096;
 
+/**
+ * Label of a snapshot that remote.ts made on Gear's own (containerd's
+ * remote-snapshot protocol): `empty` for a layer below an attached Gear index
+ * (it holds nothing; the index above it shows the whole image), `index` for
+ * the top layer, served by the Gear index tree.
+ */
+export const GEAR_REMOTE_LABEL = 'containerd.io/snapshot/gear.remote';
+
+/**
+ * A Prepare that remote.ts may answer itself: true when it created the
+ * committed snapshot named by the `containerd.io/snapshot.ref` label (Prepare
+ * then answers ALREADY_EXISTS), false to prepare normally.
+ */
+export type RemotePrepare = (key: string, parent: string, labels: Record<string, string>) => Promise<boolean>;
+
+/**
+ * Fills remote snapshots' empty layers (bottom first) with their real
+ * content, when a snapshot that is not on their Gear index needs them
+ * (another image shares the layers). remote.ts downloads and applies them.
+ */
+export type FillEmpty = (records: ReadonlyArray<Readonly<SnapshotRecord>>) => Promise<void>;
+
 /** Snapshot information as containerd sees it. */
 export interface SnapshotInfo {
   name: string;
@@ -141,6 +163,9 @@ export class Snapshotter {
   private readonly lock = new Mutex();
   /** Background work (layer removals) that shutdown waits for. */
   private readonly pending = new Set<Promise<void>>();
+  /** Remote snapshots (remote.ts), when enabled. */
+  private remote: RemotePrepare | undefined;
+  private fillEmpty: FillEmpty | undefined;
 
   private constructor(opts: SnapshotterOptions) {
     this.layers = opts.layers;
@@ -222,6 +247,88 @@ export class Snapshotter {
     return out;
   }
 
+  // ---- remote snapshots (remote.ts) ------------------------------------------
+
+  /** Lets `fn` answer Prepares that carry containerd's remote-snapshot labels. */
+  setRemotePrepare(fn: RemotePrepare | undefined, fill?: FillEmpty): void {
+    this.remote = fn;
+    this.fillEmpty = fill;
+  }
+
+  /** Marks a remote snapshot's empty layer as filled with its content (usage measured again). */
+  async markFilled(name: string, usage: Usage): Promise<void> {
+    await this.lock.run(async () => {
+      const cur = this.lookup(name);
+      const next: SnapshotRecord = { ...cur, labels: { ...cur.labels, [GEAR_REMOTE_LABEL]: 'filled' }, usage, updated: nowNs() };
+      await this.meta.write(next);
+      this.byName.set(name, next);
+    });
+  }
+
+  /** A live snapshot's record (a copy), or undefined. */
+  recordOf(name: string): Readonly<SnapshotRecord> | undefined {
+    const rec = this.byName.get(name);
+    return rec && !rec.state ? { ...rec, labels: { ...rec.labels } } : undefined;
+  }
+
+  /**
+   * Reserves a layer id for work that is not a snapshot yet (a Gear index
+   * layer being built): a record in state `creating` under `name`, so that a
+   * crash before adoptCommitted leaves a layer the next start removes.
+   */
+  async reserveLayer(layer: string, name: string): Promise<void> {
+    await this.lock.run(async () => {
+      if (this.byName.has(name)) throw alreadyExists(`snapshot ${name}: already exists`);
+      const t = nowNs();
+      const rec: SnapshotRecord = { layer, name, kind: 'committed', parent: '', labels: {}, created: t, updated: t, state: 'creating' };
+      await this.meta.write(rec);
+      this.byName.set(name, rec);
+    });
+  }
+
+  /** True when the store layer is a Gear index layer. */
+  layerIsGearIndex(layer: string): boolean {
+    return this.layers.lowerOf(layer).gear;
+  }
+
+  /** The diff directory of a store layer. */
+  async diffDirOf(layer: string): Promise<string> {
+    const dir = (await this.layers.metadata(layer)).UpperDir;
+    if (!dir) throw new GearError('Internal', `layer ${layer} has no diff directory`);
+    return dir;
+  }
+
+  /** Drops a reservation (its layer is the caller's to remove). */
+  async releaseLayer(name: string): Promise<void> {
+    await this.lock.run(async () => {
+      const rec = this.byName.get(name);
+      if (!rec || rec.state !== 'creating') return;
+      this.byName.delete(name);
+      await this.meta.delete(rec.layer);
+    });
+  }
+
+  /**
+   * Records an existing layer of ours as the committed snapshot `name` on
+   * `parent` (a remote snapshot). `reserved` names the reservation that holds
+   * the layer, if any. Fails with AlreadyExists when the name is taken.
+   */
+  async adoptCommitted(a: { name: string; parent: string; labels: Record<string, string>; layer: string; usage: Usage; reserved?: string }): Promise<void> {
+    const clean = cleanLabels(a.labels);
+    await this.lock.run(async () => {
+      if (this.byName.has(a.name)) throw alreadyExists(`committed snapshot ${a.name}: already exists`);
+      if (a.parent) {
+        const p = this.byName.get(a.parent);
+        if (!p || p.state || p.kind !== 'committed') throw notFound(`parent snapshot ${a.parent}: not found`);
+      }
+      const t = nowNs();
+      const rec: SnapshotRecord = { layer: a.layer, name: a.name, kind: 'committed', parent: a.parent, labels: clean, created: t, updated: t, usage: a.usage };
+      await this.meta.write(rec);
+      if (a.reserved && this.byName.get(a.reserved)?.layer === a.layer) this.byName.delete(a.reserved);
+      this.byName.set(a.name, rec);
+    });
+  }
+
   // ---- verbs -----------------------------------------------------------------
 
   prepare(key: string, parent: string, labels?: Record<string, string>): Promise<MountSpec[]> {
@@ -235,6 +342,10 @@ export class Snapshotter {
   private async create(kind: 'active' | 'view', key: string, parent: string, labels?: Record<string, string>): Promise<MountSpec[]> {
     if (!key) throw invalidArgument('snapshot key must not be empty');
     const clean = cleanLabels(labels);
+    if (kind === 'active' && this.remote && (await this.remote(key, parent, clean))) {
+      // containerd's remote-snapshot protocol: the target exists now; containerd finds it with List and skips the layer.
+      throw alreadyExists(`target snapshot ${clean['containerd.io/snapshot.ref']}: served by Gear (remote snapshot)`);
+    }
     const rec = await this.lock.run(async () => {
       if (this.byName.has(key)) throw alreadyExists(`snapshot ${key}: already exists`);
       let parentLayer = '';
@@ -288,7 +399,7 @@ export class Snapshotter {
   }
 
   private async mountsOf(rec: SnapshotRecord): Promise<MountSpec[]> {
-    const parents = this.parents(rec);
+    const parents = await this.visibleParents(rec);
     const diffOf = async (layer: string) => {
       const dir = (await this.layers.metadata(layer)).UpperDir;
       if (!dir) throw new GearError('Internal', `layer ${layer} has no diff directory`);
@@ -310,6 +421,42 @@ export class Snapshotter {
     }
     options.push(`lowerdir=${lowers.join(':')}`);
     return [{ type: 'overlay', source: 'overlay', options }];
+  }
+
+  /**
+   * The parents whose content a mount shows, nearest first: all of them, or,
+   * with a Gear index layer among them, those down to the nearest index layer.
+   * An index layer holds its image's whole tree, so what lies below it (only
+   * remote snapshots' empty layers, or layers of the original image that the
+   * index replaces) is never shown. A remote snapshot's empty layer that
+   * would be shown is first filled with its real content (remote.ts), or,
+   * when that cannot be done, refused: it does not hold its layer's files.
+   */
+  private async visibleParents(rec: SnapshotRecord): Promise<SnapshotRecord[]> {
+    const all = this.parents(rec);
+    const gear = all.findIndex((p) => this.layers.lowerOf(p.layer).gear);
+    let shown = gear < 0 ? all : all.slice(0, gear + 1);
+    const isEmpty = (p: SnapshotRecord) => p.labels[GEAR_REMOTE_LABEL] === 'empty';
+    if (shown.some(isEmpty) && this.fillEmpty) {
+      try {
+        await this.fillEmpty(shown.filter(isEmpty).reverse());
+      } catch (err) {
+        throw failedPrecondition(
+          `snapshot ${rec.name}: it sits on layers that Gear served from an attached Gear index (remote snapshots, empty of their own files), and filling them with their content failed: ${describeError(err)}; ` +
+            'make the registry reachable, or remove the Gear-served image (ctr image rm / docker rmi, then let containerd garbage-collect) so that containerd unpacks the layers again',
+          err,
+        );
+      }
+      shown = shown.map((p) => this.byName.get(p.name) ?? p);
+    }
+    const empty = shown.find(isEmpty);
+    if (empty) {
+      throw failedPrecondition(
+        `snapshot ${rec.name}: its parent ${empty.name} is a layer that Gear served from an attached Gear index (remote snapshot) and holds none of its own files, ` +
+          'but this snapshot is not on that Gear index (another image shares the layer); remove the Gear-served image (ctr image rm / docker rmi, then let containerd garbage-collect) so that containerd unpacks the layer again, then retry',
+      );
+    }
+    return shown;
   }
 
   /** Mounts of a snapshot with a Gear index layer among its parents (see the header). */
