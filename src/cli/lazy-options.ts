@@ -8,6 +8,7 @@ import type { LazyOptions } from '../core/lazy/runtime.js';
 import { parseMetricsAddress } from '../core/metrics/server.js';
 import { parseScrubInterval, parseScrubRate } from '../core/pool/scrubber.js';
 import type { LayerStoreOptions } from '../core/layers/store.js';
+import { parseRequireLazy, REQUIRE_LAZY_ENV } from '../core/stats/nonlazy.js';
 
 export interface LazyFlags {
   lazy: boolean;
@@ -19,6 +20,7 @@ export interface LazyFlags {
   scrubRate?: number;
   scrubInterval?: number;
   metricsAddress?: string;
+  requireLazy?: boolean;
 }
 
 /** A commander argParser from a parser that throws GearErrors (their message becomes the CLI error). */
@@ -42,7 +44,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
   return [...previous, ...value.split(',').map((s) => s.trim()).filter(Boolean)];
 }
 
-/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate, --scrub-interval and --metrics-address. */
+/** Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, --no-fuse-passthrough, --scrub-rate, --scrub-interval, --metrics-address and --require-lazy. */
 export function addLazyOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--no-lazy', 'do not mount the miss filesystem (Gear files then come only from the pool)'))
@@ -83,7 +85,24 @@ export function addLazyOptions(cmd: Command): Command {
             return v;
           }),
         ),
+    )
+    .addOption(
+      // Not .env(): commander turns a boolean flag on whenever its variable is set, even to "false".
+      new Option(
+        '--require-lazy',
+        `refuse containers on images that are not Gear images, naming the image and the remedy (env ${REQUIRE_LAZY_ENV}=true); without it they are counted and warned about`,
+      ),
     );
+}
+
+/** --require-lazy, else GEAR_REQUIRE_LAZY (true/false, 1/0, yes/no, on/off). */
+export function requireLazyFrom(f: LazyFlags): boolean {
+  if (f.requireLazy) return true;
+  try {
+    return parseRequireLazy(process.env[REQUIRE_LAZY_ENV]);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 /** The store's `lazy` option from the flags (registry credentials: $DOCKER_CONFIG, else ~/.docker/config.json). */
@@ -101,6 +120,6 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
 }
 
 /** The layer store's options from the shared flags: lazy machinery and metrics. */
-export function storeOptionsFrom(f: LazyFlags): Pick<LayerStoreOptions, 'lazy' | 'metricsAddress'> {
-  return { lazy: lazyStoreOption(f), ...(f.metricsAddress ? { metricsAddress: f.metricsAddress } : {}) };
+export function storeOptionsFrom(f: LazyFlags): Pick<LayerStoreOptions, 'lazy' | 'metricsAddress' | 'requireLazy'> {
+  return { lazy: lazyStoreOption(f), ...(f.metricsAddress ? { metricsAddress: f.metricsAddress } : {}), requireLazy: requireLazyFrom(f) };
 }

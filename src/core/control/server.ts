@@ -1,0 +1,102 @@
+/**
+ * The daemon's local control endpoint: HTTP over a unix socket at
+ * ROOT/gear-control.sock (socket-path.ts), mode 0600, owned by the daemon's
+ * user (root): only root talks to it. `gear stats` reads GET /v1/stats.
+ *
+ * Bounded: GET only, no request body accepted (a Content-Length above 0 or a
+ * chunked body is refused), 8 KiB of headers, 10 s per request, at most 16
+ * connections. The socket is created under a temporary name, restricted, then
+ * renamed into place, so it is never reachable with a wider mode.
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import path from 'node:path';
+import { describeError, errnoCode } from '../errors.js';
+import type { Logger } from '../log.js';
+import { CONTROL_SOCKET, socketPathIn } from './socket-path.js';
+
+export type ControlRoutes = Record<string, () => Promise<unknown> | unknown>;
+
+export interface ControlServer {
+  /** The socket's real path. */
+  readonly socket: string;
+  close(): Promise<void>;
+}
+
+const MAX_CONNECTIONS = 16;
+
+function send(res: ServerResponse, status: number, body: unknown): void {
+  const text = `${JSON.stringify(body)}\n`;
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) }).end(text);
+}
+
+/** Serves `routes` (GET path → JSON answer) at dir/gear-control.sock. */
+export async function serveControl(dir: string, routes: ControlRoutes, logger?: Logger): Promise<ControlServer> {
+  const handle = (req: IncomingMessage, res: ServerResponse) => {
+    const url = (req.url ?? '').split('?')[0]!;
+    const route = Object.hasOwn(routes, url) ? routes[url] : undefined;
+    if (!route) return send(res, 404, { error: `no such endpoint ${url.slice(0, 100)}; known: ${Object.keys(routes).join(', ')}` });
+    if (req.method !== 'GET') return send(res, 405, { error: 'only GET' });
+    const length = Number(req.headers['content-length'] ?? 0);
+    if (req.headers['transfer-encoding'] || !(length === 0)) return send(res, 413, { error: 'no request body accepted' });
+    Promise.resolve()
+      .then(route)
+      .then(
+        (body) => send(res, 200, body),
+        (err: unknown) => {
+          logger?.warn({ err: describeError(err), endpoint: url }, 'control: request failed');
+          send(res, 500, { error: describeError(err) });
+        },
+      );
+  };
+  const server: Server = createServer({ maxHeaderSize: 8192 }, handle);
+  server.requestTimeout = 10_000;
+  server.headersTimeout = 5_000;
+  server.maxHeadersCount = 32;
+  server.maxConnections = MAX_CONNECTIONS;
+
+  const real = path.join(path.resolve(dir), CONTROL_SOCKET);
+  const tmpName = `.gear-control-${randomBytes(4).toString('hex')}.sock`;
+  const tmp = socketPathIn(dir, tmpName);
+  const final = socketPathIn(dir, CONTROL_SOCKET);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(tmp.path, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    await fs.chmod(tmp.path, 0o600);
+    // Replaces the socket a previous (killed) daemon left behind.
+    await fs.rename(tmp.path, final.path);
+  } catch (err) {
+    server.close();
+    await fs.rm(tmp.path, { force: true }).catch(() => undefined);
+    throw err;
+  } finally {
+    tmp.release();
+    final.release();
+  }
+  server.on('error', (err) => logger?.warn({ err: describeError(err) }, 'control server'));
+  logger?.info({ socket: real }, 'control endpoint listening (gear stats)');
+  let closing: Promise<void> | undefined;
+  return {
+    socket: real,
+    close: () =>
+      (closing ??= (async () => {
+        server.closeAllConnections();
+        await new Promise<void>((resolve) => server.close(() => resolve()));
+        const p = socketPathIn(dir, CONTROL_SOCKET);
+        try {
+          // Another daemon on this root may have replaced it meanwhile; only an unused socket is ours to remove.
+          await fs.unlink(p.path);
+        } catch (err) {
+          if (errnoCode(err) !== 'ENOENT') logger?.warn({ err: describeError(err) }, 'control: could not remove the socket');
+        } finally {
+          p.release();
+        }
+      })()),
+  };
+}
