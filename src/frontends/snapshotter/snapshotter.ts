@@ -47,7 +47,7 @@ import {
 } from '../../core/errors.js';
 import { GEAR_OVERLAY_OPTIONS } from '../../core/layers/store.js';
 import type { IndexLayerAdoption, LayerStore } from '../../core/layers/types.js';
-import { isImageUnpack } from './containers.js';
+import { clientKey, isImageUnpack } from './containers.js';
 import { parseFilters } from './filters.js';
 import { MetaStore, type SnapshotKind, type SnapshotRecord, type TimestampNs } from './metastore.js';
 import { diskUsage, type Usage } from './usage.js';
@@ -246,7 +246,7 @@ export class Snapshotter {
         parentLayer = p.layer;
       }
       // A container's root (not an image unpack) on a chain without a Gear index layer: warned about, or refused before anything exists.
-      if (kind === 'active' && !isImageUnpack(key, labels)) this.layers.admitContainer?.(key, parentLayer, parent);
+      if (kind === 'active' && !isImageUnpack(key, labels)) this.layers.admitContainer?.(clientKey(key).key, parentLayer, clientKey(parent).key);
       const t = nowNs();
       const rec: SnapshotRecord = {
         layer: randomBytes(8).toString('hex'),
@@ -287,7 +287,7 @@ export class Snapshotter {
   /** Active snapshots that are containers (not unpacks): layer id → key (gear stats). */
   containerLayers(): Map<string, string> {
     const out = new Map<string, string>();
-    for (const r of this.byName.values()) if (r.kind === 'active' && !r.state && !isImageUnpack(r.name, r.labels)) out.set(r.layer, r.name);
+    for (const r of this.byName.values()) if (r.kind === 'active' && !r.state && !isImageUnpack(r.name, r.labels)) out.set(r.layer, clientKey(r.name).key);
     return out;
   }
 
