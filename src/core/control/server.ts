@@ -60,6 +60,7 @@ export async function serveControl(dir: string, routes: ControlRoutes, logger?: 
   const tmpName = `.gear-control-${randomBytes(4).toString('hex')}.sock`;
   const tmp = socketPathIn(dir, tmpName);
   const final = socketPathIn(dir, CONTROL_SOCKET);
+  let ino = 0;
   try {
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -71,6 +72,7 @@ export async function serveControl(dir: string, routes: ControlRoutes, logger?: 
     await fs.chmod(tmp.path, 0o600);
     // Replaces the socket a previous (killed) daemon left behind.
     await fs.rename(tmp.path, final.path);
+    ino = (await fs.stat(final.path)).ino;
   } catch (err) {
     server.close();
     await fs.rm(tmp.path, { force: true }).catch(() => undefined);
@@ -90,8 +92,8 @@ export async function serveControl(dir: string, routes: ControlRoutes, logger?: 
         await new Promise<void>((resolve) => server.close(() => resolve()));
         const p = socketPathIn(dir, CONTROL_SOCKET);
         try {
-          // Another daemon on this root may have replaced it meanwhile; only an unused socket is ours to remove.
-          await fs.unlink(p.path);
+          // A daemon started on this root since then has replaced it: that one is not ours to remove.
+          if ((await fs.stat(p.path)).ino === ino) await fs.unlink(p.path);
         } catch (err) {
           if (errnoCode(err) !== 'ENOENT') logger?.warn({ err: describeError(err) }, 'control: could not remove the socket');
         } finally {
