@@ -19,7 +19,7 @@ function amt(a: Amount, of?: Amount): string {
 }
 
 function table(rows: string[][]): string {
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  const widths = rows[0]!.map((_, i) => rows.reduce((w, r) => Math.max(w, r[i]!.length), 0));
   return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n');
 }
 
@@ -53,7 +53,7 @@ export function formatStats(r: StatsReport): string {
   if (r.containers.length > 0) {
     out.push('');
     const rows = [['CONTAINER', 'INDEX LAYER', 'FETCHED FOR IT', 'FOUND IN POOL']];
-    for (const c of r.containers) rows.push([(c.name ?? c.id).slice(0, 24), c.indexLayer.slice(0, 12), amt(c.fromRegistry), amt(c.fromPool)]);
+    for (const c of r.containers) rows.push([c.name ? c.name.slice(0, 32) : c.id.slice(0, 12), c.indexLayer.slice(0, 12), amt(c.fromRegistry), amt(c.fromPool)]);
     out.push(table(rows));
   }
   out.push('');
