@@ -9,6 +9,8 @@
 import fs from 'node:fs/promises';
 
 const MAX_CACHED = 1024;
+/** A namespace found not rooted on one of our overlays is asked again after this long (a container's init looks files up before its pivot_root). */
+const NEGATIVE_MS = 5_000;
 
 /** The layer id in an overlay's upperdir option, if it is ROOT/layers/<id>/diff (absolute or relative to ROOT). */
 export function upperLayerOf(superOptions: string, root: string): string | undefined {
@@ -37,16 +39,19 @@ export function rootLayerOf(mountinfo: string, root: string): string | undefined
 
 /** A resolver pid → container layer id of the store at root (undefined: not a container of this store). */
 export function callerResolver(root: string): (pid: number) => Promise<string | undefined> {
-  const byNs = new Map<string, string | undefined>();
+  // ns → layer, or the time a namespace was found not to be a container of ours (dockerd's own reads: /etc/passwd…).
+  const byNs = new Map<string, string | number>();
   return async (pid: number) => {
     const ns = await fs.readlink(`/proc/${pid}/ns/mnt`).catch(() => undefined);
     if (!ns) return undefined;
-    if (byNs.has(ns)) return byNs.get(ns);
+    const known = byNs.get(ns);
+    if (typeof known === 'string') return known;
+    if (known !== undefined && Date.now() - known < NEGATIVE_MS) return undefined;
     const info = await fs.readFile(`/proc/${pid}/mountinfo`, 'utf8').catch(() => '');
     const layer = rootLayerOf(info, root);
+    byNs.delete(ns);
     if (byNs.size >= MAX_CACHED) byNs.delete(byNs.keys().next().value!);
-    // A namespace not (yet) rooted on our overlay is not cached: a container's init may look up before pivot_root.
-    if (layer) byNs.set(ns, layer);
+    byNs.set(ns, layer ?? Date.now());
     return layer;
   };
 }
