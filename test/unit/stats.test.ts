@@ -4,7 +4,7 @@
  * container layer from mountinfo, the report's arithmetic, the unpack/container
  * split of containerd keys, and GEAR_REQUIRE_LAZY parsing.
  */
-import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -81,10 +81,12 @@ describe('control endpoint', () => {
 
   it('replaces a socket a killed daemon left behind', async () => {
     const root = tmp();
+    writeFileSync(join(root, '.gear-control-0badc0de.sock'), ''); // killed between bind and rename
     const first = await serveControl(root, { '/v1/ping': () => ({ n: 1 }) });
     // Not closed (as after kill -9): the next start takes the name over.
     const second = await serveControl(root, { '/v1/ping': () => ({ n: 2 }) });
     try {
+      expect(readdirSync(root)).toEqual(['gear-control.sock']);
       expect(await controlGet(root, '/v1/ping')).toEqual({ n: 2 });
       // The old one closing later leaves the new one's socket alone.
       await first.close();

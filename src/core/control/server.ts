@@ -57,6 +57,10 @@ export async function serveControl(dir: string, routes: ControlRoutes, logger?: 
   server.maxConnections = MAX_CONNECTIONS;
 
   const real = path.join(path.resolve(dir), CONTROL_SOCKET);
+  // A daemon killed between bind and rename left its temporary socket.
+  for (const name of await fs.readdir(dir).catch(() => [] as string[])) {
+    if (/^\.gear-control-[0-9a-f]{8}\.sock$/.test(name)) await fs.rm(path.join(dir, name), { force: true }).catch(() => undefined);
+  }
   const tmpName = `.gear-control-${randomBytes(4).toString('hex')}.sock`;
   const tmp = socketPathIn(dir, tmpName);
   const final = socketPathIn(dir, CONTROL_SOCKET);
