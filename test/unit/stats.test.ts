@@ -8,7 +8,12 @@ import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } 
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { controlGet } from '../../src/core/control/client.js';
+import { createHash, randomBytes } from 'node:crypto';
+import { writeFile } from 'node:fs/promises';
+import { Readable } from 'node:stream';
+import { cacheVerify } from '../../src/cli/cache.js';
+import { controlCall, controlGet } from '../../src/core/control/client.js';
+import { openLayerStore } from '../../src/core/layers/store.js';
 import { serveControl } from '../../src/core/control/server.js';
 import { MAX_SOCKET_PATH, socketPathIn } from '../../src/core/control/socket-path.js';
 import { rootLayerOf, upperLayerOf } from '../../src/core/stats/callers.js';
@@ -93,6 +98,33 @@ describe('control endpoint', () => {
       expect(await controlGet(root, '/v1/ping')).toEqual({ n: 2 });
     } finally {
       await second.close();
+    }
+  });
+});
+
+describe('gear cache verify through the control socket', () => {
+  it('scrubs in the daemon holding the pool, with progress, and refuses a bad rate', async () => {
+    const root = tmp();
+    const store = await openLayerStore({ root, lazy: { mountMissFs: false, scrubInterval: 0 } });
+    try {
+      const pool = store.lazyRuntime!.pool;
+      const good = randomBytes(300_000);
+      const bad = randomBytes(200_000);
+      for (const b of [good, bad]) await pool.addFromStream(Readable.from([b]), `sha256:${createHash('sha256').update(b).digest('hex')}`, b.length);
+      const badDigest = `sha256:${createHash('sha256').update(bad).digest('hex')}`;
+      await writeFile(pool.path(badDigest), randomBytes(bad.length));
+      const progress: number[] = [];
+      const r = await cacheVerify({ root, rate: 200_000, onProgress: (p) => progress.push(p.bytes) });
+      expect(r.by).toBe('daemon');
+      // The control socket's run (its ids start with ctl-), not the request file's.
+      expect(r.id).toMatch(/^ctl-[0-9a-f]{12}$/);
+      expect(r).toMatchObject({ bad: 1, removed: 1 });
+      expect(progress.length).toBeGreaterThan(0);
+      expect(pool.has(badDigest)).toBe(false);
+      await expect(controlCall(root, '/v1/cache/verify', { rate: '-5' })).rejects.toThrow(/rate "-5": expected a positive whole number/);
+      await expect(controlCall(root, '/v1/stats', {})).rejects.toThrow(/405/);
+    } finally {
+      await store.close?.();
     }
   });
 });

@@ -1,10 +1,13 @@
 /**
  * The daemon's local control endpoint: HTTP over a unix socket at
  * ROOT/gear-control.sock (socket-path.ts), mode 0600, owned by the daemon's
- * user (root): only root talks to it. `gear stats` reads GET /v1/stats.
+ * user (root): only root talks to it. `gear stats` reads GET /v1/stats;
+ * `gear cache verify` POSTs /v1/cache/verify?rate=N, a long call answered as
+ * JSON lines (`{"progress":…}` while it runs, then `{"result":…}` or
+ * `{"error":…}`), cancelled when the client goes away.
  *
- * Bounded: GET only, no request body accepted (a Content-Length above 0 or a
- * chunked body is refused), 8 KiB of headers, 10 s per request, at most 16
+ * Bounded: no request body accepted (a Content-Length above 0 or a chunked
+ * body is refused), 8 KiB of headers, 10 s to send the request, at most 16
  * connections. The socket is created under a temporary name, restricted, then
  * renamed into place, so it is never reachable with a wider mode.
  */
@@ -17,6 +20,9 @@ import type { Logger } from '../log.js';
 import { CONTROL_SOCKET, socketPathIn } from './socket-path.js';
 
 export type ControlRoutes = Record<string, () => Promise<unknown> | unknown>;
+/** A POST call: gets the query, reports progress lines, resolves its result; `signal` aborts when the client is gone. */
+export type ControlCall = (query: URLSearchParams, progress: (p: unknown) => void, signal: AbortSignal) => Promise<unknown>;
+export type ControlCalls = Record<string, ControlCall>;
 
 export interface ControlServer {
   /** The socket's real path. */
@@ -31,15 +37,35 @@ function send(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) }).end(text);
 }
 
-/** Serves `routes` (GET path → JSON answer) at dir/gear-control.sock. */
-export async function serveControl(dir: string, routes: ControlRoutes, logger?: Logger): Promise<ControlServer> {
+/** Answers a POST call with JSON lines: progress, then the result or the error. */
+async function runCall(call: ControlCall, query: URLSearchParams, res: ServerResponse, url: string, logger?: Logger): Promise<void> {
+  const controller = new AbortController();
+  res.on('close', () => controller.abort(new Error('the client went away')));
+  res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+  const line = (o: unknown) => {
+    if (!res.writableEnded && !res.destroyed) res.write(`${JSON.stringify(o)}\n`);
+  };
+  try {
+    line({ result: await call(query, (p) => line({ progress: p }), controller.signal) });
+  } catch (err) {
+    logger?.warn({ err: describeError(err), endpoint: url }, 'control: call failed');
+    line({ error: describeError(err), class: (err as { class?: unknown }).class ?? 'Internal' });
+  }
+  res.end();
+}
+
+/** Serves `routes` (GET path → JSON answer) and `calls` (POST path → JSON lines) at dir/gear-control.sock. */
+export async function serveControl(dir: string, routes: ControlRoutes, logger?: Logger, calls: ControlCalls = {}): Promise<ControlServer> {
   const handle = (req: IncomingMessage, res: ServerResponse) => {
-    const url = (req.url ?? '').split('?')[0]!;
+    const [url = '', qs = ''] = (req.url ?? '').split('?');
     const route = Object.hasOwn(routes, url) ? routes[url] : undefined;
-    if (!route) return send(res, 404, { error: `no such endpoint ${url.slice(0, 100)}; known: ${Object.keys(routes).join(', ')}` });
-    if (req.method !== 'GET') return send(res, 405, { error: 'only GET' });
+    const call = Object.hasOwn(calls, url) ? calls[url] : undefined;
+    if (!route && !call) return send(res, 404, { error: `no such endpoint ${url.slice(0, 100)}; known: ${[...Object.keys(routes), ...Object.keys(calls)].join(', ')}` });
+    const method = route ? 'GET' : 'POST';
+    if (req.method !== method) return send(res, 405, { error: `only ${method}` });
     const length = Number(req.headers['content-length'] ?? 0);
     if (req.headers['transfer-encoding'] || !(length === 0)) return send(res, 413, { error: 'no request body accepted' });
+    if (call) return void runCall(call, new URLSearchParams(qs.slice(0, 4096)), res, url, logger);
     Promise.resolve()
       .then(route)
       .then(

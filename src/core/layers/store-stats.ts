@@ -5,7 +5,8 @@
  * (control/server.ts). Kept out of store.ts, which only wires it in.
  */
 import { serveControl, type ControlServer } from '../control/server.js';
-import { describeError } from '../errors.js';
+import { randomBytes } from 'node:crypto';
+import { describeError, failedPrecondition, invalidArgument } from '../errors.js';
 import type { LazyRuntime } from '../lazy/runtime.js';
 import type { Prefetcher } from '../lazy/prefetch.js';
 import type { Logger } from '../log.js';
@@ -74,12 +75,42 @@ export class StoreStats {
   /** Starts the control endpoint at ROOT/gear-control.sock; a failure is logged, never fatal (gear stats then says so). */
   async serve(): Promise<void> {
     try {
-      this.control = await serveControl(this.src.root, {
-        '/v1/stats': () => this.report(),
-        '/v1/ping': () => ({ ok: true, pid: process.pid, root: this.src.root }),
-      }, this.src.logger);
+      this.control = await serveControl(
+        this.src.root,
+        {
+          '/v1/stats': () => this.report(),
+          '/v1/ping': () => ({ ok: true, pid: process.pid, root: this.src.root }),
+        },
+        this.src.logger,
+        { '/v1/cache/verify': (q, progress, signal) => this.verify(q, progress, signal) },
+      );
     } catch (err) {
       this.src.logger?.error({ err: describeError(err) }, 'cannot serve the control endpoint: gear stats will not reach this daemon');
+    }
+  }
+
+  /**
+   * `gear cache verify` through this daemon: a scrub now (after the one running, if any) at
+   * ?rate=BYTES/s (default: the daemon's), with its progress every 500 ms; the result is the
+   * scrub's record. The scrub goes on if the client leaves (it is the daemon's own work).
+   */
+  private async verify(q: URLSearchParams, progress: (p: unknown) => void, signal: AbortSignal): Promise<unknown> {
+    const scrubber = this.src.lazy()?.scrubber;
+    if (!scrubber) throw failedPrecondition('this daemon runs with lazy pull off: it does not hold the pool; stop it and run gear cache verify to scrub offline');
+    const rateText = q.get('rate');
+    const rate = rateText === null ? undefined : Number(rateText);
+    if (rate !== undefined && !(Number.isSafeInteger(rate) && rate > 0)) throw invalidArgument(`rate ${JSON.stringify(rateText)}: expected a positive whole number of bytes per second`);
+    const id = `ctl-${randomBytes(6).toString('hex')}`;
+    this.src.logger?.info({ id, rate }, 'scrub: requested by gear cache verify (control socket)');
+    const run = scrubber.runNow(id, rate);
+    const timer = setInterval(() => {
+      const r = scrubber.stats().running;
+      if (r?.id === id && !signal.aborted) progress(r.progress);
+    }, 500);
+    try {
+      return await run;
+    } finally {
+      clearInterval(timer);
     }
   }
 
