@@ -212,11 +212,13 @@ describe('stats report', () => {
 describe('non-Gear containers', () => {
   it('warns and counts, or refuses with the remedy under --require-lazy', () => {
     const warn = new NonLazyContainers({});
+    warn.admit({ id: 'c1', image: 'sha256:abc', layers: 1 }); // allowed: counted only once created
+    expect(warn.state().started).toBe(0);
     warn.note({ id: 'c1', image: 'sha256:abc', layers: 1 });
     expect(warn.state()).toMatchObject({ requireLazy: false, started: 1, refused: 0, last: { id: 'c1', image: 'sha256:abc' } });
     expect(Object.fromEntries(warn.status())['Non-Gear Containers']).toMatch(/^1 started, 0 refused \(last: c1 on sha256:abc\)$/);
     const strict = new NonLazyContainers({ requireLazy: true });
-    expect(() => strict.note({ id: 'c2', image: 'sha256:def', layers: 3 })).toThrow(/refusing container c2 on image sha256:def \(3 layers.*not a Gear image.*--require-lazy.*gear convert/);
+    expect(() => strict.admit({ id: 'c2', image: 'sha256:def', layers: 3 })).toThrow(/refusing container c2 on image sha256:def \(3 layers.*not a Gear image.*--require-lazy.*gear convert/);
     expect(strict.state()).toMatchObject({ started: 0, refused: 1 });
   });
 

@@ -49,13 +49,15 @@ export class StoreStats {
   }
 
   /**
-   * A container is about to be created on `parent` (its image's top layer, '' for none): when no
-   * Gear index layer is in that chain, warn and count it, or refuse it (--require-lazy).
+   * A container is about to be created on `parent` (its image's top layer, '' for none). When no
+   * Gear index layer is in that chain: refused here with --require-lazy, else the returned function
+   * (to call once the container exists) counts and warns about it.
    */
-  admitContainer(id: string, parent: string, image?: string): void {
-    if (parent && this.indexLayerOf(parent)) return;
-    const layers = parent ? 1 + (this.src.records.get(parent)?.lowers.length ?? 0) : 0;
-    this.nonLazy.note({ id, image: image ?? parent, layers });
+  admitContainer(id: string, parent: string, image?: string): (() => void) | undefined {
+    if (parent && this.indexLayerOf(parent)) return undefined;
+    const c = { id, image: image ?? parent, layers: parent ? 1 + (this.src.records.get(parent)?.lowers.length ?? 0) : 0 };
+    this.nonLazy.admit(c);
+    return () => this.nonLazy.note(c);
   }
 
   report(): StatsReport {

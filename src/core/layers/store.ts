@@ -495,8 +495,8 @@ class OverlayLayerStore implements LayerStore {
     });
   }
 
-  admitContainer(id: string, parent: string, image?: string): void {
-    this.stats.admitContainer(id, parent, image);
+  admitContainer(id: string, parent: string, image?: string): (() => void) | undefined {
+    return this.stats.admitContainer(id, parent, image);
   }
 
   async exists(id: string): Promise<boolean> {

@@ -94,11 +94,12 @@ export interface LayerStore {
   diffSize(id: string, parent: string): Promise<number>;
   /**
    * Optional (the core store has it): a container is about to be created on `parent`, its image's
-   * top layer ('' for none). Warns about and counts a container on an image without a Gear index
-   * layer, or throws FailedPrecondition when the store requires lazy images (--require-lazy).
-   * Creates nothing. `image` names the image for messages (default: the parent).
+   * top layer ('' for none). On an image without a Gear index layer it throws FailedPrecondition
+   * when the store requires lazy images (--require-lazy), else returns a function to call once the
+   * container is created, which counts and warns about it. Creates nothing. `image` names the
+   * image for messages (default: the parent).
    */
-  admitContainer?(id: string, parent: string, image?: string): void;
+  admitContainer?(id: string, parent: string, image?: string): (() => void) | undefined;
 }
 
 /** How a layer appears as the lower of the layers stacked on it. */

@@ -39,6 +39,10 @@ export function parseRequireLazy(value: string | undefined): boolean {
   throw failedPrecondition(`${REQUIRE_LAZY_ENV}=${JSON.stringify(value)}: expected true or false`);
 }
 
+function describe(c: NonLazyContainer): string {
+  return `container ${c.id} on image ${c.image || '(no image: an empty root)'} (${c.layers} layer${c.layers === 1 ? '' : 's'}, none of them a Gear index layer)`;
+}
+
 export class NonLazyContainers {
   readonly requireLazy: boolean;
   private started = 0;
@@ -53,13 +57,13 @@ export class NonLazyContainers {
 
   /**
    * A container is about to be created on an image without a Gear index
-   * layer: counted and warned about, or, with --require-lazy, refused (the
-   * caller has created nothing yet).
+   * layer: with --require-lazy it is refused here (the caller has created
+   * nothing yet); otherwise the caller creates it and then calls note().
    */
-  note(c: NonLazyContainer): void {
-    this.last = { ...c, at: Date.now() };
-    const what = `container ${c.id} on image ${c.image || '(no image: an empty root)'} (${c.layers} layer${c.layers === 1 ? '' : 's'}, none of them a Gear index layer)`;
+  admit(c: NonLazyContainer): void {
     if (this.requireLazy) {
+      const what = describe(c);
+      this.last = { ...c, at: Date.now() };
       this.refused++;
       this.log?.warn({ container: c.id, image: c.image, layers: c.layers }, `refused ${what}: --require-lazy is set`);
       throw failedPrecondition(
@@ -67,6 +71,12 @@ export class NonLazyContainers {
           'convert the image with `gear convert SOURCE DEST` and run the converted one, or drop --require-lazy to allow ordinary images',
       );
     }
+  }
+
+  /** Such a container was created: counted and warned about. */
+  note(c: NonLazyContainer): void {
+    const what = describe(c);
+    this.last = { ...c, at: Date.now() };
     this.started++;
     this.log?.warn(
       { container: c.id, image: c.image, layers: c.layers },

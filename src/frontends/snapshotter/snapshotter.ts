@@ -246,7 +246,7 @@ export class Snapshotter {
         parentLayer = p.layer;
       }
       // A container's root (not an image unpack) on a chain without a Gear index layer: warned about, or refused before anything exists.
-      if (kind === 'active' && !isImageUnpack(key, labels)) this.layers.admitContainer?.(clientKey(key).key, parentLayer, clientKey(parent).key);
+      const created = kind === 'active' && !isImageUnpack(key, labels) ? this.layers.admitContainer?.(clientKey(key).key, parentLayer, clientKey(parent).key) : undefined;
       const t = nowNs();
       const rec: SnapshotRecord = {
         layer: randomBytes(8).toString('hex'),
@@ -265,6 +265,7 @@ export class Snapshotter {
         else await this.layers.create(rec.layer, '', 'ro');
         delete rec.state;
         await this.meta.write(rec);
+        created?.();
       } catch (err) {
         this.byName.delete(key);
         await this.layers.remove(rec.layer).catch(() => undefined);
