@@ -11,7 +11,11 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { createHash, randomBytes } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { Readable } from 'node:stream';
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { cacheVerify } from '../../src/cli/cache.js';
+import { requireLazyFrom } from '../../src/cli/lazy-options.js';
+import { GEAR_CLI } from '../helpers/dockerd.js';
 import { controlCall, controlGet } from '../../src/core/control/client.js';
 import { openLayerStore } from '../../src/core/layers/store.js';
 import { serveControl } from '../../src/core/control/server.js';
@@ -220,6 +224,31 @@ describe('non-Gear containers', () => {
     const strict = new NonLazyContainers({ requireLazy: true });
     expect(() => strict.admit({ id: 'c2', image: 'sha256:def', layers: 3 })).toThrow(/refusing container c2 on image sha256:def \(3 layers.*not a Gear image.*--require-lazy.*gear convert/);
     expect(strict.state()).toMatchObject({ started: 0, refused: 1 });
+  });
+
+  it('takes --require-lazy or GEAR_REQUIRE_LAZY; a bad value fails the daemon\'s start naming it', () => {
+    const saved = process.env.GEAR_REQUIRE_LAZY;
+    try {
+      delete process.env.GEAR_REQUIRE_LAZY;
+      expect(requireLazyFrom({ lazy: true, insecureRegistry: [], fusePassthrough: true })).toBe(false);
+      expect(requireLazyFrom({ lazy: true, insecureRegistry: [], fusePassthrough: true, requireLazy: true })).toBe(true);
+      process.env.GEAR_REQUIRE_LAZY = 'true';
+      expect(requireLazyFrom({ lazy: true, insecureRegistry: [], fusePassthrough: true })).toBe(true);
+      process.env.GEAR_REQUIRE_LAZY = 'false';
+      expect(requireLazyFrom({ lazy: true, insecureRegistry: [], fusePassthrough: true })).toBe(false);
+    } finally {
+      if (saved === undefined) delete process.env.GEAR_REQUIRE_LAZY;
+      else process.env.GEAR_REQUIRE_LAZY = saved;
+    }
+    const dir = tmp();
+    const r = spawnSync(process.execPath, [GEAR_CLI, 'daemon', '--socket', join(dir, 'g.sock'), '--root', join(dir, 'root')], {
+      encoding: 'utf8',
+      env: { ...process.env, GEAR_REQUIRE_LAZY: 'maybe' },
+      timeout: 30_000,
+    });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/GEAR_REQUIRE_LAZY="maybe": expected true or false/);
+    expect(existsSync(join(dir, 'root'))).toBe(false);
   });
 
   it('parses GEAR_REQUIRE_LAZY and refuses values it does not know', () => {
