@@ -12,12 +12,14 @@
  *
  * `verify` re-hashes every pool file now and removes the bad ones (scrub.ts):
  * offline when no process holds the pool, else by asking the daemon that
- * holds it (scrubber.ts: a request file it watches), which scrubs with its own
- * bookkeeping of writes and evictions. Exit code 1 when bad files were found.
+ * holds it over its control socket (control/server.ts; a daemon without one
+ * is asked through the request file it watches, scrubber.ts), which scrubs
+ * with its own bookkeeping of writes and evictions. Exit code 1 when bad files were found.
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import path from 'node:path';
 import { GearError, isClass } from '../core/errors.js';
+import { controlCall } from '../core/control/client.js';
 import { inspectLock, describeHolder } from '../core/pool/lock.js';
 import { openPool, type EvictResult, type PoolStat } from '../core/pool/pool.js';
 import type { ScrubProgress } from '../core/pool/scrub.js';
@@ -88,6 +90,13 @@ export async function cacheVerify(opts: CacheVerifyOptions): Promise<ScrubRecord
   const dir = path.join(path.resolve(opts.root), 'pool');
   const holder = await inspectLock(path.join(dir, '.lock'));
   if (holder?.alive) {
+    // The daemon's control socket; a daemon without one (an older version) takes the request file.
+    try {
+      const rec = await controlCall<ScrubRecord>(opts.root, '/v1/cache/verify', opts.rate ? { rate: String(Math.round(opts.rate)) } : {}, (p) => opts.onProgress?.(p as ScrubProgress));
+      return { ...rec, by: 'daemon' };
+    } catch (err) {
+      if (!(isClass(err, 'FailedPrecondition') && /no Gear daemon is serving/.test((err as Error).message)) && !/answered 404/.test(String((err as Error).message))) throw err;
+    }
     const rec = await requestScrub(dir, { ...(opts.rate ? { rate: opts.rate } : {}), ...(opts.onProgress ? { onProgress: opts.onProgress } : {}) });
     return { ...rec, by: 'daemon' };
   }

@@ -24,6 +24,7 @@ else {
   (await import('./copy.js')).registerCopy(program);
   (await import('./prefetch.js')).registerPrefetch(program);
   (await import('./snapshotter.js')).registerSnapshotter(program);
+  (await import('./stats.js')).registerStats(program);
 }
 
 program.parseAsync(process.argv).catch((err: unknown) => {

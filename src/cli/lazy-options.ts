@@ -9,6 +9,7 @@ import { parseMetricsAddress } from '../core/metrics/server.js';
 import { parseScrubInterval, parseScrubRate } from '../core/pool/scrubber.js';
 import type { LayerStoreOptions } from '../core/layers/store.js';
 import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registry-options.js';
+import { parseRequireLazy, REQUIRE_LAZY_ENV } from '../core/stats/nonlazy.js';
 
 export interface LazyFlags extends MirrorFlags {
   lazy: boolean;
@@ -20,6 +21,7 @@ export interface LazyFlags extends MirrorFlags {
   scrubRate?: number;
   scrubInterval?: number;
   metricsAddress?: string;
+  requireLazy?: boolean;
 }
 
 /** A commander argParser from a parser that throws GearErrors (their message becomes the CLI error). */
@@ -45,7 +47,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
 
 /**
  * Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, the registry mirror options
- * (registry-options.ts), --no-fuse-passthrough, --scrub-rate, --scrub-interval and --metrics-address.
+ * (registry-options.ts), --no-fuse-passthrough, --scrub-rate, --scrub-interval, --metrics-address and --require-lazy.
  */
 export function addLazyOptions(cmd: Command): Command {
   return addMirrorOptions(cmd
@@ -87,7 +89,24 @@ export function addLazyOptions(cmd: Command): Command {
             return v;
           }),
         ),
+    )
+    .addOption(
+      // Not .env(): commander turns a boolean flag on whenever its variable is set, even to "false".
+      new Option(
+        '--require-lazy',
+        `refuse containers on images that are not Gear images, naming the image and the remedy (env ${REQUIRE_LAZY_ENV}=true); without it they are counted and warned about`,
+      ),
     );
+}
+
+/** --require-lazy, else GEAR_REQUIRE_LAZY (true/false, 1/0, yes/no, on/off). */
+export function requireLazyFrom(f: LazyFlags): boolean {
+  if (f.requireLazy) return true;
+  try {
+    return parseRequireLazy(process.env[REQUIRE_LAZY_ENV]);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
 /** The store's `lazy` option from the flags (registry credentials: $DOCKER_CONFIG, else ~/.docker/config.json). */
@@ -106,6 +125,6 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
 }
 
 /** The layer store's options from the shared flags: lazy machinery and metrics. */
-export function storeOptionsFrom(f: LazyFlags): Pick<LayerStoreOptions, 'lazy' | 'metricsAddress'> {
-  return { lazy: lazyStoreOption(f), ...(f.metricsAddress ? { metricsAddress: f.metricsAddress } : {}) };
+export function storeOptionsFrom(f: LazyFlags): Pick<LayerStoreOptions, 'lazy' | 'metricsAddress' | 'requireLazy'> {
+  return { lazy: lazyStoreOption(f), ...(f.metricsAddress ? { metricsAddress: f.metricsAddress } : {}), requireLazy: requireLazyFrom(f) };
 }

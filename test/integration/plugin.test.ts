@@ -21,6 +21,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { StatsReport } from '../../src/core/stats/report.js';
 import { DOCKER_BIN, DOCKERD_BIN, GEAR_CLI } from '../helpers/dockerd.js';
 import { driverStatus, inspectPlugin, PLUGIN_BUILD, pluginPids, startPrivateDockerd, type PrivateDockerd } from '../helpers/managed-plugin.js';
 import { pack as tarPack } from 'tar-stream';
@@ -232,6 +233,19 @@ describe.skipIf(!canRun)('managed Docker plugin', () => {
     expect(gets(untouched) - before.u).toBe(0);
     const st = await driverStatus(B!);
     expect(Number(st['Fetched Files'])).toBeGreaterThanOrEqual(1);
+    // gear stats from the host reaches the plugin's control socket in its propagated mount, whose path is longer
+    // than a unix socket path may be (it goes through a descriptor of the directory).
+    expect(st['Control Socket']).toBe('/var/lib/gear/store/gear-control.sock');
+    const id = (await inspectPlugin(B!, PLUGIN)).Id;
+    const mount = join(B!.dataRoot, 'plugins', id, 'propagated-mount');
+    expect(join(mount, 'store/gear-control.sock').length).toBeGreaterThan(107);
+    const stats = JSON.parse((await runOk(process.execPath, [GEAR_CLI, 'stats', '--root', mount, '--json'], { timeoutMs: 60_000 })).stdout) as StatsReport;
+    expect(stats.layers).toHaveLength(1);
+    expect(stats.layers[0]!.fromRegistry.files).toBe(Number(st['Fetched Files']));
+    expect(stats.layers[0]!.fromRegistry.bytes).toBeGreaterThanOrEqual(touched.length);
+    // The ordinary busybox of the test before ran on this dockerd: one non-Gear container.
+    expect(stats.nonLazy.started).toBe(1);
+    expect(st['Non-Gear Containers']).toMatch(/^1 started, 0 refused/);
   });
 
   it('disabling the plugin while dockerd uses it fails at once with a clear error', async () => {

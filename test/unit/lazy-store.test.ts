@@ -300,12 +300,21 @@ describe('gear index layers in the store', () => {
       expect(blobGets().length - before).toBe(2);
       expect(await fs.readFile(path.join(merged, 'etc/os-release'))).toEqual(files['etc/os-release']);
       expect(blobGets().length - before).toBe(3);
+      // gear stats: the prefetch fetched 2 of 2 listed; overlay read those 2 from the pool by itself (never
+      // seen by gear, so not "needed from the pool"), and the read of the unlisted one fetched it.
+      const s1 = store.stats.report().layers.find((l) => l.id === 'idx')!;
+      expect(s1.prefetch).toEqual({ state: 'done', listed: 2, cached: 0, fetched: 2, failed: 0, skipped: 0 });
+      expect(s1.fromRegistry.files).toBe(3);
+      expect(s1.neededFromPool.files).toBe(0);
+      expect(s1.neededFromRegistry.files).toBe(1);
+      expect(s1.containers).toBe(1);
       await store.put('ctr');
       // A second index listing files already in the pool fetches nothing.
       await store.create('idx2', '', 'ro');
       await store.applyDiff('idx2', '', Readable.from([tar]));
       await store.prefetch!.done('idx2');
       expect(blobGets().length - before).toBe(3);
+      expect(store.stats.report().layers.find((l) => l.id === 'idx2')!.prefetch).toMatchObject({ state: 'done', listed: 2, cached: 2, fetched: 0 });
     } finally {
       await store.close?.();
     }

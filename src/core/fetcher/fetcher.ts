@@ -131,7 +131,7 @@ export interface FetcherOptions {
 
 /** How a download ended, as metrics label it. */
 export type FetchOutcome = 'ok' | 'verify_failed' | 'deadline' | 'http_error' | 'error';
-export type FetchObserver = (outcome: FetchOutcome, seconds: number, bytes: number) => void;
+export type FetchObserver = (outcome: FetchOutcome, seconds: number, bytes: number, digest?: string) => void;
 
 /** The outcome label of a failed download. */
 export function fetchOutcomeOf(err: unknown, verifyFailed: boolean): FetchOutcome {
@@ -457,9 +457,9 @@ export class Fetcher {
     }
   }
 
-  private observe(outcome: FetchOutcome, started: number, bytes: number): void {
+  private observe(outcome: FetchOutcome, started: number, bytes: number, digest: string): void {
     try {
-      this.onFetchDone?.(outcome, (Date.now() - started) / 1000, bytes);
+      this.onFetchDone?.(outcome, (Date.now() - started) / 1000, bytes, digest);
     } catch (err) {
       this.log.debug({ err: describeError(err) }, 'fetch observer failed');
     }
@@ -493,7 +493,7 @@ export class Fetcher {
           await this.download(job, signal);
           this.counters.files++;
           this.counters.bytes += req.size;
-          this.observe('ok', started, req.size);
+          this.observe('ok', started, req.size, req.digest);
           this.log.debug({ digest: req.digest, size: req.size, ms: Date.now() - started }, 'fetched');
           break;
         } catch (err) {
@@ -528,7 +528,7 @@ export class Fetcher {
       if (!(e instanceof GearError)) {
         e = unavailable(`fetch ${req.digest} from ${req.location.registry}/${req.location.repository}: ${describeError(e)}; the next open tries again`, e);
       }
-      this.observe(fetchOutcomeOf(e, job.rejected === true), started, 0);
+      this.observe(fetchOutcomeOf(e, job.rejected === true), started, 0, req.digest);
       this.log.warn({ digest: req.digest, err: describeError(e) }, 'fetch failed');
       this.settle(job, e);
     } finally {

@@ -45,6 +45,7 @@ import { LayerActivity } from './layer-activity.js';
 import { peekHead } from './peek-head.js';
 import { isValidLayerId, MAX_LAYER_DEPTH, newLink, parseRecord, validateLayerId } from './records.js';
 import type { MetricsServer } from '../metrics/server.js';
+import { StoreStats } from './store-stats.js';
 import { hasIndexFormSignature, indexFormFromEnv, prefetchFilesOf } from './index-form.js';
 import { constants, native } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
@@ -87,6 +88,8 @@ export interface LayerStoreOptions {
   indexForm?: 'auto' | 'image' | 'dir';
   /** Serve Prometheus metrics at http://HOST:PORT/metrics while the store is open (metrics/registry.ts). */
   metricsAddress?: string;
+  /** Refuse containers on images without a Gear index layer (--require-lazy); they are always counted and warned about. */
+  requireLazy?: boolean;
 }
 
 /** How a layer is presented: its own dir as is, or an overlay mount. */
@@ -134,6 +137,8 @@ class OverlayLayerStore implements LayerStore {
   private readonly indexMounted = new Set<string>();
   private readonly metricsAddress: string | undefined;
   private metrics: MetricsServer | undefined;
+  /** Non-Gear containers, gear stats and the control endpoint (store-stats.ts). */
+  readonly stats: StoreStats;
 
   constructor(opts: LayerStoreOptions) {
     this.root = path.resolve(opts.root);
@@ -143,6 +148,7 @@ class OverlayLayerStore implements LayerStore {
     this.layersDir = path.join(this.root, 'layers');
     this.linksDir = path.join(this.root, 'l');
     this.indexFormOpt = opts.indexForm ?? indexFormFromEnv();
+    this.stats = new StoreStats({ root: this.root, records: this.records, lazy: () => this.lazy, prefetch: () => this.prefetcher, logger: this.log }, opts.requireLazy ?? false);
   }
 
   // ---- paths ---------------------------------------------------------------
@@ -269,6 +275,7 @@ class OverlayLayerStore implements LayerStore {
           layers: () => ({ layers: this.records.size, indexLayers: [...this.records.values()].filter((r) => r.gear).length }),
           prefetch: () => this.prefetcher?.progress(),
           resume: () => this.resume?.progress(),
+          nonLazy: () => this.stats.nonLazy.state(),
         })
       : undefined;
     if (this.lazyOpts) {
@@ -278,6 +285,7 @@ class OverlayLayerStore implements LayerStore {
       this.prefetcher = new Prefetcher({ pool: this.lazy.pool, fetcher: this.lazy.fetcher, catalog: this.lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
     }
     if (metrics) this.metrics = await (await import('../metrics/server.js')).serveMetrics(this.metricsAddress!, metrics.registry, this.log);
+    await this.stats.serve();
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
   }
 
@@ -374,6 +382,7 @@ class OverlayLayerStore implements LayerStore {
     this.lazy = undefined;
     await this.metrics?.close();
     this.metrics = undefined;
+    await this.stats.close();
     await this.prefetcher?.close();
     await this.resume?.close();
     await lazy?.close();
@@ -477,12 +486,17 @@ class OverlayLayerStore implements LayerStore {
       await syncDir(this.layersDir);
       await fs.rm(trash, { recursive: true, force: true });
       this.prefetcher?.stop(id);
+      this.lazy?.usage.forgetContainer(id);
       if (rec.gear && this.lazy) {
         this.lazy.catalog.remove(id);
         await this.lazy.pool.dropReferences(id);
       }
       this.log?.debug({ layer: id }, 'removed layer');
     });
+  }
+
+  admitContainer(id: string, parent: string, image?: string): (() => void) | undefined {
+    return this.stats.admitContainer(id, parent, image);
   }
 
   async exists(id: string): Promise<boolean> {
@@ -659,6 +673,7 @@ class OverlayLayerStore implements LayerStore {
       ...(this.prefetcher ? [['Prefetch', this.prefetcher.status()] as [string, string]] : []),
       ...(this.lazy ? [['Resume', this.resume ? this.resume.status() : 'none (no mounted container used a Gear index layer at start)'] as [string, string]] : []),
       ['Metrics', this.metrics ? `http://${this.metrics.address}/metrics` : 'off (--metrics-address)'],
+      ...this.stats.status(),
     ];
   }
 
@@ -1073,6 +1088,7 @@ export async function openLayerStore(
       readonly lazyRuntime: LazyRuntime | undefined;
       readonly prefetch: Prefetcher | undefined;
       readonly metricsEndpoint: string | undefined;
+      readonly stats: StoreStats;
     }
 > {
   const store = new OverlayLayerStore(opts);

@@ -92,6 +92,14 @@ export interface LayerStore {
   changes(id: string, parent: string): Promise<Change[]>;
   /** Bytes the layer adds relative to parent. */
   diffSize(id: string, parent: string): Promise<number>;
+  /**
+   * Optional (the core store has it): a container is about to be created on `parent`, its image's
+   * top layer ('' for none). On an image without a Gear index layer it throws FailedPrecondition
+   * when the store requires lazy images (--require-lazy), else returns a function to call once the
+   * container is created, which counts and warns about it. Creates nothing. `image` names the
+   * image for messages (default: the parent).
+   */
+  admitContainer?(id: string, parent: string, image?: string): (() => void) | undefined;
 }
 
 /** How a layer appears as the lower of the layers stacked on it. */

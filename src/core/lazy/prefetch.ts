@@ -133,6 +133,13 @@ export class Prefetcher {
     return { layers: this.runs.size, files, done, failed, running };
   }
 
+  /** One layer's prefetch in this run (gear stats), or undefined when it listed nothing. */
+  layerProgress(layer: string): { listed: number; cached: number; fetched: number; fetchedBytes: number; failed: number; skipped: number; running: boolean } | undefined {
+    const r = this.runs.get(layer);
+    if (!r) return undefined;
+    return { listed: r.todo.length + r.cached + r.skipped, cached: r.cached, fetched: r.fetched, fetchedBytes: r.fetchedBytes, failed: r.failed, skipped: r.skipped, running: r.finished === undefined };
+  }
+
   /** The line shown as "Prefetch" in the daemon status. */
   status(): string {
     if (this.runs.size === 0) return 'none (no index layer applied in this run lists files to prefetch)';

@@ -20,6 +20,7 @@ import type { MissFile, MissProvider } from '../missfs/types.js';
 import type { Pool } from '../pool/pool.js';
 import { BIG_FILE_MIN_BYTES } from '../index/manifest.js';
 import type { BlobCatalog } from './catalog.js';
+import type { UsageTracker } from '../stats/usage.js';
 
 export interface LazyProviderOptions {
   pool: Pool;
@@ -28,6 +29,8 @@ export interface LazyProviderOptions {
   logger?: Logger;
   /** Files of at least this size are streamed (see above). Default 8 MiB; Infinity turns streaming off. */
   streamMinBytes?: number;
+  /** Told of every need (hit or miss) and of the caller's pid (gear stats). */
+  usage?: UsageTracker;
 }
 
 export class LazyMissProvider implements MissProvider {
@@ -36,12 +39,14 @@ export class LazyMissProvider implements MissProvider {
   private readonly catalog: BlobCatalog;
   private readonly log: Logger;
   private readonly streamMinBytes: number;
+  private readonly usage: UsageTracker | undefined;
 
   constructor(opts: LazyProviderOptions) {
     this.streamMinBytes = opts.streamMinBytes ?? BIG_FILE_MIN_BYTES;
     this.pool = opts.pool;
     this.fetcher = opts.fetcher;
     this.catalog = opts.catalog;
+    this.usage = opts.usage;
     this.log = (opts.logger ?? silentLogger()).child({ component: 'lazy' });
   }
 
@@ -84,10 +89,12 @@ export class LazyMissProvider implements MissProvider {
     if (this.pool.has(digest)) {
       this.pool.touch(digest);
       this.pool.countUse(true);
+      this.usage?.noteNeed(digest, true);
       return { size: this.pool.sizeOf(digest) ?? size };
     }
     // A cold file: a miss, even though the open that follows finds it in the pool.
     this.pool.countUse(false);
+    this.usage?.noteNeed(digest, false);
     if (this.isBig(digest)) {
       this.requests(digest); // fail now when it cannot be fetched at all
       return { size }; // OPEN streams it
@@ -117,6 +124,10 @@ export class LazyMissProvider implements MissProvider {
     } finally {
       release();
     }
+  }
+
+  noteCaller(digest: string, pid: number): void {
+    this.usage?.noteCaller(digest, pid);
   }
 
   /** Opens served by the kernel from a passthrough backing file still count as uses (LRU). */

@@ -19,6 +19,8 @@ import type { RouteCounters } from '../registry/mirrors.js';
 import type { MirrorOptions } from '../registry/types.js';
 import { BlobCatalog } from './catalog.js';
 import { LazyMissProvider } from './provider.js';
+import { callerResolver } from '../stats/callers.js';
+import { UsageTracker } from '../stats/usage.js';
 
 export interface LazyOptions {
   /** Pool cap, bytes or "20GiB". Default: GEAR_CACHE_SIZE, else the previous run's, else 20GiB. */
@@ -61,6 +63,8 @@ export interface LazyRuntime {
   readonly catalog: BlobCatalog;
   readonly miss: MissFsMount | undefined;
   readonly scrubber: PoolScrubber;
+  /** What this run fetched and containers needed, per digest and container (gear stats). */
+  readonly usage: UsageTracker;
   status(): Array<[string, string]>;
   stats(): { pool: PoolStat; fetch: FetcherStats; miss: ReturnType<MissFsMount['stats']> | undefined; scrub: ScrubState; registry?: RouteCounters | undefined };
   close(): Promise<void>;
@@ -101,13 +105,18 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     // Request retries must fit in the fetch deadline.
     retry: { maxTotalMs: Math.max(1000, Math.floor(fetcherTimeout * 0.8)) },
   });
+  const usage = new UsageTracker({ resolveCaller: callerResolver(path.resolve(root)) });
+  const onFetchDone: FetchObserver = (outcome, seconds, bytes, digest) => {
+    usage.noteFetch(outcome, bytes, digest);
+    opts.onFetchDone?.(outcome, seconds, bytes, digest);
+  };
   const fetcher = new Fetcher({
     pool,
     client,
     logger,
     timeoutMs: fetcherTimeout,
     ...(opts.maxFetches ? { maxParallel: opts.maxFetches } : {}),
-    ...(opts.onFetchDone ? { onFetchDone: opts.onFetchDone } : {}),
+    onFetchDone,
   });
   const catalog = new BlobCatalog();
   const streamMin = opts.streamMinSize ?? (env.GEAR_STREAM_MIN_SIZE || undefined);
@@ -116,6 +125,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     fetcher,
     catalog,
     logger,
+    usage,
     ...(streamMin !== undefined ? { streamMinBytes: parseSize(streamMin) } : {}),
   });
   let miss: MissFsMount | undefined;
@@ -151,6 +161,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     catalog,
     miss,
     scrubber,
+    usage,
     stats: () => ({ pool: pool.stat(), fetch: fetcher.stats(), miss: miss?.stats(), scrub: scrubber.stats(), registry: client.routeCounters() }),
     status(): Array<[string, string]> {
       const p = pool.stat();

@@ -23,6 +23,7 @@ export interface MetricSources {
   layers?: () => { layers: number; indexLayers: number } | undefined;
   prefetch?: () => { layers: number; files: number; done: number; failed: number; running: number } | undefined;
   resume?: () => { state: string; total: number; inPool: number; left: number; failed: number } | undefined;
+  nonLazy?: () => { started: number; refused: number; requireLazy: boolean } | undefined;
 }
 
 export interface GearMetrics {
@@ -178,6 +179,18 @@ export function createGearMetrics(sources: MetricSources): GearMetrics {
   readCounter(registry, 'gear_scrub_runs_total', 'Pool scrubs run since the first one.', () => lazy()?.scrub.totals.runs);
   readCounter(registry, 'gear_scrub_bad_files_total', 'Pool files found altered at rest by scrubs since the first run.', () => lazy()?.scrub.totals.bad);
   readCounter(registry, 'gear_scrub_removed_files_total', 'Altered pool files that scrubs removed (they are fetched again on their next use).', () => lazy()?.scrub.totals.removed);
+
+  readCounter(
+    registry,
+    'gear_nonlazy_containers_total',
+    'Containers started on an image without a Gear index layer (nothing of them is lazy or deduplicated; convert the image with gear convert).',
+    () => sources.nonLazy?.()?.started,
+  );
+  readCounter(registry, 'gear_nonlazy_containers_refused_total', 'Containers on an image without a Gear index layer refused by --require-lazy.', () => sources.nonLazy?.()?.refused);
+  readGauge(registry, 'gear_require_lazy', '1 when --require-lazy refuses containers on non-Gear images, else 0.', () => {
+    const s = sources.nonLazy?.();
+    return s ? (s.requireLazy ? 1 : 0) : undefined;
+  });
 
   const fetchObserver: FetchObserver = (outcome, seconds, bytes) => {
     fetches.labels({ outcome }).inc();

@@ -838,6 +838,7 @@ export class MissFsSession implements MissFsMount {
       // e.g. after reclaiming only the dentry): its size is known, and open() fetches again if
       // the blob was evicted meanwhile, so the provider need not be asked twice.
       const known = this.nodes.get(this.inoFor(hex));
+      if (!known || known.nlookup <= 0n) this.provider.noteCaller?.(`sha256:${hex}`, p.pid);
       ({ size } = known && known.nlookup > 0n ? known : await this.sharedLookup(hex, p.controller.signal));
       if (!Number.isSafeInteger(size) || size < 0) throw internal(`provider returned an invalid size ${String(size)}`);
     } catch (err) {

@@ -38,6 +38,9 @@ export interface MissProvider {
    * digest per sweep; must not throw or block.
    */
   touch?(digest: string): void;
+
+  /** Optional: a LOOKUP of digest came from process pid (0: not visible from our pid namespace); called before lookup(). */
+  noteCaller?(digest: string, pid: number): void;
 }
 
 export interface MissFile {

@@ -103,7 +103,11 @@ export class GraphDriver {
   async create(req: DriverRequest, kind: 'ro' | 'rw'): Promise<DriverResponse> {
     const store = await this.#store();
     const opts = Object.keys(req.StorageOpt).length > 0 ? { storageOpt: req.StorageOpt } : undefined;
+    // A container's first read-write layer is its <id>-init layer on the image's top layer; its own
+    // layer then sits on that one. Warn about (or refuse, --require-lazy) a non-Gear image once, here.
+    const created = kind === 'rw' && !req.Parent.endsWith('-init') ? store.admitContainer?.(req.ID, req.Parent) : undefined;
     await store.create(req.ID, req.Parent, kind, opts);
+    created?.();
     return {};
   }
 

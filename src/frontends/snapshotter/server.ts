@@ -154,6 +154,8 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
   let sn: Snapshotter;
   try {
     sn = await Snapshotter.open({ layers, metaRoot: path.join(root, 'snapshotter'), logger: log.child({ component: 'snapshots' }) });
+    const snapshots = sn;
+    layers.stats.containers = () => snapshots.containerLayers();
   } catch (err) {
     await layers.close?.();
     throw err;

@@ -47,12 +47,13 @@ import {
 } from '../../core/errors.js';
 import { GEAR_OVERLAY_OPTIONS } from '../../core/layers/store.js';
 import type { IndexLayerAdoption, LayerStore } from '../../core/layers/types.js';
+import { clientKey, isImageUnpack } from './containers.js';
 import { parseFilters } from './filters.js';
 import { MetaStore, type SnapshotKind, type SnapshotRecord, type TimestampNs } from './metastore.js';
 import { diskUsage, type Usage } from './usage.js';
 
 /** What the snapshotter needs from the core's layer store. */
-export type SnapshotLayers = Pick<LayerStore, 'create' | 'remove' | 'exists' | 'metadata'> & IndexLayerAdoption;
+export type SnapshotLayers = Pick<LayerStore, 'create' | 'remove' | 'exists' | 'metadata' | 'admitContainer'> & IndexLayerAdoption;
 
 /**
  * containerd mounts an overlay itself and only compacts lowerdir (which "::"
@@ -355,6 +356,8 @@ export class Snapshotter {
         if (p.kind !== 'committed') throw invalidArgument(`parent ${parent} is not a committed snapshot`);
         parentLayer = p.layer;
       }
+      // A container's root (not an image unpack) on a chain without a Gear index layer: warned about, or refused before anything exists.
+      const created = kind === 'active' && !isImageUnpack(key, labels) ? this.layers.admitContainer?.(clientKey(key).key, parentLayer, clientKey(parent).key) : undefined;
       const t = nowNs();
       const rec: SnapshotRecord = {
         layer: randomBytes(8).toString('hex'),
@@ -373,6 +376,7 @@ export class Snapshotter {
         else await this.layers.create(rec.layer, '', 'ro');
         delete rec.state;
         await this.meta.write(rec);
+        created?.();
       } catch (err) {
         this.byName.delete(key);
         await this.layers.remove(rec.layer).catch(() => undefined);
@@ -390,6 +394,13 @@ export class Snapshotter {
       await this.remove(key).catch((e: unknown) => this.log?.warn({ key, err: describeError(e) }, 'could not undo a refused snapshot'));
       throw err;
     }
+  }
+
+  /** Active snapshots that are containers (not unpacks): layer id → key (gear stats). */
+  containerLayers(): Map<string, string> {
+    const out = new Map<string, string>();
+    for (const r of this.byName.values()) if (r.kind === 'active' && !r.state && !isImageUnpack(r.name, r.labels)) out.set(r.layer, clientKey(r.name).key);
+    return out;
   }
 
   async mounts(key: string): Promise<MountSpec[]> {
