@@ -151,12 +151,15 @@ export function renderSvg(r: AnalyzeReport): string {
   o.push(`<text x="${matrixX}" y="${chartTop - 30}" font-size="15" font-weight="bold">File content shared between images</text>`);
   o.push(`<text x="${matrixX}" y="${chartTop - 12}" font-size="12" fill="#555">cell: bytes both hold, and the share of the row image's distinct content</text>`);
   const gx = matrixX + labelW;
+  // Label every row and column while they fit, else every k-th.
+  const rowStep = Math.max(1, Math.ceil(13 / cell));
+  const colStep = Math.max(1, Math.ceil((n >= 100 ? 30 : 22) / cell));
   const bytes = r.sharing.bytes;
   for (let a = 0; a < n; a++) {
     const y = matrixTop + a * cell;
     const rowLabel = showNames ? `${a + 1} ${shorten(r.images[a]!.name, 32)}` : `${a + 1}`;
-    if (showNames || n <= 40 || a % Math.ceil(n / 40) === 0) {
-      o.push(`<text x="${gx - 6}" y="${y + cell / 2 + 4}" text-anchor="end" font-size="${Math.min(12, cell)}">${esc(rowLabel)}</text>`);
+    if (a % rowStep === 0) {
+      o.push(`<text x="${gx - 6}" y="${y + cell / 2 + 4}" text-anchor="end" font-size="${Math.min(12, Math.max(8, cell * rowStep - 3))}">${esc(rowLabel)}</text>`);
     }
     for (let b = 0; b < n; b++) {
       const own = bytes[a]![a]!;
@@ -171,7 +174,7 @@ export function renderSvg(r: AnalyzeReport): string {
     }
   }
   for (let b = 0; b < n; b++) {
-    if (n <= 40 || b % Math.ceil(n / 40) === 0) {
+    if (b % colStep === 0) {
       o.push(`<text x="${gx + b * cell + cell / 2}" y="${matrixTop + n * cell + 16}" text-anchor="middle" font-size="${Math.min(12, Math.max(8, cell))}">${b + 1}</text>`);
     }
   }
