@@ -123,18 +123,20 @@ export class ContentMeter {
     if (this.chunks) {
       const keys: string[] = [];
       const cs = this.chunks.size;
-      for (let off = 0; off < data.length; off += cs) keys.push(await this.measureChunk(data.subarray(off, off + cs)));
+      // A content of one chunk is that chunk: its stored size is the file's (same bytes, same rule).
+      if (data.length <= cs) keys.push(await this.measureChunk(data, stored));
+      else for (let off = 0; off < data.length; off += cs) keys.push(await this.measureChunk(data.subarray(off, off + cs)));
       this.chunks.setContentChunks(key, keys);
     }
     this.table.add(key, data.length, stored, gzDigest);
   }
 
-  /** Hashes a chunk and, when new, finds its stored size; returns its key. */
-  private async measureChunk(chunk: Buffer): Promise<string> {
+  /** Hashes a chunk and, when new, finds its stored size (unless given); returns its key. */
+  private async measureChunk(chunk: Buffer, knownStored?: number): Promise<string> {
     const ck = createHash('sha256').update(chunk).digest().subarray(0, 16).toString('latin1');
     if (this.chunks!.has(ck)) return ck;
-    let stored = chunk.length;
-    if (wouldGzip(chunk.length, this.policy)) {
+    let stored = knownStored ?? chunk.length;
+    if (knownStored === undefined && wouldGzip(chunk.length, this.policy)) {
       const gz = await gzipAsync(chunk, { level: this.policy.gzipLevel });
       if (keepsGzip(chunk.length, gz.length)) stored = gz.length;
     }
@@ -182,12 +184,16 @@ export class ContentMeter {
           }
         }
       }
-      if (chunk && fill > 0) chunkKeys.push(await this.measureChunk(chunk.subarray(0, fill)));
-      chunk = undefined;
       if (gz) {
         gz.end();
         await gzDone;
       }
+      if (chunk && fill > 0) {
+        // The whole content in one chunk: the file's own gzip decides (it is the same bytes).
+        const whole = chunkKeys.length === 0 ? (gz && wouldGzip(size, this.policy) && keepsGzip(size, gzSize) ? gzSize : size) : undefined;
+        chunkKeys.push(await this.measureChunk(chunk.subarray(0, fill), whole));
+      }
+      chunk = undefined;
     } catch (err) {
       gz?.destroy();
       throw err;

@@ -6,10 +6,10 @@
  *   L0 (base):  a.txt=A(1000) a-copy=A b.bin=B(3000) c.txt=C(5000 'x') empty=(0) h→b.bin (hard link) s→a.txt (symlink)
  *   L1:         d=D(2000), whiteout of c.txt
  *   L2:         e2=E(4000) f=D
- *   L3:         a=A e=E g=G(20000 'y')
+ *   L3:         a=A e=E g=G(20000 'y') h.dat=H(300000 'h', streamed rather than read whole)
  *   image 1 = oci [L0, L1]    files a.txt a-copy b.bin d          (c.txt hidden)
  *   image 2 = oci [L0, L2]    files a.txt a-copy b.bin c.txt e2 f
- *   image 3 = docker-archive [L3]  files a e g
+ *   image 3 = docker-archive [L3]  files a e g h.dat
  * The analyze figures are then checked against what `gear convert` of the
  * same images into one OCI layout reports uploading.
  */
@@ -41,6 +41,7 @@ const C = Buffer.alloc(5000, 'x');
 const D = noise('D', 2000);
 const E = noise('E', 4000);
 const G = Buffer.alloc(20000, 'y');
+const H = Buffer.alloc(300000, 'h');
 const gz = (b: Buffer) => gzipSync(b, { level: 6 }).length;
 
 const L0: LayerEntry[] = [
@@ -61,6 +62,7 @@ const L3: LayerEntry[] = [
   { path: 'a', content: A },
   { path: 'e', content: E },
   { path: 'g', content: G },
+  { path: 'h.dat', content: H },
 ];
 
 let work: string;
@@ -96,19 +98,19 @@ describe('gear analyze: a hand-computed case', () => {
     const [i1, i2, i3] = report.images;
     expect(i1).toMatchObject({ files: 4, fileBytes: 7000, distinctContents: 3, distinctBytes: 6000, duplicateFiles: 1, duplicateBytes: 1000, uniqueContents: 0, uniqueBytes: 0, layers: 2 });
     expect(i2).toMatchObject({ files: 6, fileBytes: 16000, distinctContents: 5, distinctBytes: 15000, duplicateFiles: 1, duplicateBytes: 1000, uniqueContents: 1, uniqueBytes: 5000, layers: 2 });
-    expect(i3).toMatchObject({ files: 3, fileBytes: 25000, distinctContents: 3, distinctBytes: 25000, duplicateFiles: 0, duplicateBytes: 0, uniqueContents: 1, uniqueBytes: 20000, layers: 1 });
+    expect(i3).toMatchObject({ files: 4, fileBytes: 325000, distinctContents: 4, distinctBytes: 325000, duplicateFiles: 0, duplicateBytes: 0, uniqueContents: 2, uniqueBytes: 320000, layers: 1 });
   });
 
   it('reports file-level redundancy within and across images', () => {
     expect(report.files).toEqual({
-      files: 13,
-      bytes: 48000,
-      distinct: 6,
-      distinctBytes: 35000,
+      files: 14,
+      bytes: 348000,
+      distinct: 7,
+      distinctBytes: 335000,
       withinImages: { files: 2, bytes: 2000 },
       acrossImages: { files: 5, bytes: 11000 },
-      storedBytes: 1000 + 3000 + 2000 + 4000 + gz(C) + gz(G),
-      gzipBlobs: 2,
+      storedBytes: 1000 + 3000 + 2000 + 4000 + gz(C) + gz(G) + gz(H),
+      gzipBlobs: 3,
       rawBlobs: 4,
     });
   });
@@ -118,7 +120,7 @@ describe('gear analyze: a hand-computed case', () => {
     expect(report.sharing.bytes).toEqual([
       [6000, 6000, 1000],
       [6000, 15000, 5000],
-      [1000, 5000, 25000],
+      [1000, 5000, 325000],
     ]);
   });
 
@@ -149,16 +151,17 @@ describe('gear analyze: a hand-computed case', () => {
   });
 
   it('reports fixed-size chunks: files cut on their own, identical chunks once', () => {
-    // A, B, D, E: one chunk each; C: 4096 + 904 'x'; G: 4 × 4096 'y' (one distinct) + 3616 'y'.
-    const gzChunks = [Buffer.alloc(4096, 'x'), Buffer.alloc(904, 'x'), Buffer.alloc(4096, 'y'), Buffer.alloc(3616, 'y')].map(gz);
+    // A, B, D, E: one chunk each; C: 4096 + 904 'x'; G: 4 × 4096 'y' (one distinct) + 3616 'y';
+    // H: 73 × 4096 'h' (one distinct) + 992 'h'.
+    const gzChunks = [Buffer.alloc(4096, 'x'), Buffer.alloc(904, 'x'), Buffer.alloc(4096, 'y'), Buffer.alloc(3616, 'y'), Buffer.alloc(4096, 'h'), Buffer.alloc(992, 'h')].map(gz);
     expect(report.chunks).toEqual({
       size: 4096,
-      chunks: 4 + 7 + 7,
-      bytes: 48000,
-      distinct: 8,
-      distinctBytes: 1000 + 3000 + 2000 + 4000 + 4096 + 904 + 4096 + 3616,
+      chunks: 4 + 7 + (1 + 1 + 5 + 74),
+      bytes: 348000,
+      distinct: 10,
+      distinctBytes: 1000 + 3000 + 2000 + 4000 + 4096 + 904 + 4096 + 3616 + 4096 + 992,
       storedBytes: 1000 + 3000 + 2000 + 4000 + gzChunks.reduce((a, b) => a + b, 0),
-      gzipChunks: 4,
+      gzipChunks: 6,
     });
   });
 
@@ -185,6 +188,12 @@ describe('gear analyze: a hand-computed case', () => {
     expect(blobs).toBe(report.storage.gear.blobs);
   });
 
+  it('gives a content of one chunk the stored size of the file (read whole or streamed)', async () => {
+    const r = await runAnalyze([img3], { progress: false, chunks: '1MiB', storage: 'auto', rawAbove: '8MiB', formatVersion: '2', insecureRegistry: [] });
+    expect(r.chunks).toMatchObject({ distinct: 4, distinctBytes: 325000, storedBytes: 1000 + 4000 + gz(G) + gz(H), gzipChunks: 2 });
+    expect(r.chunks!.storedBytes).toBe(r.files.storedBytes);
+  });
+
   it('predicts raw storage and --raw-above as convert applies them', async () => {
     const raw = await runAnalyze([img2], { progress: false, storage: 'raw', rawAbove: '8MiB', formatVersion: '2', insecureRegistry: [] });
     expect(raw.files.storedBytes).toBe(15000);
@@ -198,7 +207,7 @@ describe('gear analyze: a hand-computed case', () => {
 
   it('prints a table naming every figure', () => {
     const text = formatReport(report);
-    expect(text).toMatch(/3 image\(s\), 5 layer\(s\) \(4 distinct\), 13 file\(s\) \(6 distinct contents\)/);
+    expect(text).toMatch(/3 image\(s\), 5 layer\(s\) \(4 distinct\), 14 file\(s\) \(7 distinct contents\)/);
     expect(text).toContain('files, duplicate across images');
     expect(text).toContain('Gear (gear convert)');
     expect(text).toContain('chunks of 4.0 KiB, distinct');
