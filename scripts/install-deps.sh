@@ -15,6 +15,7 @@ packages=(
   golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite
   iproute2 attr zstd pigz util-linux
   fsverity             # `fsverity digest`: reference for the fs-verity digest tests
+  fonts-dejavu-core    # text in `gear analyze --plot FILE.png` (resvg uses the system fonts)
 )
 
 missing=()
