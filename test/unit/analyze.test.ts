@@ -241,6 +241,12 @@ describe('gear analyze: a hand-computed case', () => {
     await expect(runAnalyze([`oci:${join(work, 'nope')}`], base)).rejects.toThrow(/nope.*no index\.json/);
   });
 
+  it('refuses a hostile tar entry as gear convert does, naming the image', async () => {
+    const evil = join(work, 'evil');
+    await writeOciImage(evil, [[{ path: 'ok', content: 'fine' }, { path: '../escape', content: 'out' }]]);
+    await expect(analyzeImages([{ name: 'evil-image', open: () => openOciLayout(evil) }])).rejects.toThrow(/evil-image: .*path traversal/);
+  });
+
   it('refuses a layer that does not match its digest, naming the image', async () => {
     const bad = join(work, 'bad');
     await writeOciImage(bad, [L1], { corruptLayer: (_i, b) => Buffer.concat([b, Buffer.from('junk')]) });
