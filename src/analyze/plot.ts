@@ -36,13 +36,13 @@ function heat(t: number): string {
   return `rgb(${mix.join(',')})`;
 }
 
-/** The smallest 1, 2, 2.5 or 5 × 1024^k × 10^j at or above `v` (a round axis top in IEC units). */
+/** The smallest round number (1, 1.2, 1.5, 2 … 8 × 10^j × 1024^k) at or above `v`: the axis top, in IEC units. */
 function niceCeiling(v: number): number {
   let unit = 1;
   while (v / unit >= 1024) unit *= 1024;
   const x = v / unit;
   const p = 10 ** Math.floor(Math.log10(x));
-  const m = [1, 2, 2.5, 5, 10].find((k) => k * p >= x) ?? 10;
+  const m = [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10].find((k) => k * p >= x) ?? 10;
   return m * p * unit;
 }
 
