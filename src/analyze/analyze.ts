@@ -120,6 +120,12 @@ function isCompressed(head: Uint8Array): boolean {
   return (head.length >= 2 && head[0] === 0x1f && head[1] === 0x8b) || (head.length >= 4 && head[0] === 0x28 && head[1] === 0xb5 && head[2] === 0x2f && head[3] === 0xfd);
 }
 
+/** The error, its message prefixed with the image's name unless it already starts with it. */
+function naming(name: string, err: unknown): Error {
+  const msg = err instanceof Error ? err.message : String(err);
+  return new Error(msg.startsWith(name) ? msg : `${name}: ${msg}`, { cause: err });
+}
+
 function counting(src: AsyncIterable<Uint8Array>, onBytes: (n: number) => void): AsyncIterable<Uint8Array> {
   return (async function* () {
     for await (const c of src) {
@@ -159,7 +165,7 @@ export async function analyzeImages(inputs: ImageInput[], opts: AnalyzeOptions =
     try {
       src = await input.open();
     } catch (err) {
-      throw new Error(`${input.name}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+      throw naming(input.name, err);
     }
     try {
       const flat = new Flattener(meter);
@@ -264,7 +270,7 @@ export async function analyzeImages(inputs: ImageInput[], opts: AnalyzeOptions =
       fig.seconds = Number(process.hrtime.bigint() - tImage) / 1e9;
       images.push(fig);
     } catch (err) {
-      throw new Error(`${input.name}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+      throw naming(input.name, err);
     } finally {
       await src.close();
     }
