@@ -241,6 +241,31 @@ describe('gear analyze: a hand-computed case', () => {
     await expect(runAnalyze([`oci:${join(work, 'nope')}`], base)).rejects.toThrow(/nope.*no index\.json/);
   });
 
+  it('builds the pairwise matrix for many images from grouped image sets', async () => {
+    // 120 images: S in all, P0 in the even ones, P1 in the odd ones, U<i> in image i only.
+    const n = 120;
+    const S = noise('S', 700);
+    const P = [noise('P0', 300), noise('P1', 500)];
+    const inputs = [];
+    for (let i = 0; i < n; i++) {
+      const dir = join(work, 'many', String(i));
+      await writeOciImage(dir, [[{ path: 's', content: S }, { path: 'p', content: P[i % 2]! }, { path: 'u', content: noise(`U${i}`, 100 + i) }]]);
+      inputs.push({ name: `img-${i}`, open: () => openOciLayout(dir) });
+    }
+    const r = await analyzeImages(inputs);
+    expect(r.files.distinct).toBe(3 + n);
+    expect(r.files.acrossImages.files).toBe((n - 1) + (n / 2 - 1) * 2);
+    for (const [a, b] of [[0, 1], [0, 2], [7, 9], [7, 8], [118, 119], [3, 3]] as const) {
+      const want = a === b ? 700 + P[a % 2]!.length + 100 + a : 700 + (a % 2 === b % 2 ? P[a % 2]!.length : 0);
+      expect(r.sharing.bytes[a]![b], `${a},${b}`).toBe(want);
+    }
+    expect(r.images[5]).toMatchObject({ uniqueContents: 1, uniqueBytes: 105 });
+    const text = formatReport(r);
+    expect(text).toContain('Most file content shared between two images');
+    expect(text).toMatch(/\n\s*\d+\s+img-\d+\s+\d+\s+img-\d+\s+1\.2 KiB\n/); // an odd pair: S + P1 = 1200 bytes
+    expect(renderSvg(r).match(/<rect [^>]*><title>/g)!.length).toBeGreaterThanOrEqual(n * n);
+  });
+
   it('refuses a hostile tar entry as gear convert does, naming the image', async () => {
     const evil = join(work, 'evil');
     await writeOciImage(evil, [[{ path: 'ok', content: 'fine' }, { path: '../escape', content: 'out' }]]);
