@@ -114,34 +114,49 @@ try {
   const docker = await startRegistry('docker');
   const gear = await startRegistry('gear');
 
-  const rows = [];
-  for (const [tag, tars] of images) {
-    const uncompressed = tars.reduce((s, t) => s + statSync(t).size, 0);
-    execFileSync('skopeo', ['copy', '-q', '--dest-tls-verify=false', `oci:${oci}:${tag}`, `docker://${docker.host}/bench/img:${tag}`]);
-    const t0 = Date.now();
-    const out = execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', '--concurrency', '8', `oci:${oci}:${tag}`, `${gear.host}/bench/img:${tag}`], { maxBuffer: 1 << 26 });
-    const s = JSON.parse(out.toString());
-    rows.push({ tag, uncompressed, ...s, wall: (Date.now() - t0) / 1000 });
-  }
-  // Flatten + gzip cost without the registry (OCI layout destination), to separate converter CPU from registry overhead.
-  const t1 = Date.now();
-  const local = JSON.parse(execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', `oci:${oci}:c`, `oci:${join(work, 'local')}:c`], { maxBuffer: 1 << 26 }).toString());
-  const localWall = (Date.now() - t1) / 1000;
-  const t2 = Date.now();
-  const localRaw = JSON.parse(execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', '--storage', 'raw', `oci:${oci}:c`, `oci:${join(work, 'local-raw')}:c`], { maxBuffer: 1 << 26 }).toString());
-  const localRawWall = (Date.now() - t2) / 1000;
+  // gear analyze over the same images: its table and plot, its time, and (below) its prediction vs what convert uploads.
+  const plot = process.env.GEAR_BENCH_PLOT ?? join(tmpdir(), 'gear-bench-analyze.png');
+  const ta = Date.now();
+  const analyzeArgs = [GEAR, 'analyze', '--no-progress', '--location', `${gear.host}/bench/img`, '--plot', plot, ...images.map(([tag]) => `oci:${oci}:${tag}`)];
+  console.log(execFileSync('node', analyzeArgs, { maxBuffer: 1 << 26 }).toString().trimEnd());
+  const analyzeWall = (Date.now() - ta) / 1000;
+  const predicted = JSON.parse(execFileSync('node', [...analyzeArgs.filter((a) => a !== plot && a !== '--plot'), '--json'], { maxBuffer: 1 << 26 }).toString());
+  console.log(`gear analyze: ${images.length} images in ${analyzeWall.toFixed(1)} s (plot: ${plot})`);
+  // `bench/convert.sh --analyze-only`: the analysis alone (registries and the work dir still cleaned up by finally).
+  converting: {
+    if (process.argv.includes('--analyze-only')) break converting;
 
-  const dockerBytes = du(join(docker.root, 'data/docker/registry/v2/blobs'));
-  const gearBytes = du(join(gear.root, 'data/docker/registry/v2/blobs'));
-  console.log('image  layers(MB,uncompressed)  files  unique  logical(MB)  uploaded(MB)  skipped(MB)  index(KB)  convert(s)  MB/s');
-  for (const r of rows) {
-    console.log(
-      `${r.tag.padEnd(6)} ${mb(r.uncompressed).padStart(10)} ${String(r.files).padStart(19)} ${String(r.uniqueContents).padStart(7)} ${mb(r.logicalBytes).padStart(12)} ${mb(r.bytesUploaded).padStart(13)} ${mb(r.bytesSkipped).padStart(12)} ${(r.indexSize / 1e3).toFixed(0).padStart(10)} ${r.seconds.toFixed(1).padStart(11)} ${(r.layerBytes / 1e6 / r.seconds).toFixed(1).padStart(5)}`,
-    );
+    const rows = [];
+    for (const [tag, tars] of images) {
+      const uncompressed = tars.reduce((s, t) => s + statSync(t).size, 0);
+      execFileSync('skopeo', ['copy', '-q', '--dest-tls-verify=false', `oci:${oci}:${tag}`, `docker://${docker.host}/bench/img:${tag}`]);
+      const t0 = Date.now();
+      const out = execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', '--concurrency', '8', `oci:${oci}:${tag}`, `${gear.host}/bench/img:${tag}`], { maxBuffer: 1 << 26 });
+      const s = JSON.parse(out.toString());
+      rows.push({ tag, uncompressed, ...s, wall: (Date.now() - t0) / 1000 });
+    }
+    // Flatten + gzip cost without the registry (OCI layout destination), to separate converter CPU from registry overhead.
+    const t1 = Date.now();
+    const local = JSON.parse(execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', `oci:${oci}:c`, `oci:${join(work, 'local')}:c`], { maxBuffer: 1 << 26 }).toString());
+    const localWall = (Date.now() - t1) / 1000;
+    const t2 = Date.now();
+    const localRaw = JSON.parse(execFileSync('node', [GEAR, 'convert', '--json', '--no-progress', '--storage', 'raw', `oci:${oci}:c`, `oci:${join(work, 'local-raw')}:c`], { maxBuffer: 1 << 26 }).toString());
+    const localRawWall = (Date.now() - t2) / 1000;
+
+    const dockerBytes = du(join(docker.root, 'data/docker/registry/v2/blobs'));
+    const gearBytes = du(join(gear.root, 'data/docker/registry/v2/blobs'));
+    console.log('image  layers(MB,uncompressed)  files  unique  logical(MB)  uploaded(MB)  skipped(MB)  index(KB)  convert(s)  MB/s');
+    for (const r of rows) {
+      console.log(
+        `${r.tag.padEnd(6)} ${mb(r.uncompressed).padStart(10)} ${String(r.files).padStart(19)} ${String(r.uniqueContents).padStart(7)} ${mb(r.logicalBytes).padStart(12)} ${mb(r.bytesUploaded).padStart(13)} ${mb(r.bytesSkipped).padStart(12)} ${(r.indexSize / 1e3).toFixed(0).padStart(10)} ${r.seconds.toFixed(1).padStart(11)} ${(r.layerBytes / 1e6 / r.seconds).toFixed(1).padStart(5)}`,
+      );
+    }
+    console.log(`to an OCI layout (no registry), image c, gzip-when-worth-it: ${localWall.toFixed(1)} s, ${(local.layerBytes / 1e6 / local.seconds).toFixed(1)} MB/s; raw: ${localRawWall.toFixed(1)} s, ${(localRaw.layerBytes / 1e6 / localRaw.seconds).toFixed(1)} MB/s; stored ${mb(local.bytesUploaded)} vs ${mb(localRaw.bytesUploaded)} MB`);
+    console.log(`registry storage for images a+b+c: Docker (gzip layers) ${mb(dockerBytes)} MB, Gear ${mb(gearBytes)} MB, ratio Gear/Docker ${(gearBytes / dockerBytes).toFixed(3)} (${((1 - gearBytes / dockerBytes) * 100).toFixed(1)}% less)`);
+    const uploaded = rows.reduce((n, r) => n + r.bytesUploaded, 0);
+    console.log(`gear analyze predicted ${predicted.storage.gear.totalBytes} bytes of Gear blobs, convert uploaded ${uploaded} (${predicted.storage.gear.totalBytes === uploaded ? 'equal' : 'DIFFERENT'}); analyze ${analyzeWall.toFixed(1)} s vs convert ${rows.reduce((n, r) => n + r.wall, 0).toFixed(1)} s`);
+    console.log(`machine load at the end: ${readFileSync('/proc/loadavg', 'utf8').trim()}`);
   }
-  console.log(`to an OCI layout (no registry), image c, gzip-when-worth-it: ${localWall.toFixed(1)} s, ${(local.layerBytes / 1e6 / local.seconds).toFixed(1)} MB/s; raw: ${localRawWall.toFixed(1)} s, ${(localRaw.layerBytes / 1e6 / localRaw.seconds).toFixed(1)} MB/s; stored ${mb(local.bytesUploaded)} vs ${mb(localRaw.bytesUploaded)} MB`);
-  console.log(`registry storage for images a+b+c: Docker (gzip layers) ${mb(dockerBytes)} MB, Gear ${mb(gearBytes)} MB, ratio Gear/Docker ${(gearBytes / dockerBytes).toFixed(3)} (${((1 - gearBytes / dockerBytes) * 100).toFixed(1)}% less)`);
-  console.log(`machine load at the end: ${readFileSync('/proc/loadavg', 'utf8').trim()}`);
 } finally {
   for (const c of children) c.kill('SIGTERM');
   await new Promise((r) => setTimeout(r, 500));

@@ -17,6 +17,7 @@ packages=(
   fsverity             # `fsverity digest`: reference for the fs-verity digest tests
   systemd              # systemd-analyze verify of the installed units (test/integration/install.test.ts)
   python3-yaml         # parses deploy/kubernetes/*.yaml (test/unit/kubernetes-manifest.test.ts)
+  fonts-dejavu-core    # text in `gear analyze --plot FILE.png` (resvg uses the system fonts)
 )
 
 missing=()

@@ -21,6 +21,7 @@ else {
   (await import('./daemon.js')).registerDaemon(program);
   (await import('./cache.js')).registerCache(program);
   (await import('./convert.js')).registerConvert(program);
+  (await import('./analyze.js')).registerAnalyze(program);
   (await import('./copy.js')).registerCopy(program);
   (await import('./prefetch.js')).registerPrefetch(program);
   (await import('./snapshotter.js')).registerSnapshotter(program);

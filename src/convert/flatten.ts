@@ -88,7 +88,8 @@ export class Flattener {
   private readonly root: Dir = { kind: 'dir', header: implicitDir(), children: new Map() };
   readonly stats: FlattenStats = { layerBytes: 0, entries: 0 };
 
-  constructor(private readonly stage: ContentStage) {}
+  // Only `add` is used: gear analyze passes a sink that measures contents instead of staging them.
+  constructor(private readonly stage: Pick<ContentStage, 'add'>) {}
 
   /**
    * Applies one layer given as an uncompressed tar byte stream. `name` is
