@@ -147,9 +147,29 @@ function enableRemoteSnapshots(
   return remote;
 }
 
+/**
+ * The Snapshots service definition from the packaged proto. Loaded before the layer store opens: a broken
+ * install (proto/ missing) then fails the start before any FUSE mount exists that could hold the exit.
+ */
+function loadSnapshotsService(): grpc.ServiceDefinition {
+  const def = protoLoader.loadSync(SERVICE_PROTO, {
+    includeDirs: [PROTO_DIR],
+    keepCase: true,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  const pkg = grpc.loadPackageDefinition(def) as unknown as {
+    containerd: { services: { snapshots: { v1: { Snapshots: grpc.ServiceClientConstructor } } } };
+  };
+  return pkg.containerd.services.snapshots.v1.Snapshots.service;
+}
+
 export async function startSnapshotterServer(opts: SnapshotterServerOptions): Promise<SnapshotterServer> {
   const log = opts.logger;
   const root = path.resolve(opts.root);
+  const service = loadSnapshotsService();
   const layers = await openLayerStore({ root, logger: log.child({ component: 'layers' }), ...opts.storeOptions });
   let sn: Snapshotter;
   try {
@@ -162,18 +182,6 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
   }
   const remote = enableRemoteSnapshots(sn, layers, root, opts, log);
 
-  const def = protoLoader.loadSync(SERVICE_PROTO, {
-    includeDirs: [PROTO_DIR],
-    keepCase: true,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-  });
-  const pkg = grpc.loadPackageDefinition(def) as unknown as {
-    containerd: { services: { snapshots: { v1: { Snapshots: grpc.ServiceClientConstructor } } } };
-  };
-  const service = pkg.containerd.services.snapshots.v1.Snapshots.service;
 
   const unary = <Req, Res>(rpc: string, fn: Handler<Req, Res>) => unaryHandler(log, rpc, fn);
 
@@ -233,6 +241,7 @@ export async function startSnapshotterServer(opts: SnapshotterServerOptions): Pr
       ),
     );
   } catch (err) {
+    await remote?.client.close().catch(() => undefined);
     await layers.close?.();
     throw err;
   }
