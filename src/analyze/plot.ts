@@ -85,7 +85,7 @@ export function renderSvg(r: AnalyzeReport): string {
   const n = r.images.length;
   const showNames = n <= 16;
   const showValues = n <= 10;
-  const labelW = showNames ? Math.min(240, 14 + 7 * Math.max(...r.images.map((im) => shorten(im.name, 32).length), 4)) : 40;
+  const labelW = showNames ? Math.min(240, 14 + 7 * r.images.reduce((m, im) => Math.max(m, shorten(im.name, 32).length), 4)) : 40;
   const cell = n <= 10 ? 64 : Math.max(4, Math.floor(560 / n));
   const matrixW = labelW + n * cell;
 
@@ -109,7 +109,7 @@ export function renderSvg(r: AnalyzeReport): string {
   );
 
   // Bar chart.
-  const max = niceCeiling(Math.max(1, ...bars.map((b) => b.segments.reduce((a, g) => a + g.bytes, 0))));
+  const max = niceCeiling(bars.reduce((m, b) => Math.max(m, b.segments.reduce((a, g) => a + g.bytes, 0)), 1));
   o.push(`<text x="${chartX}" y="${chartTop - 30}" font-size="15" font-weight="bold">Registry storage per scheme</text>`);
   for (let t = 0; t <= 4; t++) {
     const y = chartTop + chartH - (chartH * t) / 4;
