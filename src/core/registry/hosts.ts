@@ -31,6 +31,21 @@ import { DOCKER_HUB, DOCKER_HUB_API_HOST } from './reference.js';
 export const DEFAULT_REGISTRY_CONFIG_DIR = '/etc/containerd/certs.d';
 
 const MAX_HOSTS_FILE = 64 << 10;
+
+/** A hosts.toml's text; undefined when there is none (missing, or not a regular file). Bounded; unreadable is an error naming it. */
+async function readHostsFile(file: string): Promise<string | undefined> {
+  try {
+    const st = await stat(file);
+    if (!st.isFile()) return undefined;
+    if (st.size > MAX_HOSTS_FILE) throw invalidArgument(`${file}: larger than ${MAX_HOSTS_FILE} bytes`);
+    return await readFile(file, 'utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') return undefined;
+    if (err instanceof GearError) throw err;
+    throw invalidArgument(`${file}: cannot read: ${(err as Error).message}`);
+  }
+}
 const MAX_HOSTS = 16;
 const MAX_URL = 2048;
 const MAX_HEADERS = 32;
@@ -328,17 +343,8 @@ export class HostsConfig {
     if (dir) {
       for (const d of hostDirCandidates(dir, registry)) {
         const file = path.join(d, 'hosts.toml');
-        let text: string;
-        try {
-          const st = await stat(file);
-          if (!st.isFile()) continue;
-          if (st.size > MAX_HOSTS_FILE) throw invalidArgument(`${file}: larger than ${MAX_HOSTS_FILE} bytes`);
-          text = await readFile(file, 'utf8');
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as NodeJS.ErrnoException).code === 'ENOTDIR') continue;
-          if (err instanceof GearError) throw err;
-          throw invalidArgument(`${file}: cannot read: ${(err as Error).message}`);
-        }
+        const text = await readHostsFile(file);
+        if (text === undefined) continue;
         hosts = await parseHostsToml(text, file, d, origin);
         break;
       }
@@ -361,16 +367,8 @@ export class HostsConfig {
     let n = 0;
     for (const name of names) {
       const file = path.join(dir, name, 'hosts.toml');
-      let text: string;
-      try {
-        const st = await stat(file);
-        if (!st.isFile()) continue;
-        if (st.size > MAX_HOSTS_FILE) throw invalidArgument(`${file}: larger than ${MAX_HOSTS_FILE} bytes`);
-        text = await readFile(file, 'utf8');
-      } catch (err) {
-        if (err instanceof GearError) throw err;
-        continue;
-      }
+      const text = await readHostsFile(file);
+      if (text === undefined) continue;
       const registry = name === '_default' ? 'example.invalid' : name.replace(/^(.*)_([0-9]+)_$/, '$1:$2');
       await parseHostsToml(text, file, path.join(dir, name), defaultOrigin(registry, this.opts.allowsHttp));
       n++;
