@@ -14,7 +14,12 @@
  *   (default /run/containerd/runc); CNI dirs under the temp dir) and
  *   io.containerd.grpc.v1.cri (the CRI gRPC service on containerd's own
  *   socket; its streaming server on 127.0.0.1, a free port);
- * - gear as a proxy plugin (`[proxy_plugins.gear] type = "snapshot"`);
+ * - gear as a proxy plugin (`[proxy_plugins.gear] type = "snapshot"`), exporting
+ *   `enable_remote_snapshot_annotations = "true"` (unless remoteSnapshotAnnotations
+ *   is false): the CRI pulls through the transfer service (its default
+ *   `disable_snapshot_annotations = true` leaves it there), which passes
+ *   containerd's remote-snapshot labels only to a snapshotter exporting that,
+ *   and only then can gear deploy an original image from its attached Gear index;
  * - NRI off (it would listen on /var/run/nri/nri.sock) and the opt plugin's
  *   path under the temp dir (default /opt/containerd);
  * - the transfer service (which the CRI pulls through by default, and ctr
@@ -68,6 +73,18 @@ export interface CriContainerdOptions {
   gearArgs?: string[];
   /** gear log level (default debug). */
   gearLogLevel?: string;
+  /**
+   * Whether the gear proxy plugin exports `enable_remote_snapshot_annotations = "true"` (default true, as
+   * docs/containerd.md's node config does): the CRI's transfer-service pull then passes containerd's
+   * remote-snapshot labels, so an original image with an attached Gear index is deployed from that index.
+   */
+  remoteSnapshotAnnotations?: boolean;
+  /**
+   * Written as the CRI images plugin's `disable_snapshot_annotations` when given (containerd 2.x's default is
+   * true). false makes the CRI pass the remote-snapshot labels itself, but also switches its pulls from the
+   * transfer service to its older local pull (containerd logs "Falling back to local image pull mode").
+   */
+  disableSnapshotAnnotations?: boolean;
 }
 
 export interface CriContainerd {
@@ -104,7 +121,16 @@ export function criMissing(): string | undefined {
  * parts are the same a real node uses (docs/containerd.md shows them); only
  * the paths are the test's.
  */
-export function criConfig(p: { base: string; ctrdSocket: string; gearSocket: string; hostsDir: string; cniDir: string; restrictOomScoreAdj: boolean }): string {
+export function criConfig(p: {
+  base: string;
+  ctrdSocket: string;
+  gearSocket: string;
+  hostsDir: string;
+  cniDir: string;
+  restrictOomScoreAdj: boolean;
+  remoteSnapshotAnnotations?: boolean;
+  disableSnapshotAnnotations?: boolean;
+}): string {
   return `version = 3
 root = "${p.base}/root"
 state = "${p.base}/state"
@@ -123,14 +149,14 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   [proxy_plugins.gear]
     type = "snapshot"
     address = "${p.gearSocket}"
-
+${p.remoteSnapshotAnnotations === false ? '' : '    exports = { enable_remote_snapshot_annotations = "true" }\n'}
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = "${p.base}/opt"
 
   [plugins."io.containerd.cri.v1.images"]
     snapshotter = "gear"
-    [plugins."io.containerd.cri.v1.images".pinned_images]
+${p.disableSnapshotAnnotations === undefined ? '' : `    disable_snapshot_annotations = ${p.disableSnapshotAnnotations}\n`}    [plugins."io.containerd.cri.v1.images".pinned_images]
       sandbox = "${SANDBOX_IMAGE}"
     [plugins."io.containerd.cri.v1.images".registry]
       config_path = "${p.hostsDir}"
@@ -278,7 +304,19 @@ export async function startCriContainerd(opts: CriContainerdOptions = {}): Promi
     if (!(await waitFor(() => !running(g) || existsSync(gearSocket), 30_000, 100)) || !running(g)) {
       throw new Error(`gear snapshotter did not listen:\n${tailFile(logs.gear)}`);
     }
-    writeFileSync(configFile, criConfig({ base, ctrdSocket, gearSocket, hostsDir, cniDir, restrictOomScoreAdj: !canLowerOomScoreAdj() }));
+    writeFileSync(
+      configFile,
+      criConfig({
+        base,
+        ctrdSocket,
+        gearSocket,
+        hostsDir,
+        cniDir,
+        restrictOomScoreAdj: !canLowerOomScoreAdj(),
+        remoteSnapshotAnnotations: opts.remoteSnapshotAnnotations,
+        disableSnapshotAnnotations: opts.disableSnapshotAnnotations,
+      }),
+    );
     // containerd finds the 2.1 shim first in PATH; the shim runs BinaryName (Debian 12's runc).
     containerd = spawnLogged(CONTAINERD21, ['--config', configFile], logs.containerd, {
       ...process.env,
