@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# make bench: overlay2 vs Gear benchmark (not a test). Needs root, the build
-# (make build ran scripts/install-deps.sh and tsc) and the cached minbase
-# image (/var/cache/gear-test; built on first use, ~3 min). Installs nothing.
+# make bench: overlay2 vs Gear (and eStargz) benchmark (not a test). Needs root,
+# the build (make build ran scripts/install-deps.sh and tsc) and the cached
+# minbase image (/var/cache/gear-test; built on first use, ~3 min). Installs the
+# bench-only packages (scripts/install-bench-deps.sh: ctr-remote and the stargz
+# library) and builds the eStargz snapshotter daemon (bench/estargz/build.sh,
+# ~2 min the first time) when missing.
 #
 #   bash bench/run.sh                      full run (~25 min; the first one also
 #                                          builds the python3 and nginx rootfs caches)
@@ -15,4 +18,6 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 [ -f dist/cli/gear.js ] || { echo "bench: dist/ missing: run make build" >&2; exit 1; }
+bash scripts/install-bench-deps.sh
+bash bench/estargz/build.sh
 exec npx vitest run --config bench/vitest.config.ts --reporter=default "$@"
