@@ -88,6 +88,7 @@ it('benchmark: overlay2 vs gear', async () => {
   }
   const file = report.write(REPO_ROOT);
   process.stdout.write(`\n${report.table()}\n\n`);
+  for (const t of report.tables) process.stdout.write(`${t.title}\n\n${t.text}\n\n`);
   for (const n of report.notes) process.stdout.write(`note: ${n}\n`);
   process.stdout.write(`results: ${file}\n`);
   if (failure) throw failure;

@@ -9,6 +9,9 @@
 #   bash bench/run.sh                      full run (~25 min; the first one also
 #                                          builds the python3 and nginx rootfs caches)
 #   GEAR_BENCH_REPS=3 GEAR_BENCH_SECTIONS=lifecycle bash bench/run.sh
+#   make bench BENCH=cold                  the cold-deploy section alone: overlay2,
+#                                          gear, gear-opt, estargz, estargz-opt
+#                                          side by side (bench/README.md)
 #
 # Output: the table on stdout, raw samples in bench/results/<date>-<sha>.json.
 set -euo pipefail
@@ -20,4 +23,9 @@ fi
 [ -f dist/cli/gear.js ] || { echo "bench: dist/ missing: run make build" >&2; exit 1; }
 bash scripts/install-bench-deps.sh
 bash bench/estargz/build.sh
+# A section subset (make bench BENCH=cold, GEAR_BENCH_SECTIONS=…) names sections of
+# foundation.bench-run.ts: run that file alone, not the other *.bench-run.ts files.
+if [ -n "${GEAR_BENCH_SECTIONS:-}" ] && [ $# -eq 0 ]; then
+  set -- bench/foundation.bench-run.ts
+fi
 exec npx vitest run --config bench/vitest.config.ts --reporter=default "$@"
