@@ -1,6 +1,8 @@
 /**
- * Section "cold-deploy" (issue 6): deploy on an empty node, Docker images on
- * overlay2 vs Gear images on gear, through a link we shape ourselves.
+ * Section "cold-deploy" (issues 6 and 11): deploy on an empty node, Docker
+ * images on overlay2 vs Gear images on gear vs eStargz images on the stargz
+ * snapshotter (the systems of lib/systems.ts, bench/README.md), through a link
+ * we shape ourselves.
  *
  * - A registry (docker-registry 2.8) runs inside a network namespace created
  *   for the run, reachable over a veth pair. Links: 'unshaped' (veth at full
@@ -28,10 +30,13 @@
  *   (deploy >= 6x faster, bytes <= 20% of overlay2's: ratio >= 5x), and the
  *   second version's bytes on a warm gear node against a cold overlay2 deploy
  *   of it (<= 5%: ratio >= 20x).
- * - Drivers alternate (ABBA) per repetition and link. GEAR_BENCH_COLD_REPS
+ * - Every system deploys an image back to back, the order rotating per
+ *   repetition (the side-by-side table, lib/systems.ts; the rows below keep
+ *   overlay2 vs gear-opt, or gear with GEAR_BENCH_PREFETCH=0). GEAR_BENCH_COLD_REPS
  *   (default 2) repetitions on unshaped and 100mbit, GEAR_BENCH_COLD_SLOW_REPS
  *   (default 1) on 20mbit and rtt20ms; GEAR_BENCH_COLD_LINKS and
- *   GEAR_BENCH_COLD_IMAGES (comma lists) select a subset; GEAR_BENCH_COLD_DRIVERS=gear
+ *   GEAR_BENCH_COLD_IMAGES (comma lists) select a subset; GEAR_BENCH_COLD_SYSTEMS
+ *   (comma list) the systems; GEAR_BENCH_COLD_DRIVERS=gear (older spelling)
  *   deploys gear's side only (no ratios: for comparing two versions of gear).
  *
  * GEAR_BENCH_COLD=auto skips the section (with a note) when the lazy path
@@ -45,12 +50,13 @@ import { GEAR_CLI, startDockerd, type Dockerd } from '../../test/helpers/dockerd
 import { runOk, stopChild } from '../../test/helpers/proc.js';
 import { log, nowS, type SectionContext } from './common.js';
 import { BENCH_IMAGES, type BenchImage } from './images.js';
-import { ShapedLink, type Shape } from './netns.js';
+import { ShapedLink, withLoopbackNetns, type Shape } from './netns.js';
+import { startGearContainerd, type GearContainerd } from '../../test/helpers/containerd.js';
 import { formatProfile, gearRequestProfile } from './profile.js';
 import { READ_TASKS, timedExec, startIdle } from './read.js';
 import { estargzMissing, publishEstargz, startStargzNode, type StargzNode } from './estargz.js';
 import { AccessLog, storageOf, type Storage } from './registry-storage.js';
-import { isEstargz, storageTable, SYSTEMS, SystemSamples, systemOrder, systemsTable, type MetricKey, type PublishRow, type System } from './systems.js';
+import { isEstargz, isGear, isGearCtr, isGearOpt, storageTable, SYSTEMS, SystemSamples, systemOrder, systemsTable, type MetricKey, type PublishRow, type System } from './systems.js';
 
 /** Where GEAR_BENCH_PROFILE=1 keeps each gear node's daemon log. */
 const PROFILE_LOG_DIR = join(process.env.TMPDIR ?? '/tmp', 'gear-bench-logs');
@@ -217,7 +223,15 @@ function systemsFromEnv(report: SectionContext['report']): System[] {
 }
 
 /** The tag of each system's copy of an image in bench/<image>. */
-const TAGS: Record<System, string> = { overlay2: 'docker', gear: 'gear', 'gear-opt': 'gear-opt', estargz: 'esgz', 'estargz-opt': 'esgz-opt' };
+const TAGS: Record<System, string> = {
+  overlay2: 'docker',
+  gear: 'gear',
+  'gear-opt': 'gear-opt',
+  'gear-ctr': 'gear',
+  'gear-opt-ctr': 'gear-opt',
+  estargz: 'esgz',
+  'estargz-opt': 'esgz-opt',
+};
 
 /** A deploy node: a fresh dockerd (overlay2 or gear) or a fresh containerd + stargz snapshotter. */
 interface Node {
@@ -255,7 +269,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
     const refs: Record<string, Record<System, string>> = {};
     const publish: Record<string, unknown> = {};
     const publishRows: PublishRow[] = [];
-    const wantGear = systems.includes('gear') || systems.includes('gear-opt');
+    const wantGear = systems.some(isGear);
     for (const img of images) {
       let t0 = nowS();
       await img.build(pair.overlay2);
@@ -288,7 +302,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       }
       let prefetch: unknown;
       let prefetchS = 0;
-      if (systems.includes('gear-opt')) {
+      if (systems.some(isGearOpt)) {
         // What an image maintainer does once: run the task on a node whose pool is empty,
         // then publish the files it opened as the image's prefetch list (gear prefetch),
         // here as a second tag (gear-opt) so that `gear` stays purely lazy.
@@ -333,8 +347,9 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
     }
     // Registry storage of each system's copy of the corpus (unique blobs, Gear files included).
     const storage: Partial<Record<System, Storage>> = {};
-    for (const s of systems) {
-      storage[s] = await storageOf(reg, images.map((i) => [`bench/${i.key}`, TAGS[s]] as [string, string]), s === 'gear' || s === 'gear-opt');
+    // (gear-ctr and gear-opt-ctr deploy the same images as gear and gear-opt.)
+    for (const s of systems.filter((x) => !isGearCtr(x))) {
+      storage[s] = await storageOf(reg, images.map((i) => [`bench/${i.key}`, TAGS[s]] as [string, string]), isGear(s));
     }
     const storageText = storageTable(storage, publishRows);
     log(`cold-deploy: registry storage and conversion times:\n${storageText}`);
@@ -353,6 +368,18 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
     };
 
     const node = async (s: System): Promise<Node> => {
+      if (isGearCtr(s)) {
+        const c: GearContainerd = await startGearContainerd({ namespace: 'bench', gearLogLevel: 'info', gearArgs: ['--insecure-registry', reg] });
+        let id = 0;
+        const w: Node = {
+          pull: async (ref) => void (await c.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 900_000)),
+          run: async (ref, task) =>
+            void (await withLoopbackNetns((ns) => c.ctrOk(['run', '--snapshotter', 'gear', '--rm', '--with-ns', `network:${ns}`, ref, `task${++id}`, ...task], 900_000))),
+          stop: () => c.stop(),
+        };
+        nodes.push(w);
+        return w;
+      }
       if (isEstargz(s)) {
         const n: StargzNode = await startStargzNode({ insecure: [reg], stargz: true });
         const w: Node = {
@@ -408,14 +435,14 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       const t2 = nowS();
       const rx = link.rxBytes() - rx0;
       const req = registry.accessLog.since(mark);
-      if ((d === 'gear' || d === 'gear-opt') && !probed && n.dockerd) {
+      if (isGear(d) && !probed && n.dockerd) {
         const st = await gearStatus(n.dockerd);
         if (!/^on/.test(st['Lazy Pull'] ?? '')) throw new Error(`gear reports Lazy Pull '${st['Lazy Pull']}'`);
         probed = true;
       }
       if (cfg.profile) log(`profile: ${d} ${base}: pull ${new Date(startWall).toISOString()} → run ${new Date(startWall + (t1 - t0) * 1000).toISOString()} → done ${new Date(startWall + (t2 - t0) * 1000).toISOString()}`);
-      const pullHow = isEstargz(d) ? 'ctr-remote image rpull' : 'docker pull';
-      const runHow = isEstargz(d) ? 'ctr run --snapshotter stargz --rm' : 'docker run --rm';
+      const pullHow = isEstargz(d) ? 'ctr-remote image rpull' : isGearCtr(d) ? 'ctr image pull --snapshotter gear' : 'docker pull';
+      const runHow = isEstargz(d) ? 'ctr run --snapshotter stargz --rm' : isGearCtr(d) ? 'ctr run --snapshotter gear --rm' : 'docker run --rm';
       put(`${base} deploy`, `${what}: pull+run`, 's', d, t2 - t0, `${pullHow} + ${runHow} ${img.task.join(' ')} over the ${l.key} link`);
       put(`${base} pull`, `  ${base}: pull`, 's', d, t1 - t0, `${pullHow} alone`);
       put(`${base} run`, `  ${base}: first run`, 's', d, t2 - t1, `first ${runHow} of the task (lazy fetches)`);
@@ -471,7 +498,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
               try {
                 line.push(await deploy(n, d, l, img, base, `cold ${base}`, img.key));
               } catch (e) {
-                if ((d === 'gear' || d === 'gear-opt') && !probed && cfg.cold === 'auto' && n.dockerd) {
+                if (isGear(d) && !probed && cfg.cold === 'auto' && n.dockerd) {
                   report.note(
                     `cold-deploy skipped: the lazy path does not work end to end here (first Gear deploy of ${refs[img.key]![d]}: ${e instanceof Error ? e.message.split('\n')[0] : String(e)})`,
                   );
@@ -490,7 +517,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
                 const b = `${l.key} ${next.key} after ${img.key}`;
                 line.push(`then ${await deploy(n, d, l, next, b, b, `${next.key} after ${img.key}`)}`);
               }
-              if ((d === 'gear' || d === 'gear-opt') && n.dockerd) {
+              if (isGear(d) && n.dockerd) {
                 const g = n.dockerd;
                 gearStatuses.push({ link: l.key, rep, image: img.key, system: d, status: await gearStatus(g), ...(cfg.profile ? { requests: gearRequestProfile(g, 0) } : {}) });
                 if (cfg.profile) {

@@ -23,7 +23,8 @@
 import { type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { pidsReferencing, run, runOk, spawnLogged, stopChild, stopPid, tailFile, unmountUnder, waitFor, type RunResult } from '../../test/helpers/proc.js';
+import { withLoopbackNetns } from './netns.js';
+import { pidsReferencing, run, spawnLogged, stopChild, stopPid, tailFile, unmountUnder, waitFor, type RunResult } from '../../test/helpers/proc.js';
 
 export const CONTAINERD = '/usr/bin/containerd';
 export const CTR = '/usr/bin/ctr';
@@ -75,7 +76,6 @@ export async function startStargzNode(opts: StargzNodeOptions): Promise<StargzNo
   const sgzLog = join(dir, 'stargz.log');
   let containerd: ChildProcess | undefined;
   let daemon: ChildProcess | undefined;
-  const netnses: string[] = [];
 
   const tails = () => `--- containerd log:\n${tailFile(ctrdLog, 20)}\n--- stargz log:\n${tailFile(sgzLog, 30)}`;
   const ctr = (args: string[], timeoutMs = 300_000, bin = CTR_REMOTE) => run(bin, ['--address', sock, '--namespace', namespace, ...args], { timeoutMs });
@@ -97,7 +97,6 @@ export async function startStargzNode(opts: StargzNodeOptions): Promise<StargzNo
     // The daemon's Close unmounts its FUSE layers.
     if (daemon) await stopChild(daemon, 20_000);
     await unmountUnder(dir);
-    for (const ns of netnses) await run('ip', ['netns', 'del', ns]);
     rmSync(dir, { recursive: true, force: true });
   };
 
@@ -139,20 +138,8 @@ export async function startStargzNode(opts: StargzNodeOptions): Promise<StargzNo
     throw e;
   }
 
-  const runTask = async (ref: string, task: string[], timeoutMs = 900_000): Promise<RunResult> => {
-    // A loopback-only network namespace with lo up (runc leaves a new one's lo down).
-    const ns = `gbesgz-${process.pid}-${++seq}`;
-    await runOk('ip', ['netns', 'add', ns]);
-    netnses.push(ns);
-    await runOk('ip', ['netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up']);
-    const id = `task${seq}`;
-    try {
-      return await ctrOk(['run', '--snapshotter', 'stargz', '--rm', '--with-ns', `network:/run/netns/${ns}`, ref, id, ...task], timeoutMs, CTR);
-    } finally {
-      await run('ip', ['netns', 'del', ns]);
-      netnses.splice(netnses.indexOf(ns), 1);
-    }
-  };
+  const runTask = (ref: string, task: string[], timeoutMs = 900_000): Promise<RunResult> =>
+    withLoopbackNetns((ns) => ctrOk(['run', '--snapshotter', 'stargz', '--rm', '--with-ns', `network:${ns}`, ref, `task${++seq}`, ...task], timeoutMs, CTR));
 
   return { dir, ctr, ctrOk, runTask, stop };
 }

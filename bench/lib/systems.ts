@@ -12,19 +12,29 @@
  *                 our stargz snapshotter (bench/estargz)
  *   estargz-opt   `ctr-remote image optimize --oci` (the files the task read first,
  *                 prefetched), same stack
+ *   gear-ctr      the gear image on containerd 1.6 + `gear snapshotter`, deployed
+ *   gear-opt-ctr  with ctr like eStargz (`ctr image pull --snapshotter gear` +
+ *                 `ctr run`): the same stack as the peer, so that the ratios
+ *                 to eStargz separate the format from dockerd's overheads
  *
  * Ratios are plain quotients, Gear's figure over the peer's (< 1 = Gear
  * smaller or faster), for like-for-like pairs: gear-opt ÷ estargz-opt (both
- * optimized from one recorded run), gear ÷ estargz (both purely lazy), and
+ * optimized from one recorded run), gear ÷ estargz (both purely lazy), the
+ * same two through containerd (gear-opt-ctr, gear-ctr: the peer's stack), and
  * gear-opt ÷ overlay2 (the shipped Gear setup against plain Docker).
  */
 import { median } from './stats.js';
 
-export const SYSTEMS = ['overlay2', 'gear', 'gear-opt', 'estargz', 'estargz-opt'] as const;
+export const SYSTEMS = ['overlay2', 'gear', 'gear-opt', 'gear-ctr', 'gear-opt-ctr', 'estargz', 'estargz-opt'] as const;
 export type System = (typeof SYSTEMS)[number];
 
 export const isDockerd = (s: System): boolean => s === 'overlay2' || s === 'gear' || s === 'gear-opt';
 export const isEstargz = (s: System): boolean => s === 'estargz' || s === 'estargz-opt';
+export const isGearCtr = (s: System): boolean => s === 'gear-ctr' || s === 'gear-opt-ctr';
+/** Systems that deploy a Gear image (through dockerd or containerd). */
+export const isGear = (s: System): boolean => s === 'gear' || s === 'gear-opt' || isGearCtr(s);
+/** Systems that deploy the Gear image with its prefetch list. */
+export const isGearOpt = (s: System): boolean => s === 'gear-opt' || s === 'gear-opt-ctr';
 
 /** The order of repetition rep: the system list rotated by rep, so no system always goes first. */
 export function systemOrder(systems: readonly System[], rep: number): System[] {
@@ -35,6 +45,8 @@ export function systemOrder(systems: readonly System[], rep: number): System[] {
 export const RATIOS: [System, System][] = [
   ['gear-opt', 'estargz-opt'],
   ['gear', 'estargz'],
+  ['gear-opt-ctr', 'estargz-opt'],
+  ['gear-ctr', 'estargz'],
   ['gear-opt', 'overlay2'],
 ];
 
