@@ -347,8 +347,8 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
     }
     // Registry storage of each system's copy of the corpus (unique blobs, Gear files included).
     const storage: Partial<Record<System, Storage>> = {};
-    // (gear-ctr and gear-opt-ctr deploy the same images as gear and gear-opt.)
-    for (const s of systems.filter((x) => !isGearCtr(x))) {
+    // (gear-ctr and gear-opt-ctr deploy the same images as gear and gear-opt: counted under those names.)
+    for (const s of new Set(systems.map((x): System => (x === 'gear-ctr' ? 'gear' : x === 'gear-opt-ctr' ? 'gear-opt' : x)))) {
       storage[s] = await storageOf(reg, images.map((i) => [`bench/${i.key}`, TAGS[s]] as [string, string]), isGear(s));
     }
     const storageText = storageTable(storage, publishRows);
