@@ -129,9 +129,13 @@ export function systemsTable(data: SystemSamples, systems: readonly System[]): s
     }
     out.push(grid(rows));
   }
-  out.push('pull: docker pull | ctr-remote image rpull; run: the first docker run --rm | ctr run --rm of the task; deploy = pull + run.');
-  out.push('rx: bytes the node received over the veth (IP headers included); requests: HTTP requests in the registry access log.');
-  out.push('ratios: Gear over its peer (< 1 = Gear smaller or faster).');
+  out.push(
+    [
+      'pull: docker pull | ctr image pull | ctr-remote image rpull; run: the first docker run --rm | ctr run --rm of the task; deploy = pull + run.',
+      'rx: bytes the node received over the veth (IP headers included); requests: HTTP requests in the registry access log.',
+      'ratios: Gear over its peer (< 1 = Gear smaller or faster).',
+    ].join('\n'),
+  );
   return out.join('\n\n');
 }
 
