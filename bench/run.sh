@@ -6,12 +6,14 @@
 # library) and builds the eStargz snapshotter daemon (bench/estargz/build.sh,
 # ~2 min the first time) when missing.
 #
-#   bash bench/run.sh                      full run (~25 min; the first one also
-#                                          builds the python3 and nginx rootfs caches)
+#   bash bench/run.sh                      full run: hours since issue 11 (12 images x 7
+#                                          systems x 4 links; the first run also builds
+#                                          the debootstrap rootfs caches, a few min each)
 #   GEAR_BENCH_REPS=3 GEAR_BENCH_SECTIONS=lifecycle bash bench/run.sh
 #   make bench BENCH=cold                  the cold-deploy section alone: overlay2,
-#                                          gear, gear-opt, estargz, estargz-opt
-#                                          side by side (bench/README.md)
+#                                          gear, gear-opt, gear-ctr, gear-opt-ctr,
+#                                          estargz, estargz-opt side by side
+#                                          (bench/README.md; subsets by environment)
 #
 # Output: the table on stdout, raw samples in bench/results/<date>-<sha>.json.
 set -euo pipefail
