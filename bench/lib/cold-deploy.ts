@@ -326,6 +326,8 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
         row.estargzConvertS = e.convertSeconds;
         row.estargzOptimizeS = e.optimizeSeconds;
         estargz = e;
+        // optimize still writes an image when the task fails, with a poorer prefetch set: say so.
+        if (e.optimizeTaskExit !== 0) report.note(`cold-deploy: ${img.key}: the task exited ${e.optimizeTaskExit ?? '(not logged)'} under ctr-remote image optimize; estargz-opt's prefetch set may be incomplete`);
       }
       publishRows.push(row);
       publish[img.key] = {

@@ -151,6 +151,8 @@ export interface EstargzPublished {
   optimizeSeconds: number;
   pushSeconds: number;
   optimizeOutput: string;
+  /** Exit code of the task during optimize ("container exit with code N"), undefined when not logged. */
+  optimizeTaskExit?: number;
 }
 
 /**
@@ -176,7 +178,9 @@ export async function publishEstargz(src: string, dst: string, dstOpt: string, t
     await n.ctrOk(['image', 'push', '--plain-http', dst], 900_000);
     await n.ctrOk(['image', 'push', '--plain-http', dstOpt], 900_000);
     const pushSeconds = now() - t0;
-    return { convertSeconds, optimizeSeconds, pushSeconds, optimizeOutput: (opt.stdout + opt.stderr).slice(-2000) };
+    const out = opt.stdout + opt.stderr;
+    const exit = /container exit with code (\d+)/.exec(out);
+    return { convertSeconds, optimizeSeconds, pushSeconds, optimizeOutput: out.slice(-2000), ...(exit ? { optimizeTaskExit: Number(exit[1]) } : {}) };
   } finally {
     await n.stop();
   }
