@@ -38,8 +38,9 @@ test-hostile: build
 demo: build
 	bash scripts/demo.sh
 
+# make bench BENCH=cold: one section (lifecycle, read, cold = cold-deploy; comma list) instead of all.
 bench: build
-	bash bench/run.sh
+	$(if $(BENCH),GEAR_BENCH_SECTIONS=$(BENCH) )bash bench/run.sh
 
 clean:
 	rm -rf dist build

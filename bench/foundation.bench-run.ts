@@ -3,8 +3,9 @@
  *
  *   lifecycle    create+start+wait+rm of busybox `true` (containers/s)      target >= 0.9x
  *   read         checksum / cat / stat of the minbase rootfs, warm cache    target >= 0.97x
- *   cold-deploy  pull + first task of Gear vs Docker images (busybox, minbase,
- *                python app v1/v2, perl app, nginx) through shaped links
+ *   cold-deploy  pull + first task of Gear vs Docker vs eStargz images (busybox,
+ *                minbase, python app v1/v2, perl app, nginx, and issue 11's tree
+ *                walk, python3, numpy, bullseye app, redis, nodejs) through shaped links
  *                (registry in a network namespace, veth, tc tbf; a delay
  *                proxy for added RTT); geomean at 100 Mbit/s         target >= 6x, bytes <= 20%
  *                second app version on a warm gear node              bytes <= 5%
@@ -20,8 +21,9 @@
  *
  * Environment: GEAR_BENCH_REPS (5), GEAR_BENCH_READ_REPS (9), GEAR_BENCH_CONTAINERS (20),
  * GEAR_BENCH_COLD (auto|on|off), GEAR_BENCH_COLD_REPS (2: unshaped, 100mbit),
- * GEAR_BENCH_COLD_SLOW_REPS (1: 20mbit, rtt20ms), GEAR_BENCH_COLD_LINKS and
- * GEAR_BENCH_COLD_IMAGES (comma lists, default all; see lib/cold-deploy.ts),
+ * GEAR_BENCH_COLD_SLOW_REPS (1: 20mbit, rtt20ms), GEAR_BENCH_COLD_LINKS,
+ * GEAR_BENCH_COLD_IMAGES and GEAR_BENCH_COLD_SYSTEMS (comma lists, default all;
+ * see lib/cold-deploy.ts and bench/README.md),
  * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy), GEAR_BENCH_PROFILE=1 (gear
  * daemon at debug level; per plugin method latency of each section in extra;
  * the debug logging costs a little, so profile runs are not the reported ones).
@@ -88,6 +90,7 @@ it('benchmark: overlay2 vs gear', async () => {
   }
   const file = report.write(REPO_ROOT);
   process.stdout.write(`\n${report.table()}\n\n`);
+  for (const t of report.tables) process.stdout.write(`${t.title}\n\n${t.text}\n\n`);
   for (const n of report.notes) process.stdout.write(`note: ${n}\n`);
   process.stdout.write(`results: ${file}\n`);
   if (failure) throw failure;

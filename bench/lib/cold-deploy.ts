@@ -1,6 +1,8 @@
 /**
- * Section "cold-deploy" (issue 6): deploy on an empty node, Docker images on
- * overlay2 vs Gear images on gear, through a link we shape ourselves.
+ * Section "cold-deploy" (issues 6 and 11): deploy on an empty node, Docker
+ * images on overlay2 vs Gear images on gear vs eStargz images on the stargz
+ * snapshotter (the systems of lib/systems.ts, bench/README.md), through a link
+ * we shape ourselves.
  *
  * - A registry (docker-registry 2.8) runs inside a network namespace created
  *   for the run, reachable over a veth pair. Links: 'unshaped' (veth at full
@@ -28,10 +30,13 @@
  *   (deploy >= 6x faster, bytes <= 20% of overlay2's: ratio >= 5x), and the
  *   second version's bytes on a warm gear node against a cold overlay2 deploy
  *   of it (<= 5%: ratio >= 20x).
- * - Drivers alternate (ABBA) per repetition and link. GEAR_BENCH_COLD_REPS
+ * - Every system deploys an image back to back, the order rotating per
+ *   repetition (the side-by-side table, lib/systems.ts; the rows below keep
+ *   overlay2 vs gear-opt, or gear with GEAR_BENCH_PREFETCH=0). GEAR_BENCH_COLD_REPS
  *   (default 2) repetitions on unshaped and 100mbit, GEAR_BENCH_COLD_SLOW_REPS
  *   (default 1) on 20mbit and rtt20ms; GEAR_BENCH_COLD_LINKS and
- *   GEAR_BENCH_COLD_IMAGES (comma lists) select a subset; GEAR_BENCH_COLD_DRIVERS=gear
+ *   GEAR_BENCH_COLD_IMAGES (comma lists) select a subset; GEAR_BENCH_COLD_SYSTEMS
+ *   (comma list) the systems; GEAR_BENCH_COLD_DRIVERS=gear (older spelling)
  *   deploys gear's side only (no ratios: for comparing two versions of gear).
  *
  * GEAR_BENCH_COLD=auto skips the section (with a note) when the lazy path
@@ -39,16 +44,19 @@
  * 'Lazy Pull' off.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { GEAR_CLI, startDockerd, type Dockerd } from '../../test/helpers/dockerd.js';
 import { runOk, stopChild } from '../../test/helpers/proc.js';
-import { log, nowS, orderOf, type SectionContext } from './common.js';
+import { log, nowS, type SectionContext } from './common.js';
 import { BENCH_IMAGES, type BenchImage } from './images.js';
-import { ShapedLink, type Shape } from './netns.js';
+import { ShapedLink, withLoopbackNetns, type Shape } from './netns.js';
+import { startGearContainerd, type GearContainerd } from '../../test/helpers/containerd.js';
 import { formatProfile, gearRequestProfile } from './profile.js';
 import { READ_TASKS, timedExec, startIdle } from './read.js';
-import type { Driver } from './report.js';
+import { estargzMissing, publishEstargz, startStargzNode, type StargzNode } from './estargz.js';
+import { AccessLog, storageOf, type Storage } from './registry-storage.js';
+import { isEstargz, isGear, isGearCtr, isGearOpt, storageTable, SYSTEMS, SystemSamples, systemOrder, systemsTable, type MetricKey, type PublishRow, type System } from './systems.js';
 
 /** Where GEAR_BENCH_PROFILE=1 keeps each gear node's daemon log. */
 const PROFILE_LOG_DIR = join(process.env.TMPDIR ?? '/tmp', 'gear-bench-logs');
@@ -100,7 +108,7 @@ async function gearStatus(d: Dockerd): Promise<Record<string, string>> {
 }
 
 /** The registry inside the namespace, listening on addr:port. */
-async function startNsRegistry(link: ShapedLink, dir: string, addr: string, port: number): Promise<ChildProcess> {
+async function startNsRegistry(link: ShapedLink, dir: string, addr: string, port: number, accessLog: string): Promise<ChildProcess> {
   mkdirSync(join(dir, 'data'), { recursive: true });
   const cfg = join(dir, 'config.yml');
   writeFileSync(
@@ -110,7 +118,7 @@ async function startNsRegistry(link: ShapedLink, dir: string, addr: string, port
       'log:',
       '  level: error',
       '  accesslog:',
-      '    disabled: true',
+      '    disabled: false',
       'storage:',
       '  filesystem:',
       `    rootdirectory: ${join(dir, 'data')}`,
@@ -120,7 +128,10 @@ async function startNsRegistry(link: ShapedLink, dir: string, addr: string, port
     ].join('\n'),
   );
   // `ip netns exec` execs the registry: the child pid is the registry's.
-  const child = spawn('ip', ['netns', 'exec', link.ns, '/usr/bin/docker-registry', 'serve', cfg], { stdio: 'ignore' });
+  // Its stdout is the access log (one line per request): the requests each deploy made.
+  const fd = openSync(accessLog, 'a');
+  const child = spawn('ip', ['netns', 'exec', link.ns, '/usr/bin/docker-registry', 'serve', cfg], { stdio: ['ignore', fd, 'ignore'] });
+  closeSync(fd);
   child.on('error', () => {});
   await waitHttp(link, `${addr}:${port}`, child);
   return child;
@@ -145,10 +156,14 @@ class NsRegistry {
   private registry: ChildProcess | undefined;
   private proxy: ChildProcess | undefined;
   private delay = 0;
+  readonly accessLog: AccessLog;
   constructor(
     private readonly link: ShapedLink,
     private readonly dir: string,
-  ) {}
+  ) {
+    mkdirSync(dir, { recursive: true });
+    this.accessLog = new AccessLog(join(dir, 'access.log'));
+  }
 
   get host(): string {
     return `${this.link.nsAddr}:${REGISTRY_PORT}`;
@@ -159,10 +174,10 @@ class NsRegistry {
     await this.stop();
     this.delay = oneWayDelayMs;
     if (oneWayDelayMs === 0) {
-      this.registry = await startNsRegistry(this.link, this.dir, this.link.nsAddr, REGISTRY_PORT);
+      this.registry = await startNsRegistry(this.link, this.dir, this.link.nsAddr, REGISTRY_PORT, this.accessLog.file);
       return;
     }
-    this.registry = await startNsRegistry(this.link, this.dir, '127.0.0.1', REGISTRY_PORT + 1);
+    this.registry = await startNsRegistry(this.link, this.dir, '127.0.0.1', REGISTRY_PORT + 1, this.accessLog.file);
     const script = new URL('./delay-proxy.mjs', import.meta.url).pathname;
     this.proxy = spawn('ip', ['netns', 'exec', this.link.ns, process.execPath, script, this.host, `127.0.0.1:${REGISTRY_PORT + 1}`, String(oneWayDelayMs)], {
       stdio: 'ignore',
@@ -181,6 +196,51 @@ class NsRegistry {
 /** GEAR_BENCH_PREFETCH=0 deploys the Gear images without a prefetch list (purely lazy). */
 const prefetchOn = (): boolean => process.env.GEAR_BENCH_PREFETCH !== '0';
 
+/** Systems of this run: GEAR_BENCH_COLD_SYSTEMS, or GEAR_BENCH_COLD_DRIVERS (legacy), default all. */
+function systemsFromEnv(report: SectionContext['report']): System[] {
+  const want = listFromEnv('GEAR_BENCH_COLD_SYSTEMS');
+  // Legacy GEAR_BENCH_COLD_DRIVERS=gear: gear's side only, with its prefetch list when prefetch is on.
+  const drivers = listFromEnv('GEAR_BENCH_COLD_DRIVERS');
+  let systems: System[];
+  if (want) {
+    const bad = want.filter((s) => !(SYSTEMS as readonly string[]).includes(s));
+    if (bad.length) throw new Error(`GEAR_BENCH_COLD_SYSTEMS: unknown ${bad.join(', ')} (have ${SYSTEMS.join(', ')})`);
+    systems = SYSTEMS.filter((s) => want.includes(s));
+  } else if (drivers) {
+    systems = drivers.map((d) => (d === 'gear' ? (prefetchOn() ? 'gear-opt' : 'gear') : 'overlay2'));
+  } else {
+    systems = SYSTEMS.filter((s) => s !== 'gear-opt' || prefetchOn());
+  }
+  if (systems.some(isEstargz)) {
+    const why = estargzMissing();
+    if (why) {
+      if (want) throw new Error(`cold-deploy: eStargz requested but ${why}`);
+      report.note(`cold-deploy: eStargz not measured: ${why}`);
+      systems = systems.filter((s) => !isEstargz(s));
+    }
+  }
+  return systems;
+}
+
+/** The tag of each system's copy of an image in bench/<image>. */
+const TAGS: Record<System, string> = {
+  overlay2: 'docker',
+  gear: 'gear',
+  'gear-opt': 'gear-opt',
+  'gear-ctr': 'gear',
+  'gear-opt-ctr': 'gear-opt',
+  estargz: 'esgz',
+  'estargz-opt': 'esgz-opt',
+};
+
+/** A deploy node: a fresh dockerd (overlay2 or gear) or a fresh containerd + stargz snapshotter. */
+interface Node {
+  pull(ref: string): Promise<void>;
+  run(ref: string, task: string[]): Promise<void>;
+  dockerd?: Dockerd;
+  stop(): Promise<void>;
+}
+
 export async function coldDeploySection(ctx: SectionContext): Promise<void> {
   const { cfg, report, pair } = ctx;
   if (cfg.cold === 'off') {
@@ -189,126 +249,214 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
   }
   const wantLinks = listFromEnv('GEAR_BENCH_COLD_LINKS');
   const wantImages = listFromEnv('GEAR_BENCH_COLD_IMAGES');
-  // GEAR_BENCH_COLD_DRIVERS=gear: gear's side only (no ratios), to compare changes to gear between runs.
-  const wantDrivers = listFromEnv('GEAR_BENCH_COLD_DRIVERS');
+  const systems = systemsFromEnv(report);
+  // The "gear" column of the overlay2-vs-gear rows (issue 6 targets): the Gear image as shipped, with its prefetch list when there is one.
+  const legacyGear: System = systems.includes('gear-opt') ? 'gear-opt' : 'gear';
   const links = LINKS.filter((l) => !wantLinks || wantLinks.includes(l.key));
   const images = BENCH_IMAGES.filter((i) => !wantImages || wantImages.includes(i.key));
   const byKey = new Map(images.map((i) => [i.key, i] as const));
   const work = mkdtempSync('/tmp/gear-bench-cold-');
   const link = new ShapedLink();
   const registry = new NsRegistry(link, join(work, 'registry'));
-  const nodes: Dockerd[] = [];
+  const nodes: Node[] = [];
   try {
     await link.create();
     await registry.start();
     const reg = registry.host;
-    log(`cold-deploy: registry ${reg} in netns ${link.ns} (veth ${link.hostIf}/${link.nsIf}); images ${images.map((i) => i.key).join(', ')}`);
+    log(`cold-deploy: registry ${reg} in netns ${link.ns} (veth ${link.hostIf}/${link.nsIf}); images ${images.map((i) => i.key).join(', ')}; systems ${systems.join(', ')}`);
 
-    // Publish every image both ways, unshaped.
-    const refs: Record<string, Record<Driver, string>> = {};
+    // Publish every image every way, unshaped.
+    const refs: Record<string, Record<System, string>> = {};
     const publish: Record<string, unknown> = {};
+    const publishRows: PublishRow[] = [];
+    const wantGear = systems.some(isGear);
     for (const img of images) {
       let t0 = nowS();
       await img.build(pair.overlay2);
       const buildS = nowS() - t0;
       const archive = join(work, `${img.key}.tar`);
       await pair.overlay2.dockerOk(['save', '-o', archive, img.tag], { timeoutMs: 600_000 });
-      const docker = `${reg}/bench/${img.key}:docker`;
-      const gear = `${reg}/bench/${img.key}:gear`;
+      refs[img.key] = Object.fromEntries(SYSTEMS.map((s) => [s, `${reg}/bench/${img.key}:${TAGS[s]}`])) as Record<System, string>;
+      const docker = refs[img.key]!.overlay2;
+      const gear = refs[img.key]!.gear;
+      const row: PublishRow = { image: img.key };
       t0 = nowS();
       await runOk('skopeo', ['copy', '--quiet', '--dest-tls-verify=false', `docker-archive:${archive}`, `docker://${docker}`], { timeoutMs: 900_000 });
       const pushS = nowS() - t0;
-      t0 = nowS();
-      const conv = await runOk(
-        process.execPath,
-        [GEAR_CLI, 'convert', '--no-progress', '--json', '--concurrency', '16', '--insecure-registry', reg, `docker-archive:${archive}`, gear],
-        { timeoutMs: 900_000 },
-      );
-      const convertS = nowS() - t0;
-      let summary: unknown = conv.stdout.trim();
-      try {
-        summary = JSON.parse(conv.stdout);
-      } catch {
-        /* keep text */
+      let summary: unknown;
+      let convertS: number | undefined;
+      if (wantGear) {
+        t0 = nowS();
+        const conv = await runOk(
+          process.execPath,
+          [GEAR_CLI, 'convert', '--no-progress', '--json', '--concurrency', '16', '--insecure-registry', reg, `docker-archive:${archive}`, gear],
+          { timeoutMs: 900_000 },
+        );
+        convertS = row.gearConvertS = nowS() - t0;
+        summary = conv.stdout.trim();
+        try {
+          summary = JSON.parse(conv.stdout);
+        } catch {
+          /* keep text */
+        }
       }
       let prefetch: unknown;
       let prefetchS = 0;
-      if (prefetchOn()) {
+      if (systems.some(isGearOpt)) {
         // What an image maintainer does once: run the task on a node whose pool is empty,
-        // then publish the files it opened as the image's prefetch list (gear prefetch).
+        // then publish the files it opened as the image's prefetch list (gear prefetch),
+        // here as a second tag (gear-opt) so that `gear` stays purely lazy.
         t0 = nowS();
         const rec = await startDockerd({ driver: 'gear', dockerdArgs: ['--insecure-registry', reg], gearArgs: ['--insecure-registry', reg] });
         try {
           await rec.dockerOk(['pull', '-q', gear], { timeoutMs: 900_000 });
           await rec.dockerOk(['run', '--rm', '--network', 'none', gear, ...img.task], { timeoutMs: 900_000 });
-          const r = await runOk(process.execPath, [GEAR_CLI, 'prefetch', '--json', '--insecure-registry', reg, '--from-pool', join(rec.gearRoot!, 'pool'), gear], { timeoutMs: 900_000 });
+          const r = await runOk(process.execPath, [GEAR_CLI, 'prefetch', '--json', '--insecure-registry', reg, '--from-pool', join(rec.gearRoot!, 'pool'), gear, refs[img.key]!['gear-opt']], {
+            timeoutMs: 900_000,
+          });
           prefetch = JSON.parse(r.stdout);
         } finally {
           await rec.stop();
         }
-        prefetchS = nowS() - t0;
+        prefetchS = row.gearPrefetchS = nowS() - t0;
       }
-      publish[img.key] = { docker, gear, buildSeconds: buildS, skopeoPushSeconds: pushS, gearConvertSeconds: convertS, convert: summary, ...(prefetch ? { prefetchSeconds: prefetchS, prefetch } : {}) };
-      refs[img.key] = { overlay2: docker, gear };
+      let estargz: unknown;
+      if (systems.some(isEstargz)) {
+        const e = await publishEstargz(docker, refs[img.key]!.estargz, refs[img.key]!['estargz-opt'], img.task, [reg]);
+        row.estargzConvertS = e.convertSeconds;
+        row.estargzOptimizeS = e.optimizeSeconds;
+        estargz = e;
+        // optimize still writes an image when the task fails, with a poorer prefetch set: say so.
+        if (e.optimizeTaskExit !== 0) report.note(`cold-deploy: ${img.key}: the task exited ${e.optimizeTaskExit ?? '(not logged)'} under ctr-remote image optimize; estargz-opt's prefetch set may be incomplete`);
+      }
+      publishRows.push(row);
+      publish[img.key] = {
+        refs: refs[img.key],
+        buildSeconds: buildS,
+        skopeoPushSeconds: pushS,
+        ...(convertS !== undefined ? { gearConvertSeconds: convertS, convert: summary } : {}),
+        ...(prefetch ? { prefetchSeconds: prefetchS, prefetch } : {}),
+        ...(estargz ? { estargz } : {}),
+      };
       rmSync(archive, { force: true });
       const pf = prefetch as { prefetch: number; files: number } | undefined;
       log(
-        `cold-deploy: published ${img.key}: build ${buildS.toFixed(0)} s, docker push ${pushS.toFixed(1)} s, gear convert ${convertS.toFixed(1)} s` +
-          (pf ? `, recorded run + gear prefetch ${prefetchS.toFixed(1)} s (${pf.prefetch} of ${pf.files} files listed)` : ', no prefetch list'),
+        `cold-deploy: published ${img.key}: build ${buildS.toFixed(0)} s, docker push ${pushS.toFixed(1)} s` +
+          (convertS !== undefined ? `, gear convert ${convertS.toFixed(1)} s` : '') +
+          (pf ? `, recorded run + gear prefetch ${prefetchS.toFixed(1)} s (${pf.prefetch} of ${pf.files} files listed)` : '') +
+          (row.estargzConvertS !== undefined ? `, estargz convert ${row.estargzConvertS.toFixed(1)} s, optimize ${row.estargzOptimizeS!.toFixed(1)} s` : ''),
       );
     }
-    report.extra['cold-deploy'] = { registry: reg, netns: link.ns, links, images: images.map(({ build: _b, ...i }) => i), publish, coldReps: cfg.coldReps, slowReps: slowReps(), prefetch: prefetchOn() };
-
-    const node = async (d: Driver): Promise<Dockerd> => {
-      const n = await startDockerd({
-        driver: d,
-        dockerdArgs: ['--insecure-registry', reg],
-        ...(d === 'gear' ? { gearArgs: ['--insecure-registry', reg, ...(cfg.profile ? ['--log-level', 'debug'] : [])] } : {}),
-      });
-      nodes.push(n);
-      return n;
+    // Registry storage of each system's copy of the corpus (unique blobs, Gear files included).
+    const storage: Partial<Record<System, Storage>> = {};
+    // (gear-ctr and gear-opt-ctr deploy the same images as gear and gear-opt: counted under those names.)
+    for (const s of new Set(systems.map((x): System => (x === 'gear-ctr' ? 'gear' : x === 'gear-opt-ctr' ? 'gear-opt' : x)))) {
+      storage[s] = await storageOf(reg, images.map((i) => [`bench/${i.key}`, TAGS[s]] as [string, string]), isGear(s));
+    }
+    const storageText = storageTable(storage, publishRows);
+    log(`cold-deploy: registry storage and conversion times:\n${storageText}`);
+    report.extra['cold-deploy'] = {
+      registry: reg,
+      netns: link.ns,
+      links,
+      images: images.map(({ build: _b, ...i }) => i),
+      systems,
+      legacyGear,
+      publish,
+      storage,
+      coldReps: cfg.coldReps,
+      slowReps: slowReps(),
+      prefetch: prefetchOn(),
     };
-    const release = async (n: Dockerd) => {
+
+    const node = async (s: System): Promise<Node> => {
+      if (isGearCtr(s)) {
+        const c: GearContainerd = await startGearContainerd({ namespace: 'bench', gearLogLevel: 'info', gearArgs: ['--insecure-registry', reg] });
+        let id = 0;
+        const w: Node = {
+          pull: async (ref) => void (await c.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 900_000)),
+          run: async (ref, task) =>
+            void (await withLoopbackNetns((ns) => c.ctrOk(['run', '--snapshotter', 'gear', '--rm', '--with-ns', `network:${ns}`, ref, `task${++id}`, ...task], 900_000))),
+          stop: () => c.stop(),
+        };
+        nodes.push(w);
+        return w;
+      }
+      if (isEstargz(s)) {
+        const n: StargzNode = await startStargzNode({ insecure: [reg], stargz: true });
+        const w: Node = {
+          pull: async (ref) => void (await n.ctrOk(['image', 'rpull', '--plain-http', ref], 900_000)),
+          run: async (ref, task) => void (await n.runTask(ref, task)),
+          stop: () => n.stop(),
+        };
+        nodes.push(w);
+        return w;
+      }
+      const driver = s === 'overlay2' ? 'overlay2' : 'gear';
+      const d = await startDockerd({
+        driver,
+        dockerdArgs: ['--insecure-registry', reg],
+        ...(driver === 'gear' ? { gearArgs: ['--insecure-registry', reg, ...(cfg.profile ? ['--log-level', 'debug'] : [])] } : {}),
+      });
+      const w: Node = {
+        dockerd: d,
+        pull: async (ref) => void (await d.dockerOk(['pull', '-q', ref], { timeoutMs: 900_000 })),
+        run: async (ref, task) => void (await d.dockerOk(['run', '--rm', '--network', 'none', ref, ...task], { timeoutMs: 900_000 })),
+        stop: () => d.stop(),
+      };
+      nodes.push(w);
+      return w;
+    };
+    const release = async (n: Node) => {
       await n.stop();
       nodes.splice(nodes.indexOf(n), 1);
     };
 
-    type Series = Record<Driver, number[]>;
+    type Series = Record<System, number[]>;
+    const empty = (): Series => Object.fromEntries(SYSTEMS.map((s) => [s, []])) as unknown as Series;
     const series = new Map<string, { name: string; unit: string; higherIsBetter: boolean; s: Series; description: string }>();
-    const put = (key: string, name: string, unit: string, d: Driver, v: number, description: string, higherIsBetter = false) => {
-      if (!series.has(key)) series.set(key, { name, unit, higherIsBetter, s: { overlay2: [], gear: [] }, description });
+    const side = new SystemSamples();
+    const put = (key: string, name: string, unit: string, d: System, v: number, description: string, higherIsBetter = false) => {
+      if (!series.has(key)) series.set(key, { name, unit, higherIsBetter, s: empty(), description });
       series.get(key)!.s[d].push(v);
     };
     const gearStatuses: unknown[] = [];
     const failures: string[] = [];
     let probed = false;
 
-    /** docker pull + docker run of img on n; records the series under `base`. */
-    const deploy = async (n: Dockerd, d: Driver, l: LinkSpec, img: BenchImage, base: string, what: string): Promise<string> => {
+    /** pull + run of img on n; records the series under `base`. */
+    const deploy = async (n: Node, d: System, l: LinkSpec, img: BenchImage, base: string, what: string, sideKey: string): Promise<string> => {
       const ref = refs[img.key]![d];
       const rx0 = link.rxBytes();
+      const mark = registry.accessLog.mark();
       const startWall = Date.now();
       const t0 = nowS();
-      await n.dockerOk(['pull', '-q', ref], { timeoutMs: 900_000 });
+      await n.pull(ref);
       const t1 = nowS();
-      await n.dockerOk(['run', '--rm', '--network', 'none', ref, ...img.task], { timeoutMs: 900_000 });
+      await n.run(ref, img.task);
       const t2 = nowS();
       const rx = link.rxBytes() - rx0;
-      if (d === 'gear' && !probed) {
-        const st = await gearStatus(n);
+      const req = registry.accessLog.since(mark);
+      if (isGear(d) && !probed && n.dockerd) {
+        const st = await gearStatus(n.dockerd);
         if (!/^on/.test(st['Lazy Pull'] ?? '')) throw new Error(`gear reports Lazy Pull '${st['Lazy Pull']}'`);
         probed = true;
       }
       if (cfg.profile) log(`profile: ${d} ${base}: pull ${new Date(startWall).toISOString()} → run ${new Date(startWall + (t1 - t0) * 1000).toISOString()} → done ${new Date(startWall + (t2 - t0) * 1000).toISOString()}`);
-      put(`${base} deploy`, `${what}: pull+run`, 's', d, t2 - t0, `docker pull + docker run --rm ${img.task.join(' ')} over the ${l.key} link`);
-      put(`${base} pull`, `  ${base}: pull`, 's', d, t1 - t0, 'docker pull alone');
-      put(`${base} run`, `  ${base}: first run`, 's', d, t2 - t1, 'first docker run --rm of the task (gear: lazy fetches)');
+      const pullHow = isEstargz(d) ? 'ctr-remote image rpull' : isGearCtr(d) ? 'ctr image pull --snapshotter gear' : 'docker pull';
+      const runHow = isEstargz(d) ? 'ctr run --snapshotter stargz --rm' : isGearCtr(d) ? 'ctr run --snapshotter gear --rm' : 'docker run --rm';
+      put(`${base} deploy`, `${what}: pull+run`, 's', d, t2 - t0, `${pullHow} + ${runHow} ${img.task.join(' ')} over the ${l.key} link`);
+      put(`${base} pull`, `  ${base}: pull`, 's', d, t1 - t0, `${pullHow} alone`);
+      put(`${base} run`, `  ${base}: first run`, 's', d, t2 - t1, `first ${runHow} of the task (lazy fetches)`);
       put(`${base} rx`, `  ${base}: bytes received`, 'bytes', d, rx, 'bytes the node received over the veth during pull+run (IP headers included)');
-      return `${img.key} ${(t2 - t0).toFixed(2)} s ${(rx / 1e6).toFixed(1)} MB`;
+      put(`${base} requests`, `  ${base}: registry requests`, 'n', d, req.requests, 'HTTP requests in the registry access log during pull+run');
+      const values: Record<MetricKey, number> = { pull: t1 - t0, run: t2 - t1, deploy: t2 - t0, rx, requests: req.requests };
+      for (const [k, v] of Object.entries(values)) side.add(l.key, sideKey, k as MetricKey, d, v);
+      return `${d} ${(t2 - t0).toFixed(2)} s ${(rx / 1e6).toFixed(1)} MB ${req.requests} req`;
     };
 
     /** First full read, then warm reads in the same and in a new container (minbase). */
-    const reads = async (n: Dockerd, d: Driver, ref: string, base: string): Promise<string> => {
+    const reads = async (n: Dockerd, d: System, ref: string, base: string): Promise<string> => {
       const line: string[] = [];
       const id = await startIdle(n, ref);
       try {
@@ -341,42 +489,45 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       log(`cold-deploy: link ${l.key}: ${await link.qdiscs()}${l.oneWayDelayMs ? `, +${l.oneWayDelayMs} ms each way (delay proxy)` : ''}`);
       const reps = l.slow ? slowReps() : cfg.coldReps;
       for (let rep = 0; rep < reps; rep++) {
-        for (const d of orderOf(rep).filter((x) => !wantDrivers?.length || wantDrivers.includes(x))) {
+        // Interleaved per image: every system deploys the image back to back, the order rotating per repetition.
+        for (const img of images) {
           const line: string[] = [];
-          for (const img of images) {
-            // A fresh node per image: nothing cached, neither layers nor Gear files.
+          for (const d of systemOrder(systems, rep)) {
+            // A fresh node per image and system: nothing cached, neither layers nor Gear files.
             const n = await node(d);
             try {
               const base = `${l.key} ${img.key}`;
               try {
-                line.push(await deploy(n, d, l, img, base, `cold ${base}`));
+                line.push(await deploy(n, d, l, img, base, `cold ${base}`, img.key));
               } catch (e) {
-                if (d === 'gear' && !probed && cfg.cold === 'auto') {
+                if (isGear(d) && !probed && cfg.cold === 'auto' && n.dockerd) {
                   report.note(
-                    `cold-deploy skipped: the lazy path does not work end to end here (first Gear deploy of ${refs[img.key]!.gear}: ${e instanceof Error ? e.message.split('\n')[0] : String(e)})`,
+                    `cold-deploy skipped: the lazy path does not work end to end here (first Gear deploy of ${refs[img.key]![d]}: ${e instanceof Error ? e.message.split('\n')[0] : String(e)})`,
                   );
-                  report.extra['cold-deploy-failure'] = { error: String(e), logTail: n.logTail(60) };
+                  report.extra['cold-deploy-failure'] = { error: String(e), logTail: n.dockerd.logTail(60) };
                   return;
                 }
-                // One image failing must not lose the others' samples: note it, fail the run at the end.
+                // One deploy failing must not lose the others' samples: note it, fail the run at the end.
                 failures.push(`${l.key} ${img.key} ${d}: ${e instanceof Error ? e.message.split('\n').slice(0, 3).join(' ') : String(e)}`);
                 report.note(`cold-deploy ${l.key} ${img.key} on ${d} failed: ${failures.at(-1)}`);
                 continue;
               }
-              if (img.reads && l.readsToo) line.push(await reads(n, d, refs[img.key]![d], base));
+              if (img.reads && l.readsToo && n.dockerd) line.push(await reads(n.dockerd, d, refs[img.key]![d], base));
               const next = img.nextVersion ? byKey.get(img.nextVersion) : undefined;
               if (next) {
-                // The app's next version on the same node: gear's pool holds what v1 fetched.
-                line.push(`then ${await deploy(n, d, l, next, `${l.key} ${next.key} after ${img.key}`, `${l.key} ${next.key} after ${img.key}`)}`);
+                // The app's next version on the same node: gear's pool (stargz's cache) holds what v1 fetched.
+                const b = `${l.key} ${next.key} after ${img.key}`;
+                line.push(`then ${await deploy(n, d, l, next, b, b, `${next.key} after ${img.key}`)}`);
               }
-              if (d === 'gear') {
-                gearStatuses.push({ link: l.key, rep, image: img.key, status: await gearStatus(n), ...(cfg.profile ? { requests: gearRequestProfile(n, 0) } : {}) });
+              if (isGear(d) && n.dockerd) {
+                const g = n.dockerd;
+                gearStatuses.push({ link: l.key, rep, image: img.key, system: d, status: await gearStatus(g), ...(cfg.profile ? { requests: gearRequestProfile(g, 0) } : {}) });
                 if (cfg.profile) {
-                  log(`gear plugin requests of the ${img.key} node (ms):\n${formatProfile(gearRequestProfile(n, 0))}`);
+                  log(`gear plugin requests of the ${img.key} node (ms):\n${formatProfile(gearRequestProfile(g, 0))}`);
                   // The daemon's debug log (every request and fetch, timestamped) outlives the node for a closer look.
-                  const keep = join(PROFILE_LOG_DIR, `${l.key}-${img.key}-rep${rep + 1}.gear.log`);
+                  const keep = join(PROFILE_LOG_DIR, `${l.key}-${img.key}-${d}-rep${rep + 1}.gear.log`);
                   mkdirSync(PROFILE_LOG_DIR, { recursive: true });
-                  if (n.logs.gear) copyFileSync(n.logs.gear, keep);
+                  if (g.logs.gear) copyFileSync(g.logs.gear, keep);
                   log(`profile: gear daemon log kept at ${keep}`);
                 }
               }
@@ -384,17 +535,22 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
               await release(n);
             }
           }
-          log(`cold-deploy ${l.key} rep ${rep + 1}/${reps} ${d}: ${line.join('; ')}`);
+          log(`cold-deploy ${l.key} rep ${rep + 1}/${reps} ${img.key}: ${line.join('; ')}`);
         }
       }
     }
+    // The overlay2-vs-gear rows (issue 6 targets) as before; every system's samples in the side-by-side table.
     for (const v of series.values()) {
-      report.add({ section: 'cold-deploy', name: v.name, unit: v.unit, higherIsBetter: v.higherIsBetter, samples: v.s, description: v.description });
+      report.add({ section: 'cold-deploy', name: v.name, unit: v.unit, higherIsBetter: v.higherIsBetter, samples: { overlay2: v.s.overlay2, gear: v.s[legacyGear] }, description: v.description });
     }
+    const sideText = systemsTable(side, systems);
+    report.tables.push({ title: `cold deploy, side by side (${systems.join(', ')})`, text: `${sideText}\n\n${storageText}` });
+    (report.extra['cold-deploy'] as Record<string, unknown>).systemSamples = side.samples;
 
     // Summary rows: geometric means over the images (of each driver's medians), per link.
+    type Driver = 'overlay2' | 'gear';
     const med = (key: string, d: Driver): number | undefined => {
-      const xs = [...(series.get(key)?.s[d] ?? [])].sort((a, b) => a - b);
+      const xs = [...(series.get(key)?.s[d === 'gear' ? legacyGear : 'overlay2'] ?? [])].sort((a, b) => a - b);
       return xs.length ? (xs.length % 2 ? xs[(xs.length - 1) / 2]! : (xs[xs.length / 2 - 1]! + xs[xs.length / 2]!) / 2) : undefined;
     };
     const summaries: Record<string, unknown> = {};

@@ -37,7 +37,12 @@ export function configFromEnv(): BenchConfig {
     cold,
     coldReps: int('GEAR_BENCH_COLD_REPS', 2, 1),
     profile: process.env.GEAR_BENCH_PROFILE === '1',
-    sections: (process.env.GEAR_BENCH_SECTIONS ?? 'lifecycle,read,cold-deploy').split(',').map((s) => s.trim()).filter(Boolean),
+    // `make bench BENCH=cold` (or GEAR_BENCH_SECTIONS=cold): the cold-deploy section alone.
+    sections: (process.env.GEAR_BENCH_SECTIONS ?? 'lifecycle,read,cold-deploy')
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean)
+      .map((s) => (s === 'cold' ? 'cold-deploy' : s)),
   };
 }
 

@@ -13,6 +13,18 @@
  *   perlapp   minbase + a perl script (core modules of perl-base)
  *   nginx     minbase + nginx-light: start nginx, answer one HTTP request
  *
+ * Issue 11's wider corpus (the hard cases for a lazy format):
+ *
+ *   treewalk  the minbase image, task: sha256sum of every file under /etc and
+ *             /usr/share/doc (hundreds of small files)
+ *   python3   the python3 base image, task: python3 -c with a few imports
+ *   numpy     debootstrap --include=python3-numpy as one layer: python's files
+ *             are the same contents as python3's, in a different layer (files
+ *             shared, layers not); task: a numpy computation
+ *   pyapp-bullseye  pyapp-1's app on Debian 11 (the previous release's python3)
+ *   redis     debootstrap --include=redis-server: start it, PING, SET, GET
+ *   nodejs    debootstrap --include=nodejs (a ~50 MB libnode): a small script
+ *
  * The Debian root filesystems are built once with debootstrap into the test
  * cache (GEAR_TEST_CACHE, default /var/cache/gear-test; a few minutes each,
  * from GEAR_TEST_MIRROR) and reused, as test/helpers/images.ts does for minbase.
@@ -37,9 +49,9 @@ export interface BenchImage {
   build(d: Dockerd): Promise<void>;
 }
 
-/** Path of the cached rootfs tar of `debootstrap --variant=minbase --include=<include> bookworm`. */
-export async function ensureDebianRootfs(key: string, include: string[]): Promise<string> {
-  const file = join(CACHE_DIR, `${key}-bookworm.tar`);
+/** Path of the cached rootfs tar of `debootstrap --variant=minbase --include=<include> <suite>`. */
+export async function ensureDebianRootfs(key: string, include: string[], suite = 'bookworm'): Promise<string> {
+  const file = join(CACHE_DIR, `${key}-${suite}.tar`);
   if (existsSync(file) && statSync(file).size > 10_000_000) return file;
   mkdirSync(CACHE_DIR, { recursive: true });
   const work = mkdtempSync(join(CACHE_DIR, '.build-'));
@@ -47,7 +59,7 @@ export async function ensureDebianRootfs(key: string, include: string[]): Promis
   const t0 = Date.now();
   try {
     log(`images: building ${file} (debootstrap --include=${include.join(',')}; first time only, a few minutes)`);
-    const r = await run('debootstrap', ['--variant=minbase', `--include=${include.join(',')}`, 'bookworm', rootfs, DEBIAN_MIRROR], { timeoutMs: 30 * 60_000 });
+    const r = await run('debootstrap', ['--variant=minbase', `--include=${include.join(',')}`, suite, rootfs, DEBIAN_MIRROR], { timeoutMs: 30 * 60_000 });
     if (r.code !== 0) throw new Error(`debootstrap failed (code ${r.code}):\n${r.stdout.slice(-3000)}\n${r.stderr.slice(-3000)}`);
     await runOk('sh', ['-c', 'rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/* "$1"/dev/* "$1"/debootstrap', 'sh', rootfs]);
     const tmp = join(work, 'rootfs.tar');
@@ -65,9 +77,9 @@ async function has(d: Dockerd, tag: string): Promise<boolean> {
   return (await d.docker(['image', 'inspect', '-f', '{{.Id}}', tag])).code === 0;
 }
 
-async function importRootfs(d: Dockerd, key: string, include: string[], tag: string): Promise<void> {
+async function importRootfs(d: Dockerd, key: string, include: string[], tag: string, suite = 'bookworm'): Promise<void> {
   if (await has(d, tag)) return;
-  const file = await ensureDebianRootfs(key, include);
+  const file = await ensureDebianRootfs(key, include, suite);
   await d.dockerOk(['import', '--change', 'CMD ["/bin/bash"]', '--change', 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', file, tag], {
     timeoutMs: 600_000,
   });
@@ -75,6 +87,26 @@ async function importRootfs(d: Dockerd, key: string, include: string[], tag: str
 
 const PY_BASE = 'gear-bench/python3:bookworm';
 const NGINX = 'gear-bench/nginx:bookworm';
+const PY_BASE_11 = 'gear-bench/python3:bullseye';
+const NUMPY = 'gear-bench/numpy:bookworm';
+const REDIS = 'gear-bench/redis:bookworm';
+const NODEJS = 'gear-bench/nodejs:bookworm';
+
+const TREEWALK_TASK = ['bash', '-c', 'find /etc /usr/share/doc -xdev -type f -print0 | xargs -0 sha256sum | wc -l | grep -qv "^0$" && echo ready'];
+
+const NUMPY_TASK = ['python3', '-c', 'import numpy as np; a = np.arange(250000, dtype=np.float64).reshape(500, 500); print(float((a @ a.T).trace()))'];
+
+/** Starts redis, then PING, SET and GET over loopback with redis-cli. */
+const REDIS_TASK = [
+  'bash',
+  '-c',
+  'redis-server --daemonize yes --save "" --appendonly no >/dev/null || exit 1; for i in $(seq 50); do [ "$(redis-cli ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done; redis-cli set k v >/dev/null && [ "$(redis-cli get k)" = v ] && echo ready',
+];
+
+const NODE_SCRIPT = `const crypto = require('crypto'); const zlib = require('zlib');
+const h = crypto.createHash('sha256'); for (let i = 0; i < 10000; i++) h.update(String(i));
+const z = zlib.gzipSync(Buffer.alloc(100000, 'x'));
+console.log(JSON.stringify({ sha: h.digest('hex').slice(0, 12), gz: z.length, v: process.version }));`;
 
 const PY_APP_1 = `import json, sqlite3, decimal, email.parser, http.client, urllib.parse, hashlib, collections, datetime
 db = sqlite3.connect(':memory:')
@@ -169,5 +201,34 @@ export const BENCH_IMAGES: BenchImage[] = [
     tag: NGINX,
     task: NGINX_TASK,
     build: async (d) => importRootfs(d, 'nginx', ['nginx-light'], NGINX),
+  },
+  { key: 'treewalk', tag: MINBASE_TAG, task: TREEWALK_TASK, build: async (d) => void ((await has(d, MINBASE_TAG)) || (await importMinbase(d))) },
+  {
+    key: 'python3',
+    tag: PY_BASE,
+    task: ['python3', '-c', 'import json, sqlite3, decimal, email.parser, http.client; print("ready")'],
+    build: async (d) => importRootfs(d, 'python3', ['python3'], PY_BASE),
+  },
+  { key: 'numpy', tag: NUMPY, task: NUMPY_TASK, build: async (d) => importRootfs(d, 'numpy', ['python3', 'python3-numpy'], NUMPY) },
+  {
+    key: 'pyapp-bullseye',
+    tag: 'gear-bench/pyapp:bullseye',
+    task: ['python3', '/app/app.py'],
+    build: async (d) => {
+      if (await has(d, 'gear-bench/pyapp:bullseye')) return;
+      await importRootfs(d, 'python3', ['python3'], PY_BASE_11, 'bullseye');
+      await buildImage(d, 'gear-bench/pyapp:bullseye', `FROM ${PY_BASE_11}\nCOPY app /app\nWORKDIR /app\nCMD ["python3", "/app/app.py"]\n`, { 'app/app.py': PY_APP_1 });
+    },
+  },
+  { key: 'redis', tag: REDIS, task: REDIS_TASK, build: async (d) => importRootfs(d, 'redis', ['redis-server'], REDIS) },
+  {
+    key: 'nodejs',
+    tag: 'gear-bench/nodeapp:1',
+    task: ['node', '/app/app.js'],
+    build: async (d) => {
+      if (await has(d, 'gear-bench/nodeapp:1')) return;
+      await importRootfs(d, 'nodejs', ['nodejs'], NODEJS);
+      await buildImage(d, 'gear-bench/nodeapp:1', `FROM ${NODEJS}\nCOPY app /app\nCMD ["node", "/app/app.js"]\n`, { 'app/app.js': NODE_SCRIPT });
+    },
   },
 ];

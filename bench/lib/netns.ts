@@ -91,3 +91,22 @@ export class ShapedLink {
     this.created.ns = false;
   }
 }
+
+let loSeq = 0;
+
+/**
+ * Runs fn with the path of a fresh network namespace that holds only a
+ * loopback that is up (what `docker run --network none` gives a container;
+ * runc leaves a new namespace's lo down), for `ctr run --with-ns network:PATH`.
+ * The namespace is deleted afterwards.
+ */
+export async function withLoopbackNetns<T>(fn: (path: string) => Promise<T>): Promise<T> {
+  const ns = `gblo-${process.pid}-${++loSeq}`;
+  await runOk('ip', ['netns', 'add', ns]);
+  try {
+    await runOk('ip', ['netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up']);
+    return await fn(`/run/netns/${ns}`);
+  } finally {
+    await run('ip', ['netns', 'del', ns]);
+  }
+}

@@ -50,6 +50,8 @@ export class Report {
   readonly metrics: Metric[] = [];
   readonly extra: Record<string, unknown> = {};
   readonly notes: string[] = [];
+  /** Tables a section prints beside the main one (e.g. cold-deploy's side-by-side systems), also kept in the JSON. */
+  readonly tables: { title: string; text: string }[] = [];
   readonly started = new Date();
 
   constructor(readonly config: Record<string, unknown>) {}
@@ -149,6 +151,7 @@ export class Report {
       config: this.config,
       metrics: this.metrics,
       extra: this.extra,
+      tables: this.tables,
       notes: this.notes,
     };
     writeFileSync(`${file}.tmp`, JSON.stringify(doc, null, 2) + '\n');
