@@ -23,12 +23,13 @@ import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, rmSync, writeF
 import { join } from 'node:path';
 import { GEAR_CLI } from './dockerd.js';
 import { pidsReferencing, run, stopChild, stopPid, tailFile, unmountUnder, waitFor, type RunResult } from './proc.js';
+import { UNSTABLE_ROOT } from './unstable.js';
 
 export const CONTAINERD = '/usr/bin/containerd';
 export const CTR = '/usr/bin/ctr';
 
 /** The Debian-unstable tree of scripts/install-unstable.sh (docker.io 28.5, containerd 2.1). */
-export const UNSTABLE_ROOT = process.env.GEAR_UNSTABLE_ROOT ?? join(process.env.GEAR_TEST_CACHE ?? '/var/cache/gear-test', 'unstable/root');
+export { UNSTABLE_ROOT };
 export const CONTAINERD21_BIN_DIR = join(UNSTABLE_ROOT, 'usr/bin');
 export const CONTAINERD21 = join(CONTAINERD21_BIN_DIR, 'containerd');
 export const CTR21 = join(CONTAINERD21_BIN_DIR, 'ctr');

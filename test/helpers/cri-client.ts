@@ -22,9 +22,10 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { UNSTABLE_ROOT } from './unstable.js';
 
-/** The Debian-unstable tree of scripts/install-unstable.sh (as test/helpers/containerd.ts names it). */
-export const UNSTABLE_ROOT = process.env.GEAR_UNSTABLE_ROOT ?? join(process.env.GEAR_TEST_CACHE ?? '/var/cache/gear-test', 'unstable/root');
+/** The Debian-unstable tree of scripts/install-unstable.sh. */
+export { UNSTABLE_ROOT };
 const GOCODE_SRC = join(UNSTABLE_ROOT, 'usr/share/gocode/src');
 /** k8s.io/cri-api's runtime/v1 api.proto, as golang-k8s-cri-api-dev ships it. */
 export const CRI_API_PROTO = process.env.GEAR_CRI_API_PROTO ?? join(GOCODE_SRC, 'k8s.io/cri-api/pkg/apis/runtime/v1/api.proto');

@@ -16,13 +16,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { GEAR_CLI, REPO_ROOT } from '../helpers/dockerd.js';
+import { UNSTABLE_ROOT } from '../helpers/unstable.js';
 
 const GO_TIMEOUT = '18m';
 /** Above GO_TIMEOUT, so a hung suite is reported by go test (with its goroutine dump), not cut off by vitest. */
 const TEST_TIMEOUT_MS = 20 * 60_000;
 
 /** The Debian-unstable tree of scripts/install-unstable.sh (as test/helpers/containerd.ts names it). */
-const UNSTABLE_ROOT = process.env.GEAR_UNSTABLE_ROOT ?? join(process.env.GEAR_TEST_CACHE ?? '/var/cache/gear-test', 'unstable/root');
 
 /** The newest Go toolchain unpacked in the unstable tree (usr/lib/go-1.N), or undefined. */
 function unstableGoroot(): string | undefined {

@@ -23,8 +23,8 @@ import { request } from 'node:http';
 import { join } from 'node:path';
 import { REPO_ROOT } from '../helpers/dockerd.js';
 import { pidsReferencing, run, runOk, spawnLogged, stopChild, stopPid, tailFile, unmountUnder, waitFor } from '../helpers/proc.js';
+import { UNSTABLE_ROOT } from '../helpers/unstable.js';
 
-const UNSTABLE_ROOT = process.env.GEAR_UNSTABLE_ROOT ?? '/var/cache/gear-test/unstable/root';
 const CONTAINERDS = [
   { name: 'containerd 1.6 (Debian 12), config version 2', bin: '/usr/bin/containerd', ctr: '/usr/bin/ctr', version: 2 },
   {
