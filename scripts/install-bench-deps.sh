@@ -30,19 +30,6 @@ packages=(
   docker-registry skopeo iproute2
 )
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-
-if ((${#missing[@]})); then
-  if [ "$(id -u)" != 0 ]; then
-    echo "install-bench-deps: need root to install: ${missing[*]}" >&2
-    exit 1
-  fi
-  echo "install-bench-deps: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/lib/apt-install-missing.sh"
+apt_install_missing install-bench-deps "${packages[@]}"
 modprobe fuse 2>/dev/null || true

@@ -20,21 +20,8 @@ packages=(
   fonts-dejavu-core    # text in `gear analyze --plot FILE.png` (resvg uses the system fonts)
 )
 
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-
-if ((${#missing[@]})); then
-  if [ "$(id -u)" != 0 ]; then
-    echo "install-deps: need root to install: ${missing[*]}" >&2
-    exit 1
-  fi
-  echo "install-deps: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/lib/apt-install-missing.sh"
+apt_install_missing install-deps "${packages[@]}"
 
 # The overlay and fuse modules (built in on some kernels; modprobe may be absent).
 modprobe overlay 2>/dev/null || true
