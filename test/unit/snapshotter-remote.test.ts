@@ -117,3 +117,18 @@ describe('an empty Gear-served layer is never shown', () => {
     expect(await again.list([])).toEqual([]);
   });
 });
+
+describe("Gear's own remote label", () => {
+  it('a client can neither erase it (Update) nor set it (Prepare, Commit)', async () => {
+    await emptyLayer('sha256:base', '', 'aaaaaaaaaaaaaab1');
+    // Update replacing all labels, and one naming the key: the `empty` mark stays.
+    await sn.update({ name: 'sha256:base', labels: { other: 'x' } } as never, ['labels']);
+    await sn.update({ name: 'sha256:base', labels: {} } as never, [`labels.${GEAR_REMOTE_LABEL}`]);
+    const info = await sn.stat('sha256:base');
+    expect(info.labels).toMatchObject({ other: 'x', [GEAR_REMOTE_LABEL]: 'empty' });
+    // A client's Prepare and Commit cannot mark a layer as Gear-served.
+    await sn.prepare('k1', '', { [GEAR_REMOTE_LABEL]: 'index' });
+    await sn.commit('c1', 'k1', { [GEAR_REMOTE_LABEL]: 'empty' });
+    expect((await sn.stat('c1')).labels[GEAR_REMOTE_LABEL]).toBeUndefined();
+  });
+});

@@ -35,7 +35,7 @@
  * image costs one referrers lookup per pull, not one per layer.
  */
 import { randomBytes } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { createReadStream, rmSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -107,6 +107,13 @@ export class RemoteSnapshots {
 
   /** Plugs into the snapshotter's Prepare. */
   install(): void {
+    // Downloads a killed run left behind (index blobs, fill tars): never needed again.
+    // Synchronous, once at start, so that no Prepare's download can race it.
+    try {
+      rmSync(this.tmpDir, { recursive: true, force: true });
+    } catch (err) {
+      this.log?.warn({ err: describeError(err) }, 'remote: could not clear the scratch dir');
+    }
     this.sn.setRemotePrepare(
       (key, parent, labels) => this.prepare(key, parent, labels),
       (records) => this.fill(records),

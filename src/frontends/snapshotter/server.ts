@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import type { Logger } from 'pino';
-import { describeError, errnoCode, unavailable } from '../../core/errors.js';
+import { describeError, errnoCode, invalidArgument, unavailable } from '../../core/errors.js';
 import { openLayerStore, type LayerStoreOptions } from '../../core/layers/store.js';
 import { RegistryClient } from '../../core/registry/client.js';
 import { streamHandler, unaryHandler } from './handlers.js';
@@ -121,8 +121,11 @@ async function claimSocket(socket: string): Promise<void> {
 
 /**
  * Remote snapshots (remote.ts) serve images with an attached Gear index
- * lazily; on unless GEAR_REMOTE_SNAPSHOTS=off, and only with the lazy
- * machinery (a Gear index needs it).
+ * lazily; off unless GEAR_REMOTE_SNAPSHOTS=on, and only with the lazy
+ * machinery (a Gear index needs it). Opt-in because a served snapshot is named
+ * by chain IDs computed from the image config's diff_ids, which nobody checks
+ * against content (containerd's unpack would): an image from a registry the
+ * node trusts less could claim a shared base's chain ID (docs/containerd.md).
  */
 function enableRemoteSnapshots(
   sn: Snapshotter,
@@ -131,9 +134,10 @@ function enableRemoteSnapshots(
   opts: SnapshotterServerOptions,
   log: Logger,
 ): RemoteSnapshots | undefined {
-  const setting = process.env.GEAR_REMOTE_SNAPSHOTS ?? 'on';
+  const setting = process.env.GEAR_REMOTE_SNAPSHOTS ?? 'off';
+  if (setting !== 'on' && setting !== 'off') throw invalidArgument(`GEAR_REMOTE_SNAPSHOTS=${setting.slice(0, 40)}: use on or off`);
   if (setting === 'off' || !layers.lazyRuntime) {
-    log.info({ remoteSnapshots: false, reason: setting === 'off' ? 'GEAR_REMOTE_SNAPSHOTS=off' : 'lazy pull is off' }, 'remote snapshots disabled');
+    log.info({ remoteSnapshots: false, reason: setting === 'off' ? 'GEAR_REMOTE_SNAPSHOTS is not on' : 'lazy pull is off' }, 'remote snapshots disabled');
     return undefined;
   }
   const lazy = typeof opts.storeOptions?.lazy === 'object' ? opts.storeOptions.lazy : {};

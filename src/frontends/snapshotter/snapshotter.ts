@@ -133,6 +133,13 @@ function cleanLabels(labels: Record<string, string> | undefined): Record<string,
   return out;
 }
 
+/** A client's labels (Prepare, View, Commit, Update): cleaned, and never Gear's own GEAR_REMOTE_LABEL, which only remote.ts sets. */
+function clientLabels(labels: Record<string, string> | undefined): Record<string, string> {
+  const out = cleanLabels(labels);
+  delete out[GEAR_REMOTE_LABEL];
+  return out;
+}
+
 function info(rec: SnapshotRecord): SnapshotInfo {
   return { name: rec.name, parent: rec.parent, kind: rec.kind, labels: { ...rec.labels }, created: rec.created, updated: rec.updated };
 }
@@ -342,7 +349,7 @@ export class Snapshotter {
 
   private async create(kind: 'active' | 'view', key: string, parent: string, labels?: Record<string, string>): Promise<MountSpec[]> {
     if (!key) throw invalidArgument('snapshot key must not be empty');
-    const clean = cleanLabels(labels);
+    const clean = clientLabels(labels);
     if (kind === 'active' && this.remote && (await this.remote(key, parent, clean))) {
       // containerd's remote-snapshot protocol: the target exists now; containerd finds it with List and skips the layer.
       throw alreadyExists(`target snapshot ${clean['containerd.io/snapshot.ref']}: served by Gear (remote snapshot)`);
@@ -493,7 +500,7 @@ export class Snapshotter {
 
   async commit(name: string, key: string, labels?: Record<string, string>): Promise<void> {
     if (!name) throw invalidArgument('snapshot name must not be empty');
-    const clean = cleanLabels(labels);
+    const clean = clientLabels(labels);
     const active = this.lookup(key);
     if (active.kind !== 'active') throw failedPrecondition(`snapshot ${key} is not active`);
     // Measured before taking the lock: the active snapshot no longer changes
@@ -572,7 +579,10 @@ export class Snapshotter {
           else delete labels[k];
         } else throw invalidArgument(`cannot update ${JSON.stringify(p)} field on snapshot ${JSON.stringify(next.name)}`);
       }
-      const updated: SnapshotRecord = { ...cur, labels: cleanLabels(labels), updated: nowNs() };
+      // Gear's own label stays as it was, whatever the client asked (an erased `empty` would show a layer that holds none of its files).
+      const updatedLabels = clientLabels(labels);
+      if (cur.labels[GEAR_REMOTE_LABEL] !== undefined) updatedLabels[GEAR_REMOTE_LABEL] = cur.labels[GEAR_REMOTE_LABEL];
+      const updated: SnapshotRecord = { ...cur, labels: updatedLabels, updated: nowNs() };
       await this.meta.write(updated);
       this.byName.set(updated.name, updated);
       return info(updated);
