@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 NPM_STAMP := node_modules/.package-lock.json
 
-.PHONY: all deps build test unit fuzz test-hostile demo bench clean
+.PHONY: all deps unstable-deps build test unit fuzz test-hostile demo bench clean
 
 all: build
 
@@ -14,12 +14,18 @@ $(NPM_STAMP): package.json package-lock.json binding.gyp native/gear_native.cc
 	npm ci --no-audit --no-fund
 	@touch $(NPM_STAMP)
 
+# Docker 28, containerd 2.1, their Go sources, Go and the CRI api.proto from Debian unstable, into a
+# cache folder (scripts/install-unstable.sh; root); the system's docker.io and containerd stay Debian 12's.
+# Only the tests and the demo need them, so `make build` works as a user.
+unstable-deps:
+	@bash scripts/install-unstable.sh >/dev/null
+
 build: deps $(NPM_STAMP)
 	npx tsc -p tsconfig.json
 
 # Every test: unit, hostile-input corpora and the decoder fuzz target, then integration (real
 # dockerd, registry, containerd, overlay, FUSE).
-test: build
+test: build unstable-deps
 	npx tsc -p tsconfig.test.json
 	npx vitest run
 
@@ -35,7 +41,7 @@ fuzz: build
 test-hostile: build
 	npx vitest run --project hostile --project fuzz
 
-demo: build
+demo: build unstable-deps
 	bash scripts/demo.sh
 
 # make bench BENCH=cold: one section (lifecycle, read, cold = cold-deploy; comma list) instead of all.

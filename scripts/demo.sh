@@ -19,7 +19,7 @@
 #     how many files were fetched
 #
 # Docker 28 and containerd 2.1 come from Debian unstable, unpacked into a cache
-# folder by scripts/install-unstable.sh (make deps runs it); runc is Debian 12's.
+# folder by scripts/install-unstable.sh (make unstable-deps runs it; make demo and make test call it); runc is Debian 12's.
 # Everything lives under one temp dir and is stopped, unmounted and removed on
 # exit (also on failure or Ctrl-C). Never touches /var/lib/docker, /run/containerd
 # or a default socket. Needs root. Expects `make build` to have run (make demo does).
@@ -46,7 +46,7 @@ for bin in "$DOCKER" "$DOCKERD" "$REGISTRY" /bin/busybox node; do
 done
 [ -f "$REPO/dist/cli/gear.js" ] || die "dist/cli/gear.js missing (run: make build)"
 for bin in "$DOCKER28" "$DOCKERD28" "$CONTAINERD21" "$UNSTABLE/usr/bin/containerd-shim-runc-v2" /usr/sbin/runc; do
-  [ -x "$bin" ] || die "missing $bin (Docker 28 / containerd 2.1; run: make deps, or scripts/install-unstable.sh)"
+  [ -x "$bin" ] || die "missing $bin (Docker 28 / containerd 2.1; run: make unstable-deps)"
 done
 
 DIR=$(mktemp -d /tmp/gdemo-XXXXXX)

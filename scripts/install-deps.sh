@@ -26,7 +26,3 @@ apt_install_missing install-deps "${packages[@]}"
 # The overlay and fuse modules (built in on some kernels; modprobe may be absent).
 modprobe overlay 2>/dev/null || true
 modprobe fuse 2>/dev/null || true
-
-# Docker 28, containerd 2.1, their Go sources and the CRI api.proto from Debian unstable, into
-# a cache folder (scripts/install-unstable.sh); the system's docker.io and containerd stay 12's.
-bash "$(dirname "${BASH_SOURCE[0]}")/install-unstable.sh" >/dev/null

@@ -22,7 +22,7 @@ set -euo pipefail
 
 dir=${GEAR_UNSTABLE_DIR:-${GEAR_TEST_CACHE:-/var/cache/gear-test}/unstable}
 default=(docker.io docker-cli containerd golang-github-containerd-containerd-dev golang-k8s-cri-api-dev
-  golang-1.27-go golang-1.27-src
+  golang-go-toolchain
   golang-github-containerd-containerd-api-dev golang-github-containerd-continuity-dev
   golang-github-containerd-errdefs-dev golang-github-containerd-log-dev golang-github-containerd-ttrpc-dev
   golang-github-containerd-typeurl-dev golang-github-davecgh-go-spew-dev golang-github-gogo-protobuf-dev
@@ -53,7 +53,23 @@ if [ ! -e "${lists[0]}" ] || [ -n "$(find "$dir/lists" -maxdepth 1 -name '*_Pack
   apt-get "${apt_opts[@]}" update -qq >&2
 fi
 
+# golang-go-toolchain stands for the versioned toolchain unstable's golang-go depends on now
+# (golang-1.N-go and golang-1.N-src): a hard-coded 1.N would vanish when unstable moves on.
+resolved=()
 for p in "${pkgs[@]}"; do
+  if [ "$p" = golang-go-toolchain ]; then
+    go=$(apt-cache "${apt_opts[@]}" show --no-all-versions golang-go 2>/dev/null | awk '/^Depends:/ && g == "" {if (match($0, /golang-1\.[0-9]+-go/)) g = substr($0, RSTART, RLENGTH)} END {print g}')
+    if [ -z "$go" ]; then
+      echo "install-unstable: cannot tell which Go toolchain unstable's golang-go depends on" >&2
+      exit 1
+    fi
+    resolved+=("$go" "${go%-go}-src")
+  else
+    resolved+=("$p")
+  fi
+done
+
+for p in "${resolved[@]}"; do
   # awk reads to the end: an early exit would SIGPIPE apt-cache, which pipefail turns into an abort.
   version=$(apt-cache "${apt_opts[@]}" show --no-all-versions "$p" 2>/dev/null | awk '/^Version:/ && v == "" {v = $2} END {print v}')
   if [ -z "$version" ]; then
