@@ -42,7 +42,7 @@ export type ContainerdVersion = '1.6' | '2.1';
 /** Why containerd 2.1 cannot run here (binaries missing), or undefined when it can. */
 export function containerd21Missing(): string | undefined {
   for (const f of [CONTAINERD21, CTR21, SHIM21, RUNC]) {
-    if (!existsSync(f)) return `${f} is missing (run scripts/install-unstable.sh, which scripts/install-deps.sh calls)`;
+    if (!existsSync(f)) return `${f} is missing (run make unstable-deps: scripts/install-unstable.sh)`;
   }
   return undefined;
 }

@@ -111,7 +111,7 @@ export interface CriContainerd {
 /** Why containerd 2.1 with the CRI cannot run here, or undefined when it can. */
 export function criMissing(): string | undefined {
   for (const f of [CONTAINERD21, CTR21, SHIM21, RUNC]) {
-    if (!existsSync(f)) return `${f} is missing (run scripts/install-unstable.sh, which scripts/install-deps.sh calls)`;
+    if (!existsSync(f)) return `${f} is missing (run make unstable-deps: scripts/install-unstable.sh)`;
   }
   return undefined;
 }

@@ -49,7 +49,7 @@ export function dockerd28Path(): string {
 /** Why dockerd 28 + containerd 2.1 cannot run here, or undefined when they can. */
 export function docker28Missing(): string | undefined {
   for (const f of [DOCKERD28_BIN, DOCKER28_BIN]) {
-    if (!existsSync(f)) return `${f} is missing (run scripts/install-unstable.sh, which scripts/install-deps.sh calls)`;
+    if (!existsSync(f)) return `${f} is missing (run make unstable-deps: scripts/install-unstable.sh)`;
   }
   return containerd21Missing() ?? (existsSync(RUNC) ? undefined : `${RUNC} is missing (apt-get install runc)`);
 }
