@@ -17,31 +17,14 @@ import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { promisify } from 'node:util';
 import { createGzip, gzip as gzipCb, type ZlibOptions } from 'node:zlib';
-import { GZIP_WORTH_IT } from '../convert/convert.js';
+import { keepsGzip, wouldGzip, type StoragePolicy } from '../convert/storage-policy.js';
 import { SMALL_BODY_BYTES } from '../convert/stage.js';
 import type { ChunkTable } from './chunk-table.js';
 import { ContentTable, digestKey } from './content-table.js';
 
+export type { StoragePolicy };
+
 const gzipAsync = promisify(gzipCb) as (buf: Buffer, opts: ZlibOptions) => Promise<Buffer>;
-
-export interface StoragePolicy {
-  /** 'auto': gzip when the blob is at most 90% of the content; 'raw': never. */
-  storage: 'auto' | 'raw';
-  /** Contents of at least this size are stored raw (convert's --raw-above; Infinity: never). */
-  rawMinBytes: number;
-  /** gzip level (convert: 6). */
-  gzipLevel: number;
-}
-
-/** Whether `gear convert` would try gzip for a content of this size. */
-export function wouldGzip(size: number, p: StoragePolicy): boolean {
-  return p.storage === 'auto' && size < p.rawMinBytes;
-}
-
-/** Stored blob size for a content of `size` bytes whose gzip form is `gzipSize` bytes (convert.ts's rule). */
-export function keepsGzip(size: number, gzipSize: number): boolean {
-  return gzipSize <= size * GZIP_WORTH_IT;
-}
 
 /** Small-file compressions in flight at once. */
 const SMALL_JOBS = 4;

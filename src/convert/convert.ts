@@ -26,6 +26,7 @@ import type { Destination } from './destination.js';
 import { Flattener } from './flatten.js';
 import { layerTar, type SourceImage } from './source.js';
 import { ContentStage } from './stage.js';
+import { keepsGzip, wouldGzip } from './storage-policy.js';
 
 export const MediaTypes = {
   OciManifest: 'application/vnd.oci.image.manifest.v1+json',
@@ -39,8 +40,6 @@ export const MediaTypes = {
 export const EMPTY_JSON = Buffer.from('{}');
 export const EMPTY_JSON_DIGEST = 'sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a';
 
-/** A Gear file is stored gzipped when that makes it at most this fraction of its size. */
-export const GZIP_WORTH_IT = 0.9;
 
 /** Registries commonly refuse manifests over 4 MiB; keep-alive manifests stay under this. */
 export const MAX_REGISTRY_MANIFEST_BYTES = 4 * 1024 * 1024;
@@ -265,9 +264,9 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
     const stored = new Map<string, StoredBlob>();
     await mapLimit(contents, opts.concurrency ?? 4, async (c) => {
       let blob = { digest: c.digest, size: c.size, path: stage.path(c.digest), mediaType: GearMediaType.File as string };
-      if ((opts.storage ?? 'auto') === 'auto' && c.size < (opts.rawMinBytes ?? BIG_FILE_MIN_BYTES)) {
+      if (wouldGzip(c.size, { storage: opts.storage ?? 'auto', rawMinBytes: opts.rawMinBytes ?? BIG_FILE_MIN_BYTES })) {
         const gz = await stage.gzip(c.digest, opts.gzipLevel ?? 6);
-        if (gz.size <= c.size * GZIP_WORTH_IT) {
+        if (keepsGzip(c.size, gz.size)) {
           blob = { ...gz, mediaType: GearMediaType.FileGzip };
           stored.set(c.digest, { mediaType: GearMediaType.FileGzip, digest: gz.digest, size: gz.size });
         }

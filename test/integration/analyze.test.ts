@@ -102,7 +102,7 @@ describe('gear analyze against gear convert and a registry', () => {
     expect(report.images[1]!.duplicateBytes).toBeGreaterThanOrEqual(statSync('/bin/busybox').size);
     // The 9 MiB file is stored raw though it compresses to nearly nothing (in its layer too).
     expect(report.files.storedBytes).toBeGreaterThan(9 * 1024 * 1024);
-    expect(report.storage.gear.fileBytes).toBe(report.files.storedBytes);
+    // storage.gear (files + index + configs) is checked against what gear convert really uploads, in the next test.
     expect(report.chunks!.distinctBytes).toBeLessThanOrEqual(report.files.distinctBytes);
     const png = readFileSync(join(work, 'plot.png'));
     expect(png.subarray(1, 4).toString('latin1')).toBe('PNG');
