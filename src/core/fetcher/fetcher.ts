@@ -595,9 +595,16 @@ export class Fetcher {
       });
     } catch (err) {
       // A broken raw body resumes from here on the next attempt; anything else starts over.
-      // Bytes that did not match their digest (a lying mirror: client.ts verifies a mirror's whole blob) are not resumed from.
+      // Bytes that did not match their digest (a lying mirror: client.ts verifies a mirror's whole blob) are not resumed from,
+      // nor are a mirror's bytes at all: the next attempt may go to another host, and a mismatch of the mixed file would
+      // then blame nobody (the file rejected, the mirror kept).
       const resumable =
-        raw && !signal.aborted && writer.isOpen && !(err instanceof DigestMismatchError) && !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
+        raw &&
+        !mirror &&
+        !signal.aborted &&
+        writer.isOpen &&
+        !(err instanceof DigestMismatchError) &&
+        !(err instanceof GearError && !isClass(err, 'Unavailable') && !isClass(err, 'DeadlineExceeded'));
       if (!resumable) {
         await writer.abort();
         job.writer = undefined;

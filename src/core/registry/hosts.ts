@@ -316,10 +316,6 @@ export class HostsConfig {
     this.ttl = opts.ttlMs ?? 10_000;
   }
 
-  /** True when any mirror may be configured (a config dir or Docker Hub mirrors). */
-  get active(): boolean {
-    return !!this.opts.configDir || this.hub.length > 0;
-  }
 
   hosts(registry: string): Promise<RegistryHost[]> {
     const key = registry.toLowerCase();

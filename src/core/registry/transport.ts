@@ -11,6 +11,7 @@
  * when the request URL's origin is the registry's own origin. Redirect targets
  * and upload Locations on other origins get none.
  */
+import { createHash } from 'node:crypto';
 import { Pool } from 'undici';
 import type { IncomingHttpHeaders } from 'node:http';
 import type { Readable } from 'node:stream';
@@ -74,6 +75,19 @@ export interface HostTls {
   /** Extra PEM CA certificates. */
   ca: string[];
   skipVerify: boolean;
+}
+
+/** A hash of a host's CA list, once per HostTls (a pool per distinct trust: equal lengths and tails must not share one). */
+const caKeys = new WeakMap<HostTls, string>();
+function caKey(tls: HostTls): string {
+  let k = caKeys.get(tls);
+  if (k === undefined) {
+    const h = createHash('sha256');
+    for (const pem of tls.ca) h.update(`${pem.length}:`).update(pem);
+    k = h.digest('hex');
+    caKeys.set(tls, k);
+  }
+  return k;
 }
 
 export interface SendResponse {
@@ -193,7 +207,7 @@ export class RegistryTransport {
   private pool(origin: string, tls?: HostTls): Pool {
     if (this.closed) throw new GearError('FailedPrecondition', 'registry client is closed');
     const custom = tls && origin.startsWith('https:') && (tls.skipVerify || tls.ca.length > 0);
-    const key = custom ? `${origin}#${tls.skipVerify ? 'insecure' : ''}#${tls.ca.join('').length}:${tls.ca.join('').slice(-64)}` : origin;
+    const key = custom ? `${origin}#${tls.skipVerify ? 'insecure' : ''}#${caKey(tls)}` : origin;
     let p = this.pools.get(key);
     if (!p) {
       p = new Pool(origin, {
