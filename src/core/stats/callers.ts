@@ -11,6 +11,8 @@ import fs from 'node:fs/promises';
 const MAX_CACHED = 1024;
 /** A namespace found not rooted on one of our overlays is asked again after this long (a container's init looks files up before its pivot_root). */
 const NEGATIVE_MS = 5_000;
+/** A namespace found to be a container's is checked again after this long: the kernel reuses namespace numbers. */
+const POSITIVE_MS = 30_000;
 
 /** The layer id in an overlay's upperdir option, if it is ROOT/layers/<id>/diff (absolute or relative to ROOT). */
 export function upperLayerOf(superOptions: string, root: string): string | undefined {
@@ -40,18 +42,23 @@ export function rootLayerOf(mountinfo: string, root: string): string | undefined
 /** A resolver pid → container layer id of the store at root (undefined: not a container of this store). */
 export function callerResolver(root: string): (pid: number) => Promise<string | undefined> {
   // ns → layer, or the time a namespace was found not to be a container of ours (dockerd's own reads: /etc/passwd…).
-  const byNs = new Map<string, string | number>();
+  // Concurrent LOOKUPs from one namespace share its read of mountinfo (the promise is what is cached).
+  const byNs = new Map<string, { layer: Promise<string | undefined>; at: number }>();
   return async (pid: number) => {
     const ns = await fs.readlink(`/proc/${pid}/ns/mnt`).catch(() => undefined);
     if (!ns) return undefined;
     const known = byNs.get(ns);
-    if (typeof known === 'string') return known;
-    if (known !== undefined && Date.now() - known < NEGATIVE_MS) return undefined;
-    const info = await fs.readFile(`/proc/${pid}/mountinfo`, 'utf8').catch(() => '');
-    const layer = rootLayerOf(info, root);
+    if (known) {
+      const layer = await known.layer;
+      if (Date.now() - known.at < (layer ? POSITIVE_MS : NEGATIVE_MS)) return layer;
+    }
+    const layer = fs.readFile(`/proc/${pid}/mountinfo`, 'utf8').then(
+      (info) => rootLayerOf(info, root),
+      () => undefined,
+    );
     byNs.delete(ns);
     if (byNs.size >= MAX_CACHED) byNs.delete(byNs.keys().next().value!);
-    byNs.set(ns, layer ?? Date.now());
+    byNs.set(ns, { layer, at: Date.now() });
     return layer;
   };
 }

@@ -30,6 +30,8 @@ export interface ContainerUsage {
 
 /** At most this many containers are tracked (oldest dropped first). */
 const MAX_CONTAINERS = 4096;
+/** LOOKUP callers remembered at most while their need is being served (the oldest go first). */
+const MAX_PENDING_CALLERS = 4096;
 
 export class UsageTracker {
   /** digest → content bytes, downloaded by this run. */
@@ -51,7 +53,11 @@ export class UsageTracker {
 
   /** The miss filesystem got a LOOKUP of digest from pid (0: not visible from our pid namespace). */
   noteCaller(digest: string, pid: number): void {
-    if (pid > 0) this.callers.set(digest, pid);
+    if (pid <= 0) return;
+    // Bounded: a LOOKUP the provider refuses (a name not in the catalog) or joins in flight never reaches noteNeed.
+    this.callers.delete(digest);
+    if (this.callers.size >= MAX_PENDING_CALLERS) this.callers.delete(this.callers.keys().next().value!);
+    this.callers.set(digest, pid);
   }
 
   /** A container's need of digest, hit or miss (the provider's LOOKUP). */
