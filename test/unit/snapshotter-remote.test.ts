@@ -128,7 +128,9 @@ describe("Gear's own remote label", () => {
     expect(info.labels).toMatchObject({ other: 'x', [GEAR_REMOTE_LABEL]: 'empty' });
     // A client's Prepare and Commit cannot mark a layer as Gear-served.
     await sn.prepare('k1', '', { [GEAR_REMOTE_LABEL]: 'index' });
-    await sn.commit('c1', 'k1', { [GEAR_REMOTE_LABEL]: 'empty' });
+    const src = 'containerd.io/snapshot/gear.source-digest';
+    await sn.commit('c1', 'k1', { [GEAR_REMOTE_LABEL]: 'empty', [src]: `sha256:${'0'.repeat(64)}` });
     expect((await sn.stat('c1')).labels[GEAR_REMOTE_LABEL]).toBeUndefined();
+    expect((await sn.stat('c1')).labels[src]).toBeUndefined();
   });
 });

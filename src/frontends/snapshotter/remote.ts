@@ -45,13 +45,20 @@ import type { LayerStore } from '../../core/layers/types.js';
 import type { RegistryClient } from '../../core/registry/client.js';
 import { isDigest } from '../../core/registry/digest.js';
 import { parseReference } from '../../core/registry/reference.js';
-import { GEAR_REMOTE_LABEL, type Snapshotter } from './snapshotter.js';
+import { GEAR_OWN_LABEL_PREFIX, GEAR_REMOTE_LABEL, type Snapshotter } from './snapshotter.js';
 import { diskUsage } from './usage.js';
 
 export const SNAPSHOT_REF_LABEL = 'containerd.io/snapshot.ref';
 export const IMAGE_REF_LABEL = 'containerd.io/snapshot/cri.image-ref';
 export const MANIFEST_DIGEST_LABEL = 'containerd.io/snapshot/cri.manifest-digest';
 export const LAYER_DIGEST_LABEL = 'containerd.io/snapshot/cri.layer-digest';
+/**
+ * Where an empty layer's real content is, as the verified plan said it (not the client's cri.* labels): the
+ * source repository, the layer blob's digest and its size. Gear's own labels (GEAR_OWN_LABEL_PREFIX).
+ */
+const SOURCE_REPO_LABEL = 'containerd.io/snapshot/gear.source-repo';
+const SOURCE_DIGEST_LABEL = 'containerd.io/snapshot/gear.source-digest';
+const SOURCE_SIZE_LABEL = 'containerd.io/snapshot/gear.source-size';
 
 /** How long a "no Gear index for this image" answer is reused. */
 const NEGATIVE_TTL_MS = 60_000;
@@ -126,8 +133,9 @@ export class RemoteSnapshots {
   /**
    * Gives empty layers (bottom first) their real content: another image
    * shares them and sees them without the Gear index above. Each is
-   * downloaded from the image it was served for (its cri.* labels), verified
-   * against its digest, and applied as containerd would have.
+   * downloaded from the layer the verified plan named when it was served
+   * (Gear's own source labels, not the client's cri.* labels), bounded by its
+   * size, verified against its digest, and applied as containerd would have.
    */
   async fill(records: ReadonlyArray<{ name: string; layer: string; labels: Record<string, string> }>): Promise<void> {
     for (const r of records) {
@@ -142,18 +150,21 @@ export class RemoteSnapshots {
 
   private async fillOne(r: { name: string; layer: string; labels: Record<string, string> }): Promise<void> {
     if (this.sn.recordOf(r.name)?.labels[GEAR_REMOTE_LABEL] !== 'empty') return;
-    const digest = r.labels[LAYER_DIGEST_LABEL];
-    const imageRef = r.labels[IMAGE_REF_LABEL];
-    if (!digest || !isDigest(digest) || !imageRef) throw new Error(`snapshot ${r.name}: no layer digest or image reference to fetch its content from`);
-    const ref = parseReference(imageRef);
+    const digest = r.labels[SOURCE_DIGEST_LABEL];
+    const repoName = r.labels[SOURCE_REPO_LABEL];
+    const size = Number(r.labels[SOURCE_SIZE_LABEL]);
+    if (!digest || !isDigest(digest) || !repoName || !Number.isSafeInteger(size) || size < 0) {
+      throw new Error(`snapshot ${r.name}: no verified source layer (digest, repository, size) to fetch its content from`);
+    }
+    const ref = parseReference(repoName);
     await fs.mkdir(this.tmpDir, { recursive: true, mode: 0o700 });
     const blob = path.join(this.tmpDir, `fill-${randomBytes(6).toString('hex')}.tar`);
     try {
-      await this.client.fetchBlobVerified({ registry: ref.registry, repository: ref.repository }, digest, blob, { signal: AbortSignal.timeout(PLAN_TIMEOUT_MS * 5) });
+      await this.client.fetchBlobVerified({ registry: ref.registry, repository: ref.repository }, digest, blob, { signal: AbortSignal.timeout(PLAN_TIMEOUT_MS * 5), expectedSize: size });
       await this.layers.applyDiff(r.layer, '', createReadStream(blob));
       await this.sn.markFilled(r.name, await diskUsage(await this.sn.diffDirOf(r.layer)));
       this.stats.filled++;
-      this.log?.info({ snapshot: r.name, layer: digest, image: imageRef }, 'remote snapshot: filled a Gear-served empty layer with its content (another image uses it)');
+      this.log?.info({ snapshot: r.name, layer: digest, repository: repoName }, 'remote snapshot: filled a Gear-served empty layer with its content (another image uses it)');
     } finally {
       await fs.rm(blob, { force: true }).catch(() => undefined);
     }
@@ -187,13 +198,22 @@ export class RemoteSnapshots {
       if (i < 0) return false;
       // The parent must be this image's layer below (by its chain ID label), or none for the first.
       if (i === 0 ? parent !== '' : this.sn.recordOf(parent)?.labels[SNAPSHOT_REF_LABEL] !== chain[i - 1]) return false;
-      const keep = Object.fromEntries(Object.entries(labels).filter(([k]) => k === SNAPSHOT_REF_LABEL || k.startsWith('containerd.io/snapshot/')));
+      const keep = Object.fromEntries(
+        Object.entries(labels).filter(([k]) => k === SNAPSHOT_REF_LABEL || (k.startsWith('containerd.io/snapshot/') && !k.startsWith(GEAR_OWN_LABEL_PREFIX))),
+      );
       if (i === chain.length - 1) {
         await this.adoptIndex(manifest, repo, plan, target, parent, keep);
         this.stats.index++;
         this.log?.info({ ...fields, gear: plan.referrer.gearManifest, layers: chain.length }, 'remote snapshot: top layer served by the attached Gear index');
       } else {
-        await this.emptyLayer(target, parent, keep);
+        const src = plan.referrer.sourceLayers[i];
+        if (!src) return false;
+        await this.emptyLayer(target, parent, {
+          ...keep,
+          [SOURCE_REPO_LABEL]: repo,
+          [SOURCE_DIGEST_LABEL]: src.digest,
+          [SOURCE_SIZE_LABEL]: String(src.size),
+        });
         this.stats.empty++;
         this.log?.debug({ ...fields, layer: i + 1, of: chain.length }, 'remote snapshot: layer below the Gear index');
       }

@@ -72,6 +72,9 @@ export const MAX_LABEL_SIZE = 4096;
  */
 export const GEAR_REMOTE_LABEL = 'containerd.io/snapshot/gear.remote';
 
+/** Labels under this prefix are Gear's own (remote.ts): a client can neither set nor change them. */
+export const GEAR_OWN_LABEL_PREFIX = 'containerd.io/snapshot/gear.';
+
 /**
  * A Prepare that remote.ts may answer itself: true when it created the
  * committed snapshot named by the `containerd.io/snapshot.ref` label (Prepare
@@ -133,10 +136,10 @@ function cleanLabels(labels: Record<string, string> | undefined): Record<string,
   return out;
 }
 
-/** A client's labels (Prepare, View, Commit, Update): cleaned, and never Gear's own GEAR_REMOTE_LABEL, which only remote.ts sets. */
+/** A client's labels (Prepare, View, Commit, Update): cleaned, and never Gear's own (GEAR_OWN_LABEL_PREFIX), which only remote.ts sets. */
 function clientLabels(labels: Record<string, string> | undefined): Record<string, string> {
   const out = cleanLabels(labels);
-  delete out[GEAR_REMOTE_LABEL];
+  for (const k of Object.keys(out)) if (k.startsWith(GEAR_OWN_LABEL_PREFIX)) delete out[k];
   return out;
 }
 
@@ -579,9 +582,9 @@ export class Snapshotter {
           else delete labels[k];
         } else throw invalidArgument(`cannot update ${JSON.stringify(p)} field on snapshot ${JSON.stringify(next.name)}`);
       }
-      // Gear's own label stays as it was, whatever the client asked (an erased `empty` would show a layer that holds none of its files).
+      // Gear's own labels stay as they were, whatever the client asked (an erased `empty` would show a layer that holds none of its files).
       const updatedLabels = clientLabels(labels);
-      if (cur.labels[GEAR_REMOTE_LABEL] !== undefined) updatedLabels[GEAR_REMOTE_LABEL] = cur.labels[GEAR_REMOTE_LABEL];
+      for (const [k, v] of Object.entries(cur.labels)) if (k.startsWith(GEAR_OWN_LABEL_PREFIX)) updatedLabels[k] = v;
       const updated: SnapshotRecord = { ...cur, labels: updatedLabels, updated: nowNs() };
       await this.meta.write(updated);
       this.byName.set(updated.name, updated);
