@@ -74,6 +74,11 @@ import type { RegistryClient } from '../registry/client.js';
 import { sleep } from '../registry/retry.js';
 import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
 import { parseDuration } from '../duration.js';
+import { DEFAULT_MAX_GAP, DEFAULT_MAX_REQUEST, type CoalesceBounds } from './coalesce.js';
+import { fetchPackRange, takePackBatch } from './pack-fetch.js';
+import type { ChunkList, MemberRef } from './pack-types.js';
+import { ChunkedFiles } from './chunked.js';
+import type { MissFile } from '../missfs/types.js';
 
 /** Re-exported: the settings' duration parser (GEAR_FETCH_TIMEOUT) lives in core/duration.ts. */
 export { parseDuration };
@@ -99,6 +104,10 @@ export interface FetchRequest {
   blob?: StoredBlob | undefined;
   /** Where the blob lives. */
   location: BlobLocation;
+  /** Format v3: the content is this member of a pack (pack-fetch.ts); `blob` is then absent. */
+  member?: MemberRef | undefined;
+  /** Format v3: the content is these chunks (chunked.ts). */
+  chunks?: ChunkList | undefined;
 }
 
 export type FetchPriority = 'foreground' | 'background';
@@ -109,6 +118,8 @@ export interface FetchOptions {
   signal?: AbortSignal;
   /** This caller's deadline; default the fetcher's timeoutMs. */
   timeoutMs?: number;
+  /** Fetched along in the background (read-ahead: pack neighbours), queued with req so one request may serve them all. */
+  along?: readonly FetchRequest[];
 }
 
 export interface FetcherOptions {
@@ -127,6 +138,8 @@ export interface FetcherOptions {
   rangeAheadBytes?: number;
   /** Told of every download's end: its outcome, seconds from start, bytes received (metrics). */
   onFetchDone?: FetchObserver;
+  /** Format v3: how wanted members of one pack are merged into Range requests (coalesce.ts). */
+  coalesce?: Partial<CoalesceBounds>;
 }
 
 /** How a download ended, as metrics label it. */
@@ -185,6 +198,9 @@ export interface FetcherStats {
   /** Reads of streamed files served by HTTP Range requests, and their bytes (unverified). */
   rangeRequests: number;
   rangeBytes: number;
+  /** Format v3: Range requests of packs, and the members they committed. */
+  packRequests: number;
+  packMembers: number;
   /** Gauges. */
   running: number;
   queued: number;
@@ -249,6 +265,8 @@ export class Fetcher {
   private readonly bg: Job[] = [];
   private running = 0;
   private closed = false;
+  /** fetchMany() is queueing: start nothing yet. */
+  private holding = false;
   private readonly counters = {
     files: 0,
     bytes: 0,
@@ -261,7 +279,11 @@ export class Fetcher {
     streams: 0,
     rangeRequests: 0,
     rangeBytes: 0,
+    packRequests: 0,
+    packMembers: 0,
   };
+  readonly coalesce: CoalesceBounds;
+  private readonly chunked: ChunkedFiles;
 
   constructor(opts: FetcherOptions) {
     this.pool = opts.pool;
@@ -281,6 +303,27 @@ export class Fetcher {
     if (!(Number.isSafeInteger(this.rangeChunkBytes) && this.rangeChunkBytes > 0 && Number.isSafeInteger(this.rangeAheadBytes) && this.rangeAheadBytes >= 0)) {
       throw invalidArgument(`range chunk ${this.rangeChunkBytes} / ahead ${this.rangeAheadBytes} bytes: must be non-negative integers (chunk > 0)`);
     }
+    this.coalesce = { maxGap: opts.coalesce?.maxGap ?? DEFAULT_MAX_GAP, maxRequest: opts.coalesce?.maxRequest ?? DEFAULT_MAX_REQUEST };
+    this.chunked = new ChunkedFiles({
+      client: this.client,
+      timeoutMs: this.timeoutMs,
+      bounds: this.coalesce,
+      log: this.log,
+      onReceived: (n) => (this.counters.blobBytes += n),
+      onRequest: () => this.counters.packRequests++,
+    });
+  }
+
+  /**
+   * Format v3, a chunked file (req.chunks): a reader served chunk by chunk, each verified (chunked.ts);
+   * starts (or joins) the background job that puts the whole file into the pool.
+   */
+  openChunked(req: FetchRequest): MissFile {
+    if (!req.chunks) throw invalidArgument(`${req.digest}: not a chunked file`);
+    if (this.closed) throw unavailable('fetcher is closed');
+    this.counters.streams++;
+    this.fetch(req, { priority: 'background' }).catch((err: unknown) => this.log.debug({ digest: req.digest, err: describeError(err) }, 'chunked file not completed into the pool'));
+    return this.chunked.open(req, () => this.pool.open(req.digest, { count: false }));
   }
 
   stats(): FetcherStats {
@@ -319,7 +362,12 @@ export class Fetcher {
       this.counters.joined++;
       if (priority === 'foreground' && job.priority === 'background') this.promote(job);
     } else {
-      job = this.enqueue(req, priority);
+      job = this.enqueue(req, priority, !opts.along?.length);
+    }
+    if (opts.along?.length) {
+      // Queued before anything starts, so that one request of their pack serves them all.
+      for (const r of opts.along) if (!this.jobs.has(r.digest) && !this.pool.has(r.digest)) this.enqueue(r, 'background', false).keep = true;
+      this.pump();
     }
     if (priority === 'background') {
       job.keep = true;
@@ -328,7 +376,21 @@ export class Fetcher {
     return this.wait(job, opts, true);
   }
 
-  private enqueue(req: FetchRequest, priority: FetchPriority): Job {
+  /**
+   * fetch() of many requests, all queued before any starts: members of one pack are then served by
+   * few coalesced requests (the prefetch of a v3 index). One promise per request.
+   */
+  fetchMany(reqs: readonly FetchRequest[], opts: FetchOptions = {}): Promise<void>[] {
+    this.holding = true;
+    try {
+      return reqs.map((r) => this.fetch(r, opts));
+    } finally {
+      this.holding = false;
+      this.pump();
+    }
+  }
+
+  private enqueue(req: FetchRequest, priority: FetchPriority, pump = true): Job {
     let resolve!: () => void;
     let reject!: (e: unknown) => void;
     const promise = new Promise<void>((res, rej) => {
@@ -346,7 +408,7 @@ export class Fetcher {
       promise,
       resolve,
       reject,
-      streaming: false,
+      streaming: req.chunks !== undefined,
       rejected: false,
       listeners: new Set(),
       readers: 0,
@@ -357,7 +419,7 @@ export class Fetcher {
     job.releasePin = this.pool.pin(req.digest);
     this.jobs.set(req.digest, job);
     (priority === 'foreground' ? this.fg : this.bg).push(job);
-    this.pump();
+    if (pump && !this.holding) this.pump();
     return job;
   }
 
@@ -446,15 +508,61 @@ export class Fetcher {
 
   private pump(): void {
     while (!this.closed && this.running < this.maxParallel) {
-      const job = this.fg.shift() ?? this.bg.shift();
+      // Background pack requests leave two slots to containers' misses (the prefetch queues many at once).
+      const bgPack = this.bg[0]?.req.member !== undefined && this.running >= Math.max(1, this.maxParallel - 2);
+      const job = this.fg.shift() ?? (bgPack ? undefined : this.bg.shift());
       if (!job) return;
       this.running++;
       job.state = 'running';
-      void this.run(job).finally(() => {
+      const work = job.req.member ? this.runPack(takePackBatch(job, [this.fg, this.bg], this.coalesce)) : this.run(job);
+      void work.finally(() => {
         this.running--;
         this.pump();
       });
     }
+  }
+
+  /** One coalesced Range request for queued members of one pack (pack-fetch.ts). */
+  private async runPack(batch: Job[]): Promise<void> {
+    const started = Date.now();
+    for (const j of batch) j.state = 'running';
+    await fetchPackRange(
+      {
+        pool: this.pool,
+        client: this.client,
+        timeoutMs: this.timeoutMs,
+        maxAttempts: this.maxAttempts,
+        log: this.log,
+        onReceived: (n) => (this.counters.blobBytes += n),
+        onRequest: () => this.counters.packRequests++,
+        onCommitted: (pj) => {
+          this.counters.files++;
+          this.counters.packMembers++;
+          this.counters.bytes += pj.size;
+          this.observe('ok', started, pj.size, pj.digest);
+        },
+      },
+      batch[0]!.req.location,
+      batch.map((job) => ({
+        digest: job.req.digest,
+        size: job.req.size,
+        member: job.req.member!,
+        signal: job.controller.signal,
+        done: (err?: unknown, rejected?: boolean) => {
+          if (err !== undefined) {
+            this.counters.failures++;
+            if (rejected) {
+              this.counters.verifyFailures++;
+              job.rejected = true;
+            }
+            this.observe(fetchOutcomeOf(err, rejected === true), started, 0, job.req.digest);
+          }
+          this.settle(job, err);
+        },
+      })),
+    ).catch((err: unknown) => {
+      for (const j of batch) this.settle(j, err);
+    });
   }
 
   private observe(outcome: FetchOutcome, started: number, bytes: number, digest: string): void {
@@ -544,6 +652,23 @@ export class Fetcher {
    */
   private async download(job: Job, signal: AbortSignal): Promise<void> {
     const { req } = job;
+    if (req.chunks) {
+      // Format v3: the chunks in order, each verified (chunked.ts); the commit checks the whole content.
+      const w = (job.writer = await this.pool.beginWrite(req.digest, req.size));
+      job.stage = { path: w.stagingPath, written: 0 };
+      try {
+        await this.chunked.assemble(req, w, signal, (n) => {
+          job.stage!.written = n;
+          job.watch?.progress(n);
+        });
+        job.writer = undefined;
+        return await w.commit();
+      } catch (err) {
+        await w.abort();
+        job.writer = undefined;
+        throw err;
+      }
+    }
     const repo = `${req.location.registry}/${req.location.repository}`;
     const blobDigest = req.blob ? req.blob.digest : req.digest;
     const blobSize = req.blob ? req.blob.size : req.size;

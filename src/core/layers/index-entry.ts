@@ -11,7 +11,8 @@
 import { errnoCode, GearError, internal, invalidArgument } from '../errors.js';
 import type { IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
-import type { GearBlobTuple } from '../lazy/catalog.js';
+import type { GearBlobTuple, StoredLayout } from '../lazy/catalog.js';
+import type { PackLoc } from '../fetcher/pack-types.js';
 import { deviceProblem, MAX_SYMLINK_BYTES, ownerProblem, XATTR_LIST_MAX, xattrProblem } from '../sys/limits.js';
 
 export const METACOPY_XATTR = 'trusted.overlay.metacopy';
@@ -102,18 +103,44 @@ export interface IndexDirResult {
   files: number;
   /** Sum of the real sizes of the manifest's files. */
   bytes: number;
-  /** Distinct Gear files: [digest, size, blobDigest?, blobSize?]. */
+  /** Distinct Gear files: [digest, size, blobDigest?, blobSize?], or [digest, size, layout] (format v3). */
   blobs: GearBlobTuple[];
+  /** Format v3: the packs the layouts of `blobs` index. */
+  packs?: PackLoc[];
+}
+
+/** The v3 members of an index file (docs/format.md §10.1), as the codec gives them. */
+interface V3Member {
+  pack: number;
+  offset: number;
+  length: number;
+  encoding?: 'zstd' | 'raw';
+}
+type V3File = IndexManifest['files'][number] & { member?: V3Member; chunkSize?: number; chunks?: Array<V3Member & { digest: string }> };
+
+/** How a layer record stores where a v3 file's bytes are (catalog.ts StoredLayout), or undefined for v1/v2. */
+function storedLayout(f: V3File): StoredLayout | undefined {
+  if (f.member) {
+    const m = f.member;
+    return m.encoding === 'raw' ? { p: m.pack, o: m.offset, l: m.length, e: 'raw' } : { p: m.pack, o: m.offset, l: m.length };
+  }
+  if (f.chunks && f.chunkSize) {
+    return { cs: f.chunkSize, c: f.chunks.map((c) => (c.encoding === 'raw' ? [c.pack, c.offset, c.length, c.digest, 1] : [c.pack, c.offset, c.length, c.digest])) };
+  }
+  return undefined;
 }
 
 export function summarize(manifest: IndexManifest): IndexDirResult {
   const blobs = new Map<string, GearBlobTuple>();
   let bytes = 0;
-  for (const f of manifest.files) {
+  for (const f of manifest.files as V3File[]) {
     bytes += f.size;
-    if (!blobs.has(f.digest)) blobs.set(f.digest, f.blob ? [f.digest, f.size, f.blob.digest, f.blob.size] : [f.digest, f.size]);
+    if (blobs.has(f.digest)) continue;
+    const layout = storedLayout(f);
+    blobs.set(f.digest, layout ? [f.digest, f.size, layout] : f.blob ? [f.digest, f.size, f.blob.digest, f.blob.size] : [f.digest, f.size]);
   }
-  return { files: manifest.files.length, bytes, blobs: [...blobs.values()] };
+  const packs = (manifest as IndexManifest & { packs?: PackLoc[] }).packs;
+  return { files: manifest.files.length, bytes, blobs: [...blobs.values()], ...(packs ? { packs: packs.map((p) => ({ digest: p.digest, size: p.size })) } : {}) };
 }
 
 /** Where a node already knows a content's size from: the pool (the file itself) or another index layer. */

@@ -17,7 +17,7 @@ import type { LayerRecord } from './types.js';
 export async function attachLazyRuntime(root: string, opts: LazyOptions, records: Iterable<LayerRecord>, log?: Logger): Promise<LazyRuntime> {
   const lazy = await openLazyRuntime(root, opts, log);
   const gear = [...records].filter((r) => r.gear);
-  for (const r of gear) lazy.catalog.add(r.id, r.gear!.location, r.gear!.blobs);
+  for (const r of gear) lazy.catalog.add(r.id, r.gear!.location, r.gear!.blobs, r.gear!.packs);
   const owners = new Set(gear.map((r) => r.id));
   const recorded = new Set(lazy.pool.referenceOwners());
   for (const o of recorded) if (!owners.has(o)) await lazy.pool.dropReferences(o);

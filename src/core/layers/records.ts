@@ -49,6 +49,7 @@ export function parseRecord(text: string, id: string): LayerRecord {
   if (r.gear !== undefined) {
     const g = r.gear as Partial<GearLayerInfo>;
     if (!g || !Array.isArray(g.blobs) || typeof g.files !== 'number') throw new Error('malformed gear info');
+    if (g.packs !== undefined && !(Array.isArray(g.packs) && g.packs.every((p) => p && typeof p.digest === 'string' && Number.isSafeInteger(p.size)))) throw new Error('malformed gear packs');
     rec.gear = g as GearLayerInfo;
   }
   return rec;

@@ -359,7 +359,7 @@ class OverlayLayerStore implements LayerStore {
    */
   private prefetchEarly(id: string, manifest: IndexManifest): boolean {
     if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return false;
-    this.lazy.catalog.add(id, manifest.location, summarize(manifest).blobs);
+    this.lazy.catalog.addIndex(id, manifest.location, summarize(manifest));
     this.runPrefetch(id, prefetchFilesOf(manifest));
     return true;
   }
@@ -805,7 +805,7 @@ class OverlayLayerStore implements LayerStore {
       await fs.rename(tmpLink, path.join(this.linksDir, rec.link));
       if (this.lazy) {
         // prefetchEarly() already put the same files in the catalog.
-        if (!prefetchEarly) this.lazy.catalog.add(id, gear.location, gear.blobs);
+        if (!prefetchEarly) this.lazy.catalog.add(id, gear.location, gear.blobs, gear.packs);
         // In effect at once; written in the background (~60 ms for 6,000 files, fsync included): the
         // layer record is the truth, and open() rewrites the references of a record that has none.
         this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0])).catch((err: unknown) => {
@@ -846,7 +846,7 @@ class OverlayLayerStore implements LayerStore {
 
   private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
     if (this.lazy) checkKnownSizes(manifest, { pool: (d) => this.lazy!.pool.sizeOf(d), listed: (d) => this.lazy!.catalog.sizeOf(d) });
-    const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs };
+    const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs, ...(r.packs ? { packs: r.packs } : {}) };
     this.pendingPrefetch.delete(id);
     if (manifest.prefetch?.length) this.pendingPrefetch.set(id, prefetchFilesOf(manifest));
     if (manifest.location) info.location = manifest.location;
@@ -1033,7 +1033,7 @@ class OverlayLayerStore implements LayerStore {
       const updated: LayerRecord = { ...rec, gear };
       try {
         if (this.lazy) {
-          this.lazy.catalog.add(id, gear.location, gear.blobs);
+          this.lazy.catalog.add(id, gear.location, gear.blobs, gear.packs);
           await this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0]));
         }
         await writeFileAtomic(path.join(dir, 'layer.json'), JSON.stringify(updated));

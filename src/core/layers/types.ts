@@ -14,6 +14,7 @@ import type { Readable } from 'node:stream';
 import type { Change } from '../archive/changes.js';
 import type { BlobLocation } from '../index/manifest.js';
 import type { GearBlobTuple } from '../lazy/catalog.js';
+import type { PackLoc } from '../fetcher/pack-types.js';
 
 export type LayerKind = 'ro' | 'rw';
 
@@ -46,8 +47,13 @@ export interface GearLayerInfo {
   bytes: number;
   /** Where the Gear files live (absent: the index names no registry). */
   location?: BlobLocation;
-  /** Distinct Gear files: [content digest, size, stored blob digest?, stored blob size?]. */
+  /**
+   * Distinct Gear files: [content digest, size, stored blob digest?, stored blob size?] (v1/v2), or
+   * [content digest, size, layout] (v3: where in `packs` its member or chunks are; catalog.ts).
+   */
   blobs: GearBlobTuple[];
+  /** Format v3: the packs of the index (absent in records of v1/v2 layers and of older daemons). */
+  packs?: PackLoc[];
   /**
    * 'image': the index is layers/<id>/index.erofs, mounted at index/
    * (index-image.ts); absent: index/ is a directory tree (index-dir.ts).

@@ -3,53 +3,130 @@
  * of the index manifests of the index layers in the layer store. The miss
  * filesystem only serves digests listed here (any other LOOKUP is ENOENT), so
  * a container can never make the daemon fetch arbitrary blobs.
+ *
+ * Where a file lives, per index layer (owner): its own blob (format v1/v2,
+ * raw or gzip), or (format v3, docs/format.md §10) a member of a pack or a
+ * list of chunks. A content known from a v2 and a v3 image has both; the pool
+ * key is the content digest either way. The catalog also knows the order of
+ * members in each pack, for read-ahead (neighbours()).
  */
 import type { BlobLocation, StoredBlob } from '../index/manifest.js';
 import type { FetchRequest } from '../fetcher/fetcher.js';
+import type { ChunkList, MemberEncoding, MemberRef, PackLoc } from '../fetcher/pack-types.js';
 
-/** One Gear file as a layer record stores it: [digest, size, blobDigest?, blobSize?]. */
-export type GearBlobTuple = [digest: string, size: number, blobDigest?: string, blobSize?: number];
+/**
+ * How a layer record stores a v3 file's layout (compact: thousands per record).
+ * `p` indexes the record's `packs`; `e` is left out for zstd.
+ */
+export type StoredLayout =
+  | { p: number; o: number; l: number; e?: 'raw' }
+  | { cs: number; c: Array<[pack: number, offset: number, length: number, digest: string, raw?: 1]> };
+
+/**
+ * One Gear file as a layer record stores it: [digest, size, blobDigest?, blobSize?] (v1/v2), or
+ * [digest, size, layout] (v3; the layout's pack indexes refer to the record's `packs`).
+ */
+export type GearBlobTuple = [digest: string, size: number, blobDigest?: string | StoredLayout, blobSize?: number];
+
+/** Where one owner says a content lives. */
+interface Source {
+  location?: BlobLocation | undefined;
+  blob?: StoredBlob | undefined;
+  member?: MemberRef | undefined;
+  chunks?: ChunkList | undefined;
+}
 
 interface Known {
   size: number;
-  blob?: StoredBlob | undefined;
-  /** owner (layer id) → location (absent when the index names none) */
-  where: Map<string, BlobLocation>;
-  owners: Set<string>;
+  /** owner (layer id) → where that owner's index says it is */
+  where: Map<string, Source>;
+}
+
+/** A one-member file of a pack, for read-ahead. */
+interface PackSlot {
+  offset: number;
+  length: number;
+  digest: string;
+}
+
+interface Owner {
+  digests: string[];
+  /** pack digest → its one-member files in offset order */
+  packs: Map<string, PackSlot[]>;
+}
+
+/** The v3 layout of a stored tuple, resolved against the record's packs; undefined for v1/v2 or a malformed entry. */
+export function layoutOf(t: GearBlobTuple, packs: readonly PackLoc[] | undefined): { member?: MemberRef; chunks?: ChunkList } | undefined {
+  const l = t[2];
+  if (!l || typeof l !== 'object' || !packs) return undefined;
+  const enc = (raw: unknown): MemberEncoding => (raw ? 'raw' : 'zstd');
+  if ('p' in l) {
+    const pack = packs[l.p];
+    if (!pack) return undefined;
+    return { member: { pack, offset: l.o, length: l.l, encoding: enc(l.e) } };
+  }
+  if ('cs' in l && Array.isArray(l.c)) {
+    const size = t[1];
+    const chunks = [];
+    for (let i = 0; i < l.c.length; i++) {
+      const [p, offset, length, digest, raw] = l.c[i]!;
+      const pack = packs[p];
+      if (!pack) return undefined;
+      chunks.push({ pack, offset, length, digest, encoding: enc(raw), bytes: Math.min(l.cs, size - i * l.cs) });
+    }
+    return { chunks: { chunkSize: l.cs, chunks } };
+  }
+  return undefined;
 }
 
 export class BlobCatalog {
   private readonly byDigest = new Map<string, Known>();
-  private readonly byOwner = new Map<string, string[]>();
+  private readonly byOwner = new Map<string, Owner>();
 
-  /** Registers the files of one index layer (replacing what `owner` had). */
-  add(owner: string, location: BlobLocation | undefined, blobs: GearBlobTuple[]): void {
+  /** Registers the files of one index layer (replacing what `owner` had). `packs`: the record's packs (v3). */
+  add(owner: string, location: BlobLocation | undefined, blobs: GearBlobTuple[], packs?: readonly PackLoc[]): void {
     this.remove(owner);
-    const digests: string[] = [];
-    for (const [digest, size, blobDigest, blobSize] of blobs) {
+    const o: Owner = { digests: [], packs: new Map() };
+    for (const t of blobs) {
+      const [digest, size, blobDigest, blobSize] = t;
       let k = this.byDigest.get(digest);
       if (!k) {
-        k = { size, where: new Map(), owners: new Set() };
-        if (blobDigest && blobSize) k.blob = { mediaType: 'application/vnd.gear.file.v1+gzip', digest: blobDigest, size: blobSize };
+        k = { size, where: new Map() };
         this.byDigest.set(digest, k);
       }
-      k.owners.add(owner);
-      if (location) k.where.set(owner, location);
-      digests.push(digest);
+      const src: Source = { location };
+      const v3 = layoutOf(t, packs);
+      if (v3?.member) {
+        src.member = v3.member;
+        const slots = o.packs.get(v3.member.pack.digest) ?? [];
+        slots.push({ offset: v3.member.offset, length: v3.member.length, digest });
+        o.packs.set(v3.member.pack.digest, slots);
+      } else if (v3?.chunks) {
+        src.chunks = v3.chunks;
+      } else if (typeof blobDigest === 'string' && blobSize) {
+        src.blob = { mediaType: 'application/vnd.gear.file.v1+gzip', digest: blobDigest, size: blobSize };
+      }
+      k.where.set(owner, src);
+      o.digests.push(digest);
     }
-    this.byOwner.set(owner, digests);
+    for (const slots of o.packs.values()) slots.sort((a, b) => a.offset - b.offset);
+    this.byOwner.set(owner, o);
+  }
+
+  /** add() of a layer's summary (layers/index-entry.ts summarize, or a GearLayerInfo). */
+  addIndex(owner: string, location: BlobLocation | undefined, s: { blobs: GearBlobTuple[]; packs?: readonly PackLoc[] | undefined }): void {
+    this.add(owner, location, s.blobs, s.packs);
   }
 
   remove(owner: string): void {
-    const digests = this.byOwner.get(owner);
-    if (!digests) return;
+    const o = this.byOwner.get(owner);
+    if (!o) return;
     this.byOwner.delete(owner);
-    for (const d of digests) {
+    for (const d of o.digests) {
       const k = this.byDigest.get(d);
       if (!k) continue;
       k.where.delete(owner);
-      k.owners.delete(owner);
-      if (k.owners.size === 0) this.byDigest.delete(d);
+      if (k.where.size === 0) this.byDigest.delete(d);
     }
   }
 
@@ -61,19 +138,78 @@ export class BlobCatalog {
     return this.byDigest.get(digest)?.size;
   }
 
-  /** Fetch requests for a digest, one per distinct location (most recently added owner last). */
+  /** True when some index stores digest in chunks (format v3): it is streamed chunk by chunk (chunked.ts). */
+  isChunked(digest: string): boolean {
+    for (const s of this.byDigest.get(digest)?.where.values() ?? []) if (s.chunks && s.location) return true;
+    return false;
+  }
+
+  /**
+   * Fetch requests for a digest, one per distinct location and layout; the
+   * pack (v3) forms first (one request may serve many files), then blobs.
+   */
   requests(digest: string): FetchRequest[] {
     const k = this.byDigest.get(digest);
     if (!k) return [];
     const seen = new Set<string>();
     const out: FetchRequest[] = [];
-    for (const loc of k.where.values()) {
-      const key = `${loc.registry}/${loc.repository}`;
+    for (const s of k.where.values()) {
+      const loc = s.location;
+      if (!loc) continue;
+      const how = s.member ? `m:${s.member.pack.digest}:${s.member.offset}` : s.chunks ? `c:${s.chunks.chunks[0]?.pack.digest}:${s.chunks.chunks[0]?.offset}` : `b:${s.blob?.digest ?? ''}`;
+      const key = `${loc.registry}/${loc.repository}|${how}`;
       if (seen.has(key)) continue;
       seen.add(key);
-      out.push({ digest, size: k.size, blob: k.blob, location: loc });
+      const r: FetchRequest = { digest, size: k.size, blob: s.blob, location: loc };
+      if (s.member) r.member = s.member;
+      if (s.chunks) r.chunks = s.chunks;
+      out.push(r);
+    }
+    return out.sort((a, b) => rank(a) - rank(b));
+  }
+
+  /**
+   * Read-ahead (docs/lazy.md): the one-member files that follow `req`'s
+   * member in its pack, in pack order, as long as their stored bytes add up to
+   * at most `maxBytes` and `want` accepts them (not in the pool, not in
+   * flight). Empty for anything but a pack member.
+   */
+  neighbours(req: FetchRequest, maxBytes: number, want: (digest: string, size: number) => boolean): FetchRequest[] {
+    const m = req.member;
+    if (!m || maxBytes <= 0) return [];
+    let slots: PackSlot[] | undefined;
+    for (const [owner, s] of this.byDigest.get(req.digest)?.where ?? []) {
+      if (s.member?.pack.digest === m.pack.digest && s.location?.registry === req.location.registry && s.location.repository === req.location.repository) {
+        slots = this.byOwner.get(owner)?.packs.get(m.pack.digest);
+        break;
+      }
+    }
+    if (!slots) return [];
+    // First slot after the member (binary search on offset).
+    let lo = 0;
+    let hi = slots.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (slots[mid]!.offset <= m.offset) lo = mid + 1;
+      else hi = mid;
+    }
+    const out: FetchRequest[] = [];
+    let bytes = 0;
+    for (let i = lo; i < slots.length; i++) {
+      const s = slots[i]!;
+      if (s.digest === req.digest) continue;
+      if (bytes + s.length > maxBytes) break;
+      bytes += s.length;
+      const size = this.byDigest.get(s.digest)?.size;
+      if (size === undefined || !want(s.digest, size)) continue;
+      out.push({ digest: s.digest, size, location: req.location, member: { pack: m.pack, offset: s.offset, length: s.length, encoding: this.encodingOf(s.digest, m.pack.digest) } });
     }
     return out;
+  }
+
+  private encodingOf(digest: string, pack: string): MemberEncoding {
+    for (const s of this.byDigest.get(digest)?.where.values() ?? []) if (s.member?.pack.digest === pack) return s.member.encoding;
+    return 'zstd';
   }
 
   get owners(): number {
@@ -83,4 +219,8 @@ export class BlobCatalog {
   get files(): number {
     return this.byDigest.size;
   }
+}
+
+function rank(r: FetchRequest): number {
+  return r.member ? 0 : r.chunks ? 1 : 2;
 }

@@ -14,7 +14,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { describeError, isClass, notFound, unavailable } from '../errors.js';
-import type { Fetcher } from '../fetcher/fetcher.js';
+import type { Fetcher, FetchRequest } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import type { MissFile, MissProvider } from '../missfs/types.js';
 import type { Pool } from '../pool/pool.js';
@@ -31,7 +31,16 @@ export interface LazyProviderOptions {
   streamMinBytes?: number;
   /** Told of every need (hit or miss) and of the caller's pid (gear stats). */
   usage?: UsageTracker;
+  /**
+   * Format v3 read-ahead: a miss of a pack member also fetches the members that follow it in the
+   * pack, up to this many stored bytes (only files not in the pool, within the pool's low
+   * watermark). Default GEAR_READ_AHEAD, else 1 MiB; 0 turns it off. docs/lazy.md.
+   */
+  readAheadBytes?: number;
 }
+
+/** Default read-ahead of a pack member miss (stored bytes of its following members). */
+export const DEFAULT_READ_AHEAD_BYTES = 1024 * 1024;
 
 export class LazyMissProvider implements MissProvider {
   private readonly pool: Pool;
@@ -40,8 +49,10 @@ export class LazyMissProvider implements MissProvider {
   private readonly log: Logger;
   private readonly streamMinBytes: number;
   private readonly usage: UsageTracker | undefined;
+  readonly readAheadBytes: number;
 
   constructor(opts: LazyProviderOptions) {
+    this.readAheadBytes = opts.readAheadBytes ?? DEFAULT_READ_AHEAD_BYTES;
     this.streamMinBytes = opts.streamMinBytes ?? BIG_FILE_MIN_BYTES;
     this.pool = opts.pool;
     this.fetcher = opts.fetcher;
@@ -61,7 +72,19 @@ export class LazyMissProvider implements MissProvider {
 
   private isBig(digest: string): boolean {
     const size = this.catalog.sizeOf(digest);
-    return size !== undefined && size >= this.streamMinBytes;
+    return (size !== undefined && size >= this.streamMinBytes) || this.catalog.isChunked(digest);
+  }
+
+  /** Read-ahead: the pack neighbours of a member worth fetching along (see readAheadBytes). */
+  private neighbours(req: FetchRequest) {
+    if (!req.member || this.readAheadBytes <= 0) return [];
+    const st = this.pool.stat();
+    let room = st.lowWatermarkBytes - st.bytes;
+    return this.catalog.neighbours(req, this.readAheadBytes, (d, size) => {
+      if (this.pool.has(d) || this.fetcher.inFlight(d) || size > room) return false;
+      room -= size;
+      return true;
+    });
   }
 
   /** Fetches digest into the pool (trying each known location in turn). */
@@ -70,7 +93,8 @@ export class LazyMissProvider implements MissProvider {
     let last: unknown;
     for (const req of reqs) {
       try {
-        await this.fetcher.fetch(req, { priority: 'foreground', signal });
+        const along = this.neighbours(req);
+        await this.fetcher.fetch(req, { priority: 'foreground', signal, ...(along.length ? { along } : {}) });
         return;
       } catch (err) {
         last = err;
@@ -109,7 +133,8 @@ export class LazyMissProvider implements MissProvider {
       const fh = await this.pool.open(digest, { count: false });
       if (fh) return poolFile(fh, false); // drop pages an earlier streamed open may have left
       // Streams from the first known location only (unlike ensure(), no fallback to the others).
-      return this.fetcher.stream(this.requests(digest)[0]!);
+      const req = this.requests(digest)[0]!;
+      return req.chunks ? this.fetcher.openChunked(req) : this.fetcher.stream(req);
     }
     const release = this.pool.pin(digest); // no eviction between fetch and open
     try {

@@ -55,6 +55,8 @@ export interface LazyOptions {
   scrubInterval?: number | string;
   /** Told of every download's end (metrics). */
   onFetchDone?: FetchObserver;
+  /** Format v3 read-ahead of a pack member miss, bytes or "1MiB"; 0 = off. Default: GEAR_READ_AHEAD, else 1 MiB (provider.ts). */
+  readAhead?: number | string;
 }
 
 export interface LazyRuntime {
@@ -120,6 +122,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   });
   const catalog = new BlobCatalog();
   const streamMin = opts.streamMinSize ?? (env.GEAR_STREAM_MIN_SIZE || undefined);
+  const readAhead = opts.readAhead ?? (env.GEAR_READ_AHEAD || undefined);
   const provider = new LazyMissProvider({
     pool,
     fetcher,
@@ -127,6 +130,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     logger,
     usage,
     ...(streamMin !== undefined ? { streamMinBytes: parseSize(streamMin) } : {}),
+    ...(readAhead !== undefined ? { readAheadBytes: parseSize(readAhead) } : {}),
   });
   let miss: MissFsMount | undefined;
   let missError: string | undefined;
@@ -179,6 +183,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         ['Fetches In Flight', `${f.running} running, ${f.queued} queued, max ${fetcher.maxParallel}`],
         ['Fetch Timeout', `${fetcher.timeoutMs} ms`],
         ['Streamed Opens', `${f.streams} (big files; ${f.rangeRequests} range reads, ${formatSize(f.rangeBytes)})`],
+        ['Pack Requests', `${f.packRequests} (format v3: ${f.packMembers} files; read-ahead ${formatSize(provider.readAheadBytes)})`],
         ...mirrorStatus(client),
       ];
     },

@@ -1,0 +1,291 @@
+/**
+ * Chunked files of format version 3 (docs/format.md §10): a big file is a
+ * list of chunks, each a pack member with its own sha256. A read is served
+ * once the chunks it covers are fetched and each matches its chunk digest, so
+ * no unverified byte is ever served (unlike a v2 big file); a chunk that does
+ * not match fails the reads that need it (EIO) and never enters the pool.
+ *
+ *   const files = new ChunkedFiles({ client, timeoutMs, bounds, log, onReceived });
+ *   const f = files.open(req, () => pool.open(req.digest));   // a MissFile
+ *   await files.assemble(req, signal, writer, onProgress);    // the whole file into the pool (a fetcher job)
+ *
+ * - One ChunkSource per digest, shared by its readers and by the assembly
+ *   job: a chunk is fetched once while it is cached (verified chunks in
+ *   memory, bounded by bytes).
+ * - Wanted chunks are fetched with coalesced Range requests (coalesce.ts):
+ *   a sequential reader gets the following chunks fetched along in the same
+ *   request (read-ahead), a read far ahead fetches just its chunks.
+ * - The assembly job (started by the first open, background priority) walks
+ *   the chunks in order into a pool writer; the pool verifies the whole
+ *   content digest at commit. Reads after that are served from the pool file.
+ */
+import type { FileHandle } from 'node:fs/promises';
+import { deadlineExceeded, describeError, GearError, unavailable } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { MissFile } from '../missfs/types.js';
+import type { PoolWriter } from '../pool/pool.js';
+import type { RegistryClient } from '../registry/client.js';
+import { groupRanges, type CoalesceBounds } from './coalesce.js';
+import type { FetchRequest } from './fetcher.js';
+import { decodeMember } from './member.js';
+import type { ChunkRef } from './pack-types.js';
+
+/** Verified chunks kept in memory per file (bytes; at least two chunks). */
+const CACHE_BYTES = 32 * 1024 * 1024;
+/** A sequential reader has this many stored bytes of following chunks fetched along. */
+const READ_AHEAD_BYTES = 4 * 1024 * 1024;
+
+export interface ChunkedDeps {
+  client: Pick<RegistryClient, 'openBlob'>;
+  timeoutMs: number;
+  bounds: CoalesceBounds;
+  log: Logger;
+  /** Bytes received from the registry. */
+  onReceived(bytes: number): void;
+  /** A Range request was sent (counters). */
+  onRequest?(): void;
+}
+
+interface Slot {
+  p: Promise<Buffer>;
+  bytes: number;
+}
+
+/** The verified chunks of one file, fetched on demand. */
+class ChunkSource {
+  private readonly cache = new Map<number, Slot>();
+  private cached = 0;
+  users = 0;
+
+  constructor(
+    private readonly deps: ChunkedDeps,
+    readonly req: FetchRequest,
+  ) {}
+
+  get count(): number {
+    return this.req.chunks!.chunks.length;
+  }
+
+  /** Chunk i, verified; fetches it (and up to `aheadBytes` of stored bytes of the next ones not cached) when needed. */
+  get(i: number, aheadBytes: number): Promise<Buffer> {
+    const hit = this.cache.get(i);
+    if (hit) {
+      this.cache.delete(i); // LRU: most recent last
+      this.cache.set(i, hit);
+      return hit.p;
+    }
+    const list = this.req.chunks!.chunks;
+    const want = [i];
+    let ahead = 0;
+    for (let k = i + 1; k < list.length && ahead + list[k]!.length <= aheadBytes; k++) {
+      if (this.cache.has(k)) break;
+      ahead += list[k]!.length;
+      want.push(k);
+    }
+    this.fetch(want);
+    return this.cache.get(i)!.p;
+  }
+
+  private fetch(indices: number[]): void {
+    const list = this.req.chunks!.chunks;
+    const waiting = new Map<number, { resolve(b: Buffer): void; reject(e: unknown): void }>();
+    for (const i of indices) {
+      let resolve!: (b: Buffer) => void;
+      let reject!: (e: unknown) => void;
+      const p = new Promise<Buffer>((res, rej) => {
+        resolve = res;
+        reject = rej;
+      });
+      p.catch(() => {
+        // A failed chunk is not kept: the next read asks again (and fails again if the bytes are bad).
+        if (this.cache.get(i)?.p === p) {
+          this.cache.delete(i);
+          this.cached -= list[i]!.bytes;
+        }
+      });
+      this.cache.set(i, { p, bytes: list[i]!.bytes });
+      this.cached += list[i]!.bytes;
+      waiting.set(i, { resolve, reject });
+    }
+    this.trim();
+    // Chunks of one pack in coalesced requests (a big file's chunks are normally contiguous in one pack).
+    const byPack = new Map<string, Array<ChunkRef & { index: number }>>();
+    for (const i of indices) {
+      const c = list[i]!;
+      const g = byPack.get(c.pack.digest) ?? [];
+      g.push({ ...c, index: i });
+      byPack.set(c.pack.digest, g);
+    }
+    for (const group of byPack.values()) {
+      for (const plan of groupRanges(group, this.deps.bounds)) {
+        void this.request(plan.start, plan.end, plan.members, waiting);
+      }
+    }
+  }
+
+  private trim(): void {
+    const limit = Math.max(CACHE_BYTES, 2 * this.req.chunks!.chunkSize);
+    for (const [k, s] of this.cache) {
+      if (this.cached <= limit) break;
+      this.cache.delete(k); // awaiting readers still get it
+      this.cached -= s.bytes;
+    }
+  }
+
+  private async request(start: number, end: number, members: Array<ChunkRef & { index: number }>, waiting: Map<number, { resolve(b: Buffer): void; reject(e: unknown): void }>): Promise<void> {
+    const { req } = this;
+    const pack = members[0]!.pack;
+    const repo = `${req.location.registry}/${req.location.repository}`;
+    const signal = AbortSignal.timeout(this.deps.timeoutMs);
+    let received = 0;
+    let next = 0;
+    try {
+      const { stream } = await this.deps.client.openBlob(repo, pack.digest, { signal, expectedSize: pack.size, range: { start, end: end - 1 } });
+      this.deps.onRequest?.();
+      const buf = Buffer.allocUnsafe(end - start);
+      let filled = 0;
+      try {
+        for await (const c of stream as AsyncIterable<Buffer>) {
+          const n = Math.min(c.length, buf.length - filled);
+          c.copy(buf, filled, 0, n);
+          filled += n;
+          received += c.length;
+          while (next < members.length && members[next]!.offset + members[next]!.length - start <= filled) {
+            const m = members[next++]!;
+            const w = waiting.get(m.index)!;
+            const what = `read of ${req.digest} chunk ${m.index} (pack ${pack.digest} bytes ${m.offset}+${m.length}) from ${repo}`;
+            try {
+              w.resolve(decodeMember(buf.subarray(m.offset - start, m.offset - start + m.length), m.encoding, m.bytes, m.digest, what));
+            } catch (err) {
+              this.deps.log.warn({ digest: req.digest, chunk: m.index, err: describeError(err) }, 'chunk rejected');
+              w.reject(unavailable(`${what}: chunk rejected: ${(err as Error).message}`, err));
+            }
+          }
+          if (filled >= buf.length) break;
+        }
+      } finally {
+        stream.destroy();
+      }
+      if (next < members.length) throw unavailable(`GET pack ${pack.digest} from ${repo}: the body ended after ${filled} of ${buf.length} bytes`);
+    } catch (err) {
+      const e = signal.aborted
+        ? deadlineExceeded(`read of ${req.digest}: chunks not fetched within ${this.deps.timeoutMs} ms; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`)
+        : err instanceof GearError
+          ? err
+          : unavailable(`read of ${req.digest} from ${repo}: ${describeError(err)}`, err);
+      for (let k = next; k < members.length; k++) waiting.get(members[k]!.index)!.reject(e);
+    } finally {
+      this.deps.onReceived(received);
+    }
+  }
+}
+
+export class ChunkedFiles {
+  private readonly sources = new Map<string, ChunkSource>();
+
+  constructor(private readonly deps: ChunkedDeps) {}
+
+  private acquire(req: FetchRequest): ChunkSource {
+    let s = this.sources.get(req.digest);
+    if (!s) {
+      s = new ChunkSource(this.deps, req);
+      this.sources.set(req.digest, s);
+    }
+    s.users++;
+    return s;
+  }
+
+  private release(s: ChunkSource): void {
+    if (--s.users === 0 && this.sources.get(s.req.digest) === s) this.sources.delete(s.req.digest);
+  }
+
+  /**
+   * A reader of req's content served chunk by chunk (each verified).
+   * `fromPool` opens the pool file once the file is complete there.
+   */
+  open(req: FetchRequest, fromPool: () => Promise<FileHandle | null>): MissFile {
+    const src = this.acquire(req);
+    const { chunkSize, chunks } = req.chunks!;
+    let lastEnd = -1;
+    let fh: FileHandle | null = null;
+    let open = true;
+    const timeoutMs = this.deps.timeoutMs;
+    return {
+      keepCache: true, // every byte served was verified
+      read: async (buf, position) => {
+        if (!open) throw unavailable(`read of ${req.digest} after close`);
+        if (position >= req.size || buf.length === 0) return 0;
+        const want = Math.min(buf.length, req.size - position);
+        fh ??= await fromPool();
+        if (fh) {
+          const { bytesRead } = await fh.read(buf, 0, want, position);
+          return bytesRead;
+        }
+        const first = Math.floor(position / chunkSize);
+        const last = Math.min(chunks.length - 1, Math.floor((position + want - 1) / chunkSize));
+        const ahead = position === lastEnd || position === 0 ? READ_AHEAD_BYTES : 0;
+        const parts: Promise<Buffer>[] = [];
+        for (let i = first; i <= last; i++) parts.push(src.get(i, i === last ? ahead : 0));
+        let timer: NodeJS.Timeout | undefined;
+        const deadline = new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(deadlineExceeded(`read of ${req.digest} at byte ${position}: chunks not there within ${timeoutMs} ms; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`)), timeoutMs);
+          timer.unref();
+        });
+        try {
+          const got = await Promise.race([Promise.all(parts), deadline]);
+          let n = 0;
+          for (let i = first; i <= last; i++) {
+            const data = got[i - first]!;
+            const from = i === first ? position - i * chunkSize : 0;
+            const take = Math.min(data.length - from, want - n);
+            data.copy(buf, n, from, from + take);
+            n += take;
+          }
+          lastEnd = position + n;
+          return n;
+        } finally {
+          clearTimeout(timer);
+        }
+      },
+      close: async () => {
+        if (!open) return;
+        open = false;
+        this.release(src);
+        await fh?.close().catch(() => undefined);
+      },
+    };
+  }
+
+  /** Writes every chunk of req, in order, verified, into `writer` (the caller commits: the pool checks the whole digest). */
+  async assemble(req: FetchRequest, writer: PoolWriter, signal: AbortSignal, onProgress: (written: number) => void): Promise<void> {
+    const src = this.acquire(req);
+    try {
+      for (let i = 0; i < src.count; i++) {
+        if (signal.aborted) throw signal.reason;
+        const data = await raceAbort(src.get(i, this.deps.bounds.maxRequest), signal);
+        await writer.write(data);
+        onProgress(writer.size);
+      }
+    } finally {
+      this.release(src);
+    }
+  }
+}
+
+function raceAbort<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    if (signal.aborted) return onAbort();
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(v);
+      },
+      (e) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(e);
+      },
+    );
+  });
+}

@@ -1,0 +1,175 @@
+/**
+ * One coalesced Range request of a pack (docs/format.md §10.2): the bytes of
+ * several wanted members in one HTTP request, split into members as they
+ * arrive; each member is decoded (bounded by its size), verified against its
+ * content digest and committed to the pool before its waiters are told. A
+ * member that does not match is rejected alone (its waiters get the error,
+ * nothing enters the pool) and the other members of the response still land.
+ *
+ *   await fetchPackRange(deps, location, jobs);   // jobs: members of ONE pack (coalesce.ts chose them)
+ *
+ * - The request asks for bytes [first member's offset, last member's end).
+ *   A registry that ignores Range (200 with the whole blob) still works: the
+ *   registry client skips to the start, and this reads only up to the end it
+ *   needs and then drops the connection.
+ * - Retries: a body that breaks mid-way is asked again, from the first
+ *   member not yet delivered, while attempts and the deadline allow; the
+ *   members already committed stay.
+ * - The request is aborted only when every member's job gave up (its signal);
+ *   a job that gave up still gets its member committed if the bytes come.
+ * - Bounded by the fetch deadline per attempt.
+ */
+import { deadlineExceeded, describeError, GearError, isClass, unavailable } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { BlobLocation } from '../index/manifest.js';
+import type { PoolWriter } from '../pool/pool.js';
+import type { RegistryClient } from '../registry/client.js';
+import { sleep } from '../registry/retry.js';
+import { decodeMember } from './member.js';
+import type { MemberRef } from './pack-types.js';
+import { planRequest, type CoalesceBounds } from './coalesce.js';
+
+/** One wanted member and how to tell its waiters. */
+export interface PackJob {
+  digest: string;
+  size: number;
+  member: MemberRef;
+  /** The job gave up (no waiters, fetcher closing): it does not keep the request alive. */
+  signal: AbortSignal;
+  /** Settles the job: undefined = in the pool; `rejected` = its bytes did not match. */
+  done(err?: unknown, rejected?: boolean): void;
+}
+
+export interface PackFetchDeps {
+  pool: { has(digest: string): boolean; beginWrite(digest: string, size: number): Promise<PoolWriter> };
+  client: Pick<RegistryClient, 'openBlob'>;
+  timeoutMs: number;
+  maxAttempts: number;
+  log: Logger;
+  /** Bytes received from the registry (body bytes, gaps included). */
+  onReceived(bytes: number): void;
+  /** A member entered the pool. */
+  onCommitted(job: PackJob): void;
+  /** A request was sent (metrics, tests). */
+  onRequest?(bytes: number): void;
+}
+
+/** Fetches the members of `jobs` (all of one pack) with as few Range requests as retries need (normally one). */
+export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation, jobs: readonly PackJob[]): Promise<void> {
+  const pack = jobs[0]!.member.pack;
+  const repo = `${location.registry}/${location.repository}`;
+  const pending = new Set(jobs);
+  for (let attempt = 1; pending.size > 0; attempt++) {
+    const list = [...pending].sort((a, b) => a.member.offset - b.member.offset);
+    const start = list[0]!.member.offset;
+    const end = Math.max(...list.map((j) => j.member.offset + j.member.length));
+    const controller = new AbortController();
+    const live = () => list.some((j) => pending.has(j) && !j.signal.aborted);
+    const onJobAbort = () => {
+      if (!live()) controller.abort(list[0]!.signal.reason ?? unavailable('nobody waits for these members any more'));
+    };
+    for (const j of list) j.signal.addEventListener('abort', onJobAbort, { once: true });
+    onJobAbort();
+    const timer = setTimeout(
+      () => controller.abort(deadlineExceeded(`fetch of ${list.length} members of pack ${pack.digest}: not done within ${deps.timeoutMs} ms; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`)),
+      deps.timeoutMs,
+    );
+    timer.unref();
+    const signal = controller.signal;
+    let received = 0;
+    try {
+      const { stream } = await deps.client.openBlob(repo, pack.digest, { signal, expectedSize: pack.size, range: { start, end: end - 1 } });
+      deps.onRequest?.(end - start);
+      const buf = Buffer.allocUnsafe(end - start);
+      let filled = 0;
+      let next = 0;
+      try {
+        for await (const c of stream as AsyncIterable<Buffer>) {
+          const n = Math.min(c.length, buf.length - filled);
+          c.copy(buf, filled, 0, n);
+          filled += n;
+          received += c.length;
+          while (next < list.length && list[next]!.member.offset + list[next]!.member.length - start <= filled) {
+            const j = list[next++]!;
+            if (!pending.has(j)) continue;
+            pending.delete(j);
+            await deliver(deps, j, buf.subarray(j.member.offset - start, j.member.offset - start + j.member.length), repo);
+          }
+          if (filled >= buf.length) break; // a registry ignoring Range: stop at what we need
+        }
+      } finally {
+        stream.destroy();
+      }
+      if (filled < buf.length) throw unavailable(`GET pack ${pack.digest} from ${repo}: the body ended after ${filled} of ${buf.length} bytes`);
+    } catch (err) {
+      if (pending.size === 0) break;
+      const e = signal.aborted ? signal.reason : err;
+      const retryable = !signal.aborted && (!(e instanceof GearError) || isClass(e, 'Unavailable')) && attempt < deps.maxAttempts;
+      if (!retryable) {
+        const why = e instanceof GearError ? e : unavailable(`fetch of pack ${pack.digest} from ${repo}: ${describeError(e)}; the next open tries again`, e);
+        for (const j of pending) j.done(why);
+        pending.clear();
+        break;
+      }
+      deps.log.info({ pack: pack.digest, attempt, left: pending.size, err: describeError(e) }, 'pack range failed; retrying');
+      await sleep(Math.min(2000, 100 * 2 ** attempt)).catch(() => undefined);
+    } finally {
+      clearTimeout(timer);
+      for (const j of list) j.signal.removeEventListener('abort', onJobAbort);
+      deps.onReceived(received);
+    }
+  }
+}
+
+/** Decodes, verifies and commits one member; settles its job either way. */
+async function deliver(deps: PackFetchDeps, j: PackJob, stored: Buffer, repo: string): Promise<void> {
+  const what = `fetch ${j.digest} (pack ${j.member.pack.digest} bytes ${j.member.offset}+${j.member.length}) from ${repo}`;
+  let bytes: Buffer;
+  try {
+    bytes = decodeMember(stored, j.member.encoding, j.size, j.digest, what);
+  } catch (err) {
+    deps.log.warn({ digest: j.digest, pack: j.member.pack.digest, err: describeError(err) }, 'pack member rejected');
+    j.done(unavailable(`${what}: content rejected: ${(err as Error).message}`, err), true);
+    return;
+  }
+  if (deps.pool.has(j.digest)) {
+    j.done();
+    return;
+  }
+  let w: PoolWriter | undefined;
+  try {
+    w = await deps.pool.beginWrite(j.digest, j.size);
+    await w.write(bytes);
+    await w.commit(); // verifies size and sha256 again (the pool's own check)
+    deps.onCommitted(j);
+    j.done();
+  } catch (err) {
+    await w?.abort().catch(() => undefined);
+    j.done(err instanceof GearError ? err : unavailable(`${what}: ${describeError(err)}`, err));
+  }
+}
+
+/** The pack a request's member lives in, with its location: members of one key may share a request. */
+export function packKey(req: { location: BlobLocation; member?: MemberRef | undefined }): string {
+  return `${req.location.registry}/${req.location.repository}@${req.member?.pack.digest ?? ''}`;
+}
+
+/**
+ * The jobs one request serves: `seed` (already taken off its queue) and the
+ * queued members of the same pack that coalesce with it (planRequest), taken
+ * off `queues`.
+ */
+export function takePackBatch<J extends { req: { location: BlobLocation; member?: MemberRef | undefined } }>(seed: J, queues: J[][], bounds: CoalesceBounds): J[] {
+  const key = packKey(seed.req);
+  const candidates: Array<{ job: J; offset: number; length: number }> = [];
+  for (const q of queues) for (const job of q) if (job.req.member && packKey(job.req) === key) candidates.push({ job, offset: job.req.member.offset, length: job.req.member.length });
+  if (candidates.length === 0) return [seed];
+  const m = seed.req.member!;
+  const s = { job: seed, offset: m.offset, length: m.length };
+  const plan = planRequest(s, candidates, bounds);
+  const taken = new Set(plan.members.map((c) => c.job));
+  for (const q of queues) {
+    for (let i = q.length - 1; i >= 0; i--) if (taken.has(q[i]!)) q.splice(i, 1);
+  }
+  return plan.members.map((c) => c.job);
+}
