@@ -20,7 +20,7 @@
  *   content digest at commit. Reads after that are served from the pool file.
  */
 import type { FileHandle } from 'node:fs/promises';
-import { deadlineExceeded, describeError, GearError, unavailable } from '../errors.js';
+import { deadlineExceeded, describeError, GearError, invalidArgument, unavailable } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { MissFile } from '../missfs/types.js';
 import type { PoolWriter } from '../pool/pool.js';
@@ -68,22 +68,33 @@ class ChunkSource {
 
   /** Chunk i, verified; fetches it (and up to `aheadBytes` of stored bytes of the next ones not cached) when needed. */
   get(i: number, aheadBytes: number): Promise<Buffer> {
-    const hit = this.cache.get(i);
-    if (hit) {
-      this.cache.delete(i); // LRU: most recent last
-      this.cache.set(i, hit);
-      return hit.p;
-    }
+    return this.getRange(i, i, aheadBytes)[0]!;
+  }
+
+  /**
+   * Chunks first…last, verified: the ones not cached (and up to `aheadBytes` of stored bytes of
+   * the chunks after last that are not cached either) are fetched together (coalesced requests).
+   */
+  getRange(first: number, last: number, aheadBytes: number): Promise<Buffer>[] {
     const list = this.req.chunks!.chunks;
-    const want = [i];
+    const want: number[] = [];
+    for (let i = first; i <= last; i++) {
+      const hit = this.cache.get(i);
+      if (hit) {
+        this.cache.delete(i); // LRU: most recent last
+        this.cache.set(i, hit);
+      } else want.push(i);
+    }
     let ahead = 0;
-    for (let k = i + 1; k < list.length && ahead + list[k]!.length <= aheadBytes; k++) {
+    for (let k = last + 1; k < list.length && ahead + list[k]!.length <= aheadBytes; k++) {
       if (this.cache.has(k)) break;
       ahead += list[k]!.length;
       want.push(k);
     }
-    this.fetch(want);
-    return this.cache.get(i)!.p;
+    if (want.length) this.fetch(want);
+    const out: Promise<Buffer>[] = [];
+    for (let i = first; i <= last; i++) out.push(this.cache.get(i)!.p);
+    return out;
   }
 
   private fetch(indices: number[]): void {
@@ -158,7 +169,8 @@ class ChunkSource {
               w.resolve(decodeMember(buf.subarray(m.offset - start, m.offset - start + m.length), m.encoding, m.bytes, m.digest, what));
             } catch (err) {
               this.deps.log.warn({ digest: req.digest, chunk: m.index, err: describeError(err) }, 'chunk rejected');
-              w.reject(unavailable(`${what}: chunk rejected: ${(err as Error).message}`, err));
+              // InvalidArgument "does not match": the assembly job counts it as rejected content, not worth a retry.
+              w.reject(invalidArgument(`chunk rejected: ${(err as Error).message}`, err));
             }
           }
           if (filled >= buf.length) break;
@@ -224,8 +236,7 @@ export class ChunkedFiles {
         const first = Math.floor(position / chunkSize);
         const last = Math.min(chunks.length - 1, Math.floor((position + want - 1) / chunkSize));
         const ahead = position === lastEnd || position === 0 ? READ_AHEAD_BYTES : 0;
-        const parts: Promise<Buffer>[] = [];
-        for (let i = first; i <= last; i++) parts.push(src.get(i, i === last ? ahead : 0));
+        const parts = src.getRange(first, last, ahead);
         let timer: NodeJS.Timeout | undefined;
         const deadline = new Promise<never>((_, reject) => {
           timer = setTimeout(() => reject(deadlineExceeded(`read of ${req.digest} at byte ${position}: chunks not there within ${timeoutMs} ms; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`)), timeoutMs);
