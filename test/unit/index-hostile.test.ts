@@ -32,6 +32,8 @@ const manifestEntry = (json: string | Buffer): Buffer => entry(manifestHeader(0)
 const v2 = (doc: unknown): Buffer => Buffer.concat([manifestEntry(typeof doc === 'string' ? doc : JSON.stringify(doc)), tarTrailer()]);
 /** A version 2 document with this tree. */
 const tree = (entries: unknown[], extra: Record<string, unknown> = {}): unknown => ({ version: 2, tree: entries, ...extra });
+/** A version 3 layer: this tree over one pack of 100 bytes. */
+const v3 = (entries: unknown[]): Buffer => v2({ version: 3, packs: [{ digest: D('c'), size: 100 }], tree: entries });
 /** A version 1 layer: manifest `files`, then tar entries. */
 const v1 = (files: unknown[], entries: Buffer[], extra: Record<string, unknown> = {}): Buffer =>
   Buffer.concat([manifestEntry(JSON.stringify({ version: 1, files, ...extra })), ...entries, tarTrailer()]);
@@ -225,6 +227,25 @@ const CASES: Case[] = [
     tar: () => v2(tree([withContent('a', A, 5, { chunks: { size: 1 }, hint: true })], { future: { x: 1 } })),
     accepted: (b) => expect(b.files).toBe(1),
   },
+
+  // ---- version 3 pack members (docs/format.md §10)
+  {
+    name: 'v3: a well-formed pack layout is accepted (two paths of one content share one member)',
+    tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 0, length: 5, encoding: 'raw' }), withContent('b', A, 5, { pack: 0, offset: 0, length: 5, encoding: 'raw' }), withContent('c', B, 100, { pack: 0, offset: 5, length: 40 })]),
+    accepted: (b) => expect(at(b.root, 'c')).toMatchObject({ type: 'file', size: 100 }),
+  },
+  { name: 'v3: an offset past the pack', tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 1000, length: 5, encoding: 'raw' })]), refused: /tree\[0\] "a": bytes 1000\+5 run past the end of pack 0/ },
+  { name: 'v3: a length that would overflow past 2^53', tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 2 ** 53 - 1, length: 5, encoding: 'raw' })]), refused: /tree\[0\] "a": bytes 9007199254740991\+5 run past the end of pack 0/ },
+  { name: 'v3: a length that is not a safe integer', tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 0, length: 2 ** 64 })]), refused: /tree\[0\] "a": "length" must be a whole number/ },
+  { name: 'v3: overlapping ranges of two contents', tar: () => v3([withContent('a', A, 50, { pack: 0, offset: 0, length: 30 }), withContent('b', B, 50, { pack: 0, offset: 20, length: 30 })]), refused: /file "b": bytes 20\+30 of pack 0 overlap bytes 0\+30 of gear index: file "a"/ },
+  { name: 'v3: a pack that is not listed', tar: () => v3([withContent('a', A, 5, { pack: 7, offset: 0, length: 5, encoding: 'raw' })]), refused: /tree\[0\] "a": "pack" must be a whole number in 0…0, not 7/ },
+  {
+    name: 'v3: a chunk list that does not add up to the size',
+    tar: () => v3([withContent('a', A, 200_000, { chunkSize: 65536, chunks: [0, 1].map((i) => ({ pack: 0, offset: i * 10, length: 10, digest: B })) })]),
+    refused: /tree\[0\] "a": 2 chunks do not add up to the size: 200000 bytes in chunks of 65536 is 4 chunks/,
+  },
+  { name: 'v3: a file with a v2 blob', tar: () => v3([withContent('a', A, 5, { blob: { mediaType: 'application/vnd.gear.file.v1+gzip', digest: B, size: 3 } })]), refused: /"blob" is a version 1\/2 member/ },
+  { name: 'v3: a pack digest that is a path', tar: () => v2({ version: 3, packs: [{ digest: '../../etc', size: 10 }], tree: [] }), refused: /packs\[0\]: "digest" must be sha256/ },
 
   // ---- prefetch lists
   { name: 'a prefetch list naming a directory', tar: () => v2(tree([dir('d'), withContent('d/a')], { prefetch: ['d'] })), refused: /prefetch\[0\] "d" is a dir; prefetch lists only files with content/ },
