@@ -1,33 +1,22 @@
 /**
  * A small format v3 pack writer for tests (docs/format.md §10), until
  * `gear convert --format-version 3` is on this branch: lays out contents in
- * packs, each member compressed on its own with zstd (the zstd CLI: one frame,
- * content size in the header) when that saves 10%, else raw; contents of at
+ * packs, each member compressed on its own with zstd (one frame, content
+ * size in the header) when that saves 10%, else raw; contents of at
  * least `chunkAbove` bytes are chunked in `chunkSize` chunks.
  *
  *   const { packs, files } = buildPacks([bufA, bufB, big], { chunkAbove: 4 << 20 });
  *   // packs[i]: a pack blob to push; files[k]: where contents[k] lives
  */
-import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
+import { zstdCompress } from '../../src/core/sys/zstd.js';
 import type { ChunkList, MemberRef, PackLoc } from '../../src/core/fetcher/pack-types.js';
 
 export const sha256 = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
-/** One zstd frame of `b` (level 3, with its content size). */
+/** One zstd frame of `b` (level 3, with its content size): the native addon, as gear convert uses it. */
 export function zstdFrame(b: Buffer): Buffer {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'gear-zstd-'));
-  try {
-    const f = path.join(dir, 'in');
-    fs.writeFileSync(f, b);
-    execFileSync('zstd', ['-q', '-3', '-f', f, '-o', `${f}.zst`]);
-    return fs.readFileSync(`${f}.zst`);
-  } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+  return zstdCompress(b, 3);
 }
 
 /** Where one content lives, as the index of format v3 says (pack given by index). */

@@ -6,14 +6,11 @@
  * pack index resolved to the pack itself.
  */
 
-/** How a member is stored: one zstd frame of its bytes, or the bytes themselves. */
-export type MemberEncoding = 'zstd' | 'raw';
+import type { MemberEncoding, PackRef } from '../index/manifest.js';
 
-/** A pack blob: a registry blob, addressed by digest, of a known size. */
-export interface PackLoc {
-  digest: string;
-  size: number;
-}
+export type { MemberEncoding };
+/** A pack blob: a registry blob, addressed by digest, of a known size (the codec's PackRef). */
+export type PackLoc = PackRef;
 
 /** Bytes offset … offset+length−1 of `pack`, stored with `encoding`. */
 export interface MemberRef {
@@ -34,12 +31,4 @@ export interface ChunkRef extends MemberRef {
 export interface ChunkList {
   chunkSize: number;
   chunks: ChunkRef[];
-}
-
-/** The largest member a node decompresses in memory (format §10.1: a one-member file is at most 64 MiB). */
-export const MAX_MEMBER_BYTES = 64 * 1024 * 1024;
-
-/** The most stored bytes a zstd member of `bytes` decompressed bytes may take (format §10.1). */
-export function maxStoredLength(bytes: number, encoding: MemberEncoding): number {
-  return encoding === 'raw' ? bytes : bytes + Math.floor(bytes / 128) + 1024;
 }

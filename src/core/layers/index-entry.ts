@@ -9,7 +9,7 @@
  *   gear index layer: entry "dev/x": devmajor 4096 is beyond 4095, the largest major number Linux stores (12 bits)
  */
 import { errnoCode, GearError, internal, invalidArgument } from '../errors.js';
-import type { IndexManifest } from '../index/manifest.js';
+import type { IndexFile, IndexManifest } from '../index/manifest.js';
 import type { TarHeader } from '../index/tar.js';
 import type { GearBlobTuple, StoredLayout } from '../lazy/catalog.js';
 import type { PackLoc } from '../fetcher/pack-types.js';
@@ -109,17 +109,8 @@ export interface IndexDirResult {
   packs?: PackLoc[];
 }
 
-/** The v3 members of an index file (docs/format.md §10.1), as the codec gives them. */
-interface V3Member {
-  pack: number;
-  offset: number;
-  length: number;
-  encoding?: 'zstd' | 'raw';
-}
-type V3File = IndexManifest['files'][number] & { member?: V3Member; chunkSize?: number; chunks?: Array<V3Member & { digest: string }> };
-
 /** How a layer record stores where a v3 file's bytes are (catalog.ts StoredLayout), or undefined for v1/v2. */
-function storedLayout(f: V3File): StoredLayout | undefined {
+function storedLayout(f: IndexFile): StoredLayout | undefined {
   if (f.member) {
     const m = f.member;
     return m.encoding === 'raw' ? { p: m.pack, o: m.offset, l: m.length, e: 'raw' } : { p: m.pack, o: m.offset, l: m.length };
@@ -133,13 +124,13 @@ function storedLayout(f: V3File): StoredLayout | undefined {
 export function summarize(manifest: IndexManifest): IndexDirResult {
   const blobs = new Map<string, GearBlobTuple>();
   let bytes = 0;
-  for (const f of manifest.files as V3File[]) {
+  for (const f of manifest.files) {
     bytes += f.size;
     if (blobs.has(f.digest)) continue;
     const layout = storedLayout(f);
     blobs.set(f.digest, layout ? [f.digest, f.size, layout] : f.blob ? [f.digest, f.size, f.blob.digest, f.blob.size] : [f.digest, f.size]);
   }
-  const packs = (manifest as IndexManifest & { packs?: PackLoc[] }).packs;
+  const packs = manifest.packs;
   return { files: manifest.files.length, bytes, blobs: [...blobs.values()], ...(packs ? { packs: packs.map((p) => ({ digest: p.digest, size: p.size })) } : {}) };
 }
 
