@@ -1,0 +1,125 @@
+/**
+ * Format v3 images run lazily on both frontends: a gear dockerd (the Docker
+ * graph-driver plugin) and a containerd 1.6 with gear as its proxy
+ * snapshotter. The image (busybox + small files + a chunked big file + a
+ * corrupt member) is a v3 repack of `gear convert` output (test/helpers/
+ * v3-image.ts) in a real registry behind a counting proxy, which the index
+ * names as the location of its packs.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startGearContainerd, type GearContainerd } from '../helpers/containerd.js';
+import { GEAR_CLI, gearDaemonAvailable, startDockerd, type Dockerd } from '../helpers/dockerd.js';
+import { busyboxLayer, writeDockerArchive, type LayerEntry } from '../helpers/oci-images.js';
+import { runOk } from '../helpers/proc.js';
+import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
+import { startRegistry, type TestRegistry } from '../helpers/registry.js';
+import { pushV3Image, type V3Image } from '../helpers/v3-image.js';
+
+const hex = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+const MiB = 1024 * 1024;
+
+let reg: TestRegistry;
+let proxy: FaultProxy;
+let work: string;
+let img: V3Image;
+let v2ref: string;
+const small: Record<string, Buffer> = {};
+for (let i = 0; i < 60; i++) small[`data/s${String(i).padStart(2, '0')}`] = Buffer.from(`small file ${i}\n${'all work and no play makes a dull pack '.repeat(30 + i)}`);
+const big = Buffer.concat([randomBytes(MiB + 4321), Buffer.alloc(2 * MiB, 'q'), randomBytes(2 * MiB)]);
+const bad = Buffer.from('this file gets a corrupted byte in its pack member\n'.repeat(40));
+
+const packGets = () => proxy.seen.filter((l) => l.startsWith('GET ') && img.packs.some((p) => l.includes(`/blobs/${p.digest}`))).length;
+const fileGets = (c: Buffer) => proxy.seen.filter((l) => l.startsWith('GET ') && l.includes(hex(c))).length;
+const WALK = `cat ${Object.keys(small).map((p) => `/${p}`).join(' ')} | sha256sum | cut -c1-64`;
+const walkSum = () => hex(Buffer.concat(Object.keys(small).map((p) => small[p]!)));
+const BIG_READS = 'dd if=/data/big bs=1 skip=1048570 count=12 2>/dev/null | sha256sum | cut -c1-64; sha256sum /data/big | cut -c1-64; sha256sum /data/s00 /data/s30 /data/s59 | cut -c1-64';
+const bigReadsOut = () => [hex(big.subarray(1048570, 1048582)), hex(big), hex(small['data/s00']!), hex(small['data/s30']!), hex(small['data/s59']!)].join('\n');
+
+beforeAll(async () => {
+  expect(await gearDaemonAvailable()).toBe(true);
+  work = mkdtempSync('/tmp/gear-v3-fe-');
+  reg = await startRegistry();
+  proxy = await startFaultProxy(reg.url);
+  const bb: LayerEntry[] = await busyboxLayer();
+  const entries: LayerEntry[] = [
+    ...bb,
+    { path: 'data/', type: 'dir' },
+    ...Object.entries(small).map(([p, c]) => ({ path: p, content: c, mode: 0o644 })),
+    { path: 'data/big', content: big, mode: 0o644 },
+    { path: 'data/zbad', content: bad, mode: 0o644 },
+  ];
+  const archive = join(work, 'src.tar');
+  await writeDockerArchive(archive, [entries], 'src/v3:v1');
+  img = await pushV3Image({ archive, work, registryHost: reg.host, location: { registry: proxy.host, repository: 'gear/v3' }, tag: 'v1', corrupt: ['data/zbad'] });
+  expect(img.index.files.find((f) => f.path === 'data/big')?.chunks?.length).toBe(6);
+  // The same image in format v2 (one raw blob per file), for the shared-pool check.
+  v2ref = `${proxy.host}/gear/v2:v1`;
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', '--format-version', '2', `docker-archive:${archive}`, v2ref], { timeoutMs: 300_000 });
+}, 600_000);
+
+afterAll(async () => {
+  await proxy?.stop();
+  await reg?.stop();
+  if (work) rmSync(work, { recursive: true, force: true });
+});
+
+describe('format v3 on the Docker graph-driver plugin', () => {
+  let d: Dockerd | undefined;
+  beforeAll(async () => {
+    d = await startDockerd({ driver: 'gear', gearArgs: ['--fetch-timeout', '20s'] });
+  }, 300_000);
+  afterAll(async () => {
+    await d?.stop();
+  });
+
+  it('runs lazily: a walk of 60 small files costs a few pack requests; first/middle/last members and chunk boundaries read right; a corrupt member is EIO', async () => {
+    await d!.dockerOk(['pull', img.ref]);
+    expect(packGets()).toBe(0);
+    let before = packGets();
+    const walk = await d!.dockerOk(['run', '--rm', img.ref, 'sh', '-c', WALK]);
+    expect(walk.stdout.trim()).toBe(walkSum());
+    const walkRequests = packGets() - before;
+    expect(walkRequests).toBeGreaterThan(0);
+    expect(walkRequests).toBeLessThanOrEqual(6); // busybox, /etc files and 60 docs: not one request per file
+    const r = await d!.dockerOk(['run', '--rm', img.ref, 'sh', '-c', BIG_READS]);
+    expect(r.stdout.trim()).toBe(bigReadsOut());
+    before = packGets();
+    const c = await d!.docker(['run', '--rm', img.ref, 'cat', '/data/zbad']);
+    expect(c.code).not.toBe(0);
+    expect(c.stderr).toMatch(/I\/O error/);
+    // The other files of its pack still read.
+    const ok = await d!.dockerOk(['run', '--rm', img.ref, 'sha256sum', '/data/s10']);
+    expect(ok.stdout.slice(0, 64)).toBe(hex(small['data/s10']!));
+  });
+
+  it('a v2 image with the same files reads them from the pool the v3 image filled', async () => {
+    await d!.dockerOk(['pull', v2ref]);
+    const r = await d!.dockerOk(['run', '--rm', v2ref, 'sha256sum', '/data/s00', '/data/big']);
+    expect(r.stdout.split('\n').map((l) => l.slice(0, 64)).filter(Boolean)).toEqual([hex(small['data/s00']!), hex(big)]);
+    expect(fileGets(small['data/s00']!)).toBe(0);
+    expect(fileGets(big)).toBe(0);
+  });
+});
+
+describe('format v3 on the containerd snapshotter', () => {
+  let c: GearContainerd | undefined;
+  beforeAll(async () => {
+    c = await startGearContainerd({ tasks: ['v3a', 'v3b', 'v3c'] });
+  }, 120_000);
+  afterAll(async () => {
+    await c?.stop();
+  }, 180_000);
+
+  it('runs lazily: coalesced walk, right bytes at pack positions and chunk boundaries, EIO for a corrupt member', async () => {
+    await c!.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', img.ref], 300_000);
+    const before = packGets();
+    const walk = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', img.ref, 'v3a', '/bin/busybox', 'sh', '-c', WALK], 180_000);
+    expect(walk.trim()).toBe(walkSum());
+    expect(packGets() - before).toBeLessThanOrEqual(6);
+    const r = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', img.ref, 'v3b', '/bin/busybox', 'sh', '-c', `${BIG_READS}; cat /data/zbad >/dev/null 2>&1 && echo read || echo failed`], 180_000);
+    expect(r.trim()).toBe(`${bigReadsOut()}\nfailed`);
+  });
+});
