@@ -78,6 +78,7 @@ import { DEFAULT_MAX_GAP, DEFAULT_MAX_REQUEST, type CoalesceBounds } from './coa
 import { fetchPackRange, takePackBatch } from './pack-fetch.js';
 import type { ChunkList, MemberRef } from './pack-types.js';
 import { ChunkedFiles } from './chunked.js';
+import { RangeReads } from './range-read.js';
 import type { MissFile } from '../missfs/types.js';
 
 /** Re-exported: the settings' duration parser (GEAR_FETCH_TIMEOUT) lives in core/duration.ts. */
@@ -91,8 +92,6 @@ export const DEFAULT_MAX_FETCHES = 8;
 export const DEFAULT_RANGE_CHUNK_BYTES = 1024 * 1024;
 /** Default distance ahead of the download beyond which a read is served by a Range request. */
 export const DEFAULT_RANGE_AHEAD_BYTES = 4 * 1024 * 1024;
-/** Range chunks kept in memory per streamed file. */
-const RANGE_CACHE_CHUNKS = 8;
 
 /** What to fetch: a Gear file of an index manifest. */
 export interface FetchRequest {
@@ -258,8 +257,7 @@ export class Fetcher {
   private readonly maxAttempts: number;
   private readonly rangeChunkBytes: number;
   private readonly rangeAheadBytes: number;
-  private rangeRunning = 0;
-  private readonly rangeQueue: (() => void)[] = [];
+  private readonly rangeReads: RangeReads;
   private readonly jobs = new Map<string, Job>();
   private readonly fg: Job[] = [];
   private readonly bg: Job[] = [];
@@ -304,6 +302,7 @@ export class Fetcher {
       throw invalidArgument(`range chunk ${this.rangeChunkBytes} / ahead ${this.rangeAheadBytes} bytes: must be non-negative integers (chunk > 0)`);
     }
     this.coalesce = { maxGap: opts.coalesce?.maxGap ?? DEFAULT_MAX_GAP, maxRequest: opts.coalesce?.maxRequest ?? DEFAULT_MAX_REQUEST };
+    this.rangeReads = new RangeReads({ client: this.client, timeoutMs: this.timeoutMs, maxParallel: this.maxParallel, chunkBytes: this.rangeChunkBytes, counters: this.counters });
     this.chunked = new ChunkedFiles({
       client: this.client,
       timeoutMs: this.timeoutMs,
@@ -861,7 +860,7 @@ export class Fetcher {
         return this.readFd(stage.fh, buf, want, pos);
       }
       const have = stage?.written ?? 0;
-      if (!req.blob && pos - have >= this.rangeAheadBytes) return this.readRange(job, buf, pos, want, deadline, signal);
+      if (!req.blob && pos - have >= this.rangeAheadBytes) return this.rangeReads.read(job, buf, pos, want, deadline, signal);
       await this.waitProgress(job, pos, deadline, signal);
     }
   }
@@ -905,87 +904,6 @@ export class Fetcher {
       if (signal?.aborted) return onAbort();
       signal?.addEventListener('abort', onAbort, { once: true });
     });
-  }
-
-  /** Serves a read far ahead of the download from a Range-fetched chunk (unverified). */
-  private async readRange(job: Job, buf: Buffer, pos: number, want: number, deadline: number, signal?: AbortSignal): Promise<number> {
-    const idx = Math.floor(pos / this.rangeChunkBytes);
-    let p = job.ranges.get(idx);
-    if (!p) {
-      p = this.fetchChunk(job, idx);
-      p.catch(() => {
-        if (job.ranges.get(idx) === p) job.ranges.delete(idx);
-      });
-      job.ranges.set(idx, p);
-      // Keep a few chunks; drop the oldest and those the download has passed.
-      const passed = Math.floor((job.stage?.written ?? 0) / this.rangeChunkBytes);
-      for (const k of [...job.ranges.keys()]) if (k < passed) job.ranges.delete(k);
-      while (job.ranges.size > RANGE_CACHE_CHUNKS) job.ranges.delete(job.ranges.keys().next().value as number);
-    }
-    const left = deadline - Date.now();
-    let timer: NodeJS.Timeout | undefined;
-    let onAbort: (() => void) | undefined;
-    const bounded = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        this.counters.timeouts++;
-        reject(deadlineExceeded(`read of ${job.req.digest} at byte ${pos}: range request not answered within ${this.timeoutMs} ms; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`));
-      }, Math.max(0, left));
-      timer.unref();
-      onAbort = () => reject(signal!.reason ?? unavailable(`read of ${job.req.digest}: aborted`));
-      if (signal?.aborted) onAbort();
-      else signal?.addEventListener('abort', onAbort, { once: true });
-    });
-    try {
-      const data = await Promise.race([p, bounded]);
-      const off = pos - idx * this.rangeChunkBytes;
-      const n = Math.min(want, data.length - off);
-      if (n <= 0) throw internal(`range chunk ${idx} of ${job.req.digest} is short`);
-      data.copy(buf, 0, off, off + n);
-      return n;
-    } finally {
-      clearTimeout(timer);
-      if (onAbort) signal?.removeEventListener('abort', onAbort);
-    }
-  }
-
-  private async fetchChunk(job: Job, idx: number): Promise<Buffer> {
-    const { req } = job;
-    const start = idx * this.rangeChunkBytes;
-    const end = Math.min(req.size, start + this.rangeChunkBytes) - 1;
-    const repo = `${req.location.registry}/${req.location.repository}`;
-    // Bounded by the job (fetcher close, failure) and by the deadline; shared by every reader of the chunk.
-    const signal = AbortSignal.any([job.controller.signal, AbortSignal.timeout(this.timeoutMs)]);
-    await this.rangeSlot();
-    try {
-      for (let attempt = 1; ; attempt++) {
-        try {
-          const { stream } = await this.client.openBlob(repo, req.digest, { signal, expectedSize: req.size, range: { start, end } });
-          const parts: Buffer[] = [];
-          for await (const c of stream) parts.push(c as Buffer);
-          const data = Buffer.concat(parts);
-          if (data.length !== end - start + 1) throw unavailable(`range ${start}-${end} of ${req.digest}: got ${data.length} bytes`);
-          this.counters.rangeRequests++;
-          this.counters.rangeBytes += data.length;
-          this.counters.blobBytes += data.length;
-          return data;
-        } catch (err) {
-          if (signal.aborted || attempt >= 2 || (err instanceof GearError && !isClass(err, 'Unavailable'))) throw err;
-        }
-      }
-    } finally {
-      const next = this.rangeQueue.shift();
-      if (next) next(); // the slot passes on
-      else this.rangeRunning--;
-    }
-  }
-
-  /** At most maxParallel range requests at a time. */
-  private async rangeSlot(): Promise<void> {
-    if (this.rangeRunning < this.maxParallel) {
-      this.rangeRunning++;
-      return;
-    }
-    await new Promise<void>((r) => this.rangeQueue.push(r));
   }
 
   /** Stops starting downloads and aborts the running ones; waiters get Unavailable. */
