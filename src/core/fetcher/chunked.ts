@@ -40,10 +40,8 @@ export interface ChunkedDeps {
   timeoutMs: number;
   bounds: CoalesceBounds;
   log: Logger;
-  /** Bytes received from the registry. */
-  onReceived(bytes: number): void;
-  /** A Range request was sent (counters). */
-  onRequest?(): void;
+  /** The fetcher's counters, updated in place: bytes received, Range requests sent. */
+  counters: { blobBytes: number; packRequests: number };
 }
 
 interface Slot {
@@ -152,7 +150,7 @@ class ChunkSource {
     let next = 0;
     try {
       const { stream } = await this.deps.client.openBlob(repo, pack.digest, { signal, expectedSize: pack.size, range: { start, end: end - 1 } });
-      this.deps.onRequest?.();
+      this.deps.counters.packRequests++;
       const buf = Buffer.allocUnsafe(end - start);
       let filled = 0;
       try {
@@ -187,7 +185,7 @@ class ChunkSource {
           : unavailable(`read of ${req.digest} from ${repo}: ${describeError(err)}`, err);
       for (let k = next; k < members.length; k++) waiting.get(members[k]!.index)!.reject(e);
     } finally {
-      this.deps.onReceived(received);
+      this.deps.counters.blobBytes += received;
     }
   }
 }
@@ -265,6 +263,31 @@ export class ChunkedFiles {
         await fh?.close().catch(() => undefined);
       },
     };
+  }
+
+  /**
+   * The fetcher's download of a chunked file: every chunk in order, verified, into a pool writer
+   * (job.writer, job.stage show the progress), then the commit, which checks the whole content digest.
+   */
+  async assembleJob(
+    job: { req: FetchRequest; writer?: PoolWriter | undefined; stage?: { path: string; written: number } | undefined; watch?: { progress(n: number): void } | undefined },
+    pool: { beginWrite(digest: string, size: number): Promise<PoolWriter> },
+    signal: AbortSignal,
+  ): Promise<void> {
+    const w = (job.writer = await pool.beginWrite(job.req.digest, job.req.size));
+    const stage = (job.stage = { path: w.stagingPath, written: 0 });
+    try {
+      await this.assemble(job.req, w, signal, (n) => {
+        stage.written = n;
+        job.watch?.progress(n);
+      });
+      job.writer = undefined;
+      await w.commit();
+    } catch (err) {
+      await w.abort();
+      job.writer = undefined;
+      throw err;
+    }
   }
 
   /** Writes every chunk of req, in order, verified, into `writer` (the caller commits: the pool checks the whole digest). */

@@ -62,6 +62,9 @@
  *   the deadline in total; a registry trickling bytes cannot hold it).
  * - The staging file counts in the pool as a write in progress (its size is
  *   reserved against the cap when the download starts).
+ *
+ * Format v3 (docs/lazy.md): queued members of one pack share one coalesced Range
+ * request (pack-fetch.ts, coalesce.ts); chunked files are chunked.ts's.
  */
 import type { FileHandle } from 'node:fs/promises';
 import fs from 'node:fs/promises';
@@ -75,7 +78,7 @@ import { sleep } from '../registry/retry.js';
 import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
 import { parseDuration } from '../duration.js';
 import { DEFAULT_MAX_GAP, DEFAULT_MAX_REQUEST, type CoalesceBounds } from './coalesce.js';
-import { fetchPackRange, takePackBatch } from './pack-fetch.js';
+import { runPackBatch, takePackBatch, type PackFetchDeps, type PackJob } from './pack-fetch.js';
 import type { ChunkList, MemberRef } from './pack-types.js';
 import { ChunkedFiles } from './chunked.js';
 import { RangeReads } from './range-read.js';
@@ -258,6 +261,7 @@ export class Fetcher {
   private readonly rangeChunkBytes: number;
   private readonly rangeAheadBytes: number;
   private readonly rangeReads: RangeReads;
+  private readonly packDeps: Omit<PackFetchDeps, 'onCommitted'>;
   private readonly jobs = new Map<string, Job>();
   private readonly fg: Job[] = [];
   private readonly bg: Job[] = [];
@@ -302,15 +306,10 @@ export class Fetcher {
       throw invalidArgument(`range chunk ${this.rangeChunkBytes} / ahead ${this.rangeAheadBytes} bytes: must be non-negative integers (chunk > 0)`);
     }
     this.coalesce = { maxGap: opts.coalesce?.maxGap ?? DEFAULT_MAX_GAP, maxRequest: opts.coalesce?.maxRequest ?? DEFAULT_MAX_REQUEST };
-    this.rangeReads = new RangeReads({ client: this.client, timeoutMs: this.timeoutMs, maxParallel: this.maxParallel, chunkBytes: this.rangeChunkBytes, counters: this.counters });
-    this.chunked = new ChunkedFiles({
-      client: this.client,
-      timeoutMs: this.timeoutMs,
-      bounds: this.coalesce,
-      log: this.log,
-      onReceived: (n) => (this.counters.blobBytes += n),
-      onRequest: () => this.counters.packRequests++,
-    });
+    const common = { client: this.client, timeoutMs: this.timeoutMs, log: this.log, counters: this.counters };
+    this.packDeps = { ...common, pool: this.pool, maxAttempts: this.maxAttempts };
+    this.rangeReads = new RangeReads({ ...common, maxParallel: this.maxParallel, chunkBytes: this.rangeChunkBytes });
+    this.chunked = new ChunkedFiles({ ...common, bounds: this.coalesce });
   }
 
   /**
@@ -524,43 +523,15 @@ export class Fetcher {
   /** One coalesced Range request for queued members of one pack (pack-fetch.ts). */
   private async runPack(batch: Job[]): Promise<void> {
     const started = Date.now();
-    for (const j of batch) j.state = 'running';
-    await fetchPackRange(
-      {
-        pool: this.pool,
-        client: this.client,
-        timeoutMs: this.timeoutMs,
-        maxAttempts: this.maxAttempts,
-        log: this.log,
-        onReceived: (n) => (this.counters.blobBytes += n),
-        onRequest: () => this.counters.packRequests++,
-        onCommitted: (pj) => {
-          this.counters.files++;
-          this.counters.packMembers++;
-          this.counters.bytes += pj.size;
-          this.observe('ok', started, pj.size, pj.digest);
-        },
-      },
-      batch[0]!.req.location,
-      batch.map((job) => ({
-        digest: job.req.digest,
-        size: job.req.size,
-        member: job.req.member!,
-        signal: job.controller.signal,
-        done: (err?: unknown, rejected?: boolean) => {
-          if (err !== undefined) {
-            this.counters.failures++;
-            if (rejected) {
-              this.counters.verifyFailures++;
-              job.rejected = true;
-            }
-            this.observe(fetchOutcomeOf(err, rejected === true), started, 0, job.req.digest);
-          }
-          this.settle(job, err);
-        },
-      })),
-    ).catch((err: unknown) => {
-      for (const j of batch) this.settle(j, err);
+    const deps = { ...this.packDeps, onCommitted: (pj: PackJob) => this.observe('ok', started, pj.size, pj.digest) };
+    await runPackBatch(deps, batch, (job, err, rejected) => {
+      if (err !== undefined) {
+        this.counters.failures++;
+        if (rejected) this.counters.verifyFailures++;
+        job.rejected ||= rejected === true;
+        this.observe(fetchOutcomeOf(err, rejected === true), started, 0, job.req.digest);
+      }
+      this.settle(job, err);
     });
   }
 
@@ -651,23 +622,7 @@ export class Fetcher {
    */
   private async download(job: Job, signal: AbortSignal): Promise<void> {
     const { req } = job;
-    if (req.chunks) {
-      // Format v3: the chunks in order, each verified (chunked.ts); the commit checks the whole content.
-      const w = (job.writer = await this.pool.beginWrite(req.digest, req.size));
-      job.stage = { path: w.stagingPath, written: 0 };
-      try {
-        await this.chunked.assemble(req, w, signal, (n) => {
-          job.stage!.written = n;
-          job.watch?.progress(n);
-        });
-        job.writer = undefined;
-        return await w.commit();
-      } catch (err) {
-        await w.abort();
-        job.writer = undefined;
-        throw err;
-      }
-    }
+    if (req.chunks) return this.chunked.assembleJob(job, this.pool, signal); // format v3: chunk by chunk, each verified
     const repo = `${req.location.registry}/${req.location.repository}`;
     const blobDigest = req.blob ? req.blob.digest : req.digest;
     const blobSize = req.blob ? req.blob.size : req.size;

@@ -46,12 +46,10 @@ export interface PackFetchDeps {
   timeoutMs: number;
   maxAttempts: number;
   log: Logger;
-  /** Bytes received from the registry (body bytes, gaps included). */
-  onReceived(bytes: number): void;
+  /** The fetcher's counters, updated in place: bytes received (gaps included), requests, members committed. */
+  counters: { blobBytes: number; packRequests: number; packMembers: number; files: number; bytes: number };
   /** A member entered the pool. */
   onCommitted(job: PackJob): void;
-  /** A request was sent (metrics, tests). */
-  onRequest?(bytes: number): void;
 }
 
 /** Fetches the members of `jobs` (all of one pack) with as few Range requests as retries need (normally one). */
@@ -79,7 +77,7 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
     let received = 0;
     try {
       const { stream } = await deps.client.openBlob(repo, pack.digest, { signal, expectedSize: pack.size, range: { start, end: end - 1 } });
-      deps.onRequest?.(end - start);
+      deps.counters.packRequests++;
       const buf = Buffer.allocUnsafe(end - start);
       let filled = 0;
       let next = 0;
@@ -116,7 +114,7 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
     } finally {
       clearTimeout(timer);
       for (const j of list) j.signal.removeEventListener('abort', onJobAbort);
-      deps.onReceived(received);
+      deps.counters.blobBytes += received;
     }
   }
 }
@@ -141,12 +139,37 @@ async function deliver(deps: PackFetchDeps, j: PackJob, stored: Buffer, repo: st
     w = await deps.pool.beginWrite(j.digest, j.size);
     await w.write(bytes);
     await w.commit(); // verifies size and sha256 again (the pool's own check)
+    deps.counters.files++;
+    deps.counters.packMembers++;
+    deps.counters.bytes += j.size;
     deps.onCommitted(j);
     j.done();
   } catch (err) {
     await w?.abort().catch(() => undefined);
     j.done(err instanceof GearError ? err : unavailable(`${what}: ${describeError(err)}`, err));
   }
+}
+
+/**
+ * Runs one batch of the fetcher's queued jobs (takePackBatch chose them) as
+ * one fetchPackRange; `end` settles each job (err undefined: in the pool;
+ * `rejected`: its bytes did not match).
+ */
+export async function runPackBatch<J extends { req: { digest: string; size: number; location: BlobLocation; member?: MemberRef | undefined }; controller: AbortController }>(
+  deps: PackFetchDeps,
+  batch: readonly J[],
+  end: (job: J, err?: unknown, rejected?: boolean) => void,
+): Promise<void> {
+  const jobs = batch.map((job) => ({
+    digest: job.req.digest,
+    size: job.req.size,
+    member: job.req.member!,
+    signal: job.controller.signal,
+    done: (err?: unknown, rejected?: boolean) => end(job, err, rejected),
+  }));
+  await fetchPackRange(deps, batch[0]!.req.location, jobs).catch((err: unknown) => {
+    for (const j of batch) end(j, err);
+  });
 }
 
 /** The pack a request's member lives in, with its location: members of one key may share a request. */
