@@ -199,4 +199,34 @@ describe('format v3 index layers, lazily through FUSE', () => {
     expect(without).toBe(120);
     expect(withRa).toBeLessThanOrEqual(3);
   });
+
+  it('a restarted store registers the pack and chunk locations again from its layer record', async () => {
+    const lazy = { fetchTimeoutMs: 10_000, cacheSize: '256MiB' };
+    const first = await openLayerStore({ root, lazy });
+    try {
+      await first.create('idx3', '', 'ro');
+      await first.applyDiff('idx3', '', Readable.from([v3Tar]));
+    } finally {
+      await first.close?.();
+    }
+    const rec = JSON.parse(await fs.readFile(path.join(root, 'layers/idx3/layer.json'), 'utf8')) as { gear: { packs: unknown[]; blobs: unknown[][] } };
+    expect(rec.gear.packs.length).toBeGreaterThanOrEqual(1);
+    expect(rec.gear.blobs.some((b) => typeof b[2] === 'object' && b[2] !== null && 'cs' in b[2])).toBe(true);
+    expect(rec.gear.blobs.some((b) => typeof b[2] === 'object' && b[2] !== null && 'p' in b[2])).toBe(true);
+    const second = await openLayerStore({ root, lazy });
+    try {
+      await second.create('ctr', 'idx3', 'rw');
+      const merged = await second.get('ctr');
+      try {
+        const before = blobGets();
+        expect((await fs.readFile(path.join(merged, 'etc/random'))).equals(files['etc/random']!)).toBe(true);
+        expect((await fs.readFile(path.join(merged, 'bin/big'))).equals(files['bin/big']!)).toBe(true);
+        expect(blobGets() - before).toBeGreaterThanOrEqual(2);
+      } finally {
+        await second.put('ctr');
+      }
+    } finally {
+      await second.close?.();
+    }
+  });
 });
