@@ -11,6 +11,7 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Fetcher, type FetchRequest } from '../../src/core/fetcher/fetcher.js';
 import { BlobCatalog, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
+import { Prefetcher } from '../../src/core/lazy/prefetch.js';
 import { openPool, type Pool } from '../../src/core/pool/pool.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { buildPacks, layoutOf, sha256, type PackedFile } from '../helpers/pack-writer.js';
@@ -123,6 +124,24 @@ describe('format v3 fetch', () => {
     for (const r of along) expect(pool.has(r.digest)).toBe(true);
     expect(pool.has(good.files[10 + along.length + 1]!.digest)).toBe(false);
     expect(pool.has(good.files[9]!.digest)).toBe(false);
+  });
+
+  it('a prefetch list of a v3 index is fetched with coalesced requests, not one per file', async () => {
+    const cat = new BlobCatalog();
+    const tuples: GearBlobTuple[] = good.files
+      .filter((f) => f.member)
+      .map((f) => [f.digest, f.size, f.member!.encoding === 'raw' ? { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, e: 'raw' as const } : { p: f.member!.pack, o: f.member!.offset, l: f.member!.length }]);
+    cat.add('layer1', loc(), tuples, good.packRefs);
+    const pre = new Prefetcher({ pool, fetcher, catalog: cat });
+    // Every other file, in reverse order: the fetcher still merges them by pack (20 files; one request per file without fetchMany).
+    const list = smalls.map((c, k) => ({ digest: sha256(c), size: c.length, k })).filter((f) => f.k % 2 === 0).reverse();
+    const before = packGets();
+    await pre.start('layer1', list);
+    expect(pre.layerProgress('layer1')).toMatchObject({ fetched: list.length, failed: 0 });
+    for (const f of list) expect(pool.has(f.digest)).toBe(true);
+    expect(pool.has(sha256(smalls[1]!))).toBe(false);
+    expect(packGets() - before).toBeLessThanOrEqual(2);
+    await pre.close();
   });
 
   it('a corrupt member is rejected alone: EIO-class error, nothing in the pool; the other members of the response land', async () => {
