@@ -35,12 +35,18 @@ import { coldDeploySection } from './lib/cold-deploy.js';
 import { lifecycleSection } from './lib/lifecycle.js';
 import { formatProfile, gearLogSize, gearRequestProfile } from './lib/profile.js';
 import { readSection } from './lib/read.js';
+import { rereadSection } from './lib/reread.js';
+import { seriesSection } from './lib/series.js';
 import { Report } from './lib/report.js';
+import { writeDeployPlot } from './lib/plot.js';
+import { issue15Targets, targetsTable } from './lib/targets.js';
 
 const SECTIONS: Record<string, (ctx: SectionContext) => Promise<void>> = {
   lifecycle: lifecycleSection,
   read: readSection,
   'cold-deploy': coldDeploySection,
+  reread: rereadSection,
+  series: seriesSection,
 };
 
 const started: Dockerd[] = [];
@@ -88,10 +94,22 @@ it('benchmark: overlay2 vs gear', async () => {
   } catch {
     /* informational */
   }
+  // Issue 15's targets from this run's samples (PASS/FAIL, or "not measured"), kept in the JSON too.
+  const targets = issue15Targets(report.extra);
+  report.extra.targets = targets;
   const file = report.write(REPO_ROOT);
+  let plot: string | undefined;
+  try {
+    const cold = report.extra['cold-deploy'] as { systemSamples?: Parameters<typeof writeDeployPlot>[1] } | undefined;
+    plot = await writeDeployPlot(file, cold?.systemSamples, `make bench: cold deploy per image and system (${file.split('/').pop()!.replace(/\.json$/, '')})`);
+  } catch (e) {
+    report.note(`deploy plot not written: ${e instanceof Error ? e.message : String(e)}`);
+  }
   process.stdout.write(`\n${report.table()}\n\n`);
   for (const t of report.tables) process.stdout.write(`${t.title}\n\n${t.text}\n\n`);
   for (const n of report.notes) process.stdout.write(`note: ${n}\n`);
+  process.stdout.write(`issue 15 targets (this run)\n\n${targetsTable(targets)}\n\n`);
   process.stdout.write(`results: ${file}\n`);
+  if (plot) process.stdout.write(`plot: ${plot}\n`);
   if (failure) throw failure;
 });
