@@ -13,23 +13,26 @@
  *   again    GEAR_BENCH_REREAD_REPS (5) reads of the same files in the same container
  *   new ctr  the same reads in a second container of the image (a new overlay mount)
  * of the big file (cat) and of the small files (find | xargs cat). The ratio
- * of the target is gear's median "again" throughput over overlay2's.
+ * of the target is gear's median "again" throughput over overlay2's. All
+ * nodes run at once and the samples alternate between the systems (order
+ * rotating per repetition), so that the machine's load hits them alike.
  *
  * Systems (GEAR_BENCH_REREAD_SYSTEMS, default overlay2,gear,gear-nopt):
  * overlay2, gear (FUSE passthrough on: the default), gear-nopt (the gear
  * daemon with --no-fuse-passthrough: every read of a file opened through the
  * miss filesystem goes through the daemon), gear-ctr (containerd 1.6 + gear
  * snapshotter, ctr run + ctr task exec).
- * The daemon's miss-filesystem counters (opens, passthrough opens, reads) are
- * kept per phase, from `gear stats --json`, to show which path the reads took.
+ * The daemon's miss-filesystem counters (gear_fuse_* of its --metrics-address:
+ * requests by opcode, passthrough opens, READ bytes) are kept for the "again"
+ * phase, to show which path the re-reads took.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { GEAR_CLI, startDockerd, type Dockerd } from '../../test/helpers/dockerd.js';
 import { startGearContainerd, type GearContainerd } from '../../test/helpers/containerd.js';
 import { buildImage, importMinbase, MINBASE_TAG } from '../../test/helpers/images.js';
-import { run, runOk } from '../../test/helpers/proc.js';
-import { startRegistry, type TestRegistry } from '../../test/helpers/registry.js';
+import { runOk } from '../../test/helpers/proc.js';
+import { freePort, startRegistry, type TestRegistry } from '../../test/helpers/registry.js';
 import { log, nowS, type SectionContext } from './common.js';
 import { median } from './stats.js';
 
@@ -71,7 +74,8 @@ interface Box {
 interface RereadNode {
   pull(ref: string): Promise<void>;
   start(ref: string): Promise<Box>;
-  gearRoot?: string;
+  /** The gear daemon's /metrics (gear systems). */
+  metricsUrl?: string;
   stop(): Promise<void>;
 }
 
@@ -82,9 +86,9 @@ function parseTimed(stdout: string, stderr: string): number {
   return ns! / 1e9;
 }
 
-async function dockerNode(d: Dockerd): Promise<RereadNode> {
+async function dockerNode(d: Dockerd, metricsUrl?: string): Promise<RereadNode> {
   return {
-    gearRoot: d.gearRoot,
+    ...(metricsUrl ? { metricsUrl } : {}),
     pull: async (ref) => void (await d.dockerOk(['pull', '-q', ref], { timeoutMs: 900_000 })),
     start: async (ref) => {
       const id = (await d.dockerOk(['run', '-d', '--network', 'none', ref, 'sleep', 'infinity'])).stdout.trim();
@@ -101,9 +105,9 @@ async function dockerNode(d: Dockerd): Promise<RereadNode> {
 }
 
 let seq = 0;
-async function ctrNode(c: GearContainerd): Promise<RereadNode> {
+async function ctrNode(c: GearContainerd, metricsUrl: string): Promise<RereadNode> {
   return {
-    gearRoot: c.gearRoot,
+    metricsUrl,
     pull: async (ref) => void (await c.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 900_000)),
     start: async (ref) => {
       const id = `reread${process.pid}-${++seq}`;
@@ -129,20 +133,17 @@ async function ctrNode(c: GearContainerd): Promise<RereadNode> {
   };
 }
 
-/** The daemon's miss-filesystem counters (gear stats --json → .miss), flattened to numbers. */
-async function missCounters(gearRoot: string | undefined): Promise<Record<string, number>> {
-  if (!gearRoot) return {};
-  const r = await run(process.execPath, [GEAR_CLI, 'stats', '--json', '--root', gearRoot], { timeoutMs: 30_000 });
-  if (r.code !== 0) return {};
+/** The daemon's miss-filesystem counters (its Prometheus endpoint, gear_fuse_* series), by series name and labels. */
+async function missCounters(metricsUrl: string | undefined): Promise<Record<string, number>> {
+  if (!metricsUrl) return {};
   try {
-    const doc = JSON.parse(r.stdout) as Record<string, unknown>;
-    const miss = (doc.miss ?? (doc.daemon as Record<string, unknown> | undefined)?.miss ?? {}) as Record<string, unknown>;
+    const r = await fetch(metricsUrl, { signal: AbortSignal.timeout(10_000) });
+    const text = await r.text();
     const out: Record<string, number> = {};
-    const walk = (o: unknown, prefix: string) => {
-      if (typeof o === 'number') out[prefix] = o;
-      else if (o && typeof o === 'object') for (const [k, v] of Object.entries(o)) walk(v, prefix ? `${prefix}.${k}` : k);
-    };
-    walk(miss, '');
+    for (const line of text.split('\n')) {
+      const m = /^(gear_fuse_\S+)\s+([0-9.e+-]+)$/.exec(line);
+      if (m) out[m[1]!] = Number(m[2]);
+    }
     return out;
   } catch {
     return {};
@@ -198,54 +199,65 @@ export async function rereadSection(ctx: SectionContext): Promise<void> {
     log(`reread: published ${tag} (gear convert ${(nowS() - t0).toFixed(1)} s)`);
     rmSync(archive, { force: true });
 
-    for (const s of systems) {
-      let n: RereadNode;
-      if (s === 'gear-ctr') {
-        n = await ctrNode(await startGearContainerd({ namespace: 'bench', gearLogLevel: 'info', gearArgs: ['--insecure-registry', reg] }));
-      } else {
-        const d = await startDockerd({
-          driver: s === 'overlay2' ? 'overlay2' : 'gear',
-          dockerdArgs: ['--insecure-registry', reg],
-          ...(s === 'overlay2' ? {} : { gearArgs: ['--insecure-registry', reg, ...(s === 'gear-nopt' ? ['--no-fuse-passthrough'] : [])] }),
-        });
-        n = await dockerNode(d);
-      }
-      try {
+    // Every node up at once, so that the samples of the systems alternate (the order rotating per
+    // repetition, as the other sections do): a busy moment of the machine hits them all alike.
+    const nodes = new Map<RereadSystem, RereadNode>();
+    const boxes = new Map<RereadSystem, Box>();
+    try {
+      for (const s of systems) {
+        const port = await freePort();
+        const metrics = ['--metrics-address', `127.0.0.1:${port}`];
+        const metricsUrl = `http://127.0.0.1:${port}/metrics`;
+        if (s === 'gear-ctr') {
+          nodes.set(s, await ctrNode(await startGearContainerd({ namespace: 'bench', gearLogLevel: 'info', gearArgs: ['--insecure-registry', reg, ...metrics] }), metricsUrl));
+        } else {
+          const d = await startDockerd({
+            driver: s === 'overlay2' ? 'overlay2' : 'gear',
+            dockerdArgs: ['--insecure-registry', reg],
+            ...(s === 'overlay2' ? {} : { gearArgs: ['--insecure-registry', reg, ...metrics, ...(s === 'gear-nopt' ? ['--no-fuse-passthrough'] : [])] }),
+          });
+          nodes.set(s, await dockerNode(d, s === 'overlay2' ? undefined : metricsUrl));
+        }
+        const n = nodes.get(s)!;
         const ref = s === 'overlay2' ? refs.docker : refs.gear;
         await n.pull(ref);
-        const per = {} as Record<RereadTask, { first: number; again: number[]; newCtr: number[] }>;
-        const counters: Partial<Record<RereadTask, Record<string, number>>> = {};
-        const box = await n.start(ref);
-        try {
-          for (const t of REREAD_TASKS) {
-            const first = await box.exec(t.script);
-            const c0 = await missCounters(n.gearRoot);
-            const again: number[] = [];
-            for (let i = 0; i < reps; i++) again.push(await box.exec(t.script));
-            if (n.gearRoot) counters[t.key] = diff(c0, await missCounters(n.gearRoot));
-            per[t.key] = { first, again, newCtr: [] };
-          }
-        } finally {
-          await box.remove();
-        }
-        const box2 = await n.start(ref);
-        try {
-          for (const t of REREAD_TASKS) for (let i = 0; i < Math.min(reps, 3); i++) per[t.key].newCtr.push(await box2.exec(t.script));
-        } finally {
-          await box2.remove();
-        }
-        result.seconds[s] = per;
-        if (n.gearRoot) result.missCounters[s] = counters;
-        const mbps = (t: RereadTask, secs: number) => (result.bytes[t] / secs / 1e6).toFixed(0);
-        log(
-          `reread ${s}: ` +
-            REREAD_TASKS.map(
-              (t) => `${t.key} first ${mbps(t.key, per[t.key].first)} MB/s, again ${mbps(t.key, median(per[t.key].again))} MB/s, new ctr ${mbps(t.key, median(per[t.key].newCtr))} MB/s`,
-            ).join('; '),
-        );
-      } finally {
-        await n.stop();
+        boxes.set(s, await n.start(ref));
+        result.seconds[s] = Object.fromEntries(REREAD_TASKS.map((t) => [t.key, { first: NaN, again: [], newCtr: [] }])) as unknown as Record<
+          RereadTask,
+          { first: number; again: number[]; newCtr: number[] }
+        >;
+        if (n.metricsUrl) result.missCounters[s] = {};
       }
+      const order = (rep: number) => systems.map((_, i) => systems[(i + rep) % systems.length]!);
+      for (const t of REREAD_TASKS) {
+        for (const s of systems) result.seconds[s]![t.key].first = await boxes.get(s)!.exec(t.script);
+        const c0 = new Map<RereadSystem, Record<string, number>>();
+        for (const s of systems) c0.set(s, await missCounters(nodes.get(s)!.metricsUrl));
+        for (let rep = 0; rep < reps; rep++) for (const s of order(rep)) result.seconds[s]![t.key].again.push(await boxes.get(s)!.exec(t.script));
+        for (const s of systems) if (nodes.get(s)!.metricsUrl) result.missCounters[s]![t.key] = diff(c0.get(s)!, await missCounters(nodes.get(s)!.metricsUrl));
+      }
+      // A new container of the image (a new overlay mount): gear's files are found in the pool.
+      for (const s of systems) {
+        await boxes.get(s)!.remove();
+        boxes.delete(s);
+        boxes.set(s, await nodes.get(s)!.start(s === 'overlay2' ? refs.docker : refs.gear));
+      }
+      for (const t of REREAD_TASKS) {
+        for (const s of systems) await boxes.get(s)!.exec(t.script); // its first read (page cache, pool lookups)
+        for (let rep = 0; rep < Math.min(reps, 3); rep++) for (const s of order(rep)) result.seconds[s]![t.key].newCtr.push(await boxes.get(s)!.exec(t.script));
+      }
+    } finally {
+      for (const b of boxes.values()) await b.remove().catch(() => {});
+      for (const n of nodes.values()) await n.stop().catch(() => {});
+    }
+    const mbps = (t: RereadTask, secs: number) => (result.bytes[t] / secs / 1e6).toFixed(0);
+    for (const s of systems) {
+      const per = result.seconds[s]!;
+      log(
+        `reread ${s}: ` +
+          REREAD_TASKS.map((t) => `${t.key} first ${mbps(t.key, per[t.key].first)} MB/s, again ${mbps(t.key, median(per[t.key].again))} MB/s, new ctr ${mbps(t.key, median(per[t.key].newCtr))} MB/s`).join('; ') +
+          (result.missCounters[s] ? ` | miss fs during the re-reads: ${JSON.stringify(result.missCounters[s])}` : ''),
+      );
     }
     const o2 = result.seconds.overlay2!;
     for (const s of systems) {
