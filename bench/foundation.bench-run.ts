@@ -9,6 +9,14 @@
  *                (registry in a network namespace, veth, tc tbf; a delay
  *                proxy for added RTT); geomean at 100 Mbit/s         target >= 6x, bytes <= 20%
  *                second app version on a warm gear node              bytes <= 5%
+ *   reread       a file read again in the same container after its lazy fetch
+ *                (lib/reread.ts: a big file, 2,048 small ones)  issue 15 >= 0.95x
+ *   series       five versions of one app: registry storage after each version per
+ *                system, warm v2 bytes (lib/series.ts)           issue 15 <= 50%, <= 2%
+ *
+ * At the end: issue 15's targets (lib/targets.ts) from the samples of the run,
+ * PASS/FAIL or "not measured", printed and kept in the JSON (extra.targets), and
+ * a PNG of the cold deploys per image and system next to the JSON (lib/plot.ts).
  *
  * Both dockerds (overlay2 and gear, test/helpers/dockerd.ts) run for the
  * whole run; repetitions alternate the drivers (A/B, B/A, …). The table is
@@ -24,7 +32,9 @@
  * GEAR_BENCH_COLD_SLOW_REPS (1: 20mbit, rtt20ms), GEAR_BENCH_COLD_LINKS,
  * GEAR_BENCH_COLD_IMAGES and GEAR_BENCH_COLD_SYSTEMS (comma lists, default all;
  * see lib/cold-deploy.ts and bench/README.md),
- * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy), GEAR_BENCH_PROFILE=1 (gear
+ * GEAR_BENCH_REREAD_SYSTEMS / _REPS / _BIG_MIB (lib/reread.ts), GEAR_BENCH_SERIES_SYSTEMS /
+ * _VERSIONS (lib/series.ts),
+ * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy,reread,series), GEAR_BENCH_PROFILE=1 (gear
  * daemon at debug level; per plugin method latency of each section in extra;
  * the debug logging costs a little, so profile runs are not the reported ones).
  */
