@@ -67,7 +67,7 @@ export function deploySvg(samples: Samples, title: string): string | undefined {
     for (let t = 0; t <= 4; t++) {
       const y = y0 + chartH - (chartH * t) / 4;
       o.push(`<line x1="${left}" y1="${y}" x2="${width - 20}" y2="${y}" stroke="#e0e0e0"/>`);
-      o.push(`<text x="${left - 6}" y="${y + 4}" text-anchor="end" font-size="11" fill="#555">${((max * t) / 4).toFixed(max >= 10 ? 0 : 1)} s</text>`);
+      o.push(`<text x="${left - 6}" y="${y + 4}" text-anchor="end" font-size="11" fill="#555">${Number(((max * t) / 4).toFixed(2))} s</text>`);
     }
     c.images.forEach((image, gi) => {
       const gx = left + 10 + gi * groupW(c.systems.length);
