@@ -1,10 +1,13 @@
 /**
  * Section "series" (issue 11 item 5, issue 15's series targets): five
  * successive versions of one app, each built as a normal Docker image is
- * (docker build: the python3 base, then one "pip install -r requirements"
- * layer holding every package of that version, rebuilt whenever a
- * requirement changes, then the app), published three ways into one
- * repository per system, version after version:
+ * (docker build, GEAR_BENCH_SERIES_MODE): `stack` (default) builds each
+ * version FROM the previous one plus one new layer holding what changed (the
+ * whole dir of each added or upgraded package, as pip rewrites it, and the
+ * app); `rebuild` builds each on the python3 base with one "pip install -r
+ * requirements" layer holding every package of the version (Docker's cache
+ * rebuilds it whenever a requirement changes), then the app. Published three
+ * ways into one repository per system, version after version:
  *
  *   overlay2  the Docker images (skopeo, gzip layers): the base layer is shared
  *   gear      gear convert of each version in turn into the same repository
@@ -28,7 +31,10 @@
  * empty node (issue 15: gear <= 2% of it).
  *
  * Environment: GEAR_BENCH_SERIES_SYSTEMS (overlay2,gear,estargz),
- * GEAR_BENCH_SERIES_VERSIONS (5; fewer for a smoke run).
+ * GEAR_BENCH_SERIES_VERSIONS (5; fewer for a smoke run), GEAR_BENCH_SERIES_MODE
+ * (stack: each version FROM the previous one plus a layer of what changed, the
+ * default; rebuild: each version rebuilds its pip layer on the base, see
+ * writeVersionContext).
  */
 import { execFileSync } from 'node:child_process';
 import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -132,14 +138,28 @@ const VERSIONS: VersionSpec[] = [
   { mylib: ['1.1', 500_000], newlib: ['0.2', 700_000], numpyPatched: true, app: 3 },
 ];
 
-/** The build context of version v (1-based) under dir: site/ (the pip layer) and app/. */
-async function writeVersionContext(dir: string, v: number, numpySrc: string): Promise<void> {
+export type SeriesMode = 'stack' | 'rebuild';
+
+/**
+ * The build context of version v (1-based) under dir: site/ (the packages this version's pip layer
+ * writes) and app/.
+ *   stack    v1 = base + pip layer (numpy, mylib 1.0) + app; vk = FROM v(k-1) + one layer with what
+ *            changed (the whole dir of each added or upgraded package, as pip install --upgrade
+ *            rewrites it) + the app when it changed: "a new layer on top of the previous version"
+ *   rebuild  vk = base + one pip layer with every package of vk + app (requirements.txt changed, so
+ *            Docker's cache rebuilds that layer from scratch)
+ */
+async function writeVersionContext(dir: string, v: number, numpySrc: string, mode: SeriesMode): Promise<void> {
   const spec = VERSIONS[v - 1]!;
+  const prev = v > 1 ? VERSIONS[v - 2] : undefined;
+  const whole = mode === 'rebuild' || !prev;
   const site = join(dir, 'site');
   mkdirSync(site, { recursive: true });
-  cpSync(join(numpySrc, 'numpy'), join(site, 'numpy'), { recursive: true });
-  cpSync(join(numpySrc, 'numpy-1.24.2.egg-info'), join(site, 'numpy-1.24.2.egg-info'), { recursive: true });
-  if (spec.numpyPatched) {
+  if (whole || spec.numpyPatched !== prev!.numpyPatched) {
+    cpSync(join(numpySrc, 'numpy'), join(site, 'numpy'), { recursive: true });
+    cpSync(join(numpySrc, 'numpy-1.24.2.egg-info'), join(site, 'numpy-1.24.2.egg-info'), { recursive: true });
+  }
+  if (spec.numpyPatched && (whole || !prev!.numpyPatched)) {
     // An upgrade that changes a tenth of the Python files (sorted order, every tenth), the binaries kept.
     const files = execFileSync('find', [join(site, 'numpy'), '-name', '*.py', '-type', 'f'], { encoding: 'utf8' }).split('\n').filter(Boolean).sort();
     files.forEach((f, i) => {
@@ -147,17 +167,23 @@ async function writeVersionContext(dir: string, v: number, numpySrc: string): Pr
     });
   }
   const [mv, mseed] = spec.mylib;
-  writePackage(site, 'mylib', mv, 120, 1000, (i) => mseed !== 0 && i % 5 === 0, mseed);
-  if (spec.newlib) {
+  if (whole || mv !== prev!.mylib[0]) writePackage(site, 'mylib', mv, 120, 1000, (i) => mseed !== 0 && i % 5 === 0, mseed);
+  if (spec.newlib && (whole || spec.newlib[0] !== prev!.newlib?.[0])) {
     const [nv, nseed] = spec.newlib;
     writePackage(site, 'newlib', nv, 60, 200_000, (i) => nseed !== 0 && i % 2 === 0, nseed);
   }
+  const appChanged = whole || spec.app !== prev!.app || !!spec.newlib !== !!prev!.newlib;
   mkdirSync(join(dir, 'app'), { recursive: true });
-  writeFileSync(join(dir, 'app', 'app.py'), appScript(spec.app, spec.newlib ? ['newlib'] : []));
-  writeFileSync(join(dir, 'Dockerfile'), `FROM ${PY_BASE}\nCOPY site/ ${SITE}/\nCOPY app/ /app/\nCMD ["python3", "/app/app.py"]\n`);
+  if (appChanged) writeFileSync(join(dir, 'app', 'app.py'), appScript(spec.app, spec.newlib ? ['newlib'] : []));
+  const from = whole ? PY_BASE : `gear-bench/series-${mode}:v${v - 1}`;
+  writeFileSync(
+    join(dir, 'Dockerfile'),
+    `FROM ${from}\nCOPY site/ ${SITE}/\n${appChanged ? 'COPY app/ /app/\n' : ''}CMD ["python3", "/app/app.py"]\n`,
+  );
 }
 
 export interface SeriesResult {
+  mode: SeriesMode;
   versions: number;
   systems: SeriesSystem[];
   /** system → storage after 1..k versions. */
@@ -188,11 +214,13 @@ export async function seriesSection(ctx: SectionContext): Promise<void> {
     systems = systems.filter((s) => s !== 'estargz');
   }
   const n = Number(process.env.GEAR_BENCH_SERIES_VERSIONS ?? '5');
+  const mode = (process.env.GEAR_BENCH_SERIES_MODE ?? 'stack') as SeriesMode;
+  if (mode !== 'stack' && mode !== 'rebuild') throw new Error(`GEAR_BENCH_SERIES_MODE=${mode}: want stack or rebuild`);
   if (!Number.isInteger(n) || n < 2 || n > VERSIONS.length) throw new Error(`GEAR_BENCH_SERIES_VERSIONS=${n}: want 2..${VERSIONS.length}`);
   const work = mkdtempSync('/tmp/gear-bench-series-');
   const link = new ShapedLink();
   const registry = new NsRegistry(link, join(work, 'registry'));
-  const result: SeriesResult = { versions: n, systems: [...systems], storage: {}, convert: [], estargzConvert: [], deploys: {} };
+  const result: SeriesResult = { mode, versions: n, systems: [...systems], storage: {}, convert: [], estargzConvert: [], deploys: {} };
   const stops: (() => Promise<void>)[] = [];
   try {
     await link.create();
@@ -213,8 +241,8 @@ export async function seriesSection(ctx: SectionContext): Promise<void> {
     if (!dedupWith) report.note('series: gear convert has no --dedup-with: each version converted on its own into the same repository');
     for (let v = 1; v <= n; v++) {
       const ctxDir = join(work, `v${v}`);
-      await writeVersionContext(ctxDir, v, numpySrc);
-      const tag = `gear-bench/series:v${v}`;
+      await writeVersionContext(ctxDir, v, numpySrc, mode);
+      const tag = `gear-bench/series-${mode}:v${v}`;
       await pair.overlay2.dockerOk(['build', '--network=none', '-q', '-t', tag, ctxDir], { timeoutMs: 900_000 });
       rmSync(ctxDir, { recursive: true, force: true });
       const archive = join(work, `v${v}.tar`);
@@ -326,7 +354,7 @@ export async function seriesSection(ctx: SectionContext): Promise<void> {
       }
     }
     report.extra.series = result;
-    report.tables.push({ title: `version series (${n} versions of one app, issue 11 item 5)`, text: seriesTable(result) });
+    report.tables.push({ title: `version series (${n} versions of one app, ${mode === 'stack' ? 'each a new layer on the previous version' : 'the pip layer rebuilt per version'}; issue 11 item 5)`, text: seriesTable(result) });
   } finally {
     for (const stop of stops) await stop().catch(() => {});
     await registry.stop();
@@ -348,7 +376,14 @@ export function seriesTable(r: SeriesResult): string {
   }
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((x) => (x[c] ?? '').length)));
   const out = rows.map((x) => x.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!))).join('  '));
-  for (const c of r.convert) out.push(`gear convert v${c.version}: ${c.seconds.toFixed(1)} s for ${mb(c.inputBytes)} of layers (${(c.inputBytes / c.seconds / 1e6).toFixed(1)} MB/s)`);
+  for (const c of r.convert) {
+    // What the converter says it uploaded and reused (its --json summary; the keys differ between format versions).
+    const sum = c.summary && typeof c.summary === 'object' ? (c.summary as Record<string, unknown>) : {};
+    const extra = ['bytesUploaded', 'bytesSkipped', 'reusedFiles', 'reusedBytes']
+      .filter((k) => typeof sum[k] === 'number')
+      .map((k) => `${k} ${k.toLowerCase().includes('bytes') ? mb(sum[k] as number) : String(sum[k])}`);
+    out.push(`gear convert v${c.version}: ${c.seconds.toFixed(1)} s for ${mb(c.inputBytes)} of layers (${(c.inputBytes / c.seconds / 1e6).toFixed(1)} MB/s)${extra.length ? `; ${extra.join(', ')}` : ''}`);
+  }
   for (const c of r.estargzConvert) out.push(`estargz convert v${c.version}: ${c.seconds.toFixed(1)} s`);
   for (const [s, d] of Object.entries(r.deploys)) out.push(`deploy ${s}: v1 cold ${mb(d.v1Rx)} in ${d.v1S.toFixed(1)} s, then v2 on the same node ${mb(d.v2WarmRx)} in ${d.v2WarmS.toFixed(1)} s`);
   if (r.warm?.overlay2ColdV2Rx) {
