@@ -1,0 +1,65 @@
+/** The catalog's v3 locations (src/core/lazy/catalog.ts): records of every age, mixed v2/v3 owners, read-ahead neighbours. */
+import { describe, expect, it } from 'vitest';
+import { BlobCatalog, layoutOf, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
+
+const d = (n: number) => `sha256:${n.toString(16).padStart(64, '0')}`;
+const loc = { registry: 'r:5000', repository: 'app' };
+const packs = [
+  { digest: d(900), size: 10_000 },
+  { digest: d(901), size: 5_000_000 },
+];
+
+describe('BlobCatalog with format v3 records', () => {
+  it('reads old tuples (raw, gzip) and v3 tuples (member, chunks) side by side', () => {
+    const c = new BlobCatalog();
+    const tuples: GearBlobTuple[] = [
+      [d(1), 10],
+      [d(2), 20, d(202), 15],
+      [d(3), 30, { p: 0, o: 100, l: 25 }],
+      [d(4), 3_000_000, { cs: 1_048_576, c: [[1, 0, 500, d(41)], [1, 500, 600, d(42), 1], [1, 1100, 700, d(43)]] }],
+    ];
+    c.add('L', loc, tuples, packs);
+    expect(c.requests(d(1))[0]).toMatchObject({ digest: d(1), size: 10, blob: undefined });
+    expect(c.requests(d(1))[0]!.member).toBeUndefined();
+    expect(c.requests(d(2))[0]!.blob).toMatchObject({ digest: d(202), size: 15 });
+    expect(c.requests(d(3))[0]!.member).toEqual({ pack: packs[0], offset: 100, length: 25, encoding: 'zstd' });
+    const ch = c.requests(d(4))[0]!.chunks!;
+    expect(ch.chunkSize).toBe(1_048_576);
+    expect(ch.chunks.map((x) => [x.offset, x.length, x.encoding, x.bytes])).toEqual([
+      [0, 500, 'zstd', 1_048_576],
+      [500, 600, 'raw', 1_048_576],
+      [1100, 700, 'zstd', 3_000_000 - 2 * 1_048_576],
+    ]);
+    expect(c.isChunked(d(4))).toBe(true);
+    expect(c.isChunked(d(3))).toBe(false);
+  });
+
+  it('a content in a v2 and a v3 index: one entry, both ways to fetch it, the pack first; removing one owner keeps the other', () => {
+    const c = new BlobCatalog();
+    c.add('v2', { registry: 'r:5000', repository: 'old' }, [[d(7), 70, d(707), 50]]);
+    c.add('v3', loc, [[d(7), 70, { p: 0, o: 0, l: 60 }]], packs);
+    expect(c.files).toBe(1);
+    const reqs = c.requests(d(7));
+    expect(reqs.map((r) => (r.member ? 'pack' : 'blob'))).toEqual(['pack', 'blob']);
+    c.remove('v3');
+    expect(c.requests(d(7)).map((r) => (r.member ? 'pack' : 'blob'))).toEqual(['blob']);
+  });
+
+  it('a tuple naming a pack the record does not have is not taken as a member', () => {
+    expect(layoutOf([d(1), 10, { p: 5, o: 0, l: 10 }], packs)).toBeUndefined();
+    expect(layoutOf([d(1), 10, { p: 0, o: 0, l: 10 }], undefined)).toBeUndefined();
+  });
+
+  it('neighbours: the following one-member files of the same pack, in offset order, within the byte budget and the filter', () => {
+    const c = new BlobCatalog();
+    const tuples: GearBlobTuple[] = [];
+    for (let i = 0; i < 10; i++) tuples.push([d(100 + i), 1000 + i, { p: 0, o: i * 500, l: 500 }]);
+    c.add('L', loc, tuples, packs);
+    const seed = c.requests(d(103))[0]!;
+    const n = c.neighbours(seed, 1500, (x) => x !== d(105));
+    expect(n.map((r) => r.digest)).toEqual([d(104), d(106)]); // 105 filtered out but counted against the budget
+    expect(n[0]!.member).toEqual({ pack: packs[0], offset: 2000, length: 500, encoding: 'zstd' });
+    expect(c.neighbours(seed, 0, () => true)).toEqual([]);
+    expect(c.neighbours(c.requests(d(109))[0]!, 10_000, () => true)).toEqual([]);
+  });
+});
