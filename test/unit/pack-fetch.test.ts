@@ -12,6 +12,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { Fetcher, type FetchRequest } from '../../src/core/fetcher/fetcher.js';
 import { BlobCatalog, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
 import { Prefetcher } from '../../src/core/lazy/prefetch.js';
+import { ResumeQueue } from '../../src/core/lazy/resume.js';
 import { openPool, type Pool } from '../../src/core/pool/pool.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
 import { buildPacks, layoutOf, sha256, type PackedFile } from '../helpers/pack-writer.js';
@@ -142,6 +143,18 @@ describe('format v3 fetch', () => {
     expect(pool.has(sha256(smalls[1]!))).toBe(false);
     expect(packGets() - before).toBeLessThanOrEqual(2);
     await pre.close();
+  });
+
+  it('the crash resume of v3 files queues them together too (coalesced requests)', async () => {
+    const cat = new BlobCatalog();
+    const tuples: GearBlobTuple[] = good.files.filter((f) => f.member).map((f) => [f.digest, f.size, { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, ...(f.member!.encoding === 'raw' ? { e: 'raw' as const } : {}) }]);
+    cat.add('layer1', loc(), tuples, good.packRefs);
+    const resume = new ResumeQueue({ pool, fetcher, catalog: cat });
+    const before = packGets();
+    await resume.start(smalls.map((c) => ({ digest: sha256(c), size: c.length })), 1);
+    for (const c of smalls) expect(pool.has(sha256(c))).toBe(true);
+    expect(packGets() - before).toBeLessThanOrEqual(2);
+    await resume.close();
   });
 
   it('a corrupt member is rejected alone: EIO-class error, nothing in the pool; the other members of the response land', async () => {

@@ -11,26 +11,17 @@
  * fits under the pool's low watermark is prefetched, never more than the
  * cache could keep. Removing the layer stops its prefetch.
  */
-import type { FetchOptions, FetchRequest } from '../fetcher/fetcher.js';
+import type { FetchRequest } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import { formatSize } from '../pool/size.js';
-import { fetchInBackground } from './background-fetch.js';
+import { fetchInBackground, fetchPacked, type BackgroundFetchDeps } from './background-fetch.js';
 
 export interface PrefetchDeps {
   pool: { has(digest: string): boolean; stat(): { lowWatermarkBytes: number } };
-  fetcher: {
-    readonly maxParallel: number;
-    fetch(req: FetchRequest, opts?: FetchOptions): Promise<void>;
-    inFlight(digest: string): boolean;
-    /** Queues all, then starts: members of one pack coalesce into few Range requests (format v3). */
-    fetchMany?(reqs: readonly FetchRequest[], opts?: FetchOptions): Promise<void>[];
-  };
+  fetcher: BackgroundFetchDeps['fetcher'] & { readonly maxParallel: number };
   catalog: { requests(digest: string): FetchRequest[] };
   logger?: Logger;
 }
-
-/** Files queued at once per round of a v3 prefetch: the fetcher merges those of one pack into Range requests. */
-const PACKED_ROUND = 1024;
 
 interface Run {
   layer: string;
@@ -114,31 +105,14 @@ export class Prefetcher {
     this.log.info({ layer: run.layer, fetched: run.fetched, bytes: run.fetchedBytes, failed: run.failed, ms: run.finished - run.started, stopped: signal.aborted }, 'prefetch: done');
   }
 
-  /**
-   * Format v3: the listed files that are pack members are queued together,
-   * in list order, a round of PACKED_ROUND at a time (background priority;
-   * the fetcher keeps two slots for containers' misses), so that the fetcher
-   * serves each pack's wanted members with few coalesced Range requests. A
-   * file that fails here gets the ordinary per-file path (other locations).
-   */
+  /** Format v3: the listed pack members first, queued together (background-fetch.ts fetchPacked). */
   private async runPacked(run: Run, signal: AbortSignal): Promise<void> {
-    const { fetcher, catalog, pool } = this.deps;
-    if (!fetcher.fetchMany) return;
-    const packed = run.todo.flatMap((f) => {
-      const req = catalog.requests(f.digest)[0];
-      return req?.member ? [{ f, req }] : [];
-    });
-    for (let i = 0; i < packed.length && !signal.aborted; i += PACKED_ROUND) {
-      const round = packed.slice(i, i + PACKED_ROUND).filter((p) => !pool.has(p.f.digest));
-      const results = await Promise.allSettled(fetcher.fetchMany(round.map((p) => p.req), { priority: 'background', signal }));
-      results.forEach((r, k) => {
-        const f = round[k]!.f;
-        if (r.status === 'fulfilled' || pool.has(f.digest)) {
-          f.done = true;
-          run.fetched++;
-          run.fetchedBytes += f.size;
-        }
-      });
+    const done = await fetchPacked(this.deps, run.todo.map((f) => f.digest), signal);
+    for (const f of run.todo) {
+      if (!done.has(f.digest)) continue;
+      f.done = true;
+      run.fetched++;
+      run.fetchedBytes += f.size;
     }
   }
 

@@ -31,11 +31,13 @@
  * the resume. Only as many bytes as fit under the pool's low watermark are
  * fetched (smallest files first: most files working for the space); the rest
  * is reported (log line and status), not fetched only to be evicted again.
+ * Format v3 files (pack members) are queued together first, so the fetcher
+ * serves them with coalesced Range requests (background-fetch.ts fetchPacked).
  */
-import type { FetchOptions, FetchRequest } from '../fetcher/fetcher.js';
+import type { FetchRequest } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
 import { formatSize } from '../pool/size.js';
-import { fetchInBackground } from './background-fetch.js';
+import { fetchInBackground, fetchPacked, type BackgroundFetchDeps } from './background-fetch.js';
 
 /** One Gear file a mounted container may still open. */
 export interface ResumeFile {
@@ -51,7 +53,7 @@ export interface ResumeDeps {
     touch(digest: string): boolean;
     stat(): { lowWatermarkBytes: number };
   };
-  fetcher: { readonly maxParallel: number; fetch(req: FetchRequest, opts?: FetchOptions): Promise<void>; inFlight(digest: string): boolean };
+  fetcher: BackgroundFetchDeps['fetcher'] & { readonly maxParallel: number };
   catalog: { requests(digest: string): FetchRequest[] };
   logger?: Logger;
 }
@@ -164,10 +166,12 @@ export class ResumeQueue {
 
   private async run(todo: ResumeFile[]): Promise<void> {
     let next = 0;
+    // Format v3: pack members first, queued together so that one Range request serves many.
+    const packed = await fetchPacked(this.deps, todo.map((f) => f.digest), this.controller.signal);
     const worker = async () => {
       while (!this.controller.signal.aborted && next < todo.length) {
         const f = todo[next++]!;
-        if (await this.fetchOne(f)) {
+        if (packed.has(f.digest) || (await this.fetchOne(f))) {
           this.fetched++;
           this.fetchedBytes += f.size;
         } else if (!this.controller.signal.aborted) {
