@@ -1,0 +1,112 @@
+/**
+ * The worker threads of a format v3 conversion: each task hashes one member
+ * (a small file, or one chunk of a big file) with sha256 and, unless its
+ * digest is already stored somewhere the conversion can reuse, compresses it
+ * with zstd (level 3) and keeps the frame when it saves at least 10%
+ * (pack-layout.ts memberEncoding). The main thread only parses tar and copies
+ * bodies into task buffers (transferred, not copied, to the worker).
+ *
+ * The pool is piscina (Node 20+). Piscina runs a worker *file*; this repository
+ * runs from TypeScript sources under vitest and from dist/ otherwise, so the
+ * worker is a small self-contained plain-JS module (WORKER_SOURCE) written
+ * into the conversion's private staging directory (mode 0700) and run from
+ * there (the project's other worker, missfs/reader-worker.ts, is an eval'd
+ * string for the same reason; piscina takes no eval source). It loads the
+ * gear native addon by path (as core/sys/native.ts does) and calls its
+ * zstdCompress, the binding src/core/sys/zstd.ts wraps.
+ */
+import { writeFile } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Piscina } from 'piscina';
+import { zstdCompress, ZSTD_DEFAULT_LEVEL } from '../core/sys/zstd.js';
+import { ZSTD_WORTH_IT } from './pack-layout.js';
+
+export interface MemberResult {
+  /** sha256 hex of the member's bytes. */
+  hex: string;
+  /** True when the digest was in the known set: nothing was compressed and no bytes come back. */
+  known: boolean;
+  encoding?: 'zstd' | 'raw';
+  /** The stored bytes (the zstd frame, or the input itself for raw). */
+  bytes?: Uint8Array;
+}
+
+const WORKER_SOURCE = String.raw`
+import { createHash } from 'node:crypto';
+import { createRequire } from 'node:module';
+import { workerData } from 'node:worker_threads';
+import { move } from 'piscina';
+const { addon, known, level, worthIt } = workerData;
+const native = createRequire(addon)(addon);
+const knownSet = new Set(known);
+export default function member(task) {
+  const data = task.data;
+  const hex = createHash('sha256').update(data).digest('hex');
+  if (task.skipKnown && knownSet.has(hex)) return { hex, known: true };
+  const frame = native.zstdCompress(data, level);
+  if (frame.length <= data.length * worthIt) {
+    // A fresh copy we own, so that it moves to the main thread instead of being cloned.
+    const out = new Uint8Array(frame.length);
+    out.set(frame);
+    return { hex, known: false, encoding: 'zstd', bytes: move(out) };
+  }
+  return { hex, known: false, encoding: 'raw', bytes: move(data) };
+}
+`;
+
+/** Path of the gear native addon, found as core/sys/native.ts finds it. */
+function addonPath(): string {
+  if (process.env.GEAR_NATIVE_MODULE) return process.env.GEAR_NATIVE_MODULE;
+  // src/convert or dist/convert → the repository root is two levels up.
+  const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+  return path.join(root, 'build', 'Release', 'gear_native.node');
+}
+
+export interface MemberPoolOptions {
+  /** A private directory the worker module is written into. */
+  dir: string;
+  /** Member digests (hex) the workers do not compress (stored already, reusable). */
+  known: Iterable<string>;
+  /** Worker threads (default: the cores). */
+  threads?: number;
+  level?: number;
+}
+
+export class MemberPool {
+  private constructor(private readonly pool: Piscina) {}
+
+  static async start(opts: MemberPoolOptions): Promise<MemberPool> {
+    const level = opts.level ?? ZSTD_DEFAULT_LEVEL;
+    zstdCompress(new Uint8Array(16), level); // the addon has zstd and the level is valid, before any worker starts
+    const filename = path.join(opts.dir, 'member-worker.mjs');
+    // The worker imports piscina's `move` by bare name: resolve it here, where node_modules is reachable.
+    const piscinaUrl = import.meta.resolve('piscina');
+    await writeFile(filename, WORKER_SOURCE.replace("from 'piscina'", `from ${JSON.stringify(piscinaUrl)}`), { mode: 0o600 });
+    const threads = Math.max(1, opts.threads ?? availableParallelism());
+    const pool = new Piscina({
+      filename,
+      minThreads: threads,
+      maxThreads: threads,
+      // Tasks are queued by the stage's own bound on bytes in flight.
+      maxQueue: 'auto',
+      idleTimeout: 60_000,
+      workerData: { addon: addonPath(), known: [...opts.known], level, worthIt: ZSTD_WORTH_IT },
+    });
+    return new MemberPool(pool);
+  }
+
+  get threads(): number {
+    return this.pool.threads.length || this.pool.options.maxThreads;
+  }
+
+  /** Hashes `data` (its own ArrayBuffer, handed over: do not use it afterwards) and compresses it unless known. */
+  run(data: Uint8Array, skipKnown: boolean): Promise<MemberResult> {
+    return this.pool.run({ data: Piscina.move(data), skipKnown }) as Promise<MemberResult>;
+  }
+
+  async close(): Promise<void> {
+    await this.pool.destroy();
+  }
+}
