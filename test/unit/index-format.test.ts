@@ -323,12 +323,12 @@ describe('index manifest', () => {
   it('rejects a newer format version as FailedPrecondition', () => {
     let err: unknown;
     try {
-      parseIndexManifest(Buffer.from('{"version":3,"files":[]}'));
+      parseIndexManifest(Buffer.from('{"version":4,"files":[]}'));
     } catch (e) {
       err = e;
     }
     expect(isClass(err, 'FailedPrecondition')).toBe(true);
-    expect((err as Error).message).toMatch(/unsupported format version 3 .*upgrade gear/);
+    expect((err as Error).message).toMatch(/unsupported format version 4 .*upgrade gear/);
   });
 
   it('rejects bytes that are not UTF-8 JSON', () => {

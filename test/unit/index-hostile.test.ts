@@ -32,6 +32,8 @@ const manifestEntry = (json: string | Buffer): Buffer => entry(manifestHeader(0)
 const v2 = (doc: unknown): Buffer => Buffer.concat([manifestEntry(typeof doc === 'string' ? doc : JSON.stringify(doc)), tarTrailer()]);
 /** A version 2 document with this tree. */
 const tree = (entries: unknown[], extra: Record<string, unknown> = {}): unknown => ({ version: 2, tree: entries, ...extra });
+/** A version 3 layer: this tree over one pack of 100 bytes. */
+const v3 = (entries: unknown[]): Buffer => v2({ version: 3, packs: [{ digest: D('c'), size: 100 }], tree: entries });
 /** A version 1 layer: manifest `files`, then tar entries. */
 const v1 = (files: unknown[], entries: Buffer[], extra: Record<string, unknown> = {}): Buffer =>
   Buffer.concat([manifestEntry(JSON.stringify({ version: 1, files, ...extra })), ...entries, tarTrailer()]);
@@ -110,7 +112,7 @@ const CASES: Case[] = [
   { name: 'a hard link to a directory', tar: () => v2(tree([dir('d'), { path: 'l', type: 'link', linkname: 'd' }])), refused: /tree\[1\] "l": hard link to "d", which is not an earlier non-directory entry/ },
   { name: 'a hard link to itself', tar: () => v2(tree([{ path: 'l', type: 'link', linkname: 'l' }])), refused: /tree\[0\] "l": hard link to "l", which is not an earlier/ },
   { name: 'a hard link without a target', tar: () => v2(tree([{ path: 'l', type: 'link' }])), refused: /tree\[0\] "l": "linkname" is required for hard links and symlinks, and only for them \(this is a link\)/ },
-  { name: 'a hard link carrying a digest', tar: () => v2(tree([withContent('a'), { path: 'l', type: 'link', linkname: 'a', digest: A, size: 5 }])), refused: /tree\[1\] "l": only a regular file has a "digest", "size" or "blob" \(this is a link\)/ },
+  { name: 'a hard link carrying a digest', tar: () => v2(tree([withContent('a'), { path: 'l', type: 'link', linkname: 'a', digest: A, size: 5 }])), refused: /tree\[1\] "l": only a regular file has a "digest", "size", "blob", "pack" or "chunks" \(this is a link\)/ },
   {
     name: 'a hard link to an earlier file shares its inode and content',
     tar: () => v2(tree([withContent('a', A, 7), { path: 'l', type: 'link', linkname: 'a' }])),
@@ -140,7 +142,7 @@ const CASES: Case[] = [
     accepted: (b) => expect(at(b.root, 'big')!.size).toBe(2 ** 43),
   },
   { name: 'a size beyond what an EROFS index stores (8 TiB)', tar: () => v2(tree([withContent('big', A, 2 ** 43 + 1)])), refused: /entry "big": a file of 8796093022209 bytes is beyond 8796093022208 \(8 TiB\), the largest an EROFS index stores/ },
-  { name: 'a digest on a directory', tar: () => v2(tree([dir('d', { digest: A, size: 1 })])), refused: /tree\[0\] "d": only a regular file has a "digest", "size" or "blob" \(this is a dir\)/ },
+  { name: 'a digest on a directory', tar: () => v2(tree([dir('d', { digest: A, size: 1 })])), refused: /tree\[0\] "d": only a regular file has a "digest", "size", "blob", "pack" or "chunks" \(this is a dir\)/ },
   { name: 'a blob of an unknown media type', tar: () => v2(tree([withContent('a', A, 5, { blob: { mediaType: 'application/x-evil', digest: B, size: 3 } })])), refused: /tree\[0\] "a": blob\.mediaType must be application\/vnd\.gear\.file\.v1\+gzip, not "application\/x-evil"/ },
   { name: 'a blob of size 0', tar: () => v2(tree([withContent('a', A, 5, { blob: { mediaType: 'application/vnd.gear.file.v1+gzip', digest: B, size: 0 } })])), refused: /tree\[0\] "a": blob\.size must be a whole number in 1…2\^53−1, not 0/ },
   { name: 'a blob digest malformed', tar: () => v2(tree([withContent('a', A, 5, { blob: { mediaType: 'application/vnd.gear.file.v1+gzip', digest: 'md5:x', size: 3 } })])), refused: /tree\[0\] "a": blob\.digest must be sha256:<64 lowercase hex>, not "md5:x"/ },
@@ -210,9 +212,9 @@ const CASES: Case[] = [
   { name: 'deeply nested JSON in an entry', tar: () => v2(`{"version":2,"tree":[{"path":"a","type":"file","xattrs":{"user.x":${'['.repeat(100_000)}${']'.repeat(100_000)}}}]}`), refused: /tree\[0\] "a": xattr "user\.x": the value must be canonical base64/ },
 
   // ---- manifest members
-  { name: 'an unknown format version', tar: () => v2({ version: 3, tree: [] }), refused: /unsupported format version 3 \(this gear reads versions 1 and 2; upgrade gear on this node\)/, class: 'FailedPrecondition' },
-  { name: 'a fractional format version', tar: () => v2({ version: 2.5, tree: [] }), refused: /"version" must be the integer 1 or 2, not 2\.5/ },
-  { name: 'a format version as a string', tar: () => v2({ version: '2', tree: [] }), refused: /"version" must be the integer 1 or 2, not "2"/ },
+  { name: 'an unknown format version', tar: () => v2({ version: 4, tree: [] }), refused: /unsupported format version 4 \(this gear reads versions 1, 2 and 3; upgrade gear on this node\)/, class: 'FailedPrecondition' },
+  { name: 'a fractional format version', tar: () => v2({ version: 2.5, tree: [] }), refused: /"version" must be the integer 1, 2 or 3, not 2\.5/ },
+  { name: 'a format version as a string', tar: () => v2({ version: '2', tree: [] }), refused: /"version" must be the integer 1, 2 or 3, not "2"/ },
   { name: 'a manifest that is an array', tar: () => v2('[1,2]'), refused: /the manifest must be a JSON object/ },
   { name: 'a manifest that is not UTF-8', tar: () => Buffer.concat([manifestEntry(Buffer.from([0x7b, 0xff, 0xfe, 0x7d])), tarTrailer()]), refused: /\.gear\/index\.json is not valid UTF-8 JSON/ },
   { name: 'a manifest that is not JSON', tar: () => v2('{"version":2,'), refused: /\.gear\/index\.json is not valid UTF-8 JSON/ },
@@ -225,6 +227,25 @@ const CASES: Case[] = [
     tar: () => v2(tree([withContent('a', A, 5, { chunks: { size: 1 }, hint: true })], { future: { x: 1 } })),
     accepted: (b) => expect(b.files).toBe(1),
   },
+
+  // ---- version 3 pack members (docs/format.md §10)
+  {
+    name: 'v3: a well-formed pack layout is accepted (two paths of one content share one member)',
+    tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 0, length: 5, encoding: 'raw' }), withContent('b', A, 5, { pack: 0, offset: 0, length: 5, encoding: 'raw' }), withContent('c', B, 100, { pack: 0, offset: 5, length: 40 })]),
+    accepted: (b) => expect(at(b.root, 'c')).toMatchObject({ type: 'file', size: 100 }),
+  },
+  { name: 'v3: an offset past the pack', tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 1000, length: 5, encoding: 'raw' })]), refused: /tree\[0\] "a": bytes 1000\+5 run past the end of pack 0/ },
+  { name: 'v3: a length that would overflow past 2^53', tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 2 ** 53 - 1, length: 5, encoding: 'raw' })]), refused: /tree\[0\] "a": bytes 9007199254740991\+5 run past the end of pack 0/ },
+  { name: 'v3: a length that is not a safe integer', tar: () => v3([withContent('a', A, 5, { pack: 0, offset: 0, length: 2 ** 64 })]), refused: /tree\[0\] "a": "length" must be a whole number/ },
+  { name: 'v3: overlapping ranges of two contents', tar: () => v3([withContent('a', A, 50, { pack: 0, offset: 0, length: 30 }), withContent('b', B, 50, { pack: 0, offset: 20, length: 30 })]), refused: /file "b": bytes 20\+30 of pack 0 overlap bytes 0\+30 of gear index: file "a"/ },
+  { name: 'v3: a pack that is not listed', tar: () => v3([withContent('a', A, 5, { pack: 7, offset: 0, length: 5, encoding: 'raw' })]), refused: /tree\[0\] "a": "pack" must be a whole number in 0…0, not 7/ },
+  {
+    name: 'v3: a chunk list that does not add up to the size',
+    tar: () => v3([withContent('a', A, 200_000, { chunkSize: 65536, chunks: [0, 1].map((i) => ({ pack: 0, offset: i * 10, length: 10, digest: B })) })]),
+    refused: /tree\[0\] "a": 2 chunks do not add up to the size: 200000 bytes in chunks of 65536 is 4 chunks/,
+  },
+  { name: 'v3: a file with a v2 blob', tar: () => v3([withContent('a', A, 5, { blob: { mediaType: 'application/vnd.gear.file.v1+gzip', digest: B, size: 3 } })]), refused: /"blob" is a version 1\/2 member/ },
+  { name: 'v3: a pack digest that is a path', tar: () => v2({ version: 3, packs: [{ digest: '../../etc', size: 10 }], tree: [] }), refused: /packs\[0\]: "digest" must be sha256/ },
 
   // ---- prefetch lists
   { name: 'a prefetch list naming a directory', tar: () => v2(tree([dir('d'), withContent('d/a')], { prefetch: ['d'] })), refused: /prefetch\[0\] "d" is a dir; prefetch lists only files with content/ },

@@ -1,6 +1,7 @@
 /**
  * The Gear index manifest (`.gear/index.json`, the first entry of an index
- * layer) and the constants of the Gear image format, versions 1 and 2.
+ * layer) and the constants of the Gear image format, versions 1, 2 and 3
+ * (version 3's pack members: pack-layout.ts).
  * docs/format.md is the specification; this file implements it.
  *
  * A parsed manifest is untrusted input (it arrives in a layer from a
@@ -10,6 +11,9 @@
 import { failedPrecondition, invalidArgument } from '../errors.js';
 import type { TarHeader } from './tar.js';
 import { decodeTreeEntry, encodeTreeEntry, shown } from './tree.js';
+import { checkPackLayout, decodePackedContent, decodePacks, type PackedContent, type PackRef } from './pack-layout.js';
+
+export { chunkBytes, type FileChunk, type MemberEncoding, type PackedContent, type PackMember, type PackRef } from './pack-layout.js';
 
 /**
  * The format version `gear convert` writes. Version 2 carries the tree in the
@@ -17,7 +21,7 @@ import { decodeTreeEntry, encodeTreeEntry, shown } from './tree.js';
  */
 export const GEAR_FORMAT_VERSION = 2;
 /** Every format version this code reads (and writes, on request). */
-export const GEAR_FORMAT_VERSIONS: readonly number[] = [1, 2];
+export const GEAR_FORMAT_VERSIONS: readonly number[] = [1, 2, 3];
 
 /** Reserved path of the index manifest inside the index layer; always the first entry. */
 export const INDEX_MANIFEST_PATH = '.gear/index.json';
@@ -48,6 +52,8 @@ export const GearMediaType = {
    * OCI referrer (`gear convert --attach`, docs/format.md §9).
    */
   IndexReferrer: 'application/vnd.gear.index.v1',
+  /** A pack of format version 3: the concatenation of separately stored members (docs/format.md §10). */
+  Pack: 'application/vnd.gear.pack.v1',
 } as const;
 
 /** Where the Gear files of an image live: one repository of one registry. */
@@ -69,8 +75,11 @@ export interface StoredBlob {
   size: number;
 }
 
-/** One non-empty regular file of the image. */
-export interface IndexFile {
+/**
+ * One non-empty regular file of the image. Version 3 stores it in packs
+ * (`member`, or `chunkSize` + `chunks`; PackedContent), never as a `blob`.
+ */
+export interface IndexFile extends PackedContent {
   /** Path relative to the image root: no leading "/", no ".", ".." or empty components. */
   path: string;
   /** sha256 of the content: the pool key, and the blob digest when stored raw. */
@@ -82,8 +91,10 @@ export interface IndexFile {
 }
 
 export interface IndexManifest {
-  /** 1 or 2 (GEAR_FORMAT_VERSIONS). */
+  /** 1, 2 or 3 (GEAR_FORMAT_VERSIONS). */
   version: number;
+  /** Version 3: the pack blobs the files are stored in, named by index (docs/format.md §10). */
+  packs?: PackRef[];
   /** Absent when the image was written to an OCI layout without a known registry. */
   location?: BlobLocation;
   /** Sorted by `comparePaths`, unique. */
@@ -95,7 +106,7 @@ export interface IndexManifest {
    */
   prefetch?: string[];
   /**
-   * Version 2: the flattened tree (docs/format.md §3.6), as index-layer
+   * Versions 2 and 3: the flattened tree (docs/format.md §3.6), as index-layer
    * entries in comparePaths order; `files` are its regular files with
    * content. Version 1: absent (the tree is the tar entries after the
    * manifest).
@@ -182,10 +193,10 @@ export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } 
   if (typeof o.version !== 'number' || !GEAR_FORMAT_VERSIONS.includes(o.version)) {
     if (typeof o.version === 'number' && Number.isInteger(o.version)) {
       throw failedPrecondition(
-        `gear index: unsupported format version ${o.version} (this gear reads versions ${GEAR_FORMAT_VERSIONS.join(' and ')}; upgrade gear on this node)`,
+        `gear index: unsupported format version ${o.version} (this gear reads versions ${listed(GEAR_FORMAT_VERSIONS, 'and')}; upgrade gear on this node)`,
       );
     }
-    throw invalidArgument(`gear index: "version" must be the integer ${GEAR_FORMAT_VERSIONS.join(' or ')}, not ${shown(o.version)}`);
+    throw invalidArgument(`gear index: "version" must be the integer ${listed(GEAR_FORMAT_VERSIONS, 'or')}, not ${shown(o.version)}`);
   }
   const out: IndexManifest = { version: o.version, files: [] };
   if (o.location !== undefined) {
@@ -212,9 +223,12 @@ export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } 
       prev = f.path;
     }
   } else {
-    // Version 2: the files are the tree's regular files that carry a digest.
-    if (o.files !== undefined) throw invalidArgument('gear index: version 2 has no "files" member (its files are in "tree")');
-    if (!Array.isArray(o.tree)) throw invalidArgument(`gear index: version 2 needs "tree" as an array, not ${shown(o.tree)}`);
+    // Versions 2 and 3: the files are the tree's regular files that carry a digest.
+    const v = out.version;
+    if (o.files !== undefined) throw invalidArgument(`gear index: version ${v} has no "files" member (its files are in "tree")`);
+    if (!Array.isArray(o.tree)) throw invalidArgument(`gear index: version ${v} needs "tree" as an array, not ${shown(o.tree)}`);
+    if (v === 3) out.packs = decodePacks(o.packs);
+    else if (o.packs !== undefined) throw invalidArgument(`gear index: version ${v} has no "packs" member (packs are version 3)`);
     const tree: TarHeader[] = new Array(o.tree.length);
     const linkable = new Set<string>();
     let prev: string | undefined;
@@ -230,9 +244,10 @@ export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } 
         }
       } else if (h.type !== 'dir') linkable.add(h.path);
       const e = o.tree[i] as Record<string, unknown>;
-      if (e.digest !== undefined || e.size !== undefined || e.blob !== undefined) {
-        if (h.type !== 'file') throw invalidArgument(`${where}: only a regular file has a "digest", "size" or "blob" (this is a ${h.type})`);
-        out.files.push(validateContent(e, h.path, where));
+      if (e.digest !== undefined || e.size !== undefined || e.blob !== undefined || (out.packs && (e.pack !== undefined || e.chunks !== undefined))) {
+        if (h.type !== 'file') throw invalidArgument(`${where}: only a regular file has a "digest", "size", "blob", "pack" or "chunks" (this is a ${h.type})`);
+        const f = validateContent(e, h.path, where, out.packs);
+        out.files.push(f);
       }
       tree[i] = h;
       // A document parseIndexManifest decoded itself is ours: let each raw entry go once decoded
@@ -242,6 +257,7 @@ export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } 
     out.tree = tree;
   }
   checkOneSizePerContent(out.files);
+  if (out.packs) checkPackLayout(out.files);
   if (o.prefetch !== undefined) {
     if (!Array.isArray(o.prefetch)) throw invalidArgument(`gear index: "prefetch" must be an array, not ${shown(o.prefetch)}`);
     if (o.prefetch.length > out.files.length) {
@@ -263,6 +279,11 @@ export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } 
     if (o.prefetch.length > 0) out.prefetch = o.prefetch as string[];
   }
   return out;
+}
+
+/** "1, 2 and 3" */
+function listed(xs: readonly number[], word: string): string {
+  return xs.length < 2 ? xs.join('') : `${xs.slice(0, -1).join(', ')} ${word} ${xs[xs.length - 1]}`;
 }
 
 /**
@@ -309,8 +330,11 @@ function checkOneSizePerContent(files: readonly IndexFile[]): void {
   }
 }
 
-/** digest, size and blob of a file with content (a v1 `files` entry or a v2 tree entry). */
-function validateContent(f: Record<string, unknown>, path: string, where: string): IndexFile {
+/**
+ * digest, size and blob of a file with content (a v1 `files` entry or a v2
+ * tree entry); with `packs` (version 3), digest, size and its pack members.
+ */
+function validateContent(f: Record<string, unknown>, path: string, where: string, packs?: readonly PackRef[]): IndexFile {
   if (typeof f.digest !== 'string' || !DIGEST_RE.test(f.digest)) {
     throw invalidArgument(`${where}: "digest" must be sha256:<64 lowercase hex>, not ${shown(f.digest)}`);
   }
@@ -318,6 +342,7 @@ function validateContent(f: Record<string, unknown>, path: string, where: string
     throw invalidArgument(`${where}: "size" must be a whole number in 1…2^53−1, not ${shown(f.size)}`);
   }
   const file: IndexFile = { path, digest: f.digest, size: f.size };
+  if (packs) return Object.assign(file, decodePackedContent(f, f.size, packs, where));
   if (f.blob !== undefined) {
     const b = f.blob as Record<string, unknown>;
     if (!b || typeof b !== 'object' || Array.isArray(b)) throw invalidArgument(`${where}: "blob" must be an object, not ${shown(b)}`);
@@ -349,8 +374,9 @@ export function parseIndexManifest(bytes: Uint8Array): IndexManifest {
 
 /**
  * The canonical encoding: compact JSON, members in the order version,
- * location (registry, repository), then for version 1 files (path, digest,
- * size, blob (mediaType, digest, size) when present), for version 2 tree
+ * location (registry, repository), packs (version 3: digest, size), then for
+ * version 1 files (path, digest,
+ * size, blob (mediaType, digest, size) when present), for versions 2 and 3 tree
  * (tree.ts; a regular file with content carries its digest, size and blob),
  * then prefetch (when not empty), no trailing newline. Equal manifests always
  * encode to equal bytes. Version 2 needs `tree`, and every file of `files`
@@ -373,6 +399,15 @@ export function encodeIndexManifestParts(m: IndexManifest): Buffer[] {
   if (!GEAR_FORMAT_VERSIONS.includes(m.version)) throw invalidArgument(`gear index: cannot write format version ${m.version}`);
   const doc: Record<string, unknown> = { version: m.version };
   if (m.location) doc.location = { registry: m.location.registry, repository: m.location.repository };
+  if (m.version === 3) {
+    if (!m.packs) throw invalidArgument('gear index: a version 3 manifest needs its packs');
+    doc.packs = m.packs.map((p) => ({ digest: p.digest, size: p.size }));
+    for (const f of m.files) {
+      if (!f.member && !f.chunks) throw invalidArgument(`gear index: version 3 file ${JSON.stringify(f.path)} has no pack member or chunks`);
+    }
+  } else if (m.files.some((f) => f.member || f.chunks)) {
+    throw invalidArgument(`gear index: pack members are version 3; this manifest is version ${m.version}`);
+  }
   const tail = m.prefetch?.length ? `,"prefetch":${JSON.stringify([...m.prefetch])}}` : '}';
   if (m.version === 1) {
     doc.files = m.files.map((f) =>
@@ -383,7 +418,7 @@ export function encodeIndexManifestParts(m: IndexManifest): Buffer[] {
     const head = JSON.stringify(doc);
     return [Buffer.from(head.slice(0, -1) + tail, 'utf8')];
   }
-  if (!m.tree) throw invalidArgument('gear index: a version 2 manifest needs its tree');
+  if (!m.tree) throw invalidArgument(`gear index: a version ${m.version} manifest needs its tree`);
   const content = new Map(m.files.map((f) => [f.path, f]));
   // JSON.stringify({...doc, tree, prefetch}) piece by piece: the same bytes.
   const parts: Buffer[] = [];

@@ -16,6 +16,10 @@
 import { invalidArgument } from '../errors.js';
 import type { EntryType, TarHeader } from './tar.js';
 import { XATTR_NAME_MAX, XATTR_SIZE_MAX } from '../sys/limits.js';
+import { encodePackedContent, type PackedContent } from './pack-layout.js';
+import { shown } from './shown.js';
+
+export { shown };
 
 const TYPES: ReadonlySet<string> = new Set<EntryType>(['file', 'link', 'symlink', 'char', 'block', 'dir', 'fifo']);
 /** Largest uid, gid or device number (32 bits). */
@@ -24,7 +28,7 @@ const MAX_LINK_BYTES = 4096;
 const MAX_NAME_BYTES = 256;
 
 /** Content of a regular file of the tree, when it has any (a `files` entry of the manifest). */
-export interface TreeFileContent {
+export interface TreeFileContent extends PackedContent {
   digest: string;
   size: number;
   blob?: { mediaType: string; digest: string; size: number };
@@ -56,20 +60,9 @@ export function encodeTreeEntry(h: TarHeader, content: TreeFileContent | undefin
     o.digest = content.digest;
     o.size = content.size;
     if (content.blob) o.blob = { mediaType: content.blob.mediaType, digest: content.blob.digest, size: content.blob.size };
+    encodePackedContent(o, content);
   }
   return o;
-}
-
-/** A short rendering of a hostile JSON value for an error message. */
-export function shown(v: unknown): string {
-  if (v === undefined) return 'nothing';
-  let s: string;
-  try {
-    s = typeof v === 'number' ? String(v) : (JSON.stringify(v) ?? String(v));
-  } catch {
-    s = String(v);
-  }
-  return s.length > 80 ? `${s.slice(0, 80)}…` : s;
 }
 
 function intIn(v: unknown, min: number, max: number, what: string, where: string): number {
