@@ -33,7 +33,7 @@ import { MemberPool } from './member-pool.js';
 import { MemberStage, type StagedContent, type StagedMember } from './member-stage.js';
 import { adoptStagedPacks, stagedPackMembers, storePacks, type StagedPack } from './packs.js';
 import { bringPack, reusableMembers, type PackTransfer, type ReusableImage } from './reuse.js';
-import { PACK_MEDIA_TYPE, type IndexManifest as V3Manifest, type PackRef } from './v3-shim.js';
+import type { PackRef } from '../core/index/manifest.js';
 import { tmpdir } from 'node:os';
 
 export const MediaTypes = {
@@ -431,10 +431,10 @@ export async function publishGearImage(
 /** The distinct Gear blobs an index names (blob digest, size, media type as stored; v3: its packs), sorted by blob digest. */
 export function gearBlobs(manifest: IndexManifest): { digest: string; size: number; mediaType: string }[] {
   const blobs = new Map<string, { digest: string; size: number; mediaType: string }>();
-  const packs = (manifest as V3Manifest).packs;
+  const packs = manifest.packs;
   if (manifest.version === 3 && packs) {
     // Version 3: the packs (docs/format.md §10.3), each once.
-    for (const p of packs) blobs.set(p.digest, { digest: p.digest, size: p.size, mediaType: PACK_MEDIA_TYPE });
+    for (const p of packs) blobs.set(p.digest, { digest: p.digest, size: p.size, mediaType: GearMediaType.Pack });
     return [...blobs.values()].sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
   }
   for (const f of manifest.files) {
@@ -542,7 +542,7 @@ async function convertV3(src: SourceImage, dst: Destination, opts: ConvertOption
     await pool.close();
     pool = undefined;
     const { entries, manifest: m } = flat.result(dst.location);
-    const manifest = m as V3Manifest;
+    const manifest = m;
     manifest.version = 3;
 
     let bytesUploaded = 0;
@@ -613,7 +613,7 @@ async function convertV3(src: SourceImage, dst: Destination, opts: ConvertOption
     for (const f of manifest.files) logicalBytes += f.size;
 
     // 3-5. index layer, config, keep-alive manifests (of the packs), the image manifest last
-    const published = await publishGearImage(dst, manifest as IndexManifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest, 3), {
+    const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest, 3), {
       tmpDir: dir,
       filesPerManifest: opts.filesPerManifest ?? 10_000,
       account,

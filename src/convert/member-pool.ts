@@ -3,7 +3,7 @@
  * (a small file, or one chunk of a big file) with sha256 and, unless its
  * digest is already stored somewhere the conversion can reuse, compresses it
  * with zstd (level 3) and keeps the frame when it saves at least 10%
- * (pack-layout.ts memberEncoding). The main thread only parses tar and copies
+ * (pack-plan.ts memberEncoding). The main thread only parses tar and copies
  * bodies into task buffers (transferred, not copied, to the worker).
  *
  * The pool is piscina (Node 20+). Piscina runs a worker *file*; this repository
@@ -21,7 +21,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
 import { zstdCompress, ZSTD_DEFAULT_LEVEL } from '../core/sys/zstd.js';
-import { ZSTD_WORTH_IT } from './pack-layout.js';
+import { ZSTD_WORTH_IT } from './pack-plan.js';
 
 export interface MemberResult {
   /** sha256 hex of the member's bytes. */
@@ -36,23 +36,21 @@ export interface MemberResult {
 const WORKER_SOURCE = String.raw`
 import { createHash } from 'node:crypto';
 import { createRequire } from 'node:module';
-import { workerData } from 'node:worker_threads';
-import { move } from 'piscina';
+import { workerData } from 'piscina';
 const { addon, known, level, worthIt } = workerData;
 const native = createRequire(addon)(addon);
 const knownSet = new Set(known);
-export default function member(task) {
-  const data = task.data;
+function member(data, skipKnown) {
   const hex = createHash('sha256').update(data).digest('hex');
-  if (task.skipKnown && knownSet.has(hex)) return { hex, known: true };
+  if (skipKnown && knownSet.has(hex)) return { hex, known: true };
   const frame = native.zstdCompress(data, level);
-  if (frame.length <= data.length * worthIt) {
-    // A fresh copy we own, so that it moves to the main thread instead of being cloned.
-    const out = new Uint8Array(frame.length);
-    out.set(frame);
-    return { hex, known: false, encoding: 'zstd', bytes: move(out) };
-  }
-  return { hex, known: false, encoding: 'raw', bytes: move(data) };
+  // Cloned back to the main thread (a copy of the stored bytes only: cheap next to compressing them).
+  if (frame.length <= data.length * worthIt) return { hex, known: false, encoding: 'zstd', bytes: frame };
+  return { hex, known: false, encoding: 'raw', bytes: data };
+}
+// A task is a batch of members (small files travel together: one message, not one per file).
+export default function members(task) {
+  return task.items.map((d) => member(d, task.skipKnown));
 }
 `;
 
@@ -81,16 +79,15 @@ export class MemberPool {
     const level = opts.level ?? ZSTD_DEFAULT_LEVEL;
     zstdCompress(new Uint8Array(16), level); // the addon has zstd and the level is valid, before any worker starts
     const filename = path.join(opts.dir, 'member-worker.mjs');
-    // The worker imports piscina's `move` by bare name: resolve it here, where node_modules is reachable.
-    const piscinaUrl = import.meta.resolve('piscina');
-    await writeFile(filename, WORKER_SOURCE.replace("from 'piscina'", `from ${JSON.stringify(piscinaUrl)}`), { mode: 0o600 });
+    // Piscina hands its workerData option to the worker module through its own export (node:worker_threads'
+    // workerData is piscina's bootstrap); the file is outside node_modules' reach, so name piscina by URL.
+    await writeFile(filename, WORKER_SOURCE.replace("from 'piscina'", `from ${JSON.stringify(import.meta.resolve('piscina'))}`), { mode: 0o600 });
     const threads = Math.max(1, opts.threads ?? availableParallelism());
     const pool = new Piscina({
       filename,
       minThreads: threads,
       maxThreads: threads,
-      // Tasks are queued by the stage's own bound on bytes in flight.
-      maxQueue: 'auto',
+      // No queue limit here: MemberStage bounds the tasks and bytes in flight.
       idleTimeout: 60_000,
       workerData: { addon: addonPath(), known: [...opts.known], level, worthIt: ZSTD_WORTH_IT },
     });
@@ -101,9 +98,13 @@ export class MemberPool {
     return this.pool.threads.length || this.pool.options.maxThreads;
   }
 
-  /** Hashes `data` (its own ArrayBuffer, handed over: do not use it afterwards) and compresses it unless known. */
-  run(data: Uint8Array, skipKnown: boolean): Promise<MemberResult> {
-    return this.pool.run({ data: Piscina.move(data), skipKnown }) as Promise<MemberResult>;
+  /**
+   * Hashes each of `items` (buffers of their own, handed over: not to be used
+   * afterwards) and compresses those not known; results in the same order.
+   */
+  run(items: Uint8Array[], skipKnown: boolean): Promise<MemberResult[]> {
+    // Transferred, not copied: each item is a buffer of its own (Buffer.allocUnsafeSlow).
+    return this.pool.run({ items, skipKnown }, { transferList: items.map((d) => d.buffer as ArrayBuffer) }) as Promise<MemberResult[]>;
   }
 
   async close(): Promise<void> {

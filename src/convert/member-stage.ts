@@ -26,7 +26,7 @@ import { createHash } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { MemberPool, MemberResult } from './member-pool.js';
-import { CHUNK_BYTES, CHUNK_MIN_FILE_BYTES, type Encoding } from './pack-layout.js';
+import { CHUNK_BYTES, CHUNK_MIN_FILE_BYTES, type Encoding } from './pack-plan.js';
 
 /** Where a member's stored bytes are. */
 export type MemberSource =
@@ -54,6 +54,11 @@ export interface StagedContent {
   members: StagedMember[];
 }
 
+/** A batch of members sent to a worker in one task: at most this many bytes or items. */
+const BATCH_BYTES = 512 * 1024;
+const BATCH_ITEMS = 64;
+/** Spool writes gather members up to this many bytes. */
+const SPOOL_WRITE_BYTES = 4 * 1024 * 1024;
 /** Bytes of bodies handed to workers and not yet back, before add waits. */
 const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 
@@ -63,7 +68,8 @@ export class MemberStage {
   /** Contents reused whole from a reusable image or a killed run's packs. */
   private inFlight = 0;
   private waiters: (() => void)[] = [];
-  private spool?: FileHandle;
+  private spool?: Promise<FileHandle>;
+  private tasks = 0;
   private spoolSize = 0;
   private readonly writes = new Set<Promise<unknown>>();
   private failed: unknown;
@@ -80,54 +86,84 @@ export class MemberStage {
     private readonly knownContents: ReadonlyMap<string, StagedContent>,
   ) {
     this.spoolFile = join(dir, `spool-${process.pid}`);
+    this.maxTasks = Math.max(4, pool.threads * 8);
   }
 
-  private async spoolHandle(): Promise<FileHandle> {
-    this.spool ??= await open(this.spoolFile, 'w', 0o600);
+  private readonly maxTasks: number;
+
+  private spoolHandle(): Promise<FileHandle> {
+    this.spool ??= open(this.spoolFile, 'w', 0o600);
     return this.spool;
   }
 
-  /** Appends stored bytes to the spool; returns their offset (the write completes before finish()). */
-  private async append(bytes: Uint8Array): Promise<number> {
-    const fh = await this.spoolHandle();
+  /**
+   * Appends stored bytes to the spool; returns their offset. Small members are
+   * gathered into SPOOL_WRITE_BYTES before one write (one call per few MiB, not
+   * per file); every write completes before finish().
+   */
+  private pending: Buffer = Buffer.allocUnsafeSlow(SPOOL_WRITE_BYTES);
+  /** Gathered bytes: spool offsets [pendingAt, pendingAt + pendingBytes), always ending at spoolSize. */
+  private pendingBytes = 0;
+  private pendingAt = 0;
+  private append(bytes: Uint8Array): number {
+    if (bytes.length >= SPOOL_WRITE_BYTES / 4) {
+      this.flush();
+      const offset = this.spoolSize;
+      this.spoolSize += bytes.length;
+      this.write(bytes, offset);
+      return offset;
+    }
+    if (this.pendingBytes + bytes.length > SPOOL_WRITE_BYTES) this.flush();
+    if (this.pendingBytes === 0) this.pendingAt = this.spoolSize;
+    this.pending.set(bytes, this.pendingBytes);
+    this.pendingBytes += bytes.length;
     const offset = this.spoolSize;
     this.spoolSize += bytes.length;
-    const w = fh.write(bytes, 0, bytes.length, offset).then(
-      () => undefined,
-      (err: unknown) => {
-        this.failed ??= err;
-      },
-    );
-    this.writes.add(w);
-    void w.finally(() => this.writes.delete(w));
     return offset;
   }
 
+  private flush(): void {
+    if (this.pendingBytes === 0) return;
+    this.write(this.pending.subarray(0, this.pendingBytes), this.pendingAt);
+    this.pending = Buffer.allocUnsafeSlow(SPOOL_WRITE_BYTES);
+    this.pendingBytes = 0;
+  }
+
+  private write(bytes: Uint8Array, offset: number): void {
+    const w = this.spoolHandle()
+      .then((fh) => fh.write(bytes, 0, bytes.length, offset))
+      .then(
+        () => undefined,
+        (err: unknown) => {
+          this.failed ??= err;
+        },
+      );
+    this.writes.add(w);
+    void w.finally(() => this.writes.delete(w));
+  }
+
   private async admit(bytes: number): Promise<void> {
-    while (this.inFlight > 0 && this.inFlight + bytes > MAX_IN_FLIGHT_BYTES) {
+    while (this.inFlight > 0 && (this.inFlight + bytes > MAX_IN_FLIGHT_BYTES || this.tasks >= this.maxTasks)) {
       await new Promise<void>((r) => this.waiters.push(r));
     }
     if (this.failed) throw this.failed;
     this.inFlight += bytes;
+    this.tasks++;
   }
 
   private release(bytes: number): void {
     this.inFlight -= bytes;
+    this.tasks--;
     const w = this.waiters;
     this.waiters = [];
     for (const r of w) r();
   }
 
-  /** One member through a worker: known, or stored bytes spooled. */
-  private async member(data: Uint8Array): Promise<StagedMember | MemberResult & { known: true }> {
+  /** One member through a worker (in a batch with others): known, or stored bytes spooled. */
+  private async member(data: Uint8Array): Promise<StagedMember | (MemberResult & { known: true })> {
     const size = data.length;
     await this.admit(size);
-    let r: MemberResult;
-    try {
-      r = await this.pool.run(data, this.known.size > 0);
-    } finally {
-      this.release(size);
-    }
+    const r = await this.batched(data).finally(() => this.release(size));
     if (r.known) {
       this.stats.knownMembers++;
       return r as MemberResult & { known: true };
@@ -136,8 +172,38 @@ export class MemberStage {
     this.stats.members++;
     this.stats.bytesIn += size;
     this.stats.bytesStored += bytes.length;
-    const offset = await this.append(bytes);
+    const offset = this.append(bytes);
     return { hex: r.hex, size, length: bytes.length, encoding: r.encoding!, src: { kind: 'local', file: this.spoolFile, offset } };
+  }
+
+  /**
+   * Members go to the workers in batches of up to BATCH_BYTES (or BATCH_ITEMS):
+   * a message per small file costs more than hashing it. A batch leaves when
+   * full, or on the next turn of the event loop (so nothing waits for more
+   * input that will not come).
+   */
+  private batch?: { items: Uint8Array[]; bytes: number; results: Promise<MemberResult[]> };
+  private batched(data: Uint8Array): Promise<MemberResult> {
+    if (!this.batch) {
+      let send!: () => void;
+      const items: Uint8Array[] = [];
+      const gate = new Promise<void>((r) => (send = r));
+      const b = { items, bytes: 0, results: gate.then(() => this.pool.run(items, this.known.size > 0)) };
+      this.batch = b;
+      setImmediate(() => {
+        if (this.batch === b) this.batch = undefined;
+        send();
+      });
+      (b as { send?: () => void }).send = send;
+    }
+    const b = this.batch;
+    const i = b.items.push(data) - 1;
+    b.bytes += data.length;
+    if (b.bytes >= BATCH_BYTES || b.items.length >= BATCH_ITEMS) {
+      this.batch = undefined;
+      (b as { send?: () => void }).send!();
+    }
+    return b.results.then((rs) => rs[i]!);
   }
 
   private knownMember(hex: string): StagedMember {
@@ -228,9 +294,10 @@ export class MemberStage {
 
   /** Waits for every spool write; the spool is then complete for packs.ts to read. */
   async finish(): Promise<void> {
+    this.flush();
     while (this.writes.size) await Promise.all([...this.writes]);
     if (this.failed) throw this.failed;
-    if (this.spool) await this.spool.close();
+    if (this.spool) await (await this.spool).close();
     this.spool = undefined;
   }
 

@@ -1,6 +1,6 @@
 /**
  * Format version 3 packs (docs/format.md §10.3): after flattening, the
- * members staged by MemberStage are laid out into packs (pack-layout.ts),
+ * members staged by MemberStage are laid out into packs (pack-plan.ts),
  * each pack written into the staging directory and uploaded, a few in flight;
  * members reused from other images keep their old ranges (their packs are
  * brought into the destination by reuse.ts). The index then names, per file,
@@ -20,8 +20,8 @@ import { join } from 'node:path';
 import { mapLimit } from './map-limit.js';
 import type { Destination } from './destination.js';
 import type { StagedContent, StagedMember } from './member-stage.js';
-import { layoutOrder, layoutPacks, PACK_MAX_BYTES, type PlannedPack } from './pack-layout.js';
-import type { FileChunk, IndexManifest, PackMember, PackRef } from './v3-shim.js';
+import { layoutOrder, layoutPacks, PACK_MAX_BYTES, type PlannedPack } from './pack-plan.js';
+import type { FileChunk, IndexManifest, PackMember, PackRef } from '../core/index/manifest.js';
 
 const HEX_RE = /^[a-f0-9]{64}$/;
 

@@ -15,7 +15,7 @@ import type { BlobLocation } from '../core/index/manifest.js';
 import type { Destination } from './destination.js';
 import type { StagedContent, StagedMember } from './member-stage.js';
 import { layerTar, type BlobReader, type SourceImage } from './source.js';
-import { chunkBytes, type IndexManifest, type PackRef } from './v3-shim.js';
+import { chunkBytes, type IndexManifest, type PackRef } from '../core/index/manifest.js';
 
 export interface ReusableImage {
   description: string;

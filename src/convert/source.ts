@@ -212,7 +212,7 @@ export async function openOciLayout(arg: string): Promise<SourceImage> {
       open: async () => {
         const p = blobPath(d.digest);
         if (!existsSync(p)) throw notFound(`oci:${dir}: layer blob ${d.digest} is missing`);
-        return createReadStream(p);
+        return createReadStream(p, { highWaterMark: 1 << 20 }); // 1 MiB reads: a sixteenth of the calls of the default
       },
     })),
     close: async () => undefined,
@@ -250,7 +250,7 @@ async function indexTarFile(file: string): Promise<Map<string, Member>> {
 export async function openDockerArchive(file: string, description = `docker-archive:${file}`, cleanup?: () => Promise<void>): Promise<SourceImage> {
   if (!existsSync(file) || !statSync(file).isFile()) throw notFound(`${description}: no such file`);
   const members = await indexTarFile(file);
-  const read = (m: Member, start = 0) => createReadStream(file, { start: m.offset + start, end: m.offset + m.size - 1 });
+  const read = (m: Member, start = 0) => createReadStream(file, { start: m.offset + start, end: m.offset + m.size - 1, highWaterMark: 1 << 20 });
   const memberBytes = async (name: string, what: string): Promise<Buffer> => {
     const m = members.get(name);
     if (!m) throw invalidArgument(`${description}: ${what} ${JSON.stringify(name)} is missing from the archive`);
