@@ -41,6 +41,9 @@ interface ConvertFlags extends MirrorFlags {
   attach?: boolean;
 }
 
+/** What `gear convert` writes unless told (--format-version). */
+export const DEFAULT_FORMAT_VERSION = '3';
+
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
 
 function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent) => void; stop: () => void } {
@@ -158,7 +161,7 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
     try {
       const dest = await openDestination(target, flags, client);
       if (flags.attach && !source.manifest) throw invalidArgument(`--attach: ${src} has no image manifest to attach to`);
-      const formatVersion = flags.formatVersion === undefined ? 3 : (Number(flags.formatVersion) as 1 | 2 | 3);
+      const formatVersion = Number(flags.formatVersion ?? DEFAULT_FORMAT_VERSION) as 1 | 2 | 3;
       const reuse: ReusableImage[] = [];
       const notices: string[] = [];
       if (formatVersion === 3) {
@@ -226,7 +229,7 @@ export function registerConvert(program: Command): void {
     .option('--insecure-registry <host>', 'registry reachable over plain http (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--storage <mode>', 'how Gear files are stored: auto (gzip when it saves ≥10%) or raw', 'auto')
     .option('--raw-above <size>', 'store files of at least this size raw, so nodes can read them by range while they download ("off": gzip them too)', '8MiB')
-    .option('--format-version <n>', 'Gear format version: 3 (packs of zstd members, big files chunked), 2 (one blob per file; for nodes whose gear reads at most version 2) or 1 (for nodes whose gear reads only version 1)', '3')
+    .option('--format-version <n>', 'Gear format version: 3 (packs of zstd members, big files chunked), 2 (one blob per file; for nodes whose gear reads at most version 2) or 1 (for nodes whose gear reads only version 1)', DEFAULT_FORMAT_VERSION)
     .option('--dedup-with <ref>', 'format 3: also reuse the packs of this Gear v3 image (registry reference or oci:DIR[:TAG]); files stored there are referenced, its packs mounted (same registry) or copied; repeatable', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--no-progress', 'no progress bars')
     .action(async (src: string, dstArg: string | undefined, flags: ConvertFlags) => {

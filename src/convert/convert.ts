@@ -70,6 +70,7 @@ export interface ConvertOptions {
   /**
    * How Gear files are stored: 'auto' (default) gzips a file when that saves
    * at least 10% (docs/format.md, "Storing Gear files"); 'raw' never compresses.
+   * Version 3: 'auto' stores a member as zstd when that saves 10%; 'raw' never.
    */
   storage?: 'auto' | 'raw';
   /**
@@ -521,7 +522,7 @@ async function convertV3(src: SourceImage, dst: Destination, opts: ConvertOption
     // Reusable members: old packs first (no upload at all), then what a killed run left staged.
     const known = new Map<string, StagedMember>(old.members);
     for (const [hex, m] of stagedPackMembers(staged.values())) if (!known.has(hex)) known.set(hex, m);
-    pool = await MemberPool.start({ dir, known: known.keys(), ...(opts.threads ? { threads: opts.threads } : {}) });
+    pool = await MemberPool.start({ dir, known: known.keys(), compress: opts.storage !== 'raw', ...(opts.threads ? { threads: opts.threads } : {}) });
     const stage = new MemberStage(dir, pool, known, old.contents);
 
     // 1. flatten; bodies hashed and compressed by the workers as they stream out of the layers

@@ -37,12 +37,13 @@ const WORKER_SOURCE = String.raw`
 import { createHash } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { workerData } from 'piscina';
-const { addon, known, level, worthIt } = workerData;
+const { addon, known, level, worthIt, compress } = workerData;
 const native = createRequire(addon)(addon);
 const knownSet = new Set(known);
 function member(data, skipKnown) {
   const hex = createHash('sha256').update(data).digest('hex');
   if (skipKnown && knownSet.has(hex)) return { hex, known: true };
+  if (!compress) return { hex, known: false, encoding: 'raw', bytes: data };
   const frame = native.zstdCompress(data, level);
   // Cloned back to the main thread (a copy of the stored bytes only: cheap next to compressing them).
   if (frame.length <= data.length * worthIt) return { hex, known: false, encoding: 'zstd', bytes: frame };
@@ -70,6 +71,8 @@ export interface MemberPoolOptions {
   /** Worker threads (default: the cores). */
   threads?: number;
   level?: number;
+  /** False: every member is stored raw (gear convert --storage raw). */
+  compress?: boolean;
 }
 
 export class MemberPool {
@@ -89,7 +92,7 @@ export class MemberPool {
       maxThreads: threads,
       // No queue limit here: MemberStage bounds the tasks and bytes in flight.
       idleTimeout: 60_000,
-      workerData: { addon: addonPath(), known: [...opts.known], level, worthIt: ZSTD_WORTH_IT },
+      workerData: { addon: addonPath(), known: [...opts.known], level, worthIt: ZSTD_WORTH_IT, compress: opts.compress !== false },
     });
     return new MemberPool(pool);
   }

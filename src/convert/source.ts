@@ -11,7 +11,7 @@
  * bytes against the config's diff_id.
  */
 import { createReadStream, createWriteStream, existsSync, statSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, posix } from 'node:path';
@@ -46,6 +46,8 @@ export interface BlobReader {
   localPath?(digest: string): string | undefined;
   /** Downloads a blob into `path`, verified against digest and size. */
   fetchTo(digest: string, size: number, path: string): Promise<void>;
+  /** Bytes start … start+length−1 of a blob (not verified: a range cannot be; the caller checks what they hold). */
+  readRange?(digest: string, size: number, start: number, length: number): Promise<Buffer>;
 }
 
 export interface SourceImage {
@@ -199,6 +201,19 @@ export async function openOciLayout(arg: string): Promise<SourceImage> {
         const p = blobPath(d);
         if (!existsSync(p)) throw notFound(`oci:${dir}: blob ${d} is missing`);
         await pipeline(verified(createReadStream(p) as AsyncIterable<Buffer>, d, size, `oci:${dir} blob ${d}`), createWriteStream(path));
+      },
+      async readRange(d, _size, start, length) {
+        const p = blobPath(d);
+        if (!existsSync(p)) throw notFound(`oci:${dir}: blob ${d} is missing`);
+        const fh = await open(p, 'r');
+        try {
+          const buf = Buffer.alloc(length);
+          const { bytesRead } = await fh.read(buf, 0, length, start);
+          if (bytesRead !== length) throw invalidArgument(`oci:${dir}: blob ${d} is shorter than ${start + length} bytes`);
+          return buf;
+        } finally {
+          await fh.close();
+        }
       },
     },
     sourceDigest: manifestDigest,
@@ -359,6 +374,7 @@ export async function openRegistryImage(reg: RegistryAccess, ref: string): Promi
     blobs: {
       repository: { registry: reg.ref.registry, repository: reg.ref.repository },
       fetchTo: (d, size, path) => reg.fetchBlobTo(d, size, path),
+      readRange: (d, size, start, length) => reg.readRange(d, size, start, length),
     },
     sourceDigest: img.digest,
     configDigest: cfg.digest,
