@@ -5,7 +5,8 @@
       "sources": ["native/gear_native.cc"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
-      "cflags_cc": ["-std=c++17", "-O2", "-Wall"]
+      "cflags_cc": ["-std=c++17", "-O2", "-Wall"],
+      "libraries": ["-lzstd"]
     }
   ]
 }

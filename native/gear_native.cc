@@ -4,8 +4,11 @@
 // Node's own fs errors ({code: "ENOENT", errno, syscall, path}), so callers can
 // test err.code exactly as they would for fs.* errors; except mountAsync and
 // umount2Async, which run on a libuv worker thread and return a Promise
-// rejected with such an Error.
+// rejected with such an Error. zstdCompress and zstdDecompress (libzstd) throw
+// Errors with code "ERR_GEAR_ZSTD" for input that is not what they accept.
 #include <napi.h>
+#include <zstd.h>
+#include <zstd_errors.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -19,8 +22,12 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
+#include <memory>
+#include <new>
 #include <string>
 #include <vector>
+
+static_assert(ZSTD_VERSION_NUMBER >= 10400, "libzstd >= 1.4 (Debian 11+: libzstd-dev)");
 
 namespace {
 
@@ -436,6 +443,134 @@ Napi::Object InitFusePassthrough(Napi::Env env, Napi::Object exports) {
   return exports;
 }
 
+// ---------------------------------------------------------------------------
+// zstd (format v3 pack members, docs/format.md §10). Synchronous: a caller
+// with bulk work runs it on a worker thread. The contexts are per thread
+// (each worker thread has its own), reused across calls: creating a level-3
+// compression context costs more than compressing a small file.
+
+// The largest decompressed size zstdDecompress accepts (a member is at most
+// 64 MiB; the limit keeps a caller's mistake from allocating gigabytes).
+constexpr size_t kZstdMaxDecompressedSize = size_t(256) << 20;
+
+struct CCtxFree { void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); } };
+struct DCtxFree { void operator()(ZSTD_DCtx* d) const { ZSTD_freeDCtx(d); } };
+thread_local std::unique_ptr<ZSTD_CCtx, CCtxFree> tlsCCtx;
+thread_local std::unique_ptr<ZSTD_DCtx, DCtxFree> tlsDCtx;
+
+Napi::Value ThrowZstd(Napi::Env env, const std::string& msg) {
+  Napi::Error err = Napi::Error::New(env, msg);
+  err.Set("code", Napi::String::New(env, "ERR_GEAR_ZSTD"));
+  err.ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+// A Buffer or any other Uint8Array / TypedArray view: its bytes.
+bool ArgBytes(const Napi::CallbackInfo& info, size_t i, const uint8_t** data, size_t* len) {
+  if (info.Length() > i && info[i].IsTypedArray()) {
+    Napi::TypedArray ta = info[i].As<Napi::TypedArray>();
+    if (ta.TypedArrayType() == napi_uint8_array) {
+      Napi::Uint8Array a = ta.As<Napi::Uint8Array>();
+      *data = a.Data();
+      *len = a.ByteLength();
+      return true;
+    }
+  }
+  Napi::TypeError::New(info.Env(), "argument " + std::to_string(i) + " must be a Uint8Array")
+      .ThrowAsJavaScriptException();
+  return false;
+}
+
+// A whole number in [min, max].
+bool ArgInteger(const Napi::CallbackInfo& info, size_t i, double min, double max, double* out) {
+  if (info.Length() > i && info[i].IsNumber()) {
+    double v = info[i].As<Napi::Number>().DoubleValue();
+    if (v == (double)(int64_t)v && v >= min && v <= max) {
+      *out = v;
+      return true;
+    }
+  }
+  Napi::RangeError::New(info.Env(), "argument " + std::to_string(i) + " must be a whole number from " +
+                                        std::to_string((int64_t)min) + " to " + std::to_string((int64_t)max))
+      .ThrowAsJavaScriptException();
+  return false;
+}
+
+// zstdCompress(src: Uint8Array, level: number): Buffer — one zstd frame that
+// records its content size (no checksum: every member has a sha256).
+Napi::Value ZstdCompress(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const uint8_t* src;
+  size_t n;
+  double level;
+  if (!ArgBytes(info, 0, &src, &n) || !ArgInteger(info, 1, ZSTD_minCLevel(), ZSTD_maxCLevel(), &level))
+    return env.Undefined();
+  size_t bound = ZSTD_compressBound(n);
+  if (ZSTD_isError(bound)) return ThrowZstd(env, "zstd: input of " + std::to_string(n) + " bytes is too large");
+  if (!tlsCCtx) tlsCCtx.reset(ZSTD_createCCtx());
+  if (!tlsCCtx) return ThrowZstd(env, "zstd: cannot allocate a compression context");
+  std::unique_ptr<uint8_t[]> dst(new (std::nothrow) uint8_t[bound ? bound : 1]);
+  if (!dst) return ThrowZstd(env, "zstd: cannot allocate " + std::to_string(bound) + " bytes");
+  size_t r = ZSTD_compressCCtx(tlsCCtx.get(), dst.get(), bound, src, n, (int)level);
+  if (ZSTD_isError(r)) return ThrowZstd(env, std::string("zstd: compression failed: ") + ZSTD_getErrorName(r));
+  return Napi::Buffer<uint8_t>::Copy(env, dst.get(), r);
+}
+
+// zstdDecompress(src: Uint8Array, size: number): Buffer of exactly size bytes.
+// src must be exactly one zstd frame (no skippable or legacy frame, nothing
+// before or after it) whose content is exactly size bytes; never allocates
+// more than size bytes for the output.
+Napi::Value ZstdDecompress(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const uint8_t* src;
+  size_t n;
+  double sizeArg;
+  if (!ArgBytes(info, 0, &src, &n) || !ArgInteger(info, 1, 0, (double)kZstdMaxDecompressedSize, &sizeArg))
+    return env.Undefined();
+  size_t size = (size_t)sizeArg;
+  if (n < 4) return ThrowZstd(env, "zstd: not a zstd frame (" + std::to_string(n) + " bytes)");
+  uint32_t magic = (uint32_t)src[0] | (uint32_t)src[1] << 8 | (uint32_t)src[2] << 16 | (uint32_t)src[3] << 24;
+  if ((magic & ZSTD_MAGIC_SKIPPABLE_MASK) == ZSTD_MAGIC_SKIPPABLE_START)
+    return ThrowZstd(env, "zstd: a skippable frame is not a member");
+  if (magic != ZSTD_MAGICNUMBER) return ThrowZstd(env, "zstd: not a zstd frame (bad magic number)");
+  size_t frame = ZSTD_findFrameCompressedSize(src, n);
+  if (ZSTD_isError(frame))
+    return ThrowZstd(env, std::string("zstd: not one whole zstd frame: ") + ZSTD_getErrorName(frame));
+  if (frame != n)
+    return ThrowZstd(env, "zstd: " + std::to_string(n - frame) + " bytes follow the frame (" +
+                              std::to_string(frame) + " bytes); a member is exactly one frame");
+  unsigned long long content = ZSTD_getFrameContentSize(src, n);
+  if (content == ZSTD_CONTENTSIZE_ERROR) return ThrowZstd(env, "zstd: invalid frame header");
+  if (content != ZSTD_CONTENTSIZE_UNKNOWN && content != (unsigned long long)size)
+    return ThrowZstd(env, "zstd: the frame holds " + std::to_string(content) + " bytes, expected " +
+                              std::to_string(size));
+  if (!tlsDCtx) tlsDCtx.reset(ZSTD_createDCtx());
+  if (!tlsDCtx) return ThrowZstd(env, "zstd: cannot allocate a decompression context");
+  Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(env, size);
+  if (env.IsExceptionPending()) return env.Undefined();
+  size_t r = ZSTD_decompressDCtx(tlsDCtx.get(), out.Data(), size, src, n);
+  if (ZSTD_isError(r)) {
+    if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall)
+      return ThrowZstd(env, "zstd: the frame holds more than the expected " + std::to_string(size) + " bytes");
+    return ThrowZstd(env, std::string("zstd: corrupt frame: ") + ZSTD_getErrorName(r));
+  }
+  if (r != size)
+    return ThrowZstd(env, "zstd: the frame holds " + std::to_string(r) + " bytes, expected " + std::to_string(size));
+  return out;
+}
+
+Napi::Object InitZstd(Napi::Env env, Napi::Object exports) {
+  exports.Set("zstdCompress", Napi::Function::New(env, ZstdCompress));
+  exports.Set("zstdDecompress", Napi::Function::New(env, ZstdDecompress));
+  Napi::Object z = Napi::Object::New(env);
+  z.Set("version", Napi::String::New(env, ZSTD_versionString()));
+  z.Set("minLevel", Napi::Number::New(env, ZSTD_minCLevel()));
+  z.Set("maxLevel", Napi::Number::New(env, ZSTD_maxCLevel()));
+  z.Set("maxDecompressedSize", Napi::Number::New(env, (double)kZstdMaxDecompressedSize));
+  exports.Set("zstd", z);
+  return exports;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("lsetxattr", Napi::Function::New(env, LSetXattr));
   exports.Set("lgetxattr", Napi::Function::New(env, LGetXattr));
@@ -459,6 +594,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   c.Set("XATTR_REPLACE", Napi::Number::New(env, XATTR_REPLACE));
   exports.Set("constants", c);
   InitFusePassthrough(env, exports);
+  InitZstd(env, exports);
   return exports;
 }
 

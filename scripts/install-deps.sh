@@ -5,6 +5,7 @@
 set -euo pipefail
 
 packages=(
+  libzstd-dev          # the native addon links libzstd (format v3 members; runtime libzstd1 is in every Debian)
   docker.io            # dockerd 20.10: graph-driver plugin support
   docker-registry      # CNCF distribution 2.8: the local registry
   containerd           # containerd 1.6 and ctr

@@ -19,7 +19,7 @@ import { gearConfig } from '../convert/convert.js';
 import { Flattener } from '../convert/flatten.js';
 import { layerTar, type SourceImage, type SourceLayer } from '../convert/source.js';
 import { writeIndexLayer } from '../core/index/index-layer.js';
-import { BIG_FILE_MIN_BYTES, GEAR_FORMAT_VERSION, GearMediaType, type BlobLocation, type IndexManifest } from '../core/index/manifest.js';
+import { BIG_FILE_MIN_BYTES, GearMediaType, type BlobLocation, type IndexManifest } from '../core/index/manifest.js';
 import type { TarHeader } from '../core/index/tar.js';
 import { ChunkTable } from './chunk-table.js';
 import { ContentMeter, type StoragePolicy } from './content-meter.js';
@@ -143,7 +143,8 @@ export async function analyzeImages(inputs: ImageInput[], opts: AnalyzeOptions =
     rawMinBytes: opts.rawMinBytes ?? BIG_FILE_MIN_BYTES,
     gzipLevel: opts.gzipLevel ?? 6,
   };
-  const formatVersion = opts.formatVersion ?? GEAR_FORMAT_VERSION;
+  // Versions 1 and 2 (one blob per file) are what this model predicts; version 3's packs are not modelled yet.
+  const formatVersion = opts.formatVersion ?? 2;
   const table = new ContentTable();
   const chunks = opts.chunkSize !== undefined ? new ChunkTable(opts.chunkSize) : undefined;
   const meter = new ContentMeter(table, policy, chunks);

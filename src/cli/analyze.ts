@@ -87,7 +87,7 @@ function progressReporter(tty: boolean, quiet: boolean): { on: (e: AnalyzeProgre
 export async function runAnalyze(images: string[], flags: AnalyzeFlags): Promise<AnalyzeReport> {
   if (images.length === 0) throw invalidArgument('name at least one image');
   if (flags.storage !== 'auto' && flags.storage !== 'raw') throw invalidArgument('--storage must be auto or raw');
-  if (flags.formatVersion !== '1' && flags.formatVersion !== '2') throw invalidArgument('--format-version must be 1 or 2');
+  if (flags.formatVersion !== '1' && flags.formatVersion !== '2') throw invalidArgument(`--format-version must be 1 or 2 (gear analyze predicts one blob per file; the packs of version 3 are not modelled yet), not ${flags.formatVersion}`);
   const rawMinBytes = flags.rawAbove === 'off' ? Infinity : parseSize(flags.rawAbove);
   let chunkSize: number | undefined;
   if (flags.chunks !== undefined) {

@@ -1,7 +1,7 @@
 /**
  * Typed access to native/gear_native.cc: the Linux calls Node.js lacks
  * (extended attributes, mknod, mount(2), umount2(2), the FUSE passthrough
- * ioctls). All are synchronous and throw Node-style errors carrying `code`
+ * ioctls) and zstd (libzstd). All are synchronous and throw Node-style errors carrying `code`
  * ("ENOENT", "ENODATA"…).
  */
 import { createRequire } from 'node:module';
@@ -43,6 +43,14 @@ interface NativeModule {
    * verity feature) does not support it; ENOTTY: the filesystem lacks the ioctl.
    */
   fsverityMeasure(fd: number): { algorithm: number; digest: Buffer };
+  /** One zstd frame (content size recorded, no checksum) of src; use src/core/sys/zstd.ts. */
+  zstdCompress(src: Uint8Array, level: number): Buffer;
+  /**
+   * src must be exactly one zstd frame whose content is exactly size bytes;
+   * throws (code "ERR_GEAR_ZSTD") otherwise. Use src/core/sys/zstd.ts.
+   */
+  zstdDecompress(src: Uint8Array, size: number): Buffer;
+  zstd: { version: string; minLevel: number; maxLevel: number; maxDecompressedSize: number };
   constants: {
     MS_RDONLY: number;
     MS_NOSUID: number;
