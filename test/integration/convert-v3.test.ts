@@ -13,6 +13,9 @@ import { promisify } from 'node:util';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runConvert } from '../../src/cli/convert.js';
+import { runCopy } from '../../src/cli/copy.js';
+import { runPrefetch } from '../../src/cli/prefetch.js';
+import { writeFileSync } from 'node:fs';
 import { readIndexLayer } from '../../src/core/index/index-layer.js';
 import { chunkBytes, GEAR_VERSION_LABEL, GearMediaType, type IndexFile, type IndexManifest } from '../../src/core/index/manifest.js';
 import { zstdDecompress } from '../../src/core/sys/zstd.js';
@@ -210,6 +213,35 @@ describe('gear convert, format version 3', () => {
       const f = index.files.find((x) => x.path === 'opt/text.txt')!;
       expect(gunzipSync(await blob('v3/compat', f.blob!.digest)).equals(extra.text)).toBe(true);
     }
+  }, 300_000);
+
+  it('gear copy moves the packs (mounted within a registry); gear prefetch re-packs the listed files in list order at the front', async () => {
+    await runConvert(`oci:${smallOci}:v1`, `${reg.host}/v3/small:v1`, flags);
+    const src = await pullIndex('v3/small', 'v1');
+    const c = await runCopy(`${reg.host}/v3/small:v1`, `${reg.host}/v3/small-copy:v1`, { concurrency: '4', filesPerManifest: '10000', insecureRegistry: [], progress: false, json: true });
+    expect(c.blobs).toBe(src.index.packs!.length);
+    expect(c.blobsMounted).toBe(c.blobs);
+    const copied = await pullIndex('v3/small-copy', 'v1');
+    expect(copied.index.packs).toEqual(src.index.packs);
+    for (const f of copied.index.files) await readFile3('v3/small-copy', copied.index, f);
+
+    // prefetch: text, then noise; big.bin (not listed) keeps its ranges in its old pack
+    const list = join(work, 'prefetch.txt');
+    writeFileSync(list, 'opt/text.txt\nopt/noise.bin\n');
+    const p = await runPrefetch(`${reg.host}/v3/small:v1`, `${reg.host}/v3/small:fast`, { list, insecureRegistry: [], json: true });
+    expect(p.repacked).toMatchObject({ packs: 1, members: 2 });
+    const fast = (await pullIndex('v3/small', 'fast')).index;
+    expect(fast.prefetch).toEqual(['opt/text.txt', 'opt/noise.bin']);
+    const by = new Map(fast.files.map((f) => [f.path, f]));
+    const text = by.get('opt/text.txt')!.member!;
+    const noise = by.get('opt/noise.bin')!.member!;
+    expect(text).toMatchObject({ pack: 0, offset: 0 });
+    expect(noise).toMatchObject({ pack: 0, offset: text.length });
+    expect(fast.packs![0]!.size).toBe(text.length + noise.length);
+    const big = by.get('opt/big.bin')!;
+    const oldBig = src.index.files.find((f) => f.path === 'opt/big.bin')!;
+    expect(big.chunks!.map((x) => [fast.packs![x.pack]!.digest, x.offset, x.length])).toEqual(oldBig.chunks!.map((x) => [src.index.packs![x.pack]!.digest, x.offset, x.length]));
+    for (const f of fast.files) await readFile3('v3/small', fast, f);
   }, 300_000);
 
   it('a conversion killed with -9 while it uploads is completed by a rerun, which reuses its staged packs and leaves no staging folder', async () => {
