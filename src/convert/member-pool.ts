@@ -40,18 +40,40 @@ import { workerData } from 'piscina';
 const { addon, known, level, worthIt, compress } = workerData;
 const native = createRequire(addon)(addon);
 const knownSet = new Set(known);
-function member(data, skipKnown) {
-  const hex = createHash('sha256').update(data).digest('hex');
-  if (skipKnown && knownSet.has(hex)) return { hex, known: true };
-  if (!compress) return { hex, known: false, encoding: 'raw', bytes: data };
-  const frame = native.zstdCompress(data, level);
-  // Cloned back to the main thread (a copy of the stored bytes only: cheap next to compressing them).
-  if (frame.length <= data.length * worthIt) return { hex, known: false, encoding: 'zstd', bytes: frame };
-  return { hex, known: false, encoding: 'raw', bytes: data };
-}
-// A task is a batch of members (small files travel together: one message, not one per file).
+// A task is a batch of members in one buffer (small files travel together: one message, not one per file);
+// the stored bytes of those not known come back concatenated in one buffer.
 export default function members(task) {
-  return task.items.map((d) => member(d, task.skipKnown));
+  const { buf, items, skipKnown } = task;
+  const results = [];
+  const outs = [];
+  let total = 0;
+  for (const [off, len] of items) {
+    const data = buf.subarray(off, off + len);
+    const hex = createHash('sha256').update(data).digest('hex');
+    if (skipKnown && knownSet.has(hex)) {
+      results.push({ hex, known: true });
+      continue;
+    }
+    let encoding = 'raw';
+    let bytes = data;
+    if (compress) {
+      const frame = native.zstdCompress(data, level);
+      if (frame.length <= len * worthIt) {
+        encoding = 'zstd';
+        bytes = frame;
+      }
+    }
+    results.push({ hex, known: false, encoding, length: bytes.length });
+    outs.push(bytes);
+    total += bytes.length;
+  }
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const b of outs) {
+    out.set(b, at);
+    at += b.length;
+  }
+  return { results, out };
 }
 `;
 
@@ -102,12 +124,23 @@ export class MemberPool {
   }
 
   /**
-   * Hashes each of `items` (buffers of their own, handed over: not to be used
-   * afterwards) and compresses those not known; results in the same order.
+   * Hashes the members `items` ([offset, length] in `buf`, a buffer of its own,
+   * handed over: not to be used afterwards) and compresses those not known;
+   * results in the same order.
    */
-  run(items: Uint8Array[], skipKnown: boolean): Promise<MemberResult[]> {
-    // Transferred, not copied: each item is a buffer of its own (Buffer.allocUnsafeSlow).
-    return this.pool.run({ items, skipKnown }, { transferList: items.map((d) => d.buffer as ArrayBuffer) }) as Promise<MemberResult[]>;
+  async run(buf: Uint8Array, items: [number, number][], skipKnown: boolean): Promise<MemberResult[]> {
+    // Transferred, not copied: buf is a buffer of its own (Buffer.allocUnsafeSlow).
+    const r = (await this.pool.run({ buf, items, skipKnown }, { transferList: [buf.buffer as ArrayBuffer] })) as {
+      results: { hex: string; known: boolean; encoding?: 'zstd' | 'raw'; length?: number }[];
+      out: Uint8Array;
+    };
+    let at = 0;
+    return r.results.map((x) => {
+      if (x.known) return { hex: x.hex, known: true };
+      const bytes = r.out.subarray(at, at + x.length!);
+      at += x.length!;
+      return { hex: x.hex, known: false, encoding: x.encoding!, bytes };
+    });
   }
 
   async close(): Promise<void> {

@@ -159,11 +159,10 @@ export class MemberStage {
     for (const r of w) r();
   }
 
-  /** One member through a worker (in a batch with others): known, or stored bytes spooled. */
-  private async member(data: Uint8Array): Promise<StagedMember | (MemberResult & { known: true })> {
-    const size = data.length;
+  /** One member (its bytes in `parts`) through a worker, in a batch with others: known, or stored bytes spooled. */
+  private async member(parts: Uint8Array[], size: number): Promise<StagedMember | (MemberResult & { known: true })> {
     await this.admit(size);
-    const r = await this.batched(data).finally(() => this.release(size));
+    const r = await this.batched(parts, size).finally(() => this.release(size));
     if (r.known) {
       this.stats.knownMembers++;
       return r as MemberResult & { known: true };
@@ -177,32 +176,52 @@ export class MemberStage {
   }
 
   /**
-   * Members go to the workers in batches of up to BATCH_BYTES (or BATCH_ITEMS):
-   * a message per small file costs more than hashing it. A batch leaves when
-   * full, or on the next turn of the event loop (so nothing waits for more
-   * input that will not come).
+   * Members go to the workers in batches: the bytes of up to BATCH_ITEMS small
+   * members copied into one BATCH_BYTES buffer (a message and a buffer per
+   * small file cost more than hashing it); a member of half a batch or more
+   * (a chunk) goes alone. A batch leaves when full, or on the next turn of the
+   * event loop (so nothing waits for input that will not come). The copy into
+   * the batch is synchronous: a batch never leaves half written.
    */
-  private batch?: { items: Uint8Array[]; bytes: number; results: Promise<MemberResult[]> };
-  private batched(data: Uint8Array): Promise<MemberResult> {
+  private batch?: { buf: Buffer; items: [number, number][]; used: number; send: () => void; results: Promise<MemberResult[]> };
+  private batched(parts: Uint8Array[], size: number): Promise<MemberResult> {
+    const copy = (buf: Buffer, at: number) => {
+      for (const p of parts) {
+        buf.set(p, at);
+        at += p.length;
+      }
+    };
+    if (size >= BATCH_BYTES / 2) {
+      const own = parts.length === 1 && parts[0]!.byteOffset === 0 && parts[0]!.byteLength === parts[0]!.buffer.byteLength ? parts[0]! : undefined;
+      let buf: Uint8Array;
+      if (own) buf = own;
+      else {
+        const b = Buffer.allocUnsafeSlow(size);
+        copy(b, 0);
+        buf = b;
+      }
+      return this.pool.run(buf, [[0, size]], this.known.size > 0).then((rs) => rs[0]!);
+    }
+    if (this.batch && (this.batch.used + size > BATCH_BYTES || this.batch.items.length >= BATCH_ITEMS)) {
+      this.batch.send();
+      this.batch = undefined;
+    }
     if (!this.batch) {
       let send!: () => void;
-      const items: Uint8Array[] = [];
       const gate = new Promise<void>((r) => (send = r));
-      const b = { items, bytes: 0, results: gate.then(() => this.pool.run(items, this.known.size > 0)) };
+      const buf = Buffer.allocUnsafeSlow(BATCH_BYTES);
+      const items: [number, number][] = [];
+      const b = { buf, items, used: 0, send, results: gate.then(() => this.pool.run(buf, items, this.known.size > 0)) };
       this.batch = b;
       setImmediate(() => {
         if (this.batch === b) this.batch = undefined;
         send();
       });
-      (b as { send?: () => void }).send = send;
     }
     const b = this.batch;
-    const i = b.items.push(data) - 1;
-    b.bytes += data.length;
-    if (b.bytes >= BATCH_BYTES || b.items.length >= BATCH_ITEMS) {
-      this.batch = undefined;
-      (b as { send?: () => void }).send!();
-    }
+    copy(b.buf, b.used);
+    const i = b.items.push([b.used, size]) - 1;
+    b.used += size;
     return b.results.then((rs) => rs[i]!);
   }
 
@@ -226,15 +245,16 @@ export class MemberStage {
   async addDeferred(body: AsyncIterable<Buffer>, size: number): Promise<{ done: Promise<{ digest: string; size: number }> }> {
     if (this.failed) throw this.failed;
     if (size < CHUNK_MIN_FILE_BYTES) {
-      const data = Buffer.allocUnsafeSlow(size);
+      // The body's chunks as they come (views of the decompressed layer); copied once, into the worker batch.
+      const parts: Buffer[] = [];
       let n = 0;
       for await (const c of body) {
         if (n + c.length > size) throw new Error(`a tar body grew past its header size (${size} bytes)`);
-        c.copy(data, n);
+        parts.push(c);
         n += c.length;
       }
       if (n !== size) throw new Error(`a tar body ended after ${n} of its ${size} bytes`);
-      const done = this.member(data).then((m) => {
+      const done = this.member(parts, size).then((m) => {
         const digest = `sha256:${m.hex}`;
         if (!this.contents.has(digest)) {
           const whole = this.knownContents.get(digest);
@@ -263,7 +283,7 @@ export class MemberStage {
         fill += n;
         at += n;
         if (fill === buf.length) {
-          const p = this.member(buf);
+          const p = this.member([buf], buf.length);
           p.catch(() => undefined);
           chunks.push(p);
           const left = size - (total - (c.length - at));
