@@ -166,7 +166,7 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
       const notices: string[] = [];
       if (formatVersion === 3) {
         // The image under the destination tag first (a reconversion reuses all it can), then every --dedup-with.
-        const refs = [...(flags.attach || target.startsWith('oci:') ? [] : [target]), ...(flags.dedupWith ?? [])];
+        const refs = [...(flags.attach ? [] : [target]), ...(flags.dedupWith ?? [])];
         for (const ref of refs) {
           const isDst = ref === target && !(flags.dedupWith ?? []).includes(ref);
           let img: SourceImage;
