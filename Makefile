@@ -44,7 +44,7 @@ test-hostile: build
 demo: build unstable-deps
 	bash scripts/demo.sh
 
-# make bench BENCH=cold: one section (lifecycle, read, cold = cold-deploy; comma list) instead of all.
+# make bench BENCH=cold: one section (lifecycle, read, cold = cold-deploy, reread, series; comma list) instead of all.
 bench: build
 	$(if $(BENCH),GEAR_BENCH_SECTIONS=$(BENCH) )bash bench/run.sh
 

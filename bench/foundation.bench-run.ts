@@ -9,6 +9,14 @@
  *                (registry in a network namespace, veth, tc tbf; a delay
  *                proxy for added RTT); geomean at 100 Mbit/s         target >= 6x, bytes <= 20%
  *                second app version on a warm gear node              bytes <= 5%
+ *   reread       a file read again in the same container after its lazy fetch
+ *                (lib/reread.ts: a big file, 2,048 small ones)  issue 15 >= 0.95x
+ *   series       five versions of one app: registry storage after each version per
+ *                system, warm v2 bytes (lib/series.ts)           issue 15 <= 50%, <= 2%
+ *
+ * At the end: issue 15's targets (lib/targets.ts) from the samples of the run,
+ * PASS/FAIL or "not measured", printed and kept in the JSON (extra.targets), and
+ * a PNG of the cold deploys per image and system next to the JSON (lib/plot.ts).
  *
  * Both dockerds (overlay2 and gear, test/helpers/dockerd.ts) run for the
  * whole run; repetitions alternate the drivers (A/B, B/A, …). The table is
@@ -24,7 +32,9 @@
  * GEAR_BENCH_COLD_SLOW_REPS (1: 20mbit, rtt20ms), GEAR_BENCH_COLD_LINKS,
  * GEAR_BENCH_COLD_IMAGES and GEAR_BENCH_COLD_SYSTEMS (comma lists, default all;
  * see lib/cold-deploy.ts and bench/README.md),
- * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy), GEAR_BENCH_PROFILE=1 (gear
+ * GEAR_BENCH_REREAD_SYSTEMS / _REPS / _BIG_MIB (lib/reread.ts), GEAR_BENCH_SERIES_SYSTEMS /
+ * _VERSIONS (lib/series.ts),
+ * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy,reread,series), GEAR_BENCH_PROFILE=1 (gear
  * daemon at debug level; per plugin method latency of each section in extra;
  * the debug logging costs a little, so profile runs are not the reported ones).
  */
@@ -35,12 +45,18 @@ import { coldDeploySection } from './lib/cold-deploy.js';
 import { lifecycleSection } from './lib/lifecycle.js';
 import { formatProfile, gearLogSize, gearRequestProfile } from './lib/profile.js';
 import { readSection } from './lib/read.js';
+import { rereadSection } from './lib/reread.js';
+import { seriesSection } from './lib/series.js';
 import { Report } from './lib/report.js';
+import { writeDeployPlot } from './lib/plot.js';
+import { issue15Targets, targetsTable } from './lib/targets.js';
 
 const SECTIONS: Record<string, (ctx: SectionContext) => Promise<void>> = {
   lifecycle: lifecycleSection,
   read: readSection,
   'cold-deploy': coldDeploySection,
+  reread: rereadSection,
+  series: seriesSection,
 };
 
 const started: Dockerd[] = [];
@@ -88,10 +104,22 @@ it('benchmark: overlay2 vs gear', async () => {
   } catch {
     /* informational */
   }
+  // Issue 15's targets from this run's samples (PASS/FAIL, or "not measured"), kept in the JSON too.
+  const targets = issue15Targets(report.extra);
+  report.extra.targets = targets;
   const file = report.write(REPO_ROOT);
+  let plot: string | undefined;
+  try {
+    const cold = report.extra['cold-deploy'] as { systemSamples?: Parameters<typeof writeDeployPlot>[1] } | undefined;
+    plot = await writeDeployPlot(file, cold?.systemSamples, `make bench: cold deploy per image and system (${file.split('/').pop()!.replace(/\.json$/, '')})`);
+  } catch (e) {
+    report.note(`deploy plot not written: ${e instanceof Error ? e.message : String(e)}`);
+  }
   process.stdout.write(`\n${report.table()}\n\n`);
   for (const t of report.tables) process.stdout.write(`${t.title}\n\n${t.text}\n\n`);
   for (const n of report.notes) process.stdout.write(`note: ${n}\n`);
+  process.stdout.write(`issue 15 targets (this run)\n\n${targetsTable(targets)}\n\n`);
   process.stdout.write(`results: ${file}\n`);
+  if (plot) process.stdout.write(`plot: ${plot}\n`);
   if (failure) throw failure;
 });

@@ -14,8 +14,12 @@
 #                                          gear, gear-opt, gear-ctr, gear-opt-ctr,
 #                                          estargz, estargz-opt side by side
 #                                          (bench/README.md; subsets by environment)
+#   make bench BENCH=series                the five-version registry storage series
+#   make bench BENCH=reread                re-read throughput after a lazy fetch
 #
-# Output: the table on stdout, raw samples in bench/results/<date>-<sha>.json.
+# Every run ends with issue 15's targets table (PASS/FAIL/not measured) and, with
+# cold-deploy samples, writes bench/results/<date>-<sha>-deploy.png beside the JSON.
+# Output: the tables on stdout, raw samples in bench/results/<date>-<sha>.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then

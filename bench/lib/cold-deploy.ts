@@ -56,6 +56,7 @@ import { formatProfile, gearRequestProfile } from './profile.js';
 import { READ_TASKS, timedExec, startIdle } from './read.js';
 import { estargzMissing, publishEstargz, startStargzNode, type StargzNode } from './estargz.js';
 import { AccessLog, storageOf, type Storage } from './registry-storage.js';
+import { archiveInputBytes } from './archive.js';
 import { isEstargz, isGear, isGearCtr, isGearOpt, storageTable, SYSTEMS, SystemSamples, systemOrder, systemsTable, type MetricKey, type PublishRow, type System } from './systems.js';
 
 /** Where GEAR_BENCH_PROFILE=1 keeps each gear node's daemon log. */
@@ -152,7 +153,7 @@ async function waitHttp(link: ShapedLink, host: string, child: ChildProcess): Pr
 }
 
 /** The registry as the nodes see it (nsAddr:5000), directly or behind the delay proxy. */
-class NsRegistry {
+export class NsRegistry {
   private registry: ChildProcess | undefined;
   private proxy: ChildProcess | undefined;
   private delay = 0;
@@ -329,8 +330,11 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
         // optimize still writes an image when the task fails, with a poorer prefetch set: say so.
         if (e.optimizeTaskExit !== 0) report.note(`cold-deploy: ${img.key}: the task exited ${e.optimizeTaskExit ?? '(not logged)'} under ctr-remote image optimize; estargz-opt's prefetch set may be incomplete`);
       }
+      // The uncompressed input of the conversion (the archive's layer tars): conversion MB/s (issue 15: >= 100).
+      const inputBytes = (row.inputBytes = await archiveInputBytes(archive));
       publishRows.push(row);
       publish[img.key] = {
+        inputBytes,
         refs: refs[img.key],
         buildSeconds: buildS,
         skopeoPushSeconds: pushS,
@@ -342,7 +346,7 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       const pf = prefetch as { prefetch: number; files: number } | undefined;
       log(
         `cold-deploy: published ${img.key}: build ${buildS.toFixed(0)} s, docker push ${pushS.toFixed(1)} s` +
-          (convertS !== undefined ? `, gear convert ${convertS.toFixed(1)} s` : '') +
+          (convertS !== undefined ? `, gear convert ${convertS.toFixed(1)} s (${(inputBytes / convertS / 1e6).toFixed(1)} MB/s of ${(inputBytes / 1e6).toFixed(0)} MB)` : '') +
           (pf ? `, recorded run + gear prefetch ${prefetchS.toFixed(1)} s (${pf.prefetch} of ${pf.files} files listed)` : '') +
           (row.estargzConvertS !== undefined ? `, estargz convert ${row.estargzConvertS.toFixed(1)} s, optimize ${row.estargzOptimizeS!.toFixed(1)} s` : ''),
       );

@@ -38,7 +38,7 @@ export function configFromEnv(): BenchConfig {
     coldReps: int('GEAR_BENCH_COLD_REPS', 2, 1),
     profile: process.env.GEAR_BENCH_PROFILE === '1',
     // `make bench BENCH=cold` (or GEAR_BENCH_SECTIONS=cold): the cold-deploy section alone.
-    sections: (process.env.GEAR_BENCH_SECTIONS ?? 'lifecycle,read,cold-deploy')
+    sections: (process.env.GEAR_BENCH_SECTIONS ?? 'lifecycle,read,cold-deploy,reread,series')
       .split(',')
       .map((s) => s.trim())
       .filter(Boolean)

@@ -85,8 +85,11 @@ async function importRootfs(d: Dockerd, key: string, include: string[], tag: str
   });
 }
 
-const PY_BASE = 'gear-bench/python3:bookworm';
+export const PY_BASE = 'gear-bench/python3:bookworm';
 const NGINX = 'gear-bench/nginx:bookworm';
+
+/** The python3 base image (debootstrap --include=python3) in d. */
+export const importPythonBase = (d: Dockerd): Promise<void> => importRootfs(d, 'python3', ['python3'], PY_BASE);
 const PY_BASE_11 = 'gear-bench/python3:bullseye';
 const NUMPY = 'gear-bench/numpy:bookworm';
 const REDIS = 'gear-bench/redis:bookworm';

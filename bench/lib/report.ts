@@ -54,7 +54,16 @@ export class Report {
   readonly tables: { title: string; text: string }[] = [];
   readonly started = new Date();
 
-  constructor(readonly config: Record<string, unknown>) {}
+  /** The commit the run measures: HEAD when the run started (a commit made during a long run must not relabel it). */
+  private readonly commitAtStart: string;
+
+  constructor(readonly config: Record<string, unknown>) {
+    try {
+      this.commitAtStart = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: new URL('../..', import.meta.url).pathname, encoding: 'utf8' }).trim();
+    } catch {
+      this.commitAtStart = 'unknown';
+    }
+  }
 
   add(m: MetricInput): Metric {
     const summary = { overlay2: summarize(m.samples.overlay2), gear: summarize(m.samples.gear) };
@@ -112,7 +121,7 @@ export class Report {
         return 'unknown';
       }
     };
-    const commit = git(['rev-parse', 'HEAD']);
+    const commit = this.commitAtStart !== 'unknown' ? this.commitAtStart : git(['rev-parse', 'HEAD']);
     const shortSha = commit.slice(0, 7);
     const dirty = git(['status', '--porcelain', '--untracked-files=no', '--', 'src']) !== '';
     const date = this.started.toISOString();

@@ -141,6 +141,8 @@ export function systemsTable(data: SystemSamples, systems: readonly System[]): s
 
 export interface PublishRow {
   image: string;
+  /** Uncompressed input of the conversion: the layer tars of the docker save archive. */
+  inputBytes?: number;
   gearConvertS?: number;
   gearPrefetchS?: number;
   estargzConvertS?: number;
@@ -150,7 +152,10 @@ export interface PublishRow {
 export function storageTable(storage: Partial<Record<System, { blobs: number; bytes: number }>>, publish: PublishRow[]): string {
   const rows: string[][] = [['registry storage of the corpus', 'blobs', 'bytes']];
   for (const [s, v] of Object.entries(storage)) rows.push([s, String(v.blobs), fmt(v.bytes, 'bytes')]);
-  const conv: string[][] = [['conversion (s)', 'gear convert', 'gear prefetch run', 'estargz convert', 'estargz optimize']];
-  for (const p of publish) conv.push([p.image, fmt(p.gearConvertS, 's'), fmt(p.gearPrefetchS, 's'), fmt(p.estargzConvertS, 's'), fmt(p.estargzOptimizeS, 's')]);
-  return `${grid(rows)}\n(unique blobs reachable from each system's tags, manifests and Gear files included; overlay2 = the Docker images)\n\n${grid(conv)}`;
+  const conv: string[][] = [['conversion (s)', 'input', 'gear convert', 'gear MB/s', 'gear prefetch run', 'estargz convert', 'estargz optimize']];
+  for (const p of publish) {
+    const mbps = p.inputBytes && p.gearConvertS ? (p.inputBytes / p.gearConvertS / 1e6).toFixed(1) : '-';
+    conv.push([p.image, fmt(p.inputBytes, 'bytes'), fmt(p.gearConvertS, 's'), mbps, fmt(p.gearPrefetchS, 's'), fmt(p.estargzConvertS, 's'), fmt(p.estargzOptimizeS, 's')]);
+  }
+  return `${grid(rows)}\n(unique blobs reachable from each system's tags, manifests and Gear files included; overlay2 = the Docker images)\ninput: the uncompressed layer tars of the docker save archive; gear MB/s = input ÷ gear convert seconds (issue 15 target >= 100 MB/s)\n\n${grid(conv)}`;
 }
