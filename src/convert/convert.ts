@@ -132,6 +132,9 @@ export interface ConvertSummary {
   resumedContents: number;
   resumedGzip: number;
   seconds: number;
+  /** Format version 3: files whose content is in reused packs, and those contents' bytes (as v3.reusedFiles/Bytes). */
+  reusedFiles?: number;
+  reusedBytes?: number;
   /** Format version 3 (absent otherwise): packs of the index, new and reused. */
   v3?: V3Summary;
 }
@@ -640,6 +643,8 @@ async function convertV3(src: SourceImage, dst: Destination, opts: ConvertOption
       resumedContents: 0,
       resumedGzip: 0,
       seconds: Number(process.hrtime.bigint() - t0) / 1e9,
+      reusedFiles,
+      reusedBytes: [...reusedContents.values()].reduce((a, b) => a + b, 0),
       v3: {
         packs: manifest.packs!.length,
         packBytes: manifest.packs!.reduce((s, p) => s + p.size, 0),
