@@ -38,7 +38,7 @@ export async function readReusable(src: SourceImage): Promise<ReusableImage | { 
   } catch (err) {
     return { skipped: `${src.description} is not a Gear image (${(err as Error).message.slice(0, 200)}); not used for dedup` };
   }
-  if (manifest.version !== 3 || !manifest.packs?.length) {
+  if (manifest.version !== 3) {
     return { skipped: `${src.description} is a Gear format version ${manifest.version} image; only version 3 packs are reused` };
   }
   const out: ReusableImage = { description: src.description, manifest };
