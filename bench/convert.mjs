@@ -1,5 +1,5 @@
 // Benchmark driver for bench/convert.sh (plain ESM over dist/, so it runs on Node 20 without a TS loader).
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -85,7 +85,56 @@ function ociImage(dir, tag, tars) {
   writeFileSync(join(dir, 'index.json'), JSON.stringify(idx));
 }
 
+/**
+ * `bench/convert.sh --images [NAME…]`: conversion throughput of the cached bench images
+ * (/var/cache/gear-test/NAME-bookworm.tar, default python3 and nodejs), each a one-layer OCI image
+ * (gzip -6), converted with format version 3 into a fresh repository of a local registry:
+ * wall time and CPU (user+sys of gear convert, from /usr/bin/time), MB/s of uncompressed input;
+ * then the same conversion again (reuse: nothing uploaded) and, with --with-v2, format 2 for comparison.
+ */
+async function imagesMode() {
+  const names = process.argv.slice(process.argv.indexOf('--images') + 1).filter((a) => !a.startsWith('--'));
+  const cache = process.env.GEAR_TEST_CACHE ?? '/var/cache/gear-test';
+  const reg = await startRegistry('images');
+  const oci = join(work, 'oci-images');
+  console.log(`machine load at the start: ${readFileSync('/proc/loadavg', 'utf8').trim()} (${execFileSync('nproc').toString().trim()} cores)`);
+  console.log('image      format  run      input(MB)  files  wall(s)  cpu(s)  MB/s(wall)  MB/s(per cpu-s x2)  uploaded(MB)  packs(new/reused)');
+  const rows = [];
+  for (const name of names.length ? names : ['python3', 'nodejs']) {
+    const tar = join(cache, `${name}-bookworm.tar`);
+    if (!existsSync(tar)) {
+      console.log(`${name}: ${tar} missing; skipped`);
+      continue;
+    }
+    ociImage(oci, name, [tar]);
+    const runs = [['3', 'first', `bench/${name}:v3`], ['3', 'again', `bench/${name}:v3`]];
+    if (process.argv.includes('--with-v2')) runs.push(['2', 'first', `bench/${name}:v2`]);
+    for (const [fv, run, dst] of runs) {
+      const t0 = Date.now();
+      const p = spawnSync('/usr/bin/time', ['-f', 'cpu %U %S', 'node', GEAR, 'convert', '--json', '--no-progress', '--format-version', fv, `oci:${oci}:${name}`, `${reg.host}/${dst}`], { maxBuffer: 1 << 26 });
+      if (p.status !== 0) throw new Error(`gear convert ${name} (format ${fv}) failed: ${p.stderr}`);
+      const wall = (Date.now() - t0) / 1000;
+      const s = JSON.parse(p.stdout.toString());
+      const cpu = /cpu ([0-9.]+) ([0-9.]+)/.exec(p.stderr.toString());
+      const r = { name, fv, run, input: s.layerBytes, files: s.files, wall, cpu: cpu ? Number(cpu[1]) + Number(cpu[2]) : NaN, seconds: s.seconds, uploaded: s.bytesUploaded, v3: s.v3 };
+      rows.push(r);
+    }
+  }
+  return rows;
+}
+
 try {
+  if (process.argv.includes('--images')) {
+    const rows = await imagesMode();
+    for (const r of rows) {
+      const v3 = r.v3 ? `${r.v3.newPacks}/${r.v3.reusedPacks}` : '-';
+      console.log(
+        `${r.name.padEnd(10)} ${r.fv.padStart(6)}  ${r.run.padEnd(6)} ${mb(r.input).padStart(10)} ${String(r.files).padStart(6)} ${r.wall.toFixed(1).padStart(8)} ${r.cpu.toFixed(1).padStart(7)} ${(r.input / 1e6 / r.wall).toFixed(1).padStart(11)} ${((2 * r.input) / 1e6 / r.cpu).toFixed(1).padStart(19)} ${mb(r.uploaded).padStart(13)}  ${v3}`,
+      );
+    }
+    console.log(`machine load at the end: ${readFileSync('/proc/loadavg', 'utf8').trim()}`);
+    process.exitCode = 0;
+  } else {
   // Layers: python3 from the host, and an update layer.
   const pyDirs = readdirSync('/usr/lib').filter((d) => /^python3(\.\d+)?$/.test(d)).map((d) => `usr/lib/${d}`);
   const pyBins = readdirSync('/usr/bin').filter((d) => /^python3(\.\d+)?$/.test(d)).map((d) => `usr/bin/${d}`);
@@ -156,6 +205,7 @@ try {
     const uploaded = rows.reduce((n, r) => n + r.bytesUploaded, 0);
     console.log(`gear analyze predicted ${predicted.storage.gear.totalBytes} bytes of Gear blobs, convert uploaded ${uploaded} (${predicted.storage.gear.totalBytes === uploaded ? 'equal' : 'DIFFERENT'}); analyze ${analyzeWall.toFixed(1)} s vs convert ${rows.reduce((n, r) => n + r.wall, 0).toFixed(1)} s`);
     console.log(`machine load at the end: ${readFileSync('/proc/loadavg', 'utf8').trim()}`);
+  }
   }
 } finally {
   for (const c of children) c.kill('SIGTERM');

@@ -10,11 +10,12 @@
 import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registry-options.js';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
-import { describeError, invalidArgument } from '../core/errors.js';
+import { describeError, invalidArgument, isClass } from '../core/errors.js';
 import type { BlobLocation } from '../core/index/manifest.js';
 import { convertImage, type ConvertSummary, type ProgressEvent } from '../convert/convert.js';
 import { ociLayoutDestination, registryDestination, type Destination } from '../convert/destination.js';
 import { removeScratchOnSignals } from '../convert/scratch.js';
+import { readReusable, type ReusableImage } from '../convert/reuse.js';
 import { newRegistryClient, openRegistry } from '../convert/registry-adapter.js';
 import { openDockerArchive, openDockerDaemon, openOciLayout, openRegistryImage, parseSourceSpec, type SourceImage } from '../convert/source.js';
 import { parseReference, parseRepository } from '../core/registry/reference.js';
@@ -32,11 +33,16 @@ interface ConvertFlags extends MirrorFlags {
   storage?: string;
   /** Size from which Gear files are stored raw (range-readable), e.g. "8MiB"; "off" gzips them too. */
   rawAbove?: string;
-  /** Gear format version of the index: "2" (default) or "1" for nodes with an older gear. */
+  /** Gear format version of the index: "3" (default), "2" or "1" for nodes with an older gear. */
   formatVersion?: string;
+  /** Format version 3: Gear v3 images whose packs may be reused (repeatable). */
+  dedupWith?: string[];
   /** Publish the Gear image as an OCI referrer of the (registry) source, in its repository, instead of under a tag. */
   attach?: boolean;
 }
+
+/** What `gear convert` writes unless told (--format-version). */
+export const DEFAULT_FORMAT_VERSION = '3';
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
 
@@ -58,6 +64,10 @@ function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent
             lastUploadLine = now;
             process.stderr.write(`gear files: ${uploaded}/${total}\n`);
           }
+        } else if (e.kind === 'pack-plan') {
+          process.stderr.write(`writing ~${e.packs} new pack(s) (${mb(e.bytes)})\n`);
+        } else if (e.kind === 'pack') {
+          process.stderr.write(`pack ${e.digest.slice(7, 19)} ${mb(e.size)} ${e.status}\n`);
         } else if (e.kind === 'phase') process.stderr.write(`writing ${e.phase}\n`);
       },
       stop: () => undefined,
@@ -70,6 +80,7 @@ function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent
   const layers = multi.create(1, 0, { label: 'layers ', unit: '' });
   const bytes = multi.create(0, 0, { label: 'read MB', unit: 'MB' });
   let upload: cliProgress.SingleBar | undefined;
+  let uploadUnit: 'blobs' | 'packs' | undefined;
   let readBytes = 0;
   return {
     on: (e) => {
@@ -84,7 +95,15 @@ function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent
       } else if (e.kind === 'upload-plan') {
         layers.update(layers.getTotal());
         upload = multi.create(e.blobs, 0, { label: 'files  ', unit: 'blobs' });
-      } else if (e.kind === 'blob') upload?.increment();
+        uploadUnit = 'blobs';
+      } else if (e.kind === 'pack-plan') {
+        layers.update(layers.getTotal());
+        upload = multi.create(Math.max(1, e.packs), 0, { label: 'packs  ', unit: 'packs' });
+        uploadUnit = 'packs';
+      } else if (e.kind === 'pack') {
+        if (upload && upload.getProgress() >= 1) upload.setTotal(upload.getTotal() + 1);
+        upload?.increment();
+      } else if (e.kind === 'blob' && uploadUnit === 'blobs') upload?.increment();
     },
     stop: () => multi.stop(),
   };
@@ -142,18 +161,50 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
     try {
       const dest = await openDestination(target, flags, client);
       if (flags.attach && !source.manifest) throw invalidArgument(`--attach: ${src} has no image manifest to attach to`);
-      return await convertImage(source, dest, {
+      const formatVersion = Number(flags.formatVersion ?? DEFAULT_FORMAT_VERSION) as 1 | 2 | 3;
+      const reuse: ReusableImage[] = [];
+      const notices: string[] = [];
+      if (formatVersion === 3) {
+        // The image under the destination tag first (a reconversion reuses all it can), then every --dedup-with.
+        const refs = [...(flags.attach ? [] : [target]), ...(flags.dedupWith ?? [])];
+        for (const ref of refs) {
+          const isDst = ref === target && !(flags.dedupWith ?? []).includes(ref);
+          let img: SourceImage;
+          try {
+            img = await openSource(ref, flags, client);
+          } catch (err) {
+            if (isDst && isClass(err, 'NotFound')) continue; // nothing under the tag yet
+            if (isDst) {
+              notices.push(`the image under ${ref} could not be read for reuse (${describeError(err)}); converting without it`);
+              continue;
+            }
+            throw invalidArgument(`--dedup-with ${ref}: ${describeError(err)}`, err);
+          }
+          try {
+            const r = await readReusable(img);
+            if ('skipped' in r) notices.push(r.skipped);
+            else reuse.push(r);
+          } finally {
+            await img.close();
+          }
+        }
+        if (!flags.json || process.stderr.isTTY) for (const n of notices) process.stderr.write(`gear convert: notice: ${n}\n`);
+      }
+      const summary = await convertImage(source, dest, {
+        formatVersion,
+        reuse,
         concurrency: Number(flags.concurrency),
         filesPerManifest: Number(flags.filesPerManifest),
         storage: flags.storage === 'raw' ? 'raw' : 'auto',
         ...(flags.rawAbove !== undefined ? { rawMinBytes: flags.rawAbove === 'off' ? Infinity : parseSize(flags.rawAbove) } : {}),
         tmpDir: flags.tmpDir,
-        ...(flags.formatVersion !== undefined ? { formatVersion: flags.formatVersion === '1' ? 1 : 2 } : {}),
         ...(flags.attach && source.manifest
           ? { attach: { subject: { mediaType: source.manifest.mediaType, digest: source.manifest.digest, size: source.manifest.bytes.length } } }
           : {}),
         progress: reporter.on,
       });
+      if (summary.v3) summary.v3.notices = notices;
+      return summary;
     } finally {
       await source.close();
     }
@@ -178,14 +229,18 @@ export function registerConvert(program: Command): void {
     .option('--insecure-registry <host>', 'registry reachable over plain http (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--storage <mode>', 'how Gear files are stored: auto (gzip when it saves ≥10%) or raw', 'auto')
     .option('--raw-above <size>', 'store files of at least this size raw, so nodes can read them by range while they download ("off": gzip them too)', '8MiB')
-    .option('--format-version <n>', 'Gear format version of the index: 2 (the tree in one manifest) or 1 (for nodes whose gear reads only version 1)', '2')
+    .option('--format-version <n>', 'Gear format version: 3 (packs of zstd members, big files chunked), 2 (one blob per file; for nodes whose gear reads at most version 2) or 1 (for nodes whose gear reads only version 1)', DEFAULT_FORMAT_VERSION)
+    .option('--dedup-with <ref>', 'format 3: also reuse the packs of this Gear v3 image (registry reference or oci:DIR[:TAG]); files stored there are referenced, its packs mounted (same registry) or copied; repeatable', (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option('--no-progress', 'no progress bars')
     .action(async (src: string, dstArg: string | undefined, flags: ConvertFlags) => {
       if (flags.attach && dstArg) throw invalidArgument('--attach publishes into the repository of SRC: give no DST');
       if (!flags.attach && !dstArg) throw invalidArgument('missing DST (a registry reference or oci:DIR[:TAG]), or use --attach');
       const dst = dstArg ?? '';
-      if (flags.formatVersion !== undefined && flags.formatVersion !== '1' && flags.formatVersion !== '2') {
-        throw invalidArgument('--format-version must be 1 or 2');
+      if (flags.formatVersion !== undefined && !['1', '2', '3'].includes(flags.formatVersion)) {
+        throw invalidArgument('--format-version must be 1, 2 or 3');
+      }
+      if (flags.dedupWith?.length && flags.formatVersion !== undefined && flags.formatVersion !== '3') {
+        throw invalidArgument('--dedup-with reuses packs: it needs --format-version 3');
       }
       if (flags.storage !== undefined && flags.storage !== 'auto' && flags.storage !== 'raw') {
         throw invalidArgument('--storage must be auto or raw');
@@ -203,6 +258,10 @@ export function registerConvert(program: Command): void {
           process.stdout.write(
             `${s.destination}@${s.manifestDigest}\n` +
               `  files ${s.files}, unique contents ${s.uniqueContents}, logical ${mb(s.logicalBytes)}\n` +
+              (s.v3
+                ? `  reused ${s.v3.reusedFiles} files (${mb(s.v3.reusedBytes)}) in ${s.v3.reusedPacks} existing pack(s) (${s.v3.packsMounted} mounted, ${s.v3.packsCopied} copied, ${s.v3.packsPresent} present); new packs ${s.v3.newPacks} (${mb(s.v3.newPackBytes)}), uploaded ${s.v3.packsUploaded} (${mb(s.v3.packBytesUploaded)})\n` +
+                  `  ${(s.layerBytes / 1e6 / s.seconds).toFixed(1)} MB/s of uncompressed layers\n`
+                : '') +
               `  uploaded ${mb(s.bytesUploaded)} (${s.blobsUploaded} blobs), already present ${mb(s.bytesSkipped)} (${s.blobsSkipped} blobs)\n` +
               `  index ${mb(s.indexSize)}, ${s.keepAliveManifests} keep-alive manifest(s), ${s.seconds.toFixed(1)} s\n` +
               (flags.attach ? `  attached to ${src} as an OCI referrer (its tag is unchanged); Gear nodes pulling ${src} deploy it lazily\n` : '') +

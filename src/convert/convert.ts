@@ -27,6 +27,14 @@ import { Flattener } from './flatten.js';
 import { layerTar, type SourceImage } from './source.js';
 import { ContentStage } from './stage.js';
 import { keepsGzip, wouldGzip } from './storage-policy.js';
+import { mapLimit } from './map-limit.js';
+import { claimScratch } from './scratch.js';
+import { MemberPool } from './member-pool.js';
+import { MemberStage, type StagedContent, type StagedMember } from './member-stage.js';
+import { adoptStagedPacks, stagedPackMembers, storePacks, type StagedPack } from './packs.js';
+import { bringPack, reusableMembers, type PackTransfer, type ReusableImage } from './reuse.js';
+import type { PackRef } from '../core/index/manifest.js';
+import { tmpdir } from 'node:os';
 
 export const MediaTypes = {
   OciManifest: 'application/vnd.oci.image.manifest.v1+json',
@@ -50,6 +58,8 @@ export type ProgressEvent =
   | { kind: 'layer-bytes'; bytes: number }
   | { kind: 'upload-plan'; blobs: number; bytes: number }
   | { kind: 'blob'; digest: string; size: number; status: 'exists' | 'uploaded' }
+  | { kind: 'pack-plan'; packs: number; bytes: number }
+  | { kind: 'pack'; digest: string; size: number; status: 'exists' | 'uploaded' | 'present' | 'mounted' | 'copied' }
   | { kind: 'phase'; phase: string };
 
 export interface ConvertOptions {
@@ -60,6 +70,7 @@ export interface ConvertOptions {
   /**
    * How Gear files are stored: 'auto' (default) gzips a file when that saves
    * at least 10% (docs/format.md, "Storing Gear files"); 'raw' never compresses.
+   * Version 3: 'auto' stores a member as zstd when that saves 10%; 'raw' never.
    */
   storage?: 'auto' | 'raw';
   /**
@@ -73,7 +84,15 @@ export interface ConvertOptions {
    * Gear format version of the index (default GEAR_FORMAT_VERSION, 2). Version
    * 1 is for nodes running a gear that reads only version 1.
    */
-  formatVersion?: 1 | 2;
+  formatVersion?: 1 | 2 | 3;
+  /**
+   * Format version 3: Gear v3 images whose packs this conversion may reuse
+   * (the image under the destination tag first, then every --dedup-with):
+   * contents stored there are referenced, not stored again (reuse.ts).
+   */
+  reuse?: ReusableImage[];
+  /** Format version 3: worker threads that hash and compress (default: the cores). */
+  threads?: number;
   /** gzip level for 'auto' (default 6). */
   gzipLevel?: number;
   /** Parent of the temp staging dir (default: OS temp dir). */
@@ -113,25 +132,41 @@ export interface ConvertSummary {
   resumedContents: number;
   resumedGzip: number;
   seconds: number;
+  /** Format version 3: files whose content is in reused packs, and those contents' bytes (as v3.reusedFiles/Bytes). */
+  reusedFiles?: number;
+  reusedBytes?: number;
+  /** Format version 3 (absent otherwise): packs of the index, new and reused. */
+  v3?: V3Summary;
 }
 
-/** Runs fn over items with at most `limit` in flight; the first failure rejects (others are awaited). */
-export async function mapLimit<T>(items: readonly T[], limit: number, fn: (t: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  let failed: unknown;
-  const worker = async () => {
-    while (failed === undefined && next < items.length) {
-      const t = items[next++]!;
-      try {
-        await fn(t);
-      } catch (err) {
-        failed ??= err;
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.max(1, Math.min(limit, items.length)) }, worker));
-  if (failed !== undefined) throw failed;
+export interface V3Summary {
+  /** Packs the index lists, and their bytes. */
+  packs: number;
+  packBytes: number;
+  /** Packs written by this conversion (in the destination already: not uploaded again), their bytes. */
+  newPacks: number;
+  newPackBytes: number;
+  packsUploaded: number;
+  packBytesUploaded: number;
+  /** Packs a killed run of the same conversion left staged and this one used. */
+  packsResumed: number;
+  /** Files whose content is stored in reused (older) packs, and those contents' bytes. */
+  reusedFiles: number;
+  reusedBytes: number;
+  /** Reused packs: already in the destination, mounted from another repository, copied. */
+  reusedPacks: number;
+  packsPresent: number;
+  packsMounted: number;
+  packsCopied: number;
+  /** Members compressed by this run: uncompressed and stored bytes. */
+  compressedMembers: number;
+  memberBytesIn: number;
+  memberBytesStored: number;
+  /** Images given for reuse that were skipped, and why. */
+  notices: string[];
 }
+
+export { mapLimit };
 
 function sha256(b: Buffer): string {
   return `sha256:${createHash('sha256').update(b).digest('hex')}`;
@@ -218,6 +253,7 @@ async function writeIndexBlob(manifest: IndexManifest, entries: TarHeader[], fil
 export async function convertImage(src: SourceImage, dst: Destination, opts: ConvertOptions = {}): Promise<ConvertSummary> {
   const t0 = process.hrtime.bigint();
   const progress = opts.progress ?? (() => undefined);
+  if ((opts.formatVersion ?? GEAR_FORMAT_VERSION) === 3) return convertV3(src, dst, opts, t0);
   // Keyed by the source: a rerun after a kill -9 takes over what the killed run staged.
   const stage = await ContentStage.create(opts.tmpDir, /^sha256:[a-f0-9]{64}$/.test(src.sourceDigest) ? src.sourceDigest.slice(7) : undefined);
   try {
@@ -396,9 +432,15 @@ export async function publishGearImage(
   return { index, imageDigest, keepAliveManifests: keepCount };
 }
 
-/** The distinct Gear blobs an index names (blob digest, size, media type as stored), sorted by blob digest. */
+/** The distinct Gear blobs an index names (blob digest, size, media type as stored; v3: its packs), sorted by blob digest. */
 export function gearBlobs(manifest: IndexManifest): { digest: string; size: number; mediaType: string }[] {
   const blobs = new Map<string, { digest: string; size: number; mediaType: string }>();
+  const packs = manifest.packs;
+  if (manifest.version === 3 && packs) {
+    // Version 3: the packs (docs/format.md §10.3), each once.
+    for (const p of packs) blobs.set(p.digest, { digest: p.digest, size: p.size, mediaType: GearMediaType.Pack });
+    return [...blobs.values()].sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
+  }
   for (const f of manifest.files) {
     const b = f.blob ? { digest: f.blob.digest, size: f.blob.size, mediaType: GearMediaType.FileGzip as string } : { digest: f.digest, size: f.size, mediaType: GearMediaType.File as string };
     blobs.set(b.digest, b);
@@ -461,4 +503,170 @@ export async function updateReferrersTag(
   }
   const referrers = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaTypes.OciIndex, manifests: position === 'first' ? [...add, ...others] : [...others, ...add] }));
   await dst.putManifest(tag, referrers, MediaTypes.OciIndex);
+}
+
+/**
+ * Format version 3 (docs/format.md §10.3): flatten with hashing and zstd in
+ * worker threads (MemberStage), lay the new members out into packs and upload
+ * them a few in flight (packs.ts), reference contents stored in packs of the
+ * images given for reuse and bring those packs into the destination
+ * (reuse.ts), then publish as every version does.
+ */
+async function convertV3(src: SourceImage, dst: Destination, opts: ConvertOptions, t0: bigint): Promise<ConvertSummary> {
+  const progress = opts.progress ?? (() => undefined);
+  const reuse = opts.reuse ?? [];
+  const key = /^sha256:[a-f0-9]{64}$/.test(src.sourceDigest) ? src.sourceDigest.slice(7) : undefined;
+  const scratch = await claimScratch(opts.tmpDir ?? tmpdir(), 'gear-convert-', key);
+  let pool: MemberPool | undefined;
+  try {
+    const dir = scratch.dir;
+    const staged: Map<string, StagedPack> = scratch.reused ? await adoptStagedPacks(dir) : new Map();
+    const old = reusableMembers(reuse);
+    // Reusable members: old packs first (no upload at all), then what a killed run left staged.
+    const known = new Map<string, StagedMember>(old.members);
+    for (const [hex, m] of stagedPackMembers(staged.values())) if (!known.has(hex)) known.set(hex, m);
+    pool = await MemberPool.start({ dir, known: known.keys(), compress: opts.storage !== 'raw', ...(opts.threads ? { threads: opts.threads } : {}) });
+    const stage = new MemberStage(dir, pool, known, old.contents);
+
+    // 1. flatten; bodies hashed and compressed by the workers as they stream out of the layers
+    const flat = new Flattener(stage);
+    for (let i = 0; i < src.layers.length; i++) {
+      const layer = src.layers[i]!;
+      progress({ kind: 'layer', index: i, count: src.layers.length, name: layer.name });
+      const tar = (async function* () {
+        for await (const c of layerTar(layer)) {
+          flat.stats.layerBytes += c.length;
+          progress({ kind: 'layer-bytes', bytes: c.length });
+          yield c;
+        }
+      })();
+      await flat.applyLayer(layer.name, tar, (n) => progress({ kind: 'file-bytes', bytes: n }));
+    }
+    await stage.finish();
+    await pool.close();
+    pool = undefined;
+    const { entries, manifest: m } = flat.result(dst.location);
+    const manifest = m;
+    manifest.version = 3;
+
+    let bytesUploaded = 0;
+    let bytesSkipped = 0;
+    let blobsUploaded = 0;
+    let blobsSkipped = 0;
+    const account = (digest: string, size: number, status: 'exists' | 'uploaded') => {
+      if (status === 'uploaded') {
+        bytesUploaded += size;
+        blobsUploaded++;
+      } else {
+        bytesSkipped += size;
+        blobsSkipped++;
+      }
+      progress({ kind: 'blob', digest, size, status });
+    };
+
+    // 2. packs: new ones written and uploaded; reused ones referenced, indexed after the new ones in first-use order
+    const oldIndex = new Map<string, number>();
+    const oldList: { image: number; ref: PackRef }[] = [];
+    const contents = stage.contents as Map<string, StagedContent>;
+    const newBytes = [...contents.values()].reduce((s, c) => s + c.members.reduce((t, x) => t + (x.src.kind === 'local' ? x.length : 0), 0), 0);
+    progress({ kind: 'pack-plan', packs: Math.ceil(newBytes / (32 * 1024 * 1024)), bytes: newBytes });
+    const stats = await storePacks(manifest, contents, {
+      dir,
+      dst,
+      concurrency: opts.concurrency ?? 4,
+      staged,
+      progress: (e) => {
+        account(e.digest, e.size, e.status);
+        progress(e);
+      },
+      oldPacks: {
+        index: (image, pack) => {
+          const ref = reuse[image]!.manifest.packs![pack]!;
+          const k = ref.digest;
+          let i = oldIndex.get(k);
+          if (i === undefined) {
+            i = oldList.length;
+            oldIndex.set(k, i);
+            oldList.push({ image, ref });
+          }
+          return i;
+        },
+        list: () => oldList.map((o) => o.ref),
+      },
+    });
+    // A pack that is both new and old (the same bytes): listed once is what the format asks; it cannot
+    // happen (a reused member is never written again), so only check.
+    if (new Set(manifest.packs!.map((p) => p.digest)).size !== manifest.packs!.length) throw new Error('internal: a pack is listed twice');
+    const transfers: Record<PackTransfer, number> = { present: 0, mounted: 0, copied: 0 };
+    let n = 0;
+    await mapLimit(oldList, opts.concurrency ?? 4, async (o) => {
+      const t = await bringPack(dst, reuse[o.image]!, o.ref, dir, `old-pack-${n++}`);
+      transfers[t]++;
+      progress({ kind: 'pack', digest: o.ref.digest, size: o.ref.size, status: t });
+    });
+    let reusedFiles = 0;
+    const reusedContents = new Map<string, number>();
+    for (const f of manifest.files) {
+      const c = contents.get(f.digest)!;
+      if (c.members.every((x) => x.src.kind === 'old')) {
+        reusedFiles++;
+        reusedContents.set(f.digest, f.size);
+      }
+    }
+    let logicalBytes = 0;
+    for (const f of manifest.files) logicalBytes += f.size;
+
+    // 3-5. index layer, config, keep-alive manifests (of the packs), the image manifest last
+    const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest, 3), {
+      tmpDir: dir,
+      filesPerManifest: opts.filesPerManifest ?? 10_000,
+      account,
+      progress,
+      ...(opts.attach ? { attach: opts.attach } : {}),
+    });
+    return {
+      source: src.description,
+      destination: dst.description,
+      manifestDigest: published.imageDigest,
+      indexDigest: published.index.digest,
+      indexDiffId: published.index.diffId,
+      files: manifest.files.length,
+      uniqueContents: contents.size,
+      logicalBytes,
+      layerBytes: flat.stats.layerBytes,
+      bytesUploaded,
+      bytesSkipped,
+      blobsUploaded,
+      blobsSkipped,
+      indexSize: published.index.size,
+      keepAliveManifests: published.keepAliveManifests,
+      resumedContents: 0,
+      resumedGzip: 0,
+      seconds: Number(process.hrtime.bigint() - t0) / 1e9,
+      reusedFiles,
+      reusedBytes: [...reusedContents.values()].reduce((a, b) => a + b, 0),
+      v3: {
+        packs: manifest.packs!.length,
+        packBytes: manifest.packs!.reduce((s, p) => s + p.size, 0),
+        newPacks: stats.packs,
+        newPackBytes: stats.packBytes,
+        packsUploaded: stats.packsUploaded,
+        packBytesUploaded: stats.packBytesUploaded,
+        packsResumed: stats.packsResumed,
+        reusedFiles,
+        reusedBytes: [...reusedContents.values()].reduce((a, b) => a + b, 0),
+        reusedPacks: oldList.length,
+        packsPresent: transfers.present,
+        packsMounted: transfers.mounted,
+        packsCopied: transfers.copied,
+        compressedMembers: stage.stats.members,
+        memberBytesIn: stage.stats.bytesIn,
+        memberBytesStored: stage.stats.bytesStored,
+        notices: [],
+      },
+    };
+  } finally {
+    await pool?.close().catch(() => undefined);
+    await scratch.release();
+  }
 }

@@ -84,12 +84,24 @@ interface Pending {
   digest?: string;
 }
 
+/**
+ * Where Flattener puts file contents. `addDeferred`, when present, is used
+ * instead of `add`: it resolves once the body has been read, to `done`, a
+ * promise of the digest, so the next entries are read while the content is hashed
+ * elsewhere (all are awaited at the end of the layer).
+ */
+export interface ContentSink {
+  add: ContentStage['add'];
+  addDeferred?(body: AsyncIterable<Buffer>, size: number): Promise<{ done: Promise<{ digest: string; size: number }> }>;
+}
+
 export class Flattener {
   private readonly root: Dir = { kind: 'dir', header: implicitDir(), children: new Map() };
   readonly stats: FlattenStats = { layerBytes: 0, entries: 0 };
 
-  // Only `add` is used: gear analyze passes a sink that measures contents instead of staging them.
-  constructor(private readonly stage: Pick<ContentStage, 'add'>) {}
+  // Only `add` is used (or `addDeferred`, when the sink has it): gear analyze passes a sink that measures
+  // contents instead of staging them; format v3 passes a MemberStage, whose workers hash while the tar reads on.
+  constructor(private readonly stage: ContentSink) {}
 
   /**
    * Applies one layer given as an uncompressed tar byte stream. `name` is
@@ -100,6 +112,7 @@ export class Flattener {
     const whiteouts: string[][] = [];
     const opaques: string[][] = [];
     const pending: Pending[] = [];
+    const deferred: Promise<unknown>[] = [];
     for await (const e of readTar(tar)) {
       const h = e.header;
       this.stats.entries++;
@@ -122,23 +135,29 @@ export class Flattener {
         if (h.linkname === '') throw badPath(name, h.path, 'hard link to the root');
       }
       let digest: string | undefined;
+      let later: Promise<{ digest: string }> | undefined;
       if (h.type === 'file' && h.size > 0) {
-        const body = e.body();
-        const staged = await this.stage.add(
-          onFileBytes
-            ? (async function* () {
-                for await (const c of body) {
-                  onFileBytes(c.length);
-                  yield c;
-                }
-              })()
-            : body,
-          h.size,
-        );
-        digest = staged.digest;
+        const raw = e.body();
+        const body = onFileBytes
+          ? (async function* () {
+              for await (const c of raw) {
+                onFileBytes(c.length);
+                yield c;
+              }
+            })()
+          : raw;
+        if (this.stage.addDeferred) later = (await this.stage.addDeferred(body, h.size)).done;
+        else digest = (await this.stage.add(body, h.size)).digest;
       }
-      pending.push({ comps, header: cleanXattrs(h), digest });
+      const p: Pending = { comps, header: cleanXattrs(h), digest };
+      if (later) {
+        const d = later.then((r) => (p.digest = r.digest));
+        d.catch(() => undefined); // awaited below; not unhandled if the tar fails first
+        deferred.push(d);
+      }
+      pending.push(p);
     }
+    await Promise.all(deferred);
     // Whiteouts and opaque markers hide lower layers only: apply them first.
     for (const p of opaques) {
       const d = this.lookup(p);

@@ -8,9 +8,12 @@
  * opened, each written when it was first needed (`--from-pool`). Or it is
  * given as paths (`--list`).
  *
- * Only the index layer changes: the Gear files are already in the
- * repository, so this pushes a new index layer, config and manifest (and the
- * keep-alive manifests of the new image digest) in seconds.
+ * Versions 1 and 2: only the index layer changes: the Gear files are already
+ * in the repository, so this pushes a new index layer, config and manifest
+ * (and the keep-alive manifests of the new image digest) in seconds.
+ * Version 3: the listed files are also packed again, in list order, into new
+ * packs at the front (prefetch-repack.ts), so a node's prefetch reads a few
+ * contiguous ranges; every other file keeps its range.
  */
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -20,6 +23,7 @@ import type { IndexManifest } from '../core/index/manifest.js';
 import { publishGearImage, withIndexLayer, type ProgressEvent } from './convert.js';
 import type { Destination } from './destination.js';
 import { layerTar, type SourceImage } from './source.js';
+import { repackPrefetch, type RepackStats } from './prefetch-repack.js';
 import { tmpdir } from 'node:os';
 
 export interface PrefetchSummary {
@@ -34,6 +38,8 @@ export interface PrefetchSummary {
   prefetchBytes: number;
   /** Files of the image. */
   files: number;
+  /** Version 3: the new packs holding the listed files. */
+  repacked?: RepackStats;
   seconds: number;
 }
 
@@ -108,6 +114,12 @@ export async function setPrefetch(
   const next: IndexManifest = { ...manifest };
   if (list.length) next.prefetch = list;
   else delete next.prefetch;
+  let repack: RepackStats | undefined;
+  if (next.version === 3 && list.length) {
+    // Version 3: the listed files move, in list order, into new packs at the front (contiguous ranges for the prefetch).
+    next.files = next.files.map((f) => ({ ...f }));
+    repack = await repackPrefetch(next, list, src, dst, { tmpDir: opts.tmpDir ?? tmpdir(), ...(opts.progress ? { progress: opts.progress as never } : {}) });
+  }
   const contents = new Map<string, number>();
   for (const p of list) {
     const f = byPath.get(p)!;
@@ -129,6 +141,7 @@ export async function setPrefetch(
     prefetch: list.length,
     prefetchBytes: [...contents.values()].reduce((a, b) => a + b, 0),
     files: manifest.files.length,
+    ...(repack ? { repacked: repack } : {}),
     seconds: Number(process.hrtime.bigint() - t0) / 1e9,
   };
 }

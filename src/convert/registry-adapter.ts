@@ -25,6 +25,8 @@ export interface RegistryAccess {
   /** Cross-repository mount from another repository of the same registry; false when the registry declined. */
   mountBlob(digest: string, from: { registry: string; repository: string }): Promise<boolean>;
   openBlob(digest: string, size: number): Promise<AsyncIterable<Uint8Array>>;
+  /** Bytes start … start+length−1 of a blob of `size` bytes (an HTTP Range request; not verified: the caller checks). */
+  readRange(digest: string, size: number, start: number, length: number): Promise<Buffer>;
   /** HEAD first; uploads from the file only when absent. */
   pushFile(digest: string, size: number, path: string): Promise<'exists' | 'uploaded'>;
   pushBytes(digest: string, bytes: Buffer): Promise<'exists' | 'uploaded'>;
@@ -63,6 +65,18 @@ export function openRegistry(refText: string, client: RegistryClient): RegistryA
     async openBlob(digest, size) {
       const s = await client.openBlob(repo, digest, { expectedSize: size });
       return s.stream;
+    },
+    async readRange(digest, size, start, length) {
+      const s = await client.openBlob(repo, digest, { expectedSize: size, range: { start, end: start + length - 1 } });
+      const parts: Buffer[] = [];
+      let n = 0;
+      for await (const c of s.stream) {
+        n += (c as Buffer).length;
+        if (n > length) throw new Error(`GET ${digest} bytes ${start}+${length}: more bytes than asked for`);
+        parts.push(c as Buffer);
+      }
+      if (n !== length) throw new Error(`GET ${digest} bytes ${start}+${length}: ${n} bytes came`);
+      return Buffer.concat(parts);
     },
     async pushFile(digest, size, path) {
       const r = await client.pushBlob(repo, digest, fileBlobSource(path, size));

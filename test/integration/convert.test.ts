@@ -34,7 +34,8 @@ import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
 const exec = promisify(execFile);
 const GEAR_CLI_PATH = join(import.meta.dirname, '../../dist/cli/gear.js');
-const flags = { concurrency: '4', filesPerManifest: '10000', insecureRegistry: [] as string[], progress: false, json: true };
+// Format version 2 (one blob per file): what these tests check; version 3 is test/integration/convert-v3.test.ts.
+const flags = { concurrency: '4', filesPerManifest: '10000', insecureRegistry: [] as string[], progress: false, json: true, formatVersion: '2' };
 
 let reg: TestRegistry;
 let work: string;
@@ -511,7 +512,7 @@ describe('gear convert staging folder', () => {
 
   /** Starts `gear convert` of the many-files image (throttled) with --tmp-dir tmp; resolves once its stage holds ≥ 100 entries. */
   async function startConvert(tmp: string, out: string): Promise<ChildProcess> {
-    const child = spawn(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, `${slow.host}/src/many:1`, `oci:${out}:v1`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--format-version', '2', '--tmp-dir', tmp, `${slow.host}/src/many:1`, `oci:${out}:v1`], { stdio: ['ignore', 'pipe', 'pipe'] });
     const deadline = Date.now() + 60_000;
     while (Date.now() < deadline && child.exitCode === null) {
       const st = stages(tmp);
@@ -531,7 +532,7 @@ describe('gear convert staging folder', () => {
     await exited(child);
     expect(stages(tmp)).toHaveLength(1); // what kill -9 leaves
     // The rerun reads the same image straight from the registry: same source digest, same stage.
-    const r = await exec(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--tmp-dir', tmp, src, `oci:${out}:v1`], { maxBuffer: 16 << 20 });
+    const r = await exec(process.execPath, [GEAR_CLI_PATH, 'convert', '--no-progress', '--json', '--format-version', '2', '--tmp-dir', tmp, src, `oci:${out}:v1`], { maxBuffer: 16 << 20 });
     const s = JSON.parse(r.stdout) as { files: number; resumedContents: number; manifestDigest: string };
     expect(s.files).toBe(1500);
     expect(readdirSync(tmp)).toEqual([]);

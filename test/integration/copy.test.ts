@@ -110,7 +110,8 @@ beforeAll(async () => {
   const tar = join(work, 'src.tar');
   await writeDockerArchive(tar, layers, 'gear-test/copy-src:latest');
   srcRef = `${A.host}/team/app:gear`;
-  await gear(['convert', '--no-progress', '--json', `docker-archive:${tar}`, srcRef]);
+  // Format version 2 (one blob per file, both storage forms); v3 copies (packs) are in convert-v3.test.ts.
+  await gear(['convert', '--no-progress', '--json', '--format-version', '2', `docker-archive:${tar}`, srcRef]);
 }, 300_000);
 
 afterAll(async () => {

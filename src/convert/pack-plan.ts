@@ -1,0 +1,105 @@
+/**
+ * Format version 3 pack layout (docs/format.md §10.3), pure logic:
+ *
+ * - which contents are chunked (CHUNK_MIN_FILE_BYTES and up, CHUNK_BYTES chunks);
+ * - whether a member is stored zstd or raw (zstd when it saves at least 10%);
+ * - the order contents are laid out in: the prefetch list first (in list
+ *   order), then path order of each content's first path;
+ * - cutting that sequence of members into packs of at most PACK_MAX_BYTES
+ *   stored bytes: a one-member content that does not fit the rest of the
+ *   current pack starts the next one; a chunked content's chunks follow each
+ *   other in order, starting a new pack only between chunks.
+ *
+ * The layout depends only on its input (member lengths), so a rerun of a
+ * killed conversion plans the same packs and can reuse the complete ones.
+ */
+
+/** Packs are filled up to this many stored bytes. */
+export const PACK_MAX_BYTES = 32 * 1024 * 1024;
+/** Files of at least this size are chunked. */
+export const CHUNK_MIN_FILE_BYTES = 4 * 1024 * 1024;
+/** Chunk size of chunked files (every chunk but the last). */
+export const CHUNK_BYTES = 1024 * 1024;
+/** A member is stored zstd when the frame is at most this fraction of its bytes. */
+export const ZSTD_WORTH_IT = 0.9;
+
+export type Encoding = 'zstd' | 'raw';
+
+/** The stored form chosen for a member of `size` bytes whose zstd frame is `compressed` bytes. */
+export function memberEncoding(size: number, compressed: number): Encoding {
+  return compressed <= size * ZSTD_WORTH_IT ? 'zstd' : 'raw';
+}
+
+/** How many chunks a content of `size` bytes has (0: stored as one member). */
+export function chunkCount(size: number, minFile = CHUNK_MIN_FILE_BYTES, chunk = CHUNK_BYTES): number {
+  return size >= minFile ? Math.ceil(size / chunk) : 0;
+}
+
+export interface LayoutMember {
+  /** Stored bytes. */
+  length: number;
+}
+
+export interface LayoutContent<M extends LayoutMember = LayoutMember> {
+  digest: string;
+  /** One member (a whole file) or its chunks in order. */
+  members: M[];
+}
+
+export interface PlannedPack<M extends LayoutMember = LayoutMember> {
+  /** Members in pack order with their offsets. */
+  members: { member: M; offset: number }[];
+  size: number;
+}
+
+/**
+ * The digests of `files` (in path order, each with its first path first) in
+ * layout order: the contents of `prefetch` paths in list order, then every
+ * other content by its first path. Each digest once.
+ */
+export function layoutOrder(files: readonly { path: string; digest: string }[], prefetch?: readonly string[]): string[] {
+  const out: string[] = [];
+  const seen = new Set<string>();
+  if (prefetch?.length) {
+    const byPath = new Map(files.map((f) => [f.path, f.digest]));
+    for (const p of prefetch) {
+      const d = byPath.get(p);
+      if (d !== undefined && !seen.has(d)) {
+        seen.add(d);
+        out.push(d);
+      }
+    }
+  }
+  for (const f of files) {
+    if (!seen.has(f.digest)) {
+      seen.add(f.digest);
+      out.push(f.digest);
+    }
+  }
+  return out;
+}
+
+/**
+ * Cuts the members of `contents` (in the given order) into packs of at most
+ * `maxBytes` stored bytes (a member longer than that gets a pack of its own).
+ */
+export function layoutPacks<M extends LayoutMember>(contents: readonly LayoutContent<M>[], maxBytes = PACK_MAX_BYTES): PlannedPack<M>[] {
+  const packs: PlannedPack<M>[] = [];
+  let cur: PlannedPack<M> | undefined;
+  const place = (m: M) => {
+    if (!cur || (cur.size > 0 && cur.size + m.length > maxBytes)) {
+      cur = { members: [], size: 0 };
+      packs.push(cur);
+    }
+    cur.members.push({ member: m, offset: cur.size });
+    cur.size += m.length;
+  };
+  for (const c of contents) {
+    if (c.members.length === 0) continue;
+    const total = c.members.reduce((s, m) => s + m.length, 0);
+    // A content that fits a pack but not the rest of this one starts the next pack (read in one range).
+    if (cur && cur.size > 0 && cur.size + total > maxBytes && total <= maxBytes) cur = undefined;
+    for (const m of c.members) place(m);
+  }
+  return packs;
+}
