@@ -11,7 +11,7 @@ import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registr
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
 import { describeError, invalidArgument, isClass } from '../core/errors.js';
-import type { BlobLocation } from '../core/index/manifest.js';
+import { GEAR_FORMAT_VERSION, type BlobLocation } from '../core/index/manifest.js';
 import { convertImage, type ConvertSummary, type ProgressEvent } from '../convert/convert.js';
 import { ociLayoutDestination, registryDestination, type Destination } from '../convert/destination.js';
 import { removeScratchOnSignals } from '../convert/scratch.js';
@@ -42,7 +42,7 @@ interface ConvertFlags extends MirrorFlags {
 }
 
 /** What `gear convert` writes unless told (--format-version). */
-export const DEFAULT_FORMAT_VERSION = '3';
+export const DEFAULT_FORMAT_VERSION = String(GEAR_FORMAT_VERSION);
 
 const mb = (n: number) => `${(n / 1e6).toFixed(1)} MB`;
 

@@ -16,10 +16,11 @@ import { checkPackLayout, decodePackedContent, decodePacks, type PackedContent, 
 export { chunkBytes, type FileChunk, type MemberEncoding, type PackedContent, type PackMember, type PackRef } from './pack-layout.js';
 
 /**
- * The format version `gear convert` writes. Version 2 carries the tree in the
- * manifest (one tar entry); version 1 carries it as tar entries after it.
+ * The format version `gear convert` writes. Version 3 stores files in packs
+ * (docs/format.md §10); version 2 carries the tree in the manifest (one tar
+ * entry); version 1 carries it as tar entries after it.
  */
-export const GEAR_FORMAT_VERSION = 2;
+export const GEAR_FORMAT_VERSION = 3;
 /** Every format version this code reads (and writes, on request). */
 export const GEAR_FORMAT_VERSIONS: readonly number[] = [1, 2, 3];
 
