@@ -1,6 +1,6 @@
 /** The catalog's v3 locations (src/core/lazy/catalog.ts): records of every age, mixed v2/v3 owners, read-ahead neighbours. */
 import { describe, expect, it } from 'vitest';
-import { BlobCatalog, layoutOf, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
+import { BlobCatalog, layoutOf, MAX_READ_AHEAD_FILES, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
 
 const d = (n: number) => `sha256:${n.toString(16).padStart(64, '0')}`;
 const loc = { registry: 'r:5000', repository: 'app' };
@@ -61,5 +61,15 @@ describe('BlobCatalog with format v3 records', () => {
     expect(n[0]!.member).toEqual({ pack: packs[0], offset: 2000, length: 500, encoding: 'zstd' });
     expect(c.neighbours(seed, 0, () => true)).toEqual([]);
     expect(c.neighbours(c.requests(d(109))[0]!, 10_000, () => true)).toEqual([]);
+  });
+
+  it('neighbours: at most MAX_READ_AHEAD_FILES per miss, however tiny the members (a hostile index of 1-byte members)', () => {
+    const c = new BlobCatalog();
+    const tuples: GearBlobTuple[] = [];
+    for (let i = 0; i < 5000; i++) tuples.push([d(1000 + i), 1, { p: 0, o: i, l: 1, e: 'raw' }]);
+    c.add('L', loc, tuples, packs);
+    const n = c.neighbours(c.requests(d(1000))[0]!, 1 << 20, () => true);
+    expect(n.length).toBe(MAX_READ_AHEAD_FILES);
+    expect(n[0]!.digest).toBe(d(1001));
   });
 });

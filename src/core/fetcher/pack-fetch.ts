@@ -60,7 +60,7 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
   for (let attempt = 1; pending.size > 0; attempt++) {
     const list = [...pending].sort((a, b) => a.member.offset - b.member.offset);
     const start = list[0]!.member.offset;
-    const end = Math.max(...list.map((j) => j.member.offset + j.member.length));
+    const end = list.reduce((e, j) => Math.max(e, j.member.offset + j.member.length), 0);
     const controller = new AbortController();
     const live = () => list.some((j) => pending.has(j) && !j.signal.aborted);
     const onJobAbort = () => {

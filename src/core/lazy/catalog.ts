@@ -195,7 +195,7 @@ export class BlobCatalog {
     }
     const out: FetchRequest[] = [];
     let bytes = 0;
-    for (let i = lo; i < slots.length; i++) {
+    for (let i = lo; i < slots.length && out.length < MAX_READ_AHEAD_FILES; i++) {
       const s = slots[i]!;
       if (s.digest === req.digest) continue;
       if (bytes + s.length > maxBytes) break;
@@ -220,6 +220,13 @@ export class BlobCatalog {
     return this.byDigest.size;
   }
 }
+
+/**
+ * At most this many neighbours per miss, whatever the byte window: an index
+ * of tiny members (a hostile one: 1-byte raw members) must not turn one miss
+ * into a million queued jobs.
+ */
+export const MAX_READ_AHEAD_FILES = 256;
 
 function rank(r: FetchRequest): number {
   return r.member ? 0 : r.chunks ? 1 : 2;
