@@ -105,7 +105,7 @@ describe('a Gear image through containerd 1.6 and gear as a proxy snapshotter', 
       [...bb, { path: 'data/', type: 'dir' }, ...Object.entries(files).map(([n, c]) => ({ path: `data/${n}`, content: c, mode: 0o644 }))],
     ], 'src/lazy:v1');
     const ref = `${proxy.host}/gear/lazy:v1`;
-    await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 300_000 });
+    await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 300_000 });
     const afterConvert = proxy.seen.length;
 
     await ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 300_000);

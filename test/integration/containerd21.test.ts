@@ -70,7 +70,7 @@ describe('containerd 2.1 (config version 3, transfer service) with gear as a pro
     const src = join(c.base, 'lazy-src.tar');
     await writeDockerArchive(src, [[...bb, { path: 'data/', type: 'dir' }, ...Object.entries(files).map(([n, b]) => ({ path: `data/${n}`, content: b }))]], 'src/lazy:v1');
     const ref = `${proxy.host}/gear/lazy21:v1`;
-    await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 300_000 });
+    await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 300_000 });
     const gets = (b: Buffer) => proxy.seen.filter((l) => l.startsWith('GET ') && l.includes(`/blobs/sha256:${hex(b)}`)).length;
     const before = proxy.seen.length;
 

@@ -292,10 +292,10 @@ describe('gear convert', () => {
         },
         close: async () => undefined,
       };
-      const err = await thrown(convertImage(await openOciLayout(src), failing, { concurrency: 1 }));
+      const err = await thrown(convertImage(await openOciLayout(src), failing, { concurrency: 1, formatVersion: 2 }));
       expect(err.message).toMatch(/simulated crash/);
       await expectNoManifest('gear/interrupt', 'v1');
-      const s = await convertImage(await openOciLayout(src), real, { concurrency: 2 });
+      const s = await convertImage(await openOciLayout(src), real, { concurrency: 2, formatVersion: 2 });
       expect(s.blobsSkipped).toBe(3);
       const { index } = await pullGear('gear/interrupt', 'v1');
       await expectServesFiles('gear/interrupt', index.manifest, expectedFiles(layers));
@@ -363,7 +363,7 @@ describe('gear convert', () => {
       try {
         const dst = registryDestination(openRegistry('127.0.0.1:1/gear/x:v1', client));
         const t0 = Date.now();
-        const err = await thrown(convertImage(await openOciLayout(src), dst));
+        const err = await thrown(convertImage(await openOciLayout(src), dst, { formatVersion: 2 }));
         expect(isClass(err, 'Unavailable') || isClass(err, 'DeadlineExceeded'), String(err)).toBe(true);
         expect(err.message).toMatch(/127\.0\.0\.1:1/);
         expect(Date.now() - t0).toBeLessThan(30_000);
@@ -441,7 +441,7 @@ describe('gear convert', () => {
     await writeOciImage(src, multiLayerImage());
     const out = join(work, 'ocidst-out');
     const s = await runConvert(`oci:${src}`, `oci:${out}:gear`, { ...flags, location: `${reg.host}/gear/det` });
-    const again = await convertImage(await openOciLayout(src), await ociLayoutDestination(`${out}:gear`, { registry: reg.host, repository: 'gear/det' }));
+    const again = await convertImage(await openOciLayout(src), await ociLayoutDestination(`${out}:gear`, { registry: reg.host, repository: 'gear/det' }), { formatVersion: 2 });
     expect(again.manifestDigest).toBe(s.manifestDigest);
     expect(again.bytesUploaded).toBe(0);
     const back = await openOciLayout(`${out}:gear`);

@@ -69,7 +69,7 @@ describe.each(settings)("remote snapshots through containerd 2.1's CRI, $name: a
     original = await pushPlainImage(reg.host, 'app', '1', await layersOf());
     // The CLI an admin runs; --storage raw so a Gear file's blob digest is its content's, and through the proxy
     // so that the index names the proxy as the Gear files' registry (their fetches are counted below).
-    const conv = await runOk(process.execPath, [GEAR_CLI, 'convert', '--attach', '--json', '--no-progress', '--storage', 'raw', `${proxy.host}/app:1`], {
+    const conv = await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--attach', '--json', '--no-progress', '--storage', 'raw', `${proxy.host}/app:1`], {
       timeoutMs: 120_000,
     });
     const summary = JSON.parse(conv.stdout) as { indexDigest: string; manifestDigest: string };

@@ -52,7 +52,7 @@ beforeAll(async () => {
   const src = join(node.base, 'gear-src.tar');
   await writeDockerArchive(src, [[...bb, { path: 'data/', type: 'dir' }, ...Object.entries(files).map(([n, c]) => ({ path: `data/${n}`, content: c, mode: 0o644 }))]], 'src/app:v1');
   gearRef = `${proxy.host}/gear/app:v1`;
-  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, gearRef], { timeoutMs: 300_000 });
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, gearRef], { timeoutMs: 300_000 });
 
   // The ordinary image, pushed by containerd's own client from another namespace.
   plainRef = `${proxy.host}/plain/busybox:v1`;

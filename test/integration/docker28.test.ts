@@ -108,7 +108,7 @@ beforeAll(async () => {
     'src/lazy:v1',
   );
   gearRef = `${proxy.host}/gear/lazy:v1`;
-  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, gearRef], { timeoutMs: 300_000 });
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--format-version', '2', '--storage', 'raw', `docker-archive:${src}`, gearRef], { timeoutMs: 300_000 });
   const src2 = join(d.dir, 'second-src.tar');
   await writeDockerArchive(
     src2,
@@ -116,7 +116,7 @@ beforeAll(async () => {
     'src/second:v1',
   );
   gearRef2 = `${proxy.host}/gear/second:v1`;
-  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src2}`, gearRef2], { timeoutMs: 300_000 });
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--format-version', '2', '--storage', 'raw', `docker-archive:${src2}`, gearRef2], { timeoutMs: 300_000 });
 }, 300_000);
 
 afterAll(async () => {

@@ -64,7 +64,7 @@ beforeAll(async () => {
   const archive = join(work, 'src.tar');
   await writeDockerArchive(archive, [entries], 'src/crash:v1');
   image = `${reg.host}/gear/crash:v1`;
-  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${archive}`, image], { timeoutMs: 300_000 });
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--no-progress', '--storage', 'raw', `docker-archive:${archive}`, image], { timeoutMs: 300_000 });
   D = await startDockerd({ driver: 'gear', gearArgs: ['--fetch-timeout', '10s'] });
 }, 300_000);
 

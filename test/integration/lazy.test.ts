@@ -34,7 +34,7 @@ async function convert(layers: (LayerEntry[] | Buffer)[], name: string, storage:
   const file = join(work, `${name.replaceAll('/', '_')}.tar`);
   await writeDockerArchive(file, layers, `src/${name}`);
   const ref = `${proxy.host}/${name}`;
-  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', storage, `docker-archive:${file}`, ref], { timeoutMs: 600_000 });
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--format-version', '2', '--storage', storage, `docker-archive:${file}`, ref], { timeoutMs: 600_000 });
   rmSync(file, { force: true });
   return ref;
 }

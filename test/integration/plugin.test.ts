@@ -220,7 +220,7 @@ describe.skipIf(!canRun)('managed Docker plugin', () => {
     await writeDockerArchive(tar, [await busyboxLayer(), [{ path: 'data/', type: 'dir' }, { path: 'data/touched', content: touched }, { path: 'data/untouched', content: untouched }]], 'gear-test/lazy-src:latest');
     await A!.dockerOk(['load', '-i', tar]);
     const gearRef = `${proxy.host}/gear-test/lazy:gear`;
-    await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', '--docker-host', A!.host, 'docker-daemon:gear-test/lazy-src:latest', gearRef], {
+    await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--no-progress', '--storage', 'raw', '--docker-host', A!.host, 'docker-daemon:gear-test/lazy-src:latest', gearRef], {
       timeoutMs: 600_000,
     });
     const gets = (b: Buffer) => proxy.seen.filter((l) => l.startsWith('GET ') && l.includes(hex(b))).length;

@@ -103,7 +103,7 @@ beforeAll(async () => {
     'gear-test/mirrors:latest',
   );
   gearRef = `${origin.host}/team/app:gear`;
-  await gear(['convert', '--no-progress', '--json', '--registry-config-dir', '', `docker-archive:${tar}`, gearRef]);
+  await gear(['convert', '--no-progress', '--json', '--format-version', '2', '--registry-config-dir', '', `docker-archive:${tar}`, gearRef]);
   const layout = join(work, 'gear-layout');
   await gear(['copy', '--json', '--no-progress', '--registry-config-dir', '', gearRef, `oci:${layout}:gear`]);
   const plain = new RegistryClient();

@@ -33,7 +33,7 @@ describe('remote snapshots with Docker 28 (containerd image store)', () => {
     reg = await startRegistry();
     proxy = await startFaultProxy(reg.url);
     original = await pushPlainImage(reg.host, 'dapp', '1', await layersOf());
-    const s = await runConvert(`${reg.host}/dapp:1`, '', { attach: true, concurrency: '4', filesPerManifest: '10000', insecureRegistry: [], progress: false, json: true });
+    const s = await runConvert(`${reg.host}/dapp:1`, '', { attach: true, formatVersion: '2', concurrency: '4', filesPerManifest: '10000', insecureRegistry: [], progress: false, json: true });
     indexDigest = s.indexDigest;
   }, 300_000);
 

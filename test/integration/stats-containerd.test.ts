@@ -56,7 +56,7 @@ beforeAll(async () => {
   const src = join(c.base, 'lazy-src.tar');
   await writeEntriesArchive(src, [[...bb, { path: 'data/', type: 'dir' }, ...Object.entries(files).map(([n, f]) => ({ path: `data/${n}`, content: f, mode: 0o644 }))]], 'src/stats:v1');
   ref = `${proxy.host}/gear/stats-ctrd:v1`;
-  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 300_000 });
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 300_000 });
   plainArchive = join(c.base, 'plain.tar');
   await writeDockerArchive(plainArchive, PLAIN, [await busyboxLayer()]);
 }, 600_000);

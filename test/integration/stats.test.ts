@@ -67,7 +67,7 @@ beforeAll(async () => {
     'src/stats:v1',
   );
   ref = `${proxy.host}/gear/stats:v1`;
-  await runOk(process.execPath, [GEAR_CLI, 'convert', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 600_000 });
+  await runOk(process.execPath, [GEAR_CLI, 'convert', '--format-version', '2', '--no-progress', '--storage', 'raw', `docker-archive:${src}`, ref], { timeoutMs: 600_000 });
   A = await startDockerd({ driver: 'gear', gearArgs: ['--metrics-address', '127.0.0.1:0'] });
   R = await startDockerd({ driver: 'gear', gearArgs: ['--require-lazy', '--metrics-address', '127.0.0.1:0'] });
 }, 900_000);

@@ -173,12 +173,12 @@ describe('gear analyze: a hand-computed case', () => {
     for (let i = 0; i < sources.length; i++) {
       const src = await sources[i]!();
       // Alone, into an empty layout: the per-image figure.
-      const alone = await convertImage(src, await ociLayoutDestination(join(work, `alone-${i}:t`)), { tmpDir: work });
+      const alone = await convertImage(src, await ociLayoutDestination(join(work, `alone-${i}:t`)), { tmpDir: work, formatVersion: 2 });
       expect(alone.files).toBe(report.images[i]!.files);
       expect(alone.uniqueContents).toBe(report.images[i]!.distinctContents);
       expect(alone.bytesUploaded).toBe(report.images[i]!.gear.totalBytes);
       // Together, into one layout: the total.
-      const s = await convertImage(src, await ociLayoutDestination(`${dst}:img${i}`), { tmpDir: work });
+      const s = await convertImage(src, await ociLayoutDestination(`${dst}:img${i}`), { tmpDir: work, formatVersion: 2 });
       uploaded += s.bytesUploaded;
       blobs += s.blobsUploaded;
       expect(s.indexSize).toBe(report.images[i]!.gear.indexBytes);
