@@ -55,7 +55,7 @@ export interface LazyOptions {
   scrubInterval?: number | string;
   /** Told of every download's end (metrics). */
   onFetchDone?: FetchObserver;
-  /** Format v3 read-ahead of a pack member miss, bytes or "1MiB"; 0 = off. Default: GEAR_READ_AHEAD, else 1 MiB (provider.ts). */
+  /** Format v3 read-ahead of a pack member miss, bytes or "1MiB"; 0 = off. Default: GEAR_READ_AHEAD, else 128 KiB (provider.ts). */
   readAhead?: number | string;
 }
 
