@@ -26,7 +26,7 @@ import type { MissFile } from '../missfs/types.js';
 import type { PoolWriter } from '../pool/pool.js';
 import type { RegistryClient } from '../registry/client.js';
 import { groupRanges, type CoalesceBounds } from './coalesce.js';
-import type { FetchRequest } from './fetcher.js';
+import type { FetchRequest } from './pack-types.js';
 import { decodeMember } from './member.js';
 import type { ChunkRef } from './pack-types.js';
 

@@ -70,7 +70,6 @@ import type { FileHandle } from 'node:fs/promises';
 import fs from 'node:fs/promises';
 import { deadlineExceeded, describeError, errnoCode, failedPrecondition, GearError, internal, invalidArgument, isClass, unavailable } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
-import type { BlobLocation, StoredBlob } from '../index/manifest.js';
 import type { Pool, PoolWriter } from '../pool/pool.js';
 import { checkDigest, DigestMismatchError } from '../registry/digest.js';
 import type { RegistryClient } from '../registry/client.js';
@@ -79,7 +78,7 @@ import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
 import { parseDuration } from '../duration.js';
 import { DEFAULT_MAX_GAP, DEFAULT_MAX_REQUEST, type CoalesceBounds } from './coalesce.js';
 import { runPackBatch, takePackBatch, type PackFetchDeps, type PackJob } from './pack-fetch.js';
-import type { ChunkList, MemberRef } from './pack-types.js';
+import type { FetchRequest } from './pack-types.js';
 import { ChunkedFiles } from './chunked.js';
 import { RangeReads } from './range-read.js';
 import type { MissFile } from '../missfs/types.js';
@@ -97,20 +96,7 @@ export const DEFAULT_RANGE_CHUNK_BYTES = 1024 * 1024;
 export const DEFAULT_RANGE_AHEAD_BYTES = 4 * 1024 * 1024;
 
 /** What to fetch: a Gear file of an index manifest. */
-export interface FetchRequest {
-  /** Content digest (the pool key). */
-  digest: string;
-  /** Content size in bytes. */
-  size: number;
-  /** The stored form when not raw (gzip). */
-  blob?: StoredBlob | undefined;
-  /** Where the blob lives. */
-  location: BlobLocation;
-  /** Format v3: the content is this member of a pack (pack-fetch.ts); `blob` is then absent. */
-  member?: MemberRef | undefined;
-  /** Format v3: the content is these chunks (chunked.ts). */
-  chunks?: ChunkList | undefined;
-}
+export type { FetchRequest } from './pack-types.js';
 
 export type FetchPriority = 'foreground' | 'background';
 

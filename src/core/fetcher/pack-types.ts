@@ -6,7 +6,7 @@
  * pack index resolved to the pack itself.
  */
 
-import type { MemberEncoding, PackRef } from '../index/manifest.js';
+import type { BlobLocation, MemberEncoding, PackRef, StoredBlob } from '../index/manifest.js';
 
 export type { MemberEncoding };
 /** A pack blob: a registry blob, addressed by digest, of a known size (the codec's PackRef). */
@@ -31,4 +31,20 @@ export interface ChunkRef extends MemberRef {
 export interface ChunkList {
   chunkSize: number;
   chunks: ChunkRef[];
+}
+
+/** What the fetcher is asked for: one content, where it lives and how it is stored (fetcher.ts, chunked.ts, range-read.ts). */
+export interface FetchRequest {
+  /** Content digest (the pool key). */
+  digest: string;
+  /** Content size in bytes. */
+  size: number;
+  /** The stored form when not raw (gzip). */
+  blob?: StoredBlob | undefined;
+  /** Where the blob lives. */
+  location: BlobLocation;
+  /** Format v3: the content is this member of a pack (pack-fetch.ts); `blob` is then absent. */
+  member?: MemberRef | undefined;
+  /** Format v3: the content is these chunks (chunked.ts). */
+  chunks?: ChunkList | undefined;
 }

@@ -8,7 +8,7 @@
  */
 import { deadlineExceeded, GearError, internal, isClass, unavailable } from '../errors.js';
 import type { RegistryClient } from '../registry/client.js';
-import type { FetchRequest } from './fetcher.js';
+import type { FetchRequest } from './pack-types.js';
 
 /** Range chunks kept in memory per streamed file. */
 const RANGE_CACHE_CHUNKS = 8;
