@@ -470,6 +470,26 @@ export function encodeError(unique: bigint, errno: number): Buffer {
   return out;
 }
 
+/** fuse_notify_code: unsolicited messages the server writes with unique 0 (the code in the error field). */
+export const NotifyCode = {
+  INVAL_INODE: 2,
+} as const;
+
+/**
+ * FUSE_NOTIFY_INVAL_INODE for the whole of nodeid: the kernel drops the
+ * pages it cached for the inode (and its attributes). It waits for pages that
+ * are locked by a READ in flight, so it must never be written by the thread
+ * that answers those READs.
+ */
+export function encodeNotifyInvalInode(nodeid: bigint): Buffer {
+  const out = Buffer.alloc(OUT_HEADER_SIZE + 24);
+  writeOutHeader(out, out.length, NotifyCode.INVAL_INODE, 0n);
+  out.writeBigUInt64LE(nodeid, 16);
+  out.writeBigInt64LE(0n, 24); // offset 0 …
+  out.writeBigInt64LE(0n, 32); // … length 0: to the end
+  return out;
+}
+
 /**
  * Writes fuse_out_header at the start of buf, for a reply whose payload was
  * written in place at buf[16..]; `len` is the total reply length.

@@ -12,34 +12,23 @@
  * answers with its size (root-owned regular file, mode 0444). OPEN/READ are
  * served from the provider's MissFile; RELEASE closes it.
  *
- * Passthrough (kernel ≥ 6.9 with CONFIG_FUSE_PASSTHROUGH): when the provider's
- * file is complete (MissFile.backingFd), OPEN registers it with the kernel
- * (FUSE_DEV_IOC_BACKING_OPEN) and answers FOPEN_PASSTHROUGH: reads, readahead
- * and mmap of that open file then go to the pool file in the kernel and never
- * reach this process. The kernel wants every concurrent open of one inode in
- * the same mode with the same backing file, so a digest with passthrough opens
- * keeps one backing id, shared by its opens; a digest with READ-mode opens
- * stays in READ mode until they are released. The id is published in a table
- * shared with the reader thread, which then answers later OPENs (and their
- * RELEASEs) of that file by itself: a warm open costs one device round trip.
- * An id is closed after the last RELEASE once it was not used for
- * `passthroughLingerMs`, when the kernel forgets the node, or when too many
- * are open. Without passthrough (old kernel, option off, EPERM/ELOOP from the
- * kernel) everything goes through READ as before.
+ * Passthrough (kernel ≥ 6.9): OPEN of a complete file is answered
+ * FOPEN_PASSTHROUGH with a backing id (passthrough.ts); the reader thread
+ * answers later OPENs of it by itself. With `noOpen` the kernel sends no OPEN
+ * at all and READs come with fh 0 (implicit-files.ts).
  *
  * Threads: a worker blocks in read(2) on the device (reader-worker.ts) and
  * hands each request to the main thread, which serves requests concurrently
  * (a slow provider call never holds up others) and answers each with one
  * writeSync, in any order, by `unique`.
  */
-import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, write, writeSync } from 'node:fs';
 import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import type { Logger } from 'pino';
 import { describeError, errnoCode, failedPrecondition, GearError, internal, isClass, unavailable } from '../errors.js';
 import { abortConnection, registerSession } from './connections.js';
 import { mountsAt, prepareMountpoint, runCmd, type MountLine } from './mountpoint.js';
-import { native } from '../sys/native.js';
 import {
   Errno,
   FOpen,
@@ -59,6 +48,7 @@ import {
   encodeError,
   encodeGetxattrOut,
   encodeInitOut,
+  encodeNotifyInvalInode,
   encodeOpenOut,
   encodeReply,
   encodeStatfsOut,
@@ -85,14 +75,9 @@ import {
   type InitOut,
   type InitPolicy,
 } from './protocol.js';
-import {
-  newPassthroughTable,
-  passthroughViews,
-  startReaderWorker,
-  type PassthroughTable,
-  type ReaderMessage,
-  type StaticReplies,
-} from './reader-worker.js';
+import { startReaderWorker, type ReaderMessage, type StaticReplies } from './reader-worker.js';
+import { ImplicitFiles } from './implicit-files.js';
+import { BackingIds } from './passthrough.js';
 import type { MissFile, MissFsStats, MissProvider } from './types.js';
 
 export const MISSFS_FSTYPE = 'fuse.gear';
@@ -136,6 +121,15 @@ export interface MountMissFsOptions {
    * the session falls back to READ.
    */
   passthrough?: boolean;
+  /**
+   * Ask the kernel not to send OPEN and RELEASE for files (FUSE_NO_OPEN_SUPPORT,
+   * granted at the first OPEN answered ENOSYS): an open then costs no request,
+   * the kernel keeps a file's pages cached across opens, and only READs of
+   * pages not cached yet reach this process (ImplicitFiles). No passthrough in
+   * this mode. Default false. Where the kernel does not offer it, the session
+   * works as without it.
+   */
+  noOpen?: boolean;
   /**
    * How long a file's backing id stays registered after its last RELEASE, so
    * that opening it again is answered by the reader thread at once: default
@@ -232,6 +226,14 @@ class InterruptedError extends GearError {
   }
 }
 
+function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {
+    /* already closed */
+  }
+}
+
 /** errno for a failed provider call. */
 function errnoFor(err: unknown): number {
   if (isClass(err, 'NotFound')) return Errno.ENOENT;
@@ -274,19 +276,14 @@ export class MissFsSession implements MissFsMount {
   private readonly inoByHex = new Map<string, bigint>();
   private nextIno = FILE_INO_BASE;
   private readonly files = new Map<bigint, OpenFile>();
-  /** By inode: open files in READ mode (while there are any, no passthrough for that inode). */
-  private readonly readOpens = new Map<bigint, number>();
-  /** Passthrough wanted by the options, then negotiated in INIT; off for good after EPERM/ELOOP/ENOTTY. */
-  private passthrough: boolean;
-  private readonly ptWarned = new Set<string>();
-  /** Backing ids by slot, shared with the reader (see PassthroughTable); null when passthrough is off by option. */
-  private readonly ptTable: PassthroughTable | null;
-  private readonly pt: { ids: Int32Array; opens: Int32Array; used: Int32Array } | null;
-  /** Slots with a registered backing id → the file's hex and the last use reported to the provider. */
-  private readonly published = new Map<number, { hex: string; reported: number }>();
-  private readonly lingerMs: number;
-  private readonly maxBackingIds: number;
-  private sweepTimer: NodeJS.Timeout | undefined;
+  /** FUSE passthrough: backing ids, shared with the reader thread. */
+  private readonly backing: BackingIds;
+  /** noOpen wanted by the options; `implicit` exists once INIT granted it. */
+  private readonly noOpenWanted: boolean;
+  private implicit: ImplicitFiles | undefined;
+  /** FUSE notifications being written from the threadpool; the fd is closed only after them. */
+  private notifying = 0;
+  private closeFdAfterNotify = -1;
   /** Reader-thread passthrough opens of readers that exited. */
   private readerPtOpens = 0;
   private readonly dirs = new Map<bigint, Dirent[]>();
@@ -316,11 +313,18 @@ export class MissFsSession implements MissFsMount {
     this.entryTimeoutMs = opts.entryTimeoutMs ?? 86_400_000;
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 300_000;
     const maxWrite = opts.maxWrite ?? 128 * 1024;
-    this.passthrough = opts.passthrough ?? true;
-    this.ptTable = this.passthrough ? newPassthroughTable(PASSTHROUGH_SLOTS, Number(FILE_INO_BASE)) : null;
-    this.pt = this.ptTable ? passthroughViews(this.ptTable) : null;
-    this.lingerMs = Math.max(0, opts.passthroughLingerMs ?? 300_000);
-    this.maxBackingIds = Math.max(1, opts.maxBackingIds ?? 16_384);
+    this.noOpenWanted = opts.noOpen ?? false;
+    this.backing = new BackingIds({
+      enabled: !this.noOpenWanted && (opts.passthrough ?? true),
+      fileInoBase: FILE_INO_BASE,
+      slots: PASSTHROUGH_SLOTS,
+      lingerMs: Math.max(0, opts.passthroughLingerMs ?? 300_000),
+      maxBackingIds: Math.max(1, opts.maxBackingIds ?? 16_384),
+      log: this.log,
+      fd: () => this.fd,
+      isLive: (ino) => (this.nodes.get(ino)?.nlookup ?? 0n) > 0n,
+      touch: (hex) => this.provider.touch?.(`sha256:${hex}`),
+    });
     this.policy = {
       maxWrite,
       maxReadahead: opts.maxReadahead ?? 1024 * 1024,
@@ -333,7 +337,8 @@ export class MissFsSession implements MissFsMount {
         InitFlag.BIG_WRITES |
         InitFlag.MAX_PAGES |
         InitFlag.PARALLEL_DIROPS |
-        (this.passthrough ? InitFlag.PASSTHROUGH : 0n),
+        (this.noOpenWanted ? InitFlag.NO_OPEN_SUPPORT : 0n) |
+        (this.backing.enabled ? InitFlag.PASSTHROUGH : 0n),
       // 1: this mount stays usable as an overlayfs lower layer (overlay depth 2 = the maximum).
       maxStackDepth: 1,
     };
@@ -349,13 +354,13 @@ export class MissFsSession implements MissFsMount {
   startReader(): void {
     // Until finish(): a reader blocked on /dev/fuse keeps the process from exiting (connections.ts).
     this.unregister ??= registerSession(this);
-    const { worker, control } = startReaderWorker(this.fd, this.bufSize, this.staticReplies(), this.ptTable);
+    const { worker, control } = startReaderWorker(this.fd, this.bufSize, this.staticReplies(), this.backing.table);
     this.worker = worker;
     this.readerControl = control;
     let fatal: string | undefined;
     worker.on('message', (m: ReaderMessage) => {
       if (m.t === 'req') this.onRequest(Buffer.from(m.data));
-      else if (m.t === 'released') this.onIdle(m.slot);
+      else if (m.t === 'released') this.backing.onIdle(m.slot);
       else if (m.t === 'fatal') fatal = `${m.code}: ${m.message}`;
     });
     worker.on('error', (err) => {
@@ -407,19 +412,13 @@ export class MissFsSession implements MissFsMount {
       this.files.delete(fh);
       closing.push(this.closeFile(f));
     }
+    if (this.implicit) closing.push(this.implicit.closeAll());
     this.dirs.clear();
     this.nodes.clear();
     // The kernel drops every backing file with the connection; the ids die with the fd.
-    this.published.clear();
-    this.pt?.ids.fill(0);
-    this.readOpens.clear();
-    if (this.sweepTimer) clearInterval(this.sweepTimer);
-    this.sweepTimer = undefined;
-    try {
-      closeSync(this.fd);
-    } catch {
-      /* already closed */
-    }
+    this.backing.clear();
+    if (this.notifying > 0) this.closeFdAfterNotify = this.fd;
+    else closeQuietly(this.fd);
     this.fd = -1;
     this.unregister?.();
     this.initD.reject(unavailable('the FUSE session ended before INIT'));
@@ -436,7 +435,7 @@ export class MissFsSession implements MissFsMount {
     this.state = 'unmounting';
     // New opens must fail like every other request that needs us: the reader stops answering them.
     // The ids stay registered; the kernel drops them with the connection.
-    if (this.pt) for (const slot of this.published.keys()) Atomics.store(this.pt.ids, slot, 0);
+    this.backing.stopServing();
     const timeoutMs = opts.timeoutMs ?? 10_000;
     const ours = this.ourMount();
     if (ours) {
@@ -491,10 +490,12 @@ export class MissFsSession implements MissFsMount {
       staticReplies: this.staticAnswered + (this.readerControl ? Atomics.load(this.readerControl, 1) : 0),
       unsupported: { ...this.unsupported },
       liveNodes: live,
-      openFiles: this.files.size,
+      opens: this.counters.opens + (this.implicit?.opened ?? 0),
+      openFiles: this.files.size + (this.implicit?.size ?? 0),
       inflight: this.inflight.size,
-      backingIds: this.published.size,
-      passthrough: this.passthrough && this.state !== 'closed',
+      backingIds: this.backing.size,
+      passthrough: this.backing.enabled && this.state !== 'closed',
+      noOpen: this.implicit !== undefined && this.state !== 'closed',
     };
   }
 
@@ -661,10 +662,12 @@ export class MissFsSession implements MissFsMount {
       case Op.OPEN:
         return this.onOpen(p, h.nodeid, parseOpenIn(body).flags);
       case Op.READ:
-        return this.onRead(p, body);
+        return this.onRead(p, h.nodeid, body);
       case Op.RELEASE:
         return this.onRelease(p, parseReleaseIn(body).fh);
       case Op.FLUSH:
+        // Without OPEN there is no FOPEN_NOFLUSH: ENOSYS once, and the kernel stops sending FLUSH.
+        return void (this.implicit ? this.fail(p, Errno.ENOSYS) : this.ok(p));
       case Op.FSYNC:
       case Op.FSYNCDIR:
         return void this.ok(p);
@@ -716,10 +719,12 @@ export class MissFsSession implements MissFsMount {
     this.ok(p, encodeInitOut(r.out, r.size));
     if (r.out.major !== initIn.major) return; // the kernel may retry with our major
     this.init = r.out;
-    this.passthrough = this.passthrough && this.pt !== null && (r.out.flags & InitFlag.PASSTHROUGH) !== 0n;
-    if (this.passthrough && this.lingerMs > 0 && !this.sweepTimer) {
-      this.sweepTimer = setInterval(() => this.sweep(false), Math.max(1_000, Math.min(this.lingerMs / 2, 30_000)));
-      this.sweepTimer.unref();
+    this.backing.negotiated((r.out.flags & InitFlag.PASSTHROUGH) !== 0n);
+    if (this.noOpenWanted && (r.out.flags & InitFlag.NO_OPEN_SUPPORT) !== 0n && !this.implicit) {
+      this.implicit = new ImplicitFiles({
+        open: (hex, signal) => this.provider.open(`sha256:${hex}`, signal),
+        close: (ino, hex, file) => this.closeImplicit(ino, hex, file),
+      });
     }
     if (this.state === 'starting') this.state = 'serving';
     this.log.info(
@@ -729,7 +734,8 @@ export class MissFsSession implements MissFsMount {
         flags: '0x' + r.out.flags.toString(16),
         maxPages: r.out.maxPages,
         maxReadahead: r.out.maxReadahead,
-        passthrough: this.passthrough,
+        passthrough: this.backing.enabled,
+        noOpen: this.implicit !== undefined,
       },
       'missfs: INIT negotiated',
     );
@@ -779,8 +785,15 @@ export class MissFsSession implements MissFsMount {
 
   dropBacking(hex: string): boolean {
     const ino = this.inoByHex.get(hex);
-    const slot = ino === undefined ? -1 : this.slotOf(ino);
-    return slot < 0 || !this.published.has(slot) || this.retire(slot);
+    if (this.implicit) {
+      // The kernel may hold pages read from the removed copy: drop them, and the open file.
+      if (ino !== undefined) {
+        this.implicit.drop(ino);
+        this.invalidateInode(ino);
+      }
+      return true;
+    }
+    return ino === undefined || this.backing.drop(ino);
   }
 
   private forget(nodeid: bigint, nlookup: bigint): void {
@@ -790,9 +803,9 @@ export class MissFsSession implements MissFsMount {
     n.nlookup -= nlookup;
     if (n.nlookup <= 0n) {
       this.nodes.delete(nodeid);
-      const slot = this.slotOf(nodeid);
+      this.implicit?.drop(nodeid);
       // Still open (RELEASE may come after FORGET): retired when the last one is released.
-      if (slot >= 0 && this.published.has(slot)) this.retire(slot);
+      this.backing.forgotten(nodeid);
     }
   }
 
@@ -931,6 +944,9 @@ export class MissFsSession implements MissFsMount {
     if (typeof k === 'string') return void this.fail(p, Errno.EISDIR);
     if ((flags & O_ACCMODE) !== 0) return void this.fail(p, Errno.EROFS);
     if (this.state !== 'serving') return void this.fail(p, Errno.EIO);
+    // The first OPEN after INIT granted NO_OPEN_SUPPORT: ENOSYS makes this open and every later one
+    // succeed in the kernel without asking us (READs then come with fh 0).
+    if (this.implicit) return void this.fail(p, Errno.ENOSYS);
     this.track(p);
     void this.openFile(p, k);
   }
@@ -953,7 +969,7 @@ export class MissFsSession implements MissFsMount {
     }
     const fh = this.nextFh++;
     // Decided and counted synchronously right before the reply: the mode of the other opens of this inode matters.
-    const { backingId, slot } = this.startIo(node, file);
+    const { backingId, slot } = this.backing.startIo(node.ino, node.hex, file);
     const of: OpenFile = { file, hex: node.hex, reads: new Set(), ino: node.ino, slot };
     this.files.set(fh, of);
     // Content is immutable: keep the page cache across opens (unless the provider's bytes may be
@@ -964,207 +980,66 @@ export class MissFsSession implements MissFsMount {
     if (!this.ok(p, encodeOpenOut(fh, flags, backingId))) {
       // The open was interrupted: the kernel will never RELEASE this handle.
       this.files.delete(fh);
-      this.endIo(of);
+      this.backing.endIo(of.ino, of.slot);
       await this.closeFile(of);
       return;
     }
     if (backingId > 0) this.counters.passthroughOpens++;
   }
 
-  /**
-   * Chooses how the kernel does I/O on a new open of node, and counts it: a
-   * backing id (> 0) for FOPEN_PASSTHROUGH, or 0 for READ requests.
-   *
-   * The kernel fails an open with EIO when its mode conflicts with the other
-   * opens of the inode (a READ-mode open while one is in passthrough, a
-   * passthrough open while one is in READ mode, or a second backing file). It
-   * drops its side of an open before sending RELEASE, so the counts here are
-   * never below the kernel's: following them never causes a conflict.
-   */
-  private startIo(node: FileNode, file: MissFile): { backingId: number; slot: number } {
-    const pt = this.pt;
-    const slot = this.slotOf(node.ino);
-    if (pt && slot >= 0) {
-      Atomics.add(pt.opens, slot, 1);
-      const id = Atomics.load(pt.ids, slot);
-      if (id > 0) {
-        // Same content (content-addressed), so a partial provider file may share the complete one.
-        Atomics.store(pt.used, slot, this.ptNow());
-        return { backingId: id, slot };
-      }
-      Atomics.sub(pt.opens, slot, 1);
-    }
-    const fd = file.backingFd;
-    const reading = this.readOpens.get(node.ino) ?? 0;
-    const readMode = () => {
-      this.readOpens.set(node.ino, reading + 1);
-      return { backingId: 0, slot: -1 };
-    };
-    if (!pt || !this.passthrough || fd === undefined || !Number.isInteger(fd) || fd < 0 || reading > 0) return readMode();
-    if (slot < 0) {
-      this.passthroughFailed(node, internal(`more than ${PASSTHROUGH_SLOTS} files in this session`));
-      return readMode();
-    }
-    let id: number;
-    try {
-      id = native.fuseBackingOpen(this.fd, fd);
-      if (!Number.isInteger(id) || id <= 0) throw internal(`FUSE_DEV_IOC_BACKING_OPEN returned backing id ${String(id)}`);
-    } catch (err) {
-      this.passthroughFailed(node, err);
-      return readMode();
-    }
-    Atomics.add(pt.opens, slot, 1);
-    Atomics.store(pt.used, slot, this.ptNow());
-    Atomics.store(pt.ids, slot, id);
-    this.published.set(slot, { hex: node.hex, reported: Atomics.load(pt.used, slot) });
-    if (this.published.size > this.maxBackingIds) this.sweep(true);
-    return { backingId: id, slot };
-  }
-
-  /** Undoes startIo() for an open file that is gone (RELEASE, or its open reply was not accepted). */
-  private endIo(of: OpenFile): void {
-    if (of.slot < 0) {
-      const n = (this.readOpens.get(of.ino) ?? 0) - 1;
-      if (n > 0) this.readOpens.set(of.ino, n);
-      else this.readOpens.delete(of.ino);
-      return;
-    }
-    const pt = this.pt;
-    if (!pt) return;
-    if (Atomics.sub(pt.opens, of.slot, 1) === 1) this.onIdle(of.slot);
-  }
-
-  /** Table slot of a file inode, or -1. */
-  private slotOf(ino: bigint): number {
-    const slot = ino - FILE_INO_BASE;
-    return slot >= 0n && slot < BigInt(PASSTHROUGH_SLOTS) ? Number(slot) : -1;
-  }
-
-  private ptNow(): number {
-    return this.ptTable ? Math.floor((Date.now() - this.ptTable.epochMs) / 1000) : 0;
-  }
-
-  /** The last open of slot was released: close its id now, or leave it for the sweep (linger). */
-  private onIdle(slot: unknown): void {
-    if (typeof slot !== 'number' || !this.published.has(slot)) return;
-    const node = this.nodes.get(FILE_INO_BASE + BigInt(slot));
-    // A node the kernel forgot cannot be opened again through this inode: no point lingering.
-    if (this.lingerMs <= 0 || !node || node.nlookup <= 0n) this.retire(slot);
-  }
-
-  /** Closes the backing id of slot unless an open is using it (then it stays published). */
-  private retire(slot: number): boolean {
-    const pt = this.pt;
-    if (!pt) return false;
-    const id = Atomics.load(pt.ids, slot);
-    if (id <= 0) {
-      this.published.delete(slot);
-      return true;
-    }
-    Atomics.store(pt.ids, slot, 0);
-    if (Atomics.load(pt.opens, slot) !== 0) {
-      // In use (or a reader open is reserving it right now): keep it.
-      Atomics.store(pt.ids, slot, id);
-      return false;
-    }
-    this.published.delete(slot);
-    if (this.fd < 0) return true; // the session ended: the kernel dropped it already
-    try {
-      // Open files keep their own reference to the backing file; only the id goes.
-      native.fuseBackingClose(this.fd, id);
-    } catch (err) {
-      this.log.warn({ backingId: id, err: describeError(err) }, 'missfs: closing a passthrough backing id failed');
-    }
-    return true;
-  }
-
-  /** Closes idle ids unused for lingerMs; with `full`, also the oldest idle ones until well below maxBackingIds. */
-  private sweep(full: boolean): void {
-    const pt = this.pt;
-    if (!pt || this.state === 'closed') return;
-    const now = this.ptNow();
-    const lingerS = Math.ceil(this.lingerMs / 1000);
-    const idle: number[] = [];
-    for (const [slot, entry] of [...this.published]) {
-      // Opens the reader answered never reached the provider: report them as uses (cache recency).
-      const used = Atomics.load(pt.used, slot);
-      if (used > entry.reported) {
-        entry.reported = used;
-        try {
-          this.provider.touch?.(`sha256:${entry.hex}`);
-        } catch (err) {
-          this.log.warn({ digest: `sha256:${entry.hex}`, err: describeError(err) }, 'missfs: provider touch failed');
-        }
-      }
-      if (Atomics.load(pt.opens, slot) !== 0) continue;
-      if (now - Atomics.load(pt.used, slot) >= lingerS) this.retire(slot);
-      else idle.push(slot);
-    }
-    if (!full) return;
-    const target = Math.floor(this.maxBackingIds * 0.9);
-    idle.sort((a, b) => Atomics.load(pt.used, a) - Atomics.load(pt.used, b));
-    for (const slot of idle) {
-      if (this.published.size <= target) break;
-      this.retire(slot);
-    }
-  }
-
-  /** Logs (once per cause) why a file is served through READ; switches passthrough off when it cannot work at all. */
-  private passthroughFailed(node: FileNode, err: unknown): void {
-    const code = errnoCode(err) ?? 'other';
-    let hint: string;
-    let fatal = true;
-    if (code === 'EPERM') {
-      hint = 'the kernel refused FUSE passthrough (the daemon needs CAP_SYS_ADMIN in the initial user namespace); run it as real root, or mount with passthrough off';
-    } else if (code === 'ELOOP') {
-      hint = 'the pool is on a stacked filesystem (overlayfs?) that FUSE passthrough cannot use; put the gear root on ext4 or xfs';
-    } else if (code === 'ENOTTY' || code === 'EINVAL') {
-      hint = 'this kernel does not support FUSE_DEV_IOC_BACKING_OPEN as expected';
-    } else {
-      hint = 'serving this file through READ requests';
-      fatal = false;
-    }
-    if (fatal) this.passthrough = false;
-    if (this.ptWarned.has(code)) return;
-    this.ptWarned.add(code);
-    this.log.warn(
-      { digest: `sha256:${node.hex}`, err: describeError(err), passthrough: this.passthrough },
-      `missfs: FUSE passthrough unavailable, reads go through this process (slower): ${hint}`,
-    );
-  }
-
-  private onRead(p: Pending, body: Buffer): void {
+  private onRead(p: Pending, nodeid: bigint, body: Buffer): void {
     const r = parseReadIn(body);
     const of = this.files.get(r.fh);
-    if (!of) return void this.fail(p, Errno.EBADF);
+    const implicit = of === undefined && r.fh === 0n && this.implicit ? this.nodes.get(nodeid) : undefined;
+    if (!of && !implicit) return void this.fail(p, Errno.EBADF);
     if (r.size > MAX_READ_BYTES) return void this.fail(p, Errno.EINVAL);
     if (this.state !== 'serving') return void this.fail(p, Errno.EIO);
     this.counters.reads++;
     this.track(p);
-    const job = this.readFile(p, of, r.offset, r.size);
-    of.reads.add(job);
-    void job.finally(() => of.reads.delete(job));
+    if (implicit) return this.readImplicit(p, implicit, r.offset, r.size);
+    const job = this.readFile(p, of!.file, of!.hex, r.offset, r.size).then(() => undefined);
+    of!.reads.add(job);
+    void job.finally(() => of!.reads.delete(job));
   }
 
-  private async readFile(p: Pending, of: OpenFile, offset: number, size: number): Promise<void> {
+  /** A READ without OPEN (noOpen): the node's file comes from ImplicitFiles. */
+  private readImplicit(p: Pending, node: FileNode, offset: number, size: number): void {
+    const implicit = this.implicit!;
+    implicit
+      .use(node.ino, node.hex, p.controller.signal, async (file) => {
+        // A failed read drops the file, so the next READ opens it again.
+        if (!(await this.readFile(p, file, node.hex, offset, size))) throw internal('read failed');
+      })
+      .catch((err: unknown) => {
+        if (p.replied) return;
+        const errno = errnoFor(err);
+        this.log.warn({ digest: `sha256:${node.hex}`, errno, err: describeError(err) }, 'missfs: open for a read failed');
+        this.fail(p, errno);
+      });
+  }
+
+  /** Serves one READ from file; false when it failed (answered EIO) or was already answered. */
+  private async readFile(p: Pending, file: MissFile, hex: string, offset: number, size: number): Promise<boolean> {
     const out = Buffer.allocUnsafe(16 + size);
     let got = 0;
     try {
       // Fill the request: a short reply means end of file to the kernel. Each round makes progress or ends.
       while (got < size && !p.replied) {
-        const n = await of.file.read(out.subarray(16 + got, 16 + size), offset + got, p.controller.signal);
+        const n = await file.read(out.subarray(16 + got, 16 + size), offset + got, p.controller.signal);
         if (n === 0) break;
         if (!Number.isInteger(n) || n < 0 || n > size - got) throw internal(`provider read returned ${String(n)}`);
         got += n;
       }
     } catch (err) {
-      if (p.replied) return;
-      this.log.warn({ digest: `sha256:${of.hex}`, offset, size, err: describeError(err) }, 'missfs: read failed');
+      if (p.replied) return false;
+      this.log.warn({ digest: `sha256:${hex}`, offset, size, err: describeError(err) }, 'missfs: read failed');
       this.fail(p, Errno.EIO);
-      return;
+      return false;
     }
     writeOutHeader(out, 16 + got, 0, p.unique);
-    if (this.okRaw(p, out.subarray(0, 16 + got))) this.counters.bytesRead += got;
+    if (!this.okRaw(p, out.subarray(0, 16 + got))) return false;
+    this.counters.bytesRead += got;
+    return true;
   }
 
   private onRelease(p: Pending, fh: bigint): void {
@@ -1172,18 +1047,49 @@ export class MissFsSession implements MissFsMount {
     this.files.delete(fh);
     this.ok(p);
     if (of) {
-      this.endIo(of);
+      this.backing.endIo(of.ino, of.slot);
       void this.closeFile(of);
     }
   }
 
   private async closeFile(of: OpenFile): Promise<void> {
     await Promise.allSettled([...of.reads]);
+    await this.closeMissFile(of.hex, of.file);
+  }
+
+  private async closeMissFile(hex: string, file: MissFile): Promise<void> {
     try {
-      await of.file.close();
+      await file.close();
     } catch (err) {
-      this.log.warn({ digest: `sha256:${of.hex}`, err: describeError(err) }, 'missfs: closing a provider file failed');
+      this.log.warn({ digest: `sha256:${hex}`, err: describeError(err) }, 'missfs: closing a provider file failed');
     }
+  }
+
+  /** An ImplicitFiles file is done: pages it served unverified (keepCache false) must not outlive it. */
+  private async closeImplicit(ino: bigint, hex: string, file: MissFile): Promise<void> {
+    if (file.keepCache === false) this.invalidateInode(ino);
+    await this.closeMissFile(hex, file);
+  }
+
+  /**
+   * Drops the kernel's cached pages of ino (FUSE_NOTIFY_INVAL_INODE). Written
+   * from the threadpool, never from this thread: the kernel waits for pages
+   * locked by READs in flight, which only this thread answers.
+   */
+  private invalidateInode(ino: bigint): void {
+    const fd = this.fd;
+    if (fd < 0) return;
+    this.notifying++;
+    write(fd, encodeNotifyInvalInode(ino), (err) => {
+      // ENOENT: the kernel holds no such inode (nothing cached); ENODEV: the session ended.
+      if (err && err.code !== 'ENOENT' && err.code !== 'ENODEV') {
+        this.log.warn({ ino: String(ino), err: describeError(err) }, 'missfs: cache invalidation failed');
+      }
+      if (--this.notifying === 0 && this.closeFdAfterNotify >= 0) {
+        closeQuietly(this.closeFdAfterNotify);
+        this.closeFdAfterNotify = -1;
+      }
+    });
   }
 
   // -------------------------------------------------------------------------

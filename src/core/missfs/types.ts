@@ -78,7 +78,8 @@ export interface MissFsStats {
   /**
    * OPENs that reached the main thread (each asks the provider). The reader
    * thread answers later opens of a file whose backing id is still published;
-   * those are counted in passthroughOpens only.
+   * those are counted in passthroughOpens only. With noOpen: the provider
+   * opens that READs caused.
    */
   opens: number;
   /** OPENs answered with FOPEN_PASSTHROUGH: the kernel reads the pool file directly, no READ reaches us. */
@@ -98,4 +99,6 @@ export interface MissFsStats {
   backingIds: number;
   /** Passthrough negotiated and not switched off (by option, or after the kernel refused it). */
   passthrough: boolean;
+  /** No OPEN requests for files (FUSE_NO_OPEN_SUPPORT granted): opens are the kernel's alone, READs come with fh 0. */
+  noOpen: boolean;
 }
