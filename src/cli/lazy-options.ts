@@ -4,7 +4,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseDuration } from '../core/duration.js';
-import type { LazyOptions } from '../core/lazy/runtime.js';
+import { FUSE_OPEN_MODES, type FuseOpenMode, type LazyOptions } from '../core/lazy/runtime.js';
 import { parseMetricsAddress } from '../core/metrics/server.js';
 import { parseScrubInterval, parseScrubRate } from '../core/pool/scrubber.js';
 import type { LayerStoreOptions } from '../core/layers/store.js';
@@ -18,6 +18,7 @@ export interface LazyFlags extends MirrorFlags {
   maxFetches?: number;
   insecureRegistry: string[];
   fusePassthrough: boolean;
+  fuseOpen?: FuseOpenMode;
   scrubRate?: number;
   scrubInterval?: number;
   metricsAddress?: string;
@@ -47,7 +48,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
 
 /**
  * Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, the registry mirror options
- * (registry-options.ts), --no-fuse-passthrough, --scrub-rate, --scrub-interval, --metrics-address and --require-lazy.
+ * (registry-options.ts), --no-fuse-passthrough, --fuse-open, --scrub-rate, --scrub-interval, --metrics-address and --require-lazy.
  */
 export function addLazyOptions(cmd: Command): Command {
   return addMirrorOptions(cmd
@@ -70,6 +71,14 @@ export function addLazyOptions(cmd: Command): Command {
         '--no-fuse-passthrough',
         'serve reads of fetched files through the daemon instead of FUSE passthrough (needed when containers stack another overlay on their root filesystem)',
       ),
+    )
+    .addOption(
+      new Option(
+        '--fuse-open <mode>',
+        'passthrough: one request to the daemon per open of a Gear file, reads of fetched files in the kernel; none: no request per open, the kernel keeps file pages cached across opens (reads again at page-cache speed; first reads of pages go through the daemon)',
+      )
+        .choices(FUSE_OPEN_MODES)
+        .env('GEAR_FUSE_OPEN'),
     )
     .addOption(
       new Option('--scrub-rate <size>', 'read rate of the pool scrub, per second (default 50MiB)').env('GEAR_SCRUB_RATE').argParser(cliParser((v) => parseScrubRate(v))),
@@ -119,6 +128,7 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
     insecureRegistries: f.insecureRegistry,
     mirrors: mirrorOptionsFrom(f),
     fusePassthrough: f.fusePassthrough,
+    ...(f.fuseOpen ? { fuseOpen: f.fuseOpen } : {}),
     ...(f.scrubRate !== undefined ? { scrubRate: f.scrubRate } : {}),
     ...(f.scrubInterval !== undefined ? { scrubInterval: f.scrubInterval } : {}),
   };

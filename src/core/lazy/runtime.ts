@@ -4,7 +4,7 @@
  * filesystem mounted at ROOT/miss.
  */
 import path from 'node:path';
-import { describeError } from '../errors.js';
+import { describeError, invalidArgument } from '../errors.js';
 import { parseDuration } from '../duration.js';
 import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, type FetchObserver, type FetcherStats } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -21,6 +21,16 @@ import { BlobCatalog } from './catalog.js';
 import { LazyMissProvider } from './provider.js';
 import { callerResolver } from '../stats/callers.js';
 import { UsageTracker } from '../stats/usage.js';
+
+/** LazyOptions.fuseOpen. */
+export type FuseOpenMode = 'passthrough' | 'none';
+export const FUSE_OPEN_MODES: readonly FuseOpenMode[] = ['passthrough', 'none'];
+
+export function parseFuseOpen(v: string, what = 'fuse open mode'): FuseOpenMode {
+  const m = v.trim().toLowerCase();
+  if ((FUSE_OPEN_MODES as readonly string[]).includes(m)) return m as FuseOpenMode;
+  throw invalidArgument(`${what}: "${v}" is not one of ${FUSE_OPEN_MODES.join(', ')}`);
+}
 
 export interface LazyOptions {
   /** Pool cap, bytes or "20GiB". Default: GEAR_CACHE_SIZE, else the previous run's, else 20GiB. */
@@ -42,6 +52,14 @@ export interface LazyOptions {
    * layers live on a container's root filesystem cannot be mounted inside it.
    */
   fusePassthrough?: boolean;
+  /**
+   * How opens of Gear files reach the daemon (missfs/implicit-files.ts): "passthrough" (one OPEN
+   * request per open; a fetched file's reads then go to the pool file in the kernel) or "none" (no
+   * request per open: the kernel keeps a file's pages cached across opens, so a file read again
+   * in the same container reads at page-cache speed; the first read of each page comes through
+   * the daemon). Default: GEAR_FUSE_OPEN, else "passthrough".
+   */
+  fuseOpen?: FuseOpenMode;
   /** Mount the miss filesystem at ROOT/miss. Default true. */
   mountMissFs?: boolean;
   /**
@@ -123,6 +141,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   const catalog = new BlobCatalog();
   const streamMin = opts.streamMinSize ?? (env.GEAR_STREAM_MIN_SIZE || undefined);
   const readAhead = opts.readAhead ?? (env.GEAR_READ_AHEAD || undefined);
+  const fuseOpen = opts.fuseOpen ?? parseFuseOpen(env.GEAR_FUSE_OPEN || 'passthrough', 'GEAR_FUSE_OPEN');
   const provider = new LazyMissProvider({
     pool,
     fetcher,
@@ -141,6 +160,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         provider,
         logger,
         passthrough: opts.fusePassthrough ?? true,
+        noOpen: fuseOpen === 'none',
         // A little above the fetch deadline: the fetcher answers first, with a precise error.
         requestTimeoutMs: fetcherTimeout + 5_000,
       });
