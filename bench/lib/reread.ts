@@ -17,11 +17,12 @@
  * nodes run at once and the samples alternate between the systems (order
  * rotating per repetition), so that the machine's load hits them alike.
  *
- * Systems (GEAR_BENCH_REREAD_SYSTEMS, default overlay2,gear,gear-nopt):
+ * Systems (GEAR_BENCH_REREAD_SYSTEMS, default overlay2,gear,gear-nopt,gear-noopen):
  * overlay2, gear (FUSE passthrough on: the default), gear-nopt (the gear
  * daemon with --no-fuse-passthrough: every read of a file opened through the
- * miss filesystem goes through the daemon), gear-ctr (containerd 1.6 + gear
- * snapshotter, ctr run + ctr task exec).
+ * miss filesystem goes through the daemon), gear-noopen (the daemon with
+ * --fuse-open none: no request per open, pages cached across opens),
+ * gear-ctr (containerd 1.6 + gear snapshotter, ctr run + ctr task exec).
  * The daemon's miss-filesystem counters (gear_fuse_* of its --metrics-address:
  * requests by opcode, passthrough opens, READ bytes) are kept for the "again"
  * phase, to show which path the re-reads took.
@@ -36,8 +37,15 @@ import { freePort, startRegistry, type TestRegistry } from '../../test/helpers/r
 import { log, nowS, type SectionContext } from './common.js';
 import { median } from './stats.js';
 
-export const REREAD_SYSTEMS = ['overlay2', 'gear', 'gear-nopt', 'gear-ctr'] as const;
+export const REREAD_SYSTEMS = ['overlay2', 'gear', 'gear-nopt', 'gear-noopen', 'gear-ctr'] as const;
 export type RereadSystem = (typeof REREAD_SYSTEMS)[number];
+
+/** The daemon flags that make each gear system of the docker stack. */
+const GEAR_SYSTEM_ARGS: Record<Exclude<RereadSystem, 'overlay2' | 'gear-ctr'>, string[]> = {
+  gear: [],
+  'gear-nopt': ['--no-fuse-passthrough'],
+  'gear-noopen': ['--fuse-open', 'none'],
+};
 
 const SMALL_FILES = 2048;
 const SMALL_BYTES = 8192;
@@ -166,7 +174,7 @@ export async function buildRereadImage(d: Dockerd, tag: string, bigMiB: number):
 
 export async function rereadSection(ctx: SectionContext): Promise<void> {
   const { report, pair } = ctx;
-  const want = listFromEnv('GEAR_BENCH_REREAD_SYSTEMS') ?? ['overlay2', 'gear', 'gear-nopt'];
+  const want = listFromEnv('GEAR_BENCH_REREAD_SYSTEMS') ?? ['overlay2', 'gear', 'gear-nopt', 'gear-noopen'];
   const bad = want.filter((s) => !(REREAD_SYSTEMS as readonly string[]).includes(s));
   if (bad.length) throw new Error(`GEAR_BENCH_REREAD_SYSTEMS: unknown ${bad.join(', ')} (have ${REREAD_SYSTEMS.join(', ')})`);
   const systems = REREAD_SYSTEMS.filter((s) => want.includes(s));
@@ -214,7 +222,7 @@ export async function rereadSection(ctx: SectionContext): Promise<void> {
           const d = await startDockerd({
             driver: s === 'overlay2' ? 'overlay2' : 'gear',
             dockerdArgs: ['--insecure-registry', reg],
-            ...(s === 'overlay2' ? {} : { gearArgs: ['--insecure-registry', reg, ...metrics, ...(s === 'gear-nopt' ? ['--no-fuse-passthrough'] : [])] }),
+            ...(s === 'overlay2' ? {} : { gearArgs: ['--insecure-registry', reg, ...metrics, ...GEAR_SYSTEM_ARGS[s]] }),
           });
           nodes.set(s, await dockerNode(d, s === 'overlay2' ? undefined : metricsUrl));
         }
