@@ -192,7 +192,12 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       const f = fetcher.stats();
       return [
         ['Lazy Pull', miss ? 'on (miss filesystem mounted)' : missError ? `off (miss filesystem: ${missError.slice(0, 200)})` : 'off'],
-        ...(miss ? [['FUSE Passthrough', miss.stats().passthrough ? 'on' : 'off'] as [string, string]] : []),
+        ...(miss
+          ? [
+              ['FUSE Opens', miss.stats().noOpen ? 'none (the kernel opens files alone; pages cached across opens)' : 'one request per open'] as [string, string],
+              ['FUSE Passthrough', miss.stats().passthrough ? 'on' : 'off'] as [string, string],
+            ]
+          : []),
         ['Gear Files Known', String(catalog.files)],
         ['Pool', `${p.files} files, ${formatSize(p.bytes)} of ${formatSize(p.capBytes)}`],
         ['Pool Evictions', `${p.counters.evictions} files, ${formatSize(p.counters.evictedBytes)}`],
