@@ -21,6 +21,7 @@ import type { Pool } from '../pool/pool.js';
 import { BIG_FILE_MIN_BYTES } from '../index/manifest.js';
 import type { BlobCatalog } from './catalog.js';
 import type { UsageTracker } from '../stats/usage.js';
+import { ReadAheadWindows } from './read-ahead.js';
 
 export interface LazyProviderOptions {
   pool: Pool;
@@ -33,8 +34,10 @@ export interface LazyProviderOptions {
   usage?: UsageTracker;
   /**
    * Format v3 read-ahead: a miss of a pack member also fetches the members that follow it in the
-   * pack, up to this many stored bytes (only files not in the pool, within the pool's low
-   * watermark). Default GEAR_READ_AHEAD, else 128 KiB (bench: 1 MiB tripled a startup's bytes); 0 turns it off. docs/lazy.md.
+   * pack, up to a window of stored bytes (only files not in the pool, within the pool's low
+   * watermark). This is the first window of a pack; it doubles, up to 8 times this, while misses
+   * walk the pack forward (read-ahead.ts). Default GEAR_READ_AHEAD, else 128 KiB (bench: a fixed
+   * 1 MiB tripled a startup's bytes); 0 turns it off. docs/lazy.md.
    */
   readAheadBytes?: number;
 }
@@ -49,10 +52,10 @@ export class LazyMissProvider implements MissProvider {
   private readonly log: Logger;
   private readonly streamMinBytes: number;
   private readonly usage: UsageTracker | undefined;
-  readonly readAheadBytes: number;
+  readonly readAhead: ReadAheadWindows;
 
   constructor(opts: LazyProviderOptions) {
-    this.readAheadBytes = opts.readAheadBytes ?? DEFAULT_READ_AHEAD_BYTES;
+    this.readAhead = new ReadAheadWindows({ baseBytes: opts.readAheadBytes ?? DEFAULT_READ_AHEAD_BYTES });
     this.streamMinBytes = opts.streamMinBytes ?? BIG_FILE_MIN_BYTES;
     this.pool = opts.pool;
     this.fetcher = opts.fetcher;
@@ -77,14 +80,20 @@ export class LazyMissProvider implements MissProvider {
 
   /** Read-ahead: the pack neighbours of a member worth fetching along (see readAheadBytes). */
   private neighbours(req: FetchRequest) {
-    if (!req.member || this.readAheadBytes <= 0) return [];
+    const m = req.member;
+    if (!m || this.readAhead.baseBytes <= 0) return [];
+    const window = this.readAhead.windowFor(m.pack.digest, m.offset);
     const st = this.pool.stat();
     let room = st.lowWatermarkBytes - st.bytes;
-    return this.catalog.neighbours(req, this.readAheadBytes, (d, size) => {
+    const along = this.catalog.neighbours(req, window, (d, size) => {
       if (this.pool.has(d) || this.fetcher.inFlight(d) || size > room) return false;
       room -= size;
       return true;
     });
+    let end = m.offset + m.length;
+    for (const n of along) if (n.member) end = Math.max(end, n.member.offset + n.member.length);
+    this.readAhead.used(m.pack.digest, m.offset, end, window);
+    return along;
   }
 
   /** Fetches digest into the pool (trying each known location in turn). */
