@@ -15,7 +15,7 @@
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { constants as zc, createGzip, type Gzip, type ZlibOptions } from 'node:zlib';
-import { gearConfig } from '../convert/convert.js';
+import { gearConfig } from '../convert/publish.js';
 import { Flattener } from '../convert/flatten.js';
 import { layerTar, type SourceImage, type SourceLayer } from '../convert/source.js';
 import { writeIndexLayer } from '../core/index/index-layer.js';

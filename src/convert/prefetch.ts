@@ -20,7 +20,8 @@ import { join } from 'node:path';
 import { invalidArgument } from '../core/errors.js';
 import { readIndexLayer } from '../core/index/index-layer.js';
 import type { IndexManifest } from '../core/index/manifest.js';
-import { publishGearImage, withIndexLayer, type ProgressEvent } from './convert.js';
+import { publishGearImage, publishedSummary, withIndexLayer } from './publish.js';
+import type { ProgressEvent } from './types.js';
 import type { Destination } from './destination.js';
 import { layerTar, type SourceImage } from './source.js';
 import { repackPrefetch, type RepackStats } from './prefetch-repack.js';
@@ -133,11 +134,7 @@ export async function setPrefetch(
     { tmpDir: opts.tmpDir ?? tmpdir(), filesPerManifest: 10_000, account: () => undefined, progress: opts.progress ?? (() => undefined) },
   );
   return {
-    source: src.description,
-    destination: dst.description,
-    manifestDigest: published.imageDigest,
-    indexDigest: published.index.digest,
-    indexDiffId: published.index.diffId,
+    ...publishedSummary(src, dst, published),
     prefetch: list.length,
     prefetchBytes: [...contents.values()].reduce((a, b) => a + b, 0),
     files: manifest.files.length,

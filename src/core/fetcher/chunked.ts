@@ -26,6 +26,7 @@ import type { MissFile } from '../missfs/types.js';
 import type { PoolWriter } from '../pool/pool.js';
 import type { RegistryClient } from '../registry/client.js';
 import { groupRanges, type CoalesceBounds } from './coalesce.js';
+import { readPackRange } from './range-body.js';
 import type { FetchRequest } from './pack-types.js';
 import { decodeMember } from './member.js';
 import type { ChunkRef } from './pack-types.js';
@@ -127,7 +128,7 @@ class ChunkSource {
     }
     for (const group of byPack.values()) {
       for (const plan of groupRanges(group, this.deps.bounds)) {
-        void this.request(plan.start, plan.end, plan.members, waiting);
+        void this.request(plan.members, waiting);
       }
     }
   }
@@ -141,42 +142,25 @@ class ChunkSource {
     }
   }
 
-  private async request(start: number, end: number, members: Array<ChunkRef & { index: number }>, waiting: Map<number, { resolve(b: Buffer): void; reject(e: unknown): void }>): Promise<void> {
+  private async request(members: Array<ChunkRef & { index: number }>, waiting: Map<number, { resolve(b: Buffer): void; reject(e: unknown): void }>): Promise<void> {
     const { req } = this;
     const pack = members[0]!.pack;
     const repo = `${req.location.registry}/${req.location.repository}`;
     const signal = AbortSignal.timeout(this.deps.timeoutMs);
-    let received = 0;
     let next = 0;
     try {
-      const { stream } = await this.deps.client.openBlob(repo, pack.digest, { signal, expectedSize: pack.size, range: { start, end: end - 1 } });
-      this.deps.counters.packRequests++;
-      const buf = Buffer.allocUnsafe(end - start);
-      let filled = 0;
-      try {
-        for await (const c of stream as AsyncIterable<Buffer>) {
-          const n = Math.min(c.length, buf.length - filled);
-          c.copy(buf, filled, 0, n);
-          filled += n;
-          received += c.length;
-          while (next < members.length && members[next]!.offset + members[next]!.length - start <= filled) {
-            const m = members[next++]!;
-            const w = waiting.get(m.index)!;
-            const what = `read of ${req.digest} chunk ${m.index} (pack ${pack.digest} bytes ${m.offset}+${m.length}) from ${repo}`;
-            try {
-              w.resolve(decodeMember(buf.subarray(m.offset - start, m.offset - start + m.length), m.encoding, m.bytes, m.digest, what));
-            } catch (err) {
-              this.deps.log.warn({ digest: req.digest, chunk: m.index, err: describeError(err) }, 'chunk rejected');
-              // InvalidArgument "does not match": the assembly job counts it as rejected content, not worth a retry.
-              w.reject(invalidArgument(`chunk rejected: ${(err as Error).message}`, err));
-            }
-          }
-          if (filled >= buf.length) break;
+      await readPackRange(this.deps, repo, pack, members, signal, (m, stored) => {
+        next++;
+        const w = waiting.get(m.index)!;
+        const what = `read of ${req.digest} chunk ${m.index} (pack ${pack.digest} bytes ${m.offset}+${m.length}) from ${repo}`;
+        try {
+          w.resolve(decodeMember(stored, m.encoding, m.bytes, m.digest, what));
+        } catch (err) {
+          this.deps.log.warn({ digest: req.digest, chunk: m.index, err: describeError(err) }, 'chunk rejected');
+          // InvalidArgument "does not match": the assembly job counts it as rejected content, not worth a retry.
+          w.reject(invalidArgument(`chunk rejected: ${(err as Error).message}`, err));
         }
-      } finally {
-        stream.destroy();
-      }
-      if (next < members.length) throw unavailable(`GET pack ${pack.digest} from ${repo}: the body ended after ${filled} of ${buf.length} bytes`);
+      });
     } catch (err) {
       const e = signal.aborted
         ? deadlineExceeded(`read of ${req.digest}: chunks not fetched within ${this.deps.timeoutMs} ms; check the registry's reachability or raise GEAR_FETCH_TIMEOUT`)
@@ -184,8 +168,6 @@ class ChunkSource {
           ? err
           : unavailable(`read of ${req.digest} from ${repo}: ${describeError(err)}`, err);
       for (let k = next; k < members.length; k++) waiting.get(members[k]!.index)!.reject(e);
-    } finally {
-      this.deps.counters.blobBytes += received;
     }
   }
 }

@@ -8,10 +8,8 @@
  *
  *   await fetchPackRange(deps, location, jobs);   // jobs: members of ONE pack (coalesce.ts chose them)
  *
- * - The request asks for bytes [first member's offset, last member's end).
- *   A registry that ignores Range (200 with the whole blob) still works: the
- *   registry client skips to the start, and this reads only up to the end it
- *   needs and then drops the connection.
+ * - The request asks for bytes [first member's offset, last member's end)
+ *   (range-body.ts, shared with chunked.ts; a registry ignoring Range works).
  * - Retries: a body that breaks mid-way is asked again, from the first
  *   member not yet delivered, while attempts and the deadline allow; the
  *   members already committed stay.
@@ -28,6 +26,7 @@ import { sleep } from '../registry/retry.js';
 import { decodeMember } from './member.js';
 import type { MemberRef } from './pack-types.js';
 import { planRequest, type CoalesceBounds } from './coalesce.js';
+import { readPackRange } from './range-body.js';
 
 /** One wanted member and how to tell its waiters. */
 export interface PackJob {
@@ -59,8 +58,6 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
   const pending = new Set(jobs);
   for (let attempt = 1; pending.size > 0; attempt++) {
     const list = [...pending].sort((a, b) => a.member.offset - b.member.offset);
-    const start = list[0]!.member.offset;
-    const end = list.reduce((e, j) => Math.max(e, j.member.offset + j.member.length), 0);
     const controller = new AbortController();
     const live = () => list.some((j) => pending.has(j) && !j.signal.aborted);
     const onJobAbort = () => {
@@ -74,31 +71,13 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
     );
     timer.unref();
     const signal = controller.signal;
-    let received = 0;
     try {
-      const { stream } = await deps.client.openBlob(repo, pack.digest, { signal, expectedSize: pack.size, range: { start, end: end - 1 } });
-      deps.counters.packRequests++;
-      const buf = Buffer.allocUnsafe(end - start);
-      let filled = 0;
-      let next = 0;
-      try {
-        for await (const c of stream as AsyncIterable<Buffer>) {
-          const n = Math.min(c.length, buf.length - filled);
-          c.copy(buf, filled, 0, n);
-          filled += n;
-          received += c.length;
-          while (next < list.length && list[next]!.member.offset + list[next]!.member.length - start <= filled) {
-            const j = list[next++]!;
-            if (!pending.has(j)) continue;
-            pending.delete(j);
-            await deliver(deps, j, buf.subarray(j.member.offset - start, j.member.offset - start + j.member.length), repo);
-          }
-          if (filled >= buf.length) break; // a registry ignoring Range: stop at what we need
-        }
-      } finally {
-        stream.destroy();
-      }
-      if (filled < buf.length) throw unavailable(`GET pack ${pack.digest} from ${repo}: the body ended after ${filled} of ${buf.length} bytes`);
+      const parts = list.map((job) => ({ offset: job.member.offset, length: job.member.length, job }));
+      await readPackRange(deps, repo, pack, parts, signal, async ({ job: j }, stored) => {
+        if (!pending.has(j)) return;
+        pending.delete(j);
+        await deliver(deps, j, stored, repo);
+      });
     } catch (err) {
       if (pending.size === 0) break;
       const e = signal.aborted ? signal.reason : err;
@@ -114,7 +93,6 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
     } finally {
       clearTimeout(timer);
       for (const j of list) j.signal.removeEventListener('abort', onJobAbort);
-      deps.counters.blobBytes += received;
     }
   }
 }
