@@ -4,15 +4,15 @@
 import { tmpdir } from 'node:os';
 import type { PackRef } from '../core/index/manifest.js';
 import type { Destination } from './destination.js';
-import { Flattener } from './flatten.js';
+import { flattenLayers, Flattener } from './flatten.js';
 import { mapLimit } from './map-limit.js';
 import { MemberPool } from './member-pool.js';
 import { MemberStage, type StagedContent, type StagedMember } from './member-stage.js';
 import { adoptStagedPacks, stagedPackMembers, storePacks, type StagedPack } from './packs.js';
-import { gearConfig, publishGearImage, publishedSummary } from './publish.js';
+import { publishConversion } from './publish.js';
 import { bringPack, reusableMembers, type PackTransfer } from './reuse.js';
 import { claimScratch } from './scratch.js';
-import { layerTar, type SourceImage } from './source.js';
+import type { SourceImage } from './source.js';
 import type { ConvertOptions, ConvertSummary } from './types.js';
 import { UploadTally } from './upload-tally.js';
 
@@ -41,18 +41,7 @@ export async function convertV3(src: SourceImage, dst: Destination, opts: Conver
 
     // 1. flatten; bodies hashed and compressed by the workers as they stream out of the layers
     const flat = new Flattener(stage);
-    for (let i = 0; i < src.layers.length; i++) {
-      const layer = src.layers[i]!;
-      progress({ kind: 'layer', index: i, count: src.layers.length, name: layer.name });
-      const tar = (async function* () {
-        for await (const c of layerTar(layer)) {
-          flat.stats.layerBytes += c.length;
-          progress({ kind: 'layer-bytes', bytes: c.length });
-          yield c;
-        }
-      })();
-      await flat.applyLayer(layer.name, tar, (n) => progress({ kind: 'file-bytes', bytes: n }));
-    }
+    await flattenLayers(flat, src.layers, progress);
     await stage.finish();
     await pool.close();
     pool = undefined;
@@ -116,22 +105,14 @@ export async function convertV3(src: SourceImage, dst: Destination, opts: Conver
     for (const f of manifest.files) logicalBytes += f.size;
 
     // 3-5. index layer, config, keep-alive manifests (of the packs), the image manifest last
-    const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest, 3), {
-      tmpDir: dir,
-      filesPerManifest: opts.filesPerManifest ?? 10_000,
-      account,
-      progress,
-      ...(opts.attach ? { attach: opts.attach } : {}),
-    });
+    const published = await publishConversion(src, dst, manifest, entries, { tmpDir: dir, filesPerManifest: opts.filesPerManifest, attach: opts.attach, account, progress });
     return {
-      ...publishedSummary(src, dst, published),
+      ...published,
       files: manifest.files.length,
       uniqueContents: contents.size,
       logicalBytes,
       layerBytes: flat.stats.layerBytes,
       ...tally.totals(),
-      indexSize: published.index.size,
-      keepAliveManifests: published.keepAliveManifests,
       resumedContents: 0,
       resumedGzip: 0,
       seconds: Number(process.hrtime.bigint() - t0) / 1e9,

@@ -15,10 +15,10 @@
 import { BIG_FILE_MIN_BYTES, GEAR_FORMAT_VERSION, GearMediaType, type StoredBlob } from '../core/index/manifest.js';
 import { convertV3 } from './convert-v3.js';
 import type { Destination } from './destination.js';
-import { Flattener } from './flatten.js';
+import { flattenLayers, Flattener } from './flatten.js';
 import { mapLimit } from './map-limit.js';
-import { gearConfig, publishGearImage, publishedSummary } from './publish.js';
-import { layerTar, type SourceImage } from './source.js';
+import { publishConversion } from './publish.js';
+import type { SourceImage } from './source.js';
 import { ContentStage } from './stage.js';
 import { keepsGzip, wouldGzip } from './storage-policy.js';
 import type { ConvertOptions, ConvertSummary } from './types.js';
@@ -35,18 +35,7 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
   try {
     // 1. flatten
     const flat = new Flattener(stage);
-    for (let i = 0; i < src.layers.length; i++) {
-      const layer = src.layers[i]!;
-      progress({ kind: 'layer', index: i, count: src.layers.length, name: layer.name });
-      const tar = (async function* () {
-        for await (const c of layerTar(layer)) {
-          flat.stats.layerBytes += c.length;
-          progress({ kind: 'layer-bytes', bytes: c.length });
-          yield c;
-        }
-      })();
-      await flat.applyLayer(layer.name, tar, (n) => progress({ kind: 'file-bytes', bytes: n }));
-    }
+    await flattenLayers(flat, src.layers, progress);
     const { entries, manifest } = flat.result(dst.location);
     manifest.version = opts.formatVersion ?? GEAR_FORMAT_VERSION;
 
@@ -79,22 +68,14 @@ export async function convertImage(src: SourceImage, dst: Destination, opts: Con
     }
 
     // 3-5. index layer, config, keep-alive manifests, the image manifest last
-    const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest, manifest.version), {
-      tmpDir: stage.dir,
-      filesPerManifest: opts.filesPerManifest ?? 10_000,
-      account,
-      progress,
-      ...(opts.attach ? { attach: opts.attach } : {}),
-    });
+    const published = await publishConversion(src, dst, manifest, entries, { tmpDir: stage.dir, filesPerManifest: opts.filesPerManifest, attach: opts.attach, account, progress });
     return {
-      ...publishedSummary(src, dst, published),
+      ...published,
       files: manifest.files.length,
       uniqueContents: contents.length,
       logicalBytes,
       layerBytes: flat.stats.layerBytes,
       ...tally.totals(),
-      indexSize: published.index.size,
-      keepAliveManifests: published.keepAliveManifests,
       resumedContents: stage.reusedContents,
       resumedGzip: stage.reusedGzip,
       seconds: Number(process.hrtime.bigint() - t0) / 1e9,

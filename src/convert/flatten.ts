@@ -21,7 +21,9 @@ import { invalidArgument } from '../core/errors.js';
 import { comparePaths, GEAR_FORMAT_VERSION, RESERVED_DIR, type BlobLocation, type IndexFile, type IndexManifest } from '../core/index/manifest.js';
 import { manifestHeader } from '../core/index/index-layer.js';
 import { readTar, type TarHeader } from '../core/index/tar.js';
+import { layerTar, type SourceLayer } from './source.js';
 import type { ContentStage } from './stage.js';
+import type { ProgressEvent } from './types.js';
 
 interface Inode {
   header: TarHeader; // type is never 'dir' or 'link'
@@ -258,5 +260,21 @@ export class Flattener {
     const manifest: IndexManifest = { version: GEAR_FORMAT_VERSION, files };
     if (location) manifest.location = location;
     return { entries, manifest };
+  }
+}
+
+/** Step 1 of every conversion: flattens `layers` in order into `flat`, verified while read, reporting progress. */
+export async function flattenLayers(flat: Flattener, layers: readonly SourceLayer[], progress: (e: ProgressEvent) => void): Promise<void> {
+  for (let i = 0; i < layers.length; i++) {
+    const layer = layers[i]!;
+    progress({ kind: 'layer', index: i, count: layers.length, name: layer.name });
+    const tar = (async function* () {
+      for await (const c of layerTar(layer)) {
+        flat.stats.layerBytes += c.length;
+        progress({ kind: 'layer-bytes', bytes: c.length });
+        yield c;
+      }
+    })();
+    await flat.applyLayer(layer.name, tar, (n) => progress({ kind: 'file-bytes', bytes: n }));
   }
 }

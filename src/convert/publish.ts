@@ -149,6 +149,28 @@ export function publishedSummary(
 }
 
 /**
+ * Steps 3-5 of gear convert (every format version): publishes the converted
+ * index with the source's config, and returns the head of the summary with
+ * the index size and keep-alive count.
+ */
+export async function publishConversion(
+  src: { description: string; config: Buffer; sourceDigest: string },
+  dst: Destination,
+  manifest: IndexManifest,
+  entries: TarHeader[],
+  opts: { tmpDir: string; filesPerManifest?: number | undefined; attach?: PublishOptions['attach'] | undefined; account: PublishOptions['account']; progress: PublishOptions['progress'] },
+): Promise<ReturnType<typeof publishedSummary> & { indexSize: number; keepAliveManifests: number }> {
+  const published = await publishGearImage(dst, manifest, entries, (diffId) => gearConfig(src.config, diffId, src.sourceDigest, manifest.version), {
+    tmpDir: opts.tmpDir,
+    filesPerManifest: opts.filesPerManifest ?? 10_000,
+    account: opts.account,
+    progress: opts.progress,
+    ...(opts.attach ? { attach: opts.attach } : {}),
+  });
+  return { ...publishedSummary(src, dst, published), indexSize: published.index.size, keepAliveManifests: published.keepAliveManifests };
+}
+
+/**
  * Steps 3-5 of a conversion, for an index whose Gear files are already in
  * dst: pushes the index layer, the config (`makeConfig(diffId)`), the
  * keep-alive manifests of the files and their referrers tag, and the image

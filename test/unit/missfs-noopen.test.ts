@@ -7,15 +7,15 @@
  * so every access to a mount goes through a child process.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { silentLogger } from '../../src/core/log.js';
 import { mountMissFs, type MissFsMount } from '../../src/core/missfs/index.js';
 import { InitFlag } from '../../src/core/missfs/protocol.js';
-import { setXattr } from '../../src/core/sys/xattr.js';
 import { run, waitFor } from '../helpers/proc.js';
 import { addBlob, DirProvider, type Blob } from './fixtures/missfs-provider.js';
+import { metacopyOverlay } from './fixtures/missfs-overlay.js';
 
 const canRun = process.getuid?.() === 0 && existsSync('/dev/fuse');
 
@@ -50,24 +50,7 @@ function requests(m: MissFsMount): number {
 
 /** An overlay over meta::pool::miss where each name is a metacopy file redirected to its blob. */
 async function overlayOf(m: MissFsMount, files: Record<string, Blob>): Promise<string> {
-  const meta = join(tmp, 'meta');
-  const pool = join(tmp, 'pool');
-  const merged = join(tmp, 'merged');
-  for (const d of [meta, pool, merged]) mkdirSync(d, { recursive: true });
-  for (const [name, blob] of Object.entries(files)) {
-    const f = join(meta, name);
-    writeFileSync(f, '');
-    truncateSync(f, blob.data.length);
-    setXattr(f, 'trusted.overlay.metacopy', Buffer.alloc(0));
-    setXattr(f, 'trusted.overlay.redirect', `/sha256/${blob.hex.slice(0, 2)}/${blob.hex}`);
-  }
-  const r = await run(
-    'mount',
-    ['-t', 'overlay', 'overlay', '-o', `ro,metacopy=on,redirect_dir=on,lowerdir=${meta}::${pool}::${m.mountpoint}`, merged],
-    { timeoutMs: 20_000 },
-  );
-  expect(r.stderr).toBe('');
-  expect(r.code).toBe(0);
+  const merged = await metacopyOverlay(tmp, m.mountpoint, files);
   overlays.push(merged);
   return merged;
 }

@@ -21,6 +21,7 @@ import { mountOverlay } from '../../src/core/sys/mounts.js';
 import { setXattr } from '../../src/core/sys/xattr.js';
 import { run, waitFor } from '../helpers/proc.js';
 import { addBlob, DirProvider, type Blob } from './fixtures/missfs-provider.js';
+import { metacopyOverlay } from './fixtures/missfs-overlay.js';
 
 const canRun = process.getuid?.() === 0 && existsSync('/dev/fuse');
 
@@ -613,24 +614,7 @@ async function mmapSha(file: string): Promise<{ code: number | null; out: string
 
 /** An overlay with metacopy files name → blob over lowerdir=meta::pool::miss (mounted by mount(8) in a child). */
 async function overlayOver(m: MissFsMount, files: Record<string, Blob>): Promise<string> {
-  const meta = join(tmp, 'meta');
-  const pool = join(tmp, 'pool');
-  const merged = join(tmp, 'merged');
-  for (const d of [meta, pool, merged]) mkdirSync(d, { recursive: true });
-  for (const [name, blob] of Object.entries(files)) {
-    const f = join(meta, name);
-    writeFileSync(f, '');
-    truncateSync(f, blob.data.length);
-    setXattr(f, 'trusted.overlay.metacopy', Buffer.alloc(0));
-    setXattr(f, 'trusted.overlay.redirect', `/sha256/${blob.hex.slice(0, 2)}/${blob.hex}`);
-  }
-  const mo = await run(
-    'mount',
-    ['-t', 'overlay', 'overlay', '-o', `ro,metacopy=on,redirect_dir=on,lowerdir=${meta}::${pool}::${m.mountpoint}`, merged],
-    { timeoutMs: 20_000 },
-  );
-  expect(mo.stderr).toBe('');
-  expect(mo.code).toBe(0);
+  const merged = await metacopyOverlay(tmp, m.mountpoint, files);
   overlays.push(merged);
   return merged;
 }

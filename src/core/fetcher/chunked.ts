@@ -27,6 +27,7 @@ import type { PoolWriter } from '../pool/pool.js';
 import type { RegistryClient } from '../registry/client.js';
 import { groupRanges, type CoalesceBounds } from './coalesce.js';
 import { readPackRange } from './range-body.js';
+import { raceAbort } from '../abort.js';
 import type { FetchRequest } from './pack-types.js';
 import { decodeMember } from './member.js';
 import type { ChunkRef } from './pack-types.js';
@@ -286,22 +287,4 @@ export class ChunkedFiles {
       this.release(src);
     }
   }
-}
-
-function raceAbort<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    if (signal.aborted) return onAbort();
-    signal.addEventListener('abort', onAbort, { once: true });
-    p.then(
-      (v) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(v);
-      },
-      (e) => {
-        signal.removeEventListener('abort', onAbort);
-        reject(e);
-      },
-    );
-  });
 }

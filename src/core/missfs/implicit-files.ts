@@ -19,6 +19,7 @@
  * when the kernel forgets the node, when a read of it failed, or, oldest idle
  * first, beyond `max` open files (each holds a pool descriptor).
  */
+import { raceAbort } from '../abort.js';
 import type { MissFile } from './types.js';
 
 export interface ImplicitFilesOptions {
@@ -42,25 +43,6 @@ interface Entry {
   lastUse: number;
   /** Close once the last user is done (forgotten, failed or trimmed while in use). */
   dropped: boolean;
-}
-
-/** Rejects with signal's reason when it aborts first; the promise itself goes on. */
-function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason);
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener('abort', onAbort, { once: true });
-    promise.then(
-      (v) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(v);
-      },
-      (e) => {
-        signal.removeEventListener('abort', onAbort);
-        reject(e);
-      },
-    );
-  });
 }
 
 export class ImplicitFiles {
@@ -107,7 +89,7 @@ export class ImplicitFiles {
     e.lastUse = Date.now();
     let ok = false;
     try {
-      const file = e.file ?? (await unlessAborted(this.openEntry(e), signal));
+      const file = e.file ?? (await raceAbort(this.openEntry(e), signal));
       const result = await read(file);
       ok = true;
       return result;
