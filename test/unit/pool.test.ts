@@ -174,6 +174,41 @@ describe('pool writes', () => {
     await w.commit();
     expect(pool.has(c.digest)).toBe(true);
   });
+  it('adds a buffer in one native task: verified, read-only, durable, counted; a restart keeps it verified', async () => {
+    const pool = await open();
+    const b = blob('buffer', 200_000);
+    const same = blob('buffer', 200_000);
+    // Two commits of one digest at once (two pack responses carrying the same file): both succeed, one file.
+    await Promise.all([pool.addBuffer(b.digest, b.body), pool.addBuffer(same.digest, Buffer.from(same.body))]);
+    const st = await fs.stat(pool.path(b.digest));
+    expect(st.mode & 0o7777).toBe(0o444);
+    expect((await fs.readFile(pool.path(b.digest))).equals(b.body)).toBe(true);
+    expect(await fs.readdir(path.join(root, 'pool', '.staging'))).toEqual([]);
+    expect(pool.stat()).toMatchObject({ files: 1, bytes: 200_000, writing: 0 });
+    // A subarray of a larger buffer (a member of a pack response) is written from its own offset.
+    const big = Buffer.concat([Buffer.from('head'), blob('member', 5000).body, Buffer.from('tail')]);
+    const member = blob('member', 5000);
+    await pool.addBuffer(member.digest, big.subarray(4, 5004));
+    expect((await fs.readFile(pool.path(member.digest))).equals(member.body)).toBe(true);
+    await pool.close();
+    // The mtime recorded is the file's: the next start trusts it (verified), nothing to check again.
+    const again = await open();
+    expect(again.list().map((e) => [e.digest, e.verified]).sort()).toEqual([[b.digest, true], [member.digest, true]].sort());
+  });
+
+  it('refuses a buffer that does not match its digest: nothing on disk, nothing staged, nothing counted', async () => {
+    const pool = await open();
+    const good = blob('good', 100);
+    const bad = blob('evil', 100);
+    const err = await pool.addBuffer(good.digest, bad.body).catch((e: unknown) => e);
+    expect(isClass(err, 'InvalidArgument')).toBe(true);
+    expect((err as Error).message).toContain(good.digest);
+    expect((err as Error).message).toContain(bad.digest);
+    await expect(pool.addBuffer('sha256:../../x', good.body)).rejects.toThrow(/invalid digest/);
+    expect(await filesOnDisk(root)).toEqual(new Map());
+    expect(await fs.readdir(path.join(root, 'pool', '.staging'))).toEqual([]);
+    expect(pool.stat()).toMatchObject({ files: 0, bytes: 0, writing: 0, counters: { bytesFetched: 0 } });
+  });
 });
 
 describe('pool eviction', () => {
@@ -487,6 +522,23 @@ describe('pool on a full disk', () => {
     await pool.addFromStream(Readable.from([third.body]), third.digest, third.body.length);
     expect(await filesOnDisk(mnt)).toEqual(new Map([[third.digest, third.body.length]]));
     expect(pool.stat()).toMatchObject({ files: 1, bytes: third.body.length });
+    await pool.close();
+  });
+
+  it.skipIf(!isRoot)('a buffer larger than the disk fails with the pool error, and its staging file is gone', async () => {
+    mnt = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-pool-tmpfs-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'gear-pool-test', mnt]);
+    const pool = await openPool({ root: mnt, capBytes: '1GiB', atimeSampleMs: 0, snapshotDelayMs: 10 });
+    pools.push(pool);
+    const huge = blob('huge', 3 * 1024 * 1024);
+    const err = await pool.addBuffer(huge.digest, huge.body).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(PoolNoSpaceError);
+    expect((err as Error).message).toMatch(/no space left on device while writing sha256:[a-f0-9]{64} to the pool .*nothing could be evicted/);
+    expect(await filesOnDisk(mnt)).toEqual(new Map());
+    expect(await fs.readdir(path.join(mnt, 'pool', '.staging'))).toEqual([]);
+    const small = blob('small', 100_000);
+    await pool.addBuffer(small.digest, small.body);
+    expect(await filesOnDisk(mnt)).toEqual(new Map([[small.digest, small.body.length]]));
     await pool.close();
   });
 });

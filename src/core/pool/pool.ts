@@ -55,18 +55,21 @@
 import { createHash, randomBytes } from 'node:crypto';
 import fs, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { errnoCode, failedPrecondition, invalidArgument } from '../errors.js';
+import { errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { checkDigest } from '../registry/digest.js';
 import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
+import { native } from '../sys/native.js';
 import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { mustEvictOnRelease, PoolNoSpaceError, type EvictResult } from './admission.js';
 import { PoolLock } from './lock.js';
 import { hashHandle, openForHash, type RemoveOutcome } from './scrub.js';
 import { formatSize, parseSize } from './size.js';
-import { PoolWriter, type PoolWriteSink } from './writer.js';
+import type { Entry, PoolCounters, PoolOptions, PoolStat, RefsRecord, Snapshot, SnapshotEntry } from './types.js';
+import { copyFileInto, PoolWriter, streamInto, type PoolWriteSink } from './writer.js';
 
 export { PoolWriter } from './writer.js';
+export type { PoolCounters, PoolOptions, PoolStat } from './types.js';
 export { PoolNoSpaceError, type EvictResult } from './admission.js';
 
 /** The cap used when neither the caller nor a previous run set one. */
@@ -79,86 +82,6 @@ const HEX_RE = /^[a-f0-9]{64}$/;
 const SNAPSHOT_VERSION = 1;
 /** Extra room asked for beyond a write's size when the disk is nearly full. */
 const DISK_MARGIN = 1024 * 1024;
-
-export interface PoolOptions {
-  /** Gear root; the pool lives in ROOT/pool. */
-  root: string;
-  /**
-   * Size cap, bytes or a human size ("20GiB", see parseSize). Default: the cap
-   * recorded by the previous run, else DEFAULT_CACHE_SIZE.
-   */
-  capBytes?: number | string;
-  /** Fraction of the cap above which eviction starts (default 0.95). */
-  highWatermark?: number;
-  /** Fraction of the cap eviction brings usage down to (default 0.85). */
-  lowWatermark?: number;
-  logger?: Logger;
-  /** Inspect only: no lock, no cleanup, no writes (for `gear cache status`). Default false. */
-  readOnly?: boolean;
-  /** Delay before a changed snapshot is written (default 2000 ms). */
-  snapshotDelayMs?: number;
-  /** Interval of atime sampling (default 15 min; 0 disables the timer). */
-  atimeSampleMs?: number;
-  /** Evict at open if the pool is over its high watermark (default true). */
-  enforceCapOnOpen?: boolean;
-  /** Clock for recency, ms since the epoch (default Date.now; tests inject one). */
-  clock?: () => number;
-}
-
-/** Cumulative counters; they survive restarts through the snapshot. */
-export interface PoolCounters {
-  /** `open()` calls that found the file. */
-  hits: number;
-  /** `open()` calls that did not. */
-  misses: number;
-  /** Bytes committed by writers (new content that entered the pool). */
-  bytesFetched: number;
-  /** Files removed by eviction or prune. */
-  evictions: number;
-  evictedBytes: number;
-}
-
-export interface PoolStat {
-  root: string;
-  capBytes: number;
-  highWatermarkBytes: number;
-  lowWatermarkBytes: number;
-  files: number;
-  bytes: number;
-  referencedFiles: number;
-  referencedBytes: number;
-  unreferencedFiles: number;
-  unreferencedBytes: number;
-  unverifiedFiles: number;
-  owners: number;
-  pinned: number;
-  writing: number;
-  counters: PoolCounters;
-  /** hits / (hits + misses), or null before any open() */
-  hitRate: number | null;
-}
-
-interface Entry {
-  size: number;
-  /** ms since the epoch */
-  lastUse: number;
-  mtimeMs: number;
-  verified: boolean;
-}
-
-type SnapshotEntry = [size: number, lastUse: number, mtimeMs: number, verified: 0 | 1];
-interface Snapshot {
-  version: number;
-  savedAt: string;
-  capBytes: number;
-  counters: PoolCounters;
-  entries: Record<string, SnapshotEntry>;
-}
-
-interface RefsRecord {
-  owner: string;
-  digests: string[];
-}
 
 function hexOf(digest: string): string {
   return checkDigest(digest).slice(7);
@@ -204,6 +127,8 @@ export class Pool implements PoolWriteSink {
   /** bytes announced by writers in progress (expectedSize), for room checks */
   private reserved = 0;
   private readonly evicting = new Map<string, Promise<void>>();
+  /** Shard directories (sha256/ab) known to exist. */
+  private readonly shards = new Set<string>();
   private readonly corruptListeners: ((digest: string) => void)[] = [];
   private counters: PoolCounters = { hits: 0, misses: 0, bytesFetched: 0, evictions: 0, evictedBytes: 0 };
 
@@ -689,42 +614,42 @@ export class Pool implements PoolWriteSink {
   }
 
   /** Copies a local file into the pool, verifying it; retries once after a disk-full eviction. */
-  async addFromFile(file: string, digest: string): Promise<void> {
-    for (let attempt = 0; ; attempt++) {
-      const src = await fs.open(file, 'r');
-      try {
-        const { size } = await src.stat();
-        const w = await this.beginWrite(digest, size);
-        try {
-          const buf = Buffer.allocUnsafe(1024 * 1024);
-          for (;;) {
-            const { bytesRead } = await src.read(buf, 0, buf.length, null);
-            if (bytesRead === 0) break;
-            await w.write(buf.subarray(0, bytesRead));
-          }
-          await w.commit();
-          return;
-        } catch (err) {
-          await w.abort();
-          if (err instanceof PoolNoSpaceError && err.freed.bytes > 0 && attempt === 0) continue;
-          throw err;
-        }
-      } finally {
-        await src.close();
-      }
-    }
+  addFromFile(file: string, digest: string): Promise<void> {
+    return copyFileInto(this, file, digest);
   }
 
   /** Stores a stream's content under `digest`, verifying it. Nothing is left behind on failure. */
-  async addFromStream(readable: AsyncIterable<Uint8Array | string>, digest: string, expectedSize?: number): Promise<void> {
-    const w = await this.beginWrite(digest, expectedSize);
+  addFromStream(readable: AsyncIterable<Uint8Array | string>, digest: string, expectedSize?: number): Promise<void> {
+    return streamInto(this, readable, digest, expectedSize);
+  }
+
+  /**
+   * Stores bytes already in memory (a fetched pack member) under `digest`,
+   * verified, durable when it resolves. One threadpool task creates, writes,
+   * fsyncs and renames the file (native writeFileDurable) where a PoolWriter
+   * takes seven round trips through the event loop: the prefetch commits
+   * hundreds of small files in a row.
+   */
+  async addBuffer(digest: string, data: Buffer): Promise<void> {
+    this.checkWritable('write');
+    const hex = hexOf(digest);
+    const actual = createHash('sha256').update(data).digest('hex');
+    if (actual !== hex) throw invalidArgument(`pool write ${digest}: content does not match, got sha256:${actual}`);
+    this.writing.set(hex, (this.writing.get(hex) ?? 0) + 1);
+    this.reserved += data.length;
     try {
-      for await (const chunk of readable) await w.write(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
-      await w.commit();
+      await this.makeRoom(data.length);
+      const file = await this.installTarget(hex);
+      const staging = path.join(this.stagingDir, `${hex}.${randomBytes(6).toString('hex')}`);
+      const mtimeMs = await native.writeFileDurable(staging, file, data, 0o444);
+      this.installed(hex, data.length, mtimeMs);
     } catch (err) {
-      await w.abort();
-      throw err;
+      if (errnoCode(err) === 'ENOSPC' || errnoCode(err) === 'EDQUOT') throw await this.noSpace(hex, data.length, err);
+      throw internal(`pool write ${digest}: ${String(err)}`, err);
+    } finally {
+      this.endWrite(hex, data.length);
     }
+    await this.enforceCap();
   }
 
   /** @internal called by PoolWriter */
@@ -737,18 +662,29 @@ export class Pool implements PoolWriteSink {
 
   /** @internal called by PoolWriter after verification: makes the staging file visible. */
   async install(hex: string, staging: string, size: number): Promise<void> {
-    await this.evicting.get(hex); // never let an in-flight unlink remove the new file
-    const file = this.fileOf(hex);
-    // Concurrent mkdirs of one shard are fine (recursive ignores EEXIST).
-    if (await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o755 })) await syncDir(this.shaDir);
+    const file = await this.installTarget(hex);
     // No fsync of the directory: the data was fsynced before the rename, and a rename lost in a
     // crash only means a missing file, which startup drops from the snapshot and the next open
     // fetches again. It would cost a journal commit on the path of every first open.
     await fs.rename(staging, file);
-    const st = await fs.stat(file);
+    this.installed(hex, size, (await fs.stat(file)).mtimeMs);
+  }
+
+  /** Where a verified file of hex goes, once no unlink of it is in flight; its shard directory exists. */
+  private async installTarget(hex: string): Promise<string> {
+    await this.evicting.get(hex); // never let an in-flight unlink remove the new file
+    const file = this.fileOf(hex);
+    const shard = hex.slice(0, 2);
+    // Concurrent mkdirs of one shard are fine (recursive ignores EEXIST); shards are never removed.
+    if (!this.shards.has(shard) && (await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o755 }))) await syncDir(this.shaDir);
+    this.shards.add(shard);
+    return file;
+  }
+
+  private installed(hex: string, size: number, mtimeMs: number): void {
     const old = this.entries.get(hex);
     if (old) this.used -= old.size;
-    this.entries.set(hex, { size, lastUse: this.now(), mtimeMs: st.mtimeMs, verified: true });
+    this.entries.set(hex, { size, lastUse: this.now(), mtimeMs, verified: true });
     this.used += size;
     this.counters.bytesFetched += size;
     this.markDirty();

@@ -7,6 +7,7 @@ import type { FileHandle } from 'node:fs/promises';
 import fs from 'node:fs/promises';
 import { Writable } from 'node:stream';
 import { errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
+import { PoolNoSpaceError } from './admission.js';
 
 /**
  * What a writer needs of its pool (Pool implements it): the writer depends on
@@ -145,5 +146,49 @@ export class PoolWriter {
     if (this.state === 'done') return;
     this.state = 'done';
     this.pool.endWrite(this.hex, this.expectedSize ?? 0);
+  }
+}
+
+/** Copies a local file into the pool through a PoolWriter; retries once after a disk-full eviction freed room. */
+export async function copyFileInto(pool: { beginWrite(digest: string, size?: number): Promise<PoolWriter> }, file: string, digest: string): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    const src = await fs.open(file, 'r');
+    try {
+      const { size } = await src.stat();
+      const w = await pool.beginWrite(digest, size);
+      try {
+        const buf = Buffer.allocUnsafe(1024 * 1024);
+        for (;;) {
+          const { bytesRead } = await src.read(buf, 0, buf.length, null);
+          if (bytesRead === 0) break;
+          await w.write(buf.subarray(0, bytesRead));
+        }
+        await w.commit();
+        return;
+      } catch (err) {
+        await w.abort();
+        if (err instanceof PoolNoSpaceError && err.freed.bytes > 0 && attempt === 0) continue;
+        throw err;
+      }
+    } finally {
+      await src.close();
+    }
+  }
+}
+
+/** Stores a stream's content through a PoolWriter. Nothing is left behind on failure. */
+export async function streamInto(
+  pool: { beginWrite(digest: string, size?: number): Promise<PoolWriter> },
+  readable: AsyncIterable<Uint8Array | string>,
+  digest: string,
+  expectedSize?: number,
+): Promise<void> {
+  const w = await pool.beginWrite(digest, expectedSize);
+  try {
+    for await (const chunk of readable) await w.write(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
+    await w.commit();
+  } catch (err) {
+    await w.abort();
+    throw err;
   }
 }

@@ -27,6 +27,13 @@ interface NativeModule {
   /** umount2(2) on a libuv worker thread. */
   umount2Async(target: string, flags: number): Promise<void>;
   /**
+   * On a libuv worker thread: creates `staging` (O_EXCL, 0600), writes all of
+   * data, fchmods it to mode, fsyncs, closes and renames it to `final`;
+   * resolves with its mtime (ms). On failure the staging file is unlinked
+   * and the error carries code and syscall (open, write, fsync, rename…).
+   */
+  writeFileDurable(staging: string, final: string, data: Buffer, mode: number): Promise<number>;
+  /**
    * FUSE_DEV_IOC_BACKING_OPEN on a mounted /dev/fuse fd: registers fd (a
    * regular file) as a passthrough backing file and returns its backing id
    * (> 0). EPERM without negotiated passthrough or without CAP_SYS_ADMIN in
