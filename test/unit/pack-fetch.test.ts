@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Fetcher, type FetchRequest } from '../../src/core/fetcher/fetcher.js';
+import { MAX_DELIVERIES } from '../../src/core/fetcher/pack-fetch.js';
 import { BlobCatalog, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
 import { Prefetcher } from '../../src/core/lazy/prefetch.js';
 import { ResumeQueue } from '../../src/core/lazy/resume.js';
@@ -101,6 +102,30 @@ describe('format v3 fetch', () => {
     }
     expect(reqs[7]!.member!.encoding).toBe('raw');
     expect(reqs[0]!.member!.encoding).toBe('zstd');
+  });
+
+  it('commits the members of one response several at a time, never more than MAX_DELIVERIES', async () => {
+    // Each commit ends in an fsync: one at a time, a 930-file prefetch took 3 s on an unshaped link.
+    const real = pool.addBuffer.bind(pool);
+    let inFlight = 0;
+    let most = 0;
+    pool.addBuffer = async (digest, data) => {
+      most = Math.max(most, ++inFlight);
+      try {
+        await new Promise((r) => setTimeout(r, 5)); // a slow disk
+        await real(digest, data);
+      } finally {
+        inFlight--;
+      }
+    };
+    const reqs = smalls.map((_, k) => reqOf(good, k));
+    const before = packGets();
+    await Promise.all(fetcher.fetchMany(reqs, { priority: 'background' }));
+    expect(packGets() - before).toBe(1);
+    expect(most).toBeGreaterThan(1);
+    expect(most).toBeLessThanOrEqual(MAX_DELIVERIES);
+    for (const r of reqs) expect(pool.has(r.digest)).toBe(true);
+    expect(inFlight).toBe(0);
   });
 
   it('a miss brings its pack neighbours along in the same request (read-ahead), only as far as asked', async () => {
