@@ -3,6 +3,7 @@
  * location the catalog knows: what crash resume (resume.ts) and prefetch
  * (prefetch.ts) both do for every file they complete.
  */
+import { setMaxListeners } from 'node:events';
 import { describeError, isClass } from '../errors.js';
 import type { FetchOptions, FetchRequest } from '../fetcher/fetcher.js';
 
@@ -32,6 +33,8 @@ export async function fetchPacked(deps: BackgroundFetchDeps, digests: readonly s
   const { fetcher, catalog, pool } = deps;
   const done = new Set<string>();
   if (!fetcher.fetchMany) return done;
+  // Every queued file waits on this one signal: up to PACKED_ROUND listeners by design, not a leak.
+  setMaxListeners(0, signal);
   const packed = digests.flatMap((d) => {
     const req = catalog.requests(d)[0];
     return req?.member ? [req] : [];
