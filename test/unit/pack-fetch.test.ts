@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Fetcher, type FetchRequest } from '../../src/core/fetcher/fetcher.js';
-import { MAX_DELIVERIES } from '../../src/core/fetcher/deliveries.js';
+import { MAX_DELIVERIES } from '../../src/core/fetcher/pack-fetch.js';
 import { BlobCatalog, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
 import { Prefetcher } from '../../src/core/lazy/prefetch.js';
 import { ResumeQueue } from '../../src/core/lazy/resume.js';
@@ -126,35 +126,6 @@ describe('format v3 fetch', () => {
     expect(most).toBeLessThanOrEqual(MAX_DELIVERIES);
     for (const r of reqs) expect(pool.has(r.digest)).toBe(true);
     expect(inFlight).toBe(0);
-  });
-
-  it('a hold (an ApplyDiff building an index) lets background responses arrive but delivers their members only after it; a miss is not held', async () => {
-    const release = fetcher.holdBackground();
-    const reqs = smalls.slice(0, 20).map((_, k) => reqOf(good, k));
-    const before = packGets();
-    const settled = Promise.all(fetcher.fetchMany(reqs, { priority: 'background' }));
-    // The request goes out and its body arrives while held: nothing is committed.
-    for (let i = 0; i < 200 && packGets() - before < 1; i++) await new Promise((r) => setTimeout(r, 10));
-    expect(packGets() - before).toBe(1);
-    await new Promise((r) => setTimeout(r, 100));
-    expect(reqs.filter((r) => pool.has(r.digest))).toEqual([]);
-    // A container's miss of another member of the same pack is served during the hold.
-    const miss = reqOf(good, 30);
-    await fetcher.fetch(miss);
-    expect(pool.has(miss.digest)).toBe(true);
-    expect(reqs.filter((r) => pool.has(r.digest))).toEqual([]);
-    release();
-    await settled;
-    for (const r of reqs) expect(pool.has(r.digest)).toBe(true);
-    expect(packGets() - before).toBe(2); // the held response was not asked for again
-    release(); // idempotent
-  });
-
-  it('a forgotten hold ends by its own deadline', async () => {
-    fetcher.holdBackground(50);
-    const reqs = smalls.slice(20, 24).map((_, k) => reqOf(good, 20 + k));
-    await Promise.all(fetcher.fetchMany(reqs, { priority: 'background' }));
-    for (const r of reqs) expect(pool.has(r.digest)).toBe(true);
   });
 
   it('a miss brings its pack neighbours along in the same request (read-ahead), only as far as asked', async () => {

@@ -77,7 +77,6 @@ import { sleep } from '../registry/retry.js';
 import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
 import { parseDuration } from '../duration.js';
 import { DEFAULT_MAX_GAP, DEFAULT_MAX_REQUEST, type CoalesceBounds } from './coalesce.js';
-import { BackgroundHold } from './hold.js';
 import { runPackBatch, takePackBatch, type PackFetchDeps, type PackJob } from './pack-fetch.js';
 import type { FetchRequest } from './pack-types.js';
 import { ChunkedFiles } from './chunked.js';
@@ -273,7 +272,6 @@ export class Fetcher {
   };
   readonly coalesce: CoalesceBounds;
   private readonly chunked: ChunkedFiles;
-  private readonly hold = new BackgroundHold();
 
   constructor(opts: FetcherOptions) {
     this.pool = opts.pool;
@@ -295,18 +293,9 @@ export class Fetcher {
     }
     this.coalesce = { maxGap: opts.coalesce?.maxGap ?? DEFAULT_MAX_GAP, maxRequest: opts.coalesce?.maxRequest ?? DEFAULT_MAX_REQUEST };
     const common = { client: this.client, timeoutMs: this.timeoutMs, log: this.log, counters: this.counters };
-    this.packDeps = { ...common, pool: this.pool, maxAttempts: this.maxAttempts, held: () => this.hold.gate() };
+    this.packDeps = { ...common, pool: this.pool, maxAttempts: this.maxAttempts };
     this.rangeReads = new RangeReads({ ...common, maxParallel: this.maxParallel, chunkBytes: this.rangeChunkBytes });
     this.chunked = new ChunkedFiles({ ...common, bounds: this.coalesce });
-  }
-
-  /**
-   * Holds the delivery of background pack members (their requests still run)
-   * until the returned release is called (hold.ts): an ApplyDiff building an
-   * index while the prefetch it started downloads. Idempotent release.
-   */
-  holdBackground(maxMs?: number): () => void {
-    return this.hold.hold(maxMs);
   }
 
   /**

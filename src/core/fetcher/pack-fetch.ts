@@ -7,7 +7,6 @@
  * nothing enters the pool) and the other members of the response still land.
  *
  *   await fetchPackRange(deps, location, jobs);   // jobs: members of ONE pack (coalesce.ts chose them)
- *   await fetchPackRange(deps, location, jobs, true);   // background: deliveries wait while deps.held() says so
  *
  * - The request asks for bytes [first member's offset, last member's end)
  *   (range-body.ts, shared with chunked.ts; a registry ignoring Range works).
@@ -26,7 +25,6 @@ import { sleep } from '../registry/retry.js';
 import { decodeMember } from './member.js';
 import type { MemberRef } from './pack-types.js';
 import { planRequest, type CoalesceBounds } from './coalesce.js';
-import { Deliveries } from './deliveries.js';
 import { readPackRange } from './range-body.js';
 
 /** One wanted member and how to tell its waiters. */
@@ -50,12 +48,10 @@ export interface PackFetchDeps {
   counters: { blobBytes: number; packRequests: number; packMembers: number; files: number; bytes: number };
   /** A member entered the pool. */
   onCommitted(job: PackJob): void;
-  /** While it returns a promise, members of background requests wait for it to be delivered (hold.ts). */
-  held?: () => Promise<void> | undefined;
 }
 
 /** Fetches the members of `jobs` (all of one pack) with as few Range requests as retries need (normally one). */
-export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation, jobs: readonly PackJob[], background = false): Promise<void> {
+export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation, jobs: readonly PackJob[]): Promise<void> {
   const pack = jobs[0]!.member.pack;
   const repo = `${location.registry}/${location.repository}`;
   const pending = new Set(jobs);
@@ -74,13 +70,13 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
     );
     timer.unref();
     const signal = controller.signal;
-    const deliveries = new Deliveries(background ? deps.held : undefined);
+    const deliveries = new Deliveries();
     try {
       const parts = list.map((job) => ({ offset: job.member.offset, length: job.member.length, job }));
       await readPackRange(deps, repo, pack, parts, signal, async ({ job: j }, stored) => {
         if (!pending.has(j)) return;
         pending.delete(j);
-        await deliveries.add(() => deliver(deps, j, stored, repo), stored.length);
+        await deliveries.add(deliver(deps, j, stored, repo), stored.length);
       });
     } catch (err) {
       if (pending.size === 0) break;
@@ -99,6 +95,40 @@ export async function fetchPackRange(deps: PackFetchDeps, location: BlobLocation
       clearTimeout(timer);
       for (const j of list) j.signal.removeEventListener('abort', onJobAbort);
     }
+  }
+}
+
+/** Members of one response being decoded and committed at once, at most (the body waits beyond). */
+export const MAX_DELIVERIES = 8;
+/** Stored bytes of those members held at once, at most (one member alone may be larger). */
+export const MAX_DELIVERY_BYTES = 16 * 1024 * 1024;
+
+/**
+ * The members of one response in the pool's hands at once. A commit is a
+ * chain of file-system calls ending in an fsync (about 2 ms here, one after
+ * another): committing the members of a response one at a time held a
+ * 930-file prefetch to 3 s on an unshaped link, with the container's opens
+ * waiting in line. Bounded in count and bytes, so a slow disk slows the body
+ * (backpressure) instead of filling memory.
+ */
+class Deliveries {
+  private readonly running = new Map<Promise<void>, number>();
+  private bytes = 0;
+
+  /** Takes one delivery (which never rejects); resolves when there is room for the next. */
+  async add(p: Promise<void>, bytes: number): Promise<void> {
+    const tracked = p.finally(() => {
+      this.running.delete(tracked);
+      this.bytes -= bytes;
+    });
+    this.running.set(tracked, bytes);
+    this.bytes += bytes;
+    while (this.running.size >= MAX_DELIVERIES || (this.bytes > MAX_DELIVERY_BYTES && this.running.size > 1)) await Promise.race(this.running.keys());
+  }
+
+  /** Resolves when every delivery taken has settled. */
+  async drain(): Promise<void> {
+    await Promise.all(this.running.keys());
   }
 }
 
@@ -134,7 +164,7 @@ async function deliver(deps: PackFetchDeps, j: PackJob, stored: Buffer, repo: st
  * one fetchPackRange; `end` settles each job (err undefined: in the pool;
  * `rejected`: its bytes did not match).
  */
-export async function runPackBatch<J extends { req: { digest: string; size: number; location: BlobLocation; member?: MemberRef | undefined }; controller: AbortController; priority: string }>(
+export async function runPackBatch<J extends { req: { digest: string; size: number; location: BlobLocation; member?: MemberRef | undefined }; controller: AbortController }>(
   deps: PackFetchDeps,
   batch: readonly J[],
   end: (job: J, err?: unknown, rejected?: boolean) => void,
@@ -146,9 +176,7 @@ export async function runPackBatch<J extends { req: { digest: string; size: numb
     signal: job.controller.signal,
     done: (err?: unknown, rejected?: boolean) => end(job, err, rejected),
   }));
-  // A batch serving a container's miss is never held (hold.ts).
-  const background = batch.every((job) => job.priority === 'background');
-  await fetchPackRange(deps, batch[0]!.req.location, jobs, background).catch((err: unknown) => {
+  await fetchPackRange(deps, batch[0]!.req.location, jobs).catch((err: unknown) => {
     for (const j of batch) end(j, err);
   });
 }

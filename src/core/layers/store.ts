@@ -355,16 +355,13 @@ class OverlayLayerStore implements LayerStore {
   /**
    * ApplyDiff, as soon as the manifest is read: starts the prefetch it lists
    * (its files enter the catalog now; ApplyDiff's failure removes them).
-   * When started, returns the release of the hold that keeps its deliveries
-   * from competing with the index build (fetcher/hold.ts): the pull is not
-   * lengthened, the downloads still overlap it.
+   * True when started.
    */
-  private prefetchEarly(id: string, manifest: IndexManifest): (() => void) | undefined {
-    if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return undefined;
+  private prefetchEarly(id: string, manifest: IndexManifest): boolean {
+    if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return false;
     this.lazy.catalog.addIndex(id, manifest.location, summarize(manifest));
-    const release = this.lazy.fetcher.holdBackground();
     this.runPrefetch(id, prefetchFilesOf(manifest));
-    return release;
+    return true;
   }
 
   /** The records of id and its parents. */
@@ -749,7 +746,6 @@ class OverlayLayerStore implements LayerStore {
     const tarFile = path.join(this.layerDir(id), INDEX_TAR);
     const image = this.indexImage(id);
     let prefetchEarly = false;
-    let releaseHold: (() => void) | undefined;
     /** When each phase ended, for the debug log. */
     const phases: Record<string, number> = { start: Date.now() };
     try {
@@ -766,8 +762,7 @@ class OverlayLayerStore implements LayerStore {
         try {
           // The prefetch starts as soon as the manifest is read: its downloads overlap building the index.
           const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image } : { dir: index }, tarFile, (m) => {
-            releaseHold = this.prefetchEarly(id, m);
-            prefetchEarly = releaseHold !== undefined;
+            prefetchEarly = this.prefetchEarly(id, m);
           });
           size = applied.size;
           gear = this.gearInfo(id, applied.manifest, applied);
@@ -787,7 +782,6 @@ class OverlayLayerStore implements LayerStore {
         ({ size } = await applyLayer(input, diff, { drainInputOnError: true }));
       }
     } catch (err) {
-      releaseHold?.();
       if (prefetchEarly) {
         this.prefetcher?.stop(id);
         this.lazy?.catalog.remove(id);
@@ -826,7 +820,6 @@ class OverlayLayerStore implements LayerStore {
     await syncDir(this.layerDir(id));
     await syncDir(this.linksDir);
     this.records.set(id, updated);
-    releaseHold?.(); // (a throw before here: released by the hold's own deadline)
     if (prefetchEarly) this.pendingPrefetch.delete(id);
     else this.startPrefetch(id);
     const ms: Record<string, number> = {};
