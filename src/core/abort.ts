@@ -1,5 +1,5 @@
 /**
- * Waiting on shared work with a caller's own AbortSignal.
+ * Waiting on shared work with a caller's own AbortSignal, or with a deadline.
  */
 
 /**
@@ -22,4 +22,13 @@ export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal): Promise<
       },
     );
   });
+}
+
+/** p, or a rejection naming `what` when it takes longer than timeoutMs (the call itself is not cancelled). */
+export function bounded<T>(p: Promise<T>, timeoutMs: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${timeoutMs / 1000} s`)), timeoutMs);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
 }

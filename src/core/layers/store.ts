@@ -48,7 +48,8 @@ import type { MetricsServer } from '../metrics/server.js';
 import { StoreStats } from './store-stats.js';
 import { hasIndexFormSignature, indexFormFromEnv, prefetchFilesOf } from './index-form.js';
 import { constants, native } from '../sys/native.js';
-import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
+import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, unmountUnder, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
+import { bounded } from '../abort.js';
 import type { LazyOptions, LazyRuntime } from '../lazy/runtime.js';
 import { attachLazyRuntime, backingFilesystem, indexLayersInUse } from './lazy-attach.js';
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
@@ -96,20 +97,6 @@ export interface LayerStoreOptions {
 export type MountSpec =
   | { type: 'dir'; path: string }
   | { type: 'overlay'; target: string; options: OverlayOptions; readOnly: boolean };
-
-/** Detaches whatever is mounted at or below dir. */
-function unmountUnder(dir: string): void {
-  for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
-}
-
-/** p, or a rejection naming `what` when it takes longer than timeoutMs (the call itself is not cancelled). */
-function bounded<T>(p: Promise<T>, timeoutMs: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${timeoutMs / 1000} s`)), timeoutMs);
-  });
-  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
-}
 
 class OverlayLayerStore implements LayerStore {
   readonly root: string;
@@ -423,7 +410,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   private async discardDir(dir: string, why: string): Promise<void> {
-    for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
+    unmountUnder(dir);
     await fs.rm(dir, { recursive: true, force: true });
     this.log?.warn({ dir }, `removed ${why}`);
   }
@@ -476,7 +463,7 @@ class OverlayLayerStore implements LayerStore {
       const rec = this.records.get(id);
       if (!rec) return;
       // The merged view, and an index image's mount (overlays that use it keep their own reference).
-      for (const m of mountsUnder(this.layerDir(id))) unmount(m.mountPoint, { lazy: true });
+      unmountUnder(this.layerDir(id));
       this.indexMounted.delete(id);
       this.refs.delete(id);
       const trash = path.join(this.layersDir, `.trash-${id}-${randomBytes(4).toString('hex')}`);

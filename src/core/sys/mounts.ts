@@ -129,3 +129,8 @@ export function unmountAllUnder(dir: string): string[] {
   }
   return done;
 }
+
+/** Detaches whatever is mounted at or below dir. */
+export function unmountUnder(dir: string): void {
+  for (const m of mountsUnder(dir)) unmount(m.mountPoint, { lazy: true });
+}
