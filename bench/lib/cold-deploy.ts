@@ -271,6 +271,10 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
     const publish: Record<string, unknown> = {};
     const publishRows: PublishRow[] = [];
     const wantGear = systems.some(isGear);
+    // The Gear images converted so far: each next image is converted with --dedup-with all of them, as a
+    // maintainer publishing a family of images does (docs/format.md §10.3): a file already in a pack of the
+    // corpus is referenced, not stored again (the registry shares the base layers of the Docker images alike).
+    const converted: string[] = [];
     for (const img of images) {
       let t0 = nowS();
       await img.build(pair.overlay2);
@@ -290,9 +294,10 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
         t0 = nowS();
         const conv = await runOk(
           process.execPath,
-          [GEAR_CLI, 'convert', '--no-progress', '--json', '--concurrency', '16', '--insecure-registry', reg, `docker-archive:${archive}`, gear],
+          [GEAR_CLI, 'convert', '--no-progress', '--json', '--concurrency', '16', '--insecure-registry', reg, ...converted.flatMap((c) => ['--dedup-with', c]), `docker-archive:${archive}`, gear],
           { timeoutMs: 900_000 },
         );
+        converted.push(gear);
         convertS = row.gearConvertS = nowS() - t0;
         summary = conv.stdout.trim();
         try {
