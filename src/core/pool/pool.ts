@@ -20,7 +20,8 @@
  * chmods 0444, fsyncs, renames into `sha256/ab/` (the directory is not
  * fsynced: a rename lost in a crash is a missing file, fetched again). A crash
  * at any moment leaves at most a staging file, deleted on next open, and never
- * a visible file whose data is not on disk.
+ * a visible file whose data is not on disk. `addBuffer` does the same steps for
+ * bytes already in memory (a fetched pack member) as one native threadpool task.
  *
  * Eviction: when usage passes `highWatermark × cap` (default 95 %), files are
  * unlinked until usage is at most `lowWatermark × cap` (default 85 %).
