@@ -9,6 +9,7 @@
 #include <napi.h>
 #include <zstd.h>
 #include <zstd_errors.h>
+#include <openssl/evp.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -520,6 +521,34 @@ Napi::Value ZstdCompress(const Napi::CallbackInfo& info) {
 // src must be exactly one zstd frame (no skippable or legacy frame, nothing
 // before or after it) whose content is exactly size bytes; never allocates
 // more than size bytes for the output.
+// One zstd frame of exactly `size` bytes from src into dst (size bytes): "" or
+// why not. Safe on any thread (a decompression context per thread).
+std::string ZstdDecodeTo(const uint8_t* src, size_t n, size_t size, uint8_t* dst) {
+  if (n < 4) return "zstd: not a zstd frame (" + std::to_string(n) + " bytes)";
+  uint32_t magic = (uint32_t)src[0] | (uint32_t)src[1] << 8 | (uint32_t)src[2] << 16 | (uint32_t)src[3] << 24;
+  if ((magic & ZSTD_MAGIC_SKIPPABLE_MASK) == ZSTD_MAGIC_SKIPPABLE_START) return "zstd: a skippable frame is not a member";
+  if (magic != ZSTD_MAGICNUMBER) return "zstd: not a zstd frame (bad magic number)";
+  size_t frame = ZSTD_findFrameCompressedSize(src, n);
+  if (ZSTD_isError(frame)) return std::string("zstd: not one whole zstd frame: ") + ZSTD_getErrorName(frame);
+  if (frame != n)
+    return "zstd: " + std::to_string(n - frame) + " bytes follow the frame (" + std::to_string(frame) +
+           " bytes); a member is exactly one frame";
+  unsigned long long content = ZSTD_getFrameContentSize(src, n);
+  if (content == ZSTD_CONTENTSIZE_ERROR) return "zstd: invalid frame header";
+  if (content != ZSTD_CONTENTSIZE_UNKNOWN && content != (unsigned long long)size)
+    return "zstd: the frame holds " + std::to_string(content) + " bytes, expected " + std::to_string(size);
+  if (!tlsDCtx) tlsDCtx.reset(ZSTD_createDCtx());
+  if (!tlsDCtx) return "zstd: cannot allocate a decompression context";
+  size_t r = ZSTD_decompressDCtx(tlsDCtx.get(), dst, size, src, n);
+  if (ZSTD_isError(r)) {
+    if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall)
+      return "zstd: the frame holds more than the expected " + std::to_string(size) + " bytes";
+    return std::string("zstd: corrupt frame: ") + ZSTD_getErrorName(r);
+  }
+  if (r != size) return "zstd: the frame holds " + std::to_string(r) + " bytes, expected " + std::to_string(size);
+  return "";
+}
+
 Napi::Value ZstdDecompress(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const uint8_t* src;
@@ -528,34 +557,10 @@ Napi::Value ZstdDecompress(const Napi::CallbackInfo& info) {
   if (!ArgBytes(info, 0, &src, &n) || !ArgInteger(info, 1, 0, (double)kZstdMaxDecompressedSize, &sizeArg))
     return env.Undefined();
   size_t size = (size_t)sizeArg;
-  if (n < 4) return ThrowZstd(env, "zstd: not a zstd frame (" + std::to_string(n) + " bytes)");
-  uint32_t magic = (uint32_t)src[0] | (uint32_t)src[1] << 8 | (uint32_t)src[2] << 16 | (uint32_t)src[3] << 24;
-  if ((magic & ZSTD_MAGIC_SKIPPABLE_MASK) == ZSTD_MAGIC_SKIPPABLE_START)
-    return ThrowZstd(env, "zstd: a skippable frame is not a member");
-  if (magic != ZSTD_MAGICNUMBER) return ThrowZstd(env, "zstd: not a zstd frame (bad magic number)");
-  size_t frame = ZSTD_findFrameCompressedSize(src, n);
-  if (ZSTD_isError(frame))
-    return ThrowZstd(env, std::string("zstd: not one whole zstd frame: ") + ZSTD_getErrorName(frame));
-  if (frame != n)
-    return ThrowZstd(env, "zstd: " + std::to_string(n - frame) + " bytes follow the frame (" +
-                              std::to_string(frame) + " bytes); a member is exactly one frame");
-  unsigned long long content = ZSTD_getFrameContentSize(src, n);
-  if (content == ZSTD_CONTENTSIZE_ERROR) return ThrowZstd(env, "zstd: invalid frame header");
-  if (content != ZSTD_CONTENTSIZE_UNKNOWN && content != (unsigned long long)size)
-    return ThrowZstd(env, "zstd: the frame holds " + std::to_string(content) + " bytes, expected " +
-                              std::to_string(size));
-  if (!tlsDCtx) tlsDCtx.reset(ZSTD_createDCtx());
-  if (!tlsDCtx) return ThrowZstd(env, "zstd: cannot allocate a decompression context");
   Napi::Buffer<uint8_t> out = Napi::Buffer<uint8_t>::New(env, size);
   if (env.IsExceptionPending()) return env.Undefined();
-  size_t r = ZSTD_decompressDCtx(tlsDCtx.get(), out.Data(), size, src, n);
-  if (ZSTD_isError(r)) {
-    if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall)
-      return ThrowZstd(env, "zstd: the frame holds more than the expected " + std::to_string(size) + " bytes");
-    return ThrowZstd(env, std::string("zstd: corrupt frame: ") + ZSTD_getErrorName(r));
-  }
-  if (r != size)
-    return ThrowZstd(env, "zstd: the frame holds " + std::to_string(r) + " bytes, expected " + std::to_string(size));
+  std::string why = ZstdDecodeTo(src, n, size, out.Data());
+  if (!why.empty()) return ThrowZstd(env, why);
   return out;
 }
 
@@ -571,13 +576,19 @@ Napi::Object InitZstd(Napi::Env env, Napi::Object exports) {
   return exports;
 }
 
-// writeFileDurable(staging, final, data, mode): on a libuv worker thread,
-// creates staging (O_EXCL, 0600), writes all of data, fchmods it to mode,
-// fsyncs, reads its mtime, closes it and renames it to final; on any failure
-// the staging file is unlinked. Resolves with the mtime in ms. One threadpool
-// task instead of the seven a JS commit takes (open, write, chmod, fsync,
-// close, rename, stat), each a round trip through the event loop: the pool's
-// commit of many small fetched files (pool.ts addBuffer).
+// writeFileDurable(staging, final, data, mode, check?): on a libuv worker
+// thread, creates staging (O_EXCL, 0600), writes the bytes, fchmods it to
+// mode, fsyncs, reads its mtime, closes it and renames it to final; on any
+// failure the staging file is unlinked. Resolves with the mtime in ms. One
+// threadpool task instead of the seven a JS commit takes (open, write, chmod,
+// fsync, close, rename, stat), each a round trip through the event loop: the
+// pool's commit of many small fetched files (pool.ts addBuffer).
+//
+// check = {sha256, size, zstd}: data is first decoded (zstd: exactly one
+// frame of exactly size bytes; else data must be size bytes) and its SHA-256
+// compared with the hex digest, on the worker thread too, so the main thread
+// never touches the content. A mismatch rejects with code ERR_GEAR_ZSTD,
+// ERR_GEAR_SIZE or ERR_GEAR_DIGEST and creates nothing.
 class DurableWriteWorker : public Napi::AsyncWorker {
  public:
   DurableWriteWorker(Napi::Env env, std::string staging, std::string final_, Napi::Buffer<uint8_t> data, mode_t mode)
@@ -591,14 +602,46 @@ class DurableWriteWorker : public Napi::AsyncWorker {
     ref_ = Napi::Persistent(data);  // keeps the bytes alive (and unmoved) until the worker is done
   }
 
+  void Check(std::string sha256Hex, size_t size, bool zstd) {
+    hex_ = std::move(sha256Hex);
+    size_ = size;
+    zstd_ = zstd;
+  }
+
   Napi::Promise Promise() { return deferred_.Promise(); }
 
   void Execute() override {
+    const uint8_t* bytes = data_;
+    size_t len = len_;
+    std::unique_ptr<uint8_t[]> decoded;
+    if (!hex_.empty()) {
+      if (zstd_) {
+        decoded.reset(new (std::nothrow) uint8_t[size_ > 0 ? size_ : 1]);
+        if (!decoded) return Fail(ENOMEM, "malloc", staging_, false);
+        std::string why = ZstdDecodeTo(data_, len_, size_, decoded.get());
+        if (!why.empty()) return Reject("ERR_GEAR_ZSTD", why);
+        bytes = decoded.get();
+        len = size_;
+      } else if (len_ != size_) {
+        return Reject("ERR_GEAR_SIZE", std::to_string(len_) + " bytes, expected " + std::to_string(size_));
+      }
+      unsigned char md[EVP_MAX_MD_SIZE];
+      unsigned int mdLen = 0;
+      if (EVP_Digest(bytes, len, md, &mdLen, EVP_sha256(), nullptr) != 1 || mdLen != 32)
+        return Reject("ERR_GEAR_DIGEST", "sha256 could not be computed");
+      static const char* kHex = "0123456789abcdef";
+      std::string got(64, '0');
+      for (unsigned i = 0; i < 32; i++) {
+        got[2 * i] = kHex[md[i] >> 4];
+        got[2 * i + 1] = kHex[md[i] & 15];
+      }
+      if (got != hex_) return Reject("ERR_GEAR_DIGEST", "got sha256:" + got);
+    }
     int fd = open(staging_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) return Fail(errno, "open", staging_, false);
     size_t off = 0;
-    while (off < len_) {
-      ssize_t n = write(fd, data_ + off, len_ - off);
+    while (off < len) {
+      ssize_t n = write(fd, bytes + off, len - off);
       if (n < 0) {
         if (errno == EINTR) continue;
         return FailClose(fd, errno, "write");
@@ -617,8 +660,15 @@ class DurableWriteWorker : public Napi::AsyncWorker {
 
   void OnOK() override {
     ref_.Reset();
-    if (errno_ != 0) deferred_.Reject(ErrnoError(Env(), errno_, syscall_, path_).Value());
-    else deferred_.Resolve(Napi::Number::New(Env(), mtimeMs_));
+    if (!rejectCode_.empty()) {
+      Napi::Error err = Napi::Error::New(Env(), rejectMessage_);
+      err.Set("code", Napi::String::New(Env(), rejectCode_));
+      deferred_.Reject(err.Value());
+    } else if (errno_ != 0) {
+      deferred_.Reject(ErrnoError(Env(), errno_, syscall_, path_).Value());
+    } else {
+      deferred_.Resolve(Napi::Number::New(Env(), mtimeMs_));
+    }
   }
 
   void OnError(const Napi::Error& err) override {
@@ -627,6 +677,10 @@ class DurableWriteWorker : public Napi::AsyncWorker {
   }
 
  private:
+  void Reject(const char* code, std::string message) {
+    rejectCode_ = code;
+    rejectMessage_ = std::move(message);
+  }
   void FailClose(int fd, int e, const char* syscall) {
     close(fd);
     Fail(e, syscall, staging_, true);
@@ -644,10 +698,14 @@ class DurableWriteWorker : public Napi::AsyncWorker {
   const uint8_t* data_;
   size_t len_;
   mode_t mode_;
+  std::string hex_;
+  size_t size_ = 0;
+  bool zstd_ = false;
   double mtimeMs_ = 0;
   int errno_ = 0;
   const char* syscall_ = "";
   std::string path_;
+  std::string rejectCode_, rejectMessage_;
 };
 
 Napi::Value WriteFileDurable(const Napi::CallbackInfo& info) {
@@ -656,11 +714,27 @@ Napi::Value WriteFileDurable(const Napi::CallbackInfo& info) {
   double mode;
   if (!ArgString(info, 0, &staging) || !ArgString(info, 1, &final_)) return env.Undefined();
   if (info.Length() < 3 || !info[2].IsBuffer()) {
-    Napi::TypeError::New(env, "argument 3 must be a Buffer").ThrowAsJavaScriptException();
+    Napi::TypeError::New(env, "argument 2 must be a Buffer").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   if (!ArgInteger(info, 3, 0, 07777, &mode)) return env.Undefined();
   auto* w = new DurableWriteWorker(env, staging, final_, info[2].As<Napi::Buffer<uint8_t>>(), (mode_t)mode);
+  if (info.Length() > 4 && !info[4].IsUndefined()) {
+    bool ok = info[4].IsObject();
+    Napi::Object c = ok ? info[4].As<Napi::Object>() : Napi::Object::New(env);
+    Napi::Value hex = c.Get("sha256"), size = c.Get("size"), zstd = c.Get("zstd");
+    double sz = size.IsNumber() ? size.As<Napi::Number>().DoubleValue() : -1;
+    ok = ok && hex.IsString() && hex.As<Napi::String>().Utf8Value().size() == 64 && sz >= 0 &&
+         sz <= (double)kZstdMaxDecompressedSize && sz == (double)(int64_t)sz;
+    if (!ok) {
+      delete w;
+      Napi::TypeError::New(env, "argument 4 must be {sha256: 64 hex digits, size: 0.." +
+                                    std::to_string(kZstdMaxDecompressedSize) + ", zstd: boolean}")
+          .ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    w->Check(hex.As<Napi::String>().Utf8Value(), (size_t)sz, zstd.ToBoolean().Value());
+  }
   Napi::Promise p = w->Promise();
   w->Queue();
   return p;

@@ -109,11 +109,11 @@ describe('format v3 fetch', () => {
     const real = pool.addBuffer.bind(pool);
     let inFlight = 0;
     let most = 0;
-    pool.addBuffer = async (digest, data) => {
+    pool.addBuffer = async (digest, data, opts) => {
       most = Math.max(most, ++inFlight);
       try {
         await new Promise((r) => setTimeout(r, 5)); // a slow disk
-        await real(digest, data);
+        await real(digest, data, opts);
       } finally {
         inFlight--;
       }

@@ -10,6 +10,7 @@ import { cachePrune, cacheStatus } from '../../src/cli/cache.js';
 import { GearError, isClass } from '../../src/core/errors.js';
 import { openPool, Pool, PoolNoSpaceError, type PoolOptions } from '../../src/core/pool/pool.js';
 import { formatSize, parseSize } from '../../src/core/pool/size.js';
+import { zstdCompress } from '../../src/core/sys/zstd.js';
 
 const repo = path.resolve(import.meta.dirname, '../..');
 
@@ -194,6 +195,34 @@ describe('pool writes', () => {
     // The mtime recorded is the file's: the next start trusts it (verified), nothing to check again.
     const again = await open();
     expect(again.list().map((e) => [e.digest, e.verified]).sort()).toEqual([[b.digest, true], [member.digest, true]].sort());
+  });
+
+  it('adds a zstd frame of the content, decoded and verified off the main thread; a bad frame or size is refused', async () => {
+    const pool = await open();
+    const b = blob('compressible ', 300_000);
+    const frame = zstdCompress(b.body, 3);
+    expect(frame.length).toBeLessThan(b.body.length / 10);
+    await pool.addBuffer(b.digest, frame, { size: b.body.length, zstd: true });
+    expect((await fs.readFile(pool.path(b.digest))).equals(b.body)).toBe(true);
+    expect(pool.stat()).toMatchObject({ files: 1, bytes: 300_000, counters: { bytesFetched: 300_000 } });
+
+    const c = blob('other ', 50_000);
+    const bad = Buffer.from(zstdCompress(c.body, 3));
+    bad[bad.length >> 1]! ^= 0x55;
+    const refusals = await Promise.all([
+      pool.addBuffer(c.digest, bad, { size: c.body.length, zstd: true }).catch((e: unknown) => e), // corrupt frame
+      pool.addBuffer(c.digest, zstdCompress(c.body, 3), { size: c.body.length + 1, zstd: true }).catch((e: unknown) => e), // lying size
+      pool.addBuffer(c.digest, c.body, { size: c.body.length - 1 }).catch((e: unknown) => e), // raw, wrong size
+      pool.addBuffer(c.digest, zstdCompress(blob('else ', 50_000).body, 3), { size: 50_000, zstd: true }).catch((e: unknown) => e), // another content
+    ]);
+    for (const err of refusals) {
+      expect(isClass(err, 'InvalidArgument')).toBe(true);
+      expect((err as Error).message).toMatch(new RegExp(`pool write ${c.digest}: content does not match: `));
+    }
+    expect((refusals[3] as Error).message).toMatch(/got sha256:[a-f0-9]{64}/);
+    expect(pool.has(c.digest)).toBe(false);
+    expect(await fs.readdir(path.join(root, 'pool', '.staging'))).toEqual([]);
+    expect(pool.stat()).toMatchObject({ files: 1, writing: 0, counters: { bytesFetched: 300_000 } });
   });
 
   it('refuses a buffer that does not match its digest: nothing on disk, nothing staged, nothing counted', async () => {

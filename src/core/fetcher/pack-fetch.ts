@@ -22,7 +22,6 @@ import type { Logger } from '../log.js';
 import type { BlobLocation } from '../index/manifest.js';
 import type { RegistryClient } from '../registry/client.js';
 import { sleep } from '../registry/retry.js';
-import { decodeMember } from './member.js';
 import type { MemberRef } from './pack-types.js';
 import { planRequest, type CoalesceBounds } from './coalesce.js';
 import { readPackRange } from './range-body.js';
@@ -39,7 +38,7 @@ export interface PackJob {
 }
 
 export interface PackFetchDeps {
-  pool: { has(digest: string): boolean; addBuffer(digest: string, data: Buffer): Promise<void> };
+  pool: { has(digest: string): boolean; addBuffer(digest: string, data: Buffer, opts?: { size?: number; zstd?: boolean }): Promise<void> };
   client: Pick<RegistryClient, 'openBlob'>;
   timeoutMs: number;
   maxAttempts: number;
@@ -132,29 +131,30 @@ class Deliveries {
   }
 }
 
-/** Decodes, verifies and commits one member; settles its job either way. */
+/**
+ * Decodes, verifies and commits one member (pool.addBuffer: all of it on the
+ * threadpool, the main thread never touches the content); settles its job
+ * either way.
+ */
 async function deliver(deps: PackFetchDeps, j: PackJob, stored: Buffer, repo: string): Promise<void> {
   const what = `fetch ${j.digest} (pack ${j.member.pack.digest} bytes ${j.member.offset}+${j.member.length}) from ${repo}`;
-  let bytes: Buffer;
-  try {
-    bytes = decodeMember(stored, j.member.encoding, j.size, j.digest, what);
-  } catch (err) {
-    deps.log.warn({ digest: j.digest, pack: j.member.pack.digest, err: describeError(err) }, 'pack member rejected');
-    j.done(unavailable(`${what}: content rejected: ${(err as Error).message}`, err), true);
-    return;
-  }
   if (deps.pool.has(j.digest)) {
     j.done();
     return;
   }
   try {
-    await deps.pool.addBuffer(j.digest, bytes); // verifies size and sha256 again (the pool's own check)
+    await deps.pool.addBuffer(j.digest, stored, { size: j.size, zstd: j.member.encoding === 'zstd' });
     deps.counters.files++;
     deps.counters.packMembers++;
     deps.counters.bytes += j.size;
     deps.onCommitted(j);
     j.done();
   } catch (err) {
+    if (isClass(err, 'InvalidArgument')) {
+      deps.log.warn({ digest: j.digest, pack: j.member.pack.digest, err: describeError(err) }, 'pack member rejected');
+      j.done(unavailable(`${what}: content rejected: ${(err as Error).message}`, err), true);
+      return;
+    }
     j.done(err instanceof GearError ? err : unavailable(`${what}: ${describeError(err)}`, err));
   }
 }

@@ -629,30 +629,36 @@ export class Pool implements PoolWriteSink {
   }
 
   /**
-   * Stores bytes already in memory (a fetched pack member) under `digest`,
-   * verified, durable when it resolves. One threadpool task creates, writes,
-   * fsyncs and renames the file (native writeFileDurable) where a PoolWriter
-   * takes seven round trips through the event loop: the prefetch commits
-   * hundreds of small files in a row.
+   * Stores the content of `data` under `digest`, verified, durable when it
+   * resolves: `data` is the content, or with `zstd` one zstd frame of it
+   * (`size` bytes; default data.length). One native threadpool task decodes,
+   * hashes, creates, writes, fsyncs and renames the file (writeFileDurable),
+   * where a PoolWriter takes seven round trips through the event loop and
+   * hashes on it: a prefetch commits hundreds of small files while an
+   * ApplyDiff builds an index on the same thread. Content that does not match
+   * throws InvalidArgument ("does not match") and leaves nothing.
    */
-  async addBuffer(digest: string, data: Buffer): Promise<void> {
+  async addBuffer(digest: string, data: Buffer, opts: { size?: number; zstd?: boolean } = {}): Promise<void> {
     this.checkWritable('write');
     const hex = hexOf(digest);
-    const actual = createHash('sha256').update(data).digest('hex');
-    if (actual !== hex) throw invalidArgument(`pool write ${digest}: content does not match, got sha256:${actual}`);
+    const size = opts.size ?? data.length;
     this.writing.set(hex, (this.writing.get(hex) ?? 0) + 1);
-    this.reserved += data.length;
+    this.reserved += size;
     try {
-      await this.makeRoom(data.length);
+      await this.makeRoom(size);
       const file = await this.installTarget(hex);
       const staging = path.join(this.stagingDir, `${hex}.${randomBytes(6).toString('hex')}`);
-      const mtimeMs = await native.writeFileDurable(staging, file, data, 0o444);
-      this.installed(hex, data.length, mtimeMs);
+      const mtimeMs = await native.writeFileDurable(staging, file, data, 0o444, { sha256: hex, size, zstd: opts.zstd === true });
+      this.installed(hex, size, mtimeMs);
     } catch (err) {
-      if (errnoCode(err) === 'ENOSPC' || errnoCode(err) === 'EDQUOT') throw await this.noSpace(hex, data.length, err);
+      const code = errnoCode(err);
+      if (code === 'ENOSPC' || code === 'EDQUOT') throw await this.noSpace(hex, size, err);
+      if (code === 'ERR_GEAR_ZSTD' || code === 'ERR_GEAR_SIZE' || code === 'ERR_GEAR_DIGEST') {
+        throw invalidArgument(`pool write ${digest}: content does not match: ${(err as Error).message}`, err);
+      }
       throw internal(`pool write ${digest}: ${String(err)}`, err);
     } finally {
-      this.endWrite(hex, data.length);
+      this.endWrite(hex, size);
     }
     await this.enforceCap();
   }

@@ -27,12 +27,16 @@ interface NativeModule {
   /** umount2(2) on a libuv worker thread. */
   umount2Async(target: string, flags: number): Promise<void>;
   /**
-   * On a libuv worker thread: creates `staging` (O_EXCL, 0600), writes all of
-   * data, fchmods it to mode, fsyncs, closes and renames it to `final`;
-   * resolves with its mtime (ms). On failure the staging file is unlinked
-   * and the error carries code and syscall (open, write, fsync, rename…).
+   * On a libuv worker thread: creates `staging` (O_EXCL, 0600), writes the
+   * bytes, fchmods it to mode, fsyncs, closes and renames it to `final`;
+   * resolves with its mtime (ms). On failure the staging file is unlinked and
+   * the error carries code and syscall (open, write, fsync, rename…). With
+   * `check`, data is first decoded (one zstd frame of exactly `size` bytes, or
+   * `size` bytes as they are) and its SHA-256 compared, on that thread too: a
+   * mismatch rejects (code ERR_GEAR_ZSTD, ERR_GEAR_SIZE or ERR_GEAR_DIGEST)
+   * and creates nothing.
    */
-  writeFileDurable(staging: string, final: string, data: Buffer, mode: number): Promise<number>;
+  writeFileDurable(staging: string, final: string, data: Buffer, mode: number, check?: { sha256: string; size: number; zstd: boolean }): Promise<number>;
   /**
    * FUSE_DEV_IOC_BACKING_OPEN on a mounted /dev/fuse fd: registers fd (a
    * regular file) as a passthrough backing file and returns its backing id
