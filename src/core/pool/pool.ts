@@ -80,6 +80,8 @@ export const DEFAULT_HIGH_WATERMARK = 0.95;
 export const DEFAULT_LOW_WATERMARK = 0.85;
 
 const HEX_RE = /^[a-f0-9]{64}$/;
+/** The shard directories of sha256/: the first two hex digits of a digest. */
+const SHARDS = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
 const SNAPSHOT_VERSION = 1;
 /** Extra room asked for beyond a write's size when the disk is nearly full. */
 const DISK_MARGIN = 1024 * 1024;
@@ -208,7 +210,14 @@ export class Pool implements PoolWriteSink {
       this.lock = await PoolLock.acquire(path.join(this.dir, '.lock'), `open the pool ${this.dir} for writing`);
       await fs.mkdir(this.stagingDir, { recursive: true, mode: 0o700 });
       await fs.mkdir(this.refsDir, { recursive: true, mode: 0o700 });
-      await fs.mkdir(this.shaDir, { recursive: true, mode: 0o755 }); // shard dirs are made on first use
+      await fs.mkdir(this.shaDir, { recursive: true, mode: 0o755 });
+      // The 256 shard dirs at once, with one sync of sha256/: made on first use, a new shard cost a
+      // directory fsync in the path of a commit, 256 of them in the first prefetch of a node.
+      const have = new Set(await fs.readdir(this.shaDir));
+      const missing = SHARDS.filter((x) => !have.has(x));
+      await Promise.all(missing.map((x) => fs.mkdir(path.join(this.shaDir, x), { recursive: true, mode: 0o755 })));
+      if (missing.length) await syncDir(this.shaDir);
+      for (const x of SHARDS) this.shards.add(x);
       const leftovers = await fs.readdir(this.stagingDir);
       await Promise.all(leftovers.map((n) => fs.rm(path.join(this.stagingDir, n), { recursive: true, force: true })));
       if (leftovers.length) this.log.info({ count: leftovers.length }, 'pool: removed leftover staging files');
