@@ -77,6 +77,7 @@ import { sleep } from '../registry/retry.js';
 import { copyBody, STALL_MIN_BYTES, StallWatch } from './body.js';
 import { parseDuration } from '../duration.js';
 import { DEFAULT_MAX_GAP, DEFAULT_MAX_REQUEST, type CoalesceBounds } from './coalesce.js';
+import { CommitSlots } from './commit-slots.js';
 import { runPackBatch, takePackBatch, type PackFetchDeps, type PackJob } from './pack-fetch.js';
 import type { FetchRequest } from './pack-types.js';
 import { ChunkedFiles } from './chunked.js';
@@ -272,6 +273,7 @@ export class Fetcher {
   };
   readonly coalesce: CoalesceBounds;
   private readonly chunked: ChunkedFiles;
+  private readonly commitSlots = new CommitSlots();
 
   constructor(opts: FetcherOptions) {
     this.pool = opts.pool;
@@ -293,9 +295,18 @@ export class Fetcher {
     }
     this.coalesce = { maxGap: opts.coalesce?.maxGap ?? DEFAULT_MAX_GAP, maxRequest: opts.coalesce?.maxRequest ?? DEFAULT_MAX_REQUEST };
     const common = { client: this.client, timeoutMs: this.timeoutMs, log: this.log, counters: this.counters };
-    this.packDeps = { ...common, pool: this.pool, maxAttempts: this.maxAttempts };
+    this.packDeps = { ...common, pool: this.pool, maxAttempts: this.maxAttempts, slots: this.commitSlots };
     this.rangeReads = new RangeReads({ ...common, maxParallel: this.maxParallel, chunkBytes: this.rangeChunkBytes });
     this.chunked = new ChunkedFiles({ ...common, bounds: this.coalesce });
+  }
+
+  /**
+   * Background pack members are committed one at a time until the returned
+   * function is called (commit-slots.ts): an ApplyDiff building an index while
+   * the prefetch it started downloads. Idempotent.
+   */
+  throttleBackground(maxMs?: number): () => void {
+    return this.commitSlots.throttle(maxMs);
   }
 
   /**
@@ -519,6 +530,8 @@ export class Fetcher {
       }
       this.settle(job, err);
     });
+    const m = batch[0]!.req.member!;
+    this.log.debug({ pack: m.pack.digest, members: batch.length, priority: batch.some((j) => j.priority === 'foreground') ? 'foreground' : 'background', ms: Date.now() - started }, 'pack range done');
   }
 
   private observe(outcome: FetchOutcome, started: number, bytes: number, digest: string): void {

@@ -24,6 +24,7 @@ import type { RegistryClient } from '../registry/client.js';
 import { sleep } from '../registry/retry.js';
 import type { MemberRef } from './pack-types.js';
 import { planRequest, type CoalesceBounds } from './coalesce.js';
+import type { CommitSlots } from './commit-slots.js';
 import { readPackRange } from './range-body.js';
 
 /** One wanted member and how to tell its waiters. */
@@ -35,6 +36,8 @@ export interface PackJob {
   signal: AbortSignal;
   /** Settles the job: undefined = in the pool; `rejected` = its bytes did not match. */
   done(err?: unknown, rejected?: boolean): void;
+  /** A container waits for it now (commit-slots.ts: goes first). */
+  urgent?: () => boolean;
 }
 
 export interface PackFetchDeps {
@@ -47,6 +50,8 @@ export interface PackFetchDeps {
   counters: { blobBytes: number; packRequests: number; packMembers: number; files: number; bytes: number };
   /** A member entered the pool. */
   onCommitted(job: PackJob): void;
+  /** Fetcher-wide bound on commits at once (commit-slots.ts); none: unbounded beyond MAX_DELIVERIES per response. */
+  slots?: CommitSlots;
 }
 
 /** Fetches the members of `jobs` (all of one pack) with as few Range requests as retries need (normally one). */
@@ -142,7 +147,9 @@ async function deliver(deps: PackFetchDeps, j: PackJob, stored: Buffer, repo: st
     j.done();
     return;
   }
+  const release = await deps.slots?.take(j.urgent?.() === true);
   try {
+    if (release && deps.pool.has(j.digest)) return j.done(); // landed while this waited for a slot
     await deps.pool.addBuffer(j.digest, stored, { size: j.size, zstd: j.member.encoding === 'zstd' });
     deps.counters.files++;
     deps.counters.packMembers++;
@@ -156,6 +163,8 @@ async function deliver(deps: PackFetchDeps, j: PackJob, stored: Buffer, repo: st
       return;
     }
     j.done(err instanceof GearError ? err : unavailable(`${what}: ${describeError(err)}`, err));
+  } finally {
+    release?.();
   }
 }
 
@@ -164,7 +173,7 @@ async function deliver(deps: PackFetchDeps, j: PackJob, stored: Buffer, repo: st
  * one fetchPackRange; `end` settles each job (err undefined: in the pool;
  * `rejected`: its bytes did not match).
  */
-export async function runPackBatch<J extends { req: { digest: string; size: number; location: BlobLocation; member?: MemberRef | undefined }; controller: AbortController }>(
+export async function runPackBatch<J extends { req: { digest: string; size: number; location: BlobLocation; member?: MemberRef | undefined }; controller: AbortController; priority: string }>(
   deps: PackFetchDeps,
   batch: readonly J[],
   end: (job: J, err?: unknown, rejected?: boolean) => void,
@@ -175,6 +184,7 @@ export async function runPackBatch<J extends { req: { digest: string; size: numb
     member: job.req.member!,
     signal: job.controller.signal,
     done: (err?: unknown, rejected?: boolean) => end(job, err, rejected),
+    urgent: () => job.priority === 'foreground',
   }));
   await fetchPackRange(deps, batch[0]!.req.location, jobs).catch((err: unknown) => {
     for (const j of batch) end(j, err);

@@ -342,13 +342,15 @@ class OverlayLayerStore implements LayerStore {
   /**
    * ApplyDiff, as soon as the manifest is read: starts the prefetch it lists
    * (its files enter the catalog now; ApplyDiff's failure removes them).
-   * True when started.
+   * When started, returns the end of the throttle that commits its files one
+   * at a time while the index is built (fetcher/commit-slots.ts).
    */
-  private prefetchEarly(id: string, manifest: IndexManifest): boolean {
-    if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return false;
+  private prefetchEarly(id: string, manifest: IndexManifest): (() => void) | undefined {
+    if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return undefined;
     this.lazy.catalog.addIndex(id, manifest.location, summarize(manifest));
+    const endThrottle = this.lazy.fetcher.throttleBackground();
     this.runPrefetch(id, prefetchFilesOf(manifest));
-    return true;
+    return endThrottle;
   }
 
   /** The records of id and its parents. */
@@ -733,6 +735,7 @@ class OverlayLayerStore implements LayerStore {
     const tarFile = path.join(this.layerDir(id), INDEX_TAR);
     const image = this.indexImage(id);
     let prefetchEarly = false;
+    let endThrottle: (() => void) | undefined;
     /** When each phase ended, for the debug log. */
     const phases: Record<string, number> = { start: Date.now() };
     try {
@@ -749,7 +752,8 @@ class OverlayLayerStore implements LayerStore {
         try {
           // The prefetch starts as soon as the manifest is read: its downloads overlap building the index.
           const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image } : { dir: index }, tarFile, (m) => {
-            prefetchEarly = this.prefetchEarly(id, m);
+            endThrottle = this.prefetchEarly(id, m);
+            prefetchEarly = endThrottle !== undefined;
           });
           size = applied.size;
           gear = this.gearInfo(id, applied.manifest, applied);
@@ -769,6 +773,7 @@ class OverlayLayerStore implements LayerStore {
         ({ size } = await applyLayer(input, diff, { drainInputOnError: true }));
       }
     } catch (err) {
+      endThrottle?.();
       if (prefetchEarly) {
         this.prefetcher?.stop(id);
         this.lazy?.catalog.remove(id);
@@ -807,6 +812,7 @@ class OverlayLayerStore implements LayerStore {
     await syncDir(this.layerDir(id));
     await syncDir(this.linksDir);
     this.records.set(id, updated);
+    endThrottle?.(); // (a throw before here: ended by the throttle's own deadline)
     if (prefetchEarly) this.pendingPrefetch.delete(id);
     else this.startPrefetch(id);
     const ms: Record<string, number> = {};
