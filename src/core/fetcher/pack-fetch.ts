@@ -108,12 +108,13 @@ export const MAX_DELIVERIES = 8;
 export const MAX_DELIVERY_BYTES = 16 * 1024 * 1024;
 
 /**
- * The members of one response in the pool's hands at once. A commit is a
- * chain of file-system calls ending in an fsync (about 2 ms here, one after
- * another): committing the members of a response one at a time held a
- * 930-file prefetch to 3 s on an unshaped link, with the container's opens
- * waiting in line. Bounded in count and bytes, so a slow disk slows the body
- * (backpressure) instead of filling memory.
+ * The members of one response in the pool's hands at once. A commit ends in
+ * an fsync and its completion waits for a turn of the event loop: committing
+ * the members of a response one at a time held a 930-file prefetch to 3 s on
+ * an unshaped link, with the container's opens waiting in line. Bounded in
+ * count and stored bytes (each decodes into at most its size, off the main
+ * thread), so a slow disk slows the body (backpressure) instead of filling
+ * memory; the commit slots (commit-slots.ts) bound them across responses.
  */
 class Deliveries {
   private readonly running = new Map<Promise<void>, number>();
