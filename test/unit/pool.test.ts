@@ -520,19 +520,25 @@ describe('pool on a full disk', () => {
     }
   });
 
-  it.skipIf(!isRoot)('ENOSPC aborts the write with a clear error, evicts, and leaves nothing partial visible', async () => {
-    mnt = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-pool-tmpfs-'));
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'gear-pool-test', mnt]);
-    const pool = await openPool({ root: mnt, capBytes: '1GiB', atimeSampleMs: 0, snapshotDelayMs: 10 });
+  /** A pool on a 2 MiB tmpfs (unmounted after the test). */
+  async function tmpfsPool(): Promise<{ pool: Pool; dir: string }> {
+    const dir = (mnt = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-pool-tmpfs-')));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'gear-pool-test', dir]);
+    const pool = await openPool({ root: dir, capBytes: '1GiB', atimeSampleMs: 0, snapshotDelayMs: 10 });
     pools.push(pool);
+    return { pool, dir };
+  }
+
+  it.skipIf(!isRoot)('ENOSPC aborts the write with a clear error, evicts, and leaves nothing partial visible', async () => {
+    const { pool, dir } = await tmpfsPool();
 
     // Nothing to evict: the error says so, and no partial file is visible.
     const huge = blob('huge', 3 * 1024 * 1024);
     const err = await pool.addFromStream(Readable.from([huge.body.subarray(0, 1 << 20), huge.body.subarray(1 << 20)]), huge.digest).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(PoolNoSpaceError);
     expect((err as Error).message).toMatch(/no space left on device while writing sha256:[a-f0-9]{64} to the pool .*nothing could be evicted/);
-    expect(await filesOnDisk(mnt)).toEqual(new Map());
-    expect(await fs.readdir(path.join(mnt, 'pool', '.staging'))).toEqual([]);
+    expect(await filesOnDisk(dir)).toEqual(new Map());
+    expect(await fs.readdir(path.join(dir, 'pool', '.staging'))).toEqual([]);
 
     // An unreferenced file takes most of the disk; a write of unknown size hits ENOSPC, which evicts it.
     const old = blob('old', 1200 * 1024);
@@ -542,32 +548,29 @@ describe('pool on a full disk', () => {
     expect(err2).toBeInstanceOf(PoolNoSpaceError);
     expect((err2 as Error).message).toMatch(/evicted 1 file\(s\), 1\.2 MiB; the write can be retried/);
     expect(pool.has(old.digest)).toBe(false);
-    expect(await filesOnDisk(mnt)).toEqual(new Map());
+    expect(await filesOnDisk(dir)).toEqual(new Map());
     await pool.addFromStream(Readable.from([next.body]), next.digest); // the retry fits
-    expect(await filesOnDisk(mnt)).toEqual(new Map([[next.digest, next.body.length]]));
+    expect(await filesOnDisk(dir)).toEqual(new Map([[next.digest, next.body.length]]));
 
     // With a known size, room is made before writing (free space check), so no error at all.
     const third = blob('third', 1200 * 1024);
     await pool.addFromStream(Readable.from([third.body]), third.digest, third.body.length);
-    expect(await filesOnDisk(mnt)).toEqual(new Map([[third.digest, third.body.length]]));
+    expect(await filesOnDisk(dir)).toEqual(new Map([[third.digest, third.body.length]]));
     expect(pool.stat()).toMatchObject({ files: 1, bytes: third.body.length });
     await pool.close();
   });
 
   it.skipIf(!isRoot)('a buffer larger than the disk fails with the pool error, and its staging file is gone', async () => {
-    mnt = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-pool-tmpfs-'));
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'gear-pool-test', mnt]);
-    const pool = await openPool({ root: mnt, capBytes: '1GiB', atimeSampleMs: 0, snapshotDelayMs: 10 });
-    pools.push(pool);
+    const { pool, dir } = await tmpfsPool();
     const huge = blob('huge', 3 * 1024 * 1024);
     const err = await pool.addBuffer(huge.digest, huge.body).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(PoolNoSpaceError);
     expect((err as Error).message).toMatch(/no space left on device while writing sha256:[a-f0-9]{64} to the pool .*nothing could be evicted/);
-    expect(await filesOnDisk(mnt)).toEqual(new Map());
-    expect(await fs.readdir(path.join(mnt, 'pool', '.staging'))).toEqual([]);
+    expect(await filesOnDisk(dir)).toEqual(new Map());
+    expect(await fs.readdir(path.join(dir, 'pool', '.staging'))).toEqual([]);
     const small = blob('small', 100_000);
     await pool.addBuffer(small.digest, small.body);
-    expect(await filesOnDisk(mnt)).toEqual(new Map([[small.digest, small.body.length]]));
+    expect(await filesOnDisk(dir)).toEqual(new Map([[small.digest, small.body.length]]));
     await pool.close();
   });
 });
