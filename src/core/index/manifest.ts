@@ -11,6 +11,7 @@
 import { failedPrecondition, invalidArgument } from '../errors.js';
 import type { TarHeader } from './tar.js';
 import { decodeTreeEntry, encodeTreeEntry, shown } from './tree.js';
+import { Item, Named, type Where } from './shown.js';
 import { checkPackLayout, decodePackedContent, decodePacks, type PackedContent, type PackRef } from './pack-layout.js';
 
 export { chunkBytes, type FileChunk, type MemberEncoding, type PackedContent, type PackMember, type PackRef } from './pack-layout.js';
@@ -234,10 +235,10 @@ export function validateIndexManifest(doc: unknown, opts: { consume?: boolean } 
     const linkable = new Set<string>();
     let prev: string | undefined;
     for (let i = 0; i < o.tree.length; i++) {
-      const at = `gear index: tree[${i}]`;
+      const at = new Item('gear index: tree', i);
       const h = decodeTreeEntry(o.tree[i], at);
       checkListedPath(h.path, prev, at);
-      const where = `${at} ${JSON.stringify(h.path.slice(0, 200))}`;
+      const where = new Named(at, h.path);
       prev = h.path;
       if (h.type === 'link') {
         if (!linkable.has(h.linkname)) {
@@ -292,7 +293,7 @@ function listed(xs: readonly number[], word: string): string {
  * after the manifest): a clean path (pathProblem), not under `.gear/`, after
  * `prev` in comparePaths order. Throws InvalidArgument prefixed with `where`.
  */
-export function checkListedPath(p: string, prev: string | undefined, where: string): void {
+export function checkListedPath(p: string, prev: string | undefined, where: Where): void {
   const problem = pathProblem(p);
   if (problem) throw invalidArgument(`${where}: path ${JSON.stringify(p.slice(0, 200))}: ${problem}`);
   if (p === RESERVED_DIR || p.startsWith(`${RESERVED_DIR}/`)) {
@@ -335,7 +336,7 @@ function checkOneSizePerContent(files: readonly IndexFile[]): void {
  * digest, size and blob of a file with content (a v1 `files` entry or a v2
  * tree entry); with `packs` (version 3), digest, size and its pack members.
  */
-function validateContent(f: Record<string, unknown>, path: string, where: string, packs?: readonly PackRef[]): IndexFile {
+function validateContent(f: Record<string, unknown>, path: string, where: Where, packs?: readonly PackRef[]): IndexFile {
   if (typeof f.digest !== 'string' || !DIGEST_RE.test(f.digest)) {
     throw invalidArgument(`${where}: "digest" must be sha256:<64 lowercase hex>, not ${shown(f.digest)}`);
   }

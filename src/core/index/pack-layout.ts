@@ -12,7 +12,7 @@
  * bytes.
  */
 import { invalidArgument } from '../errors.js';
-import { shown } from './shown.js';
+import { shown, type Where } from './shown.js';
 
 /** A pack blob (media type application/vnd.gear.pack.v1) of the image's repository. */
 export interface PackRef {
@@ -66,7 +66,7 @@ export function chunkBytes(file: { size: number; chunkSize?: number }, i: number
   return Math.min(c, file.size - i * c);
 }
 
-function wholeIn(v: unknown, min: number, max: number, what: string, where: string): number {
+function wholeIn(v: unknown, min: number, max: number, what: string, where: Where): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) {
     throw invalidArgument(`${where}: "${what}" must be a whole number in ${min}…${max}, not ${shown(v)}`);
   }
@@ -92,7 +92,7 @@ export function decodePacks(v: unknown): PackRef[] {
 }
 
 /** Validates one member of `bytes` decompressed bytes against `packs`. */
-function decodeMember(o: Record<string, unknown>, bytes: number, packs: readonly PackRef[], where: string): PackMember {
+function decodeMember(o: Record<string, unknown>, bytes: number, packs: readonly PackRef[], where: Where): PackMember {
   const pack = wholeIn(o.pack, 0, Math.max(0, packs.length - 1), 'pack', where);
   if (packs.length === 0) throw invalidArgument(`${where}: names pack ${pack}, but "packs" is empty`);
   const packSize = packs[pack]!.size;
@@ -120,7 +120,7 @@ function decodeMember(o: Record<string, unknown>, bytes: number, packs: readonly
  * The storage members of a v3 file entry `e` of `size` bytes: `pack`/`offset`/
  * `length`/`encoding`, or `chunkSize`/`chunks`, exactly one of the two.
  */
-export function decodePackedContent(e: Record<string, unknown>, size: number, packs: readonly PackRef[], where: string): PackedContent {
+export function decodePackedContent(e: Record<string, unknown>, size: number, packs: readonly PackRef[], where: Where): PackedContent {
   const single = e.pack !== undefined || e.offset !== undefined || e.length !== undefined || e.encoding !== undefined;
   const chunked = e.chunkSize !== undefined || e.chunks !== undefined;
   if (e.blob !== undefined) throw invalidArgument(`${where}: version 3 stores files in packs; "blob" is a version 1/2 member`);
@@ -169,51 +169,79 @@ export function encodePackedContent(o: Record<string, unknown>, c: PackedContent
   }
 }
 
-interface Placed {
-  pack: number;
-  offset: number;
-  length: number;
-  encoding: MemberEncoding;
-  bytes: number;
-  digest: string;
-  where: string;
+/** One member of the layout (a file's only member, or one of its chunks); its message text is made only for an error. */
+class Placed {
+  constructor(
+    readonly file: number,
+    /** −1: the file's only member */
+    readonly chunk: number,
+    readonly pack: number,
+    readonly offset: number,
+    readonly length: number,
+    readonly encoding: MemberEncoding,
+    readonly bytes: number,
+    readonly digest: string,
+  ) {}
 }
+
+type LaidOut = { path: string; digest: string; size: number } & PackedContent;
+
+const fileWhere = (f: LaidOut): string => `gear index: file ${JSON.stringify(f.path.slice(0, 200))}`;
 
 /**
  * Checks the members of every file together (docs/format.md §10.1): within a
  * pack, two ranges do not overlap unless they are identical, and identical
  * ranges hold the same bytes (encoding, byte count, digest); and a content
- * digest has one layout. `files` have passed decodePackedContent.
+ * digest has one layout. `files` have passed decodePackedContent. Runs on
+ * every pull's manifest before its prefetch starts: numbers only, no strings
+ * made until something is wrong.
  */
-export function checkPackLayout(files: readonly ({ path: string; digest: string; size: number } & PackedContent)[]): void {
+export function checkPackLayout(files: readonly LaidOut[]): void {
   const placed: Placed[] = [];
-  const layouts = new Map<string, { key: string; path: string }>();
-  for (const f of files) {
-    const where = `gear index: file ${JSON.stringify(f.path.slice(0, 200))}`;
-    const key = layoutKey(f);
-    const other = layouts.get(f.digest);
-    if (other) {
-      if (other.key !== key) throw invalidArgument(`${where}: ${f.digest} is stored differently here than at ${JSON.stringify(other.path.slice(0, 200))} (one content has one layout)`);
+  const first = new Map<string, number>();
+  for (let fi = 0; fi < files.length; fi++) {
+    const f = files[fi]!;
+    const o = first.get(f.digest);
+    if (o !== undefined) {
+      const other = files[o]!;
+      if (!sameLayout(other, f)) {
+        throw invalidArgument(`${fileWhere(f)}: ${f.digest} is stored differently here than at ${JSON.stringify(other.path.slice(0, 200))} (one content has one layout)`);
+      }
       continue; // the same members, checked once
     }
-    layouts.set(f.digest, { key, path: f.path });
-    if (f.member) placed.push({ ...f.member, bytes: f.size, digest: f.digest, where });
-    else f.chunks!.forEach((c, i) => placed.push({ ...c, bytes: chunkBytes(f, i), where: `${where} chunks[${i}]` }));
+    first.set(f.digest, fi);
+    const m = f.member;
+    if (m) placed.push(new Placed(fi, -1, m.pack, m.offset, m.length, m.encoding, f.size, f.digest));
+    else {
+      const chunks = f.chunks!;
+      for (let i = 0; i < chunks.length; i++) {
+        const c = chunks[i]!;
+        placed.push(new Placed(fi, i, c.pack, c.offset, c.length, c.encoding, chunkBytes(f, i), c.digest));
+      }
+    }
   }
   placed.sort((a, b) => a.pack - b.pack || a.offset - b.offset || a.length - b.length);
+  const where = (p: Placed): string => `${fileWhere(files[p.file]!)}${p.chunk < 0 ? '' : ` chunks[${p.chunk}]`}`;
   for (let i = 1; i < placed.length; i++) {
     const a = placed[i - 1]!;
     const b = placed[i]!;
     if (a.pack !== b.pack || a.offset + a.length <= b.offset) continue;
     if (a.offset === b.offset && a.length === b.length) {
       if (a.encoding === b.encoding && a.bytes === b.bytes && a.digest === b.digest) continue;
-      throw invalidArgument(`${b.where}: names bytes ${b.offset}+${b.length} of pack ${b.pack}, which ${a.where} names for other content (${a.digest}, ${a.bytes} bytes)`);
+      throw invalidArgument(`${where(b)}: names bytes ${b.offset}+${b.length} of pack ${b.pack}, which ${where(a)} names for other content (${a.digest}, ${a.bytes} bytes)`);
     }
-    throw invalidArgument(`${b.where}: bytes ${b.offset}+${b.length} of pack ${b.pack} overlap bytes ${a.offset}+${a.length} of ${a.where} (members of a pack do not overlap)`);
+    throw invalidArgument(`${where(b)}: bytes ${b.offset}+${b.length} of pack ${b.pack} overlap bytes ${a.offset}+${a.length} of ${where(a)} (members of a pack do not overlap)`);
   }
 }
 
-function layoutKey(f: PackedContent): string {
-  if (f.member) return `${f.member.pack}:${f.member.offset}:${f.member.length}:${f.member.encoding}`;
-  return `${f.chunkSize}/${f.chunks!.map((c) => `${c.pack}:${c.offset}:${c.length}:${c.encoding}:${c.digest}`).join(',')}`;
+const sameMember = (a: PackMember, b: PackMember): boolean => a.pack === b.pack && a.offset === b.offset && a.length === b.length && a.encoding === b.encoding;
+
+/** The same members (a file's only member, or chunk size and every chunk with its digest). */
+function sameLayout(a: PackedContent, b: PackedContent): boolean {
+  if (a.member || b.member) return !!a.member && !!b.member && sameMember(a.member, b.member);
+  const x = a.chunks!;
+  const y = b.chunks!;
+  if (a.chunkSize !== b.chunkSize || x.length !== y.length) return false;
+  for (let i = 0; i < x.length; i++) if (!sameMember(x[i]!, y[i]!) || x[i]!.digest !== y[i]!.digest) return false;
+  return true;
 }

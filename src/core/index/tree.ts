@@ -17,7 +17,7 @@ import { invalidArgument } from '../errors.js';
 import type { EntryType, TarHeader } from './tar.js';
 import { XATTR_NAME_MAX, XATTR_SIZE_MAX } from '../sys/limits.js';
 import { encodePackedContent, type PackedContent } from './pack-layout.js';
-import { shown } from './shown.js';
+import { Named, shown, type Where } from './shown.js';
 
 export { shown };
 
@@ -65,7 +65,7 @@ export function encodeTreeEntry(h: TarHeader, content: TreeFileContent | undefin
   return o;
 }
 
-function intIn(v: unknown, min: number, max: number, what: string, where: string): number {
+function intIn(v: unknown, min: number, max: number, what: string, where: Where): number {
   if (v === undefined) return 0;
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) {
     throw invalidArgument(`${where}: "${what}" must be a whole number in ${min}…${max}, not ${shown(v)}`);
@@ -73,7 +73,7 @@ function intIn(v: unknown, min: number, max: number, what: string, where: string
   return v;
 }
 
-function shortString(v: unknown, maxBytes: number, what: string, where: string): string {
+function shortString(v: unknown, maxBytes: number, what: string, where: Where): string {
   if (v === undefined) return '';
   if (typeof v !== 'string') throw invalidArgument(`${where}: "${what}" must be a string, not ${shown(v)}`);
   if (v.includes('\0')) throw invalidArgument(`${where}: "${what}" contains a NUL byte`);
@@ -88,12 +88,12 @@ function shortString(v: unknown, maxBytes: number, what: string, where: string):
  * checked by the caller (index-layer.ts checkEntry), content members by
  * manifest.ts. Throws InvalidArgument.
  */
-export function decodeTreeEntry(e: unknown, where: string): TarHeader {
+export function decodeTreeEntry(e: unknown, where: Where): TarHeader {
   if (!e || typeof e !== 'object' || Array.isArray(e)) throw invalidArgument(`${where}: not an object`);
   const o = e as Record<string, unknown>;
   if (typeof o.path !== 'string') throw invalidArgument(`${where}: "path" must be a string, not ${shown(o.path)}`);
   // From here on the entry is named by its path too.
-  where = `${where} ${JSON.stringify(o.path.slice(0, 200))}`;
+  where = new Named(where, o.path);
   if (typeof o.type !== 'string' || !TYPES.has(o.type)) throw invalidArgument(`${where}: "type" must be one of ${[...TYPES].join(', ')}, not ${shown(o.type)}`);
   const type = o.type as EntryType;
   const linkname = shortString(o.linkname, MAX_LINK_BYTES, 'linkname', where);
