@@ -8,6 +8,7 @@
  * - `{ kind: 'flip' }`    forward, but flip the bits of one body byte
  * - `{ kind: 'truncate', bytes }` forward headers and the first `bytes` of the body, then reset
  * - `{ kind: 'hang' }`    accept and never answer (until stop())
+ * - `{ kind: 'delay', ms }` forward, `ms` late (a slow first byte)
  * - `{ kind: 'throttle', bytesPerSecond, flipAt? }` forward the body at that rate (a
  *   slow link); with `flipAt`, flip the bits of the body byte at that offset
  *
@@ -26,6 +27,7 @@ export type FaultAction =
   | { kind: 'flip' }
   | { kind: 'truncate'; bytes: number }
   | { kind: 'hang' }
+  | { kind: 'delay'; ms: number }
   | { kind: 'throttle'; bytesPerSecond: number; flipAt?: number };
 
 /** Decide what to do with request number `n` (1-based). Undefined = forward. */
@@ -123,6 +125,9 @@ export async function startFaultProxy(target: string, decide: FaultDecider = () 
         return;
       case 'hang':
         req.resume();
+        return;
+      case 'delay':
+        setTimeout(() => forward(req, res, undefined), action.ms);
         return;
       default:
         forward(req, res, action);

@@ -170,6 +170,33 @@ describe('format v3 fetch', () => {
     await pre.close();
   });
 
+  it('a chunked file listed first is fetched alongside the pack members, not after all of them', async () => {
+    const cat = new BlobCatalog();
+    const tuples: GearBlobTuple[] = good.files.map((f) =>
+      f.member
+        ? [f.digest, f.size, { p: f.member.pack, o: f.member.offset, l: f.member.length, ...(f.member.encoding === 'raw' ? { e: 'raw' as const } : {}) }]
+        : [f.digest, f.size, { cs: f.chunkSize!, c: f.chunks!.map((c): [number, number, number, string, 1?] => (c.encoding === 'raw' ? [c.pack, c.offset, c.length, c.digest, 1] : [c.pack, c.offset, c.length, c.digest])) }],
+    );
+    cat.add('layer1', loc(), tuples, good.packRefs);
+    const bigReq = reqOf(good, 40);
+    const firstChunk = Math.min(...good.files[40]!.chunks!.map((c) => c.offset));
+    expect(Math.max(...good.files.slice(0, 40).map((f) => f.member!.offset))).toBeLessThan(firstChunk);
+    // The members' ranges (all before the big file's chunks in the pack) answer 1.5 s late.
+    proxy.setDecider((req) => {
+      const m = /bytes=(\d+)-/.exec(String(req.headers.range ?? ''));
+      return m && Number(m[1]) < firstChunk ? { kind: 'delay', ms: 1500 } : undefined;
+    });
+    const pre = new Prefetcher({ pool, fetcher, catalog: cat });
+    const done = pre.start('layer1', [big, ...smalls].map((c) => ({ digest: sha256(c), size: c.length })));
+    for (let i = 0; i < 100 && !pool.has(bigReq.digest); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(pool.has(bigReq.digest)).toBe(true);
+    expect(smalls.filter((c) => !pool.has(sha256(c))).length).toBeGreaterThan(0); // still on their way
+    await done;
+    for (const c of smalls) expect(pool.has(sha256(c))).toBe(true);
+    expect(pre.layerProgress('layer1')).toMatchObject({ fetched: 41, failed: 0 });
+    await pre.close();
+  });
+
   it('the crash resume of v3 files queues them together too (coalesced requests)', async () => {
     const cat = new BlobCatalog();
     const tuples: GearBlobTuple[] = good.files.filter((f) => f.member).map((f) => [f.digest, f.size, { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, ...(f.member!.encoding === 'raw' ? { e: 'raw' as const } : {}) }]);

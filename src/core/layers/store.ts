@@ -58,6 +58,8 @@ import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { createReadStream } from 'node:fs';
 import { applyIndexLayer, buildIndexDir, buildIndexDirFromEntries, headIsIndexLayer, INDEX_TAR, readIndexManifest, summarize } from './index-dir.js';
+import { Phases } from './phases.js';
+import { startIndexWarmUp } from './warm-up.js';
 import { INDEX_IMAGE, indexTreeFromDir, indexTreeFromEntries, mountIndexImage, probeIndexImages, writeIndexImage } from './index-image.js';
 import type { IndexManifest } from '../index/manifest.js';
 
@@ -116,6 +118,8 @@ class OverlayLayerStore implements LayerStore {
   private readonly indexFormOpt: 'auto' | 'image' | 'dir';
   private prefetcher: Prefetcher | undefined;
   /** Files an index layer being applied lists for prefetch, until its record is written. */
+  /** The warm-up of the index code while it runs (warm-up.ts). */
+  private warmUp: AbortController | undefined;
   private readonly pendingPrefetch = new Map<string, Array<{ digest: string; size: number }>>();
   /** Whether new index layers get an EROFS image; why not, when they do not. */
   private indexImages = false;
@@ -274,6 +278,7 @@ class OverlayLayerStore implements LayerStore {
     if (metrics) this.metrics = await (await import('../metrics/server.js')).serveMetrics(this.metricsAddress!, metrics.registry, this.log);
     await this.stats.serve();
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
+    this.warmUp = startIndexWarmUp(this.log);
   }
 
   /**
@@ -325,18 +330,7 @@ class OverlayLayerStore implements LayerStore {
   private startPrefetch(id: string): void {
     const files = this.pendingPrefetch.get(id);
     this.pendingPrefetch.delete(id);
-    if (files) this.runPrefetch(id, files);
-  }
-
-  /** Background work: its failure is logged, never a rejection nobody handles nor a failed ApplyDiff. */
-  private runPrefetch(id: string, files: Array<{ digest: string; size: number }>): void {
-    if (!this.prefetcher) return;
-    const failed = (err: unknown) => this.log?.warn({ layer: id, err: describeError(err) }, 'prefetch failed');
-    try {
-      this.prefetcher.start(id, files).catch(failed);
-    } catch (err) {
-      failed(err);
-    }
+    if (files) this.prefetcher?.begin(id, files);
   }
 
   /**
@@ -349,7 +343,7 @@ class OverlayLayerStore implements LayerStore {
     if (!this.lazy || !this.prefetcher || !manifest.prefetch?.length) return undefined;
     this.lazy.catalog.addIndex(id, manifest.location, summarize(manifest));
     const endThrottle = this.lazy.fetcher.throttleBackground();
-    this.runPrefetch(id, prefetchFilesOf(manifest));
+    this.prefetcher?.begin(id, prefetchFilesOf(manifest));
     return endThrottle;
   }
 
@@ -367,6 +361,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   async close(): Promise<void> {
+    this.warmUp?.abort();
     const lazy = this.lazy;
     this.lazy = undefined;
     await this.metrics?.close();
@@ -726,6 +721,7 @@ class OverlayLayerStore implements LayerStore {
 
   /** applyDiff once the layer is known to be empty, unmounted and locked. */
   private async applyLocked(id: string, rec: LayerRecord, tar: Readable): Promise<number> {
+    this.warmUp?.abort();
     const marker = path.join(this.layerDir(id), 'applying');
     await writeFileAtomic(marker, '');
     const diff = this.diffDir(id);
@@ -736,12 +732,12 @@ class OverlayLayerStore implements LayerStore {
     const image = this.indexImage(id);
     let prefetchEarly = false;
     let endThrottle: (() => void) | undefined;
-    /** When each phase ended, for the debug log. */
-    const phases: Record<string, number> = { start: Date.now() };
+    const phases = new Phases();
     try {
       // Drained, not destroyed, on error: the tar usually is an HTTP request body
       // whose reply (carrying the error) can only go out once it is read.
       const { head, input } = await peekHead(tar, 64 * 1024);
+      phases.mark('head');
       if (headIsIndexLayer(head)) {
         // An index layer: index/ straight from the tar; diff/ (the index form) only when asked for.
         unmountUnder(index);
@@ -752,18 +748,19 @@ class OverlayLayerStore implements LayerStore {
         try {
           // The prefetch starts as soon as the manifest is read: its downloads overlap building the index.
           const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image } : { dir: index }, tarFile, (m) => {
+            phases.mark('manifest');
             endThrottle = this.prefetchEarly(id, m);
             prefetchEarly = endThrottle !== undefined;
           });
           size = applied.size;
           gear = this.gearInfo(id, applied.manifest, applied);
-          phases.built = Date.now();
+          phases.mark('built');
           if (this.indexImages) {
             gear.form = 'image';
             mountIndexImage(image, index);
             this.indexMounted.add(id);
           }
-          phases.mounted = Date.now();
+          phases.mark('mounted');
         } catch (err) {
           input.on('error', () => {});
           input.resume();
@@ -804,10 +801,10 @@ class OverlayLayerStore implements LayerStore {
           this.log?.warn({ layer: id, err: describeError(err) }, 'could not record the pool references of an index layer; the next start does');
         });
       }
-      phases.referenced = Date.now();
+      phases.mark('referenced');
     }
     await writeFileAtomic(path.join(this.layerDir(id), 'layer.json'), JSON.stringify(updated));
-    phases.recorded = Date.now();
+    phases.mark('recorded');
     await fs.rm(marker, { force: true });
     await syncDir(this.layerDir(id));
     await syncDir(this.linksDir);
@@ -815,14 +812,8 @@ class OverlayLayerStore implements LayerStore {
     endThrottle?.(); // (a throw before here: ended by the throttle's own deadline)
     if (prefetchEarly) this.pendingPrefetch.delete(id);
     else this.startPrefetch(id);
-    const ms: Record<string, number> = {};
-    let prev = phases.start;
-    for (const [k, t] of Object.entries({ ...phases, synced: Date.now() })) {
-      if (k === 'start') continue;
-      ms[k] = t - prev;
-      prev = t;
-    }
-    this.log?.debug({ layer: id, size, gearFiles: gear?.files, ms }, gear ? 'applied gear index layer' : 'applied layer');
+    phases.mark('synced');
+    this.log?.debug({ layer: id, size, gearFiles: gear?.files, ms: phases.durations }, gear ? 'applied gear index layer' : 'applied layer');
     return size;
   }
 
