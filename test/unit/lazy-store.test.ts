@@ -106,6 +106,40 @@ afterEach(async () => {
 });
 
 describe('gear index layers in the store', () => {
+  it('a pull ends before its index image is written; a Get above waits for it, and a crash in between is repaired at the next open', async () => {
+    const opts = { root, indexForm: 'image' as const, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } };
+    const image = path.join(root, 'layers/idx/index.erofs');
+    const idx = path.join(root, 'layers/idx/index');
+    let store = await openLayerStore(opts);
+    try {
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([indexTarV2]), { deferIndexImage: true }); // as the graph driver does
+      await store.create('ctr', 'idx', 'rw');
+      const merged = await store.get('ctr'); // waits for the image, then mounts it under the overlay
+      expect(mountsUnder(idx).map((m) => m.fsType)).toEqual(['erofs']);
+      expect(await fs.readFile(path.join(merged, 'etc/os-release'))).toEqual(files['etc/os-release']);
+      await store.put('ctr');
+    } finally {
+      await store.close?.();
+    }
+    // The state a kill -9 right after ApplyDiff leaves: the layer recorded, its image never written.
+    for (const m of mountsUnder(path.join(root, 'layers'))) await run('umount', ['-l', m.mountPoint]);
+    for (const m of mountsUnder(root)) await run('umount', ['-l', m.mountPoint]);
+    await fs.rm(image);
+    expect(existsSync(path.join(root, 'layers/idx/index.tar'))).toBe(true);
+    store = await openLayerStore(opts);
+    try {
+      expect(existsSync(image)).toBe(true);
+      expect(mountsUnder(idx).map((m) => m.fsType)).toEqual(['erofs']);
+      const merged = await store.get('ctr');
+      expect((await fs.stat(path.join(merged, 'bin/tool'))).size).toBe(files['bin/tool']!.length);
+      expect(await fs.readFile(path.join(merged, 'usr/share/doc'))).toEqual(files['usr/share/doc']);
+      await store.put('ctr');
+    } finally {
+      await store.close?.();
+    }
+  });
+
   it.each([
     ['image', 1],
     ['dir', 1],

@@ -196,10 +196,16 @@ export interface AppliedIndexLayer extends IndexDirResult {
   manifest: IndexManifest;
   /** What ApplyDiff reports, as for any layer: the bytes of regular-file content (the manifest's). */
   size: number;
+  /** With `deferImage`: writes the image file (its tree is built and checked already). */
+  writeImage?: () => Promise<void>;
 }
 
-/** Where applyIndexLayer puts the index: a directory tree, or an EROFS image file (index-image.ts). */
-export type IndexTarget = { dir: string } | { image: string };
+/**
+ * Where applyIndexLayer puts the index: a directory tree, or an EROFS image
+ * file (index-image.ts); with `deferImage` the image is written when the
+ * caller calls writeImage() (the tree, and every check, come first).
+ */
+export type IndexTarget = { dir: string } | { image: string; deferImage?: boolean };
 
 /**
  * ApplyDiff of an index layer: reads the (decompressed) tar once, validates
@@ -239,6 +245,7 @@ export async function applyIndexLayer(
     // The headers are in the tree now: let them go before the image is built (~400 bytes an entry).
     layer.entries = [];
     delete layer.manifest.tree;
+    if (target.deferImage) return { ...result, manifest: layer.manifest, size: layer.manifestBytes, writeImage: () => writeIndexImageSliced(target.image, root) };
     await writeIndexImageSliced(target.image, root);
     r = result;
   }

@@ -7,12 +7,35 @@
  * get theirs again).
  */
 import { statfsSync } from 'node:fs';
+import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { openLazyRuntime, type LazyOptions, type LazyRuntime } from '../lazy/runtime.js';
-import { readMounts } from '../sys/mounts.js';
+import { errnoCode } from '../errors.js';
+import { readMounts, unmount } from '../sys/mounts.js';
 import { MAX_LAYER_DEPTH } from './records.js';
 import type { LayerRecord } from './types.js';
+
+/**
+ * ROOT/miss must exist. After a crash it is the previous daemon's FUSE
+ * mount with an aborted connection (any access: ENOTCONN); detach it
+ * (lazily: container overlays still reference it) so that this run can
+ * mount a fresh miss filesystem, or, lazy pull off, a plain dir.
+ */
+export async function ensureMissDir(root: string, log?: Logger): Promise<void> {
+  const miss = path.join(root, 'miss');
+  // Several crashes in a row can leave dead mounts stacked there.
+  for (let i = 0; ; i++) {
+    try {
+      await fs.mkdir(miss, { recursive: true, mode: 0o755 });
+      return;
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOTCONN' || i >= 8) throw err;
+      unmount(miss, { lazy: true });
+      log?.info({ mountPoint: miss }, 'detached the miss filesystem of a previous daemon (its connection is gone)');
+    }
+  }
+}
 
 export async function attachLazyRuntime(root: string, opts: LazyOptions, records: Iterable<LayerRecord>, log?: Logger): Promise<LazyRuntime> {
   const lazy = await openLazyRuntime(root, opts, log);

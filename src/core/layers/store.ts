@@ -51,7 +51,7 @@ import { constants, native } from '../sys/native.js';
 import { isMountPoint, mountOverlay, mountsUnder, overlayData, readMounts, unmount, unmountUnder, MAX_MOUNT_DATA, type OverlayOptions } from '../sys/mounts.js';
 import { bounded } from '../abort.js';
 import type { LazyOptions, LazyRuntime } from '../lazy/runtime.js';
-import { attachLazyRuntime, backingFilesystem, indexLayersInUse } from './lazy-attach.js';
+import { attachLazyRuntime, ensureMissDir, backingFilesystem, indexLayersInUse } from './lazy-attach.js';
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
 import { Prefetcher } from '../lazy/prefetch.js';
 import { layerBytes } from '../archive/tarreader.js';
@@ -60,13 +60,14 @@ import { createReadStream } from 'node:fs';
 import { applyIndexLayer, buildIndexDir, buildIndexDirFromEntries, headIsIndexLayer, INDEX_TAR, readIndexManifest, summarize } from './index-dir.js';
 import { Phases } from './phases.js';
 import { startIndexWarmUp } from './warm-up.js';
+import { PendingImages, rebuildMissingImages } from './pending-images.js';
 import { INDEX_IMAGE, indexTreeFromDir, indexTreeFromEntries, mountIndexImage, probeIndexImages, writeIndexImage } from './index-image.js';
 import type { IndexManifest } from '../index/manifest.js';
 
 export { validateLayerId } from './records.js';
 import type { IndexDirResult } from './index-dir.js';
 import { checkKnownSizes } from './index-entry.js';
-import type { CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
+import type { ApplyOptions, CreateOptions, GearLayerInfo, IndexLayerAdoption, LayerKind, LayerRecord, LayerStore, LowerDir } from './types.js';
 
 export { MAX_LAYER_DEPTH } from './records.js';
 /** Overlay options of every mount whose lower chain contains a Gear index layer. */
@@ -118,6 +119,8 @@ class OverlayLayerStore implements LayerStore {
   private readonly indexFormOpt: 'auto' | 'image' | 'dir';
   private prefetcher: Prefetcher | undefined;
   /** Files an index layer being applied lists for prefetch, until its record is written. */
+  /** Index images being written after their ApplyDiff returned (pending-images.ts). */
+  private readonly pendingImages: PendingImages;
   /** The warm-up of the index code while it runs (warm-up.ts). */
   private warmUp: AbortController | undefined;
   private readonly pendingPrefetch = new Map<string, Array<{ digest: string; size: number }>>();
@@ -139,6 +142,7 @@ class OverlayLayerStore implements LayerStore {
     this.layersDir = path.join(this.root, 'layers');
     this.linksDir = path.join(this.root, 'l');
     this.indexFormOpt = opts.indexForm ?? indexFormFromEnv();
+    this.pendingImages = new PendingImages(this.log);
     this.stats = new StoreStats({ root: this.root, records: this.records, lazy: () => this.lazy, prefetch: () => this.prefetcher, logger: this.log }, opts.requireLazy ?? false);
   }
 
@@ -181,7 +185,7 @@ class OverlayLayerStore implements LayerStore {
     await fs.mkdir(this.linksDir, { recursive: true, mode: 0o700 });
     // The data-only layers of lazy mounts must exist even when lazy pull is off.
     await fs.mkdir(path.join(this.root, 'pool'), { recursive: true, mode: 0o755 });
-    await this.ensureMissDir();
+    await ensureMissDir(this.root, this.log);
 
     // Leftovers of interrupted creates and removes.
     for (const name of await fs.readdir(this.layersDir)) {
@@ -258,6 +262,8 @@ class OverlayLayerStore implements LayerStore {
       }
       if (whyNot !== undefined) this.log?.info({ reason: whyNot }, 'index layers use the directory form: this kernel cannot mount EROFS image files');
     } else this.indexImagesWhyNot = 'the directory form was asked for';
+    const images = [...this.records.values()].filter((r) => r.gear?.form === 'image');
+    await rebuildMissingImages(images.map((r) => ({ id: r.id, image: this.indexImage(r.id), tarFile: path.join(this.layerDir(r.id), INDEX_TAR) })), this.log);
     this.mountIndexImages([...this.records.values()]);
     // Loaded only when asked for: prom-client alone is ~45 ms of a restarted daemon's start.
     const metrics = this.metricsAddress
@@ -279,27 +285,6 @@ class OverlayLayerStore implements LayerStore {
     await this.stats.serve();
     this.log?.info({ root: this.root, layers: this.records.size, lazy: !!this.lazy }, 'layer store open');
     this.warmUp = startIndexWarmUp(this.log);
-  }
-
-  /**
-   * ROOT/miss must exist. After a crash it is the previous daemon's FUSE
-   * mount with an aborted connection (any access: ENOTCONN); detach it
-   * (lazily: container overlays still reference it) so that this run can
-   * mount a fresh miss filesystem, or, lazy pull off, a plain dir.
-   */
-  private async ensureMissDir(): Promise<void> {
-    const miss = path.join(this.root, 'miss');
-    // Several crashes in a row can leave dead mounts stacked there.
-    for (let i = 0; ; i++) {
-      try {
-        await fs.mkdir(miss, { recursive: true, mode: 0o755 });
-        return;
-      } catch (err) {
-        if (errnoCode(err) !== 'ENOTCONN' || i >= 8) throw err;
-        unmount(miss, { lazy: true });
-        this.log?.info({ mountPoint: miss }, 'detached the miss filesystem of a previous daemon (its connection is gone)');
-      }
-    }
   }
 
   /**
@@ -362,6 +347,7 @@ class OverlayLayerStore implements LayerStore {
 
   async close(): Promise<void> {
     this.warmUp?.abort();
+    await this.pendingImages.settleAll();
     const lazy = this.lazy;
     this.lazy = undefined;
     await this.metrics?.close();
@@ -459,6 +445,7 @@ class OverlayLayerStore implements LayerStore {
     await this.locks.run(id, async () => {
       const rec = this.records.get(id);
       if (!rec) return;
+      await this.pendingImages.settle(id);
       // The merged view, and an index image's mount (overlays that use it keep their own reference).
       unmountUnder(this.layerDir(id));
       this.indexMounted.delete(id);
@@ -543,6 +530,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   private async acquire(id: string): Promise<string> {
+    await this.pendingImages.ready(this.chain(id).map((r) => r.id));
     if (this.record(id).gear) await this.ensureIndexForm(id);
     const spec = this.mountSpec(id);
     if (spec.type === 'dir') return spec.path;
@@ -662,6 +650,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   async cleanup(): Promise<void> {
+    await this.pendingImages.settleAll();
     for (const m of mountsUnder(this.layersDir)) if (m.mountPoint !== this.layersDir) unmount(m.mountPoint, { lazy: true });
     this.indexMounted.clear();
     this.refs.clear();
@@ -670,7 +659,7 @@ class OverlayLayerStore implements LayerStore {
 
   // ---- content ----------------------------------------------------------------------
 
-  async applyDiff(id: string, parent: string, tar: Readable): Promise<number> {
+  async applyDiff(id: string, parent: string, tar: Readable, opts: ApplyOptions = {}): Promise<number> {
     // A refused call changes nothing; its tar is drained (the reply to an HTTP body goes out once it is read).
     const refuse = (err: Error): never => {
       tar.on('error', () => {});
@@ -701,7 +690,7 @@ class OverlayLayerStore implements LayerStore {
         if (this.refs.has(id) || isMountPoint(this.mergedDir(id))) refuse(failedPrecondition(`layer ${id} is mounted; cannot apply a diff to it`));
         const held = await this.contentOf(id, rec);
         if (held) refuse(failedPrecondition(`layer ${id} already has content (${held}); a layer's diff is applied once (remove and re-create it to apply another)`));
-        return await this.applyLocked(id, rec, tar);
+        return await this.applyLocked(id, rec, tar, opts);
       });
     } finally {
       done();
@@ -720,7 +709,7 @@ class OverlayLayerStore implements LayerStore {
   }
 
   /** applyDiff once the layer is known to be empty, unmounted and locked. */
-  private async applyLocked(id: string, rec: LayerRecord, tar: Readable): Promise<number> {
+  private async applyLocked(id: string, rec: LayerRecord, tar: Readable, opts: ApplyOptions): Promise<number> {
     this.warmUp?.abort();
     const marker = path.join(this.layerDir(id), 'applying');
     await writeFileAtomic(marker, '');
@@ -732,6 +721,7 @@ class OverlayLayerStore implements LayerStore {
     const image = this.indexImage(id);
     let prefetchEarly = false;
     let endThrottle: (() => void) | undefined;
+    let writeImage: (() => Promise<void>) | undefined;
     const phases = new Phases();
     try {
       // Drained, not destroyed, on error: the tar usually is an HTTP request body
@@ -747,7 +737,7 @@ class OverlayLayerStore implements LayerStore {
         await fs.rm(image, { force: true });
         try {
           // The prefetch starts as soon as the manifest is read: its downloads overlap building the index.
-          const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image } : { dir: index }, tarFile, (m) => {
+          const applied = await applyIndexLayer(layerBytes(input), this.indexImages ? { image, deferImage: opts.deferIndexImage === true } : { dir: index }, tarFile, (m) => {
             phases.mark('manifest');
             endThrottle = this.prefetchEarly(id, m);
             prefetchEarly = endThrottle !== undefined;
@@ -755,12 +745,18 @@ class OverlayLayerStore implements LayerStore {
           size = applied.size;
           gear = this.gearInfo(id, applied.manifest, applied);
           phases.mark('built');
-          if (this.indexImages) {
-            gear.form = 'image';
+          const mount = (): void => {
             mountIndexImage(image, index);
             this.indexMounted.add(id);
-          }
-          phases.mark('mounted');
+          };
+          const write = applied.writeImage;
+          if (this.indexImages) gear.form = 'image';
+          if (write) {
+            writeImage = async () => {
+              await write();
+              mount();
+            };
+          } else if (this.indexImages) mount();
         } catch (err) {
           input.on('error', () => {});
           input.resume();
@@ -810,6 +806,7 @@ class OverlayLayerStore implements LayerStore {
     await syncDir(this.linksDir);
     this.records.set(id, updated);
     endThrottle?.(); // (a throw before here: ended by the throttle's own deadline)
+    if (writeImage) this.pendingImages.start(id, writeImage);
     if (prefetchEarly) this.pendingPrefetch.delete(id);
     else this.startPrefetch(id);
     phases.mark('synced');

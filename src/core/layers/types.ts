@@ -66,6 +66,16 @@ export interface CreateOptions {
   storageOpt?: Record<string, string>;
 }
 
+export interface ApplyOptions {
+  /**
+   * An index layer's EROFS image is written after applyDiff returns
+   * (pending-images.ts): for callers whose every mount goes through get()
+   * (the graph driver). The snapshotter hands mount specs to containerd,
+   * which mounts them itself, so it leaves this off.
+   */
+  deferIndexImage?: boolean;
+}
+
 export interface LayerStore {
   /** Absolute root directory of the store. */
   readonly root: string;
@@ -91,7 +101,7 @@ export interface LayerStore {
   close?(): Promise<void>;
 
   /** Extracts a layer tar (plain, gzip or zstd) into a freshly created layer. Returns its size. */
-  applyDiff(id: string, parent: string, tar: Readable): Promise<number>;
+  applyDiff(id: string, parent: string, tar: Readable, opts?: ApplyOptions): Promise<number>;
   /** A tar stream of what the layer changes relative to parent (OCI whiteouts). */
   diff(id: string, parent: string): Promise<Readable>;
   /** What the layer changes relative to parent (docker diff). */

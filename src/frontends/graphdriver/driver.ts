@@ -154,7 +154,8 @@ export class GraphDriver {
   }
 
   async applyDiff(id: string, parent: string, tar: Readable): Promise<DriverResponse> {
-    return { Size: await (await this.#store()).applyDiff(id, parent, tar) };
+    // Every mount of the graph driver goes through Get: the index image may come after the reply.
+    return { Size: await (await this.#store()).applyDiff(id, parent, tar, { deferIndexImage: true }) };
   }
 
   async diffSize(req: DriverRequest): Promise<DriverResponse> {
