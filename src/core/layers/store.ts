@@ -118,11 +118,11 @@ class OverlayLayerStore implements LayerStore {
   private resume: ResumeQueue | undefined;
   private readonly indexFormOpt: 'auto' | 'image' | 'dir';
   private prefetcher: Prefetcher | undefined;
-  /** Files an index layer being applied lists for prefetch, until its record is written. */
   /** Index images being written after their ApplyDiff returned (pending-images.ts). */
   private readonly pendingImages: PendingImages;
   /** The warm-up of the index code while it runs (warm-up.ts). */
   private warmUp: AbortController | undefined;
+  /** Files an index layer being applied lists for prefetch, until its record is written. */
   private readonly pendingPrefetch = new Map<string, Array<{ digest: string; size: number }>>();
   /** Whether new index layers get an EROFS image; why not, when they do not. */
   private indexImages = false;

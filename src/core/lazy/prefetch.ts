@@ -36,7 +36,6 @@ export interface PrefetchDeps {
 interface Run {
   layer: string;
   todo: Array<{ digest: string; size: number; done?: boolean }>;
-  next: number;
   fetched: number;
   fetchedBytes: number;
   failed: number;
@@ -89,7 +88,7 @@ export class Prefetcher {
       room -= f.size;
       todo.push(f);
     }
-    const run: Run = { layer, todo, next: 0, fetched: 0, fetchedBytes: 0, failed: 0, cached, skipped, started: Date.now(), controller: new AbortController(), done: Promise.resolve() };
+    const run: Run = { layer, todo, fetched: 0, fetchedBytes: 0, failed: 0, cached, skipped, started: Date.now(), controller: new AbortController(), done: Promise.resolve() };
     this.runs.set(layer, run);
     const bytes = todo.reduce((n, f) => n + f.size, 0);
     this.log.info({ layer, files: todo.length, bytes, cached, skipped, window: this.window }, `prefetch: fetching ${todo.length} files (${formatSize(bytes)}) listed by index layer ${layer}`);
