@@ -82,9 +82,11 @@ async function* unzstd(src: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
 
 /**
  * Decompresses gzip or zstd when the first bytes say so; passes anything else
- * through unchanged (an uncompressed tar).
+ * through unchanged (an uncompressed tar). With `refuseCompressed` (the caller
+ * knows the bytes are the content itself) compressed bytes are refused with
+ * `refuseCompressed` as the error's text.
  */
-export async function* decompressed(src: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+export async function* decompressed(src: AsyncIterable<Buffer>, refuseCompressed?: string): AsyncGenerator<Buffer> {
   const it = src[Symbol.asyncIterator]();
   let head = Buffer.alloc(0);
   let done = false;
@@ -105,14 +107,17 @@ export async function* decompressed(src: AsyncIterable<Buffer>): AsyncGenerator<
       yield r.value;
     }
   }
-  if (head[0] === 0x1f && head[1] === 0x8b) {
+  const gzip = head[0] === 0x1f && head[1] === 0x8b;
+  const zstd = head.length >= 4 && head.readUInt32LE(0) === 0xfd2fb528;
+  if (refuseCompressed !== undefined && (gzip || zstd)) throw new SourceDigestError(`${refuseCompressed} (${gzip ? 'gzip' : 'zstd'})`);
+  if (gzip) {
     try {
       yield* gunzip(rest());
     } catch (err) {
       if (err instanceof GearError) throw err;
       throw new SourceDigestError(`gzip: ${err instanceof Error ? err.message : String(err)}`);
     }
-  } else if (head.length >= 4 && head.readUInt32LE(0) === 0xfd2fb528) {
+  } else if (zstd) {
     yield* unzstd(rest());
   } else {
     yield* rest();

@@ -4,7 +4,8 @@
  * digest is already stored somewhere the conversion can reuse, compresses it
  * with zstd (level 3) and keeps the frame when it saves at least 10%
  * (pack-plan.ts memberEncoding). The main thread only parses tar and copies
- * bodies into task buffers (transferred, not copied, to the worker).
+ * bodies into task buffers (transferred, not copied, to the worker, and the
+ * stored bytes transferred back).
  *
  * The pool is piscina (Node 20+). Piscina runs a worker *file*; this repository
  * runs from TypeScript sources under vitest and from dist/ otherwise, so the
@@ -36,7 +37,7 @@ export interface MemberResult {
 const WORKER_SOURCE = String.raw`
 import { createHash } from 'node:crypto';
 import { createRequire } from 'node:module';
-import { workerData } from 'piscina';
+import { move, transferableSymbol, valueSymbol, workerData } from 'piscina';
 const { addon, known, level, worthIt, compress } = workerData;
 const native = createRequire(addon)(addon);
 const knownSet = new Set(known);
@@ -73,7 +74,8 @@ export default function members(task) {
     out.set(b, at);
     at += b.length;
   }
-  return { results, out };
+  // Handed back, not copied: a conversion's stored bytes all come back this way.
+  return move({ [transferableSymbol]: [out.buffer], [valueSymbol]: { results, out } });
 }
 `;
 
