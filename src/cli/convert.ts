@@ -64,8 +64,6 @@ function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent
             lastUploadLine = now;
             process.stderr.write(`gear files: ${uploaded}/${total}\n`);
           }
-        } else if (e.kind === 'pack-plan') {
-          process.stderr.write(`writing ~${e.packs} new pack(s) (${mb(e.bytes)})\n`);
         } else if (e.kind === 'pack') {
           process.stderr.write(`pack ${e.digest.slice(7, 19)} ${mb(e.size)} ${e.status}\n`);
         } else if (e.kind === 'phase') process.stderr.write(`writing ${e.phase}\n`);
@@ -96,14 +94,15 @@ function progressReporter(tty: boolean, quiet: boolean): { on: (e: ProgressEvent
         layers.update(layers.getTotal());
         upload = multi.create(e.blobs, 0, { label: 'files  ', unit: 'blobs' });
         uploadUnit = 'blobs';
-      } else if (e.kind === 'pack-plan') {
-        layers.update(layers.getTotal());
-        upload = multi.create(Math.max(1, e.packs), 0, { label: 'packs  ', unit: 'packs' });
-        uploadUnit = 'packs';
       } else if (e.kind === 'pack') {
-        if (upload && upload.getProgress() >= 1) upload.setTotal(upload.getTotal() + 1);
+        // Packs are uploaded while the layers are read, as each fills: the count grows with them.
+        if (!upload) {
+          upload = multi.create(1, 0, { label: 'packs  ', unit: 'packs' });
+          uploadUnit = 'packs';
+        } else if (upload.getProgress() >= 1) upload.setTotal(upload.getTotal() + 1);
         upload?.increment();
       } else if (e.kind === 'blob' && uploadUnit === 'blobs') upload?.increment();
+      else if (e.kind === 'phase') layers.update(layers.getTotal()); // the layers are read: the index is next
     },
     stop: () => multi.stop(),
   };
@@ -203,7 +202,11 @@ export async function runConvert(src: string, dst: string, flags: ConvertFlags):
           : {}),
         progress: reporter.on,
       });
-      if (summary.v3) summary.v3.notices = notices;
+      if (summary.v3) {
+        // The conversion's own notices (packs left out of the index) after those of the reuse lookup.
+        if (!flags.json || process.stderr.isTTY) for (const n of summary.v3.notices) process.stderr.write(`gear convert: notice: ${n}\n`);
+        summary.v3.notices = [...notices, ...summary.v3.notices];
+      }
       return summary;
     } finally {
       await source.close();

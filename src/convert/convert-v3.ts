@@ -8,7 +8,8 @@ import { flattenLayers, Flattener } from './flatten.js';
 import { mapLimit } from './map-limit.js';
 import { MemberPool } from './member-pool.js';
 import { MemberStage, type StagedContent, type StagedMember } from './member-stage.js';
-import { adoptStagedPacks, stagedPackMembers, storePacks, type StagedPack } from './packs.js';
+import { EarlyPacker } from './early-packs.js';
+import { adoptStagedPacks, placePacks, stagedPackMembers, type StagedPack } from './packs.js';
 import { publishConversion } from './publish.js';
 import { bringPack, reusableMembers, type PackTransfer } from './reuse.js';
 import { claimScratch } from './scratch.js';
@@ -18,8 +19,9 @@ import { UploadTally } from './upload-tally.js';
 
 /**
  * Format version 3 (docs/format.md §10.3): flatten with hashing and zstd in
- * worker threads (MemberStage), lay the new members out into packs and upload
- * them a few in flight (packs.ts), reference contents stored in packs of the
+ * worker threads (MemberStage), cut the new members into packs as they come
+ * and upload each full pack at once, a few in flight (early-packs.ts,
+ * packs.ts), reference contents stored in packs of the
  * images given for reuse and bring those packs into the destination
  * (reuse.ts), then publish as every version does.
  */
@@ -29,6 +31,7 @@ export async function convertV3(src: SourceImage, dst: Destination, opts: Conver
   const key = /^sha256:[a-f0-9]{64}$/.test(src.sourceDigest) ? src.sourceDigest.slice(7) : undefined;
   const scratch = await claimScratch(opts.tmpDir ?? tmpdir(), 'gear-convert-', key);
   let pool: MemberPool | undefined;
+  let packer: EarlyPacker | undefined;
   try {
     const dir = scratch.dir;
     const staged: Map<string, StagedPack> = scratch.reused ? await adoptStagedPacks(dir) : new Map();
@@ -38,27 +41,12 @@ export async function convertV3(src: SourceImage, dst: Destination, opts: Conver
     for (const [hex, m] of stagedPackMembers(staged.values())) if (!known.has(hex)) known.set(hex, m);
     pool = await MemberPool.start({ dir, known: known.keys(), compress: opts.storage !== 'raw', ...(opts.threads ? { threads: opts.threads } : {}) });
     const stage = new MemberStage(dir, pool, known, old.contents);
-
-    // 1. flatten; bodies hashed and compressed by the workers as they stream out of the layers
-    const flat = new Flattener(stage);
-    await flattenLayers(flat, src.layers, progress);
-    await stage.finish();
-    await pool.close();
-    pool = undefined;
-    const { entries, manifest: m } = flat.result(dst.location);
-    const manifest = m;
-    manifest.version = 3;
-
     const tally = new UploadTally(progress);
     const account = tally.account;
 
-    // 2. packs: new ones written and uploaded; reused ones referenced, indexed after the new ones in first-use order
-    const oldIndex = new Map<string, number>();
-    const oldList: { image: number; ref: PackRef }[] = [];
-    const contents = stage.contents as Map<string, StagedContent>;
-    const newBytes = [...contents.values()].reduce((s, c) => s + c.members.reduce((t, x) => t + (x.src.kind === 'local' ? x.length : 0), 0), 0);
-    progress({ kind: 'pack-plan', packs: Math.ceil(newBytes / (32 * 1024 * 1024)), bytes: newBytes });
-    const stats = await storePacks(manifest, contents, {
+    // 1. flatten; bodies hashed and compressed by the workers as they stream out of the layers, and the new
+    // members cut into packs in that order, each pack uploaded as soon as it is full (early-packs.ts)
+    packer = new EarlyPacker(stage, {
       dir,
       dst,
       concurrency: opts.concurrency ?? 4,
@@ -67,21 +55,44 @@ export async function convertV3(src: SourceImage, dst: Destination, opts: Conver
         account(e.digest, e.size, e.status);
         progress(e);
       },
-      oldPacks: {
-        index: (image, pack) => {
-          const ref = reuse[image]!.manifest.packs![pack]!;
-          const k = ref.digest;
-          let i = oldIndex.get(k);
-          if (i === undefined) {
-            i = oldList.length;
-            oldIndex.set(k, i);
-            oldList.push({ image, ref });
-          }
-          return i;
-        },
-        list: () => oldList.map((o) => o.ref),
-      },
     });
+    const early = packer;
+    stage.onContent = (done) => early.add(done);
+    const flat = new Flattener(stage);
+    await flattenLayers(flat, src.layers, progress);
+    const written = await packer.finish();
+    await stage.finish();
+    await pool.close();
+    pool = undefined;
+    const { entries, manifest: m } = flat.result(dst.location);
+    const manifest = m;
+    manifest.version = 3;
+
+    // 2. the index's packs: the new ones; reused ones referenced, indexed after the new ones in first-use order
+    const oldIndex = new Map<string, number>();
+    const oldList: { image: number; ref: PackRef }[] = [];
+    const contents = stage.contents as Map<string, StagedContent>;
+    const { unlisted } = placePacks(manifest, contents, written, {
+      index: (image, pack) => {
+        const ref = reuse[image]!.manifest.packs![pack]!;
+        const k = ref.digest;
+        let i = oldIndex.get(k);
+        if (i === undefined) {
+          i = oldList.length;
+          oldIndex.set(k, i);
+          oldList.push({ image, ref });
+        }
+        return i;
+      },
+      list: () => oldList.map((o) => o.ref),
+    });
+    const stats = written.stats;
+    const notices: string[] = [];
+    if (unlisted.packs > 0) {
+      notices.push(
+        `${unlisted.packs} pack(s) (${(unlisted.bytes / 1e6).toFixed(1)} MB) uploaded while the layers were read hold only files a later layer removed or replaced; the index does not list them and a registry garbage collection reclaims them`,
+      );
+    }
     // A pack that is both new and old (the same bytes): listed once is what the format asks; it cannot
     // happen (a reused member is never written again), so only check.
     if (new Set(manifest.packs!.map((p) => p.digest)).size !== manifest.packs!.length) throw new Error('internal: a pack is listed twice');
@@ -121,8 +132,8 @@ export async function convertV3(src: SourceImage, dst: Destination, opts: Conver
       v3: {
         packs: manifest.packs!.length,
         packBytes: manifest.packs!.reduce((s, p) => s + p.size, 0),
-        newPacks: stats.packs,
-        newPackBytes: stats.packBytes,
+        newPacks: manifest.packs!.length - oldList.length,
+        newPackBytes: manifest.packs!.slice(0, manifest.packs!.length - oldList.length).reduce((t, p) => t + p.size, 0),
         packsUploaded: stats.packsUploaded,
         packBytesUploaded: stats.packBytesUploaded,
         packsResumed: stats.packsResumed,
@@ -135,10 +146,11 @@ export async function convertV3(src: SourceImage, dst: Destination, opts: Conver
         compressedMembers: stage.stats.members,
         memberBytesIn: stage.stats.bytesIn,
         memberBytesStored: stage.stats.bytesStored,
-        notices: [],
+        notices,
       },
     };
   } finally {
+    await packer?.settle(); // no pack still writing into the staging directory when it goes
     await pool?.close().catch(() => undefined);
     await scratch.release();
   }

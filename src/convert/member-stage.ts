@@ -13,8 +13,8 @@
  * (a pack of an image given for reuse, or a complete pack a killed run of the
  * same conversion left in the staging directory) are not compressed at all.
  * The stored bytes of the others are appended to a spool file in the staging
- * directory (never held in memory beyond the tasks in flight); packs.ts lays
- * them out into packs once the whole tree, and so the pack order, is known.
+ * directory (never held in memory beyond the tasks in flight); early-packs.ts
+ * cuts them into packs in the order the contents were given, as they come back.
  *
  * The staging directory is the conversion's scratch directory (scratch.ts),
  * keyed by the source digest: a kill -9 leaves it, and the rerun takes it
@@ -74,6 +74,8 @@ export class MemberStage {
   private readonly writes = new Set<Promise<unknown>>();
   private failed: unknown;
   readonly spoolFile: string;
+  /** Told of each content in the order it is given (addDeferred), with the promise of its digest (early-packs.ts). */
+  onContent?: (done: Promise<{ digest: string; size: number }>) => void;
   /** Members compressed (not known), and their bytes in and out. */
   readonly stats = { members: 0, bytesIn: 0, bytesStored: 0, knownMembers: 0 };
 
@@ -264,6 +266,7 @@ export class MemberStage {
         return { digest, size };
       });
       done.catch(() => undefined); // awaited by the flattener; never an unhandled rejection meanwhile
+      this.onContent?.(done);
       return { done };
     }
     // Chunked: chunks go to the workers as they fill; the content digest is hashed here.
@@ -303,6 +306,7 @@ export class MemberStage {
       return { digest, size };
     });
     done.catch(() => undefined);
+    this.onContent?.(done);
     return { done };
   }
 
@@ -310,6 +314,17 @@ export class MemberStage {
   async add(body: AsyncIterable<Buffer>, size?: number): Promise<{ digest: string; size: number }> {
     if (size === undefined) throw new Error('MemberStage.add needs the size from the tar header');
     return (await this.addDeferred(body, size)).done;
+  }
+
+  /**
+   * Writes what is gathered and waits for the spool writes issued so far: the
+   * spool then holds every member returned until now (early-packs.ts reads a
+   * full pack's members from it).
+   */
+  async flushed(): Promise<void> {
+    this.flush();
+    await Promise.all([...this.writes]);
+    if (this.failed) throw this.failed;
   }
 
   /** Waits for every spool write; the spool is then complete for packs.ts to read. */

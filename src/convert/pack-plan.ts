@@ -80,26 +80,49 @@ export function layoutOrder(files: readonly { path: string; digest: string }[], 
 }
 
 /**
+ * Cuts a sequence of contents into packs of at most `maxBytes` stored bytes
+ * (a member longer than that gets a pack of its own), one content at a time:
+ * a pack is handed to `onPack` as soon as it is full, so it can be written
+ * while later contents are still coming (early-packs.ts).
+ */
+export class PackCutter<M extends LayoutMember> {
+  private cur?: PlannedPack<M>;
+
+  constructor(
+    private readonly onPack: (pack: PlannedPack<M>) => void,
+    private readonly maxBytes = PACK_MAX_BYTES,
+  ) {}
+
+  /** The members of one content (one member, or its chunks in order). */
+  add(members: readonly M[]): void {
+    if (members.length === 0) return;
+    const total = members.reduce((s, m) => s + m.length, 0);
+    // A content that fits a pack but not the rest of this one starts the next pack (read in one range).
+    if (this.cur && this.cur.size > 0 && this.cur.size + total > this.maxBytes && total <= this.maxBytes) this.close();
+    for (const m of members) {
+      if (this.cur && this.cur.size > 0 && this.cur.size + m.length > this.maxBytes) this.close();
+      this.cur ??= { members: [], size: 0 };
+      this.cur.members.push({ member: m, offset: this.cur.size });
+      this.cur.size += m.length;
+    }
+  }
+
+  /** Hands over the last pack, if any member is in it. */
+  close(): void {
+    const p = this.cur;
+    this.cur = undefined;
+    if (p) this.onPack(p);
+  }
+}
+
+/**
  * Cuts the members of `contents` (in the given order) into packs of at most
  * `maxBytes` stored bytes (a member longer than that gets a pack of its own).
  */
 export function layoutPacks<M extends LayoutMember>(contents: readonly LayoutContent<M>[], maxBytes = PACK_MAX_BYTES): PlannedPack<M>[] {
   const packs: PlannedPack<M>[] = [];
-  let cur: PlannedPack<M> | undefined;
-  const place = (m: M) => {
-    if (!cur || (cur.size > 0 && cur.size + m.length > maxBytes)) {
-      cur = { members: [], size: 0 };
-      packs.push(cur);
-    }
-    cur.members.push({ member: m, offset: cur.size });
-    cur.size += m.length;
-  };
-  for (const c of contents) {
-    if (c.members.length === 0) continue;
-    const total = c.members.reduce((s, m) => s + m.length, 0);
-    // A content that fits a pack but not the rest of this one starts the next pack (read in one range).
-    if (cur && cur.size > 0 && cur.size + total > maxBytes && total <= maxBytes) cur = undefined;
-    for (const m of c.members) place(m);
-  }
+  const cutter = new PackCutter<M>((p) => packs.push(p), maxBytes);
+  for (const c of contents) cutter.add(c.members);
+  cutter.close();
   return packs;
 }

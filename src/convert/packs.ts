@@ -1,10 +1,10 @@
 /**
- * Format version 3 packs (docs/format.md §10.3): after flattening, the
- * members staged by MemberStage are laid out into packs (pack-plan.ts),
- * each pack written into the staging directory and uploaded, a few in flight;
- * members reused from other images keep their old ranges (their packs are
- * brought into the destination by reuse.ts). The index then names, per file,
- * its pack range or its chunks.
+ * Format version 3 packs (docs/format.md §10.3): each planned pack (the
+ * members MemberStage staged, cut by early-packs.ts in the order the layers
+ * bring them) is written into the staging directory and uploaded; members
+ * reused from other images keep their old ranges (their packs are brought
+ * into the destination by reuse.ts). placePacks then names, per file of the
+ * index, its pack range or its chunks.
  *
  * Crash safety: a pack is written to a temp name, its table of members
  * (`pack-<key>.json`, key = sha256 of the member list) renamed into place,
@@ -17,10 +17,9 @@
 import { createHash } from 'node:crypto';
 import { open, readdir, readFile, rename, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
-import { mapLimit } from './map-limit.js';
 import type { Destination } from './destination.js';
 import type { StagedContent, StagedMember } from './member-stage.js';
-import { layoutOrder, layoutPacks, PACK_MAX_BYTES, type PlannedPack } from './pack-plan.js';
+import { layoutOrder, type PlannedPack } from './pack-plan.js';
 import type { FileChunk, IndexManifest, PackMember, PackRef } from '../core/index/manifest.js';
 
 const HEX_RE = /^[a-f0-9]{64}$/;
@@ -132,96 +131,115 @@ async function assemble(plan: PlannedPack<StagedMember>, handles: Map<string, Pr
 }
 
 /**
- * Writes and uploads the packs of `plan`; returns their descriptors in plan
- * order. A pack the staging directory already holds complete is uploaded from
- * there (its digest checked again).
+ * Writes (stages) and uploads one planned pack; returns its descriptor. A pack
+ * the staging directory already holds complete is uploaded from there (its
+ * digest checked again). `handles` caches the staging files read (the caller
+ * closes them).
  */
-export async function writePacks(plan: PlannedPack<StagedMember>[], opts: WritePacksOptions): Promise<{ refs: PackRef[]; stats: PackStats }> {
-  const refs: PackRef[] = new Array(plan.length);
-  const stats: PackStats = { packs: plan.length, packBytes: 0, packsUploaded: 0, packBytesUploaded: 0, packsResumed: 0 };
-  const handles = new Map<string, Promise<FileHandle>>();
-  let seq = 0;
-  try {
-    await mapLimit(
-      plan.map((p, i) => ({ p, i })),
-      opts.concurrency,
-      async ({ p, i }) => {
-        const table = p.members.map(({ member: m, offset }) => ({ hex: m.hex, size: m.size, length: m.length, encoding: m.encoding, offset }));
-        const key = packKey(table);
-        const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
-        let buf: Buffer;
-        let digest: string;
-        const staged = opts.staged.get(key);
-        if (staged) {
-          buf = await readFile(staged.file);
-          digest = sha(buf);
-          if (digest !== staged.digest || buf.length !== p.size) throw new Error(`staged pack ${staged.file} changed on disk; remove ${opts.dir} and convert again`);
-          stats.packsResumed++;
-        } else {
-          buf = await assemble(p, handles);
-          digest = sha(buf);
-          const tmp = join(opts.dir, `pack-${key}.tmp-${process.pid}-${seq++}`);
-          await writeFile(tmp, buf, { mode: 0o600 });
-          const tableTmp = `${tmp}.json`;
-          await writeFile(tableTmp, JSON.stringify({ key, digest, size: buf.length, members: table }), { mode: 0o600 });
-          await rename(tableTmp, join(opts.dir, `pack-${key}.json`));
-          await rename(tmp, join(opts.dir, `pack-${key}`));
-          const file = join(opts.dir, `pack-${key}`);
-          // Later members of this run may name bytes in it (none do today); the spool stays the source.
-          opts.staged.set(key, { key, file, digest, size: buf.length, members: table });
-        }
-        const status = await opts.dst.pushBytes(digest, buf);
-        stats.packBytes += buf.length;
-        if (status === 'uploaded') {
-          stats.packsUploaded++;
-          stats.packBytesUploaded += buf.length;
-        }
-        opts.progress?.({ kind: 'pack', digest, size: buf.length, status });
-        refs[i] = { digest, size: buf.length };
-      },
-    );
-  } finally {
-    for (const h of handles.values()) await h.then((f) => f.close()).catch(() => undefined);
+export async function writePack(p: PlannedPack<StagedMember>, opts: WritePacksOptions, handles: Map<string, Promise<FileHandle>>, stats: PackStats): Promise<PackRef> {
+  const table = p.members.map(({ member: m, offset }) => ({ hex: m.hex, size: m.size, length: m.length, encoding: m.encoding, offset }));
+  const key = packKey(table);
+  const sha = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+  let buf: Buffer;
+  let digest: string;
+  let staging: Promise<void> | undefined;
+  const staged = opts.staged.get(key);
+  if (staged) {
+    buf = await readFile(staged.file);
+    digest = sha(buf);
+    if (digest !== staged.digest || buf.length !== p.size) throw new Error(`staged pack ${staged.file} changed on disk; remove ${opts.dir} and convert again`);
+    stats.packsResumed++;
+  } else {
+    buf = await assemble(p, handles);
+    digest = sha(buf);
+    const d = digest;
+    const b = buf;
+    // Staged (for a rerun after a kill) while it uploads: the upload does not wait for the disk.
+    staging = (async () => {
+      const tmp = join(opts.dir, `pack-${key}.tmp-${process.pid}-${tmpSeq++}`);
+      await writeFile(tmp, b, { mode: 0o600 });
+      const tableTmp = `${tmp}.json`;
+      await writeFile(tableTmp, JSON.stringify({ key, digest: d, size: b.length, members: table }), { mode: 0o600 });
+      await rename(tableTmp, join(opts.dir, `pack-${key}.json`));
+      await rename(tmp, join(opts.dir, `pack-${key}`));
+      // Later members of this run may name bytes in it (none do today); the spool stays the source.
+      opts.staged.set(key, { key, file: join(opts.dir, `pack-${key}`), digest: d, size: b.length, members: table });
+    })();
   }
-  return { refs, stats };
+  // Both settle before an error goes on: nothing of this pack is still writing when the caller cleans up.
+  const [pushed, stagedOk] = await Promise.allSettled([opts.dst.pushBytes(digest, buf), staging]);
+  if (pushed.status === 'rejected') throw pushed.reason;
+  if (stagedOk.status === 'rejected') throw stagedOk.reason;
+  const status = pushed.value;
+  stats.packs++;
+  stats.packBytes += buf.length;
+  if (status === 'uploaded') {
+    stats.packsUploaded++;
+    stats.packBytesUploaded += buf.length;
+  }
+  opts.progress?.({ kind: 'pack', digest, size: buf.length, status });
+  return { digest, size: buf.length };
 }
+let tmpSeq = 0;
+
+/** No pack written yet. */
+export const noPackStats = (): PackStats => ({ packs: 0, packBytes: 0, packsUploaded: 0, packBytesUploaded: 0, packsResumed: 0 });
 
 /** Where the reused (old) packs go in the new index: assigned by the caller, by (image, pack) of the source. */
 export type OldPackIndex = (image: number, pack: number) => number;
 
+/** The new packs of a conversion, as EarlyPacker wrote them: the plan and, per pack, its descriptor. */
+export interface WrittenPacks {
+  plan: PlannedPack<StagedMember>[];
+  refs: PackRef[];
+  stats: PackStats;
+}
+
 /**
- * Lays out the new members of `contents` in the order of `manifest` (the
- * prefetch list, then path order), writes and uploads the packs, and fills
- * every file of `manifest` with its member or chunks and `manifest.packs`.
- * `oldPack` assigns indexes (after the new packs) to the reused packs it is
- * asked about; `oldPacks()` then lists them in that order.
+ * Fills every file of `manifest` with its member or chunks and
+ * `manifest.packs`: the new packs `written` (in the order they were written;
+ * a pack no file of the tree uses is left out, see `unlisted`), then the
+ * reused ones. `oldPacks.index` assigns indexes (after the new packs) to the
+ * reused packs it is asked about, in layout order of first use (the prefetch
+ * list, then path order: deterministic); `oldPacks.list()` then lists them.
  */
-export async function storePacks(
+export function placePacks(
   manifest: IndexManifest,
   contents: ReadonlyMap<string, StagedContent>,
-  opts: WritePacksOptions & { oldPacks: { index: (image: number, pack: number) => number; list: () => PackRef[] } },
-): Promise<PackStats> {
+  written: WrittenPacks,
+  oldPacks: { index: (image: number, pack: number) => number; list: () => PackRef[] },
+): { unlisted: { packs: number; bytes: number } } {
+  const where = new Map<StagedMember, { pack: number; offset: number }>();
+  written.plan.forEach((p, i) => p.members.forEach(({ member, offset }) => where.set(member, { pack: i, offset })));
   const order = layoutOrder(manifest.files, manifest.prefetch);
-  const toLay = order.map((d) => {
+  // Packs that hold only files a later layer removed or replaced are not listed.
+  const used = new Set<number>();
+  for (const d of order) {
     const c = contents.get(d);
     if (!c) throw new Error(`internal: content ${d} was not staged`);
-    return { digest: d, members: c.members.filter((m) => m.src.kind === 'local') };
+    for (const m of c.members) {
+      if (m.src.kind !== 'local') continue;
+      const w = where.get(m);
+      if (!w) throw new Error(`internal: a member of ${d} is in no pack`);
+      used.add(w.pack);
+    }
+  }
+  const renumber = new Map<number, number>();
+  const refs: PackRef[] = [];
+  let unlistedBytes = 0;
+  written.refs.forEach((r, i) => {
+    if (used.has(i)) renumber.set(i, refs.push(r) - 1);
+    else unlistedBytes += r.size;
   });
-  const plan = layoutPacks(toLay, opts.maxPackBytes ?? PACK_MAX_BYTES);
-  // Where each new member went.
-  const where = new Map<StagedMember, { pack: number; offset: number }>();
-  plan.forEach((p, i) => p.members.forEach(({ member, offset }) => where.set(member, { pack: i, offset })));
-  const { refs, stats } = await writePacks(plan, opts);
   const newCount = refs.length;
   const place = (m: StagedMember): PackMember => {
     const enc = m.encoding;
     if (m.src.kind === 'local') {
       const w = where.get(m)!;
-      return { pack: w.pack, offset: w.offset, length: m.length, encoding: enc };
+      return { pack: renumber.get(w.pack)!, offset: w.offset, length: m.length, encoding: enc };
     }
-    return { pack: newCount + opts.oldPacks.index(m.src.image, m.src.pack), offset: m.src.offset, length: m.length, encoding: enc };
+    return { pack: newCount + oldPacks.index(m.src.image, m.src.pack), offset: m.src.offset, length: m.length, encoding: enc };
   };
-  // Old packs get their indexes in layout order of first use: deterministic.
   const layouts = new Map<string, Pick<IndexManifest['files'][number], 'member' | 'chunkSize' | 'chunks'>>();
   for (const d of order) {
     const c = contents.get(d)!;
@@ -229,6 +247,6 @@ export async function storePacks(
     else layouts.set(d, { chunkSize: c.chunkSize, chunks: c.members.map((m): FileChunk => ({ ...place(m), digest: `sha256:${m.hex}` })) });
   }
   for (const f of manifest.files) Object.assign(f, layouts.get(f.digest)!);
-  manifest.packs = [...refs, ...opts.oldPacks.list()];
-  return stats;
+  manifest.packs = [...refs, ...oldPacks.list()];
+  return { unlisted: { packs: written.refs.length - newCount, bytes: unlistedBytes } };
 }

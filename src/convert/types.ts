@@ -10,7 +10,6 @@ export type ProgressEvent =
   | { kind: 'layer-bytes'; bytes: number }
   | { kind: 'upload-plan'; blobs: number; bytes: number }
   | { kind: 'blob'; digest: string; size: number; status: 'exists' | 'uploaded' }
-  | { kind: 'pack-plan'; packs: number; bytes: number }
   | { kind: 'pack'; digest: string; size: number; status: 'exists' | 'uploaded' | 'present' | 'mounted' | 'copied' }
   | { kind: 'phase'; phase: string };
 

@@ -244,6 +244,33 @@ describe('gear convert, format version 3', () => {
     for (const f of fast.files) await readFile3('v3/small', fast, f);
   }, 300_000);
 
+  it('packs are uploaded while the layers are read; a pack whose files a later layer removed is left out of the index', async () => {
+    // Layer 1: 40 MB of incompressible files under gone/ (a 32 MiB pack of their own and the start of the next),
+    // then keep/; layer 2 removes gone/ (a whiteout) and adds a file.
+    const gone = Array.from({ length: 10 }, () => randomBytes(4_000_000 - 1)); // below the 4 MiB chunking bound
+    const keep = randomBytes(200_000);
+    const layer1: LayerEntry[] = [
+      { path: 'gone/', type: 'dir' },
+      ...gone.map((content, i) => ({ path: `gone/f${i}`, content })),
+      { path: 'keep/', type: 'dir' },
+      { path: 'keep/a', content: keep },
+    ];
+    const layer2: LayerEntry[] = [{ path: '.wh.gone', content: '' }, { path: 'new.txt', content: Buffer.from('new\n') }];
+    const src = join(work, 'removed');
+    await writeOciImage(src, [layer1, layer2], { tag: 'v1' });
+    const s = (await runConvert(`oci:${src}:v1`, `${reg.host}/v3/removed:v1`, flags)) as unknown as {
+      v3: { packsUploaded: number; newPacks: number; notices: string[] };
+    };
+    // Every pack was uploaded; the one holding only removed files is not listed, and the summary says so.
+    expect(s.v3.packsUploaded).toBe(s.v3.newPacks + 1);
+    expect(s.v3.notices.join('\n')).toMatch(/1 pack\(s\) \(3[0-9]\.[0-9] MB\) uploaded while the layers were read hold only files a later layer removed or replaced/);
+    const { index } = await pullIndex('v3/removed', 'v1');
+    expect(index.files.map((f) => f.path).sort()).toEqual(['keep/a', 'new.txt']);
+    expect(index.packs).toHaveLength(s.v3.newPacks);
+    expect((await readFile3('v3/removed', index, index.files.find((f) => f.path === 'keep/a')!)).equals(keep)).toBe(true);
+    expect((await readFile3('v3/removed', index, index.files.find((f) => f.path === 'new.txt')!)).toString()).toBe('new\n');
+  }, 300_000);
+
   it('a conversion killed with -9 while it uploads is completed by a rerun, which reuses its staged packs and leaves no staging folder', async () => {
     // Uploads through this proxy never finish: the run stages its packs, then hangs in the first PUT.
     const stuck = await startFaultProxy(reg.url, (req) => (req.method === 'PUT' && req.url?.includes('/blobs/uploads/') ? { kind: 'hang' } : undefined));
