@@ -88,10 +88,13 @@ export class MemberStage {
     private readonly knownContents: ReadonlyMap<string, StagedContent>,
   ) {
     this.spoolFile = join(dir, `spool-${process.pid}`);
-    this.maxTasks = Math.max(4, pool.threads * 8);
+    // Members, not worker tasks: small files travel BATCH_ITEMS to a task, so this lets every thread have a
+    // few full batches queued (8 members in flight kept python3's workers 60% idle); the bytes bound memory.
+    this.maxTasks = Math.max(4, pool.threads) * BATCH_ITEMS * 2;
   }
 
-  private readonly maxTasks: number;
+  /** Members handed to the workers and not back yet, at most (addDeferred waits beyond; also the bytes bound). */
+  readonly maxTasks: number;
 
   private spoolHandle(): Promise<FileHandle> {
     this.spool ??= open(this.spoolFile, 'w', 0o600);
@@ -161,9 +164,11 @@ export class MemberStage {
     for (const r of w) r();
   }
 
-  /** One member (its bytes in `parts`) through a worker, in a batch with others: known, or stored bytes spooled. */
+  /**
+   * One member (its bytes in `parts`) through a worker, in a batch with others: known, or stored bytes
+   * spooled. The caller admitted it first (admit), so that the reading waits, not a queue of bodies.
+   */
   private async member(parts: Uint8Array[], size: number): Promise<StagedMember | (MemberResult & { known: true })> {
-    await this.admit(size);
     const r = await this.batched(parts, size).finally(() => this.release(size));
     if (r.known) {
       this.stats.knownMembers++;
@@ -256,6 +261,7 @@ export class MemberStage {
         n += c.length;
       }
       if (n !== size) throw new Error(`a tar body ended after ${n} of its ${size} bytes`);
+      await this.admit(size);
       const done = this.member(parts, size).then((m) => {
         const digest = `sha256:${m.hex}`;
         if (!this.contents.has(digest)) {
@@ -286,6 +292,7 @@ export class MemberStage {
         fill += n;
         at += n;
         if (fill === buf.length) {
+          await this.admit(buf.length);
           const p = this.member([buf], buf.length);
           p.catch(() => undefined);
           chunks.push(p);

@@ -129,6 +129,32 @@ describe('member stage (worker threads, zstd)', () => {
     expect(Buffer.concat(parts).equals(big)).toBe(true);
   });
 
+  it('the reading waits for the workers: members handed over and not back stay within the bound', async () => {
+    const stage = new MemberStage(dir, pool, new Map(), new Map());
+    const files = Array.from({ length: 2000 }, () => randomBytes(1000));
+    expect(files.length).toBeGreaterThan(stage.maxTasks + 64);
+    let given = 0;
+    let back = 0;
+    let most = 0;
+    const done: Promise<{ digest: string }>[] = [];
+    for (const f of files) {
+      const d = (await stage.addDeferred(body(f), f.length)).done.then((r) => {
+        back++;
+        return r;
+      });
+      given++;
+      most = Math.max(most, given - back);
+      done.push(d);
+    }
+    const digests = await Promise.all(done);
+    await stage.finish();
+    expect(digests.map((d) => d.digest)).toEqual(files.map((f) => `sha256:${hex(f)}`));
+    // Without the wait, the in-memory bodies queue up: nearly all 2,000 at once. (A batch of 64
+    // comes back as one; its members count as back a few microtasks after they free their places.)
+    expect(most).toBeLessThanOrEqual(stage.maxTasks + 64);
+    expect(stage.contents.size).toBe(files.length);
+  });
+
   it('does not compress members it is told are stored already', async () => {
     const known = randomBytes(1000);
     const k = hex(known);
