@@ -5,7 +5,7 @@ const tick = () => new Promise((r) => setImmediate(r));
 
 describe('commit slots', () => {
   it('background commits take at most their share; a container miss takes the slot left and goes first', async () => {
-    const slots = new CommitSlots(4, 3, 1);
+    const slots = new CommitSlots(4, 3);
     const order: string[] = [];
     const held: Array<() => void> = [];
     const take = (name: string, urgent: boolean) =>
@@ -30,34 +30,5 @@ describe('commit slots', () => {
     await tick();
     expect(order.slice(5)).toEqual(['bg3']);
     expect(slots.inUse).toEqual({ all: 4, background: 3 });
-  });
-
-  it('a throttle (an ApplyDiff building the index) lets one background commit run at a time, then the queue drains faster, no burst', async () => {
-    const slots = new CommitSlots(4, 3, 1);
-    const end = slots.throttle();
-    const started: number[] = [];
-    const releases: Array<() => void> = [];
-    for (let i = 0; i < 5; i++) void slots.take(false).then((r) => (started.push(i), releases.push(r)));
-    await tick();
-    expect(started).toEqual([0]);
-    releases[0]!();
-    await tick();
-    expect(started).toEqual([0, 1]);
-    expect(slots.inUse.background).toBe(1);
-    end();
-    await tick();
-    expect(started).toEqual([0, 1, 2, 3]); // up to 3 background now, not all 5
-    expect(slots.inUse.background).toBe(3);
-  });
-
-  it('a throttle nobody ends ends by its deadline', async () => {
-    const slots = new CommitSlots(4, 3, 1);
-    slots.throttle(30);
-    const started: number[] = [];
-    for (let i = 0; i < 3; i++) void slots.take(false).then(() => started.push(i));
-    await tick();
-    expect(started).toEqual([0]);
-    await new Promise((r) => setTimeout(r, 60));
-    expect(started).toEqual([0, 1, 2]);
   });
 });

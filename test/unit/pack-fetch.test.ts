@@ -197,6 +197,36 @@ describe('format v3 fetch', () => {
     await pre.close();
   });
 
+  it('begin plans the prefetch after its caller has gone on (no request before the next turn); done waits for it; stop before it cancels it', async () => {
+    const cat = new BlobCatalog();
+    const tuples: GearBlobTuple[] = good.files.filter((f) => f.member).map((f) => [f.digest, f.size, { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, ...(f.member!.encoding === 'raw' ? { e: 'raw' as const } : {}) }]);
+    cat.add('layer1', loc(), tuples, good.packRefs);
+    const pre = new Prefetcher({ pool, fetcher, catalog: cat });
+    const list = smalls.map((c) => ({ digest: sha256(c), size: c.length }));
+    for (const f of list) expect(pool.has(f.digest)).toBe(false);
+    // A begin stopped before its turn fetches nothing.
+    const before = packGets();
+    pre.begin('layer1', list.slice(0, 1));
+    pre.stop('layer1');
+    await pre.done('layer1');
+    await new Promise((r) => setImmediate(r));
+    expect(packGets()).toBe(before);
+    expect(pool.has(list[0]!.digest)).toBe(false);
+    expect(pre.layerProgress('layer1')).toBeUndefined();
+    // Synchronously after begin (an ApplyDiff about to answer): no fetch queued yet, but a run to wait for.
+    pre.begin('layer1', list);
+    expect(list.filter((f) => fetcher.inFlight(f.digest))).toEqual([]);
+    expect(fetcher.stats().queued + fetcher.stats().running).toBe(0);
+    expect(pre.status()).toMatch(/1 prefetching/);
+    await new Promise((r) => setImmediate(r));
+    expect(list.some((f) => fetcher.inFlight(f.digest) || pool.has(f.digest))).toBe(true);
+    await pre.done('layer1');
+    for (const f of list) expect(pool.has(f.digest)).toBe(true);
+    expect(packGets() - before).toBeGreaterThan(0);
+    expect(pre.layerProgress('layer1')).toMatchObject({ fetched: list.length, failed: 0 });
+    await pre.close();
+  });
+
   it('the crash resume of v3 files queues them together too (coalesced requests)', async () => {
     const cat = new BlobCatalog();
     const tuples: GearBlobTuple[] = good.files.filter((f) => f.member).map((f) => [f.digest, f.size, { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, ...(f.member!.encoding === 'raw' ? { e: 'raw' as const } : {}) }]);

@@ -10,32 +10,25 @@
  * prefetch spent 4.8 ms per commit, 1.6 ms per member.
  *
  * A container's miss (urgent) takes any free slot and goes first; background
- * members (prefetch, read-ahead, resume) take at most `background` slots, or
- * `throttled` while some throttle is held: an ApplyDiff building the index of
- * a layer whose prefetch it started (its record and sync phases took 36-94 ms
- * against 9-18 without a profile; 10-26 ms throttled). The queue then drains
- * faster; no burst.
+ * members (prefetch, read-ahead, resume) take at most `background` slots.
+ * (A throttle that held background commits to 2 slots while an ApplyDiff
+ * built the index of a layer whose prefetch it had started is gone with that
+ * early start: the prefetch starts once the layer is recorded, store.ts.)
  *
  *   const release = await slots.take(urgent);   // … commit …  release();
- *   const end = slots.throttle();               // … ApplyDiff …  end();
  */
 export const COMMIT_SLOTS = 8;
 export const BACKGROUND_COMMIT_SLOTS = 6;
-export const THROTTLED_COMMIT_SLOTS = 2;
-/** A throttle nobody ended ends by itself after this long. */
-export const MAX_THROTTLE_MS = 10_000;
 
 export class CommitSlots {
   private running = 0;
   private runningBackground = 0;
-  private throttles = 0;
   private readonly urgentQueue: Array<() => void> = [];
   private readonly backgroundQueue: Array<() => void> = [];
 
   constructor(
     readonly total = COMMIT_SLOTS,
     readonly background = BACKGROUND_COMMIT_SLOTS,
-    readonly throttled = THROTTLED_COMMIT_SLOTS,
   ) {}
 
   /** Commits running now, and how many of them are background ones (tests, status). */
@@ -63,25 +56,8 @@ export class CommitSlots {
     });
   }
 
-  /** Background commits take at most `throttled` slots until the returned function is called (or MAX_THROTTLE_MS passed). */
-  throttle(maxMs = MAX_THROTTLE_MS): () => void {
-    this.throttles++;
-    let done = false;
-    const end = () => {
-      if (done) return;
-      done = true;
-      clearTimeout(timer);
-      this.throttles--;
-      this.pump();
-    };
-    const timer = setTimeout(end, maxMs);
-    timer.unref();
-    return end;
-  }
-
   private pump(): void {
     while (this.running < this.total && this.urgentQueue.length > 0) this.urgentQueue.shift()!();
-    const limit = this.throttles > 0 ? this.throttled : this.background;
-    while (this.running < this.total && this.runningBackground < limit && this.backgroundQueue.length > 0) this.backgroundQueue.shift()!();
+    while (this.running < this.total && this.runningBackground < this.background && this.backgroundQueue.length > 0) this.backgroundQueue.shift()!();
   }
 }

@@ -301,15 +301,6 @@ export class Fetcher {
   }
 
   /**
-   * Background pack members are committed one at a time until the returned
-   * function is called (commit-slots.ts): an ApplyDiff building an index while
-   * the prefetch it started downloads. Idempotent.
-   */
-  throttleBackground(maxMs?: number): () => void {
-    return this.commitSlots.throttle(maxMs);
-  }
-
-  /**
    * Format v3, a chunked file (req.chunks): a reader served chunk by chunk, each verified (chunked.ts);
    * starts (or joins) the background job that puts the whole file into the pool.
    */

@@ -219,7 +219,7 @@ export async function applyIndexLayer(
   bytes: AsyncIterable<Buffer>,
   target: IndexTarget,
   tarFile: string,
-  /** Called with the validated manifest before the rest of the tar is read (the store starts the prefetch). */
+  /** Called with the validated manifest before the rest of the tar is read (the store marks the phase). */
   onManifest?: (manifest: IndexManifest) => void,
 ): Promise<AppliedIndexLayer> {
   const fd = fsSync.openSync(tarFile, NEW_FILE, 0o600);

@@ -96,14 +96,32 @@ export class Prefetcher {
     return run.done;
   }
 
-  /** start() as background work (a pull's): a failure is logged, never thrown nor a rejection nobody handles. */
+  /**
+   * start() as background work (a pull's), planned on the next turn of the
+   * event loop: the ApplyDiff that calls it answers first (planning hundreds
+   * of fetches takes tens of ms of the main thread). done(layer) waits for it
+   * at once; stop(layer) before then cancels it. A failure is logged, never
+   * thrown nor a rejection nobody handles.
+   */
   begin(layer: string, files: ReadonlyArray<{ digest: string; size: number }>): void {
     const failed = (err: unknown) => this.log.warn({ layer, err: describeError(err) }, 'prefetch failed');
-    try {
-      this.start(layer, files).catch(failed);
-    } catch (err) {
-      failed(err);
-    }
+    this.stop(layer);
+    const planned: Run = { layer, todo: [], fetched: 0, fetchedBytes: 0, failed: 0, cached: 0, skipped: 0, started: Date.now(), controller: new AbortController(), done: Promise.resolve() };
+    planned.done = new Promise<void>((resolve) => {
+      setImmediate(() => {
+        if (planned.controller.signal.aborted || this.runs.get(layer) !== planned) return resolve();
+        try {
+          this.start(layer, files).then(resolve, (err: unknown) => {
+            failed(err);
+            resolve();
+          });
+        } catch (err) {
+          failed(err);
+          resolve();
+        }
+      });
+    });
+    this.runs.set(layer, planned);
   }
 
   private async run(run: Run): Promise<void> {
