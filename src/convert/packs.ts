@@ -130,6 +130,9 @@ async function assemble(plan: PlannedPack<StagedMember>, handles: Map<string, Pr
   return buf;
 }
 
+/** Numbers the temporary names of staged packs within this process. */
+let tmpSeq = 0;
+
 /**
  * Writes (stages) and uploads one planned pack; returns its descriptor. A pack
  * the staging directory already holds complete is uploaded from there (its
@@ -180,7 +183,6 @@ export async function writePack(p: PlannedPack<StagedMember>, opts: WritePacksOp
   opts.progress?.({ kind: 'pack', digest, size: buf.length, status });
   return { digest, size: buf.length };
 }
-let tmpSeq = 0;
 
 /** No pack written yet. */
 export const noPackStats = (): PackStats => ({ packs: 0, packBytes: 0, packsUploaded: 0, packBytesUploaded: 0, packsResumed: 0 });

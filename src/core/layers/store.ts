@@ -782,8 +782,8 @@ class OverlayLayerStore implements LayerStore {
     // Once the layer is recorded, and planned after ApplyDiff answers (Prefetcher.begin). It used to start as
     // soon as the manifest was read: its planning, responses and commits then shared the main thread with
     // the index build, which took 190-310 ms instead of 60-80 (python3), and the pull 0.46-0.65 s instead of
-    // 0.32-0.34 on 2 cores; started here, the pull is 0.39-0.41 s and the deploy shorter too (1.47 s against
-    // 1.75, medians of 3; bench profile 2026-12-07).
+    // 0.32-0.34 on 2 cores; started here, the pull is 0.40 s and the deploy shorter too (1.52 s against
+    // 1.75, medians of 3; bench profile 2026-12-07, docs/lazy.md).
     this.startPrefetch(id);
     phases.mark('synced');
     this.log?.debug({ layer: id, size, gearFiles: gear?.files, ms: phases.durations }, gear ? 'applied gear index layer' : 'applied layer');
