@@ -18,6 +18,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import type { PackRef } from '../core/index/manifest.js';
+import { Semaphore } from '../core/semaphore.js';
 import type { MemberStage, StagedMember } from './member-stage.js';
 import { PackCutter, PACK_MAX_BYTES, type PlannedPack } from './pack-plan.js';
 import { noPackStats, writePack, type PackStats, type WritePacksOptions, type WrittenPacks } from './packs.js';
@@ -30,8 +31,7 @@ export class EarlyPacker {
   private readonly writes: Promise<PackRef>[] = [];
   private readonly handles = new Map<string, Promise<FileHandle>>();
   private readonly stats: PackStats = noPackStats();
-  private running = 0;
-  private readonly waiting: (() => void)[] = [];
+  private readonly uploads: Semaphore;
   private failed: unknown;
 
   constructor(
@@ -39,6 +39,7 @@ export class EarlyPacker {
     private readonly opts: WritePacksOptions,
   ) {
     this.cutter = new PackCutter((p) => this.write(p), opts.maxPackBytes ?? PACK_MAX_BYTES);
+    this.uploads = new Semaphore(Math.max(1, opts.concurrency));
   }
 
   /** The next content of the layers (MemberStage.onContent): placed once it and every earlier one are back. */
@@ -65,14 +66,12 @@ export class EarlyPacker {
   private write(p: PlannedPack<StagedMember>): void {
     this.plan.push(p);
     const w = (async () => {
-      while (this.running >= this.opts.concurrency) await new Promise<void>((r) => this.waiting.push(r));
-      this.running++;
+      const release = await this.uploads.acquire();
       try {
         await this.stage.flushed();
         return await writePack(p, this.opts, this.handles, this.stats);
       } finally {
-        this.running--;
-        this.waiting.shift()?.();
+        release();
       }
     })();
     w.catch((err: unknown) => {

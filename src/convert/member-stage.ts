@@ -89,7 +89,7 @@ export class MemberStage {
   ) {
     this.spoolFile = join(dir, `spool-${process.pid}`);
     // Members, not worker tasks: small files travel BATCH_ITEMS to a task, so this lets every thread have a
-    // few full batches queued (8 members in flight kept python3's workers 60% idle); the bytes bound memory.
+    // few full batches queued (8 members per thread in flight kept python3's workers ~60% idle); the bytes bound memory.
     this.maxTasks = Math.max(4, pool.threads) * BATCH_ITEMS * 2;
   }
 
@@ -336,9 +336,9 @@ export class MemberStage {
 
   /** Waits for every spool write; the spool is then complete for packs.ts to read. */
   async finish(): Promise<void> {
-    this.flush();
-    while (this.writes.size) await Promise.all([...this.writes]);
-    if (this.failed) throw this.failed;
+    do {
+      await this.flushed();
+    } while (this.writes.size);
     if (this.spool) await (await this.spool).close();
     this.spool = undefined;
   }

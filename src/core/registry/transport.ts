@@ -17,6 +17,7 @@ import type { IncomingHttpHeaders } from 'node:http';
 import type { Readable } from 'node:stream';
 import { rootCertificates } from 'node:tls';
 import { GearError, deadlineExceeded, invalidArgument, unavailable } from '../errors.js';
+import { Semaphore } from '../semaphore.js';
 import {
   basicAuthorization,
   credentialsHint,
@@ -125,44 +126,6 @@ export async function readCapped(body: Readable, max: number, what: string): Pro
     chunks.push(chunk as Buffer);
   }
   return Buffer.concat(chunks);
-}
-
-class Semaphore {
-  private active = 0;
-  private readonly waiters: Array<() => void> = [];
-  constructor(private readonly max: number) {}
-
-  async acquire(signal?: AbortSignal): Promise<() => void> {
-    if (this.active >= this.max) {
-      await new Promise<void>((resolve, reject) => {
-        const wake = () => {
-          signal?.removeEventListener('abort', onAbort);
-          resolve();
-        };
-        const onAbort = () => {
-          const i = this.waiters.indexOf(wake);
-          if (i >= 0) this.waiters.splice(i, 1);
-          reject(signal!.reason);
-        };
-        if (signal?.aborted) {
-          reject(signal.reason);
-          return;
-        }
-        signal?.addEventListener('abort', onAbort, { once: true });
-        this.waiters.push(wake);
-      });
-    } else {
-      this.active++;
-    }
-    let released = false;
-    return () => {
-      if (released) return;
-      released = true;
-      const next = this.waiters.shift();
-      if (next) next();
-      else this.active--;
-    };
-  }
 }
 
 /** Abort reasons become DeadlineExceeded for timeouts, otherwise are passed on as they are. */
