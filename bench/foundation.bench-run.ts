@@ -31,7 +31,8 @@
  * GEAR_BENCH_COLD (auto|on|off), GEAR_BENCH_COLD_REPS (2: unshaped, 100mbit),
  * GEAR_BENCH_COLD_SLOW_REPS (1: 20mbit, rtt20ms), GEAR_BENCH_COLD_LINKS,
  * GEAR_BENCH_COLD_IMAGES and GEAR_BENCH_COLD_SYSTEMS (comma lists, default all;
- * see lib/cold-deploy.ts and bench/README.md),
+ * see lib/cold-deploy.ts and bench/README.md), GEAR_BENCH_RECORD_READ_AHEAD (0: the
+ * read-ahead of the daemon that records gear-opt's prefetch list),
  * GEAR_BENCH_REREAD_SYSTEMS / _REPS / _BIG_MIB (lib/reread.ts), GEAR_BENCH_SERIES_SYSTEMS /
  * _VERSIONS (lib/series.ts),
  * GEAR_BENCH_SECTIONS (lifecycle,read,cold-deploy,reread,series), GEAR_BENCH_PROFILE=1 (gear

@@ -10,7 +10,7 @@ import { addMirrorOptions, mirrorOptionsFrom, type MirrorFlags } from './registr
 import type { Command } from 'commander';
 import { describeError, invalidArgument } from '../core/errors.js';
 import { newRegistryClient } from '../convert/registry-adapter.js';
-import { pathsFromPool, readPathList, setPrefetch, type PrefetchSummary } from '../convert/prefetch.js';
+import { pathsFromPool, poolListNotices, readPathList, setPrefetch, type PrefetchSummary } from '../convert/prefetch.js';
 import { openDestination, openSource } from './convert.js';
 
 interface PrefetchFlags extends MirrorFlags {
@@ -32,16 +32,22 @@ export async function runPrefetch(image: string, dst: string | undefined, flags:
     const source = await openSource(image, { tmpDir: flags.tmpDir }, client);
     try {
       const dest = await openDestination(dst ?? image, {}, client);
-      return await setPrefetch(
+      const notices: string[] = [];
+      const summary = await setPrefetch(
         source,
         dest,
         async (manifest) => {
-          if (flags.fromPool !== undefined) return pathsFromPool(flags.fromPool, manifest);
+          if (flags.fromPool !== undefined) {
+            notices.push(...(await poolListNotices(flags.fromPool, manifest)));
+            return pathsFromPool(flags.fromPool, manifest);
+          }
           if (flags.list !== undefined) return readPathList(flags.list);
           return [];
         },
         flags.tmpDir ? { tmpDir: flags.tmpDir } : {},
       );
+      summary.notices.push(...notices);
+      return summary;
     } finally {
       await source.close();
     }
@@ -55,7 +61,7 @@ export function registerPrefetch(program: Command): void {
     .description("set a Gear image's prefetch list: the files nodes fetch in the background right after the pull")
     .argument('<image>', 'the Gear image: registry reference or oci:DIR[:TAG]')
     .argument('[dst]', 'where to write the result (default: over <image>)')
-    .option('--from-pool <dir>', "the files in this Gear pool (a node's <root>/pool), in the order it fetched them: run the image's task once on a node whose pool was empty (gear cache prune --all), then point here")
+    .option('--from-pool <dir>', "the files in this Gear pool (a node's <root>/pool), in the order it fetched them: run the image's task once on a node whose pool was empty (gear cache prune --all) and whose daemon runs with GEAR_READ_AHEAD=0 (else the pool also holds the neighbours read-ahead brought along), then point here")
     .option('--list <file>', 'the files named in this file, one path per line, in that order')
     .option('--clear', 'remove the list')
     .option('--insecure-registry <host>', 'registry reachable over plain http (repeatable)', (v: string, acc: string[]) => [...acc, v], [] as string[])
@@ -64,6 +70,7 @@ export function registerPrefetch(program: Command): void {
     .action(async (image: string, dst: string | undefined, flags: PrefetchFlags) => {
       try {
         const s = await runPrefetch(image, dst, flags);
+        if (!flags.json || process.stderr.isTTY) for (const n of s.notices) process.stderr.write(`gear prefetch: notice: ${n}\n`);
         if (flags.json) process.stdout.write(`${JSON.stringify(s)}\n`);
         else {
           process.stdout.write(

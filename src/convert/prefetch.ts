@@ -3,10 +3,12 @@
  * the files a node fetches in the background as soon as it has pulled the
  * index, instead of one at a time when a container opens them.
  *
- * The list is recorded from a real run: on a node whose pool started empty,
- * run the image's task once; the pool then holds exactly the files the task
- * opened, each written when it was first needed (`--from-pool`). Or it is
- * given as paths (`--list`).
+ * The list is recorded from a real run: on a node whose pool started empty
+ * and whose daemon runs without read-ahead (GEAR_READ_AHEAD=0), run the
+ * image's task once; the pool then holds exactly the files the task opened,
+ * each written when it was first needed (`--from-pool`). With read-ahead on,
+ * it also holds the pack neighbours fetched along, and a notice says so
+ * (core/lazy/read-ahead-note.ts). Or the list is given as paths (`--list`).
  *
  * Versions 1 and 2: only the index layer changes: the Gear files are already
  * in the repository, so this pushes a new index layer, config and manifest
@@ -18,6 +20,8 @@
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { invalidArgument } from '../core/errors.js';
+import { notedReadAhead } from '../core/lazy/read-ahead-note.js';
+import { formatSize } from '../core/pool/size.js';
 import { readIndexLayer } from '../core/index/index-layer.js';
 import type { IndexManifest } from '../core/index/manifest.js';
 import { publishGearImage, publishedSummary, withIndexLayer } from './publish.js';
@@ -41,6 +45,8 @@ export interface PrefetchSummary {
   files: number;
   /** Version 3: the new packs holding the listed files. */
   repacked?: RepackStats;
+  /** What the user should know about the list (e.g. a pool recorded with read-ahead on). */
+  notices: string[];
   seconds: number;
 }
 
@@ -80,6 +86,22 @@ export async function pathsFromPool(poolDir: string, manifest: IndexManifest): P
     }
   }
   return found.sort((a, b) => a.mtime - b.mtime || (a.path < b.path ? -1 : 1)).map((f) => f.path);
+}
+
+/**
+ * What the user should know about a list of `manifest`'s files taken from
+ * `poolDir`: the daemon that filled it ran with read-ahead on, so the pool
+ * also holds the pack neighbours fetched along with the files the task opened.
+ */
+export async function poolListNotices(poolDir: string, manifest: IndexManifest): Promise<string[]> {
+  // Read-ahead brings along pack members only (format v3).
+  if (!manifest.packs?.length) return [];
+  const readAhead = await notedReadAhead(poolDir);
+  if (!readAhead) return [];
+  return [
+    `${poolDir} was filled by a daemon with read-ahead on (${formatSize(readAhead)} windows): besides the files the task opened, it holds their pack neighbours fetched along, and so does the list (every node then prefetches them too). ` +
+      'For a list of the opened files only, empty the pool (gear cache prune --all), start the daemon with GEAR_READ_AHEAD=0, run the task once and run gear prefetch again.',
+  ];
 }
 
 /**
@@ -139,6 +161,7 @@ export async function setPrefetch(
     prefetchBytes: [...contents.values()].reduce((a, b) => a + b, 0),
     files: manifest.files.length,
     ...(repack ? { repacked: repack } : {}),
+    notices: [],
     seconds: Number(process.hrtime.bigint() - t0) / 1e9,
   };
 }

@@ -41,6 +41,8 @@ export interface DockerdOptions {
   dockerdArgs?: string[];
   /** Extra `gear daemon` arguments. */
   gearArgs?: string[];
+  /** Extra environment of the `gear daemon` (over this process's). */
+  gearEnv?: NodeJS.ProcessEnv;
   /** Bounded wait for each daemon to come up (default 60 s). */
   startTimeoutMs?: number;
   /** Print progress lines to stderr. */
@@ -183,7 +185,7 @@ export async function startDockerd(opts: DockerdOptions): Promise<Dockerd> {
     say(`starting gear: node ${args.join(' ')}`);
     // GEAR_TEST_NODE_ARGS: extra node flags for the daemon (e.g. --cpu-prof --cpu-prof-dir=/tmp/prof).
     const nodeArgs = (process.env.GEAR_TEST_NODE_ARGS ?? '').split(' ').filter(Boolean);
-    gear = spawnLogged(process.execPath, [...nodeArgs, ...args], logs.gear);
+    gear = spawnLogged(process.execPath, [...nodeArgs, ...args], logs.gear, opts.gearEnv ? { ...process.env, ...opts.gearEnv } : undefined);
     const g = gear;
     // Ends early when the daemon exits.
     let ready = false;

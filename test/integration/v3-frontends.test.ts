@@ -9,11 +9,14 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startGearContainerd, type GearContainerd } from '../helpers/containerd.js';
 import { GEAR_CLI, gearDaemonAvailable, startDockerd, type Dockerd } from '../helpers/dockerd.js';
 import { busyboxLayer, writeDockerArchive, type LayerEntry } from '../helpers/oci-images.js';
 import { runOk } from '../helpers/proc.js';
+import { readIndexLayer } from '../../src/core/index/index-layer.js';
+import type { IndexManifest } from '../../src/core/index/manifest.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 import { pushV3Image, type V3Image } from '../helpers/v3-image.js';
@@ -66,6 +69,19 @@ afterAll(async () => {
   if (work) rmSync(work, { recursive: true, force: true });
 });
 
+/** The index of a Gear image in the test registry. */
+async function registryIndex(repo: string, tag: string): Promise<IndexManifest> {
+  const get = async (p: string, accept?: string) => {
+    const res = await fetch(`${reg.url}/v2/${repo}/${p}`, accept ? { headers: { accept } } : {});
+    expect(res.status).toBe(200);
+    return Buffer.from(await res.arrayBuffer());
+  };
+  const m = JSON.parse((await get(`manifests/${tag}`, 'application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json')).toString('utf8')) as { layers: Array<{ digest: string }> };
+  let layer = await get(`blobs/${m.layers[0]!.digest}`);
+  if (layer[0] === 0x1f) layer = gunzipSync(layer);
+  return (await readIndexLayer((async function* () { yield layer; })())).manifest;
+}
+
 describe('format v3 on the Docker graph-driver plugin', () => {
   let d: Dockerd | undefined;
   beforeAll(async () => {
@@ -94,6 +110,34 @@ describe('format v3 on the Docker graph-driver plugin', () => {
     const ok = await d!.dockerOk(['run', '--rm', img.ref, 'sha256sum', '/data/s10']);
     expect(ok.stdout.slice(0, 64)).toBe(hex(small['data/s10']!));
   });
+
+  it('gear prefetch --from-pool lists what the task opened when recorded with GEAR_READ_AHEAD=0; recorded with read-ahead on, also the neighbours it brought, and says so', async () => {
+    const lists: Record<string, { paths: string[]; notices: string[] }> = {};
+    for (const [name, readAhead] of [['off', '0'], ['on', undefined]] as const) {
+      const rec = await startDockerd({ driver: 'gear', gearArgs: ['--fetch-timeout', '20s'], ...(readAhead !== undefined ? { gearEnv: { GEAR_READ_AHEAD: readAhead } } : {}) });
+      try {
+        const out = await rec.dockerOk(['run', '--rm', img.ref, 'cat', '/data/s10', '/data/s40']);
+        expect(out.stdout).toBe(small['data/s10']!.toString() + small['data/s40']!.toString());
+        const r = await runOk(process.execPath, [GEAR_CLI, 'prefetch', '--json', '--from-pool', join(rec.gearRoot!, 'pool'), img.ref, `${reg.host}/gear/v3:rec-${name}`], { timeoutMs: 120_000 });
+        const summary = JSON.parse(r.stdout) as { prefetch: number; notices: string[] };
+        const paths = (await registryIndex('gear/v3', `rec-${name}`)).prefetch ?? [];
+        expect(paths).toHaveLength(summary.prefetch);
+        lists[name] = { paths, notices: summary.notices };
+      } finally {
+        await rec.stop();
+      }
+    }
+    // Without read-ahead: the two files the task opened, in that order, and none of their neighbours.
+    const off = lists.off!;
+    expect(off.paths.filter((p) => p.startsWith('data/'))).toEqual(['data/s10', 'data/s40']);
+    expect(off.notices).toEqual([]);
+    // With it: the misses brought their pack neighbours along, and the list holds them too.
+    const on = lists.on!;
+    expect(on.paths).toContain('data/s11');
+    expect(on.paths.length).toBeGreaterThan(off.paths.length);
+    expect(on.notices).toHaveLength(1);
+    expect(on.notices[0]).toMatch(/read-ahead on .*GEAR_READ_AHEAD=0/);
+  }, 300_000);
 
   it('a v2 image with the same files reads them from the pool the v3 image filled', async () => {
     await d!.dockerOk(['pull', v2ref]);

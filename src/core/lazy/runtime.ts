@@ -19,6 +19,7 @@ import type { RouteCounters } from '../registry/mirrors.js';
 import type { MirrorOptions } from '../registry/types.js';
 import { BlobCatalog } from './catalog.js';
 import { LazyMissProvider } from './provider.js';
+import { noteReadAhead } from './read-ahead-note.js';
 import { callerResolver } from '../stats/callers.js';
 import { UsageTracker } from '../stats/usage.js';
 
@@ -151,6 +152,8 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     ...(streamMin !== undefined ? { streamMinBytes: parseSize(streamMin) } : {}),
     ...(readAhead !== undefined ? { readAheadBytes: parseSize(readAhead) } : {}),
   });
+  // For gear prefetch --from-pool: a pool filled with read-ahead on also holds files nobody opened.
+  await noteReadAhead(pool.dir, provider.readAhead.baseBytes).catch((err: unknown) => logger.warn({ err: describeError(err) }, 'could not note the read-ahead in the pool directory'));
   let miss: MissFsMount | undefined;
   let missError: string | undefined;
   if (opts.mountMissFs ?? true) {
