@@ -43,6 +43,14 @@ describe('BlobCatalog with format v3 records', () => {
     expect(reqs.map((r) => (r.member ? 'pack' : 'blob'))).toEqual(['pack', 'blob']);
     c.remove('v3');
     expect(c.requests(d(7)).map((r) => (r.member ? 'pack' : 'blob'))).toEqual(['blob']);
+    // The other way round: the first owner goes, the second stays (and its pack neighbours with it).
+    c.add('v3', loc, [[d(7), 70, { p: 0, o: 0, l: 60 }], [d(8), 80, { p: 0, o: 60, l: 40 }]], packs);
+    c.remove('v2');
+    expect(c.requests(d(7)).map((r) => (r.member ? 'pack' : 'blob'))).toEqual(['pack']);
+    expect(c.neighbours(c.requests(d(7))[0]!, 1000, () => true).map((r) => r.digest)).toEqual([d(8)]);
+    c.remove('v3');
+    expect(c.files).toBe(0);
+    expect(c.has(d(7))).toBe(false);
   });
 
   it('a tuple naming a pack the record does not have is not taken as a member', () => {
