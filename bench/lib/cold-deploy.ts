@@ -239,6 +239,8 @@ interface Node {
   pull(ref: string): Promise<void>;
   run(ref: string, task: string[]): Promise<void>;
   dockerd?: Dockerd;
+  /** The gear snapshotter's and containerd's logs (gear-ctr nodes), kept under GEAR_BENCH_PROFILE=1. */
+  ctrLogs?: { gear: string; containerd: string };
   stop(): Promise<void>;
 }
 
@@ -383,9 +385,10 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
 
     const node = async (s: System): Promise<Node> => {
       if (isGearCtr(s)) {
-        const c: GearContainerd = await startGearContainerd({ namespace: 'bench', gearLogLevel: 'info', gearArgs: ['--insecure-registry', reg] });
+        const c: GearContainerd = await startGearContainerd({ namespace: 'bench', gearLogLevel: cfg.profile ? 'debug' : 'info', gearArgs: ['--insecure-registry', reg] });
         let id = 0;
         const w: Node = {
+          ctrLogs: c.logs,
           pull: async (ref) => void (await c.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', ref], 900_000)),
           run: async (ref, task) =>
             void (await withLoopbackNetns((ns) => c.ctrOk(['run', '--snapshotter', 'gear', '--rm', '--with-ns', `network:${ns}`, ref, `task${++id}`, ...task], 900_000))),
@@ -530,6 +533,11 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
                 // The app's next version on the same node: gear's pool (stargz's cache) holds what v1 fetched.
                 const b = `${l.key} ${next.key} after ${img.key}`;
                 line.push(`then ${await deploy(n, d, l, next, b, b, `${next.key} after ${img.key}`)}`);
+              }
+              if (cfg.profile && n.ctrLogs) {
+                mkdirSync(PROFILE_LOG_DIR, { recursive: true });
+                for (const [what, file] of Object.entries(n.ctrLogs)) copyFileSync(file, join(PROFILE_LOG_DIR, `${l.key}-${img.key}-${d}-rep${rep + 1}.${what}.log`));
+                log(`profile: snapshotter and containerd logs kept in ${PROFILE_LOG_DIR}`);
               }
               if (isGear(d) && n.dockerd) {
                 const g = n.dockerd;
