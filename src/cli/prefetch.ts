@@ -38,7 +38,7 @@ export async function runPrefetch(image: string, dst: string | undefined, flags:
         dest,
         async (manifest) => {
           if (flags.fromPool !== undefined) {
-            notices.push(...(await poolListNotices(flags.fromPool, manifest)));
+            for (const n of await poolListNotices(flags.fromPool, manifest)) notices.push(n);
             return pathsFromPool(flags.fromPool, manifest);
           }
           if (flags.list !== undefined) return readPathList(flags.list);
@@ -46,8 +46,7 @@ export async function runPrefetch(image: string, dst: string | undefined, flags:
         },
         flags.tmpDir ? { tmpDir: flags.tmpDir } : {},
       );
-      summary.notices.push(...notices);
-      return summary;
+      return { ...summary, notices: [...summary.notices, ...notices] };
     } finally {
       await source.close();
     }
