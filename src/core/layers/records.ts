@@ -3,7 +3,11 @@
  * out: layer ids it accepts and the short link names under ROOT/l/.
  */
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import type { Logger } from 'pino';
 import { invalidArgument } from '../errors.js';
+import { pathExists } from '../sys/fsutil.js';
 import type { GearLayerInfo, LayerRecord } from './types.js';
 
 /** overlay2's limit: 128 layers in one mount, so the option string stays within a page. */
@@ -53,4 +57,37 @@ export function parseRecord(text: string, id: string): LayerRecord {
     rec.gear = g as GearLayerInfo;
   }
   return rec;
+}
+
+/** What a layer's l/ link points to: index/ for an index layer, else diff/. */
+export function linkTarget(r: LayerRecord): string {
+  return `../layers/${r.id}/${r.gear ? 'index' : 'diff'}`;
+}
+
+/** Points r's short link at linkTarget(r), atomically (a temporary link renamed over it). */
+export async function pointLink(linksDir: string, r: LayerRecord): Promise<void> {
+  const tmp = path.join(linksDir, `.${r.link}.tmp`);
+  await fs.rm(tmp, { force: true });
+  await fs.symlink(linkTarget(r), tmp);
+  await fs.rename(tmp, path.join(linksDir, r.link));
+}
+
+/** At open: drops links that point nowhere or elsewhere, recreates missing ones. */
+export async function repairLinks(linksDir: string, records: ReadonlyMap<string, LayerRecord>, log: Logger | undefined): Promise<void> {
+  const wanted = new Map<string, string>();
+  for (const r of records.values()) wanted.set(r.link, r.id);
+  for (const name of await fs.readdir(linksDir)) {
+    const owner = wanted.get(name);
+    const target = await fs.readlink(path.join(linksDir, name)).catch(() => '');
+    if (!owner || target !== linkTarget(records.get(owner)!)) {
+      await fs.rm(path.join(linksDir, name), { force: true });
+      log?.info({ link: name }, 'removed stale layer link');
+    }
+  }
+  for (const r of records.values()) {
+    if (!(await pathExists(path.join(linksDir, r.link)))) {
+      await fs.symlink(linkTarget(r), path.join(linksDir, r.link));
+      log?.info({ layer: r.id, link: r.link }, 'recreated missing layer link');
+    }
+  }
 }

@@ -43,7 +43,7 @@ import { emptyDir, pathExists, syncDir, writeFileAtomic } from '../sys/fsutil.js
 import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { LayerActivity } from './layer-activity.js';
 import { peekHead } from './peek-head.js';
-import { isValidLayerId, MAX_LAYER_DEPTH, newLink, parseRecord, validateLayerId } from './records.js';
+import { isValidLayerId, MAX_LAYER_DEPTH, newLink, parseRecord, pointLink, repairLinks, validateLayerId } from './records.js';
 import type { MetricsServer } from '../metrics/server.js';
 import { StoreStats } from './store-stats.js';
 import { hasIndexFormSignature, indexFormFromEnv, prefetchFilesOf } from './index-form.js';
@@ -166,10 +166,6 @@ class OverlayLayerStore implements LayerStore {
   private indexImage(id: string): string {
     return path.join(this.layersDir, id, INDEX_IMAGE);
   }
-  /** What a layer's l/ link points to: index/ for an index layer, else diff/. */
-  private linkTarget(r: LayerRecord): string {
-    return `../layers/${r.id}/${r.gear ? 'index' : 'diff'}`;
-  }
 
   private record(id: string): LayerRecord {
     validateLayerId(id);
@@ -212,24 +208,7 @@ class OverlayLayerStore implements LayerStore {
       this.records.set(id, rec);
     }
 
-    // Links: recreate missing ones, drop those pointing nowhere.
-    const wanted = new Map<string, string>();
-    for (const r of this.records.values()) wanted.set(r.link, r.id);
-    for (const name of await fs.readdir(this.linksDir)) {
-      const owner = wanted.get(name);
-      const target = await fs.readlink(path.join(this.linksDir, name)).catch(() => '');
-      if (!owner || target !== this.linkTarget(this.records.get(owner)!)) {
-        await fs.rm(path.join(this.linksDir, name), { force: true });
-        this.log?.info({ link: name }, 'removed stale layer link');
-      }
-    }
-    for (const r of this.records.values()) {
-      const link = path.join(this.linksDir, r.link);
-      if (!(await pathExists(link))) {
-        await fs.symlink(this.linkTarget(r), link);
-        this.log?.info({ layer: r.id, link: r.link }, 'recreated missing layer link');
-      }
-    }
+    await repairLinks(this.linksDir, this.records, this.log);
     for (const r of this.records.values()) {
       if (r.parent && !this.records.has(r.parent)) {
         this.log?.warn({ layer: r.id, parent: r.parent }, 'layer parent is missing; mounting it will fail');
@@ -757,19 +736,8 @@ class OverlayLayerStore implements LayerStore {
     const updated: LayerRecord = { ...rec, size };
     if (gear) {
       updated.gear = gear;
-      // Layers above see index/: repoint the short link (atomically).
-      const tmpLink = path.join(this.linksDir, `.${rec.link}.tmp`);
-      await fs.rm(tmpLink, { force: true });
-      await fs.symlink(this.linkTarget(updated), tmpLink);
-      await fs.rename(tmpLink, path.join(this.linksDir, rec.link));
-      if (this.lazy) {
-        this.lazy.catalog.add(id, gear.location, gear.blobs, gear.packs);
-        // In effect at once; written in the background (~60 ms for 6,000 files, fsync included): the
-        // layer record is the truth, and open() rewrites the references of a record that has none.
-        this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0])).catch((err: unknown) => {
-          this.log?.warn({ layer: id, err: describeError(err) }, 'could not record the pool references of an index layer; the next start does');
-        });
-      }
+      await pointLink(this.linksDir, updated); // layers above see index/
+      this.registerGearFiles(id, gear);
       phases.mark('referenced');
     }
     await writeFileAtomic(path.join(this.layerDir(id), 'layer.json'), JSON.stringify(updated));
@@ -788,6 +756,22 @@ class OverlayLayerStore implements LayerStore {
     phases.mark('synced');
     this.log?.debug({ layer: id, size, gearFiles: gear?.files, ms: phases.durations }, gear ? 'applied gear index layer' : 'applied layer');
     return size;
+  }
+
+  /**
+   * The Gear files of a new index layer: known to the catalog, and referenced
+   * in the pool at once (in memory); the references file is written in the
+   * background (~60 ms for 6,000 files, fsync included, which was on a
+   * containerd Commit's path): the layer record is the truth, open() rewrites
+   * the references of a record that has none, and a later dropReferences of
+   * this layer is written after it (one queue per owner).
+   */
+  private registerGearFiles(id: string, gear: GearLayerInfo): void {
+    if (!this.lazy) return;
+    this.lazy.catalog.add(id, gear.location, gear.blobs, gear.packs);
+    this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0])).catch((err: unknown) => {
+      this.log?.warn({ layer: id, err: describeError(err) }, 'could not record the pool references of an index layer; the next start does');
+    });
   }
 
   /**
@@ -948,6 +932,7 @@ class OverlayLayerStore implements LayerStore {
       if (rec.gear) return rec.gear;
       const diff = this.diffDir(id);
       if (!(await hasIndexFormSignature(diff))) return undefined;
+      this.warmUp?.abort();
       if (rec.parent) {
         throw invalidArgument(
           `layer ${id}: holds a Gear index (.gear/index.json) but has a parent layer; a Gear index must be an image's only layer (convert the whole image with gear convert)`,
@@ -964,12 +949,16 @@ class OverlayLayerStore implements LayerStore {
       const image = this.indexImage(id);
       await fs.rm(image, { force: true });
       let gear: GearLayerInfo;
+      const phases = new Phases();
       try {
         if (this.indexImages) {
           // One image file instead of a second inode per entry (containerd's unpacker made the first).
           const manifest = await readIndexManifest(diff);
+          phases.mark('manifest');
           const { root, result } = manifest.tree ? indexTreeFromEntries(manifest, manifest.tree) : indexTreeFromDir(diff, manifest);
+          phases.mark('built');
           writeIndexImage(image, root);
+          phases.mark('image');
           gear = { ...this.gearInfo(id, manifest, result), form: 'image' };
           mountIndexImage(image, this.indexDir(id));
           this.indexMounted.add(id);
@@ -989,12 +978,11 @@ class OverlayLayerStore implements LayerStore {
       }
       const updated: LayerRecord = { ...rec, gear };
       try {
-        if (this.lazy) {
-          this.lazy.catalog.add(id, gear.location, gear.blobs, gear.packs);
-          await this.lazy.pool.setReferenced(id, gear.blobs.map((b) => b[0]));
-        }
+        this.registerGearFiles(id, gear);
+        phases.mark('referenced');
         await writeFileAtomic(path.join(dir, 'layer.json'), JSON.stringify(updated));
         await syncDir(dir);
+        phases.mark('recorded');
       } catch (err) {
         if (this.lazy) {
           this.lazy.catalog.remove(id);
@@ -1008,12 +996,10 @@ class OverlayLayerStore implements LayerStore {
       }
       this.records.set(id, updated);
       this.startPrefetch(id);
-      // Layers above see index/: repoint the short link (atomically; open() repairs it after a crash).
-      const tmpLink = path.join(this.linksDir, `.${rec.link}.tmp`);
-      await fs.rm(tmpLink, { force: true });
-      await fs.symlink(this.linkTarget(updated), tmpLink);
-      await fs.rename(tmpLink, path.join(this.linksDir, rec.link));
+      await pointLink(this.linksDir, updated); // layers above see index/ (open() repairs it after a crash)
       await syncDir(this.linksDir);
+      phases.mark('synced');
+      this.log?.debug({ layer: id, gearFiles: gear.files, ms: phases.durations }, 'adopted gear index layer');
       return gear;
     });
   }
