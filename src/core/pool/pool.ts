@@ -35,10 +35,10 @@
  * latest of: its commit, `touch()`/`open()`/`pin()` calls (the lazy path makes
  * these when the miss filesystem serves a file), and its atime as sampled at
  * startup and every `atimeSampleMs` (default 15 min) when that atime is later
- * than the file's mtime (a read after the write). On a `relatime` mount the
- * kernel updates atime at most once a day after the last write or read, so
- * direct reads count with a granularity of about a day; on `noatime` they do
- * not count at all. The pool's own reads (verification) use O_NOATIME.
+ * than the file's mtime (a read after the write). overlayfs opens lower files
+ * O_NOATIME (root owns them): its reads from the pool never move atime (6.18:
+ * a cat through an overlay left the lower atime alone), only other readers'
+ * do. The pool's own reads (verification) use O_NOATIME too.
  *
  * Persistence: the snapshot is rewritten atomically (temp, fsync, rename) a
  * short while after a change and on close; references are written at once.
