@@ -49,6 +49,8 @@ export interface ChunkedDeps {
 interface Slot {
   p: Promise<Buffer>;
   bytes: number;
+  /** Its bytes came (or its fetch failed); until then trim() keeps it. */
+  settled: boolean;
 }
 
 /** The verified chunks of one file, fetched on demand. */
@@ -56,6 +58,8 @@ class ChunkSource {
   private readonly cache = new Map<number, Slot>();
   private cached = 0;
   users = 0;
+  /** The next chunk the assembly writes while one runs (the ones below are written). */
+  assembling: number | undefined;
 
   constructor(
     private readonly deps: ChunkedDeps,
@@ -94,6 +98,7 @@ class ChunkSource {
     if (want.length) this.fetch(want);
     const out: Promise<Buffer>[] = [];
     for (let i = first; i <= last; i++) out.push(this.cache.get(i)!.p);
+    this.trim(); // after taking what this read needs
     return out;
   }
 
@@ -107,18 +112,24 @@ class ChunkSource {
         resolve = res;
         reject = rej;
       });
-      p.catch(() => {
-        // A failed chunk is not kept: the next read asks again (and fails again if the bytes are bad).
-        if (this.cache.get(i)?.p === p) {
-          this.cache.delete(i);
-          this.cached -= list[i]!.bytes;
-        }
-      });
-      this.cache.set(i, { p, bytes: list[i]!.bytes });
+      const slot: Slot = { p, bytes: list[i]!.bytes, settled: false };
+      p.then(
+        () => {
+          slot.settled = true;
+        },
+        () => {
+          slot.settled = true;
+          // A failed chunk is not kept: the next read asks again (and fails again if the bytes are bad).
+          if (this.cache.get(i) === slot) {
+            this.cache.delete(i);
+            this.cached -= list[i]!.bytes;
+          }
+        },
+      );
+      this.cache.set(i, slot);
       this.cached += list[i]!.bytes;
       waiting.set(i, { resolve, reject });
     }
-    this.trim();
     // Chunks of one pack in coalesced requests (a big file's chunks are normally contiguous in one pack).
     const byPack = new Map<string, Array<ChunkRef & { index: number }>>();
     for (const i of indices) {
@@ -134,9 +145,24 @@ class ChunkSource {
     }
   }
 
+  /**
+   * Drops chunks beyond the bound, never one still being fetched (someone
+   * asked for it: dropping it meant fetching it again). While the file is
+   * assembled, the chunks it wrote go first, then those it needs last (a
+   * reader's chunks far ahead are what it needs later; least recently used
+   * first dropped them, and the assembly fetched them again); else the
+   * least recently used. Seen in the bench: nodejs's gear-opt cold start
+   * received 43.7 MB at 100 Mbit/s against 34.5 unshaped (20261207-182506).
+   */
   private trim(): void {
     const limit = Math.max(CACHE_BYTES, 2 * this.req.chunks!.chunkSize);
-    for (const [k, s] of this.cache) {
+    if (this.cached <= limit) return;
+    const at = this.assembling;
+    const order = [...this.cache].filter(([, s]) => s.settled);
+    // Stable: within a rank, least recently used first.
+    const rank = (i: number) => (i < at! ? -Number.MAX_SAFE_INTEGER : -i);
+    if (at !== undefined) order.sort(([a], [b]) => rank(a) - rank(b));
+    for (const [k, s] of order) {
       if (this.cached <= limit) break;
       this.cache.delete(k); // awaiting readers still get it
       this.cached -= s.bytes;
@@ -279,11 +305,13 @@ export class ChunkedFiles {
     try {
       for (let i = 0; i < src.count; i++) {
         if (signal.aborted) throw signal.reason;
+        src.assembling = i;
         const data = await raceAbort(src.get(i, this.deps.bounds.maxRequest), signal);
         await writer.write(data);
         onProgress(writer.size);
       }
     } finally {
+      src.assembling = undefined;
       this.release(src);
     }
   }
