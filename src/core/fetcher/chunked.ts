@@ -151,8 +151,9 @@ class ChunkSource {
    * assembled, the chunks it wrote go first, then those it needs last (a
    * reader's chunks far ahead are what it needs later; least recently used
    * first dropped them, and the assembly fetched them again); else the
-   * least recently used. Seen in the bench: nodejs's gear-opt cold start
-   * received 43.7 MB at 100 Mbit/s against 34.5 unshaped (20261207-182506).
+   * least recently used. Found looking into nodejs's gear-opt cold start,
+   * 43.7 MB received at 100 Mbit/s against 34.5 unshaped (bench
+   * 20261207-182506); with this, 37.2 and 39.0 MB (20261207-195822).
    */
   private trim(): void {
     const limit = Math.max(CACHE_BYTES, 2 * this.req.chunks!.chunkSize);

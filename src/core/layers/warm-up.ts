@@ -30,7 +30,7 @@ export const WARM_UP_FILES = 2000;
  * Times it runs through. One round left the first apply of python3's index
  * (bench/micro/apply-index.mjs code, 3 runs each) at 233-242 ms, three at
  * 179-192 (warm: 105-145), for ~210 ms more of background work at start;
- * six rounds of 1,000 files or two of 4,000 did no better.
+ * one round of 6,000 files or two of 4,000 did no better.
  */
 export const WARM_UP_ROUNDS = 3;
 
