@@ -1,6 +1,7 @@
 // How long does ApplyDiff's index build take for one index layer (readIndexLayer, tree, EROFS image or dir)?
 // Usage: node bench/micro/apply-index.mjs INDEX.tar DIR [REPS] [image|dir]   (DIR: scratch, removed after)
-//        WARM=1 node bench/micro/apply-index.mjs …   (the daemon's warm-up first; WARM=N: N files)
+//        WARM=1 node bench/micro/apply-index.mjs …   (the daemon's warm-up first; WARM=N: N files; WARM_ROUNDS=R: R rounds, default the daemon's;
+//        WARM_PAUSE_MS=300: idle after it, as a daemon is before its first pull: V8 finishes its optimized code meanwhile)
 //        node --cpu-prof --cpu-prof-dir=/tmp/prof bench/micro/apply-index.mjs …   (where the time goes)
 import { createReadStream, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -11,7 +12,9 @@ if (!tar || !dir) throw new Error('usage: node bench/micro/apply-index.mjs INDEX
 const samples = [];
 if (process.env.WARM) {
   const files = Number(process.env.WARM) > 1 ? Number(process.env.WARM) : undefined;
-  console.log(`warm-up (${files ?? 'default'} files): ${(await warmUpIndexCode(undefined, files)).toFixed(0)} ms`);
+  const rounds = process.env.WARM_ROUNDS ? Number(process.env.WARM_ROUNDS) : undefined;
+  console.log(`warm-up (${files ?? 'default'} files, ${rounds ?? 'default'} rounds): ${(await warmUpIndexCode(undefined, files, rounds)).toFixed(0)} ms`);
+  await new Promise((r) => setTimeout(r, Number(process.env.WARM_PAUSE_MS ?? 0)));
 }
 for (let i = 0; i < Number(reps); i++) {
   rmSync(dir, { recursive: true, force: true });

@@ -27,10 +27,13 @@ import type { Logger } from '../log.js';
 /** Files of the synthetic index: enough for V8 to optimize the per-entry functions (measured: 2,000 does). */
 export const WARM_UP_FILES = 2000;
 /**
- * Times it runs through. One round left the first apply of python3's index
- * (bench/micro/apply-index.mjs code, 3 runs each) at 233-242 ms, three at
- * 179-192 (warm: 105-145), for ~210 ms more of background work at start;
- * one round of 6,000 files or two of 4,000 did no better.
+ * Times it runs through, for ~210 ms more of background work at start per
+ * extra round. The evidence is mixed (3 fresh processes per arm, first apply
+ * of python3's index after a 300 ms pause): one script measured one round
+ * 233-242 ms against three 179-192 (warm: 105-145), and three rounds 217-231
+ * against nine 151-180; `WARM=1 WARM_ROUNDS=1|3 WARM_PAUSE_MS=300 node
+ * bench/micro/apply-index.mjs` gave 224-318 against 225-249. One round of
+ * 6,000 files or two of 4,000 did no better than three of 2,000.
  */
 export const WARM_UP_ROUNDS = 3;
 
