@@ -282,6 +282,26 @@ describe('pool eviction', () => {
     expect(pool.stat()).toMatchObject({ files: 0, bytes: 0, counters: { evictions: 12, evictedBytes: 1200 } });
   });
 
+  it('touchReferenced (a container started on an image) makes every cached file of that owner the most recent', async () => {
+    let now = 1_000_000_000_000_000;
+    const pool = await open({ capBytes: 1000, clock: () => now }); // evict above 950 down to 850
+    const f = Array.from({ length: 10 }, (_, i) => blob(`t${i}`, 100));
+    for (let i = 0; i < 9; i++) {
+      now += 1;
+      await put(pool, f[i]!);
+    }
+    // Image A (f0-f3, fetched first) and image B (f4-f8); f9 of A is not cached.
+    await pool.setReferenced('A', [0, 1, 2, 3, 9].map((i) => f[i]!.digest));
+    await pool.setReferenced('B', [4, 5, 6, 7, 8].map((i) => f[i]!.digest));
+    now += 10;
+    expect(pool.touchReferenced('A')).toBe(4);
+    expect(pool.touchReferenced('unknown')).toBe(0);
+    expect(pool.list().slice(-4).map((e) => e.digest)).toEqual([0, 1, 2, 3].map((i) => f[i]!.digest).sort());
+    now += 1;
+    await put(pool, f[9]!); // 1000 > 950: the two least recently used go, B's oldest, not A's
+    expect(f.map((b, i) => (pool.has(b.digest) ? i : -1)).filter((i) => i >= 0)).toEqual([0, 1, 2, 3, 6, 7, 8, 9]);
+  });
+
   it('never evicts a file while it is being written', async () => {
     let now = 1_000_000_000_000_000;
     const pool = await open({ capBytes: 1000, clock: () => now });

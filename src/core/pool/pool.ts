@@ -33,12 +33,13 @@
  * Recency is honest about what the daemon can see. Reads that overlayfs
  * serves from a pool file never reach the daemon, so a file's last use is the
  * latest of: its commit, `touch()`/`open()`/`pin()` calls (the lazy path makes
- * these when the miss filesystem serves a file), and its atime as sampled at
- * startup and every `atimeSampleMs` (default 15 min) when that atime is later
- * than the file's mtime (a read after the write). overlayfs opens lower files
- * O_NOATIME (root owns them): its reads from the pool never move atime (6.18:
- * a cat through an overlay left the lower atime alone), only other readers'
- * do. The pool's own reads (verification) use O_NOATIME too.
+ * these when the miss filesystem serves a file), `touchReferenced(owner)` (a
+ * container is created on that index layer's image: all its cached files count
+ * as used), and its atime as sampled at startup and every `atimeSampleMs`
+ * (default 15 min) when later than its mtime (a read after the write).
+ * overlayfs opens lower files O_NOATIME (root owns them): its reads from the
+ * pool never move atime (6.18: a cat through an overlay left the lower atime
+ * alone), only other readers' do; so do the pool's own reads (verification).
  *
  * Persistence: the snapshot is rewritten atomically (temp, fsync, rename) a
  * short while after a change and on close; references are written at once.
@@ -53,20 +54,20 @@
  * renames verified, identical content into place). One process at a time
  * may open the pool for writing (`.lock`); `readOnly` opens take no lock.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import fs, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { errnoCode, failedPrecondition, internal, invalidArgument } from '../errors.js';
 import { silentLogger, type Logger } from '../log.js';
 import { checkDigest } from '../registry/digest.js';
-import { syncDir, writeFileAtomic } from '../sys/fsutil.js';
+import { readJson, syncDir, writeFileAtomic } from '../sys/fsutil.js';
 import { native } from '../sys/native.js';
-import { KeyedMutex } from '../sys/keyed-mutex.js';
 import { mustEvictOnRelease, PoolNoSpaceError, type EvictResult } from './admission.js';
 import { PoolLock } from './lock.js';
 import { hashHandle, openForHash, type RemoveOutcome } from './scrub.js';
 import { formatSize, parseSize } from './size.js';
-import type { Entry, PoolCounters, PoolOptions, PoolStat, RefsRecord, Snapshot, SnapshotEntry } from './types.js';
+import { PoolReferences } from './references.js';
+import type { Entry, PoolCounters, PoolOptions, PoolStat, Snapshot, SnapshotEntry } from './types.js';
 import { copyFileInto, PoolWriter, streamInto, type PoolWriteSink } from './writer.js';
 
 export { PoolWriter } from './writer.js';
@@ -98,15 +99,6 @@ function fraction(v: number | undefined, dflt: number, what: string): number {
   return f;
 }
 
-async function readJson<T>(file: string): Promise<T | undefined> {
-  try {
-    return JSON.parse(await fs.readFile(file, 'utf8')) as T;
-  } catch (err) {
-    if (errnoCode(err) === 'ENOENT') return undefined;
-    throw err;
-  }
-}
-
 /** Opens (creating if needed) the pool under opts.root. See the file comment. */
 export function openPool(opts: PoolOptions): Promise<Pool> {
   return Pool.open(opts);
@@ -125,8 +117,7 @@ export class Pool implements PoolWriteSink {
 
   private readonly entries = new Map<string, Entry>();
   private used = 0;
-  private readonly refs = new Map<string, Set<string>>();
-  private readonly refCount = new Map<string, number>();
+  private readonly refs: PoolReferences;
   private readonly pins = new Map<string, number>();
   private readonly writing = new Map<string, number>();
   /** bytes announced by writers in progress (expectedSize), for room checks */
@@ -139,7 +130,6 @@ export class Pool implements PoolWriteSink {
   private readonly corruptListeners: ((digest: string) => void)[] = [];
   private counters: PoolCounters = { hits: 0, misses: 0, bytesFetched: 0, evictions: 0, evictedBytes: 0 };
 
-  private readonly refsMutex = new KeyedMutex();
   private readonly tasks = new Set<Promise<unknown>>();
   private snapshotTimer: NodeJS.Timeout | undefined;
   private sampleTimer: NodeJS.Timeout | undefined;
@@ -157,6 +147,7 @@ export class Pool implements PoolWriteSink {
     this.log = opts.logger ?? silentLogger();
     this.snapshotDelayMs = opts.snapshotDelayMs ?? 2000;
     this.now = opts.clock ?? Date.now;
+    this.refs = new PoolReferences(path.join(this.dir, '.meta', 'refs'), this.log);
   }
 
   static async open(opts: PoolOptions): Promise<Pool> {
@@ -181,14 +172,8 @@ export class Pool implements PoolWriteSink {
   private get metaDir(): string {
     return path.join(this.dir, '.meta');
   }
-  private get refsDir(): string {
-    return path.join(this.metaDir, 'refs');
-  }
   private fileOf(hex: string): string {
     return path.join(this.shaDir, hex.slice(0, 2), hex);
-  }
-  private refsFileOf(owner: string): string {
-    return path.join(this.refsDir, createHash('sha256').update(owner).digest('hex').slice(0, 40) + '.json');
   }
 
   /** `ROOT/pool/sha256/ab/<hex>` for a digest (validated; InvalidArgument otherwise). Does not check presence. */
@@ -209,7 +194,7 @@ export class Pool implements PoolWriteSink {
       await fs.mkdir(this.dir, { recursive: true, mode: 0o755 });
       this.lock = await PoolLock.acquire(path.join(this.dir, '.lock'), `open the pool ${this.dir} for writing`);
       await fs.mkdir(this.stagingDir, { recursive: true, mode: 0o700 });
-      await fs.mkdir(this.refsDir, { recursive: true, mode: 0o700 });
+      await fs.mkdir(this.refs.dir, { recursive: true, mode: 0o700 });
       await fs.mkdir(this.shaDir, { recursive: true, mode: 0o755 });
       // The 256 shard dirs at once, with one sync of sha256/: made on first use, a new shard cost a
       // directory fsync in the path of a commit, 256 of them in the first prefetch of a node.
@@ -235,7 +220,7 @@ export class Pool implements PoolWriteSink {
     if (this.capBytes <= 0) throw invalidArgument(`pool cap ${JSON.stringify(cap)}: must be more than 0 bytes`);
     if (snap?.counters) this.counters = { ...this.counters, ...snap.counters };
 
-    await this.loadRefs();
+    await this.refs.load(this.readOnly, hexOf);
     await this.scan(snap);
 
     if (!this.readOnly) {
@@ -245,30 +230,6 @@ export class Pool implements PoolWriteSink {
       if (every > 0) {
         this.sampleTimer = setInterval(() => this.track(this.sampleAtimes()), every);
         this.sampleTimer.unref();
-      }
-    }
-  }
-
-  private async loadRefs(): Promise<void> {
-    let names: string[];
-    try {
-      names = await fs.readdir(this.refsDir);
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT') return;
-      throw err;
-    }
-    for (const name of names) {
-      const file = path.join(this.refsDir, name);
-      if (!name.endsWith('.json')) {
-        if (!this.readOnly) await fs.rm(file, { force: true }); // temp of an interrupted write
-        continue;
-      }
-      try {
-        const rec = await readJson<RefsRecord>(file);
-        if (!rec || typeof rec.owner !== 'string' || !Array.isArray(rec.digests)) throw new Error('bad shape');
-        this.applyRefs(rec.owner, rec.digests.map(hexOf));
-      } catch (err) {
-        this.log.warn({ file, err: String(err) }, 'pool: ignoring unreadable reference record');
       }
     }
   }
@@ -336,6 +297,20 @@ export class Pool implements PoolWriteSink {
     e.lastUse = Math.max(e.lastUse, this.now());
     this.markDirty();
     return true;
+  }
+
+  /** Records a use of every present file `owner` references (setReferenced); returns how many. */
+  touchReferenced(owner: string): number {
+    let n = 0;
+    const now = this.now();
+    for (const hex of this.refs.of(owner)) {
+      const e = this.entries.get(hex);
+      if (!e) continue;
+      e.lastUse = Math.max(e.lastUse, now);
+      n++;
+    }
+    if (n) this.markDirty();
+    return n;
   }
 
   /**
@@ -476,7 +451,7 @@ export class Pool implements PoolWriteSink {
     let refBytes = 0;
     let unverified = 0;
     for (const [hex, e] of this.entries) {
-      if (this.refCount.get(hex)) {
+      if (this.refs.has(hex)) {
         refFiles++;
         refBytes += e.size;
       }
@@ -511,7 +486,7 @@ export class Pool implements PoolWriteSink {
         digest: `sha256:${hex}`,
         size: e.size,
         lastUse: e.lastUse,
-        referenced: (this.refCount.get(hex) ?? 0) > 0,
+        referenced: this.refs.has(hex),
         verified: e.verified,
       }));
   }
@@ -550,14 +525,7 @@ export class Pool implements PoolWriteSink {
   async setReferenced(owner: string, digests: Iterable<string>): Promise<void> {
     this.checkWritable('set references');
     if (typeof owner !== 'string' || owner === '') throw invalidArgument('pool reference owner must be a non-empty string');
-    const hexes = [...new Set([...digests].map(hexOf))];
-    this.applyRefs(owner, hexes);
-    await this.runTask(
-      this.refsMutex.run(owner, async () => {
-        const rec: RefsRecord = { owner, digests: hexes.map((h) => `sha256:${h}`) };
-        await writeFileAtomic(this.refsFileOf(owner), JSON.stringify(rec) + '\n', 0o600);
-      }),
-    );
+    await this.runTask(this.refs.set(owner, [...new Set([...digests].map(hexOf))]));
   }
 
   /**
@@ -566,36 +534,13 @@ export class Pool implements PoolWriteSink {
    * the daemon was down.
    */
   referenceOwners(): string[] {
-    return [...this.refs.keys()];
+    return this.refs.owners();
   }
 
   /** Forgets every reference of `owner` (layer removed); durable when it resolves. Idempotent. */
   async dropReferences(owner: string): Promise<void> {
     this.checkWritable('drop references');
-    this.applyRefs(owner, []);
-    await this.runTask(
-      this.refsMutex.run(owner, async () => {
-        await fs.rm(this.refsFileOf(owner), { force: true });
-        await syncDir(this.refsDir);
-      }),
-    );
-  }
-
-  private applyRefs(owner: string, hexes: string[]): void {
-    const old = this.refs.get(owner);
-    if (old) {
-      for (const h of old) {
-        const n = (this.refCount.get(h) ?? 1) - 1;
-        if (n > 0) this.refCount.set(h, n);
-        else this.refCount.delete(h);
-      }
-    }
-    if (hexes.length === 0) {
-      this.refs.delete(owner);
-      return;
-    }
-    this.refs.set(owner, new Set(hexes));
-    for (const h of hexes) this.refCount.set(h, (this.refCount.get(h) ?? 0) + 1);
+    await this.runTask(this.refs.drop(owner));
   }
 
   // ---------------------------------------------------------------- writes
@@ -746,8 +691,8 @@ export class Pool implements PoolWriteSink {
       ([h]) => !this.pins.get(h) && !this.writing.get(h) && !this.evicting.has(h),
     );
     const byUse = (a: [string, Entry], b: [string, Entry]) => a[1].lastUse - b[1].lastUse || (a[0] < b[0] ? -1 : 1);
-    const unref = free.filter(([h]) => !this.refCount.get(h)).sort(byUse);
-    const ref = includeReferenced ? free.filter(([h]) => this.refCount.get(h)).sort(byUse) : [];
+    const unref = free.filter(([h]) => !this.refs.has(h)).sort(byUse);
+    const ref = includeReferenced ? free.filter(([h]) => this.refs.has(h)).sort(byUse) : [];
     return [...unref, ...ref];
   }
 

@@ -36,6 +36,16 @@ export async function writeFileAtomic(file: string, data: string | Buffer, mode 
   await syncDir(dir);
 }
 
+/** A JSON file's value, or undefined when the file does not exist (other errors, bad JSON: thrown). */
+export async function readJson<T>(file: string): Promise<T | undefined> {
+  try {
+    return JSON.parse(await fs.readFile(file, 'utf8')) as T;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
 export async function pathExists(p: string): Promise<boolean> {
   try {
     await fs.lstat(p);
