@@ -356,6 +356,29 @@ describe('gear index layers in the store', () => {
     }
   });
 
+  it('a container created on an image makes its cached files the most recently used of the pool (overlay reads never reach gear)', async () => {
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB' } });
+    try {
+      const tar = await tarOf({ ...indexManifest, prefetch: ['usr/share/doc', 'bin/tool'] }, indexEntries);
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([tar]));
+      await store.prefetch!.done('idx');
+      const pool = store.lazyRuntime!.pool;
+      // A file of no image, cached after the image's files: the most recent one.
+      const other = randomBytes(1000);
+      await new Promise((r) => setTimeout(r, 5));
+      await pool.addBuffer(sha(other), other);
+      const order = () => pool.list().map((e) => e.digest);
+      expect(order().at(-1)).toBe(sha(other));
+      await new Promise((r) => setTimeout(r, 5));
+      const created = store.admitContainer!('ctr', 'idx');
+      created?.();
+      expect(order()).toEqual([sha(other), ...[sha(files['usr/share/doc']!), sha(files['bin/tool']!)].sort()]);
+    } finally {
+      await store.close?.();
+    }
+  });
+
   it('a layer that fails after its manifest leaves no prefetch and no catalog entry behind', async () => {
     const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000 } });
     try {

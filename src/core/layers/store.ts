@@ -431,7 +431,13 @@ class OverlayLayerStore implements LayerStore {
     });
   }
 
+  /**
+   * A container is created on `parent`: its image's cached Gear files count as used now (LRU),
+   * since the reads overlay then serves from the pool never reach the daemon (pool.ts).
+   */
   admitContainer(id: string, parent: string, image?: string): (() => void) | undefined {
+    const index = parent ? this.stats.indexLayerOf(parent) : undefined;
+    if (index) this.lazy?.pool.touchReferenced(index);
     return this.stats.admitContainer(id, parent, image);
   }
 
