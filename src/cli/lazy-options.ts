@@ -19,6 +19,7 @@ export interface LazyFlags extends MirrorFlags {
   insecureRegistry: string[];
   fusePassthrough: boolean;
   fuseOpen?: FuseOpenMode;
+  backgroundFetch?: boolean;
   scrubRate?: number;
   scrubInterval?: number;
   metricsAddress?: string;
@@ -48,7 +49,7 @@ function collectRegistries(value: string, previous: string[]): string[] {
 
 /**
  * Adds --no-lazy, --cache-size, --fetch-timeout, --max-fetches, --insecure-registry, the registry mirror options
- * (registry-options.ts), --no-fuse-passthrough, --fuse-open, --scrub-rate, --scrub-interval, --metrics-address and --require-lazy.
+ * (registry-options.ts), --no-fuse-passthrough, --fuse-open, --background-fetch, --scrub-rate, --scrub-interval, --metrics-address and --require-lazy.
  */
 export function addLazyOptions(cmd: Command): Command {
   return addMirrorOptions(cmd
@@ -79,6 +80,13 @@ export function addLazyOptions(cmd: Command): Command {
       )
         .choices(FUSE_OPEN_MODES)
         .env('GEAR_FUSE_OPEN'),
+    )
+    .addOption(
+      // Not .env() (see --require-lazy): the runtime reads GEAR_BACKGROUND_FETCH=on|off itself.
+      new Option(
+        '--background-fetch',
+        'complete each Gear image into the cache at low priority once containers stop missing, within the cache cap and never evicting for it (env GEAR_BACKGROUND_FETCH=on); off by default: only opened files are fetched',
+      ),
     )
     .addOption(
       new Option('--scrub-rate <size>', 'read rate of the pool scrub, per second (default 50MiB)').env('GEAR_SCRUB_RATE').argParser(cliParser((v) => parseScrubRate(v))),
@@ -129,6 +137,7 @@ export function lazyStoreOption(f: LazyFlags): false | LazyOptions {
     mirrors: mirrorOptionsFrom(f),
     fusePassthrough: f.fusePassthrough,
     ...(f.fuseOpen ? { fuseOpen: f.fuseOpen } : {}),
+    ...(f.backgroundFetch ? { backgroundFetch: true } : {}),
     ...(f.scrubRate !== undefined ? { scrubRate: f.scrubRate } : {}),
     ...(f.scrubInterval !== undefined ? { scrubInterval: f.scrubInterval } : {}),
   };

@@ -7,7 +7,7 @@
  * names as the location of its packs.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -39,6 +39,11 @@ const fileGets = (c: Buffer) => proxy.seen.filter((l) => l.startsWith('GET ') &&
 const WALK = `cat ${Object.keys(small).map((p) => `/${p}`).join(' ')} | sha256sum | cut -c1-64`;
 const walkSum = () => hex(Buffer.concat(Object.keys(small).map((p) => small[p]!)));
 const BIG_READS = 'dd if=/data/big bs=1 skip=1048570 count=12 2>/dev/null | sha256sum | cut -c1-64; sha256sum /data/big | cut -c1-64; sha256sum /data/s00 /data/s30 /data/s59 | cut -c1-64';
+/** Every Gear file of the image but the corrupt one, and whether each is in a pool. */
+const goodDigests = () => img.index.files.filter((f) => f.path !== 'data/zbad').map((f) => f.digest);
+const zbadDigest = () => img.index.files.find((f) => f.path === 'data/zbad')!.digest;
+const pooled = (gearRoot: string) => (digest: string) => existsSync(join(gearRoot, 'pool', 'sha256', digest.slice(7, 9), digest.slice(7)));
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const bigReadsOut = () => [hex(big.subarray(1048570, 1048582)), hex(big), hex(small['data/s00']!), hex(small['data/s30']!), hex(small['data/s59']!)].join('\n');
 
 beforeAll(async () => {
@@ -139,6 +144,32 @@ describe('format v3 on the Docker graph-driver plugin', () => {
     expect(on.notices[0]).toMatch(/read-ahead on .*GEAR_READ_AHEAD=0/);
   }, 300_000);
 
+  it('background fetch (GEAR_BACKGROUND_FETCH=on) completes a pulled image into the cache, a corrupt member excepted: containers then run with the registry gone', async () => {
+    const bg = await startDockerd({ driver: 'gear', gearArgs: ['--fetch-timeout', '5s'], gearEnv: { GEAR_BACKGROUND_FETCH: 'on' } });
+    try {
+      await bg.dockerOk(['pull', img.ref]);
+      const has = pooled(bg.gearRoot!);
+      for (let i = 0; i < 150 && !goodDigests().every(has); i++) await sleep(200);
+      expect(goodDigests().filter((d) => !has(d))).toEqual([]);
+      expect(has(zbadDigest())).toBe(false);
+      const info = await bg.dockerOk(['info', '--format', '{{json .DriverStatus}}']);
+      const status = Object.fromEntries(JSON.parse(info.stdout) as Array<[string, string]>);
+      expect(status['Background Fetch']).toMatch(/^on: \d+ of \d+ missing files fetched .*1 failed/);
+      // The registry is gone: every request fails, and the containers do not notice.
+      const before = proxy.seen.length;
+      proxy.setDecider(() => ({ kind: 'status', status: 503 }));
+      try {
+        const r = await bg.dockerOk(['run', '--rm', img.ref, 'sh', '-c', `${WALK}; ${BIG_READS}`]);
+        expect(r.stdout.trim()).toBe(`${walkSum()}\n${bigReadsOut()}`);
+        expect(proxy.seen.length).toBe(before);
+      } finally {
+        proxy.setDecider(() => undefined);
+      }
+    } finally {
+      await bg.stop();
+    }
+  }, 300_000);
+
   it('a v2 image with the same files reads them from the pool the v3 image filled', async () => {
     await d!.dockerOk(['pull', v2ref]);
     const r = await d!.dockerOk(['run', '--rm', v2ref, 'sha256sum', '/data/s00', '/data/big']);
@@ -165,5 +196,32 @@ describe('format v3 on the containerd snapshotter', () => {
     expect(packGets() - before).toBeLessThanOrEqual(6);
     const r = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', img.ref, 'v3b', '/bin/busybox', 'sh', '-c', `${BIG_READS}; cat /data/zbad >/dev/null 2>&1 && echo read || echo failed`], 180_000);
     expect(r.trim()).toBe(`${bigReadsOut()}\nfailed`);
+  });
+});
+
+describe('format v3 on the containerd snapshotter with --background-fetch', () => {
+  let c: GearContainerd | undefined;
+  beforeAll(async () => {
+    c = await startGearContainerd({ tasks: ['v3bg'], gearArgs: ['--background-fetch'] });
+  }, 120_000);
+  afterAll(async () => {
+    await c?.stop();
+  }, 180_000);
+
+  it('completes the pulled image into the cache: a container then runs with the registry gone', async () => {
+    await c!.ctrOk(['image', 'pull', '--plain-http', '--snapshotter', 'gear', img.ref], 300_000);
+    const has = pooled(c!.gearRoot);
+    for (let i = 0; i < 150 && !goodDigests().every(has); i++) await sleep(200);
+    expect(goodDigests().filter((d) => !has(d))).toEqual([]);
+    expect(has(zbadDigest())).toBe(false);
+    const before = proxy.seen.length;
+    proxy.setDecider(() => ({ kind: 'status', status: 503 }));
+    try {
+      const r = await c!.ctrOk(['run', '--snapshotter', 'gear', '--rm', img.ref, 'v3bg', '/bin/busybox', 'sh', '-c', `${WALK}; ${BIG_READS}`], 180_000);
+      expect(r.trim()).toBe(`${walkSum()}\n${bigReadsOut()}`);
+      expect(proxy.seen.length).toBe(before);
+    } finally {
+      proxy.setDecider(() => undefined);
+    }
   });
 });

@@ -379,6 +379,23 @@ describe('gear index layers in the store', () => {
     }
   });
 
+  it('with background fetch on, a pulled index layer is completed into the pool; docker info says so', async () => {
+    const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000, cacheSize: '64MiB', backgroundFetch: true } });
+    try {
+      const before = blobGets().length;
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([indexTar]));
+      const pool = store.lazyRuntime!.pool;
+      const all = Object.values(files).map(sha);
+      for (let i = 0; i < 100 && !all.every((d) => pool.has(d)); i++) await new Promise((r) => setTimeout(r, 100));
+      expect(all.filter((d) => !pool.has(d))).toEqual([]);
+      expect(blobGets().length - before).toBe(4); // format v1: one request per file
+      expect(Object.fromEntries(await store.status())['Background Fetch']).toMatch(/^on: 4 of 4 missing files fetched/);
+    } finally {
+      await store.close?.();
+    }
+  });
+
   it('a layer that fails after its manifest leaves no prefetch and no catalog entry behind', async () => {
     const store = await openLayerStore({ root, lazy: { fetchTimeoutMs: 10_000 } });
     try {

@@ -256,6 +256,8 @@ export class Fetcher {
   private closed = false;
   /** fetchMany() is queueing: start nothing yet. */
   private holding = false;
+  /** When a container last asked for bytes from the network (demandIdleMs). */
+  private lastDemand = 0;
   private readonly counters = {
     files: 0,
     bytes: 0,
@@ -309,7 +311,25 @@ export class Fetcher {
     if (this.closed) throw unavailable('fetcher is closed');
     this.counters.streams++;
     this.fetch(req, { priority: 'background' }).catch((err: unknown) => this.log.debug({ digest: req.digest, err: describeError(err) }, 'chunked file not completed into the pool'));
-    return this.chunked.open(req, () => this.pool.open(req.digest, { count: false }));
+    const file = this.chunked.open(req, () => this.pool.open(req.digest, { count: false }));
+    const read = file.read.bind(file);
+    file.read = (buf, position, signal) => {
+      this.lastDemand = Date.now();
+      return read(buf, position, signal);
+    };
+    return file;
+  }
+
+  /**
+   * Milliseconds since a container last waited for the network (a foreground
+   * download queued or joined, a read of a streamed or chunked file); 0 while
+   * foreground downloads are queued or running. Background fetch
+   * (lazy/completion.ts) runs only after a quiet spell.
+   */
+  demandIdleMs(): number {
+    if (this.fg.length > 0) return 0;
+    for (const j of this.jobs.values()) if (j.priority === 'foreground' && j.state === 'running') return 0;
+    return Math.max(0, Date.now() - this.lastDemand);
   }
 
   stats(): FetcherStats {
@@ -405,12 +425,14 @@ export class Fetcher {
     job.releasePin = this.pool.pin(req.digest);
     this.jobs.set(req.digest, job);
     (priority === 'foreground' ? this.fg : this.bg).push(job);
+    if (priority === 'foreground') this.lastDemand = Date.now();
     if (pump && !this.holding) this.pump();
     return job;
   }
 
   private promote(job: Job): void {
     job.priority = 'foreground';
+    this.lastDemand = Date.now();
     const i = this.bg.indexOf(job);
     if (i >= 0) {
       this.bg.splice(i, 1);
@@ -718,6 +740,7 @@ export class Fetcher {
       keepCache: false,
       read: async (buf, position, signal) => {
         if (!open) throw failedPrecondition(`read of ${req.digest} after close`);
+        this.lastDemand = Date.now();
         const deadline = Date.now() + this.timeoutMs;
         // The download failed (a stalled or broken registry), before or during this read: the read starts
         // a fresh one within its deadline, unless the content was rejected (that stays an error until the

@@ -53,7 +53,8 @@ import { bounded } from '../abort.js';
 import type { LazyOptions, LazyRuntime } from '../lazy/runtime.js';
 import { attachLazyRuntime, ensureMissDir, backingFilesystem, indexLayersInUse } from './lazy-attach.js';
 import { ResumeQueue, type ResumeFile } from '../lazy/resume.js';
-import { Prefetcher } from '../lazy/prefetch.js';
+import { LayerFetches } from '../lazy/layer-fetches.js';
+import type { Prefetcher } from '../lazy/prefetch.js';
 import { layerBytes } from '../archive/tarreader.js';
 import { RESERVED_DIR } from '../index/manifest.js';
 import { createReadStream } from 'node:fs';
@@ -117,13 +118,12 @@ class OverlayLayerStore implements LayerStore {
   /** Background completion of the Gear files that containers mounted before this run may open. */
   private resume: ResumeQueue | undefined;
   private readonly indexFormOpt: 'auto' | 'image' | 'dir';
-  private prefetcher: Prefetcher | undefined;
+  /** Prefetch and background fetch of index layers (lazy stores only). */
+  private fetches: LayerFetches | undefined;
   /** Index images being written after their ApplyDiff returned (pending-images.ts). */
   private readonly pendingImages: PendingImages;
   /** The warm-up of the index code while it runs (warm-up.ts). */
   private warmUp: AbortController | undefined;
-  /** Files an index layer being applied lists for prefetch, until its record is written. */
-  private readonly pendingPrefetch = new Map<string, Array<{ digest: string; size: number }>>();
   /** Whether new index layers get an EROFS image; why not, when they do not. */
   private indexImages = false;
   private indexImagesWhyNot = '';
@@ -143,7 +143,7 @@ class OverlayLayerStore implements LayerStore {
     this.linksDir = path.join(this.root, 'l');
     this.indexFormOpt = opts.indexForm ?? indexFormFromEnv();
     this.pendingImages = new PendingImages(this.log);
-    this.stats = new StoreStats({ root: this.root, records: this.records, lazy: () => this.lazy, prefetch: () => this.prefetcher, logger: this.log }, opts.requireLazy ?? false);
+    this.stats = new StoreStats({ root: this.root, records: this.records, lazy: () => this.lazy, prefetch: () => this.fetches?.prefetcher, logger: this.log }, opts.requireLazy ?? false);
   }
 
   // ---- paths ---------------------------------------------------------------
@@ -249,7 +249,7 @@ class OverlayLayerStore implements LayerStore {
       ? (await import('../metrics/registry.js')).createGearMetrics({
           lazy: () => this.lazy?.stats(),
           layers: () => ({ layers: this.records.size, indexLayers: [...this.records.values()].filter((r) => r.gear).length }),
-          prefetch: () => this.prefetcher?.progress(),
+          prefetch: () => this.fetches?.prefetcher.progress(),
           resume: () => this.resume?.progress(),
           nonLazy: () => this.stats.nonLazy.state(),
         })
@@ -258,7 +258,8 @@ class OverlayLayerStore implements LayerStore {
       const lazyOpts = { ...this.lazyOpts, ...(metrics ? { onFetchDone: metrics.fetchObserver } : {}) };
       this.lazy = await attachLazyRuntime(this.root, lazyOpts, this.records.values(), this.log);
       this.startResume(this.lazy, adopted);
-      this.prefetcher = new Prefetcher({ pool: this.lazy.pool, fetcher: this.lazy.fetcher, catalog: this.lazy.catalog, ...(this.log ? { logger: this.log } : {}) });
+      this.fetches = new LayerFetches(this.lazy, this.log);
+      this.fetches.present([...this.records.values()].flatMap((r) => (r.gear ? [{ id: r.id, blobs: r.gear.blobs }] : [])));
     }
     if (metrics) this.metrics = await (await import('../metrics/server.js')).serveMetrics(this.metricsAddress!, metrics.registry, this.log);
     await this.stats.serve();
@@ -290,13 +291,6 @@ class OverlayLayerStore implements LayerStore {
     }
   }
 
-  /** Starts the prefetch an index layer's manifest asked for (once its record is written). */
-  private startPrefetch(id: string): void {
-    const files = this.pendingPrefetch.get(id);
-    this.pendingPrefetch.delete(id);
-    if (files) this.prefetcher?.begin(id, files);
-  }
-
   /** The records of id and its parents. */
   private chain(id: string): LayerRecord[] {
     const out: LayerRecord[] = [];
@@ -318,7 +312,7 @@ class OverlayLayerStore implements LayerStore {
     await this.metrics?.close();
     this.metrics = undefined;
     await this.stats.close();
-    await this.prefetcher?.close();
+    await this.fetches?.close();
     await this.resume?.close();
     await lazy?.close();
   }
@@ -344,7 +338,7 @@ class OverlayLayerStore implements LayerStore {
 
   /** The prefetch of listed files (lazy stores only). */
   get prefetch(): Prefetcher | undefined {
-    return this.prefetcher;
+    return this.fetches?.prefetcher;
   }
 
   /** Where the Prometheus metrics are served (HOST:PORT), when they are. */
@@ -421,7 +415,7 @@ class OverlayLayerStore implements LayerStore {
       await fs.rm(path.join(this.linksDir, rec.link), { force: true });
       await syncDir(this.layersDir);
       await fs.rm(trash, { recursive: true, force: true });
-      this.prefetcher?.stop(id);
+      this.fetches?.stop(id);
       this.lazy?.usage.forgetContainer(id);
       if (rec.gear && this.lazy) {
         this.lazy.catalog.remove(id);
@@ -613,7 +607,7 @@ class OverlayLayerStore implements LayerStore {
       ['Index Layers', String([...this.records.values()].filter((r) => r.gear).length)],
       ['Index Form', this.indexImages ? 'EROFS image per index layer (file-backed mount)' : `directory tree (${this.indexImagesWhyNot})`],
       ...(this.lazy ? this.lazy.status() : [['Lazy Pull', 'off'] as [string, string]]),
-      ...(this.prefetcher ? [['Prefetch', this.prefetcher.status()] as [string, string]] : []),
+      ...(this.fetches ? this.fetches.status() : []),
       ...(this.lazy ? [['Resume', this.resume ? this.resume.status() : 'none (no mounted container used a Gear index layer at start)'] as [string, string]] : []),
       ['Metrics', this.metrics ? `http://${this.metrics.address}/metrics` : 'off (--metrics-address)'],
       ...this.stats.status(),
@@ -758,7 +752,7 @@ class OverlayLayerStore implements LayerStore {
     // the index build, which took 190-310 ms instead of 60-80 (python3), and the pull 0.46-0.65 s instead of
     // 0.32-0.34 on 2 cores; started here, the pull is 0.40 s and the deploy shorter too (1.52 s against
     // 1.75, medians of 3; bench profile 2026-12-07, docs/lazy.md).
-    this.startPrefetch(id);
+    this.fetches?.recorded(id, gear?.blobs);
     phases.mark('synced');
     this.log?.debug({ layer: id, size, gearFiles: gear?.files, ms: phases.durations }, gear ? 'applied gear index layer' : 'applied layer');
     return size;
@@ -794,8 +788,7 @@ class OverlayLayerStore implements LayerStore {
   private gearInfo(id: string, manifest: IndexManifest, r: IndexDirResult): GearLayerInfo {
     if (this.lazy) checkKnownSizes(manifest, { pool: (d) => this.lazy!.pool.sizeOf(d), listed: (d) => this.lazy!.catalog.sizeOf(d) });
     const info: GearLayerInfo = { files: r.files, bytes: r.bytes, blobs: r.blobs, ...(r.packs ? { packs: r.packs } : {}) };
-    this.pendingPrefetch.delete(id);
-    if (manifest.prefetch?.length) this.pendingPrefetch.set(id, prefetchFilesOf(manifest));
+    this.fetches?.plan(id, prefetchFilesOf(manifest));
     if (manifest.location) info.location = manifest.location;
     else this.log?.warn({ layer: id }, 'gear index layer names no registry: its files can only come from the pool');
     this.log?.info({ layer: id, files: r.files, distinct: r.blobs.length, bytes: r.bytes, location: manifest.location }, 'gear index layer');
@@ -1001,7 +994,7 @@ class OverlayLayerStore implements LayerStore {
         throw new GearError('Internal', `layer ${id}: cannot record the Gear index layer: ${(err as Error).message}`, { cause: err });
       }
       this.records.set(id, updated);
-      this.startPrefetch(id);
+      this.fetches?.recorded(id, gear.blobs);
       await pointLink(this.linksDir, updated); // layers above see index/ (open() repairs it after a crash)
       await syncDir(this.linksDir);
       phases.mark('synced');

@@ -5,6 +5,7 @@
  */
 import path from 'node:path';
 import { describeError, invalidArgument } from '../errors.js';
+import { parseSwitch } from '../switch.js';
 import { parseDuration } from '../duration.js';
 import { DEFAULT_FETCH_TIMEOUT_MS, Fetcher, type FetchObserver, type FetcherStats } from '../fetcher/fetcher.js';
 import { silentLogger, type Logger } from '../log.js';
@@ -76,6 +77,8 @@ export interface LazyOptions {
   onFetchDone?: FetchObserver;
   /** Format v3 read-ahead of a pack member miss, bytes or "1MiB"; 0 = off. Default: GEAR_READ_AHEAD, else 128 KiB (provider.ts). */
   readAhead?: number | string;
+  /** Complete each index layer's image into the pool at low priority (completion.ts). Default: GEAR_BACKGROUND_FETCH, else off. */
+  backgroundFetch?: boolean;
 }
 
 export interface LazyRuntime {
@@ -86,6 +89,8 @@ export interface LazyRuntime {
   readonly scrubber: PoolScrubber;
   /** What this run fetched and containers needed, per digest and container (gear stats). */
   readonly usage: UsageTracker;
+  /** Images are completed in the background (LazyOptions.backgroundFetch). */
+  readonly backgroundFetch: boolean;
   status(): Array<[string, string]>;
   stats(): { pool: PoolStat; fetch: FetcherStats; miss: ReturnType<MissFsMount['stats']> | undefined; scrub: ScrubState; registry?: RouteCounters | undefined };
   close(): Promise<void>;
@@ -104,6 +109,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   // Settings are checked before anything is opened: a bad value fails the start with its name.
   const scrubRate = parseScrubRate(opts.scrubRate ?? (env.GEAR_SCRUB_RATE || '50MiB'), opts.scrubRate !== undefined ? 'scrub rate' : 'GEAR_SCRUB_RATE');
   const scrubIntervalMs = parseScrubInterval(opts.scrubInterval ?? (env.GEAR_SCRUB_INTERVAL || '24h'), opts.scrubInterval !== undefined ? 'scrub interval' : 'GEAR_SCRUB_INTERVAL');
+  const backgroundFetch = opts.backgroundFetch ?? parseSwitch(env.GEAR_BACKGROUND_FETCH, 'GEAR_BACKGROUND_FETCH');
   if (opts.mirrors) {
     // A broken hosts.toml or mirror URL fails the start, naming the file and line (and is refused again at use).
     const n = await new HostsConfig({ ...opts.mirrors, allowsHttp: () => false }).validate();
@@ -189,6 +195,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     miss,
     scrubber,
     usage,
+    backgroundFetch,
     stats: () => ({ pool: pool.stat(), fetch: fetcher.stats(), miss: miss?.stats(), scrub: scrubber.stats(), registry: client.routeCounters() }),
     status(): Array<[string, string]> {
       const p = pool.stat();

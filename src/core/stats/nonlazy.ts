@@ -10,6 +10,7 @@
  * says whether the parent chain holds a Gear index layer.
  */
 import { failedPrecondition } from '../errors.js';
+import { parseSwitch } from '../switch.js';
 import type { Logger } from '../log.js';
 
 export interface NonLazyContainer {
@@ -33,10 +34,7 @@ export const REQUIRE_LAZY_ENV = 'GEAR_REQUIRE_LAZY';
 
 /** GEAR_REQUIRE_LAZY's value: 1/true/yes/on or 0/false/no/off/empty. */
 export function parseRequireLazy(value: string | undefined): boolean {
-  const v = (value ?? '').trim().toLowerCase();
-  if (['1', 'true', 'yes', 'on'].includes(v)) return true;
-  if (['', '0', 'false', 'no', 'off'].includes(v)) return false;
-  throw failedPrecondition(`${REQUIRE_LAZY_ENV}=${JSON.stringify(value)}: expected true or false`);
+  return parseSwitch(value, REQUIRE_LAZY_ENV);
 }
 
 function describe(c: NonLazyContainer): string {
