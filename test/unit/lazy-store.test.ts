@@ -387,7 +387,7 @@ describe('gear index layers in the store', () => {
       await store.applyDiff('idx', '', Readable.from([indexTar]));
       const pool = store.lazyRuntime!.pool;
       const all = Object.values(files).map(sha);
-      for (let i = 0; i < 100 && !all.every((d) => pool.has(d)); i++) await new Promise((r) => setTimeout(r, 100));
+      for (let i = 0; i < 200 && !all.every((d) => pool.has(d)); i++) await new Promise((r) => setTimeout(r, 100));
       expect(all.filter((d) => !pool.has(d))).toEqual([]);
       expect(blobGets().length - before).toBe(4); // format v1: one request per file
       expect(Object.fromEntries(await store.status())['Background Fetch']).toMatch(/^on: 4 of 4 missing files fetched/);

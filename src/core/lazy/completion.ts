@@ -7,17 +7,21 @@
  *
  * - Starts once the layer's prefetch (if it lists one) has ended, and only
  *   while containers do not miss: each round waits until the fetcher has had
- *   no foreground demand for `quietMs` (default 2 s; eStargz's silence period
- *   is also 2 s), the first one also until `quietMs` after the layer was
- *   recorded (the `docker run` that follows a pull misses first), then fetches up to `roundBytes` of stored bytes (16 MiB:
- *   two coalesced Range requests of a pack) at background priority, which
- *   leaves two fetch slots to containers' misses.
+ *   no foreground demand for `quietMs` (default 5 s; eStargz's silence period
+ *   is 2 s), the first one also until `quietMs` after the layer was recorded
+ *   (the `docker run` that follows a pull misses first), then fetches up to
+ *   `roundBytes` of stored bytes (4 MiB: one coalesced Range request of a
+ *   pack, 0.3 s of a 100 Mbit/s link) at background priority, which leaves
+ *   two fetch slots to containers' misses. One round at a time over all
+ *   layers. With 2 s and 16 MiB, rounds that started while a cold start
+ *   computed slowed its later misses (bench/README.md, session 14).
  * - Order: pack members pack by pack in stored order (contiguous ranges, few
  *   requests), then the files stored otherwise (chunked big files, format v1
  *   and v2 blobs), one at a time, in the index's order.
  * - Within the cache cap and never at the cost of other cached files: a
- *   round runs only while the pool holds less than its low watermark minus
- *   the round, so background fetch never makes the pool evict.
+ *   round takes only files that fit under the pool's low watermark, and the
+ *   run ends at the first that does not, so background fetch never makes
+ *   the pool evict.
  * - Removing the layer, or closing, stops it; a file it fetches is verified
  *   like any other before it enters the pool.
  */
@@ -29,8 +33,8 @@ import { formatSize } from '../pool/size.js';
 import { Semaphore } from '../semaphore.js';
 import { fetchInBackground, fetchPacked, type BackgroundFetchDeps } from './background-fetch.js';
 
-export const DEFAULT_QUIET_MS = 2_000;
-export const DEFAULT_ROUND_BYTES = 16 * 1024 * 1024;
+export const DEFAULT_QUIET_MS = 5_000;
+export const DEFAULT_ROUND_BYTES = 4 * 1024 * 1024;
 
 export interface CompletionDeps {
   pool: { has(digest: string): boolean; stat(): { bytes: number; lowWatermarkBytes: number } };
