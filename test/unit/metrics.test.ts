@@ -147,4 +147,42 @@ describe('metrics', () => {
     expect(store.metricsEndpoint).toBeUndefined();
     await expect(fetch(`http://${endpoint}/metrics`)).rejects.toThrow();
   });
+
+  it('background fetch gauges follow the completion of a pulled image; zero when it is off', async () => {
+    const bgRoot = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-metrics-bg-'));
+    const store = await openLayerStore({ root: bgRoot, lazy: { fetchTimeoutMs: 5_000, cacheSize: '64MiB', backgroundFetch: true }, metricsAddress: '127.0.0.1:0' });
+    try {
+      const endpoint = store.metricsEndpoint!;
+      expect((await scrape(endpoint)).get('gear_background_fetch_files')).toBe(0);
+      await store.create('idx', '', 'ro');
+      await store.applyDiff('idx', '', Readable.from([tar]));
+      let m = await scrape(endpoint);
+      for (let i = 0; i < 200 && m.get('gear_background_fetch_running_layers') !== 0; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        m = await scrape(endpoint);
+      }
+      const n = Object.keys(files).length;
+      expect(m.get('gear_background_fetch_files')).toBe(n);
+      expect(m.get('gear_background_fetch_done_files')).toBe(n);
+      expect(m.get('gear_background_fetch_done_bytes')).toBe(Object.values(files).reduce((t, b) => t + b.length, 0));
+      expect(m.get('gear_background_fetch_failed_files')).toBe(0);
+      expect(m.get('gear_pool_files')).toBe(n);
+    } finally {
+      await store.close?.();
+      for (const mt of mountsUnder(bgRoot)) await run('umount', ['-l', mt.mountPoint]);
+      await fs.rm(bgRoot, { recursive: true, force: true });
+    }
+    // Off (the default, as in the test above): zeros.
+    const offRoot = await fs.mkdtemp(path.join(os.tmpdir(), 'gear-metrics-off-'));
+    const off = await openLayerStore({ root: offRoot, lazy: { fetchTimeoutMs: 5_000, cacheSize: '64MiB' }, metricsAddress: '127.0.0.1:0' });
+    try {
+      const m = await scrape(off.metricsEndpoint!);
+      expect(m.get('gear_background_fetch_files')).toBe(0);
+      expect(m.get('gear_background_fetch_running_layers')).toBe(0);
+    } finally {
+      await off.close?.();
+      for (const mt of mountsUnder(offRoot)) await run('umount', ['-l', mt.mountPoint]);
+      await fs.rm(offRoot, { recursive: true, force: true });
+    }
+  });
 });

@@ -251,6 +251,7 @@ class OverlayLayerStore implements LayerStore {
           layers: () => ({ layers: this.records.size, indexLayers: [...this.records.values()].filter((r) => r.gear).length }),
           prefetch: () => this.fetches?.prefetcher.progress(),
           resume: () => this.resume?.progress(),
+          backgroundFetch: () => this.fetches?.completion?.progress(),
           nonLazy: () => this.stats.nonLazy.state(),
         })
       : undefined;

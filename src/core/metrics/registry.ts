@@ -23,6 +23,7 @@ export interface MetricSources {
   layers?: () => { layers: number; indexLayers: number } | undefined;
   prefetch?: () => { layers: number; files: number; done: number; failed: number; running: number } | undefined;
   resume?: () => { state: string; total: number; inPool: number; left: number; failed: number } | undefined;
+  backgroundFetch?: () => { files: number; fetched: number; bytes: number; failed: number; running: number } | undefined;
   nonLazy?: () => { started: number; refused: number; requireLazy: boolean } | undefined;
 }
 
@@ -161,6 +162,12 @@ export function createGearMetrics(sources: MetricSources): GearMetrics {
   readGauge(registry, 'gear_prefetch_done_files', 'Listed files now in the pool.', () => sources.prefetch?.()?.done);
   readGauge(registry, 'gear_prefetch_failed_files', 'Listed files whose prefetch failed.', () => sources.prefetch?.()?.failed);
   readGauge(registry, 'gear_prefetch_running_layers', 'Index layers still prefetching.', () => sources.prefetch?.()?.running);
+
+  readGauge(registry, 'gear_background_fetch_files', 'Files of the index layers of this run that background fetch found missing from the pool (GEAR_BACKGROUND_FETCH=on).', () => sources.backgroundFetch?.()?.files);
+  readGauge(registry, 'gear_background_fetch_done_files', 'Of those, files background fetch put into the pool.', () => sources.backgroundFetch?.()?.fetched);
+  readGauge(registry, 'gear_background_fetch_done_bytes', 'Content bytes background fetch put into the pool.', () => sources.backgroundFetch?.()?.bytes);
+  readGauge(registry, 'gear_background_fetch_failed_files', 'Files background fetch could not fetch (left to a later open).', () => sources.backgroundFetch?.()?.failed);
+  readGauge(registry, 'gear_background_fetch_running_layers', 'Index layers background fetch is still completing.', () => sources.backgroundFetch?.()?.running);
 
   readGauge(registry, 'gear_resume_files', 'Files of the index layers that containers used at start (crash resume).', () => sources.resume?.()?.total);
   readGauge(registry, 'gear_resume_done_files', 'Of those, files in the pool.', () => sources.resume?.()?.inPool);
