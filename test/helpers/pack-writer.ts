@@ -11,6 +11,7 @@
 import { createHash } from 'node:crypto';
 import { zstdCompress } from '../../src/core/sys/zstd.js';
 import type { ChunkList, MemberRef, PackLoc } from '../../src/core/fetcher/pack-types.js';
+import type { GearBlobTuple } from '../../src/core/lazy/catalog.js';
 
 export const sha256 = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
@@ -102,4 +103,13 @@ export function layoutOf(f: PackedFile, packRefs: PackLoc[]): { member?: MemberR
       chunks: f.chunks!.map((c, i) => ({ ...c, pack: packRefs[c.pack]!, bytes: Math.min(cs, f.size - i * cs) })),
     },
   };
+}
+
+/** The catalog's tuples of files (as an index layer's record holds them: layers/types.ts GearBlobTuple). */
+export function blobTuplesOf(files: readonly PackedFile[]): GearBlobTuple[] {
+  return files.map((f): GearBlobTuple =>
+    f.member
+      ? [f.digest, f.size, { p: f.member.pack, o: f.member.offset, l: f.member.length, ...(f.member.encoding === 'raw' ? { e: 'raw' as const } : {}) }]
+      : [f.digest, f.size, { cs: f.chunkSize!, c: f.chunks!.map((c): [number, number, number, string, 1?] => (c.encoding === 'raw' ? [c.pack, c.offset, c.length, c.digest, 1] : [c.pack, c.offset, c.length, c.digest])) }],
+  );
 }

@@ -10,11 +10,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Fetcher } from '../../src/core/fetcher/fetcher.js';
-import { BlobCatalog, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
+import { BlobCatalog } from '../../src/core/lazy/catalog.js';
 import { ImageCompletion, type CompletionDeps } from '../../src/core/lazy/completion.js';
 import { openPool, type Pool } from '../../src/core/pool/pool.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
-import { buildPacks, sha256, type PackedFile } from '../helpers/pack-writer.js';
+import { blobTuplesOf, buildPacks, sha256 } from '../helpers/pack-writer.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
@@ -39,14 +39,6 @@ const BAD_MEMBER = 12;
 }
 
 const packGets = () => proxy.seen.filter((l) => l.startsWith('GET ') && l.includes('/blobs/sha256:')).length;
-
-function tuplesOf(set: typeof good): GearBlobTuple[] {
-  return set.files.map((f: PackedFile) =>
-    f.member
-      ? [f.digest, f.size, { p: f.member.pack, o: f.member.offset, l: f.member.length, ...(f.member.encoding === 'raw' ? { e: 'raw' as const } : {}) }]
-      : [f.digest, f.size, { cs: f.chunkSize!, c: f.chunks!.map((c): [number, number, number, string, 1?] => (c.encoding === 'raw' ? [c.pack, c.offset, c.length, c.digest, 1] : [c.pack, c.offset, c.length, c.digest])) }],
-  );
-}
 
 beforeAll(async () => {
   reg = await startRegistry();
@@ -79,8 +71,8 @@ describe('background fetch of an image (format v3)', () => {
     client = new RegistryClient({ retry: { maxAttempts: 2, minDelayMs: 50, maxDelayMs: 100, maxTotalMs: 2000 } });
     fetcher = new Fetcher({ pool, client, timeoutMs: 20_000 });
     catalog = new BlobCatalog();
-    catalog.add('layer1', loc(), tuplesOf(good), good.packRefs);
-    catalog.add('layer2', loc(), tuplesOf(bad), bad.packRefs);
+    catalog.add('layer1', loc(), blobTuplesOf(good.files), good.packRefs);
+    catalog.add('layer2', loc(), blobTuplesOf(bad.files), bad.packRefs);
   }
 
   beforeEach(() => proxy.setDecider(() => undefined));

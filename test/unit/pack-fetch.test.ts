@@ -11,12 +11,12 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Fetcher, type FetchRequest } from '../../src/core/fetcher/fetcher.js';
 import { MAX_DELIVERIES } from '../../src/core/fetcher/pack-fetch.js';
-import { BlobCatalog, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
+import { BlobCatalog } from '../../src/core/lazy/catalog.js';
 import { Prefetcher } from '../../src/core/lazy/prefetch.js';
 import { ResumeQueue } from '../../src/core/lazy/resume.js';
 import { openPool, type Pool } from '../../src/core/pool/pool.js';
 import { RegistryClient } from '../../src/core/registry/client.js';
-import { buildPacks, layoutOf, sha256, type PackedFile } from '../helpers/pack-writer.js';
+import { blobTuplesOf, buildPacks, layoutOf, sha256, type PackedFile } from '../helpers/pack-writer.js';
 import { startFaultProxy, type FaultProxy } from '../helpers/proxy.js';
 import { startRegistry, type TestRegistry } from '../helpers/registry.js';
 
@@ -130,11 +130,7 @@ describe('format v3 fetch', () => {
 
   it('a miss brings its pack neighbours along in the same request (read-ahead), only as far as asked', async () => {
     const cat = new BlobCatalog();
-    const tuples: GearBlobTuple[] = good.files.map((f) =>
-      f.member
-        ? [f.digest, f.size, f.member.encoding === 'raw' ? { p: f.member.pack, o: f.member.offset, l: f.member.length, e: 'raw' as const } : { p: f.member.pack, o: f.member.offset, l: f.member.length }]
-        : [f.digest, f.size, { cs: f.chunkSize!, c: f.chunks!.map((c) => [c.pack, c.offset, c.length, c.digest] as [number, number, number, string]) }],
-    );
+    const tuples = blobTuplesOf(good.files);
     cat.add('layer1', loc(), tuples, good.packRefs);
     const seed = cat.requests(good.files[10]!.digest)[0]!;
     expect(seed.member?.offset).toBe(good.files[10]!.member!.offset);
@@ -154,9 +150,7 @@ describe('format v3 fetch', () => {
 
   it('a prefetch list of a v3 index is fetched with coalesced requests, not one per file', async () => {
     const cat = new BlobCatalog();
-    const tuples: GearBlobTuple[] = good.files
-      .filter((f) => f.member)
-      .map((f) => [f.digest, f.size, f.member!.encoding === 'raw' ? { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, e: 'raw' as const } : { p: f.member!.pack, o: f.member!.offset, l: f.member!.length }]);
+    const tuples = blobTuplesOf(good.files.filter((f) => f.member));
     cat.add('layer1', loc(), tuples, good.packRefs);
     const pre = new Prefetcher({ pool, fetcher, catalog: cat });
     // Every other file, in reverse order: the fetcher still merges them by pack (20 files; one request per file without fetchMany).
@@ -172,11 +166,7 @@ describe('format v3 fetch', () => {
 
   it('a chunked file listed first is fetched alongside the pack members, not after all of them', async () => {
     const cat = new BlobCatalog();
-    const tuples: GearBlobTuple[] = good.files.map((f) =>
-      f.member
-        ? [f.digest, f.size, { p: f.member.pack, o: f.member.offset, l: f.member.length, ...(f.member.encoding === 'raw' ? { e: 'raw' as const } : {}) }]
-        : [f.digest, f.size, { cs: f.chunkSize!, c: f.chunks!.map((c): [number, number, number, string, 1?] => (c.encoding === 'raw' ? [c.pack, c.offset, c.length, c.digest, 1] : [c.pack, c.offset, c.length, c.digest])) }],
-    );
+    const tuples = blobTuplesOf(good.files);
     cat.add('layer1', loc(), tuples, good.packRefs);
     const bigReq = reqOf(good, 40);
     const firstChunk = Math.min(...good.files[40]!.chunks!.map((c) => c.offset));
@@ -199,7 +189,7 @@ describe('format v3 fetch', () => {
 
   it('begin plans the prefetch after its caller has gone on (no request before the next turn); done waits for it; stop before it cancels it', async () => {
     const cat = new BlobCatalog();
-    const tuples: GearBlobTuple[] = good.files.filter((f) => f.member).map((f) => [f.digest, f.size, { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, ...(f.member!.encoding === 'raw' ? { e: 'raw' as const } : {}) }]);
+    const tuples = blobTuplesOf(good.files.filter((f) => f.member));
     cat.add('layer1', loc(), tuples, good.packRefs);
     const pre = new Prefetcher({ pool, fetcher, catalog: cat });
     const list = smalls.map((c) => ({ digest: sha256(c), size: c.length }));
@@ -229,7 +219,7 @@ describe('format v3 fetch', () => {
 
   it('the crash resume of v3 files queues them together too (coalesced requests)', async () => {
     const cat = new BlobCatalog();
-    const tuples: GearBlobTuple[] = good.files.filter((f) => f.member).map((f) => [f.digest, f.size, { p: f.member!.pack, o: f.member!.offset, l: f.member!.length, ...(f.member!.encoding === 'raw' ? { e: 'raw' as const } : {}) }]);
+    const tuples = blobTuplesOf(good.files.filter((f) => f.member));
     cat.add('layer1', loc(), tuples, good.packRefs);
     const resume = new ResumeQueue({ pool, fetcher, catalog: cat });
     const before = packGets();
