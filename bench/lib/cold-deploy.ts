@@ -103,6 +103,11 @@ function slowReps(): number {
 
 const geomean = (xs: number[]): number => Math.exp(xs.reduce((a, x) => a + Math.log(x), 0) / xs.length);
 
+/** The bench's environment turns background fetch on for every Gear daemon it starts. */
+function backgroundFetchOn(): boolean {
+  return /^(1|true|yes|on)$/i.test((process.env.GEAR_BACKGROUND_FETCH ?? '').trim());
+}
+
 async function gearStatus(d: Dockerd): Promise<Record<string, string>> {
   const r = await d.dockerOk(['info', '--format', '{{json .DriverStatus}}']);
   return Object.fromEntries(JSON.parse(r.stdout) as [string, string][]);
@@ -467,7 +472,29 @@ export async function coldDeploySection(ctx: SectionContext): Promise<void> {
       put(`${base} requests`, `  ${base}: registry requests`, 'n', d, req.requests, 'HTTP requests in the registry access log during pull+run');
       const values: Record<MetricKey, number> = { pull: t1 - t0, run: t2 - t1, deploy: t2 - t0, rx, requests: req.requests };
       for (const [k, v] of Object.entries(values)) side.add(l.key, sideKey, k as MetricKey, d, v);
-      return `${d} ${(t2 - t0).toFixed(2)} s ${(rx / 1e6).toFixed(1)} MB ${req.requests} req`;
+      const bg = backgroundFetchOn() && isGear(d) && n.dockerd ? await completion(n.dockerd, d, base, rx0, mark, t2) : '';
+      return `${d} ${(t2 - t0).toFixed(2)} s ${(rx / 1e6).toFixed(1)} MB ${req.requests} req${bg}`;
+    };
+
+    /**
+     * GEAR_BACKGROUND_FETCH=on (the daemons inherit it): after the deploy, waits (5 min at most) until
+     * the node's background fetch has completed the image, and records how long that took after the
+     * task ended and what the node received and asked for in all (docs/lazy.md, "Background fetch").
+     */
+    const completion = async (n: Dockerd, d: System, base: string, rx0: number, mark: number, tDone: number): Promise<string> => {
+      let st = '';
+      for (let i = 0; i < 600; i++) {
+        st = (await gearStatus(n))['Background Fetch'] ?? '';
+        if (/^on: /.test(st) && !/running/.test(st)) break;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      const after = nowS() - tDone;
+      const rxAll = link.rxBytes() - rx0;
+      const reqAll = registry.accessLog.since(mark).requests;
+      put(`${base} bg-complete`, `  ${base}: background fetch done after the task`, 's', d, after, 'GEAR_BACKGROUND_FETCH=on: time from the end of the task until the image is complete in the pool (5 s quiet spell included)');
+      put(`${base} bg-rx`, `  ${base}: bytes received, deploy + background fetch`, 'bytes', d, rxAll, 'bytes the node received from the pull until the image was complete');
+      put(`${base} bg-requests`, `  ${base}: registry requests, deploy + background fetch`, 'n', d, reqAll, 'HTTP requests from the pull until the image was complete');
+      return ` (background fetch: complete ${after.toFixed(1)} s after the task, ${(rxAll / 1e6).toFixed(1)} MB ${reqAll} req in all; ${st})`;
     };
 
     /** First full read, then warm reads in the same and in a new container (minbase). */
