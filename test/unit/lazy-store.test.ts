@@ -390,7 +390,7 @@ describe('gear index layers in the store', () => {
       for (let i = 0; i < 200 && !all.every((d) => pool.has(d)); i++) await new Promise((r) => setTimeout(r, 100));
       expect(all.filter((d) => !pool.has(d))).toEqual([]);
       expect(blobGets().length - before).toBe(4); // format v1: one request per file
-      expect(Object.fromEntries(await store.status())['Background Fetch']).toMatch(/^on: 4 of 4 missing files fetched/);
+      expect(Object.fromEntries(await store.status())['Background Fetch']).toMatch(/^on: 4 of 4 missing files in the pool \(4 fetched in the background/);
     } finally {
       await store.close?.();
     }

@@ -66,6 +66,8 @@ interface Run {
   files: number;
   fetched: number;
   fetchedBytes: number;
+  /** Files the plan counted that were in the pool when their turn came (a container's miss fetched them). */
+  present: number;
   failed: number;
   /** Why it ended early: 'cache full', 'stopped'. */
   ended?: string;
@@ -97,7 +99,7 @@ export class ImageCompletion {
    */
   begin(layer: string, files: ReadonlyArray<{ digest: string; size: number }>, after: Promise<unknown> = Promise.resolve()): void {
     this.stop(layer);
-    const run: Run = { layer, files: 0, fetched: 0, fetchedBytes: 0, failed: 0, started: Date.now(), controller: new AbortController(), done: Promise.resolve() };
+    const run: Run = { layer, files: 0, fetched: 0, fetchedBytes: 0, present: 0, failed: 0, started: Date.now(), controller: new AbortController(), done: Promise.resolve() };
     this.runs.set(layer, run);
     run.done = (async () => {
       try {
@@ -179,6 +181,7 @@ export class ImageCompletion {
     while (next < todo.length && (round.length === 0 || stored + todo[next]!.stored <= this.roundBytes)) {
       const f = todo[next]!;
       if (pool.has(f.digest)) {
+        run.present++;
         next++;
         continue;
       }
@@ -244,9 +247,14 @@ export class ImageCompletion {
     return this.runs.get(layer)?.done ?? Promise.resolve();
   }
 
-  /** Totals over this run's layers: files to fetch, fetched, failed; layers still running. */
-  progress(): { layers: number; files: number; fetched: number; bytes: number; failed: number; running: number; cacheFull: number } {
+  /**
+   * Totals over this run's layers: files missing when each run planned, of those now in the pool
+   * (`done`: fetched here, or by a container's miss first), fetched here (and their bytes), failed;
+   * layers still running, runs stopped at the low watermark.
+   */
+  progress(): { layers: number; files: number; done: number; fetched: number; bytes: number; failed: number; running: number; cacheFull: number } {
     let files = 0;
+    let done = 0;
     let fetched = 0;
     let bytes = 0;
     let failed = 0;
@@ -254,20 +262,21 @@ export class ImageCompletion {
     let cacheFull = 0;
     for (const r of this.runs.values()) {
       files += r.files;
+      done += r.fetched + r.present;
       fetched += r.fetched;
       bytes += r.fetchedBytes;
       failed += r.failed;
       if (r.finished === undefined) running++;
       if (r.ended === 'cache full') cacheFull++;
     }
-    return { layers: this.runs.size, files, fetched, bytes, failed, running, cacheFull };
+    return { layers: this.runs.size, files, done, fetched, bytes, failed, running, cacheFull };
   }
 
   /** The "Background Fetch" line of the daemon status. */
   status(): string {
     const p = this.progress();
     if (p.layers === 0) return 'on (no index layer yet)';
-    let s = `on: ${p.fetched} of ${p.files} missing files fetched (${formatSize(p.bytes)}, ${p.layers} index layers)`;
+    let s = `on: ${p.done} of ${p.files} missing files in the pool (${p.fetched} fetched in the background, ${formatSize(p.bytes)}; ${p.layers} index layers)`;
     if (p.running) s += `, ${p.running} running`;
     if (p.cacheFull) s += `, ${p.cacheFull} stopped at the cache's low watermark`;
     if (p.failed) s += `, ${p.failed} failed`;
