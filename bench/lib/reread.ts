@@ -142,6 +142,23 @@ async function ctrNode(c: GearContainerd, metricsUrl: string): Promise<RereadNod
 }
 
 /** The daemon's miss-filesystem counters (its Prometheus endpoint, gear_fuse_* series), by series name and labels. */
+/** Waits (60 s at most) until the node's daemon has no download running or queued (gear_fetches_*). */
+async function fetchesSettled(metricsUrl: string | undefined): Promise<void> {
+  if (!metricsUrl) return;
+  for (let i = 0; i < 240; i++) {
+    try {
+      const text = await (await fetch(metricsUrl, { signal: AbortSignal.timeout(10_000) })).text();
+      const busy = /^gear_fetches_(in_flight|queued)\s+([0-9.e+-]+)$/gm;
+      let n = 0;
+      for (let m = busy.exec(text); m; m = busy.exec(text)) n += Number(m[2]);
+      if (n === 0) return;
+    } catch {
+      return;
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
 async function missCounters(metricsUrl: string | undefined): Promise<Record<string, number>> {
   if (!metricsUrl) return {};
   try {
@@ -238,7 +255,13 @@ export async function rereadSection(ctx: SectionContext): Promise<void> {
       }
       const order = (rep: number) => systems.map((_, i) => systems[(i + rep) % systems.length]!);
       for (const t of REREAD_TASKS) {
-        for (const s of systems) result.seconds[s]![t.key].first = await boxes.get(s)!.exec(t.script);
+        for (const s of systems) {
+          result.seconds[s]![t.key].first = await boxes.get(s)!.exec(t.script);
+          // Its downloads (a big file's assembly into the pool goes on after the read) end before the
+          // next node's first read: that read once shared the machine with them, so the last node
+          // (gear-noopen) read the big file at 112-113 MB/s where it reads 122-124 alone (session 14).
+          await fetchesSettled(nodes.get(s)!.metricsUrl);
+        }
         const c0 = new Map<RereadSystem, Record<string, number>>();
         for (const s of systems) c0.set(s, await missCounters(nodes.get(s)!.metricsUrl));
         for (let rep = 0; rep < reps; rep++) for (const s of order(rep)) result.seconds[s]![t.key].again.push(await boxes.get(s)!.exec(t.script));
