@@ -151,6 +151,29 @@ describe('background fetch of an image (format v3)', () => {
     const idleAfter = fetcher.demandIdleMs();
     await new Promise((r) => setTimeout(r, 50));
     expect(fetcher.demandIdleMs()).toBeGreaterThanOrEqual(idleAfter + 40);
+    // A reader of a chunked file not in the pool waits for the network too (the registry answers
+    // 800 ms late); its file's assembly into the pool (background) does not; a read of it once in
+    // the pool does not either.
+    const bigReq = catalog.requests(good.files[40]!.digest)[0]!;
+    proxy.setDecider(() => ({ kind: 'delay', ms: 800 }));
+    const f = fetcher.openChunked(bigReq);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(fetcher.demandIdleMs()).toBeGreaterThanOrEqual(300);
+    const buf = Buffer.alloc(4096);
+    const reading = f.read(buf, 3 * MiB);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(fetcher.demandIdleMs()).toBeLessThan(300);
+    expect(await reading).toBe(4096);
+    expect(buf.equals(big.subarray(3 * MiB, 3 * MiB + 4096))).toBe(true);
+    await f.close();
+    proxy.setDecider(() => undefined);
+    await fetcher.fetch(bigReq, { priority: 'background' }); // the assembly, into the pool
+    expect(pool.has(bigReq.digest)).toBe(true);
+    await new Promise((r) => setTimeout(r, 300));
+    const g = fetcher.openChunked(bigReq);
+    expect(await g.read(buf, 0)).toBe(4096);
+    await g.close();
+    expect(fetcher.demandIdleMs()).toBeGreaterThanOrEqual(300);
   });
 
   it('stops at the low watermark of a small cache: nothing is evicted to complete an image', async () => {

@@ -44,6 +44,8 @@ export interface ChunkedDeps {
   log: Logger;
   /** The fetcher's counters, updated in place: bytes received, Range requests sent. */
   counters: { blobBytes: number; packRequests: number };
+  /** A reader needs chunks of a file not in the pool yet (a container waits: Fetcher.demandIdleMs). */
+  onReaderWaits?: () => void;
 }
 
 interface Slot {
@@ -241,6 +243,7 @@ export class ChunkedFiles {
           const { bytesRead } = await fh.read(buf, 0, want, position);
           return bytesRead;
         }
+        this.deps.onReaderWaits?.();
         const first = Math.floor(position / chunkSize);
         const last = Math.min(chunks.length - 1, Math.floor((position + want - 1) / chunkSize));
         const ahead = position === lastEnd || position === 0 ? READ_AHEAD_BYTES : 0;

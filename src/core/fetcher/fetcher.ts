@@ -299,7 +299,7 @@ export class Fetcher {
     const common = { client: this.client, timeoutMs: this.timeoutMs, log: this.log, counters: this.counters };
     this.packDeps = { ...common, pool: this.pool, maxAttempts: this.maxAttempts, slots: this.commitSlots };
     this.rangeReads = new RangeReads({ ...common, maxParallel: this.maxParallel, chunkBytes: this.rangeChunkBytes });
-    this.chunked = new ChunkedFiles({ ...common, bounds: this.coalesce });
+    this.chunked = new ChunkedFiles({ ...common, bounds: this.coalesce, onReaderWaits: () => (this.lastDemand = Date.now()) });
   }
 
   /**
@@ -311,19 +311,14 @@ export class Fetcher {
     if (this.closed) throw unavailable('fetcher is closed');
     this.counters.streams++;
     this.fetch(req, { priority: 'background' }).catch((err: unknown) => this.log.debug({ digest: req.digest, err: describeError(err) }, 'chunked file not completed into the pool'));
-    const file = this.chunked.open(req, () => this.pool.open(req.digest, { count: false }));
-    const read = file.read.bind(file);
-    file.read = (buf, position, signal) => {
-      this.lastDemand = Date.now();
-      return read(buf, position, signal);
-    };
-    return file;
+    return this.chunked.open(req, () => this.pool.open(req.digest, { count: false }));
   }
 
   /**
    * Milliseconds since a container last waited for the network (a foreground
-   * download queued or joined, a read of a streamed or chunked file); 0 while
-   * foreground downloads are queued or running. Background fetch
+   * download queued or promoted, a read of a chunked file not in the pool yet);
+   * 0 while foreground downloads are queued or running (a streamed file's
+   * download is one while it has readers). Background fetch
    * (lazy/completion.ts) runs only after a quiet spell.
    */
   demandIdleMs(): number {
@@ -740,7 +735,6 @@ export class Fetcher {
       keepCache: false,
       read: async (buf, position, signal) => {
         if (!open) throw failedPrecondition(`read of ${req.digest} after close`);
-        this.lastDemand = Date.now();
         const deadline = Date.now() + this.timeoutMs;
         // The download failed (a stalled or broken registry), before or during this read: the read starts
         // a fresh one within its deadline, unless the content was rejected (that stays an error until the
