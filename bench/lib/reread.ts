@@ -17,11 +17,13 @@
  * nodes run at once and the samples alternate between the systems (order
  * rotating per repetition), so that the machine's load hits them alike.
  *
- * Systems (GEAR_BENCH_REREAD_SYSTEMS, default overlay2,gear,gear-nopt,gear-noopen):
- * overlay2, gear (FUSE passthrough on: the default), gear-nopt (the gear
- * daemon with --no-fuse-passthrough: every read of a file opened through the
- * miss filesystem goes through the daemon), gear-noopen (the daemon with
- * --fuse-open none: no request per open, pages cached across opens),
+ * Systems (GEAR_BENCH_REREAD_SYSTEMS, default overlay2,gear,gear-pt,gear-nopt):
+ * overlay2, gear (the default daemon: --fuse-open none since session 15, no
+ * request per open, pages cached across opens), gear-pt (--fuse-open
+ * passthrough: one request per open, reads of fetched files in the kernel),
+ * gear-nopt (--fuse-open passthrough --no-fuse-passthrough: every read of a
+ * file opened through the miss filesystem goes through the daemon),
+ * gear-noopen (--fuse-open none given explicitly, as runs before session 15 named it),
  * gear-ctr (containerd 1.6 + gear snapshotter, ctr run + ctr task exec).
  * The daemon's miss-filesystem counters (gear_fuse_* of its --metrics-address:
  * requests by opcode, passthrough opens, READ bytes) are kept for the "again"
@@ -37,13 +39,14 @@ import { freePort, startRegistry, type TestRegistry } from '../../test/helpers/r
 import { log, nowS, type SectionContext } from './common.js';
 import { median } from './stats.js';
 
-export const REREAD_SYSTEMS = ['overlay2', 'gear', 'gear-nopt', 'gear-noopen', 'gear-ctr'] as const;
+export const REREAD_SYSTEMS = ['overlay2', 'gear', 'gear-pt', 'gear-nopt', 'gear-noopen', 'gear-ctr'] as const;
 export type RereadSystem = (typeof REREAD_SYSTEMS)[number];
 
 /** The daemon flags that make each gear system of the docker stack. */
 const GEAR_SYSTEM_ARGS: Record<Exclude<RereadSystem, 'overlay2' | 'gear-ctr'>, string[]> = {
   gear: [],
-  'gear-nopt': ['--no-fuse-passthrough'],
+  'gear-pt': ['--fuse-open', 'passthrough'],
+  'gear-nopt': ['--fuse-open', 'passthrough', '--no-fuse-passthrough'],
   'gear-noopen': ['--fuse-open', 'none'],
 };
 
@@ -191,7 +194,7 @@ export async function buildRereadImage(d: Dockerd, tag: string, bigMiB: number):
 
 export async function rereadSection(ctx: SectionContext): Promise<void> {
   const { report, pair } = ctx;
-  const want = listFromEnv('GEAR_BENCH_REREAD_SYSTEMS') ?? ['overlay2', 'gear', 'gear-nopt', 'gear-noopen'];
+  const want = listFromEnv('GEAR_BENCH_REREAD_SYSTEMS') ?? ['overlay2', 'gear', 'gear-pt', 'gear-nopt'];
   const bad = want.filter((s) => !(REREAD_SYSTEMS as readonly string[]).includes(s));
   if (bad.length) throw new Error(`GEAR_BENCH_REREAD_SYSTEMS: unknown ${bad.join(', ')} (have ${REREAD_SYSTEMS.join(', ')})`);
   const systems = REREAD_SYSTEMS.filter((s) => want.includes(s));
@@ -259,7 +262,7 @@ export async function rereadSection(ctx: SectionContext): Promise<void> {
           result.seconds[s]![t.key].first = await boxes.get(s)!.exec(t.script);
           // Its downloads (a big file's assembly into the pool goes on after the read) end before the
           // next node's first read: that read once shared the machine with them, so the last node
-          // (gear-noopen) read the big file at 112-113 MB/s where it reads 122-124 alone (session 14).
+          // (then gear-noopen) read the big file at 112-113 MB/s where it reads 122-124 alone (session 14).
           await fetchesSettled(nodes.get(s)!.metricsUrl);
         }
         const c0 = new Map<RereadSystem, Record<string, number>>();

@@ -70,13 +70,13 @@ export function addLazyOptions(cmd: Command): Command {
     .addOption(
       new Option(
         '--no-fuse-passthrough',
-        'serve reads of fetched files through the daemon instead of FUSE passthrough (needed when containers stack another overlay on their root filesystem)',
+        'with --fuse-open passthrough: serve reads of fetched files through the daemon instead of FUSE passthrough (needed when containers stack another overlay on their root filesystem)',
       ),
     )
     .addOption(
       new Option(
         '--fuse-open <mode>',
-        'passthrough: one request to the daemon per open of a Gear file, reads of fetched files in the kernel; none: no request per open, the kernel keeps file pages cached across opens (reads again at page-cache speed; first reads of pages go through the daemon)',
+        'none (default): no request per open of a Gear file, the kernel keeps file pages cached across opens (reads again at page-cache speed; first reads of pages go through the daemon); passthrough: one request to the daemon per open, reads of fetched files in the kernel',
       )
         .choices(FUSE_OPEN_MODES)
         .env('GEAR_FUSE_OPEN'),
