@@ -17,7 +17,7 @@ interface Fake {
 
 const made: ImplicitFiles[] = [];
 
-function fake(opts: { max?: number; idleMs?: number; manual?: boolean } = {}): Fake {
+function fake(opts: { max?: number; idleMs?: number; failedIdleMs?: number; manual?: boolean } = {}): Fake {
   const opens: string[] = [];
   const closes: string[] = [];
   const pending = new Map<string, { resolve: () => void; reject: (e: Error) => void }>();
@@ -37,6 +37,7 @@ function fake(opts: { max?: number; idleMs?: number; manual?: boolean } = {}): F
     close: async (_ino, hex) => void closes.push(hex),
     ...(opts.max !== undefined ? { max: opts.max } : {}),
     ...(opts.idleMs !== undefined ? { idleMs: opts.idleMs } : {}),
+    ...(opts.failedIdleMs !== undefined ? { failedIdleMs: opts.failedIdleMs } : {}),
   });
   made.push(files);
   return { files, opens, closes, pending };
@@ -82,8 +83,8 @@ describe('ImplicitFiles', () => {
     expect(f.opens).toEqual(['bbbb', 'bbbb']);
   });
 
-  it('a failed read drops and closes the file once no other read uses it', async () => {
-    const f = fake();
+  it('a failed read keeps the file, as an open file stays open, until no read used it for failedIdleMs', async () => {
+    const f = fake({ failedIdleMs: 5_000 });
     await f.files.use(1n, 'cccc', never, read1);
     await expect(
       f.files.use(1n, 'cccc', never, async () => {
@@ -91,9 +92,24 @@ describe('ImplicitFiles', () => {
       }),
     ).rejects.toThrow('digest mismatch');
     await tick();
+    // The next read goes to the same file (a download that failed verification fails it again, without a
+    // new download); it is not closed before failedIdleMs without reads.
+    expect(f.closes).toEqual([]);
+    await f.files.use(1n, 'cccc', never, read1);
+    expect(f.opens).toEqual(['cccc']);
+    f.files.sweep(Date.now() + 4_000);
+    await tick();
+    expect(f.closes).toEqual([]);
+    f.files.sweep(Date.now() + 5_000);
+    await tick();
     expect(f.closes).toEqual(['cccc']);
+    // Then the next read opens it again (the "next open" of a kernel that sends no OPEN).
     await f.files.use(1n, 'cccc', never, read1);
     expect(f.opens).toEqual(['cccc', 'cccc']);
+    // A file that never failed stays for idleMs.
+    f.files.sweep(Date.now() + 10_000);
+    await tick();
+    expect(f.closes).toEqual(['cccc']);
   });
 
   it('an aborted read gives up waiting, but the open goes on and serves the next read', async () => {

@@ -249,6 +249,26 @@ describe('streamed fetch (fetcher)', () => {
     expect(String((err as Error).message)).toMatch(/content rejected|does not match/);
     await f.close();
   }, 60_000);
+
+  it('a read far ahead that takes the last byte is served by Range short of it; the last byte waits for verification', async () => {
+    const req = reqOf(corrupt);
+    throttleFull(4 * MiB, { flipAt: MiB + 5 });
+    fetcher = new Fetcher({ pool, client, timeoutMs: 20_000 });
+    const f = fetcher.stream(req);
+    // The tail, far ahead of the download: a Range request serves all of it but the last byte.
+    const tail = Buffer.alloc(4096);
+    const at = corrupt.length - tail.length;
+    const n = await f.read(tail, at);
+    expect(n).toBe(tail.length - 1);
+    expect(tail.subarray(0, n).equals(corrupt.subarray(at, at + n))).toBe(true);
+    expect(fetcher.stats().rangeRequests).toBeGreaterThanOrEqual(1);
+    // The last byte: only once the whole file verified, so a reader that reads to the end learns of the
+    // corrupt download (the Range bytes themselves were right).
+    const err = await f.read(Buffer.alloc(1), corrupt.length - 1).catch((e: unknown) => e);
+    expect(isClass(err, 'Unavailable')).toBe(true);
+    expect(fetcher.stats().verifyFailures).toBe(1);
+    await f.close();
+  }, 60_000);
 });
 
 // ---------------------------------------------------------------------------
@@ -310,8 +330,8 @@ describe('streamed fetch through the miss filesystem', () => {
     await fs.rm(root, { recursive: true, force: true });
   });
 
-  async function container(): Promise<{ merged: string; s: LayerStore }> {
-    const s = await openLayerStore({ root, lazy: { fetchTimeoutMs: 30_000, cacheSize: '2GiB' } });
+  async function container(fuseOpen?: 'passthrough' | 'none'): Promise<{ merged: string; s: LayerStore }> {
+    const s = await openLayerStore({ root, lazy: { fetchTimeoutMs: 30_000, cacheSize: '2GiB', ...(fuseOpen ? { fuseOpen } : {}) } });
     store = s;
     await s.create('idx', '', 'ro');
     await s.applyDiff('idx', '', Readable.from([await indexLayer()]));
@@ -363,8 +383,8 @@ describe('streamed fetch through the miss filesystem', () => {
     expect(await fs.readdir(path.join(root, 'pool', '.staging'))).toEqual([]);
   }, 180_000);
 
-  it('(d) a corrupting registry: the file never enters the pool and reads get EIO', async () => {
-    const { merged, s } = await container();
+  it.each(['passthrough', 'none'] as const)('(d) a corrupting registry: the file never enters the pool and reads get EIO (--fuse-open %s)', async (mode) => {
+    const { merged, s } = await container(mode);
     const lazy = runtimeOf(s);
     const digest = sha(corrupt);
     const file = path.join(merged, 'data/corrupt');
@@ -377,9 +397,13 @@ describe('streamed fetch through the miss filesystem', () => {
       expect(lazy.pool.has(digest)).toBe(false);
       expect(existsSync(lazy.pool.path(digest))).toBe(false);
       expect(await fs.readdir(path.join(root, 'pool', '.staging'))).toEqual([]);
-      // The open file: a read the kernel has not cached reaches the reader, which fails.
+      // The open file: a read the kernel has not cached reaches the reader, which fails; with
+      // --fuse-open none (no open file) the daemon's file of the node stays until idle and fails it too,
+      // rather than starting a new download for each READ.
       const err = await fh.read(Buffer.alloc(4096), 0, 4096, 9 * MiB).catch((e: unknown) => e);
       expect((err as NodeJS.ErrnoException).code).toBe('EIO');
+      expect(lazy.fetcher.stats().verifyFailures).toBe(1);
+      expect(lazy.fetcher.progress(digest)).toBeUndefined();
     } finally {
       await fh.close();
     }
@@ -388,5 +412,7 @@ describe('streamed fetch through the miss filesystem', () => {
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/Input\/output error/);
     expect(lazy.pool.has(digest)).toBe(false);
+    // At most one more download (passthrough: the new open's), not one per READ.
+    expect(lazy.fetcher.stats().verifyFailures).toBeLessThanOrEqual(2);
   }, 120_000);
 });

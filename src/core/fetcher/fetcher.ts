@@ -46,8 +46,10 @@
  *   (EIO) and nothing enters the pool; the next open downloads again. The
  *   last byte of the file is served from the download only after the whole
  *   file verified, so a reader that reads the file up to its end in order
- *   (cp, sha256sum, a loader) gets EIO rather than a complete corrupt copy;
- *   only reads far ahead of the download (Range) may end unverified.
+ *   (cp, sha256sum, a loader) gets EIO rather than a complete corrupt copy.
+ *   A Range read far ahead stops short of the last byte too: with
+ *   GEAR_FUSE_OPEN=none the kernel's readahead runs far ahead of a reader,
+ *   and `sha256sum` once got a whole corrupt copy that way.
  * - Every read waits at most `timeoutMs` for all the bytes it asked for, then
  *   fails DeadlineExceeded (EIO); it never returns a trickle of bytes (the
  *   miss filesystem would ask again, restarting the deadline). A read after a
@@ -822,7 +824,9 @@ export class Fetcher {
         return this.readFd(stage.fh, buf, want, pos);
       }
       const have = stage?.written ?? 0;
-      if (!req.blob && pos - have >= this.rangeAheadBytes) return this.rangeReads.read(job, buf, pos, want, deadline, signal);
+      // Far ahead: a Range request, short of the last byte too (a read of it waits for the download), so
+      // that a reader that reads to the end learns of a corrupt download whichever way it read.
+      if (!req.blob && pos - have >= this.rangeAheadBytes && pos < req.size - 1) return this.rangeReads.read(job, buf, pos, Math.min(want, req.size - 1 - pos), deadline, signal);
       await this.waitProgress(job, pos, deadline, signal);
     }
   }

@@ -134,8 +134,11 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
     retry: { maxTotalMs: Math.max(1000, Math.floor(fetcherTimeout * 0.8)) },
   });
   const usage = new UsageTracker({ resolveCaller: callerResolver(path.resolve(root)) });
+  // Set once the miss filesystem is mounted (below).
+  let dropUnverified: ((hex: string) => void) | undefined;
   const onFetchDone: FetchObserver = (outcome, seconds, bytes, digest) => {
     usage.noteFetch(outcome, bytes, digest);
+    if (outcome === 'verify_failed' && digest) dropUnverified?.(digest.slice(7));
     opts.onFetchDone?.(outcome, seconds, bytes, digest);
   };
   const fetcher = new Fetcher({
@@ -181,6 +184,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
       logger.error({ err: missError }, 'cannot mount the miss filesystem: lazy pull is off (uncached Gear files will fail with EIO)');
     }
   }
+  if (miss) dropUnverified = (hex) => miss?.dropUnverified(hex);
   // A scrub removed a corrupt pool file: the miss filesystem must not keep serving that inode
   // through a lingering passthrough registration (the next open then fetches it again).
   pool.onCorruptRemoved((digest) => {

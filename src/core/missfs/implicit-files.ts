@@ -16,8 +16,17 @@
  * ImplicitFiles keeps the provider's MissFile of a node while READs use it:
  * opened at the first READ that needs it (provider.open fetches again when the
  * pool copy went), shared by concurrent reads, closed when unused for `idleMs`,
- * when the kernel forgets the node, when a read of it failed, or, oldest idle
- * first, beyond `max` open files (each holds a pool descriptor).
+ * when the kernel forgets the node, or, oldest idle first, beyond `max` open
+ * files (each holds a pool descriptor).
+ *
+ * A file whose read failed stays as an open file would: its own rules decide
+ * what a later read does (a streamed download that failed verification fails
+ * every read, as it does for an open descriptor), until no read used it for
+ * `failedIdleMs` (5 s) — the "next open" of a kernel that sends none. Closing
+ * it at the failure instead made each failed READ start a whole new download:
+ * the kernel's readahead READs failed, the read of the page the reader waited
+ * for opened the file again, and `sha256sum` of a 16 MiB file behind a
+ * corrupting registry took 24 s of downloads before its EIO (2 s with OPEN).
  */
 import { raceAbort } from '../abort.js';
 import type { MissFile } from './types.js';
@@ -31,6 +40,10 @@ export interface ImplicitFilesOptions {
   max?: number;
   /** Idle time after which a file is closed. Default 30 s. */
   idleMs?: number;
+  /** Idle time after which a file whose read failed is closed. Default 5 s (never above idleMs). */
+  failedIdleMs?: number;
+  /** Called when a read of an open file failed (not when it was aborted). */
+  failed?: (ino: bigint, hex: string, file: MissFile) => void;
 }
 
 interface Entry {
@@ -41,8 +54,10 @@ interface Entry {
   /** Reads using the file now. */
   users: number;
   lastUse: number;
-  /** Close once the last user is done (forgotten, failed or trimmed while in use). */
+  /** Close once the last user is done (forgotten or trimmed while in use). */
   dropped: boolean;
+  /** A read of the file failed: it is closed after failedIdleMs without reads. */
+  failed: boolean;
 }
 
 export class ImplicitFiles {
@@ -52,6 +67,7 @@ export class ImplicitFiles {
   private readonly closing = new Set<Promise<void>>();
   private readonly max: number;
   private readonly idleMs: number;
+  private readonly failedIdleMs: number;
   private readonly timer: NodeJS.Timeout;
   private ended = false;
   /** provider.open calls made (the `opens` a READ caused). */
@@ -60,7 +76,8 @@ export class ImplicitFiles {
   constructor(private readonly opts: ImplicitFilesOptions) {
     this.max = Math.max(1, opts.max ?? 1024);
     this.idleMs = Math.max(0, opts.idleMs ?? 30_000);
-    this.timer = setInterval(() => this.sweep(Date.now()), Math.max(1_000, Math.min(this.idleMs, 10_000)));
+    this.failedIdleMs = Math.min(this.idleMs, Math.max(0, opts.failedIdleMs ?? 5_000));
+    this.timer = setInterval(() => this.sweep(Date.now()), Math.max(1_000, Math.min(this.failedIdleMs, 10_000)));
     this.timer.unref();
   }
 
@@ -72,8 +89,9 @@ export class ImplicitFiles {
   /**
    * Runs `read` with node ino's file, opening it first when needed; the file
    * stays open at least until `read` settles. `signal` (the READ's) abandons
-   * the wait for the open, not the open itself. A rejected `read` or open
-   * drops the file: the next READ opens it again.
+   * the wait for the open, not the open itself. A failed open is not kept:
+   * the next READ opens again. A rejected `read` marks the file failed (see
+   * the file comment).
    */
   async use<T>(ino: bigint, hex: string, signal: AbortSignal, read: (file: MissFile) => Promise<T>): Promise<T> {
     if (this.ended) throw new Error('the miss filesystem session ended');
@@ -83,20 +101,25 @@ export class ImplicitFiles {
       e = undefined;
     }
     if (e) this.entries.delete(ino);
-    else e = { ino, hex, file: undefined, opening: undefined, users: 0, lastUse: 0, dropped: false };
+    else e = { ino, hex, file: undefined, opening: undefined, users: 0, lastUse: 0, dropped: false, failed: false };
     this.entries.set(ino, e); // most recently used last
     e.users++;
     e.lastUse = Date.now();
+    let opened = false;
     let ok = false;
     try {
       const file = e.file ?? (await raceAbort(this.openEntry(e), signal));
+      opened = true;
       const result = await read(file);
       ok = true;
       return result;
     } finally {
       e.users--;
       e.lastUse = Date.now();
-      if (!ok && !signal.aborted) e.dropped = true;
+      if (!ok && opened && !signal.aborted && e.file) {
+        e.failed = true;
+        this.opts.failed?.(ino, hex, e.file);
+      }
       if (e.dropped) this.dropEntry(e);
       else this.trim();
     }
@@ -120,10 +143,10 @@ export class ImplicitFiles {
     await Promise.allSettled([...this.closing]);
   }
 
-  /** Closes files unused for idleMs. */
+  /** Closes files unused for idleMs (failedIdleMs for a file whose read failed). */
   sweep(now: number): void {
     for (const e of [...this.entries.values()]) {
-      if (e.users === 0 && e.opening === undefined && now - e.lastUse >= this.idleMs) this.dropEntry(e);
+      if (e.users === 0 && e.opening === undefined && now - e.lastUse >= (e.failed ? this.failedIdleMs : this.idleMs)) this.dropEntry(e);
     }
   }
 

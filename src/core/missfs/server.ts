@@ -130,6 +130,8 @@ export interface MountMissFsOptions {
    * works as without it.
    */
   noOpen?: boolean;
+  /** With noOpen: how long a file whose read failed stays open without reads (ImplicitFiles failedIdleMs; default 5 s). */
+  noOpenFailedIdleMs?: number;
   /**
    * How long a file's backing id stays registered after its last RELEASE, so
    * that opening it again is answered by the reader thread at once: default
@@ -171,6 +173,11 @@ export interface MissFsMount {
    * False when an open file still uses the id (new opens share it until those are released).
    */
   dropBacking(hex: string): boolean;
+  /**
+   * A download of hex failed verification: drop the pages the kernel cached of it (with
+   * GEAR_FUSE_OPEN=none no open drops them; bytes of a streamed file are served unverified).
+   */
+  dropUnverified(hex: string): void;
 }
 
 interface FileNode {
@@ -280,6 +287,7 @@ export class MissFsSession implements MissFsMount {
   private readonly backing: BackingIds;
   /** noOpen wanted by the options; `implicit` exists once INIT granted it. */
   private readonly noOpenWanted: boolean;
+  private readonly noOpenFailedIdleMs: number | undefined;
   private implicit: ImplicitFiles | undefined;
   /** FUSE notifications being written from the threadpool; the fd is closed only after them. */
   private notifying = 0;
@@ -314,6 +322,7 @@ export class MissFsSession implements MissFsMount {
     this.requestTimeoutMs = opts.requestTimeoutMs ?? 300_000;
     const maxWrite = opts.maxWrite ?? 128 * 1024;
     this.noOpenWanted = opts.noOpen ?? false;
+    this.noOpenFailedIdleMs = opts.noOpenFailedIdleMs;
     this.backing = new BackingIds({
       enabled: !this.noOpenWanted && (opts.passthrough ?? true),
       fileInoBase: FILE_INO_BASE,
@@ -724,6 +733,11 @@ export class MissFsSession implements MissFsMount {
       this.implicit = new ImplicitFiles({
         open: (hex, signal) => this.provider.open(`sha256:${hex}`, signal),
         close: (ino, hex, file) => this.closeImplicit(ino, hex, file),
+        ...(this.noOpenFailedIdleMs !== undefined ? { failedIdleMs: this.noOpenFailedIdleMs } : {}),
+        // Pages it served unverified must not be read again from the cache once a read of it failed.
+        failed: (ino, _hex, file) => {
+          if (file.keepCache === false) this.invalidateInode(ino);
+        },
       });
     }
     if (this.state === 'starting') this.state = 'serving';
@@ -794,6 +808,11 @@ export class MissFsSession implements MissFsMount {
       return true;
     }
     return ino === undefined || this.backing.drop(ino);
+  }
+
+  dropUnverified(hex: string): void {
+    const ino = this.inoByHex.get(hex);
+    if (this.implicit && ino !== undefined) this.invalidateInode(ino);
   }
 
   private forget(nodeid: bigint, nlookup: bigint): void {
