@@ -1,6 +1,8 @@
 /** The catalog's v3 locations (src/core/lazy/catalog.ts): records of every age, mixed v2/v3 owners, read-ahead neighbours. */
 import { describe, expect, it } from 'vitest';
 import { BlobCatalog, layoutOf, MAX_READ_AHEAD_FILES, type GearBlobTuple } from '../../src/core/lazy/catalog.js';
+import { summarize } from '../../src/core/layers/index-entry.js';
+import type { IndexManifest } from '../../src/core/index/manifest.js';
 
 const d = (n: number) => `sha256:${n.toString(16).padStart(64, '0')}`;
 const loc = { registry: 'r:5000', repository: 'app' };
@@ -79,5 +81,52 @@ describe('BlobCatalog with format v3 records', () => {
     const n = c.neighbours(c.requests(d(1000))[0]!, 1 << 20, () => true);
     expect(n.length).toBe(MAX_READ_AHEAD_FILES);
     expect(n[0]!.digest).toBe(d(1001));
+  });
+  it('neighbours with dirBytes: the run of the member\'s directory on both sides first, when it spans at most dirBytes; then the window', () => {
+    // 10 members of 500 bytes; directories (g): 0 0 1 1 1 1 2 2 2 3.
+    const groups = [0, 0, 1, 1, 1, 1, 2, 2, 2, 3];
+    const c = new BlobCatalog();
+    c.add('L', loc, groups.map((g, i): GearBlobTuple => [d(100 + i), 1000, { p: 0, o: i * 500, l: 500, g }]), packs);
+    const seed = c.requests(d(103))[0]!;
+    const ids = (n: { digest: string }[]) => n.map((r) => Number.parseInt(r.digest.slice(7), 16));
+    // Directory 1 spans 2,000 bytes: 102 before the member, 104 and 105 after; the 1,500-byte window then adds 106.
+    expect(ids(c.neighbours(seed, 1500, () => true, 2000))).toEqual([102, 104, 105, 106]);
+    // A run longer than dirBytes is not taken: the forward window alone.
+    expect(ids(c.neighbours(seed, 1500, () => true, 1999))).toEqual([104, 105, 106]);
+    expect(ids(c.neighbours(seed, 1500, () => true))).toEqual([104, 105, 106]);
+    // The filter applies to the directory's files too, and the window counts them (104, 105) against its bytes.
+    expect(ids(c.neighbours(seed, 1000, (x) => x !== d(102), 2000))).toEqual([104, 105]);
+    // The last member of a directory: the ones before it.
+    expect(ids(c.neighbours(c.requests(d(108))[0]!, 500, () => true, 4000))).toEqual([106, 107, 109]);
+    // Records written before directories were recorded (no g): no directory read-ahead.
+    const old = new BlobCatalog();
+    old.add('L', loc, groups.map((_, i): GearBlobTuple => [d(100 + i), 1000, { p: 0, o: i * 500, l: 500 }]), packs);
+    expect(ids(old.neighbours(old.requests(d(103))[0]!, 1500, () => true, 1 << 20))).toEqual([104, 105, 106]);
+  });
+
+  it('neighbours with dirBytes: a directory run of more than MAX_READ_AHEAD_FILES members is not taken whole', () => {
+    const c = new BlobCatalog();
+    const tuples: GearBlobTuple[] = [];
+    for (let i = 0; i < MAX_READ_AHEAD_FILES + 10; i++) tuples.push([d(1000 + i), 1, { p: 0, o: i, l: 1, e: 'raw', g: 0 }]);
+    c.add('L', loc, tuples, packs);
+    const n = c.neighbours(c.requests(d(1005))[0]!, 4, () => true, 1 << 20);
+    expect(n.map((r) => r.digest)).toEqual([d(1006), d(1007), d(1008), d(1009)]);
+  });
+
+  it("summarize numbers each directory of an index's files (the first path of a content)", () => {
+    const member = (o: number) => ({ pack: 0, offset: o, length: 10, encoding: 'zstd' as const });
+    const m = {
+      version: 3,
+      packs: [{ digest: d(900), size: 100 }],
+      files: [
+        { path: 'a/x', digest: d(1), size: 10, member: member(0) },
+        { path: 'a/y', digest: d(2), size: 10, member: member(10) },
+        { path: 'b/x', digest: d(1), size: 10, member: member(0) },
+        { path: 'b/z', digest: d(3), size: 10, member: member(20) },
+        { path: 'top', digest: d(4), size: 10, member: member(30) },
+      ],
+    } as unknown as IndexManifest;
+    const g = Object.fromEntries(summarize(m).blobs.map((t) => [t[0], (t[2] as { g?: number }).g]));
+    expect(g).toEqual({ [d(1)]: 0, [d(2)]: 0, [d(3)]: 1, [d(4)]: 2 });
   });
 });

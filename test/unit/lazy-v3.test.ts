@@ -29,11 +29,17 @@ const MiB = 1024 * KiB;
 let reg: TestRegistry;
 let proxy: FaultProxy;
 
-/** 120 small docs (a walk), a random one, a shared file (also in a v2 index), a big chunked file, and a corrupt one. */
+/**
+ * 120 small docs (a walk), 20 modules of one directory, a random one, a shared file (also in a v2
+ * index), a big chunked file, and a corrupt one.
+ */
 const docs: Record<string, Buffer> = {};
 for (let i = 0; i < 120; i++) docs[`usr/share/doc/p${String(i).padStart(3, '0')}/copyright`] = Buffer.from(`package ${i}\n${'Permission is hereby granted, free of charge. '.repeat(20 + (i % 40))}`);
+const modules: Record<string, Buffer> = {};
+for (let i = 0; i < 20; i++) modules[`usr/lib/app/__pycache__/m${String(i).padStart(2, '0')}.pyc`] = randomBytes(1500 + i);
 const files: Record<string, Buffer> = {
   ...docs,
+  ...modules,
   'bin/big': Buffer.concat([randomBytes(1536 * KiB), Buffer.alloc(2 * MiB, 'z'), randomBytes(1536 * KiB + 123)]),
   'etc/random': randomBytes(5000),
   'etc/shared': Buffer.from('the same content in a v2 and a v3 image\n'.repeat(10)),
@@ -198,6 +204,15 @@ describe('format v3 index layers, lazily through FUSE', () => {
     const withRa = blobGets() - before;
     expect(without).toBe(120);
     expect(withRa).toBeLessThanOrEqual(3);
+  });
+
+  it("a miss brings its directory's files along, also those before it in the pack: 20 modules read last to first in one request", async () => {
+    const before = blobGets();
+    await withStore({}, async (_store, merged) => {
+      for (const p of Object.keys(modules).sort().reverse()) expect((await fs.readFile(path.join(merged, p))).equals(modules[p]!)).toBe(true);
+    });
+    // The forward window alone (the record without directories, or read-ahead before it) made 20.
+    expect(blobGets() - before).toBe(1);
   });
 
   it('a restarted store registers the pack and chunk locations again from its layer record', async () => {

@@ -15,6 +15,10 @@ describe('ReadAheadWindows', () => {
   it('a forward walk doubles the window up to the maximum', () => {
     const w = new ReadAheadWindows({ baseBytes: 128 * KiB });
     expect(w.maxBytes).toBe(1024 * KiB);
+    // A miss's directory is brought along up to 4 × base; read-ahead off turns it off too.
+    expect(w.dirBytes).toBe(512 * KiB);
+    expect(new ReadAheadWindows({ baseBytes: 0 }).dirBytes).toBe(0);
+    expect(new ReadAheadWindows({ baseBytes: 0, dirBytes: 1 << 20 }).dirBytes).toBe(0);
     const windows: number[] = [];
     let at = 0;
     for (let i = 0; i < 8; i++) {

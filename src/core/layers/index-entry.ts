@@ -109,11 +109,14 @@ export interface IndexDirResult {
   packs?: PackLoc[];
 }
 
-/** How a layer record stores where a v3 file's bytes are (catalog.ts StoredLayout), or undefined for v1/v2. */
-function storedLayout(f: IndexFile): StoredLayout | undefined {
+/**
+ * How a layer record stores where a v3 file's bytes are (catalog.ts StoredLayout), or undefined for
+ * v1/v2. `group` numbers the directory of the file's path, for the directory read-ahead.
+ */
+function storedLayout(f: IndexFile, group: number): StoredLayout | undefined {
   if (f.member) {
     const m = f.member;
-    return m.encoding === 'raw' ? { p: m.pack, o: m.offset, l: m.length, e: 'raw' } : { p: m.pack, o: m.offset, l: m.length };
+    return m.encoding === 'raw' ? { p: m.pack, o: m.offset, l: m.length, e: 'raw', g: group } : { p: m.pack, o: m.offset, l: m.length, g: group };
   }
   if (f.chunks && f.chunkSize) {
     return { cs: f.chunkSize, c: f.chunks.map((c) => (c.encoding === 'raw' ? [c.pack, c.offset, c.length, c.digest, 1] : [c.pack, c.offset, c.length, c.digest])) };
@@ -123,11 +126,15 @@ function storedLayout(f: IndexFile): StoredLayout | undefined {
 
 export function summarize(manifest: IndexManifest): IndexDirResult {
   const blobs = new Map<string, GearBlobTuple>();
+  const dirs = new Map<string, number>();
   let bytes = 0;
   for (const f of manifest.files) {
     bytes += f.size;
     if (blobs.has(f.digest)) continue;
-    const layout = storedLayout(f);
+    const dir = f.path.slice(0, Math.max(0, f.path.lastIndexOf('/')));
+    let group = dirs.get(dir);
+    if (group === undefined) dirs.set(dir, (group = dirs.size));
+    const layout = storedLayout(f, group);
     blobs.set(f.digest, layout ? [f.digest, f.size, layout] : f.blob ? [f.digest, f.size, f.blob.digest, f.blob.size] : [f.digest, f.size]);
   }
   const packs = manifest.packs;

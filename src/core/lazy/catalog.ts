@@ -16,10 +16,12 @@ import type { ChunkList, MemberEncoding, MemberRef, PackLoc } from '../fetcher/p
 
 /**
  * How a layer record stores a v3 file's layout (compact: thousands per record).
- * `p` indexes the record's `packs`; `e` is left out for zstd.
+ * `p` indexes the record's `packs`; `e` is left out for zstd; `g` numbers the
+ * directory of the file's path within the record (records written before it
+ * have none: no directory read-ahead for them).
  */
 export type StoredLayout =
-  | { p: number; o: number; l: number; e?: 'raw' }
+  | { p: number; o: number; l: number; e?: 'raw'; g?: number }
   | { cs: number; c: Array<[pack: number, offset: number, length: number, digest: string, raw?: 1]> };
 
 /**
@@ -83,6 +85,8 @@ interface PackSlot {
   offset: number;
   length: number;
   digest: string;
+  /** The directory of the file's path (StoredLayout g); -1 when unknown. */
+  group: number;
 }
 
 interface Owner {
@@ -142,8 +146,8 @@ export class BlobCatalog {
         chunks: v3?.member ? undefined : v3?.chunks,
       };
       if (v3?.member) {
-        const p = (t[2] as { p: number }).p;
-        (slotsOf[p] ??= []).push({ offset: v3.member.offset, length: v3.member.length, digest });
+        const { p, g } = t[2] as { p: number; g?: unknown };
+        (slotsOf[p] ??= []).push({ offset: v3.member.offset, length: v3.member.length, digest, group: typeof g === 'number' && Number.isInteger(g) && g >= 0 ? g : -1 });
       }
       setSource(k, owner, src);
       o.digests[i] = digest;
@@ -215,9 +219,13 @@ export class BlobCatalog {
    * Read-ahead (docs/lazy.md): the one-member files that follow `req`'s
    * member in its pack, in pack order, as long as their stored bytes add up to
    * at most `maxBytes` and `want` accepts them (not in the pool, not in
-   * flight). Empty for anything but a pack member.
+   * flight). Before those, with `dirBytes` > 0, the files of the member's
+   * directory that lie next to it in the pack, on both sides, when that run of
+   * the directory spans at most `dirBytes` stored bytes: a program loading
+   * modules picks them from one directory in no particular order (a Python
+   * package's __pycache__). Empty for anything but a pack member.
    */
-  neighbours(req: FetchRequest, maxBytes: number, want: (digest: string, size: number) => boolean): FetchRequest[] {
+  neighbours(req: FetchRequest, maxBytes: number, want: (digest: string, size: number) => boolean, dirBytes = 0): FetchRequest[] {
     const m = req.member;
     if (!m || maxBytes <= 0) return [];
     let slots: PackSlot[] | undefined;
@@ -238,15 +246,33 @@ export class BlobCatalog {
       else hi = mid;
     }
     const out: FetchRequest[] = [];
+    const take = (s: PackSlot): void => {
+      const size = this.byDigest.get(s.digest)?.size;
+      if (size === undefined || !want(s.digest, size)) return;
+      out.push({ digest: s.digest, size, location: req.location, member: { pack: m.pack, offset: s.offset, length: s.length, encoding: this.encodingOf(s.digest, m.pack.digest) } });
+    };
+    // The member's directory run: slots[first..last] around the member (slots[lo - 1] when it is the member).
+    let skipTo = lo;
+    const self = slots[lo - 1];
+    if (dirBytes > 0 && self && self.offset === m.offset && self.group >= 0) {
+      let first = lo - 1;
+      let last = lo - 1;
+      while (first > 0 && slots[first - 1]!.group === self.group) first--;
+      while (last < slots.length - 1 && slots[last + 1]!.group === self.group) last++;
+      const span = slots[last]!.offset + slots[last]!.length - slots[first]!.offset;
+      if (span <= dirBytes && last - first < MAX_READ_AHEAD_FILES) {
+        for (let i = first; i <= last; i++) if (i !== lo - 1 && slots[i]!.digest !== req.digest) take(slots[i]!);
+        skipTo = last + 1;
+      }
+    }
+    // The window counts the bytes after the member, the directory's included.
     let bytes = 0;
     for (let i = lo; i < slots.length && out.length < MAX_READ_AHEAD_FILES; i++) {
       const s = slots[i]!;
       if (s.digest === req.digest) continue;
       if (bytes + s.length > maxBytes) break;
       bytes += s.length;
-      const size = this.byDigest.get(s.digest)?.size;
-      if (size === undefined || !want(s.digest, size)) continue;
-      out.push({ digest: s.digest, size, location: req.location, member: { pack: m.pack, offset: s.offset, length: s.length, encoding: this.encodingOf(s.digest, m.pack.digest) } });
+      if (i >= skipTo) take(s);
     }
     return out;
   }

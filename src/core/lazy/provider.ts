@@ -85,11 +85,16 @@ export class LazyMissProvider implements MissProvider {
     const window = this.readAhead.windowFor(m.pack.digest, m.offset);
     const st = this.pool.stat();
     let room = st.lowWatermarkBytes - st.bytes;
-    const along = this.catalog.neighbours(req, window, (d, size) => {
-      if (this.pool.has(d) || this.fetcher.inFlight(d) || size > room) return false;
-      room -= size;
-      return true;
-    });
+    const along = this.catalog.neighbours(
+      req,
+      window,
+      (d, size) => {
+        if (this.pool.has(d) || this.fetcher.inFlight(d) || size > room) return false;
+        room -= size;
+        return true;
+      },
+      this.readAhead.dirBytes,
+    );
     let end = m.offset + m.length;
     for (const n of along) if (n.member) end = Math.max(end, n.member.offset + n.member.length);
     this.readAhead.used(m.pack.digest, m.offset, end, window);

@@ -223,7 +223,7 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
         ['Fetches In Flight', `${f.running} running, ${f.queued} queued, max ${fetcher.maxParallel}`],
         ['Fetch Timeout', `${fetcher.timeoutMs} ms`],
         ['Streamed Opens', `${f.streams} (big files; ${f.rangeRequests} range reads, ${formatSize(f.rangeBytes)})`],
-        ['Pack Requests', `${f.packRequests} (format v3: ${f.packMembers} files; read-ahead ${formatSize(provider.readAhead.baseBytes)} to ${formatSize(provider.readAhead.maxBytes)} per miss)`],
+        ['Pack Requests', `${f.packRequests} (format v3: ${f.packMembers} files; read-ahead ${formatSize(provider.readAhead.baseBytes)} to ${formatSize(provider.readAhead.maxBytes)} per miss, directories up to ${formatSize(provider.readAhead.dirBytes)})`],
         ...mirrorStatus(client),
       ];
     },
