@@ -18,10 +18,9 @@
  * on both sides, when that run spans at most `dirBytes` (4 × base: 512 KiB):
  * a program importing modules opens the files of one directory in no
  * particular order, and a forward window misses the ones before. Simulated
- * on traces of the bench's tasks (strace of each task in a chroot of its
- * rootfs, the pack layout of gear convert, session 15): numpy 65 → 53
- * requests for packed files with 3% fewer bytes, python3 37 → 33 (-4%
- * bytes), nodejs and minbase unchanged.
+ * with this code on the bench's tasks (bench/read-ahead/sim.mjs): numpy
+ * 65 → 53 requests for packed files with 3% fewer bytes, python3 37 → 33
+ * (-4% bytes), nodejs and minbase unchanged.
  */
 
 export interface ReadAheadOptions {
