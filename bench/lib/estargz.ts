@@ -24,6 +24,7 @@ import { type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { withLoopbackNetns } from './netns.js';
+import { log } from './common.js';
 import { pidsReferencing, run, spawnLogged, stopChild, stopPid, tailFile, unmountUnder, waitFor, type RunResult } from '../../test/helpers/proc.js';
 
 export const CONTAINERD = '/usr/bin/containerd';
@@ -178,8 +179,20 @@ export async function publishEstargz(src: string, dst: string, dstOpt: string | 
       : { stdout: '', stderr: '' };
     const optimizeSeconds = dstOpt ? now() - t0 : 0;
     t0 = now();
-    await n.ctrOk(['image', 'push', '--plain-http', dst], 900_000);
-    if (dstOpt) await n.ctrOk(['image', 'push', '--plain-http', dstOpt], 900_000);
+    // A push can break off mid-blob ("failed to copy: … unexpected EOF", session 15's first run of
+    // record lost its cold-deploy section to one): pushing again sends only what is missing.
+    const push = async (ref: string) => {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await n.ctrOk(['image', 'push', '--plain-http', ref], 900_000);
+        } catch (err) {
+          if (attempt >= 3 || !/unexpected EOF|connection reset|broken pipe/i.test(String(err))) throw err;
+          log(`estargz: push of ${ref} failed (attempt ${attempt} of 3), pushing again: ${String(err).slice(0, 200)}`);
+        }
+      }
+    };
+    await push(dst);
+    if (dstOpt) await push(dstOpt);
     const pushSeconds = now() - t0;
     const out = opt.stdout + opt.stderr;
     const exit = /container exit with code (\d+)/.exec(out);
