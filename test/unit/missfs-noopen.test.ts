@@ -174,6 +174,28 @@ describe.skipIf(!canRun)('miss filesystem with noOpen (real FUSE and overlay mou
     expect(again!.equals(a.data)).toBe(true);
   });
 
+  it('dropUnverified (a download failed verification) drops the cached pages but keeps the file open', async (ctx) => {
+    const a = addBlob(blobs, 'served before its digest was known\n'.repeat(500));
+    const m = await mountNoOpen(ctx);
+    expect((await cat(blobPath(m, a))).out.equals(a.data)).toBe(true);
+    const reads = m.stats().reads;
+    const opens = provider.calls.filter((c) => c.op === 'open' && c.digest === a.digest).length;
+    m.dropUnverified(a.hex);
+    let again: Buffer | undefined;
+    const seen = await waitFor(
+      async () => {
+        again = (await cat(blobPath(m, a))).out;
+        return m.stats().reads > reads;
+      },
+      10_000,
+      100,
+    );
+    expect(seen).toBe(true);
+    expect(again!.equals(a.data)).toBe(true);
+    // The same file served the new READs (a failed download's file keeps failing them; see implicit-files.ts).
+    expect(provider.calls.filter((c) => c.op === 'open' && c.digest === a.digest).length).toBe(opens);
+  });
+
   it('files the kernel forgets are closed; unmount closes the rest', async (ctx) => {
     const files = Array.from({ length: 4 }, (_, i) => addBlob(blobs, `forget me ${i}\n`.repeat(100)));
     const m = await mountNoOpen(ctx);
