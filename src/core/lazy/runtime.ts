@@ -138,7 +138,8 @@ export async function openLazyRuntime(root: string, opts: LazyOptions, logger: L
   let dropUnverified: ((hex: string) => void) | undefined;
   const onFetchDone: FetchObserver = (outcome, seconds, bytes, digest) => {
     usage.noteFetch(outcome, bytes, digest);
-    if (outcome === 'verify_failed' && digest) dropUnverified?.(digest.slice(7));
+    // Whatever ended a download before it verified, the pages it served (a streamed file) are unverified.
+    if (outcome !== 'ok' && digest) dropUnverified?.(digest.slice(7));
     opts.onFetchDone?.(outcome, seconds, bytes, digest);
   };
   const fetcher = new Fetcher({

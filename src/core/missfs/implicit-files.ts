@@ -26,7 +26,9 @@
  * it at the failure instead made each failed READ start a whole new download:
  * the kernel's readahead READs failed, the read of the page the reader waited
  * for opened the file again, and `sha256sum` of a 16 MiB file behind a
- * corrupting registry took 24 s of downloads before its EIO (2 s with OPEN).
+ * corrupting registry took 24 s of downloads before its EIO (2 s with OPEN;
+ * test/unit/stream-fetch.test.ts (d), one run). The pages a failed download
+ * served are dropped by the runtime (MissFsMount.dropUnverified).
  */
 import { raceAbort } from '../abort.js';
 import type { MissFile } from './types.js';
@@ -42,8 +44,6 @@ export interface ImplicitFilesOptions {
   idleMs?: number;
   /** Idle time after which a file whose read failed is closed. Default 5 s (never above idleMs). */
   failedIdleMs?: number;
-  /** Called when a read of an open file failed (not when it was aborted). */
-  failed?: (ino: bigint, hex: string, file: MissFile) => void;
 }
 
 interface Entry {
@@ -116,10 +116,7 @@ export class ImplicitFiles {
     } finally {
       e.users--;
       e.lastUse = Date.now();
-      if (!ok && opened && !signal.aborted && e.file) {
-        e.failed = true;
-        this.opts.failed?.(ino, hex, e.file);
-      }
+      if (!ok && opened && !signal.aborted) e.failed = true;
       if (e.dropped) this.dropEntry(e);
       else this.trim();
     }

@@ -174,8 +174,9 @@ export interface MissFsMount {
    */
   dropBacking(hex: string): boolean;
   /**
-   * A download of hex failed verification: drop the pages the kernel cached of it (with
-   * GEAR_FUSE_OPEN=none no open drops them; bytes of a streamed file are served unverified).
+   * A download of hex ended without verifying (a digest mismatch, a broken registry): drop the
+   * pages the kernel cached of it (bytes of a streamed file are served unverified, and with
+   * GEAR_FUSE_OPEN=none no open drops them).
    */
   dropUnverified(hex: string): void;
 }
@@ -734,10 +735,6 @@ export class MissFsSession implements MissFsMount {
         open: (hex, signal) => this.provider.open(`sha256:${hex}`, signal),
         close: (ino, hex, file) => this.closeImplicit(ino, hex, file),
         ...(this.noOpenFailedIdleMs !== undefined ? { failedIdleMs: this.noOpenFailedIdleMs } : {}),
-        // Pages it served unverified must not be read again from the cache once a read of it failed.
-        failed: (ino, _hex, file) => {
-          if (file.keepCache === false) this.invalidateInode(ino);
-        },
       });
     }
     if (this.state === 'starting') this.state = 'serving';
