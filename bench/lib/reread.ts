@@ -144,7 +144,6 @@ async function ctrNode(c: GearContainerd, metricsUrl: string): Promise<RereadNod
   };
 }
 
-/** The daemon's miss-filesystem counters (its Prometheus endpoint, gear_fuse_* series), by series name and labels. */
 /** Waits (60 s at most) until the node's daemon has no download running or queued (gear_fetches_*). */
 async function fetchesSettled(metricsUrl: string | undefined): Promise<void> {
   if (!metricsUrl) return;
@@ -162,6 +161,7 @@ async function fetchesSettled(metricsUrl: string | undefined): Promise<void> {
   }
 }
 
+/** The daemon's miss-filesystem counters (its Prometheus endpoint, gear_fuse_* series), by series name and labels. */
 async function missCounters(metricsUrl: string | undefined): Promise<Record<string, number>> {
   if (!metricsUrl) return {};
   try {
